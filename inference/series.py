@@ -1,0 +1,418 @@
+"""Load a CT series from DICOM files into a Hounsfield-unit volume.
+
+Whatever a scanner or PACS sends — single-frame CT Image Storage in any of the
+transfer syntaxes pydicom and the pylibjpeg/pyjpegls plugins decode, or an
+(Enhanced / Legacy Converted Enhanced) multi-frame CT — ends up as one
+:class:`CTSeries`: slices ordered along the normal of Image Orientation
+(Patient) by Image Position (Patient) (never by Instance Number or file name),
+values in HU from Rescale Slope/Intercept, and per slice the SOP Instance UID
+and geometry that results must reference.
+
+Files that are not part of a CT image series (non-DICOM files, truncated
+files, other modalities, localizers, other SOP classes) are skipped and each
+is reported with its reason in :attr:`CTSeries.skipped`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from inference.errors import (
+    DuplicatePositionError,
+    InconsistentGeometryError,
+    MissingPositionError,
+    MultipleSeriesError,
+    NoCTSeriesError,
+)
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_SOP_CLASSES = frozenset(
+    {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
+)
+
+#: Two orientation or spacing values closer than this are the same.
+GEOMETRY_TOLERANCE = 1e-3
+#: Slices closer than this along the normal (mm) are at the same position.
+DUPLICATE_POSITION_MM = 1e-2
+
+#: Attributes of the source that result objects copy (patient, study,
+#: series context). Kept on :attr:`CTSeries.header`.
+_HEADER_EXCLUDE = ("PixelData", "PerFrameFunctionalGroupsSequence", "FloatPixelData",
+                   "DoubleFloatPixelData")
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that was not loaded, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """Where one slice of the volume came from, and where it lies.
+
+    ``frame`` is the 1-based frame number inside a multi-frame instance, or
+    ``None`` for a single-frame instance.
+    """
+
+    sop_instance_uid: str
+    position: tuple[float, float, float]
+    path: Path
+    frame: int | None = None
+    instance_number: int | None = None
+
+
+@dataclass
+class CTSeries:
+    """One CT series as an HU volume with its geometry.
+
+    ``hu`` has shape (slices, rows, columns), float32, ordered by increasing
+    projection of Image Position (Patient) on :attr:`normal`.
+    ``pixel_spacing`` is (row spacing, column spacing) in mm, as DICOM's
+    Pixel Spacing.
+    """
+
+    hu: np.ndarray
+    slices: list[SliceInfo]
+    orientation: tuple[float, ...]
+    pixel_spacing: tuple[float, float]
+    slice_thickness: float | None
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    header: Dataset
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Unit normal of the slices: row direction x column direction."""
+        return slice_normal(self.orientation)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Image Position (Patient) of every slice, shape (slices, 3)."""
+        return np.array([s.position for s in self.slices], dtype=np.float64)
+
+    @property
+    def slice_spacing(self) -> float:
+        """Median distance between neighbouring slices along the normal (mm)."""
+        if len(self.slices) < 2:
+            return float(self.slice_thickness or 0.0)
+        along = self.positions @ self.normal
+        return float(np.median(np.diff(along)))
+
+    @property
+    def sop_instance_uids(self) -> list[str]:
+        return [s.sop_instance_uid for s in self.slices]
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+
+@dataclass
+class _Frame:
+    """One slice before pixel decoding: where it is and how to read it."""
+
+    path: Path
+    sop_instance_uid: str
+    frame: int | None
+    instance_number: int | None
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    rows: int
+    columns: int
+    slope: float
+    intercept: float
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Unit normal of a plane given as Image Orientation (Patient)."""
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:6], dtype=np.float64)
+    n = np.cross(row, col)
+    norm = np.linalg.norm(n)
+    if norm == 0:
+        raise InconsistentGeometryError(f"degenerate Image Orientation (Patient) {list(orientation)}")
+    return n / norm
+
+
+def iter_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand a folder (recursively) or a list of files/folders to files."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    files: list[Path] = []
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    return files
+
+
+def _skip_reason(ds: Dataset) -> str | None:
+    """Why a dataset is not a slice of a CT image series, or None."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", ""))
+    if modality and modality != "CT":
+        return f"modality {modality}, not CT"
+    if sop_class not in CT_SOP_CLASSES:
+        name = getattr(pydicom.uid.UID(sop_class), "name", sop_class) if sop_class else "missing"
+        return f"SOP class {name} is not a CT image"
+    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    if "LOCALIZER" in image_type:
+        return "localizer (scout) image"
+    if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
+        return "no Series/SOP Instance UID"
+    if "PixelData" not in ds and "Rows" not in ds:
+        return "no image"
+    return None
+
+
+def scan(sources: str | os.PathLike | Iterable[str | os.PathLike]
+         ) -> tuple[dict[str, list[tuple[Path, Dataset]]], list[SkippedFile]]:
+    """Read every file's header and group CT image files by series.
+
+    Returns ``({SeriesInstanceUID: [(path, header), ...]}, skipped)``. No pixel
+    data is read here.
+    """
+    groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
+    skipped: list[SkippedFile] = []
+    for path in iter_files(sources):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            skipped.append(SkippedFile(path, "not a DICOM file"))
+            continue
+        except Exception as exc:  # truncated or otherwise broken header
+            skipped.append(SkippedFile(path, f"unreadable DICOM header ({_short(exc)})"))
+            continue
+        reason = _skip_reason(ds)
+        if reason:
+            skipped.append(SkippedFile(path, reason))
+            continue
+        groups[str(ds.SeriesInstanceUID)].append((path, ds))
+    return dict(groups), skipped
+
+
+def load_series(sources: str | os.PathLike | Iterable[str | os.PathLike],
+                series_uid: str | None = None) -> CTSeries:
+    """Load exactly one CT series from files or folders.
+
+    With ``series_uid`` the series of that UID is loaded and other series are
+    reported as skipped; without it, the input must hold exactly one CT
+    series.
+
+    Raises a :class:`~inference.errors.SeriesError` subclass with a one-line
+    message when there is no CT series, more than one, or the slices'
+    geometry cannot form one volume.
+    """
+    groups, skipped = scan(sources)
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise NoCTSeriesError(f"no CT series with SeriesInstanceUID {series_uid}"
+                                  f" ({_skip_summary(skipped)})")
+        for uid, members in groups.items():
+            if uid != series_uid:
+                skipped.extend(SkippedFile(p, f"other series {uid}") for p, _ in members)
+        members = groups[series_uid]
+    else:
+        if not groups:
+            raise NoCTSeriesError(f"no CT image series found ({_skip_summary(skipped)})")
+        if len(groups) > 1:
+            uids = sorted(groups)
+            raise MultipleSeriesError(
+                f"{len(uids)} CT series found where one was expected: "
+                + ", ".join(f"{u} ({len(groups[u])} files)" for u in uids), uids)
+        members = next(iter(groups.values()))
+    return _assemble(members, skipped)
+
+
+def _assemble(members: list[tuple[Path, Dataset]], skipped: list[SkippedFile]) -> CTSeries:
+    """Decode, check and order the files of one series."""
+    frames: list[_Frame] = []
+    pixels: list[np.ndarray] = []
+    seen_uids: set[str] = set()
+    header: Dataset | None = None
+    for path, hdr in members:
+        uid = str(hdr.SOPInstanceUID)
+        if uid in seen_uids:
+            skipped.append(SkippedFile(path, f"duplicate of SOP Instance UID {uid}"))
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+            data = ds.pixel_array
+            file_frames = _frames_of(path, ds)
+        except MissingPositionError:
+            raise
+        except Exception as exc:
+            skipped.append(SkippedFile(path, f"pixel data cannot be decoded ({_short(exc)})"))
+            continue
+        if data.ndim == 2:
+            data = data[np.newaxis]
+        if data.shape[0] != len(file_frames):
+            skipped.append(SkippedFile(path, f"{data.shape[0]} frames of pixels but "
+                                             f"{len(file_frames)} frames described"))
+            continue
+        seen_uids.add(uid)
+        if header is None:
+            header = _header_of(ds)
+        frames.extend(file_frames)
+        pixels.extend(data)
+    if not frames:
+        raise NoCTSeriesError(f"no decodable CT image in the series ({_skip_summary(skipped)})")
+
+    orientation, spacing, rows, cols = _common_geometry(frames)
+    normal = slice_normal(orientation)
+    along = np.array([np.dot(f.position, normal) for f in frames])  # type: ignore[arg-type]
+    order = np.argsort(along, kind="stable")
+    gaps = np.diff(along[order])
+    dup = np.flatnonzero(gaps < DUPLICATE_POSITION_MM)
+    if dup.size:
+        a, b = frames[order[dup[0]]], frames[order[dup[0] + 1]]
+        raise DuplicatePositionError(
+            f"{dup.size + 1} slices share a position; e.g. {_frame_name(a)} and "
+            f"{_frame_name(b)} both at {along[order[dup[0]]]:.3f} mm along the normal")
+
+    hu = np.empty((len(frames), rows, cols), dtype=np.float32)
+    for out_index, src_index in enumerate(order):
+        f = frames[src_index]
+        np.multiply(pixels[src_index], f.slope, out=hu[out_index], casting="unsafe")
+        hu[out_index] += f.intercept
+    slices = [SliceInfo(sop_instance_uid=frames[i].sop_instance_uid,
+                        position=frames[i].position,  # type: ignore[arg-type]
+                        path=frames[i].path, frame=frames[i].frame,
+                        instance_number=frames[i].instance_number) for i in order]
+    assert header is not None
+    thickness = header.get("SliceThickness")
+    return CTSeries(
+        hu=hu, slices=slices, orientation=orientation, pixel_spacing=spacing,
+        slice_thickness=float(thickness) if thickness not in (None, "") else None,
+        series_instance_uid=str(header.SeriesInstanceUID),
+        study_instance_uid=str(header.get("StudyInstanceUID", "")),
+        sop_class_uid=str(header.SOPClassUID), header=header, skipped=skipped)
+
+
+def _header_of(ds: Dataset) -> Dataset:
+    """A copy of the dataset without pixels or per-frame groups."""
+    header = Dataset()
+    header.file_meta = getattr(ds, "file_meta", Dataset())
+    for elem in ds:
+        if elem.keyword not in _HEADER_EXCLUDE:
+            header.add(elem)
+    return header
+
+
+def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
+    """Describe every frame of an instance (one for single-frame CT)."""
+    uid = str(ds.SOPInstanceUID)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        if not ipp or not iop:
+            raise MissingPositionError(f"{path.name}: no Image Position/Orientation (Patient)")
+        return [_Frame(path, uid, None, number, _floats3(ipp), tuple(float(v) for v in iop),
+                       _spacing(ds.get("PixelSpacing")), rows, cols,
+                       float(ds.get("RescaleSlope", 1) or 1),
+                       float(ds.get("RescaleIntercept", 0) or 0))]
+
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    out = []
+    for i, per in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+        def group(keyword: str) -> Dataset | None:
+            for source in (per, shared):
+                seq = source.get(keyword)
+                if seq:
+                    return seq[0]
+            return None
+
+        pos, ori = group("PlanePositionSequence"), group("PlaneOrientationSequence")
+        if pos is None or ori is None or "ImagePositionPatient" not in pos:
+            raise MissingPositionError(f"{path.name} frame {i}: no Plane Position/Orientation")
+        measures = group("PixelMeasuresSequence")
+        transform = group("PixelValueTransformationSequence")
+        out.append(_Frame(
+            path, uid, i, number, _floats3(pos.ImagePositionPatient),
+            tuple(float(v) for v in ori.ImageOrientationPatient),
+            _spacing(measures.get("PixelSpacing") if measures else None), rows, cols,
+            float(transform.get("RescaleSlope", 1)) if transform else 1.0,
+            float(transform.get("RescaleIntercept", 0)) if transform else 0.0))
+    return out
+
+
+def _common_geometry(frames: list[_Frame]
+                     ) -> tuple[tuple[float, ...], tuple[float, float], int, int]:
+    """The orientation, spacing and size every frame must share."""
+    first = frames[0]
+    if first.orientation is None or len(first.orientation) != 6:
+        raise MissingPositionError(f"{_frame_name(first)}: no usable Image Orientation (Patient)")
+    for f in frames[1:]:
+        if (f.rows, f.columns) != (first.rows, first.columns):
+            raise InconsistentGeometryError(
+                f"slices differ in size: {first.rows}x{first.columns} ({_frame_name(first)}) "
+                f"vs {f.rows}x{f.columns} ({_frame_name(f)})")
+        if f.orientation is None or not np.allclose(f.orientation, first.orientation,
+                                                    atol=GEOMETRY_TOLERANCE):
+            raise InconsistentGeometryError(
+                f"slices differ in orientation: {_frame_name(first)} vs {_frame_name(f)}")
+        if (f.pixel_spacing is None) != (first.pixel_spacing is None) or (
+                f.pixel_spacing and not np.allclose(f.pixel_spacing, first.pixel_spacing,
+                                                    atol=GEOMETRY_TOLERANCE)):
+            raise InconsistentGeometryError(
+                f"slices differ in pixel spacing: {_frame_name(first)} vs {_frame_name(f)}")
+    if first.pixel_spacing is None:
+        raise InconsistentGeometryError(f"{_frame_name(first)}: no Pixel Spacing")
+    return first.orientation, first.pixel_spacing, first.rows, first.columns
+
+
+def _floats3(value: Sequence) -> tuple[float, float, float]:
+    if len(value) != 3:
+        raise MissingPositionError(f"Image Position (Patient) has {len(value)} values, not 3")
+    return float(value[0]), float(value[1]), float(value[2])
+
+
+def _spacing(value: Sequence | None) -> tuple[float, float] | None:
+    if not value or len(value) != 2:
+        return None
+    return float(value[0]), float(value[1])
+
+
+def _frame_name(f: _Frame) -> str:
+    return f.path.name if f.frame is None else f"{f.path.name} frame {f.frame}"
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _skip_summary(skipped: list[SkippedFile]) -> str:
+    if not skipped:
+        return "no files"
+    reasons: dict[str, int] = defaultdict(int)
+    for s in skipped:
+        reasons[s.reason.split(" (")[0]] += 1
+    return "skipped: " + "; ".join(f"{n} {r}" for r, n in sorted(reasons.items()))

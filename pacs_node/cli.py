@@ -1,0 +1,158 @@
+"""The ``lungsys`` command.
+
+Exit status: 0 on success, 1 when the input is bad or an operation failed
+(one line on stderr, no traceback), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+    TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="lungsys",
+    help=("lungsys: an AI node for chest CT. It receives CT series over DICOM, runs the M3 "
+          "Lung-Sys model (Healthy / COVID-19 / H1N1 / CAP, with lesion maps) and sends a "
+          "Structured Report and heatmaps back to PACS.\n\n"
+          "Start with 'lungsys phantom --out demo/study --label covid --seed 7' to make a "
+          "synthetic study, and 'lungsys scan demo/study' to see how the node reads it."),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+
+class CLIError(Exception):
+    """A failure to report as one line and exit status 1."""
+
+
+def _version() -> str:
+    try:
+        return version("lungsys")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"lungsys {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version_: Annotated[bool, typer.Option("--version", callback=_version_callback,
+                                           is_eager=True, help="Print the version and exit.")]
+    = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="More log output (-v info, -vv debug).")] = 0,
+) -> None:
+    level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, transient=True,
+                    disable=not err.is_terminal)
+
+
+@app.command()
+def phantom(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the study into "
+                                          "(created; existing files are overwritten).")],
+    label: Annotated[str, typer.Option(help="Class of the patient: healthy, covid, h1n1 or cap.")],
+    seed: Annotated[int, typer.Option(min=0, help="Random seed: the same seed and label always "
+                                      "give the same study.")],
+    slices: Annotated[int, typer.Option(min=1, max=2000, help="Number of slices; they cover "
+                                        "the whole lungs, so more slices means thinner ones.")]
+    = 64,
+    patient_position: Annotated[str, typer.Option(help="HFS (head first) or FFS (feet first).")]
+    = "HFS",
+    severity: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Disease "
+                        "severity from 0 (a few small lesions) to 1 (extensive); drawn from the "
+                        "seed when left out.")] = None,
+) -> None:
+    """Write one synthetic chest CT study as a DICOM series, with its truth.
+
+    Beside the CT files (CT0001.dcm, ... in acquisition order) come truth.json
+    (label, lesions, per-slice lesion flags, types and lung fraction) and
+    masks.npz (lung and lesion masks in the slice order of truth.json).
+    """
+    from training.phantom import LABELS, build_phantom, write_study
+
+    label = label.lower()
+    if label not in LABELS:
+        raise CLIError(f"unknown label {label!r}; expected one of {', '.join(LABELS)}")
+    ph = build_phantom(label, seed, slices, patient_position=patient_position.upper(),
+                       severity=severity)
+    with _progress() as bar:
+        task = bar.add_task(f"rendering {label} seed {seed}", total=slices)
+        hu, lung, lesion, types = ph.render(lambda: bar.advance(task))
+    study = write_study(ph, out_dir, hu, lung, lesion, types)
+    t = study.truth
+    lesion_slices = sum(s["has_lesion"] for s in t["slices"])
+    out.print(f"wrote {len(study.files)} CT slices to {out_dir} ({t['label']}, seed {seed}, "
+              f"{t['slice_thickness_mm']} mm, {lesion_slices} slices with lesions, "
+              f"infected fraction {100 * t['infected_fraction']:.2f}%)")
+
+
+@app.command()
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched "
+                                                "recursively).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the CT series found in files or folders, and every file skipped, with why.
+
+    This is how the node and 'lungsys analyze' read a folder: by Series
+    Instance UID, CT images only, localizers and other modalities left out.
+    """
+    from inference.series import scan as scan_files
+
+    groups, skipped = scan_files(paths)
+    if json_:
+        print(json.dumps({
+            "series": [{"series_instance_uid": uid, "files": len(members),
+                        "description": str(members[0][1].get("SeriesDescription", ""))}
+                       for uid, members in sorted(groups.items())],
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped]}))
+        return
+    table = Table(title="CT series")
+    for col in ("Series Instance UID", "Files", "Description"):
+        table.add_column(col)
+    for uid, members in sorted(groups.items()):
+        table.add_row(uid, str(len(members)), str(members[0][1].get("SeriesDescription", "")))
+    out.print(table)
+    for s in skipped:
+        out.print(f"skipped {s.path}: {s.reason}")
+    if not groups:
+        raise CLIError("no CT image series found")
+
+
+def main() -> None:
+    """Entry point: run the app, turning expected failures into one line."""
+    from inference.errors import SeriesError
+
+    try:
+        app()
+    except (CLIError, SeriesError, ValueError, FileNotFoundError, OSError) as exc:
+        err.print(f"lungsys: error: {exc}", markup=False, highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up lungsys on a fresh Debian machine: the Debian DICOM tools and a
+# Python virtual environment in .venv with the project installed in it.
+#
+#   scripts/setup.sh          install for running the node
+#   scripts/setup.sh --test   also install the test dependencies
+#
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+debs=(orthanc orthanc-dicomweb dcmtk dicom3tools)
+python3 -c 'import venv, ensurepip' 2>/dev/null || debs+=(python3-venv)
+
+missing=()
+for p in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    echo "setup: installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -q
+    # Debian's orthanc package would start a system-wide PACS; lungsys tests
+    # start their own on loopback, so keep the packaged service from starting.
+    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+pip_install() {
+    # pip warns about every missing local index folder; keep real errors only
+    .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is neither a file nor a directory" >&2)
+}
+pip_install --upgrade pip
+# The CPU build of torch comes from the local wheel folder; pin it first so
+# that no other requirement pulls a CUDA build.
+pip_install "torch==2.13.0"
+pip_install -e ".${extras}"
+echo "setup: done ($(.venv/bin/lungsys --version))"

@@ -1,0 +1,46 @@
+"""Shared fixtures: phantom studies written once per session, DICOM tools."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from training.phantom import WrittenStudy, generate_study
+
+
+@pytest.fixture(scope="session")
+def study_factory(tmp_path_factory):
+    """Write (and cache) a phantom study: factory(label, seed, slices, **kw)."""
+    cache: dict[tuple, WrittenStudy] = {}
+
+    def make(label: str = "covid", seed: int = 1, slices: int = 24, **kw) -> WrittenStudy:
+        key = (label, seed, slices, tuple(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{label}-{seed}-{slices}")
+            cache[key] = generate_study(out, label, seed, slices, **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def covid_study(study_factory) -> WrittenStudy:
+    return study_factory("covid", 1, 24)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; run scripts/setup.sh (it installs the Debian "
+                    f"DICOM tools)")
+    return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The Error lines dciodvfy prints for a file (it writes to stderr)."""
+    tool = require_tool("dciodvfy")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]

@@ -1,0 +1,62 @@
+"""The lungsys command as an admin runs it: exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def lungsys(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("lungsys")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_teaches_the_commands():
+    proc = lungsys("--help")
+    assert proc.returncode == 0
+    assert "phantom" in proc.stdout and "scan" in proc.stdout
+    assert lungsys("--version").stdout.startswith("lungsys ")
+
+
+def test_phantom_writes_a_study(tmp_path):
+    proc = lungsys("phantom", "--out", str(tmp_path / "s"), "--label", "cap", "--seed", "3",
+                   "--slices", "6")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 6 CT slices" in proc.stdout
+    truth = json.loads((tmp_path / "s" / "truth.json").read_text())
+    assert truth["label"] == "cap" and truth["seed"] == 3 and len(truth["slices"]) == 6
+    assert (tmp_path / "s" / "masks.npz").exists()
+    assert len(list((tmp_path / "s").glob("CT*.dcm"))) == 6
+
+    scan = lungsys("scan", "--json", str(tmp_path / "s"))
+    assert scan.returncode == 0
+    report = json.loads(scan.stdout)
+    assert report["series"][0]["files"] == 6
+    assert {Path(s["path"]).name for s in report["skipped"]} == {"truth.json", "masks.npz"}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["phantom", "--out", "x", "--label", "flu", "--seed", "1"], "unknown label 'flu'"),
+    (["scan", "/nonexistent/folder"], "no such file or folder"),
+])
+def test_bad_input_is_one_line_and_status_1(tmp_path, args, words):
+    proc = lungsys(*args)
+    assert proc.returncode == 1
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_scan_of_a_folder_without_ct_fails(tmp_path):
+    (tmp_path / "readme.txt").write_text("no images here")
+    proc = lungsys("scan", str(tmp_path))
+    assert proc.returncode == 1
+    assert "readme.txt: not a DICOM file" in proc.stdout
+    assert "no CT image series found" in proc.stderr
+
+
+def test_usage_error_is_status_2():
+    assert lungsys("phantom", "--label", "covid").returncode == 2

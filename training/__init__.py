@@ -1,0 +1,2 @@
+"""Training side of lungsys: synthetic phantoms, datasets, training loops and
+evaluation. Never imports :mod:`pacs_node`."""
