@@ -24,9 +24,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     echo "setup: installing Debian packages: ${missing[*]}"
     $sudo apt-get update -q
-    # Debian's orthanc package would start a system-wide PACS; lungsys tests
-    # start their own on loopback, so keep the packaged service from starting.
-    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Debian's orthanc package may start its own system-wide service; the
+    # tests never use it: they start their own Orthanc on free loopback ports.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
 if [ ! -x .venv/bin/python ]; then

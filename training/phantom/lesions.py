@@ -151,6 +151,7 @@ class Lesion:
     opacity: float
     layer: str                    # "ggo": under the vessels; "solid": over them
     septa: bool = False           # crazy paving: septal lines inside
+    septa_seed: int = 0           # where the secondary lobules' centres lie
     air_bronchogram: bool = False
     truth: dict = field(default_factory=dict)
 
@@ -205,7 +206,7 @@ def _covid(s: float, anatomy: Anatomy, lungs: LungMap, rng) -> list[Lesion]:
         truth = _truth("subpleural_ggo", centre, anatomy, lungs)
         out.append(Lesion(Ellipsoid(centre, axes, rot, Waves(rng, 0.25 * r)), types,
                           hu=rng.uniform(-640, -420), opacity=0.9, layer="ggo", septa=crazy,
-                          truth=truth))
+                          septa_seed=int(rng.integers(2**31)), truth=truth))
         if rng.random() < 0.15 + 0.45 * s:
             core = Ellipsoid(centre, axes * rng.uniform(0.4, 0.6), rot, Waves(rng, 0.12 * r))
             out.append(Lesion(core, (CONSOLIDATION,), hu=rng.uniform(-90, 25), opacity=0.95,

@@ -302,9 +302,8 @@ class Renderer:
     def _septa(self, block, x, y, z, inside, les: Lesion) -> bool:
         """Thickened interlobular septa: lines between secondary lobules."""
         lo, hi = les.shape.bounds()
-        seed_rng = np.random.default_rng(abs(hash((round(lo[0], 3), round(lo[1], 3)))) % 2**32)
         n = int(np.prod((hi - lo) / 9.0)) + 4
-        seeds = lo + seed_rng.random((n, 3)) * (hi - lo)
+        seeds = lo + np.random.default_rng(les.septa_seed).random((n, 3)) * (hi - lo)
         pts = np.column_stack([np.broadcast_to(x, inside.shape)[inside],
                                np.broadcast_to(y, inside.shape)[inside],
                                np.full(int(inside.sum()), z)])
