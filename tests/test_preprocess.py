@@ -40,9 +40,6 @@ def test_lung_box_holds_the_lung_and_little_else(study_factory, label, seed):
         if min(h, w) >= 100:  # the 10-pixel margin alone is 1.5x a smaller box
             assert (r1 - r0) * (c1 - c0) <= 1.5 * h * w, i
     assert checked >= 25
-    # over the whole study, consolidation included
-    inside = sum(lung[i][r0:r1, c0:c1].sum() for i, (r0, c0, r1, c1) in enumerate(boxes))
-    assert inside >= 0.98 * lung.sum()
 
 
 def test_volume_boxes_contain_single_slice_boxes(covid_study):

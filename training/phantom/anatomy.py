@@ -19,9 +19,9 @@ import numpy as np
 RIGHT, LEFT = 1, 2  # lung side labels (patient's right is -x)
 
 
-def superellipse(x, y, a, b, p: float = 2.6):
-    """Normalised radius of a superellipse: < 1 inside, 1 on the boundary."""
-    return (np.abs(x / a) ** p + np.abs(y / b) ** p) ** (1.0 / p)
+def ellipse_radius(x, y, a, b):
+    """Normalised radius of an ellipse: < 1 inside, 1 on the boundary."""
+    return np.sqrt((x / a) ** 2 + (y / b) ** 2)
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class Anatomy:
         x, y, z = np.broadcast_arrays(x, y, z)
         side = np.where(x < 4.0, RIGHT, LEFT)
         at, bt = self.interior_axes(z)
-        inside = superellipse(x, y, at, bt) < 1.0
+        inside = ellipse_radius(x, y, at, bt) < 1.0
         inside &= z >= 0.0
         inside &= z > self.diaphragm_z(side, x, y)
         inside &= z < self.apex_z(side, x, y)

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from training.phantom.anatomy import Anatomy
+from training.phantom.anatomy import Anatomy, ellipse_radius
 from training.phantom.lesions import AIR_BRONCHOGRAM, CONSOLIDATION, CRAZY_PAVING, GGO, \
     NODULE, SEPTAL, Lesion, capsule_distance
 from training.phantom.tree import BRONCHUS, Segments
@@ -104,10 +104,10 @@ class Renderer:
         ba, bb = a.body_axes(z)
         at, bt = a.interior_axes(z)
         r = np.sqrt(X * X + Y * Y) + 1e-6
-        rho_body = np.sqrt((X / ba) ** 2 + (Y / bb) ** 2)
+        rho_body = ellipse_radius(X, Y, ba, bb)
         body = rho_body < 1.0
         depth = np.where(body, r * (1.0 / np.maximum(rho_body, 1e-6) - 1.0), -1.0)
-        interior = (X / at) ** 2 + (Y / bt) ** 2 < 1.0
+        interior = ellipse_radius(X, Y, at, bt) < 1.0  # the same cavity the lungs fill
         wall_out = a.SKIN + a.fat + a.muscle
         hu[body] = HU_SKIN
         hu[body & (depth > a.SKIN)] = HU_FAT
