@@ -132,13 +132,14 @@ def body_bounding_box(hu_slice: np.ndarray) -> Box | None:
     return _bounding_box(labels == int(np.argmax(sizes)), 0)
 
 
-def crop_boxes(hu: np.ndarray) -> np.ndarray:
+def crop_boxes(hu: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
     """Crop box of every slice of a volume, shape (n, 4), int64.
 
     The lung box where there is lung; else the body box; else the whole slice.
+    ``masks`` are the volume's :func:`lung_masks`, when already computed.
     """
     vol = _as_volume(hu)
-    masks = lung_masks(vol)
+    masks = lung_masks(vol) if masks is None else masks
     n, h, w = vol.shape
     boxes = np.empty((n, 4), dtype=np.int64)
     for i in range(n):
@@ -188,6 +189,7 @@ class PreparedSlices:
     crops: np.ndarray  # (n, size, size) float32, HU
     boxes: np.ndarray  # (n, 4) int64, (row0, col0, row1, col1) in the source grid
     source_shape: tuple[int, int]
+    lung: np.ndarray | None = None  # (n, rows, cols) bool: the lung masks the boxes came from
 
     def windowed(self, centre: float, width: float = WINDOW_WIDTH) -> np.ndarray:
         """Network input for one window centre, (n, 3, size, size) float32."""
@@ -197,8 +199,10 @@ class PreparedSlices:
 def prepare(hu: np.ndarray, size: int) -> PreparedSlices:
     """Lung crop every slice of a volume and resize it to the input size."""
     vol = _as_volume(hu)
-    boxes = crop_boxes(vol)
-    return PreparedSlices(crop_and_resize(vol, boxes, size), boxes, (vol.shape[1], vol.shape[2]))
+    masks = lung_masks(vol)
+    boxes = crop_boxes(vol, masks)
+    return PreparedSlices(crop_and_resize(vol, boxes, size), boxes, (vol.shape[1], vol.shape[2]),
+                          masks)
 
 
 def uncrop(maps: np.ndarray, boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

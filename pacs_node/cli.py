@@ -31,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
@@ -143,13 +143,128 @@ def scan(
         raise CLIError("no CT image series found")
 
 
+model_app = typer.Typer(help="Create and inspect model checkpoints (.safetensors with JSON "
+                        "metadata; never pickle).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("init")
+def model_init(
+    profile: Annotated[str, typer.Option(help="small (CPU, tests, demo) or paper (the paper's "
+                                         "ResNet-50, 512x512, for GPUs).")] = "small",
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the random initialisation.")] = 0,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write "
+                                           "(.safetensors).")] = Path("model.safetensors"),
+    backbone_weights: Annotated[Optional[Path], typer.Option(
+        "--backbone-weights", help="A torchvision ResNet-50 state dict (e.g. ImageNet "
+        "resnet50-*.pth) to start the slice network's backbone from.")] = None,
+) -> None:
+    """Write a randomly initialised model: the start of training, and a model for tests.
+
+    It is NOT a diagnostic model: its outputs are meaningless until trained.
+    """
+    from inference.backbone import load_torchvision_weights, read_state_dict
+    from inference.checkpoint import LungSysModel, save_checkpoint
+
+    model = LungSysModel.create(profile, seed)
+    if backbone_weights is not None:
+        load_torchvision_weights(model.slice_net.backbone, read_state_dict(backbone_weights))
+        model.metadata["provenance"]["backbone_weights"] = backbone_weights.name
+    meta = save_checkpoint(model, out_path)
+    out.print(f"wrote {out_path}: profile {profile}, version {meta['model_version']}, "
+              f"{meta['parameters']:,} parameters (untrained)")
+
+
+@model_app.command("info")
+def model_info(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (.safetensors).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
+    verify: Annotated[bool, typer.Option(help="Also read the weights and check their hashes.")]
+    = True,
+) -> None:
+    """Print a checkpoint's metadata: profile, classes, version, hashes, provenance, metrics."""
+    from inference.checkpoint import load_checkpoint, read_metadata
+
+    meta = load_checkpoint(checkpoint).metadata if verify else read_metadata(checkpoint)
+    if json_:
+        print(json.dumps(meta, indent=1))
+        return
+    table = Table(title=str(checkpoint), show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in meta.items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+    out.print(table)
+    if verify:
+        out.print("weights verified: hashes match")
+
+
+@app.command()
+def analyze(
+    folder: Annotated[Path, typer.Argument(help="Folder (or one file) holding one CT series.")],
+    model_path: Annotated[Optional[Path], typer.Option(
+        "--model", "-m", help="Checkpoint to use (required until a trained model ships).")]
+    = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a "
+                                        "summary.")] = False,
+    series_uid: Annotated[Optional[str], typer.Option(help="Series Instance UID to analyse "
+                                                      "when the folder holds several.")] = None,
+    method: Annotated[str, typer.Option(help="Patient-level method: network (the patient "
+                                        "network) or nonparametric (the paper's Eq. 5).")]
+    = "network",
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1 ...")]
+    = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per batch (each at three "
+                                            "windows).")] = 16,
+) -> None:
+    """Run the model on a CT series on disk and print the diagnosis.
+
+    Prints the diagnosis, the four class probabilities, the infected fraction
+    of the lung, and the slices with lesions and their boxes (rows and columns
+    on the slice, end-exclusive).
+    """
+    from inference.engine import Engine
+    from inference.profiles import CLASSES
+    from inference.series import load_series
+
+    if model_path is None:
+        raise CLIError("no model given: pass --model CKPT (make one with 'lungsys model init', "
+                       "train one with 'lungsys train')")
+    engine = Engine(model_path, device=device, batch_size=batch_size, method=method)
+    if (engine.model.metadata.get("provenance") or {}).get("kind") == "init":
+        err.print("lungsys: warning: this model is untrained (made by 'lungsys model init'); "
+                  "its diagnosis means nothing", markup=False, highlight=False)
+    series = load_series(folder, series_uid=series_uid)
+    with _progress() as bar:
+        task = bar.add_task(f"analysing {len(series)} slices", total=len(series))
+        result = engine.analyze(series, lambda done, total: bar.update(task, completed=done))
+    if json_:
+        print(json.dumps(result.to_json()))
+        return
+    out.print(f"diagnosis: {result.diagnosis} ({result.method}; model {result.model['version']}"
+              f", {result.model['device']})")
+    for name, p in zip(CLASSES, result.probabilities):
+        out.print(f"  {name:<9} {p:6.3f}")
+    out.print(f"infected fraction of the lung: {100 * result.infected_fraction:.2f}%")
+    lesion = result.lesion_slices
+    out.print(f"slices with lesions: {len(lesion)} of {len(result.slices)}")
+    for s in lesion:
+        boxes = ", ".join(f"[{b.row0}:{b.row1}, {b.col0}:{b.col1}]" for b in s.boxes) or "-"
+        out.print(f"  {s.index:4d} p={s.lesion_probability:.3f} {s.sop_instance_uid} {boxes}")
+    if series.skipped:
+        out.print(f"{len(series.skipped)} files skipped (lungsys scan lists them)")
+
+
 def main() -> None:
     """Entry point: run the app, turning expected failures into one line."""
+    from inference.backbone import WeightsError
+    from inference.checkpoint import CheckpointError
     from inference.errors import SeriesError
 
     try:
         app()
-    except (CLIError, SeriesError, ValueError, FileNotFoundError, OSError) as exc:
+    except (CLIError, SeriesError, CheckpointError, WeightsError, ValueError, FileNotFoundError,
+            OSError) as exc:
         err.print(f"lungsys: error: {exc}", markup=False, highlight=False)
         sys.exit(1)
 

@@ -1,0 +1,230 @@
+"""Model checkpoints: safetensors weights with JSON metadata, no pickle.
+
+One ``.safetensors`` file holds both networks (keys ``slice.*`` and
+``patient.*``) and, in its header, a JSON document under the key
+``lungsys``: the profile, the class names and order, the preprocessing
+parameters, the model version, a SHA-256 of the weights (``content_sha256``,
+the model's identity: the Device UID of results derives from it), training
+provenance and evaluation metrics when known, and an ``integrity`` hash over
+weights and metadata together. Loading recomputes both hashes, builds the
+networks from the profile and loads the weights strictly; a truncated,
+mismatched or tampered file is refused with a one-line
+:class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from inference import preprocess
+from inference.profiles import CLASSES, Profile, get_profile
+from inference.patient_net import PatientNet
+from inference.slice_net import SliceNet
+
+FORMAT = "lungsys-model/1"
+METADATA_KEY = "lungsys"
+_DEVICE_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:lungsys:model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the reason in one line."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("lungsys")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def preprocessing_parameters(profile: Profile) -> dict:
+    return {
+        "lung_threshold_hu": preprocess.LUNG_THRESHOLD_HU,
+        "opening_kernel": list(preprocess.OPENING_KERNEL),
+        "margin_px": preprocess.MARGIN_PX,
+        "window_width": preprocess.WINDOW_WIDTH,
+        "inference_centres": list(preprocess.INFERENCE_CENTRES),
+        "training_centre_range": list(preprocess.TRAINING_CENTRE_RANGE),
+        "input_size": profile.input_size,
+    }
+
+
+@dataclass
+class LungSysModel:
+    """Both networks of one model and what is known about them."""
+
+    profile: Profile
+    slice_net: SliceNet
+    patient_net: PatientNet
+    metadata: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, profile: Profile | str, seed: int = 0) -> "LungSysModel":
+        """Randomly initialised networks (deterministic for a seed)."""
+        if isinstance(profile, str):
+            profile = get_profile(profile)
+        torch.manual_seed(seed)
+        model = cls(profile, SliceNet(profile), PatientNet(profile))
+        model.metadata = {"provenance": {"kind": "init", "seed": seed}, "metrics": None,
+                          "model_version": None}
+        return model
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {f"slice.{k}": v for k, v in self.slice_net.state_dict().items()}
+        out.update({f"patient.{k}": v for k, v in self.patient_net.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        parts: dict[str, dict[str, Tensor]] = {"slice": {}, "patient": {}}
+        for key, value in state.items():
+            part, _, name = key.partition(".")
+            if part not in parts:
+                raise CheckpointError(f"unexpected tensor {key!r}")
+            parts[part][name] = value
+        try:
+            self.slice_net.load_state_dict(parts["slice"], strict=True)
+            self.patient_net.load_state_dict(parts["patient"], strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise CheckpointError(f"weights do not fit profile {self.profile.name!r}: "
+                                  f"{' '.join(line.strip() for line in first[:2])[:200]}") \
+                from None
+
+    @property
+    def content_sha256(self) -> str:
+        return tensors_sha256(self.state_dict())
+
+    @property
+    def device_uid(self) -> str:
+        """A DICOM UID that changes whenever the weights change."""
+        return f"2.25.{uuid.uuid5(_DEVICE_UID_NAMESPACE, self.content_sha256).int}"
+
+    @property
+    def version(self) -> str:
+        return self.metadata.get("model_version") or f"{self.profile.name}-" \
+            f"{self.content_sha256[:12]}"
+
+    def to(self, device: torch.device | str) -> "LungSysModel":
+        self.slice_net.to(device)
+        self.patient_net.to(device)
+        return self
+
+    def eval(self) -> "LungSysModel":
+        self.slice_net.eval()
+        self.patient_net.eval()
+        return self
+
+
+def tensors_sha256(state: dict[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of tensors, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _integrity(content_sha256: str, metadata: dict) -> str:
+    body = {k: v for k, v in metadata.items() if k != "integrity"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256((content_sha256 + text).encode()).hexdigest()
+
+
+def save_checkpoint(model: LungSysModel, path: str | Path) -> dict:
+    """Write the model to ``path`` (a .safetensors file); returns the metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    content = tensors_sha256(state)
+    meta = {
+        **model.metadata,
+        "format": FORMAT,
+        "profile": model.profile.to_dict(),
+        "classes": list(CLASSES),
+        "preprocessing": preprocessing_parameters(model.profile),
+        "content_sha256": content,
+        "device_uid": model.device_uid,
+        "lungsys_version": _version(),
+        "created": model.metadata.get("created")
+        or dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "parameters": sum(int(v.numel()) for k, v in state.items()
+                          if not k.endswith("num_batches_tracked")),
+    }
+    meta["model_version"] = model.metadata.get("model_version") or \
+        f"{model.profile.name}-{content[:12]}"
+    meta["integrity"] = _integrity(content, meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    tmp.replace(path)
+    model.metadata = meta
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of a checkpoint, without loading (or checking) its weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file "
+                              f"({_one_line(exc)})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: no lungsys metadata (not a lungsys checkpoint)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: metadata is not valid JSON") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LungSysModel:
+    """Load and verify a checkpoint; the model is in eval mode on ``device``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: weights cannot be read ({_one_line(exc)})") from None
+    content = tensors_sha256(state)
+    if content != meta.get("content_sha256"):
+        raise CheckpointError(f"{path}: weights do not match their recorded SHA-256 "
+                              f"(corrupted or altered)")
+    if _integrity(content, meta) != meta.get("integrity"):
+        raise CheckpointError(f"{path}: metadata does not match its integrity hash "
+                              f"(altered)")
+    if list(meta.get("classes", [])) != list(CLASSES):
+        raise CheckpointError(f"{path}: classes {meta.get('classes')} differ from "
+                              f"{list(CLASSES)}")
+    try:
+        profile = Profile.from_dict(meta["profile"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: metadata has no usable profile") from None
+    model = LungSysModel(profile, SliceNet(profile), PatientNet(profile), meta)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]

@@ -1,0 +1,163 @@
+"""The inference engine: one call from a loaded CT series to a typed result.
+
+The model is loaded once and reused. For a series: the paper's preprocessing
+(lung crop, resize), then the slice network over batches of slices, each
+slice at the three window centres (-700, -600, -500) whose probabilities,
+maps and features are averaged as the paper does; then the patient network
+(or the paper's non-parametric assessment, selectable) on the slice features;
+then lesion maps back on the original slice grid, boxes and infected
+fractions. Batches keep memory bounded for series of 1000 slices.
+
+CUDA is used when present (``device="auto"``), with bf16 autocast and
+channels_last; otherwise the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from inference import localize, nonparametric
+from inference.checkpoint import LungSysModel, load_checkpoint
+from inference.preprocess import INFERENCE_CENTRES, prepare, to_channels, window
+from inference.results import AnalysisResult, LesionMaps, SliceResult
+from inference.series import CTSeries
+
+METHODS = ("network", "nonparametric")
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else the CPU; or any torch device name."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but no CUDA device is available")
+    return dev
+
+
+class Engine:
+    """Runs one loaded model on CT series."""
+
+    def __init__(self, model: LungSysModel | str | Path, device: str = "auto",
+                 batch_size: int = 16, method: str = "network",
+                 t: float = nonparametric.DEFAULT_T) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        self.device = select_device(device)
+        if not isinstance(model, LungSysModel):
+            model = load_checkpoint(model)
+        self.model = model.to(self.device).eval()
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.model.slice_net.to(memory_format=torch.channels_last)
+        self.batch_size = batch_size
+        self.method = method
+        self.t = t
+        content = self.model.metadata.get("content_sha256") or self.model.content_sha256
+        self.model_info = {"version": self.model.version, "content_sha256": content,
+                           "device_uid": self.model.metadata.get("device_uid")
+                           or self.model.device_uid,
+                           "profile": self.model.profile.name, "device": str(self.device)}
+
+    def _autocast(self):
+        if self.cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def analyze(self, series: CTSeries,
+                progress: Callable[[int, int], None] | None = None) -> AnalysisResult:
+        """Analyse one series; ``progress(done, total)`` is told after each batch."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        profile = self.model.profile
+        prepared = prepare(series.hu, profile.input_size)
+        timings["preprocess"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        n = len(series)
+        centres = INFERENCE_CENTRES
+        lesion = np.zeros((n, 2), dtype=np.float64)
+        classes = np.zeros((n, 4), dtype=np.float64)
+        features = torch.zeros((n, profile.slice_feature_dim), dtype=torch.float32)
+        maps: np.ndarray | None = None
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            crops = prepared.crops[start:stop]
+            x = np.concatenate([to_channels(window(crops, c)) for c in centres])
+            xt = torch.from_numpy(x).to(self.device)
+            if self.cuda:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                out = self.model.slice_net(xt)
+            k = stop - start
+            per_window = len(centres)
+            lesion[start:stop] = _mean_windows(torch.softmax(out.lesion_logits.float(), 1),
+                                               per_window, k)
+            classes[start:stop] = _mean_windows(torch.softmax(out.class_logits.float(), 1),
+                                                per_window, k)
+            batch_maps = _mean_windows(out.lesion_map.float(), per_window, k)
+            if maps is None:
+                maps = np.zeros((n, *batch_maps.shape[1:]), dtype=np.float32)
+            maps[start:stop] = batch_maps
+            features[start:stop] = torch.from_numpy(
+                _mean_windows(out.feature.float(), per_window, k))
+            if progress is not None:
+                progress(stop, n)
+        timings["slice_network"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with self._autocast():
+            logits = self.model.patient_net(features.to(self.device)[None],
+                                            torch.tensor([n]))
+        network_probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float64)
+        assessment = nonparametric.assess(lesion, classes, self.t)
+        timings["patient"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        assert maps is not None
+        lesion_maps = LesionMaps(maps, prepared.boxes, prepared.source_shape)
+        spacing = float(np.mean(series.pixel_spacing))
+        slices: list[SliceResult] = []
+        total_lesion = total_lung = 0
+        for i, info in enumerate(series.slices):
+            lung = prepared.lung[i] if prepared.lung is not None else np.zeros(
+                prepared.source_shape, dtype=bool)
+            boxes: list[localize.LesionBox] = []
+            region = np.zeros(prepared.source_shape, dtype=bool)
+            if lesion[i, 1] >= 0.5:
+                grid_map = lesion_maps.on_grid(i)
+                region = localize.lesion_region(grid_map, spacing)
+                boxes = localize.boxes_from_region(region, grid_map, spacing)
+            lesion_px, lung_px = localize.infected_pixels(region, lung)
+            total_lesion += lesion_px
+            total_lung += lung_px
+            slices.append(SliceResult(
+                index=i, sop_instance_uid=info.sop_instance_uid, frame=info.frame,
+                lesion_probability=float(lesion[i, 1]), class_probabilities=classes[i],
+                boxes=boxes, infected_fraction=lesion_px / lung_px if lung_px else 0.0))
+        timings["localisation"] = time.perf_counter() - t0
+
+        if self.method == "network":
+            diagnosis, probs = int(np.argmax(network_probs)), network_probs
+        else:
+            diagnosis, probs = assessment.diagnosis, assessment.scores.astype(np.float64)
+        return AnalysisResult(
+            diagnosis_index=diagnosis, probabilities=probs, method=self.method,
+            network_probabilities=network_probs, nonparametric_scores=assessment.scores,
+            nonparametric_diagnosis_index=assessment.diagnosis,
+            infected_fraction=total_lesion / total_lung if total_lung else 0.0,
+            slices=slices, maps=lesion_maps, timings=timings, model=dict(self.model_info))
+
+
+def _mean_windows(t: torch.Tensor, windows: int, k: int) -> np.ndarray:
+    """Average a (windows * k, ...) batch, window-major, over its windows."""
+    return t.view(windows, k, *t.shape[1:]).mean(dim=0).cpu().numpy()

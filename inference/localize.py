@@ -1,0 +1,79 @@
+"""Lesion regions and boxes from a lesion map (weakly supervised, Hu 2020).
+
+On the original slice grid: Gaussian blur of the map, an Isodata threshold
+(never below an absolute floor, so that a slice with a flat, low map yields
+nothing), morphological closing, and connected components above a minimum
+area; each component gives a bounding box with the map's peak inside it as
+its score. The infected fraction of a slice is the lesion region's share of
+the lung (the filled lung mask of the preprocessing, with the lesion region
+counted as lung: consolidation is lung even though it is not air).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_isodata
+
+#: Map values below this are never lesion, whatever Isodata says.
+MAP_FLOOR = 0.55
+BLUR_MM = 2.0
+CLOSING_MM = 3.0
+MIN_AREA_MM2 = 20.0
+
+
+@dataclass(frozen=True)
+class LesionBox:
+    """A lesion's bounding box on the slice grid: rows/cols end-exclusive."""
+
+    row0: int
+    col0: int
+    row1: int
+    col1: int
+    score: float      # the map's peak inside the component
+    area_px: int      # pixels of the component
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return self.row0, self.col0, self.row1, self.col1
+
+
+def lesion_region(lesion_map: np.ndarray, spacing_mm: float = 1.0,
+                  floor: float = MAP_FLOOR) -> np.ndarray:
+    """Boolean lesion region of one map on the slice grid (blurred, thresholded, closed)."""
+    blurred = ndimage.gaussian_filter(np.asarray(lesion_map, dtype=np.float32),
+                                      sigma=BLUR_MM / spacing_mm)
+    if blurred.max() < floor:
+        return np.zeros(blurred.shape, dtype=bool)
+    candidates = blurred[blurred > 0]
+    threshold = floor
+    if candidates.size and candidates.max() > candidates.min():
+        threshold = max(float(threshold_isodata(candidates)), floor)
+    region = blurred >= threshold
+    radius = max(int(round(CLOSING_MM / spacing_mm)), 1)
+    yy, xx = np.ogrid[-radius:radius + 1, -radius:radius + 1]
+    return ndimage.binary_closing(region, structure=(xx * xx + yy * yy) <= radius * radius)
+
+
+def boxes_from_region(region: np.ndarray, lesion_map: np.ndarray, spacing_mm: float = 1.0,
+                      min_area_mm2: float = MIN_AREA_MM2) -> list[LesionBox]:
+    """One box per connected component of at least ``min_area_mm2``, largest first."""
+    labels, count = ndimage.label(region, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return []
+    min_px = min_area_mm2 / (spacing_mm * spacing_mm)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    peaks = ndimage.maximum(lesion_map, labels, index=np.arange(1, count + 1))
+    out = []
+    for index, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None or sizes[index] < min_px:
+            continue
+        out.append(LesionBox(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop,
+                             float(peaks[index - 1]), int(sizes[index])))
+    return sorted(out, key=lambda b: -b.area_px)
+
+
+def infected_pixels(region: np.ndarray, lung: np.ndarray) -> tuple[int, int]:
+    """(lesion pixels, lung pixels) of a slice; the lesion region counts as lung."""
+    return int(region.sum()), int((ndimage.binary_fill_holes(lung) | region).sum())

@@ -1,0 +1,65 @@
+"""Model profiles: the paper's sizes for GPUs, and a small one for CPUs.
+
+Both are the same architecture; ``small`` is narrower (ResNet width 8
+instead of 64), reads 256x256 crops instead of 512x512, and has a smaller
+patient head (D' = 64, h = 4), so that it trains and runs on a 2-core CPU
+(about 150 slice-forwards per second there) and ships in a few MB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from inference.backbone import EXPANSION
+
+CLASSES = ("Healthy", "COVID-19", "H1N1", "CAP")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    width: int                 # ResNet-50 base width (torchvision: 64)
+    input_size: int            # crops are resized to input_size x input_size
+    d_prime: int               # D': per-head width of the patient head
+    heads: int                 # h: heads of the refinement module
+    scales: tuple[int, ...]    # S: multi-scale splits of the slices
+
+    @property
+    def layer3_channels(self) -> int:
+        return self.width * 4 * EXPANSION
+
+    @property
+    def layer4_channels(self) -> int:
+        return self.width * 8 * EXPANSION
+
+    @property
+    def slice_feature_dim(self) -> int:
+        """D: GAP of ResBlock3 concatenated with GAP of ResBlock4."""
+        return self.layer3_channels + self.layer4_channels
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scales"] = list(self.scales)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        return cls(name=str(d["name"]), width=int(d["width"]), input_size=int(d["input_size"]),
+                   d_prime=int(d["d_prime"]), heads=int(d["heads"]),
+                   scales=tuple(int(s) for s in d["scales"]))
+
+
+PROFILES = {
+    "paper": Profile("paper", width=64, input_size=512, d_prime=512, heads=12,
+                     scales=(1, 2, 3, 4)),
+    "small": Profile("small", width=8, input_size=256, d_prime=64, heads=4,
+                     scales=(1, 2, 3, 4)),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; expected one of "
+                         f"{', '.join(PROFILES)}") from None

@@ -1,0 +1,94 @@
+"""Typed results of analysing one CT series."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference.localize import LesionBox
+from inference.preprocess import uncrop
+from inference.profiles import CLASSES
+
+
+@dataclass
+class SliceResult:
+    """What the model says about one slice (in the series' order)."""
+
+    index: int
+    sop_instance_uid: str
+    frame: int | None
+    lesion_probability: float
+    class_probabilities: np.ndarray   # (4,), the four-class head's, averaged over windows
+    boxes: list[LesionBox]
+    infected_fraction: float          # lesion region / lung, this slice
+
+    @property
+    def has_lesion(self) -> bool:
+        return self.lesion_probability >= 0.5
+
+
+@dataclass
+class LesionMaps:
+    """Lesion maps at the network's resolution, with what puts them back on the slices."""
+
+    maps: np.ndarray                  # (n, h, w) float32 in [0, 1], "lesion" prototype
+    boxes: np.ndarray                 # (n, 4) crop boxes on the source grid
+    shape: tuple[int, int]            # (rows, columns) of the source slices
+
+    def on_grid(self, index: int) -> np.ndarray:
+        """The map of one slice on its original pixel grid, zero outside the crop."""
+        return uncrop(self.maps[index:index + 1], self.boxes[index:index + 1], self.shape)[0]
+
+
+@dataclass
+class AnalysisResult:
+    """A patient's diagnosis, per-slice findings and lesion maps."""
+
+    diagnosis_index: int
+    probabilities: np.ndarray         # (4,) of the chosen patient-level method
+    method: str                       # "network" or "nonparametric"
+    network_probabilities: np.ndarray
+    nonparametric_scores: np.ndarray  # N_k / N of the paper's assessment
+    nonparametric_diagnosis_index: int
+    infected_fraction: float          # lesion / lung over the whole volume
+    slices: list[SliceResult]
+    maps: LesionMaps
+    timings: dict[str, float] = field(default_factory=dict)
+    model: dict = field(default_factory=dict)   # version, content hash, device UID, profile
+
+    @property
+    def diagnosis(self) -> str:
+        return CLASSES[self.diagnosis_index]
+
+    @property
+    def lesion_slices(self) -> list[SliceResult]:
+        return [s for s in self.slices if s.has_lesion]
+
+    def to_json(self) -> dict:
+        """The result as JSON-ready types (the ``--json`` output of ``lungsys analyze``)."""
+        return {
+            "diagnosis": self.diagnosis,
+            "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, self.probabilities)},
+            "method": self.method,
+            "network_probabilities": {c: round(float(p), 6)
+                                      for c, p in zip(CLASSES, self.network_probabilities)},
+            "nonparametric": {
+                "diagnosis": CLASSES[self.nonparametric_diagnosis_index],
+                "scores": {c: round(float(p), 6)
+                           for c, p in zip(CLASSES, self.nonparametric_scores)}},
+            "infected_fraction": round(self.infected_fraction, 6),
+            "slices": [{
+                "index": s.index,
+                "sop_instance_uid": s.sop_instance_uid,
+                **({"frame": s.frame} if s.frame is not None else {}),
+                "lesion_probability": round(s.lesion_probability, 6),
+                "class_probabilities": {c: round(float(p), 6)
+                                        for c, p in zip(CLASSES, s.class_probabilities)},
+                "infected_fraction": round(s.infected_fraction, 6),
+                "boxes": [{"row0": b.row0, "col0": b.col0, "row1": b.row1, "col1": b.col1,
+                           "score": round(b.score, 4)} for b in s.boxes],
+            } for s in self.slices],
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "model": self.model,
+        }

@@ -1,0 +1,132 @@
+"""The inference engine on phantom studies: shapes, determinism, geometry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from inference.checkpoint import LungSysModel, save_checkpoint
+from inference.engine import Engine
+from inference.profiles import CLASSES
+from inference.series import load_series
+from inference.slice_net import SliceOutput
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "init.safetensors"
+    save_checkpoint(LungSysModel.create("small", seed=2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def series(study_factory):
+    return load_series(study_factory("covid", 1, 24).directory)
+
+
+def test_engine_result_describes_every_slice(checkpoint, series):
+    result = Engine(checkpoint, device="cpu", batch_size=5).analyze(series)
+    assert [s.sop_instance_uid for s in result.slices] == series.sop_instance_uids
+    assert result.probabilities.shape == (4,) and abs(result.probabilities.sum() - 1) < 1e-6
+    assert result.diagnosis in CLASSES
+    assert 0.0 <= result.infected_fraction <= 1.0
+    assert result.maps.maps.shape == (24, 16, 16)       # 256 input / 16
+    grid = result.maps.on_grid(10)
+    assert grid.shape == series.hu.shape[1:] and 0 <= grid.min() and grid.max() <= 1
+    r0, c0, r1, c1 = result.maps.boxes[10]
+    assert grid[:r0].max() == 0 and grid[r1:].max() == 0 and grid[:, :c0].max() == 0
+    for s in result.slices:
+        assert 0 <= s.lesion_probability <= 1 and abs(s.class_probabilities.sum() - 1) < 1e-5
+    assert set(result.timings) == {"preprocess", "slice_network", "patient", "localisation"}
+    assert result.model["version"].startswith("small-")
+
+
+def test_batch_size_and_method_do_not_change_slice_results(checkpoint, series):
+    a = Engine(checkpoint, device="cpu", batch_size=24).analyze(series)
+    b = Engine(checkpoint, device="cpu", batch_size=7, method="nonparametric").analyze(series)
+    np.testing.assert_allclose([s.lesion_probability for s in a.slices],
+                               [s.lesion_probability for s in b.slices], atol=1e-5)
+    np.testing.assert_allclose(a.network_probabilities, b.network_probabilities, atol=1e-5)
+    assert b.method == "nonparametric"
+    np.testing.assert_allclose(b.probabilities, b.nonparametric_scores)
+    assert b.diagnosis_index == b.nonparametric_diagnosis_index
+
+
+class HotSpot(nn.Module):
+    """A slice network double whose lesion map is hot on map rows 2-5, columns 10-13."""
+
+    def __init__(self, profile):
+        super().__init__()
+        self.profile = profile
+
+    def forward(self, x):
+        b, size = x.shape[0], x.shape[-1] // 16
+        lesion_map = torch.zeros(b, size, size)
+        lesion_map[:, 2:6, 10:14] = 1.0
+        return SliceOutput(lesion_logits=torch.tensor([[-5.0, 5.0]]).repeat(b, 1),
+                           class_logits=torch.zeros(b, 4), lesion_map=lesion_map,
+                           feature=torch.zeros(b, self.profile.slice_feature_dim))
+
+
+def test_maps_and_boxes_land_on_the_original_grid(checkpoint, series):
+    model = LungSysModel.create("small", seed=2)
+    model.slice_net = HotSpot(model.profile)
+    result = Engine(model, device="cpu").analyze(series)
+    checked = 0
+    for s in result.slices:
+        r0, c0, r1, c1 = result.maps.boxes[s.index]
+        h, w = r1 - r0, c1 - c0
+        if abs((r0 + r1) / 2 - 256) < 10 and abs((c0 + c1) / 2 - 256) < 10:
+            continue  # only off-centre crops prove the registration
+        if min(h, w) < 100:
+            continue  # a sliver of lung: the hot spot is smaller than a lesion box
+        expected = (r0 + 2 / 16 * h, c0 + 10 / 16 * w, r0 + 6 / 16 * h, c0 + 14 / 16 * w)
+        assert len(s.boxes) == 1, s.index
+        box = s.boxes[0]
+        tol_r, tol_c = h / 16 + 3, w / 16 + 3
+        assert abs(box.row0 - expected[0]) <= tol_r and abs(box.row1 - expected[2]) <= tol_r
+        assert abs(box.col0 - expected[1]) <= tol_c and abs(box.col1 - expected[3]) <= tol_c
+        grid = result.maps.on_grid(s.index)
+        peak = np.unravel_index(np.argmax(grid), grid.shape)
+        assert expected[0] <= peak[0] <= expected[2] and expected[1] <= peak[1] <= expected[3]
+        checked += 1
+    assert checked >= 10
+    assert result.infected_fraction > 0
+
+
+def lungsys(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("lungsys")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_analyze_runs_on_a_phantom_study(checkpoint, study_factory):
+    study = study_factory("covid", 1, 24)
+    proc = lungsys("analyze", str(study.directory), "--model", str(checkpoint), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["diagnosis"] in CLASSES
+    assert set(report["probabilities"]) == set(CLASSES)
+    assert abs(sum(report["probabilities"].values()) - 1) < 1e-4
+    assert 0 <= report["infected_fraction"] <= 1
+    assert len(report["slices"]) == 24
+    assert {"sop_instance_uid", "lesion_probability", "boxes"} <= set(report["slices"][0])
+    text = lungsys("analyze", str(study.directory), "--model", str(checkpoint))
+    assert text.returncode == 0 and text.stdout.startswith("diagnosis: ")
+    assert "infected fraction of the lung" in text.stdout
+
+
+def test_cli_analyze_needs_a_model(study_factory, tmp_path):
+    study = study_factory("covid", 1, 24)
+    proc = lungsys("analyze", str(study.directory))
+    assert proc.returncode == 1 and "no model given" in proc.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("x")
+    proc = lungsys("analyze", str(study.directory), "--model", str(bad))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
