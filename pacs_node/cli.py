@@ -216,12 +216,19 @@ def analyze(
     = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per batch (each at three "
                                             "windows).")] = 16,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write the DICOM results here: SR-lungsys-report.dcm and "
+        "SC-lungsys-heatmap-sliceNNNN.dcm.")] = None,
+    heatmaps: Annotated[str, typer.Option(help="Heatmaps for 'lesion' slices (flagged by "
+                                          "the model), 'all' slices, or 'none'.")] = "lesion",
 ) -> None:
     """Run the model on a CT series on disk and print the diagnosis.
 
     Prints the diagnosis, the four class probabilities, the infected fraction
     of the lung, and the slices with lesions and their boxes (rows and columns
-    on the slice, end-exclusive).
+    on the slice, end-exclusive). With --out, also writes the results as
+    DICOM: a Comprehensive 3D SR (TID 1500) and Secondary Capture heatmaps, in
+    the source study.
     """
     from inference.engine import Engine
     from inference.profiles import CLASSES
@@ -238,8 +245,15 @@ def analyze(
     with _progress() as bar:
         task = bar.add_task(f"analysing {len(series)} slices", total=len(series))
         result = engine.analyze(series, lambda done, total: bar.update(task, completed=done))
+    files = None
+    if out_dir is not None:
+        from inference.export import write_results
+        files = write_results(result, series, out_dir, heatmaps=heatmaps)
     if json_:
-        print(json.dumps(result.to_json()))
+        report = result.to_json()
+        if files is not None:
+            report["files"] = {"sr": str(files.sr), "heatmaps": [str(p) for p in files.heatmaps]}
+        print(json.dumps(report))
         return
     out.print(f"diagnosis: {result.diagnosis} ({result.method}; model {result.model['version']}"
               f", {result.model['device']})")
@@ -253,6 +267,8 @@ def analyze(
         out.print(f"  {s.index:4d} p={s.lesion_probability:.3f} {s.sop_instance_uid} {boxes}")
     if series.skipped:
         out.print(f"{len(series.skipped)} files skipped (lungsys scan lists them)")
+    if files is not None:
+        out.print(f"wrote {files.sr} and {len(files.heatmaps)} heatmaps to {out_dir}")
 
 
 def main() -> None:

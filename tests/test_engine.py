@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from inference.checkpoint import LungSysModel, save_checkpoint
 from inference.engine import Engine
 from inference.profiles import CLASSES
 from inference.series import load_series
-from inference.slice_net import SliceOutput
+
+from doubles import hotspot_model
 
 
 @pytest.fixture(scope="module")
@@ -59,26 +58,8 @@ def test_batch_size_and_method_do_not_change_slice_results(checkpoint, series):
     assert b.diagnosis_index == b.nonparametric_diagnosis_index
 
 
-class HotSpot(nn.Module):
-    """A slice network double whose lesion map is hot on map rows 2-5, columns 10-13."""
-
-    def __init__(self, profile):
-        super().__init__()
-        self.profile = profile
-
-    def forward(self, x):
-        b, size = x.shape[0], x.shape[-1] // 16
-        lesion_map = torch.zeros(b, size, size)
-        lesion_map[:, 2:6, 10:14] = 1.0
-        return SliceOutput(lesion_logits=torch.tensor([[-5.0, 5.0]]).repeat(b, 1),
-                           class_logits=torch.zeros(b, 4), lesion_map=lesion_map,
-                           feature=torch.zeros(b, self.profile.slice_feature_dim))
-
-
 def test_maps_and_boxes_land_on_the_original_grid(checkpoint, series):
-    model = LungSysModel.create("small", seed=2)
-    model.slice_net = HotSpot(model.profile)
-    result = Engine(model, device="cpu").analyze(series)
+    result = Engine(hotspot_model(), device="cpu").analyze(series)
     checked = 0
     for s in result.slices:
         r0, c0, r1, c1 = result.maps.boxes[s.index]

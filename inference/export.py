@@ -1,0 +1,88 @@
+"""Write the DICOM results of an analysis: heatmap SC images, then the SR.
+
+Both go into the source study (same Study Instance UID, patient and study
+attributes copied), each in a new series; the SR references the CT slices
+and the heatmaps. By default heatmaps are made for the slices the model flags
+as lesion-bearing; ``heatmaps="all"`` makes one per slice.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+
+from inference.heatmap import build_sc, render_overlay
+from inference.identity import ALGORITHM_NAME, AlgorithmIdentity
+from inference.results import AnalysisResult
+from inference.series import CTSeries
+from inference.sr import build_sr
+
+SC_SERIES_NUMBER = 990
+SR_SERIES_NUMBER = 991
+HEATMAP_CHOICES = ("lesion", "all", "none")
+
+
+@dataclass
+class ResultFiles:
+    sr: Path
+    heatmaps: list[Path]
+
+    @property
+    def all(self) -> list[Path]:
+        return [*self.heatmaps, self.sr]
+
+
+def slice_source(series: CTSeries, index: int) -> Dataset:
+    """The CT dataset (header only) of one slice, as results reference it."""
+    info = series.slices[index]
+    ds = copy.deepcopy(series.header)  # a copy: setting values must not touch the header
+    ds.SOPInstanceUID = info.sop_instance_uid
+    if info.frame is None:
+        ds.ImagePositionPatient = list(info.position)
+        if info.instance_number is not None:
+            ds.InstanceNumber = info.instance_number
+    return ds
+
+
+def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path, *,
+                  heatmaps: str = "lesion") -> ResultFiles:
+    """Write the SC heatmaps and the SR of ``result`` into ``out_dir``."""
+    if heatmaps not in HEATMAP_CHOICES:
+        raise ValueError(f"heatmaps must be one of {', '.join(HEATMAP_CHOICES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = AlgorithmIdentity.from_model_info(result.model, result.method)
+    sources = [slice_source(series, i) for i in range(len(series))]
+    frames = [s.frame for s in series.slices]
+    chosen = {"lesion": result.lesion_slices, "all": result.slices, "none": []}[heatmaps]
+
+    sc_series = hd.UID()
+    sc_datasets: list[Dataset] = []
+    sc_paths: list[Path] = []
+    top = float(result.probabilities[result.diagnosis_index])
+    for number, s in enumerate(chosen, start=1):
+        lines = [f"{ALGORITHM_NAME} {identity.model_version}",
+                 f"Diagnosis: {result.diagnosis} (p={top:.2f})",
+                 f"Slice {s.index + 1}/{len(series)}: lesion probability "
+                 f"{s.lesion_probability:.2f}"]
+        pixels = render_overlay(series.hu[s.index], result.maps.on_grid(s.index), lines,
+                                [b.as_tuple() for b in s.boxes])
+        sc = build_sc(sources[s.index], pixels, series_instance_uid=sc_series,
+                      series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+                      instance_number=number, identity=identity,
+                      orientation=series.orientation, frame=frames[s.index])
+        path = out / f"SC-lungsys-heatmap-slice{s.index + 1:04d}.dcm"
+        sc.save_as(path, enforce_file_format=True)
+        sc_datasets.append(sc)
+        sc_paths.append(path)
+
+    sr = build_sr(result, sources, frames, sc_datasets, identity,
+                  series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
+                  sop_instance_uid=hd.UID(), pixel_spacing_mm=float(series.pixel_spacing[0]))
+    sr_path = out / "SR-lungsys-report.dcm"
+    sr.save_as(sr_path, enforce_file_format=True)
+    return ResultFiles(sr=sr_path, heatmaps=sc_paths)

@@ -1,0 +1,68 @@
+"""Who made a result: the algorithm's name, version and equipment, as IHE AIR asks.
+
+Result objects name the algorithm in the Contributing Equipment Sequence
+(Purpose of Reference: Newcode1, 99IHE, "Processing Algorithm"; manufacturer,
+model name, software versions, and a Device UID that changes whenever the
+weights change) and, inside the SR, in TID 4019 Algorithm Identification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from highdicom import ContributingEquipment
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+MANUFACTURER = "lungsys"
+ALGORITHM_NAME = "lungsys M3 Lung-Sys"
+DISCLAIMER = "AI result - not for primary diagnosis"
+PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
+
+
+def software_version() -> str:
+    try:
+        return version("lungsys")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class AlgorithmIdentity:
+    """The model that produced a result, as result objects name it."""
+
+    model_version: str
+    device_uid: str
+    profile: str
+    method: str
+    content_sha256: str
+
+    @classmethod
+    def from_model_info(cls, info: dict, method: str) -> "AlgorithmIdentity":
+        return cls(model_version=str(info["version"]), device_uid=str(info["device_uid"]),
+                   profile=str(info["profile"]), method=method,
+                   content_sha256=str(info.get("content_sha256") or ""))
+
+    @property
+    def model_name(self) -> str:
+        return f"M3 Lung-Sys ({self.profile} profile)"
+
+    @property
+    def parameters(self) -> list[str]:
+        """TID 4019 Algorithm Parameters: what a reader needs to reproduce the result."""
+        return [f"patient-level method={self.method}", "window width=1200",
+                "window centres=-700,-600,-500", f"weights sha256={self.content_sha256[:16]}"]
+
+    def contributing_equipment(self) -> ContributingEquipment:
+        """The Contributing Equipment item naming this algorithm (IHE AIR)."""
+        item = ContributingEquipment(
+            manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=self.model_name,
+            software_versions=[software_version(), self.model_version],
+            contribution_description=DISCLAIMER)
+        # highdicom only takes CID 7005 purposes; IHE AIR asks for its own code
+        item.PurposeOfReferenceCodeSequence = [CodedConcept.from_code(PROCESSING_ALGORITHM)]
+        item.DeviceUID = self.device_uid
+        return item

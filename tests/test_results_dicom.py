@@ -1,0 +1,177 @@
+"""Results as standard DICOM: the TID 1500 SR and the heatmap Secondary Captures."""
+
+from __future__ import annotations
+
+import subprocess
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from highdicom.sr.utils import find_content_items
+from pydicom.sr.codedict import codes
+
+from inference.engine import Engine
+from inference.export import write_results
+from inference.series import load_series
+from inference.sr import CLASS_CODES, DIAGNOSIS, INFECTED_FRACTION, PROBABILITY
+
+from conftest import dciodvfy_errors, require_tool
+from doubles import hotspot_model
+
+CHINESE_NAME = "张^三丰"
+
+
+@pytest.fixture(scope="module")
+def written(study_factory, tmp_path_factory):
+    study = study_factory("covid", 1, 24, patient_name=CHINESE_NAME, character_set="ISO_IR 192")
+    series = load_series(study.directory)
+    result = Engine(hotspot_model(), device="cpu").analyze(series)
+    files = write_results(result, series, tmp_path_factory.mktemp("results"))
+    return study, series, result, files
+
+
+def test_sr_and_every_sc_pass_dciodvfy(written):
+    _, _, result, files = written
+    assert len(files.heatmaps) == len(result.lesion_slices) > 0
+    assert dciodvfy_errors(files.sr) == []
+    for path in files.heatmaps:
+        assert dciodvfy_errors(path) == [], path.name
+
+
+def test_dsrdump_reads_the_sr(written):
+    _, _, result, files = written
+    proc = subprocess.run([require_tool("dsrdump"), str(files.sr)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Imaging Measurement Report" in proc.stdout
+    code = CLASS_CODES[result.diagnosis_index]
+    assert f'"Diagnosis")=({code.value},SCT,"{code.meaning}")' in proc.stdout
+    assert proc.stdout.count('"Probability")') >= 4
+
+
+def test_highdicom_reads_back_diagnosis_probabilities_fraction_algorithm(written):
+    _, _, result, files = written
+    sr = hd.sr.srread(files.sr)
+    groups = sr.content.get_image_measurement_groups()
+    assessment = [g for g in groups if g.tracking_identifier == "patient assessment"][0]
+    diagnosis = assessment.get_qualitative_evaluations(name=DIAGNOSIS)
+    assert len(diagnosis) == 1 and diagnosis[0].value == CLASS_CODES[result.diagnosis_index]
+    fraction = assessment.get_measurements(name=INFECTED_FRACTION)[0]
+    assert fraction.value == pytest.approx(100 * result.infected_fraction, abs=1e-3)
+    assert fraction.unit.value == "%"
+    probabilities = {}
+    for g in groups:
+        if g.finding_type is not None and g.finding_type in CLASS_CODES:
+            probabilities[g.finding_type.value] = g.get_measurements(name=PROBABILITY)[0].value
+    assert list(probabilities) == [c.value for c in CLASS_CODES]
+    np.testing.assert_allclose(list(probabilities.values()), result.probabilities, atol=1e-6)
+    def text(name):  # TID 4019 Algorithm Identification items of the group
+        return [i.TextValue for i in find_content_items(assessment[0], name=name)]
+    assert text(codes.DCM.AlgorithmName) == ["lungsys M3 Lung-Sys"]
+    assert text(codes.DCM.AlgorithmVersion) == [result.model["version"]]
+    assert any("method=network" in p for p in text(codes.DCM.AlgorithmParameters))
+    device = sr.content.get_observer_contexts(observer_type=codes.DCM.Device)
+    assert device[0].observer_identifying_attributes.uid == result.model["device_uid"]
+    rois = sr.content.get_planar_roi_measurement_groups()
+    assert len(rois) == sum(len(s.boxes) for s in result.slices) > 0
+    assert "not for primary diagnosis" in sr.SeriesDescription
+
+
+def test_contributing_equipment_names_the_algorithm(written):
+    _, _, result, files = written
+    for path in (files.sr, files.heatmaps[0]):
+        ds = pydicom.dcmread(path)
+        algorithms = [item for item in ds.ContributingEquipmentSequence
+                      if item.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+        assert len(algorithms) == 1
+        item = algorithms[0]
+        purpose = item.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodingSchemeDesignator, purpose.CodeMeaning) == \
+            ("99IHE", "Processing Algorithm")
+        assert item.Manufacturer == "lungsys" and item.ManufacturerModelName
+        assert result.model["version"] in item.SoftwareVersions
+        assert item.DeviceUID == result.model["device_uid"]
+
+
+def test_results_live_in_the_source_study_and_reference_it(written):
+    study, series, _, files = written
+    ct = pydicom.dcmread(study.files[0])
+    sr = pydicom.dcmread(files.sr)
+    scs = [pydicom.dcmread(p) for p in files.heatmaps]
+    ct_uids = set(series.sop_instance_uids)
+    for ds in [sr, *scs]:
+        assert ds.StudyInstanceUID == ct.StudyInstanceUID
+        for kw in ("PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber"):
+            assert ds.get(kw) == ct.get(kw), kw
+        assert ds.SeriesInstanceUID != ct.SeriesInstanceUID
+    assert len({ds.SeriesInstanceUID for ds in scs}) == 1
+    assert sr.SeriesInstanceUID != scs[0].SeriesInstanceUID
+    for sc in scs:
+        assert sc.BurnedInAnnotation == "YES" and sc.BodyPartExamined == "CHEST"
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in ct_uids
+        assert (sc.Rows, sc.Columns) == (ct.Rows, ct.Columns)
+        assert [float(v) for v in sc.PixelSpacing] == [float(v) for v in ct.PixelSpacing]
+    evidence = {item.ReferencedSOPInstanceUID
+                for series_item in sr.CurrentRequestedProcedureEvidenceSequence
+                for s in series_item.ReferencedSeriesSequence
+                for item in s.ReferencedSOPSequence}
+    assert ct_uids <= evidence
+    assert {sc.SOPInstanceUID for sc in scs} <= evidence
+
+
+def test_chinese_patient_name_survives_byte_for_byte(written):
+    study, _, _, files = written
+    def raw_name(path):
+        ds = pydicom.dcmread(path)
+        return ds.SpecificCharacterSet, ds.get_item(0x00100010).value
+    ct_set, ct_name = raw_name(study.files[0])
+    assert ct_set == "ISO_IR 192" and ct_name == CHINESE_NAME.encode("utf-8")
+    for path in (files.sr, *files.heatmaps):
+        assert raw_name(path) == (ct_set, ct_name), path.name
+    assert str(pydicom.dcmread(files.sr).PatientName) == CHINESE_NAME
+
+
+def test_heatmap_pixels_show_the_map(written):
+    _, series, result, files = written
+    sc = pydicom.dcmread(files.heatmaps[0])
+    index = int(files.heatmaps[0].stem[-4:]) - 1
+    rgb = sc.pixel_array.astype(int)
+    grid = result.maps.on_grid(index)
+    hot = grid > 0.9
+    gray = np.abs(rgb[..., 0] - rgb[..., 2]) < 3
+    assert hot.any()
+    assert (~gray[hot]).mean() > 0.9                     # coloured where the map is hot
+    body = (series.hu[index] > -200) & (grid == 0)
+    assert gray[body].mean() > 0.9                       # plain CT elsewhere
+
+
+def test_all_slices_on_request(written, tmp_path):
+    _, series, result, _ = written
+    files = write_results(result, series, tmp_path, heatmaps="all")
+    assert len(files.heatmaps) == len(series)
+    none = write_results(result, series, tmp_path / "none", heatmaps="none")
+    assert none.heatmaps == [] and dciodvfy_errors(none.sr) == []
+
+
+def test_cli_analyze_writes_the_results(study_factory, tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    from inference.checkpoint import LungSysModel, save_checkpoint
+
+    study = study_factory("covid", 1, 24)
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(LungSysModel.create("small", seed=5), ckpt)
+    exe = Path(sys.executable).with_name("lungsys")
+    proc = subprocess.run([str(exe), "analyze", str(study.directory), "--model", str(ckpt),
+                           "--out", str(tmp_path / "out"), "--heatmaps", "all", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert Path(report["files"]["sr"]).name == "SR-lungsys-report.dcm"
+    assert len(report["files"]["heatmaps"]) == 24
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[0] == \
+        "SC-lungsys-heatmap-slice0001.dcm"
+    assert dciodvfy_errors(Path(report["files"]["sr"])) == []
