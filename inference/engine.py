@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -68,9 +69,7 @@ class Engine:
                            "profile": self.model.profile.name, "device": str(self.device)}
 
     def _autocast(self):
-        if self.cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return _autocast(self.device)
 
     @torch.inference_mode()
     def analyze(self, series: CTSeries,
@@ -84,34 +83,10 @@ class Engine:
 
         t0 = time.perf_counter()
         n = len(series)
-        centres = INFERENCE_CENTRES
-        lesion = np.zeros((n, 2), dtype=np.float64)
-        classes = np.zeros((n, 4), dtype=np.float64)
-        features = torch.zeros((n, profile.slice_feature_dim), dtype=torch.float32)
-        maps: np.ndarray | None = None
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
-            crops = prepared.crops[start:stop]
-            x = np.concatenate([to_channels(window(crops, c)) for c in centres])
-            xt = torch.from_numpy(x).to(self.device)
-            if self.cuda:
-                xt = xt.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                out = self.model.slice_net(xt)
-            k = stop - start
-            per_window = len(centres)
-            lesion[start:stop] = _mean_windows(torch.softmax(out.lesion_logits.float(), 1),
-                                               per_window, k)
-            classes[start:stop] = _mean_windows(torch.softmax(out.class_logits.float(), 1),
-                                                per_window, k)
-            batch_maps = _mean_windows(out.lesion_map.float(), per_window, k)
-            if maps is None:
-                maps = np.zeros((n, *batch_maps.shape[1:]), dtype=np.float32)
-            maps[start:stop] = batch_maps
-            features[start:stop] = torch.from_numpy(
-                _mean_windows(out.feature.float(), per_window, k))
-            if progress is not None:
-                progress(stop, n)
+        outputs = run_slices(self.model.slice_net, prepared.crops, self.batch_size, self.device,
+                             progress)
+        lesion, classes, maps = outputs.lesion, outputs.classes, outputs.maps
+        features = torch.from_numpy(outputs.features)
         timings["slice_network"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -123,7 +98,6 @@ class Engine:
         timings["patient"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        assert maps is not None
         lesion_maps = LesionMaps(maps, prepared.boxes, prepared.source_shape)
         spacing = float(np.mean(series.pixel_spacing))
         slices: list[SliceResult] = []
@@ -156,6 +130,62 @@ class Engine:
             nonparametric_diagnosis_index=assessment.diagnosis,
             infected_fraction=total_lesion / total_lung if total_lung else 0.0,
             slices=slices, maps=lesion_maps, timings=timings, model=dict(self.model_info))
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class SliceOutputs:
+    """The slice network's outputs for a series, averaged over the window centres."""
+
+    lesion: np.ndarray     # (n, 2) probabilities: no lesion, lesion
+    classes: np.ndarray    # (n, 4) probabilities of the four-class head
+    maps: np.ndarray       # (n, h, w) lesion maps
+    features: np.ndarray   # (n, D) slice features
+
+
+@torch.inference_mode()
+def run_slices(slice_net: torch.nn.Module, crops: np.ndarray, batch_size: int,
+               device: torch.device, progress: Callable[[int, int], None] | None = None,
+               centres: tuple[float, ...] = INFERENCE_CENTRES) -> SliceOutputs:
+    """Run the slice network over cropped HU slices (n, size, size) in batches.
+
+    Each batch holds every slice at every window centre; probabilities, maps
+    and features are averaged over the centres, as the paper does at inference.
+    """
+    n = crops.shape[0]
+    cuda = device.type == "cuda"
+    lesion = np.zeros((n, 2), dtype=np.float64)
+    classes = np.zeros((n, 4), dtype=np.float64)
+    maps: np.ndarray | None = None
+    features: np.ndarray | None = None
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        batch = np.asarray(crops[start:stop], dtype=np.float32)
+        x = torch.from_numpy(np.concatenate([to_channels(window(batch, c)) for c in centres]))
+        x = x.to(device)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            out = slice_net(x)
+        k, w = stop - start, len(centres)
+        lesion[start:stop] = _mean_windows(torch.softmax(out.lesion_logits.float(), 1), w, k)
+        classes[start:stop] = _mean_windows(torch.softmax(out.class_logits.float(), 1), w, k)
+        batch_maps = _mean_windows(out.lesion_map.float(), w, k)
+        batch_features = _mean_windows(out.feature.float(), w, k)
+        if maps is None or features is None:
+            maps = np.zeros((n, *batch_maps.shape[1:]), dtype=np.float32)
+            features = np.zeros((n, batch_features.shape[1]), dtype=np.float32)
+        maps[start:stop] = batch_maps
+        features[start:stop] = batch_features
+        if progress is not None:
+            progress(stop, n)
+    assert maps is not None and features is not None
+    return SliceOutputs(lesion, classes, maps, features)
 
 
 def _mean_windows(t: torch.Tensor, windows: int, k: int) -> np.ndarray:

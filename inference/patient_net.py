@@ -8,7 +8,9 @@ Input: one feature per slice (D wide), any number of slices. A shared
   is an h x D' x D' correlation between feature channels across the n slices
   (dividing by n, the number of slices summed over, is the stable form of
   Eq. 2's normalisation); F3 H goes through an FC back to D and is added to
-  the input.
+  the input. Slice features are layer-normalised on entry and after each
+  residual add (post-norm, as in the Transformer): the paper is silent on
+  normalisation, and without it training diverges.
 - Aggregation (1 layer): a learnable query k (1 x D') scores every slice
   against FC(F), the softmax over slices weighs FC'(F), and the weighted sum is
   the pooled D-vector.
@@ -41,6 +43,7 @@ class Refinement(nn.Module):
         self.f2 = nn.Linear(dim, heads * d_prime)
         self.f3 = nn.Linear(dim, heads * d_prime)
         self.f4 = nn.Linear(heads * d_prime, dim)
+        self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x (P, L, D), mask (P, L) True for real slices -> (P, L, D)."""
@@ -54,7 +57,7 @@ class Refinement(nn.Module):
         f1, f2, f3 = split(self.f1(x) * m), split(self.f2(x) * m), split(self.f3(x))
         h = torch.softmax(f1.transpose(-1, -2) @ f2 / n, dim=-1)   # (P, h, D', D')
         refined = (f3 @ h).transpose(1, 2).reshape(p, length, self.heads * self.d_prime)
-        return x + self.f4(refined)
+        return self.norm(x + self.f4(refined))
 
 
 class Aggregation(nn.Module):
@@ -78,10 +81,12 @@ class Head(nn.Module):
 
     def __init__(self, dim: int, d_prime: int, heads: int) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(dim)
         self.refine = nn.ModuleList([Refinement(dim, d_prime, heads) for _ in range(2)])
         self.aggregate = Aggregation(dim, d_prime)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.norm(x)
         for layer in self.refine:
             x = layer(x, mask)
         return self.aggregate(x, mask)

@@ -110,6 +110,31 @@ def phantom(
               f"infected fraction {100 * t['infected_fraction']:.2f}%)")
 
 
+@app.command("phantom-set")
+def phantom_set(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the dataset.")],
+    per_class: Annotated[int, typer.Option(min=1, help="Studies (patients) per class.")],
+    seed: Annotated[int, typer.Option(min=0, help="Base seed; sets with different seeds share "
+                                      "no patient.")],
+    slices_range: Annotated[tuple[int, int], typer.Option(help="Fewest and most slices per "
+                                                          "study.")] = (32, 48),
+    workers: Annotated[int, typer.Option(min=1, help="Processes generating studies.")] = 2,
+) -> None:
+    """Write a phantom dataset: studies of all four classes and manifest.csv.
+
+    Splits (train/val/test, 60/20/20 by patient within each class) are in the
+    manifest; every study carries truth.json and masks.npz, which the manifest
+    names as annotations and masks.
+    """
+    from training.phantom_set import generate_phantom_set
+
+    with _progress() as bar:
+        task = bar.add_task("generating phantom studies", total=4 * per_class)
+        manifest = generate_phantom_set(out_dir, per_class, seed, tuple(slices_range), workers,
+                                        lambda: bar.advance(task))
+    out.print(f"wrote {4 * per_class} studies and {manifest}")
+
+
 @app.command()
 def scan(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched "
@@ -199,6 +224,172 @@ def model_info(
         out.print("weights verified: hashes match")
 
 
+train_app = typer.Typer(help="Train the two networks on a dataset (a folder with "
+                        "manifest.csv): first 'slice', then 'patient'.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _train_progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, disable=not err.is_terminal)
+
+
+@train_app.command("slice")
+def train_slice_cmd(
+    data: Annotated[Path, typer.Option(help="Dataset folder (or its manifest.csv).")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
+    profile: Annotated[str, typer.Option(help="small or paper.")] = "small",
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 110).")] = 110,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.01).")] = 0.01,
+    lr_step: Annotated[int, typer.Option(min=1, help="Epochs between x lr-gamma steps.")] = 40,
+    lr_gamma: Annotated[float, typer.Option(help="Learning-rate factor per step.")] = 0.1,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=2, help="Slices per batch.")] = 32,
+    seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed, data and settings "
+                                      "give the same model on the same device.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    backbone_weights: Annotated[Optional[Path], typer.Option(
+        help="torchvision ResNet-50 state dict (ImageNet) to start from.")] = None,
+    focal: Annotated[bool, typer.Option(help="Class-balanced focal loss (Hu 2020) instead "
+                                        "of cross-entropy.")] = False,
+    size_balanced: Annotated[bool, typer.Option(help="Infection-size-balanced sampling "
+                                                "(dual-sampling paper).")] = False,
+    flips: Annotated[str, typer.Option(help="Random flips: horizontal, both or none.")]
+    = "horizontal",
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run folder (config, log, metrics, "
+                                                    "resume state); default OUT.run.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessed-slice cache; "
+                                                      "default DATA/.lungsys-cache.")] = None,
+) -> None:
+    """Train the slice network: lesion/no-lesion and four-class heads together.
+
+    An interrupted run continues from its last finished epoch when started
+    again with the same settings.
+    """
+    from training.train_slice import SliceTrainConfig, train_slice
+
+    cfg = SliceTrainConfig(
+        data=str(data), profile=profile, out=str(out_path),
+        run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
+        lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay,
+        batch_size=batch_size, seed=seed, device=device,
+        backbone_weights=str(backbone_weights) if backbone_weights else None, focal=focal,
+        size_balanced=size_balanced, flips=flips,
+        cache_dir=str(cache_dir) if cache_dir else None)
+    with _train_progress() as bar:
+        meta = train_slice(cfg, bar)
+    out.print(f"wrote {out_path} (version {meta['model_version']}); run folder "
+              f"{meta['provenance']['run_dir']}")
+
+
+@train_app.command("patient")
+def train_patient_cmd(
+    data: Annotated[Path, typer.Option(help="Dataset folder (or its manifest.csv).")],
+    slice_model: Annotated[Path, typer.Option(help="Checkpoint from 'lungsys train slice'.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (both "
+                                           "networks).")],
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 90).")] = 90,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.001).")] = 0.001,
+    lr_step: Annotated[int, typer.Option(min=1, help="Epochs between x lr-gamma steps.")] = 30,
+    lr_gamma: Annotated[float, typer.Option(help="Learning-rate factor per step.")] = 0.1,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patients per batch.")] = 8,
+    seed: Annotated[int, typer.Option(min=0, help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run folder; default OUT.run.")]
+    = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of slices and features; "
+                                                      "default DATA/.lungsys-cache.")] = None,
+) -> None:
+    """Train the patient network on the frozen slice network's features."""
+    from training.train_patient import PatientTrainConfig, train_patient
+
+    cfg = PatientTrainConfig(
+        data=str(data), slice_model=str(slice_model), out=str(out_path),
+        run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
+        lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay,
+        batch_size=batch_size, seed=seed, device=device,
+        cache_dir=str(cache_dir) if cache_dir else None)
+    with _train_progress() as bar:
+        meta = train_patient(cfg, bar)
+    out.print(f"wrote {out_path} (version {meta['model_version']})")
+
+
+@app.command()
+def evaluate(
+    model_path: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to evaluate.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder (or its manifest.csv).")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as one JSON "
+                                        "object.")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write report.json "
+                                                    "and ROC curves (PNG) here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
+    record: Annotated[bool, typer.Option(help="Store the metrics in the checkpoint's "
+                                         "metadata (weights unchanged).")] = False,
+) -> None:
+    """Evaluate a model with the paper's metrics: network and non-parametric side by side.
+
+    Patient level: per-class sensitivity, specificity, AUC; accuracy; FPE, FNE,
+    FDPE; 95% bootstrap intervals (1000 resamples) and the bootstrap p-value
+    between the two methods. Slice-level AUC; pointing game, Dice and the
+    infected-fraction error where the dataset has lesion masks.
+    """
+    from inference.checkpoint import load_checkpoint, save_checkpoint
+    from inference.profiles import CLASSES
+    from training.evaluate import evaluate as run_evaluation
+
+    with _progress() as bar:
+        report = run_evaluation(model_path, data, split, device, out_dir, seed, bar)
+    if out_dir is not None:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    if record:
+        model = load_checkpoint(model_path)
+        model.metadata["metrics"] = {k: report[k] for k in (
+            "split", "patients", "patient_accuracy", "patient_accuracy_ci95", "per_class",
+            "fpe", "fne", "fdpe", "pointing_game", "dice", "infected_fraction_mae")} | {
+            "data": report["data"], "nonparametric_accuracy":
+            report["nonparametric"]["patient_accuracy"]}
+        save_checkpoint(model, model_path)
+    if json_:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"{report['patients']} {split} patients, model {report['model']['version']}")
+    table.add_column("metric")
+    for method in ("network", "nonparametric"):
+        table.add_column(method, justify="right")
+
+    def fmt(v, ci=None):
+        text = "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}%"
+        return text + (f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci and text != "-" else "")
+
+    import numpy as np
+    n, p = report["network"], report["nonparametric"]
+    table.add_row("accuracy", fmt(n["patient_accuracy"], n["patient_accuracy_ci95"]),
+                  fmt(p["patient_accuracy"], p["patient_accuracy_ci95"]))
+    for key in ("fpe", "fne", "fdpe"):
+        table.add_row(key.upper(), fmt(n[key], n[f"{key}_ci95"]), fmt(p[key], p[f"{key}_ci95"]))
+    for name in CLASSES:
+        for key in ("sensitivity", "specificity", "auc"):
+            table.add_row(f"{name} {key}", fmt(n["per_class"][name][key]),
+                          fmt(p["per_class"][name][key]))
+    out.print(table)
+    out.print(f"p-value (accuracy, network vs non-parametric): "
+              f"{report['p_value_accuracy_network_vs_nonparametric']:.3f}")
+    for key in ("pointing_game", "dice"):
+        if report.get(key) is not None:
+            out.print(f"{key.replace('_', ' ')}: {100 * report[key]:.1f}% "
+                      f"({report['lesion_slices_scored']} lesion slices)")
+    if report.get("infected_fraction_mae") is not None:
+        out.print(f"infected fraction error (mean absolute): "
+                  f"{100 * report['infected_fraction_mae']:.2f} percentage points")
+    for path in report.get("roc_png", []):
+        out.print(f"ROC curves: {path}")
+
+
 @app.command()
 def analyze(
     folder: Annotated[Path, typer.Argument(help="Folder (or one file) holding one CT series.")],
@@ -276,11 +467,12 @@ def main() -> None:
     from inference.backbone import WeightsError
     from inference.checkpoint import CheckpointError
     from inference.errors import SeriesError
+    from training.dataset import ManifestError
 
     try:
         app()
-    except (CLIError, SeriesError, CheckpointError, WeightsError, ValueError, FileNotFoundError,
-            OSError) as exc:
+    except (CLIError, SeriesError, CheckpointError, WeightsError, ManifestError, ValueError,
+            FileNotFoundError, OSError) as exc:
         err.print(f"lungsys: error: {exc}", markup=False, highlight=False)
         sys.exit(1)
 

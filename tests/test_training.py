@@ -1,0 +1,100 @@
+"""Training and evaluation end to end on a handful of phantom patients."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inference.checkpoint import load_checkpoint
+from training.phantom_set import generate_phantom_set
+from training.train_patient import PatientTrainConfig, train_patient
+from training.train_slice import SliceTrainConfig, train_slice
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    generate_phantom_set(out, per_class=5, seed=4, slices_range=(5, 6), workers=2)
+    return out
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _config(tiny, tmp_path, name, epochs):
+    return SliceTrainConfig(data=str(tiny), out=str(tmp_path / f"{name}.safetensors"),
+                            run_dir=str(tmp_path / f"{name}.run"), epochs=epochs, lr=0.01,
+                            lr_step=10, batch_size=16, seed=3, device="cpu")
+
+
+def test_slice_training_lowers_the_loss_and_writes_a_loadable_model(tiny, tmp_path):
+    meta = train_slice(_config(tiny, tmp_path, "a", 5))
+    rows = _metrics(tmp_path / "a.run")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    first = float(rows[0]["lesion_loss"]) + float(rows[0]["class_loss"])
+    last = float(rows[-1]["lesion_loss"]) + float(rows[-1]["class_loss"])
+    assert last < first
+    model = load_checkpoint(tmp_path / "a.safetensors")
+    assert model.metadata["provenance"]["kind"] == "slice-trained"
+    assert model.metadata["provenance"]["epochs"] == 5
+    assert meta["content_sha256"] == model.content_sha256
+    config = json.loads((tmp_path / "a.run" / "config.json").read_text())
+    assert config["lr"] == 0.01 and config["seed"] == 3
+    assert "val_class_acc" in rows[0]
+
+
+def test_resume_continues_from_the_saved_epoch_and_matches(tiny, tmp_path):
+    whole = train_slice(_config(tiny, tmp_path / "whole", "m", 3))
+    cfg = _config(tiny, tmp_path / "split", "m", 1)
+    train_slice(cfg)
+    cfg.epochs = 3
+    resumed = train_slice(cfg)
+    rows = _metrics(tmp_path / "split" / "m.run")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert "resumed after epoch 1" in (tmp_path / "split" / "m.run" / "train.log").read_text()
+    assert resumed["content_sha256"] == whole["content_sha256"]  # deterministic with a seed
+    cfg.lr = 0.5  # other settings on a run that has state: refused
+    with pytest.raises(ValueError, match="other settings"):
+        train_slice(cfg)
+
+
+def test_patient_training_and_evaluation(tiny, tmp_path):
+    slice_model = tmp_path / "s.safetensors"
+    train_slice(SliceTrainConfig(data=str(tiny), out=str(slice_model), epochs=1,
+                                 batch_size=16, device="cpu"))
+    out = tmp_path / "model.safetensors"
+    train_patient(PatientTrainConfig(data=str(tiny), slice_model=str(slice_model),
+                                     out=str(out), epochs=15, lr=0.01, batch_size=4,
+                                     device="cpu"))
+    rows = _metrics(out.with_suffix(".run"))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    model = load_checkpoint(out)
+    assert model.metadata["provenance"]["kind"] == "trained"
+    slice_net = load_checkpoint(slice_model).slice_net.state_dict()
+    for key, value in model.slice_net.state_dict().items():  # the slice network stayed frozen
+        assert (value == slice_net[key]).all(), key
+
+    exe = Path(sys.executable).with_name("lungsys")
+    proc = subprocess.run([str(exe), "evaluate", "--model", str(out), "--data", str(tiny),
+                           "--json", "--out", str(tmp_path / "eval"), "--record"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for key in ("patient_accuracy", "per_class", "fpe", "fne", "fdpe", "pointing_game",
+                "infected_fraction_mae"):
+        assert key in report, key
+    assert report["patients"] == 4
+    assert set(report["per_class"]) == {"Healthy", "COVID-19", "H1N1", "CAP"}
+    assert {"sensitivity", "specificity", "auc"} <= set(report["per_class"]["CAP"])
+    assert report["nonparametric"]["patient_accuracy"] is not None
+    assert 0 <= report["p_value_accuracy_network_vs_nonparametric"] <= 1
+    assert all(Path(p).is_file() for p in report["roc_png"])
+    recorded = load_checkpoint(out).metadata["metrics"]
+    assert recorded["patient_accuracy"] == report["patient_accuracy"]

@@ -1,0 +1,79 @@
+"""Preprocessed slices cached on disk, so that epochs never re-decode DICOM.
+
+For each study and input size: the paper's lung crops resized to the input
+size (HU, float16), the crop boxes, the slices' SOP Instance UIDs in series
+order, and from the annotations each slice's lesion flag and lesion fraction
+(-1 where unknown). The cache file is rebuilt when the study's files change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inference.preprocess import prepare
+from inference.series import load_series
+from training.dataset import StudyEntry
+
+CACHE_VERSION = "1"
+
+
+@dataclass
+class CachedStudy:
+    entry: StudyEntry
+    crops: np.ndarray        # (n, size, size) float16, HU
+    boxes: np.ndarray        # (n, 4) int
+    sop_uids: list[str]
+    has_lesion: np.ndarray   # (n,) int8: 1 lesion, 0 none, -1 unknown
+    lesion_fraction: np.ndarray  # (n,) float32, -1 unknown
+
+    def __len__(self) -> int:
+        return len(self.sop_uids)
+
+
+def _signature(folder: Path, extra: list[Path]) -> str:
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()) + extra:
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: Path, entry: StudyEntry, size: int) -> Path:
+    key = hashlib.sha256(str(entry.path).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"crops-{size}" / f"{entry.path.name}-{key}.npz"
+
+
+def load_study(entry: StudyEntry, size: int, cache_dir: Path) -> CachedStudy:
+    """The study's preprocessed slices, from the cache or made (and cached) now."""
+    extra = [p for p in (entry.annotations,) if p is not None]
+    signature = _signature(entry.path, extra)
+    path = cache_path(cache_dir, entry, size)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as npz:
+            if str(npz["signature"]) == signature:
+                return CachedStudy(entry, npz["crops"], npz["boxes"], list(npz["sop_uids"]),
+                                   npz["has_lesion"], npz["lesion_fraction"])
+    series = load_series(entry.path)
+    prepared = prepare(series.hu, size)
+    annotations = entry.slice_annotations()
+    has_lesion = np.full(len(series), -1, dtype=np.int8)
+    fraction = np.full(len(series), -1.0, dtype=np.float32)
+    for i, uid in enumerate(series.sop_instance_uids):
+        note = annotations.get(uid)
+        if note is not None:
+            has_lesion[i] = int(bool(note.get("has_lesion")))
+            fraction[i] = float(note.get("lesion_fraction", -1.0))
+        elif entry.label == 0:
+            has_lesion[i], fraction[i] = 0, 0.0  # a healthy patient's slices have no lesion
+    study = CachedStudy(entry, prepared.crops.astype(np.float16), prepared.boxes,
+                        series.sop_instance_uids, has_lesion, fraction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, crops=study.crops, boxes=study.boxes, sop_uids=np.array(study.sop_uids),
+             has_lesion=has_lesion, lesion_fraction=fraction, signature=np.array(signature))
+    tmp.replace(path)
+    return study

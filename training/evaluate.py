@@ -1,0 +1,153 @@
+"""Evaluate a model on a dataset split with the paper's metrics.
+
+Every study of the split is analysed as the node would (the engine, three
+windows). Patient level: the network and the non-parametric assessment side
+by side, each with per-class sensitivity, specificity and AUC, accuracy, FPE,
+FNE and FDPE, 95% bootstrap intervals, and the bootstrap p-value of their
+difference in accuracy. Slice level: AUC per class (slices labelled by their
+annotations: no lesion -> Healthy, else the patient's class). Localisation,
+where the dataset has masks: pointing game and Dice on lesion slices, and the
+error of the infected-lung fraction. ROC curves go to PNG files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference import localize
+from inference.engine import Engine
+from inference.profiles import CLASSES
+from inference.series import load_series
+from training import metrics as M
+from training.dataset import read_manifest
+
+METHODS = ("network", "nonparametric")
+
+
+@dataclass
+class _Collected:
+    labels: list[int] = field(default_factory=list)
+    scores: dict[str, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    preds: dict[str, list[int]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    slice_labels: list[int] = field(default_factory=list)
+    slice_scores: list[np.ndarray] = field(default_factory=list)
+    hits: list[bool] = field(default_factory=list)
+    dices: list[float] = field(default_factory=list)
+    fraction_errors: list[float] = field(default_factory=list)
+
+
+def _method_report(y, pred, scores, seed: int) -> dict:
+    y, pred, scores = np.asarray(y), np.asarray(pred), np.asarray(scores)
+    rows = M.per_class(y, pred, scores)
+    out = {
+        "patient_accuracy": M.accuracy(y, pred),
+        "patient_accuracy_ci95": M.bootstrap_ci(y, pred, M.accuracy, seed=seed),
+        "per_class": {name: row for name, row in zip(CLASSES, rows)},
+        "fpe": M.fpe(y, pred), "fpe_ci95": M.bootstrap_ci(y, pred, M.fpe, seed=seed),
+        "fne": M.fne(y, pred), "fne_ci95": M.bootstrap_ci(y, pred, M.fne, seed=seed),
+        "fdpe": M.fdpe(y, pred), "fdpe_ci95": M.bootstrap_ci(y, pred, M.fdpe, seed=seed),
+        "confusion": M.confusion(y, pred).tolist(),
+    }
+    return out
+
+
+def evaluate(model: str | Path, data: str | Path, split: str = "test", device: str = "auto",
+             out_dir: str | Path | None = None, seed: int = 0, progress=None) -> dict:
+    """Evaluate; returns the report (and writes ROC PNGs into ``out_dir``)."""
+    entries = read_manifest(data, split)
+    if not entries:
+        raise ValueError(f"no {split} studies in the manifest")
+    engine = Engine(model, device=device)
+    c = _Collected()
+    task = progress.add_task(f"evaluating {split}", total=len(entries)) if progress else None
+    for entry in entries:
+        series = load_series(entry.path)
+        result = engine.analyze(series)
+        c.labels.append(entry.label)
+        c.scores["network"].append(result.network_probabilities)
+        c.preds["network"].append(int(np.argmax(result.network_probabilities)))
+        c.scores["nonparametric"].append(result.nonparametric_scores)
+        c.preds["nonparametric"].append(result.nonparametric_diagnosis_index)
+        notes = entry.slice_annotations()
+        for s in result.slices:
+            note = notes.get(s.sop_instance_uid)
+            if note is not None:
+                c.slice_labels.append(entry.label if note.get("has_lesion") else 0)
+                c.slice_scores.append(s.class_probabilities)
+        _localisation(entry, series, result, c)
+        if task is not None:
+            progress.advance(task)
+
+    report: dict = {"split": split, "patients": len(c.labels),
+                    "model": engine.model_info, "data": str(Path(data).resolve())}
+    for method in METHODS:
+        report[method] = _method_report(c.labels, c.preds[method], c.scores[method], seed)
+    report.update({k: report["network"][k] for k in
+                   ("patient_accuracy", "patient_accuracy_ci95", "per_class", "fpe", "fne",
+                    "fdpe", "confusion")})
+    report["p_value_accuracy_network_vs_nonparametric"] = M.bootstrap_p_value(
+        c.labels, c.preds["network"], c.preds["nonparametric"], M.accuracy, seed=seed)
+    if c.slice_labels:
+        sl, ss = np.array(c.slice_labels), np.array(c.slice_scores)
+        report["slice_auc"] = {name: M.roc_auc(sl == k, ss[:, k])
+                               for k, name in enumerate(CLASSES)}
+        report["slices"] = int(len(sl))
+    report["pointing_game"] = float(np.mean(c.hits)) if c.hits else None
+    report["lesion_slices_scored"] = len(c.hits)
+    report["dice"] = float(np.mean(c.dices)) if c.dices else None
+    report["infected_fraction_mae"] = float(np.mean(c.fraction_errors)) \
+        if c.fraction_errors else None
+    if out_dir is not None:
+        report["roc_png"] = write_roc(c, Path(out_dir))
+    return report
+
+
+def _localisation(entry, series, result, c: _Collected) -> None:
+    masks = entry.lesion_masks()
+    if masks is None:
+        return
+    uids, lesion = masks
+    position = {uid: i for i, uid in enumerate(uids)}
+    spacing = float(np.mean(series.pixel_spacing))
+    for s in result.slices:
+        i = position.get(s.sop_instance_uid)
+        if i is None or not lesion[i].any():
+            continue
+        grid = result.maps.on_grid(s.index)
+        c.hits.append(M.pointing_hit(grid, lesion[i]))
+        c.dices.append(M.dice(localize.lesion_region(grid, spacing), lesion[i]))
+    truth = json.loads(entry.annotations.read_text()).get("infected_fraction")
+    if truth is not None:
+        c.fraction_errors.append(abs(result.infected_fraction - float(truth)))
+
+
+def write_roc(c: _Collected, out_dir: Path) -> list[str]:
+    """One PNG per method: the four one-against-the-rest ROC curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    y = np.asarray(c.labels)
+    paths = []
+    for method in METHODS:
+        scores = np.asarray(c.scores[method])
+        fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+        for k, name in enumerate(CLASSES):
+            fpr, tpr = M.roc_curve(y == k, scores[:, k])
+            ax.plot(fpr, tpr, label=f"{name} (AUC {M.roc_auc(y == k, scores[:, k]):.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_title(f"Patient-level ROC, {method}")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"roc-{method}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths

@@ -1,0 +1,24 @@
+"""Losses beyond cross-entropy: the class-balanced focal loss of Hu et al. 2020."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def class_balanced_weights(counts: list[int] | Tensor, beta: float = 0.999) -> Tensor:
+    """Weights by the effective number of samples, (1 - beta) / (1 - beta^n), mean 1."""
+    n = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
+    w = (1 - beta) / (1 - beta ** n)
+    return (w / w.mean()).float()
+
+
+def focal_loss(logits: Tensor, target: Tensor, weights: Tensor | None = None,
+               gamma: float = 2.0) -> Tensor:
+    """Mean of -w_y (1 - p_y)^gamma log p_y."""
+    log_p = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+    loss = -((1 - log_p.exp()) ** gamma) * log_p
+    if weights is not None:
+        loss = loss * weights.to(logits.device)[target]
+    return loss.mean()

@@ -1,0 +1,96 @@
+"""Run directories: the config, a log, per-epoch metrics, and resumable state.
+
+A run directory holds ``config.json`` (every hyper-parameter), ``train.log``,
+``metrics.csv`` (one row per epoch) and ``resume.safetensors`` (the model,
+the optimiser's momentum buffers and, in its metadata, the last finished
+epoch), so that a run that was interrupted continues from its last epoch.
+No pickle: the state is safetensors with JSON metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+class Run:
+    def __init__(self, directory: str | Path, config: dict) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.log = logging.getLogger(f"lungsys.train.{self.dir.name}")
+        self.log.setLevel(logging.INFO)
+        self.log.propagate = False  # the log file has it; the terminal shows progress bars
+        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == self.log_path
+                   for h in self.log.handlers):
+            handler = logging.FileHandler(self.log_path, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            self.log.addHandler(handler)
+        previous = self.dir / "config.json"
+        if previous.is_file():
+            old = json.loads(previous.read_text())
+            changed = {k for k in set(old) | set(config)
+                       if k not in ("epochs", "device", "out") and old.get(k) != config.get(k)}
+            if changed and self.resume_path.is_file():
+                raise ValueError(f"run {self.dir} was started with other settings "
+                                 f"({', '.join(sorted(changed))}); use another --run-dir")
+        previous.write_text(json.dumps(config, indent=1, default=str))
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "train.log"
+
+    @property
+    def resume_path(self) -> Path:
+        return self.dir / "resume.safetensors"
+
+    def record(self, row: dict) -> None:
+        path = self.dir / "metrics.csv"
+        new = not path.is_file()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        self.log.info(json.dumps(row))
+
+    def save_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   epoch: int) -> None:
+        tensors = {f"model.{k}": v.detach().cpu().contiguous()
+                   for k, v in model.state_dict().items()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    tensors[f"momentum.{names[id(p)]}"] = buf.detach().cpu().contiguous()
+        tmp = self.resume_path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
+        tmp.replace(self.resume_path)
+
+    def load_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Restore the last state; returns the number of finished epochs (0 if none)."""
+        if not self.resume_path.is_file():
+            return 0
+        with safe_open(str(self.resume_path), framework="pt") as f:
+            epoch = int((f.metadata() or {}).get("epoch", 0))
+        tensors = load_file(str(self.resume_path))
+        device = next(model.parameters()).device
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        params = dict(model.named_parameters())
+        for key, value in tensors.items():
+            if key.startswith("momentum."):
+                optimizer.state[params[key[9:]]]["momentum_buffer"] = value.to(device)
+        self.log.info(f"resumed after epoch {epoch}")
+        return epoch
+
+
+def step_lr(base: float, epoch: int, step: int, gamma: float) -> float:
+    """The paper's schedule: ``base`` times ``gamma`` every ``step`` epochs."""
+    return base * gamma ** (epoch // step)

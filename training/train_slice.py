@@ -1,0 +1,253 @@
+"""Slice-level training (paper IV-A): both tasks' losses, the paper's schedule.
+
+Every slice of the train split is a sample, labelled lesion/no lesion (task
+1) and with its patient's class (task 2); slices of diseased patients without
+lesions are dropped (kept for patient training and evaluation). Each sample
+gets a random window centre in [-700, -500] and random flips. SGD with
+momentum, lr 0.01 x0.1 every 40 epochs, 110 epochs by default; every
+hyper-parameter is a setting. Switches: the class-balanced focal loss (Hu
+2020) and infection-size-balanced sampling (dual-sampling paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference.backbone import load_torchvision_weights, read_state_dict
+from inference.checkpoint import LungSysModel, save_checkpoint
+from inference.engine import select_device
+from inference.preprocess import TRAINING_CENTRE_RANGE, WINDOW_WIDTH
+from inference.profiles import get_profile
+from training.cache import CachedStudy, load_study
+from training.dataset import read_manifest
+from training.losses import class_balanced_weights, focal_loss
+from training.runs import Run, step_lr
+
+FLIPS = ("horizontal", "both", "none")
+#: Infection-size bins for balanced sampling: lesion fraction of the slice's lung.
+SIZE_BINS = (0.0, 0.02, 0.1, 0.3)
+
+
+@dataclass
+class SliceTrainConfig:
+    data: str
+    profile: str = "small"
+    out: str = "slice.safetensors"
+    run_dir: str | None = None
+    epochs: int = 110
+    lr: float = 0.01
+    lr_step: int = 40
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    backbone_weights: str | None = None
+    focal: bool = False
+    size_balanced: bool = False
+    flips: str = "horizontal"
+    cache_dir: str | None = None
+
+
+@dataclass
+class SliceSet:
+    """Training slices: where each comes from and its two labels."""
+
+    studies: list[CachedStudy]
+    index: np.ndarray      # (n, 2): study, slice
+    lesion: np.ndarray     # (n,) 0/1
+    label: np.ndarray      # (n,) class
+    fraction: np.ndarray   # (n,) lesion fraction (0 for no lesion)
+
+    def __len__(self) -> int:
+        return len(self.lesion)
+
+    def batch(self, rows: np.ndarray, rng: np.random.Generator, flips: str,
+              train: bool = True) -> torch.Tensor:
+        crops = np.stack([self.studies[s].crops[i] for s, i in self.index[rows]]).astype(
+            np.float32)
+        if train:
+            centres = rng.uniform(*TRAINING_CENTRE_RANGE, size=(len(rows), 1, 1))
+        else:
+            centres = np.full((len(rows), 1, 1), -600.0)
+        x = np.clip((crops - (centres - WINDOW_WIDTH / 2)) / WINDOW_WIDTH, 0, 1)
+        if train and flips in ("horizontal", "both"):
+            flip = rng.random(len(rows)) < 0.5
+            x[flip] = x[flip, :, ::-1]
+        if train and flips == "both":
+            flip = rng.random(len(rows)) < 0.5
+            x[flip] = x[flip, ::-1, :]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return torch.from_numpy(np.repeat(x[:, None], 3, axis=1))
+
+
+def build_slice_set(studies: list[CachedStudy], drop_lesion_free_diseased: bool = True
+                    ) -> SliceSet:
+    index, lesion, label, fraction = [], [], [], []
+    for s, study in enumerate(studies):
+        cls = study.entry.label
+        if cls != 0 and (study.has_lesion < 0).any():
+            raise ValueError(f"{study.entry.path.name}: slice training needs per-slice lesion "
+                             f"annotations for diseased patients (the manifest's annotations)")
+        for i in range(len(study)):
+            has = int(study.has_lesion[i]) if cls != 0 else 0
+            if cls != 0 and not has and drop_lesion_free_diseased:
+                continue
+            index.append((s, i))
+            lesion.append(has)
+            label.append(cls)
+            fraction.append(max(float(study.lesion_fraction[i]), 0.0) if has else 0.0)
+    if not index:
+        raise ValueError("no training slices")
+    return SliceSet(studies, np.array(index), np.array(lesion), np.array(label),
+                    np.array(fraction, dtype=np.float32))
+
+
+def size_balanced_weights(fraction: np.ndarray) -> np.ndarray:
+    """Sampling weights that give every infection-size bin the same share."""
+    bins = np.digitize(fraction, SIZE_BINS[1:], right=True)
+    bins[fraction == 0] = -1
+    weights = np.zeros(len(fraction))
+    present = np.unique(bins)
+    for b in present:
+        members = bins == b
+        weights[members] = 1.0 / members.sum() / len(present)
+    return weights / weights.sum()
+
+
+def load_split(data: str, split: str, size: int, cache_dir: Path,
+               progress: Callable[[], None] | None = None) -> list[CachedStudy]:
+    studies = []
+    for entry in read_manifest(data, split):
+        studies.append(load_study(entry, size, cache_dir))
+        if progress is not None:
+            progress()
+    return studies
+
+
+def default_cache_dir(data: str) -> Path:
+    root = Path(data)
+    return (root if root.is_dir() else root.parent) / ".lungsys-cache"
+
+
+def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
+    """Train the slice network; writes the checkpoint and returns its metadata.
+
+    ``progress`` is a rich Progress (or None).
+    """
+    if cfg.flips not in FLIPS:
+        raise ValueError(f"flips must be one of {', '.join(FLIPS)}")
+    profile = get_profile(cfg.profile)
+    device = select_device(cfg.device)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
+    run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg))
+    torch.manual_seed(cfg.seed)
+    model = LungSysModel.create(profile, cfg.seed)
+    if cfg.backbone_weights:
+        load_torchvision_weights(model.slice_net.backbone, read_state_dict(cfg.backbone_weights))
+    net = model.slice_net.to(device)
+
+    def task(name: str, total: int):
+        return progress.add_task(name, total=total) if progress is not None else None
+
+    def advance(t, **kw):
+        if progress is not None and t is not None:
+            progress.update(t, advance=1, **kw)
+
+    entries = read_manifest(cfg.data, "train")
+    t = task("caching train slices", len(entries))
+    train = build_slice_set(load_split(cfg.data, "train", profile.input_size, cache_dir,
+                                       lambda: advance(t)))
+    val_studies = load_split(cfg.data, "val", profile.input_size, cache_dir)
+    val = build_slice_set(val_studies) if val_studies else None
+    run.log.info(f"{len(train)} training slices, {len(val) if val else 0} validation slices")
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    start_epoch = run.load_state(net, optimizer)
+    lesion_w = class_balanced_weights(np.bincount(train.lesion, minlength=2))
+    class_w = class_balanced_weights(np.bincount(train.label, minlength=4))
+    sampling = size_balanced_weights(train.fraction) if cfg.size_balanced else None
+    steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    epoch_task = task("slice training", cfg.epochs)
+    if progress is not None and epoch_task is not None:
+        progress.update(epoch_task, completed=start_epoch)
+    started = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = step_lr(cfg.lr, epoch, cfg.lr_step, cfg.lr_gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        order = (rng.choice(len(train), size=len(train), p=sampling) if sampling is not None
+                 else rng.permutation(len(train)))
+        net.train()
+        totals = np.zeros(2)
+        seen = 0
+        t0 = time.time()
+        batch_task = task(f"epoch {epoch + 1}", steps)
+        for b in range(steps):
+            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            if len(rows) < 2:
+                continue  # batch norm needs two samples
+            x = train.batch(rows, rng, cfg.flips).to(device)
+            lesion = torch.from_numpy(train.lesion[rows]).to(device)
+            label = torch.from_numpy(train.label[rows]).to(device)
+            out = net(x)
+            if cfg.focal:
+                l1 = focal_loss(out.lesion_logits, lesion, lesion_w)
+                l2 = focal_loss(out.class_logits, label, class_w)
+            else:
+                l1 = F.cross_entropy(out.lesion_logits, lesion)
+                l2 = F.cross_entropy(out.class_logits, label)
+            optimizer.zero_grad(set_to_none=True)
+            (l1 + l2).backward()
+            optimizer.step()
+            totals += [l1.item() * len(rows), l2.item() * len(rows)]
+            seen += len(rows)
+            advance(batch_task, description=f"epoch {epoch + 1} loss "
+                                            f"{(totals.sum() / seen):.3f}")
+        if progress is not None and batch_task is not None:
+            progress.remove_task(batch_task)
+        row = {"epoch": epoch + 1, "lr": lr, "lesion_loss": round(totals[0] / max(seen, 1), 5),
+               "class_loss": round(totals[1] / max(seen, 1), 5),
+               "slices_per_s": round(seen / max(time.time() - t0, 1e-9), 1)}
+        if val is not None:
+            row.update(evaluate_slices(net, val, device, cfg.batch_size))
+        run.record(row)
+        run.save_state(net, optimizer, epoch + 1)
+        advance(epoch_task)
+    model.metadata["provenance"] = {
+        "kind": "slice-trained", "data": str(Path(cfg.data).resolve()),
+        "profile": profile.name, "epochs": cfg.epochs, "lr": cfg.lr, "seed": cfg.seed,
+        "focal": cfg.focal, "size_balanced": cfg.size_balanced, "flips": cfg.flips,
+        "backbone_weights": Path(cfg.backbone_weights).name if cfg.backbone_weights else None,
+        "train_slices": len(train), "seconds": round(time.time() - started, 1),
+        "device": str(device), "run_dir": str(run.dir)}
+    model.metadata["model_version"] = None
+    model.metadata["created"] = None
+    net.cpu()
+    return save_checkpoint(model, cfg.out)
+
+
+@torch.no_grad()
+def evaluate_slices(net, data: SliceSet, device, batch_size: int) -> dict:
+    """Validation accuracy of both tasks at the middle window centre."""
+    net.eval()
+    correct = np.zeros(2)
+    for start in range(0, len(data), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(data)))
+        out = net(data.batch(rows, np.random.default_rng(0), "none", train=False).to(device))
+        correct[0] += (out.lesion_logits.argmax(1).cpu().numpy() == data.lesion[rows]).sum()
+        correct[1] += (out.class_logits.argmax(1).cpu().numpy() == data.label[rows]).sum()
+    return {"val_lesion_acc": round(correct[0] / len(data), 4),
+            "val_class_acc": round(correct[1] / len(data), 4)}
