@@ -35,7 +35,10 @@ def _split_of(position: int, n: int) -> str:
 def _make(args: tuple) -> dict:
     out, label, seed, slices, split = args
     folder = f"{label}-{seed:07d}"
-    generate_study(Path(out) / folder, label, seed, slices)
+    try:
+        generate_study(Path(out) / folder, label, seed, slices)
+    except Exception as exc:  # say which study, from inside the worker process
+        raise ValueError(f"phantom {label} seed {seed} failed: {exc}") from None
     return {"study": folder, "label": label, "split": split,
             "annotations": f"{folder}/truth.json", "masks": f"{folder}/masks.npz"}
 

@@ -221,7 +221,8 @@ def _h1n1(s: float, anatomy: Anatomy, lungs: LungMap, trees: Segments, rng) -> l
                              & (trees.generation <= 5))
     for i in range(1 + int(round(5 * s))):
         side = RIGHT if i % 2 == 0 else LEFT
-        pick = rng.choice(bundles[trees.side[bundles] == side])
+        on_side = bundles[trees.side[bundles] == side]
+        pick = rng.choice(on_side if on_side.size else bundles)
         p0, p1, r = trees.p0[pick], trees.p1[pick], float(trees.radius[pick])
         thick = r + rng.uniform(3.0, 6.0 + 6.0 * s)
         mid = (p0 + p1) / 2
@@ -233,9 +234,14 @@ def _h1n1(s: float, anatomy: Anatomy, lungs: LungMap, trees: Segments, rng) -> l
         out.append(Lesion(Capsule(p0, p1, thick, Waves(rng, 0.25 * thick)), (CONSOLIDATION,),
                           hu=rng.uniform(-120, 15), opacity=0.95, layer="solid",
                           air_bronchogram=rng.random() < 0.3, truth=truth))
-    ends = np.flatnonzero((trees.kind == ARTERY) & (trees.generation >= 5))
-    ends = ends[lungs.depth_at(trees.p1[ends]) >= 8.0]
-    for _ in range(1 + int(round(4 * s))):
+    # clusters sit at the ends of small bronchovascular branches, away from the pleura
+    ends = np.array([], dtype=int)
+    for generation, depth in ((5, 8.0), (4, 6.0), (2, 5.0)):
+        candidates = np.flatnonzero((trees.kind == ARTERY) & (trees.generation >= generation))
+        ends = candidates[lungs.depth_at(trees.p1[candidates]) >= depth]
+        if ends.size:
+            break
+    for _ in range(1 + int(round(4 * s)) if ends.size else 0):
         pick = rng.choice(ends)
         anchor = trees.p1[pick]
         for _ in range(4 + int(round(8 * s))):
