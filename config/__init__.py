@@ -1,2 +1,162 @@
-"""The documented default configuration of the node (TOML files shipped as
-package data)."""
+"""The node's configuration: documented defaults, a TOML file, the environment.
+
+``config/default.toml`` (shipped with the package) documents every key and
+holds its default. :func:`load_config` overlays a user's TOML file and then
+``LUNGSYS_<SECTION>_<KEY>`` environment variables, checks every value and
+returns a typed :class:`NodeConfig`. Unknown keys and bad values are errors
+with the key's name, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_FILE = "default.toml"
+ENV_PREFIX = "LUNGSYS_"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    kind: str                 # "dimse" or "dicomweb"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node: Mapping[str, Any]
+    store: Mapping[str, Any]
+    assembly: Mapping[str, Any]
+    model: Mapping[str, Any]
+    delivery: Mapping[str, Any]
+    retention: Mapping[str, Any]
+    destinations: tuple[Destination, ...] = field(default_factory=tuple)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node["data_dir"])
+
+
+def defaults() -> dict:
+    return tomllib.loads(files("config").joinpath(DEFAULT_FILE).read_text(encoding="utf-8"))
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(default, int):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(default, list):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected text, got {value!r}")
+    return value
+
+
+def _destination(i: int, raw: Mapping[str, Any]) -> Destination:
+    where = f"destinations[{i}]"
+    allowed = {"name", "kind", "ae_title", "host", "port", "url"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    kind = raw.get("kind")
+    if kind not in ("dimse", "dicomweb"):
+        raise ConfigError(f"{where}.kind: expected dimse or dicomweb, got {kind!r}")
+    name = str(raw.get("name") or f"destination-{i + 1}")
+    if kind == "dimse":
+        for key in ("ae_title", "host", "port"):
+            if not raw.get(key):
+                raise ConfigError(f"{where}.{key}: required for a dimse destination")
+        return Destination(name, kind, str(raw["ae_title"]), str(raw["host"]),
+                           _coerce(f"{where}.port", 0, raw["port"]))
+    if not raw.get("url"):
+        raise ConfigError(f"{where}.url: required for a dicomweb destination")
+    return Destination(name, kind, url=str(raw["url"]))
+
+
+def load_config(path: str | os.PathLike | None = None,
+                environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Defaults, overlaid by ``path`` (TOML) and then by the environment."""
+    merged = defaults()
+    user: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such configuration file")
+        try:
+            user = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    for section, values in user.items():
+        if section == "destinations":
+            continue
+        if section not in merged or not isinstance(values, dict):
+            raise ConfigError(f"unknown section [{section}]")
+        for key, value in values.items():
+            if key not in merged[section]:
+                raise ConfigError(f"{section}.{key}: unknown key")
+            merged[section][key] = _coerce(f"{section}.{key}", merged[section][key], value)
+    env = os.environ if environ is None else environ
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        for section in merged:
+            if rest.startswith(section + "_") and isinstance(merged[section], dict):
+                key = rest[len(section) + 1:]
+                if key in merged[section]:
+                    merged[section][key] = _coerce(name, merged[section][key], value)
+                    break
+    node = merged["node"]
+    if not 0 < len(node["ae_title"]) <= 16:
+        raise ConfigError("node.ae_title: 1 to 16 characters")
+    if not 0 < node["port"] < 65536:
+        raise ConfigError("node.port: 1 to 65535")
+    if merged["assembly"]["stable_seconds"] <= 0 and not isinstance(
+            merged["assembly"]["stable_seconds"], bool):
+        raise ConfigError("assembly.stable_seconds: must be positive")
+    if merged["model"]["method"] not in ("network", "nonparametric"):
+        raise ConfigError("model.method: network or nonparametric")
+    if merged["model"]["heatmaps"] not in ("lesion", "all", "none"):
+        raise ConfigError("model.heatmaps: lesion, all or none")
+    destinations = tuple(_destination(i, d) for i, d in enumerate(user.get("destinations", [])))
+    return NodeConfig(node=node, store=merged["store"], assembly=merged["assembly"],
+                      model=merged["model"], delivery=merged["delivery"],
+                      retention=merged["retention"], destinations=destinations)

@@ -1,0 +1,256 @@
+"""The job-store API: what the node records, and what admins read and retry.
+
+Every call is its own transaction, committed before it returns, so that the
+node can acknowledge a C-STORE only once the instance is recorded, and so
+that a restart finds every series, job and delivery where it was. SQLite
+runs in WAL mode (readers never block the receiver); any SQLAlchemy URL
+(PostgreSQL) works the same.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from store.models import (Attempt, Base, Delivery, DeliveryState, Instance, Job, JobState,
+                          Result, Series, SeriesState, utcnow)
+
+#: Series states in which new instances reopen the series (a new result version).
+FINISHED = (SeriesState.done, SeriesState.failed, SeriesState.skipped, SeriesState.complete)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    path: str
+    size: int
+    transfer_syntax_uid: str
+    calling_aet: str = ""
+    images_in_acquisition: int | None = None
+
+
+class JobStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._session()
+
+    # --- receiving -----------------------------------------------------------
+    def record_instance(self, item: ReceivedInstance) -> bool:
+        """Record a received instance; False when its SOP Instance UID is already stored.
+
+        A new instance for a series that was finished reopens it (state
+        receiving, version + 1), so it is analysed again.
+        """
+        now = utcnow()
+        with self.session() as s, s.begin():
+            if s.scalar(select(Instance.id).where(
+                    Instance.sop_instance_uid == item.sop_instance_uid)) is not None:
+                return False
+            series = s.scalar(select(Series).where(
+                Series.series_instance_uid == item.series_instance_uid).with_for_update())
+            if series is None:
+                series = Series(series_instance_uid=item.series_instance_uid,
+                                study_instance_uid=item.study_instance_uid,
+                                modality=item.modality, calling_aet=item.calling_aet,
+                                first_received=now)
+                s.add(series)
+                s.flush()
+            elif series.state in FINISHED or series.state == SeriesState.queued:
+                if series.state != SeriesState.complete:
+                    series.version += 1
+                series.state, series.reason = SeriesState.receiving, ""
+            series.last_received = now
+            series.instance_count = (series.instance_count or 0) + 1
+            if item.images_in_acquisition:
+                series.expected_instances = item.images_in_acquisition
+            s.add(Instance(sop_instance_uid=item.sop_instance_uid,
+                           sop_class_uid=item.sop_class_uid, series_id=series.id,
+                           path=item.path, size=item.size,
+                           transfer_syntax_uid=item.transfer_syntax_uid,
+                           calling_aet=item.calling_aet, received_at=now))
+        return True
+
+    def instance_paths(self, series_id: int) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(Instance.path).where(Instance.series_id == series_id)
+                                  .order_by(Instance.id)))
+
+    # --- assembly ------------------------------------------------------------
+    def complete_ready(self, stable_seconds: float, now: dt.datetime | None = None
+                       ) -> list[Series]:
+        """Mark receiving series complete: quiet for ``stable_seconds``, or all
+        Images in Acquisition arrived. Returns them."""
+        now = now or utcnow()
+        quiet = now - dt.timedelta(seconds=stable_seconds)
+        with self.session() as s, s.begin():
+            ready = list(s.scalars(select(Series).where(
+                Series.state == SeriesState.receiving,
+                (Series.last_received <= quiet)
+                | ((Series.expected_instances.is_not(None))
+                   & (Series.instance_count >= Series.expected_instances)))))
+            for series in ready:
+                series.state = SeriesState.complete
+        return ready
+
+    def skip_series(self, series_id: int, reason: str) -> None:
+        with self.session() as s, s.begin():
+            series = s.get(Series, series_id)
+            series.state, series.reason = SeriesState.skipped, reason
+
+    def queue_job(self, series_id: int) -> Job:
+        with self.session() as s, s.begin():
+            series = s.get(Series, series_id)
+            job = s.scalar(select(Job).where(Job.series_id == series_id,
+                                             Job.version == series.version))
+            if job is None:
+                job = Job(series_id=series_id, version=series.version)
+                s.add(job)
+            job.state, job.error = JobState.queued, ""
+            series.state = SeriesState.queued
+            s.flush()
+            return job
+
+    # --- jobs ----------------------------------------------------------------
+    def claim_job(self) -> Job | None:
+        """Take the oldest queued job: it becomes running, with one more attempt."""
+        with self.session() as s, s.begin():
+            job = s.scalar(select(Job).where(Job.state == JobState.queued)
+                           .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
+            if job is None:
+                return None
+            job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, \
+                utcnow()
+            job.series.state = SeriesState.running
+            return job
+
+    def requeue_interrupted(self) -> int:
+        """At start-up: jobs left running by a crash run again."""
+        with self.session() as s, s.begin():
+            jobs = list(s.scalars(select(Job).where(Job.state == JobState.running)))
+            for job in jobs:
+                job.state = JobState.queued
+                job.series.state = SeriesState.queued
+            return len(jobs)
+
+    def finish_job(self, job_id: int, *, diagnosis: str, probabilities: dict,
+                   infected_fraction: float, timings: dict, model_version: str,
+                   device_uid: str, results: Iterable[dict]) -> None:
+        with self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            job.state, job.finished_at, job.error = JobState.done, utcnow(), ""
+            job.diagnosis, job.probabilities = diagnosis, probabilities
+            job.infected_fraction, job.timings = infected_fraction, timings
+            job.model_version, job.device_uid = model_version, device_uid
+            for r in results:
+                s.add(Result(job_id=job_id, **r))
+            if job.series.state == SeriesState.running and job.version == job.series.version:
+                job.series.state = SeriesState.done
+
+    def fail_job(self, job_id: int, error: str) -> None:
+        with self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            job.state, job.finished_at, job.error = JobState.failed, utcnow(), error
+            if job.version == job.series.version:
+                job.series.state, job.series.reason = SeriesState.failed, error
+
+    def retry_job(self, job_id: int) -> Job:
+        with self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None:
+                raise LookupError(f"no job {job_id}")
+            if job.state == JobState.running:
+                raise ValueError(f"job {job_id} is running")
+            job.state, job.error = JobState.queued, ""
+            job.series.state = SeriesState.queued
+            return job
+
+    # --- deliveries ----------------------------------------------------------
+    def create_deliveries(self, job_id: int, destinations: Iterable[tuple[str, str]]) -> None:
+        with self.session() as s, s.begin():
+            for name, kind in destinations:
+                s.add(Delivery(job_id=job_id, destination=name, kind=kind))
+
+    def due_deliveries(self, now: dt.datetime | None = None) -> list[Delivery]:
+        now = now or utcnow()
+        with self.session() as s:
+            return list(s.scalars(select(Delivery).where(
+                Delivery.state == DeliveryState.pending, Delivery.next_attempt_at <= now)
+                .order_by(Delivery.id)))
+
+    def record_attempt(self, delivery_id: int, ok: bool, error: str = "",
+                       retry_at: dt.datetime | None = None, give_up: bool = False) -> None:
+        with self.session() as s, s.begin():
+            d = s.get(Delivery, delivery_id)
+            now = utcnow()
+            s.add(Attempt(delivery_id=delivery_id, started_at=now, finished_at=now, ok=ok,
+                          error=error))
+            d.attempts += 1
+            if ok:
+                d.state, d.delivered_at, d.last_error = DeliveryState.done, now, ""
+            else:
+                d.last_error = error
+                d.state = DeliveryState.failed if give_up else DeliveryState.pending
+                if retry_at is not None:
+                    d.next_attempt_at = retry_at
+
+    def retry_delivery(self, delivery_id: int) -> Delivery:
+        with self.session() as s, s.begin():
+            d = s.get(Delivery, delivery_id)
+            if d is None:
+                raise LookupError(f"no delivery {delivery_id}")
+            d.state, d.next_attempt_at = DeliveryState.pending, utcnow()
+            return d
+
+    # --- reading -------------------------------------------------------------
+    def jobs(self, state: str | None = None, limit: int = 200) -> list[Job]:
+        with self.session() as s:
+            q = select(Job).order_by(Job.id.desc()).limit(limit)
+            if state:
+                q = q.where(Job.state == JobState(state))
+            jobs = list(s.scalars(q))
+            for j in jobs:  # load what the CLI shows before the session closes
+                _ = j.series.series_instance_uid, list(j.deliveries), list(j.results)
+            return jobs
+
+    def series(self, state: str | None = None) -> list[Series]:
+        with self.session() as s:
+            q = select(Series).order_by(Series.id)
+            if state:
+                q = q.where(Series.state == SeriesState(state))
+            return list(s.scalars(q))
+
+    def counts(self) -> dict[str, int]:
+        with self.session() as s:
+            return {"instances": s.scalar(select(func.count(Instance.id))),
+                    "series": s.scalar(select(func.count(Series.id))),
+                    "jobs": s.scalar(select(func.count(Job.id))),
+                    "deliveries": s.scalar(select(func.count(Delivery.id)))}
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+

@@ -1,0 +1,97 @@
+"""The job store: instances, series states, jobs, deliveries; survives reopening."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from store.api import JobStore, ReceivedInstance
+from store.models import DeliveryState, JobState, SeriesState, utcnow
+
+
+def _item(n: int, series: str = "1.2.3", expected: int | None = None) -> ReceivedInstance:
+    return ReceivedInstance(sop_instance_uid=f"{series}.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                            series_instance_uid=series, study_instance_uid="1.2",
+                            modality="CT", path=f"/data/{series}/{n}.dcm", size=100,
+                            transfer_syntax_uid="1.2.840.10008.1.2.1", calling_aet="CT1",
+                            images_in_acquisition=expected)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return JobStore(f"sqlite:///{tmp_path}/db/lungsys.db")
+
+
+def test_instances_are_stored_once_and_grouped_by_series(store, tmp_path):
+    assert store.record_instance(_item(1))
+    assert store.record_instance(_item(2))
+    assert not store.record_instance(_item(1))             # duplicate SOP Instance UID
+    [series] = store.series()
+    assert series.instance_count == 2 and series.state == SeriesState.receiving
+    assert len(store.instance_paths(series.id)) == 2
+    reopened = JobStore(f"sqlite:///{tmp_path}/db/lungsys.db")
+    assert reopened.counts()["instances"] == 2
+    with reopened.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_completion_by_stable_time_or_images_in_acquisition(store):
+    store.record_instance(_item(1, "A"))
+    store.record_instance(_item(1, "B", expected=2))
+    assert store.complete_ready(stable_seconds=60) == []
+    store.record_instance(_item(2, "B", expected=2))
+    assert [s.series_instance_uid for s in store.complete_ready(60)] == ["B"]
+    later = utcnow() + dt.timedelta(seconds=61)
+    assert [s.series_instance_uid for s in store.complete_ready(60, now=later)] == ["A"]
+
+
+def test_job_lifecycle_and_reopening(store):
+    store.record_instance(_item(1))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    job = store.queue_job(series.id)
+    claimed = store.claim_job()
+    assert claimed.id == job.id and claimed.attempts == 1 and claimed.state == JobState.running
+    assert store.claim_job() is None
+    assert store.requeue_interrupted() == 1                  # as after a crash
+    claimed = store.claim_job()
+    assert claimed.attempts == 2
+    store.finish_job(claimed.id, diagnosis="COVID-19", probabilities={"COVID-19": 0.9},
+                     infected_fraction=0.1, timings={"total": 1.0}, model_version="v",
+                     device_uid="2.25.1",
+                     results=[{"kind": "sr", "sop_instance_uid": "9.1", "sop_class_uid": "x",
+                               "series_instance_uid": "9", "path": "/r/sr.dcm"}])
+    [series] = store.series()
+    assert series.state == SeriesState.done and series.version == 1
+    [done] = store.jobs("done")
+    assert done.diagnosis == "COVID-19" and done.results[0].kind == "sr"
+    store.record_instance(_item(2))                          # a late instance reopens it
+    [series] = store.series()
+    assert series.state == SeriesState.receiving and series.version == 2
+    store.skip_series(series.id, "only 2 slices")
+    assert store.series("skipped")[0].reason == "only 2 slices"
+
+
+def test_failed_job_retry_and_deliveries(store):
+    store.record_instance(_item(1))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    job = store.queue_job(series.id)
+    store.claim_job()
+    store.fail_job(job.id, "out of memory")
+    assert store.series()[0].reason == "out of memory"
+    store.retry_job(job.id)
+    assert store.jobs("queued")[0].id == job.id
+    with pytest.raises(LookupError):
+        store.retry_job(999)
+    store.create_deliveries(job.id, [("pacs", "dimse")])
+    [d] = store.due_deliveries()
+    later = utcnow() + dt.timedelta(minutes=5)
+    store.record_attempt(d.id, ok=False, error="connection refused", retry_at=later)
+    assert store.due_deliveries() == []
+    [d] = store.due_deliveries(now=later + dt.timedelta(seconds=1))
+    assert d.attempts == 1 and d.last_error == "connection refused"
+    store.record_attempt(d.id, ok=True)
+    job = store.jobs()[0]
+    assert job.deliveries[0].state == DeliveryState.done
+    store.retry_delivery(d.id)
+    assert store.due_deliveries()[0].id == d.id
