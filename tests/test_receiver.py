@@ -1,0 +1,94 @@
+"""The Storage SCP, driven by DCMTK's storescu and echoscu as a modality would."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+
+import pydicom
+import pytest
+
+from pacs_node.receiver import Receiver
+from store.api import JobStore
+from store.models import SeriesState
+
+from conftest import require_tool
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK leaves Nagle on otherwise
+
+
+@pytest.fixture
+def node(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
+    receiver = Receiver(store, tmp_path / "data", allowed_calling_aets=["CT1", "CT2"],
+                        min_free_disk_mb=1)
+    receiver.start("127.0.0.1", 0)
+    yield receiver, store
+    receiver.stop()
+
+
+def storescu(port: int, files, aet: str = "CT1") -> subprocess.CompletedProcess:
+    return subprocess.run([require_tool("storescu"), "-v", "-aet", aet, "-aec", "LUNGSYS",
+                           "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def test_echo(node):
+    receiver, _ = node
+    proc = subprocess.run([require_tool("echoscu"), "-aet", "CT1", "-aec", "LUNGSYS",
+                           "127.0.0.1", str(receiver.port)], capture_output=True, env=ENV,
+                          timeout=30)
+    assert proc.returncode == 0
+
+
+def test_instances_are_on_disk_and_recorded_when_acknowledged(node, study_factory):
+    receiver, store = node
+    study = study_factory("covid", 1, 24)
+    proc = storescu(receiver.port, study.files[:6])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("Received Store Response (Success)") == 6
+    [series] = store.series()     # acknowledged, so recorded ...
+    assert series.instance_count == 6 and series.state == SeriesState.receiving
+    stored = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in store.instance_paths(series.id)}
+    for f in study.files[:6]:     # ... and on disk, pixels as sent
+        original = pydicom.dcmread(f)
+        copy = pydicom.dcmread(stored[str(original.SOPInstanceUID)])
+        assert copy.PixelData == original.PixelData
+        assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert not list(receiver.incoming.rglob("*.tmp"))
+
+
+def test_duplicates_are_stored_once_and_shuffled_associations_make_one_series(node,
+                                                                             study_factory):
+    receiver, store = node
+    study = study_factory("covid", 1, 24)
+    files = list(study.files)
+    random.Random(1).shuffle(files)
+    for part in (files[:8], files[8:16], files[16:] + files[:3]):   # three associations
+        assert storescu(receiver.port, part).returncode == 0
+    [series] = store.series()
+    assert series.instance_count == 24 and series.expected_instances == 24
+    assert store.counts()["instances"] == 24
+
+
+def test_calling_aet_outside_the_allow_list_is_rejected(node, study_factory):
+    receiver, store = node
+    proc = storescu(receiver.port, study_factory("covid", 1, 24).files[:1], aet="INTRUDER")
+    assert proc.returncode != 0
+    assert "Association Rejected" in proc.stderr + proc.stdout
+    assert store.counts()["instances"] == 0
+
+
+def test_low_disk_is_out_of_resources(tmp_path, study_factory):
+    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
+    free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
+    receiver = Receiver(store, tmp_path / "data", min_free_disk_mb=free_mb + 10_000)
+    receiver.start("127.0.0.1", 0)
+    try:
+        proc = storescu(receiver.port, study_factory("covid", 1, 24).files[:1])
+        assert "Refused: OutOfResources" in proc.stderr  # DCMTK's name for 0xA700
+        assert store.counts()["instances"] == 0
+    finally:
+        receiver.stop()
