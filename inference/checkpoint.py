@@ -30,6 +30,8 @@ from inference.patient_net import PatientNet
 from inference.slice_net import SliceNet
 
 FORMAT = "lungsys-model/1"
+#: The model that ships with lungsys (trained on synthetic phantoms), package data.
+SHIPPED_MODEL = Path(__file__).parent / "models" / "lungsys-small-phantom.safetensors"
 METADATA_KEY = "lungsys"
 _DEVICE_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:lungsys:model")
 
@@ -228,3 +230,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Lun
 def _one_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:160]
+
+
+def default_model() -> Path:
+    """The shipped model's path; CheckpointError when this installation has none."""
+    if not SHIPPED_MODEL.is_file():
+        raise CheckpointError("no model given and no shipped model in this installation: "
+                              "pass a checkpoint (--model, or [model] checkpoint)")
+    return SHIPPED_MODEL

@@ -225,6 +225,37 @@ class JobStore:
             d.state, d.next_attempt_at = DeliveryState.pending, utcnow()
             return d
 
+    def result_paths(self, job_id: int) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(Result.path).where(Result.job_id == job_id)
+                                  .order_by(Result.id)))
+
+    # --- retention -----------------------------------------------------------
+    def expired_series(self, cutoff: dt.datetime) -> list[Series]:
+        """Finished series last touched before ``cutoff`` whose deliveries all succeeded."""
+        with self.session() as s:
+            candidates = s.scalars(select(Series).where(
+                Series.purged.is_(False), Series.last_received < cutoff,
+                Series.state.in_([SeriesState.done, SeriesState.skipped, SeriesState.failed])))
+            out = []
+            for series in candidates:
+                pending = [d for j in series.jobs for d in j.deliveries
+                           if d.state != DeliveryState.done]
+                if not pending:
+                    out.append(series)
+            return out
+
+    def forget_series(self, series_id: int) -> None:
+        """After retention removed the files: drop instance and result rows, keep the history."""
+        with self.session() as s, s.begin():
+            series = s.get(Series, series_id)
+            for instance in list(series.instances):
+                s.delete(instance)
+            for job in series.jobs:
+                for result in list(job.results):
+                    s.delete(result)
+            series.purged = True
+
     # --- reading -------------------------------------------------------------
     def jobs(self, state: str | None = None, limit: int = 200) -> list[Job]:
         with self.session() as s:

@@ -78,6 +78,7 @@ class Series(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     version: Mapped[int] = mapped_column(Integer, default=1)
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    purged: Mapped[bool] = mapped_column(default=False)   # files removed by retention
     first_received: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_received: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

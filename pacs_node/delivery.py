@@ -1,0 +1,84 @@
+"""Sending results to PACS: DIMSE C-STORE (pynetdicom) or DICOMweb STOW-RS.
+
+One association (or one STOW request) per delivery carries all of a job's
+result files; every C-STORE status is checked, and any failure fails the
+attempt, which the scheduler retries with exponential backoff. Only the
+outcome and the error text are logged, never patient data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from config import Destination
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(Exception):
+    """A delivery attempt that did not store every object; the message says why."""
+
+
+def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
+               timeout: float = 60.0) -> None:
+    """C-STORE every file over one association; raise DeliveryError on any failure."""
+    datasets = [pydicom.dcmread(f) for f in files]
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise DeliveryError(f"association with {destination.ae_title}@{destination.host}:"
+                            f"{destination.port} not established "
+                            f"({'rejected' if assoc.is_rejected else 'no answer'})")
+    failures = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code is None:
+                failures.append("no response")
+            elif code not in (0x0000, 0xB000, 0xB007, 0xB006):
+                failures.append(f"status 0x{code:04X}")
+    finally:
+        assoc.release()
+    if failures:
+        raise DeliveryError(f"{len(failures)} of {len(datasets)} objects not stored "
+                            f"({failures[0]})")
+
+
+def send_stow(destination: Destination, files: list[Path], timeout: float = 60.0) -> None:
+    """STOW-RS every file in one request; raise DeliveryError when the server refuses."""
+    from dicomweb_client.api import DICOMwebClient
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    client = DICOMwebClient(url=destination.url)
+    try:
+        response = client.store_instances(datasets=datasets)
+    except Exception as exc:
+        raise DeliveryError(f"STOW-RS to {destination.url} failed: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
+    failed = response.get("FailedSOPSequence") if response is not None else None
+    if failed:
+        raise DeliveryError(f"STOW-RS: {len(failed)} of {len(datasets)} objects refused")
+
+
+def send(destination: Destination, files: list[Path], calling_aet: str) -> None:
+    if destination.kind == "dimse":
+        send_dimse(destination, files, calling_aet)
+    elif destination.kind == "dicomweb":
+        send_stow(destination, files)
+    else:
+        raise DeliveryError(f"unknown destination kind {destination.kind!r}")
+
+
+def backoff(attempts: int, initial: float, maximum: float) -> dt.timedelta:
+    """Wait before the next attempt: initial, doubling after every failure, capped."""
+    return dt.timedelta(seconds=min(initial * 2 ** max(attempts - 1, 0), maximum))

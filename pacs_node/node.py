@@ -1,0 +1,214 @@
+"""The node: receiver, assembly, job worker, delivery and retention, wired together.
+
+Data flows one way: the receiver records instances in the store; an
+assembly sweep (APScheduler) completes quiet series (or those whose Images
+in Acquisition all arrived), filters them (CT, axial, no localizer, at least
+``min_slices``) and queues a job; one worker thread, holding the model
+loaded once, runs queued jobs (loading, the engine, SR and SC files) and
+queues a delivery per destination; a delivery sweep sends due deliveries and
+schedules retries with backoff; a retention sweep deletes old, delivered
+data. Receiving never waits for the model.
+
+After a crash nothing is lost: instances are on disk and in the store before
+they are acknowledged, half-received series complete after a restart, and
+jobs that were running run again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from config import NodeConfig
+from inference.errors import SeriesError
+from inference.profiles import CLASSES
+from inference.series import load_series, scan
+from pacs_node import delivery
+from pacs_node.receiver import Receiver
+from store.api import JobStore
+from store.models import Job, Series, utcnow
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 1.0
+
+
+def header_filter(paths: list[str], min_slices: int) -> str | None:
+    """Why a complete series is not analysed (from its headers), or None."""
+    groups, skipped = scan(paths)
+    if not groups:
+        reasons = sorted({s.reason for s in skipped})
+        return "; ".join(reasons) or "no CT image"
+    members = next(iter(groups.values()))
+    if len(members) < min_slices:
+        return f"{len(members)} slices, fewer than the minimum of {min_slices}"
+    orientation = members[0][1].get("ImageOrientationPatient")
+    if orientation is not None and len(orientation) == 6:
+        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+        if abs(normal[2]) < 0.9 * np.linalg.norm(normal):
+            return "not an axial series"
+    return None
+
+
+class Node:
+    def __init__(self, config: NodeConfig, engine=None) -> None:
+        self.config = config
+        self.data_dir = config.data_dir
+        self.store = JobStore(config.store["url"])
+        self.engine = engine
+        self.receiver = Receiver(self.store, self.data_dir, config.node["ae_title"],
+                                 config.node["allowed_calling_aets"],
+                                 config.node["min_free_disk_mb"])
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)  # skipped ticks are normal
+        self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True,
+                                                           "max_instances": 1})
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="lungsys-worker", daemon=True)
+
+    # --- life cycle ----------------------------------------------------------
+    def start(self) -> None:
+        requeued = self.store.requeue_interrupted()
+        if requeued:
+            log.warning("%d job(s) interrupted by a restart will run again", requeued)
+        self.receiver.start(self.config.node["host"], self.config.node["port"])
+        self.scheduler.add_job(self.assembly_sweep, "interval", seconds=SWEEP_SECONDS,
+                               id="assembly")
+        self.scheduler.add_job(self.delivery_sweep, "interval", seconds=SWEEP_SECONDS,
+                               id="delivery")
+        if self.config.retention["days"] > 0:
+            self.scheduler.add_job(self.retention_sweep, "interval", hours=1, id="retention")
+        self.scheduler.start()
+        self._worker.start()
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.receiver.stop()
+        self.scheduler.shutdown(wait=True)
+        self._worker.join(timeout=30)
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    # --- assembly ------------------------------------------------------------
+    def assembly_sweep(self) -> None:
+        for series in self.store.complete_ready(self.config.assembly["stable_seconds"]):
+            paths = self.store.instance_paths(series.id)
+            reason = header_filter(paths, self.config.assembly["min_slices"])
+            if reason:
+                self.store.skip_series(series.id, reason)
+                log.info("series %s skipped: %s", series.series_instance_uid, reason)
+                continue
+            job = self.store.queue_job(series.id)
+            log.info("series %s complete (%d instances): job %d queued",
+                     series.series_instance_uid, len(paths), job.id)
+            self._wake.set()
+
+    # --- jobs ----------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.claim_job()
+            if job is None:
+                self._wake.wait(timeout=5)
+                self._wake.clear()
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: Job) -> None:
+        from inference.export import write_results
+
+        series: Series = job.series
+        started = utcnow()
+        try:
+            data = load_series(self.store.instance_paths(series.id))
+        except SeriesError as exc:
+            self.store.fail_job(job.id, f"skipped: {exc}")
+            self.store.skip_series(series.id, str(exc))
+            log.info("job %d: series skipped: %s", job.id, exc)
+            return
+        try:
+            if len(data) < self.config.assembly["min_slices"]:
+                raise SeriesError(f"{len(data)} slices, fewer than the minimum of "
+                                  f"{self.config.assembly['min_slices']}")
+            result = self.engine.analyze(data)
+            out = (self.data_dir / "results" / series.study_instance_uid
+                   / series.series_instance_uid / f"v{job.version}")
+            files = write_results(result, data, out, heatmaps=self.config.model["heatmaps"])
+        except SeriesError as exc:
+            self.store.fail_job(job.id, f"skipped: {exc}")
+            self.store.skip_series(series.id, str(exc))
+            return
+        except Exception as exc:
+            log.exception("job %d failed", job.id)
+            self.store.fail_job(job.id, f"{type(exc).__name__}: {exc}"[:2000])
+            return
+        records = []
+        for path in files.all:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            records.append({"kind": "sr" if path == files.sr else "sc",
+                            "sop_instance_uid": str(ds.SOPInstanceUID),
+                            "sop_class_uid": str(ds.SOPClassUID),
+                            "series_instance_uid": str(ds.SeriesInstanceUID),
+                            "path": str(path)})
+        timings = dict(result.timings)
+        timings["total"] = (utcnow() - started).total_seconds()
+        self.store.finish_job(
+            job.id, diagnosis=result.diagnosis,
+            probabilities={c: float(p) for c, p in zip(CLASSES, result.probabilities)},
+            infected_fraction=float(result.infected_fraction), timings=timings,
+            model_version=result.model["version"], device_uid=result.model["device_uid"],
+            results=records)
+        self.store.create_deliveries(job.id, [(d.name, d.kind)
+                                              for d in self.config.destinations])
+        log.info("job %d done: %s, %d result objects", job.id, result.diagnosis, len(records))
+
+    # --- delivery ------------------------------------------------------------
+    def delivery_sweep(self) -> None:
+        destinations = {d.name: d for d in self.config.destinations}
+        cfg = self.config.delivery
+        for d in self.store.due_deliveries():
+            dest = destinations.get(d.destination)
+            if dest is None:
+                self.store.record_attempt(d.id, ok=False, give_up=True,
+                                          error=f"destination {d.destination!r} is no longer "
+                                                f"configured")
+                continue
+            files = [Path(p) for p in self.store.result_paths(d.job_id)]
+            try:
+                delivery.send(dest, files, self.config.node["ae_title"])
+            except Exception as exc:
+                attempts = d.attempts + 1
+                give_up = attempts >= cfg["max_attempts"]
+                retry_at = utcnow() + delivery.backoff(attempts, cfg["initial_backoff_seconds"],
+                                                       cfg["max_backoff_seconds"])
+                self.store.record_attempt(d.id, ok=False, error=str(exc)[:2000],
+                                          retry_at=retry_at, give_up=give_up)
+                log.warning("delivery %d to %s failed (attempt %d): %s", d.id, dest.name,
+                            attempts, exc)
+                continue
+            self.store.record_attempt(d.id, ok=True)
+            log.info("delivery %d to %s done (%d objects)", d.id, dest.name, len(files))
+
+    # --- retention -----------------------------------------------------------
+    def retention_sweep(self) -> None:
+        cutoff = utcnow() - dt.timedelta(days=self.config.retention["days"])
+        for series in self.store.expired_series(cutoff):
+            for folder in (self.data_dir / "incoming" / series.study_instance_uid
+                           / series.series_instance_uid,
+                           self.data_dir / "results" / series.study_instance_uid
+                           / series.series_instance_uid):
+                shutil.rmtree(folder, ignore_errors=True)
+            self.store.forget_series(series.id)
+            log.info("series %s removed after %d days", series.series_instance_uid,
+                     self.config.retention["days"])
+

@@ -1,0 +1,122 @@
+"""End to end: a modality (storescu) sends a phantom study to the node; the SR and
+the heatmaps arrive in a real Orthanc, over DIMSE and over STOW-RS."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from config import load_config
+from inference.checkpoint import LungSysModel
+from inference.engine import Engine
+from inference.sr import CLASS_CODES, DIAGNOSIS
+from pacs_node.node import Node
+from store.models import DeliveryState, JobState
+
+from conftest import require_tool
+from orthanc import Orthanc, free_port
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(LungSysModel.create("small", seed=1), device="cpu")
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    yield pacs
+    pacs.stop()
+
+
+def make_node(tmp_path, engine, destination: str, **assembly) -> Node:
+    toml = tmp_path / "node.toml"
+    stable = assembly.get("stable_seconds", 30)
+    toml.write_text(
+        f'[node]\nae_title = "LUNGSYS"\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        f'data_dir = "{tmp_path / "var"}"\nmin_free_disk_mb = 1\n'
+        f'[store]\nurl = "sqlite:///{tmp_path / "var" / "lungsys.db"}"\n'
+        f'[assembly]\nstable_seconds = {stable}\nmin_slices = 20\n'
+        f'[delivery]\ninitial_backoff_seconds = 1\nmax_backoff_seconds = 2\n' + destination)
+    node = Node(load_config(toml, environ={}), engine)
+    node.start()
+    return node
+
+
+def send(port: int, files, called: str = "LUNGSYS") -> None:
+    proc = subprocess.run([require_tool("storescu"), "-aet", "CT1", "-aec", called,
+                           "127.0.0.1", str(port), *map(str, files)], capture_output=True,
+                          text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def wait_for(predicate, timeout: float = 180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def delivered(node: Node):
+    jobs = node.store.jobs()
+    return jobs and jobs[0].deliveries and all(
+        d.state == DeliveryState.done for d in jobs[0].deliveries) and jobs[0]
+
+
+def check_orthanc(pacs: Orthanc, study, origin: str) -> None:
+    ct = pydicom.dcmread(study.files[0])
+    studies = pacs.get("/studies?expand")
+    [s] = [x for x in studies if x["MainDicomTags"]["StudyInstanceUID"] == ct.StudyInstanceUID]
+    series = [pacs.get(f"/series/{sid}") for sid in s["Series"]]
+    modalities = sorted(x["MainDicomTags"].get("Modality", "") for x in series)
+    assert modalities == ["CT", "OT", "SR"], modalities     # the CT, heatmaps (SC), the SR
+    [sr_series] = [x for x in series if x["MainDicomTags"].get("Modality") == "SR"]
+    sr_id = sr_series["Instances"][0]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(
+        pydicom.dcmread(io.BytesIO(pacs.get(f"/instances/{sr_id}/file"))))
+    group = sr.content.get_image_measurement_groups()[0]
+    [diagnosis] = group.get_qualitative_evaluations(name=DIAGNOSIS)
+    assert diagnosis.value in CLASS_CODES
+    meta = pacs.get(f"/instances/{sr_id}/metadata?expand")
+    assert meta["Origin"] == origin
+    if origin == "DicomProtocol":
+        assert meta["RemoteAET"] == "LUNGSYS"
+
+
+def test_dimse_delivery_to_orthanc(tmp_path, engine, orthanc, study_factory):
+    study = study_factory("covid", 1, 24)
+    node = make_node(tmp_path, engine,
+                     f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "ORTHANC"\n'
+                     f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\n')
+    try:
+        send(orthanc.dicom_port, study.files, "ORTHANC")   # the modality sends to PACS ...
+        send(node.port, study.files)                       # ... and to the node
+        job = wait_for(lambda: delivered(node))
+        assert job.state == JobState.done and job.diagnosis
+        assert {r.kind for r in job.results} >= {"sr"}
+        check_orthanc(orthanc, study, "DicomProtocol")
+    finally:
+        node.stop()
+
+
+def test_stow_delivery_to_orthanc(tmp_path, engine, orthanc, study_factory):
+    study = study_factory("covid", 1, 24)
+    node = make_node(tmp_path, engine,
+                     f'[[destinations]]\nname = "web"\nkind = "dicomweb"\n'
+                     f'url = "{orthanc.url}/dicom-web"\n')
+    try:
+        send(orthanc.dicom_port, study.files, "ORTHANC")
+        send(node.port, study.files)
+        wait_for(lambda: delivered(node))
+        check_orthanc(orthanc, study, "Plugins")
+    finally:
+        node.stop()
