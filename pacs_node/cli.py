@@ -244,7 +244,9 @@ def train_slice_cmd(
     lr_step: Annotated[int, typer.Option(min=1, help="Epochs between x lr-gamma steps.")] = 40,
     lr_gamma: Annotated[float, typer.Option(help="Learning-rate factor per step.")] = 0.1,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
+    optimizer: Annotated[str, typer.Option(help="sgd (the paper's, with momentum) or adamw "
+                                           "(faster from scratch).")] = "sgd",
     batch_size: Annotated[int, typer.Option(min=2, help="Slices per batch.")] = 32,
     seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed, data and settings "
                                       "give the same model on the same device.")] = 0,
@@ -272,7 +274,7 @@ def train_slice_cmd(
     cfg = SliceTrainConfig(
         data=str(data), profile=profile, out=str(out_path),
         run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
-        lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay,
+        lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         batch_size=batch_size, seed=seed, device=device,
         backbone_weights=str(backbone_weights) if backbone_weights else None, focal=focal,
         size_balanced=size_balanced, flips=flips,
@@ -294,7 +296,8 @@ def train_patient_cmd(
     lr_step: Annotated[int, typer.Option(min=1, help="Epochs between x lr-gamma steps.")] = 30,
     lr_gamma: Annotated[float, typer.Option(help="Learning-rate factor per step.")] = 0.1,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
+    optimizer: Annotated[str, typer.Option(help="sgd (the paper's) or adamw.")] = "sgd",
     batch_size: Annotated[int, typer.Option(min=1, help="Patients per batch.")] = 8,
     seed: Annotated[int, typer.Option(min=0, help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
@@ -309,7 +312,7 @@ def train_patient_cmd(
     cfg = PatientTrainConfig(
         data=str(data), slice_model=str(slice_model), out=str(out_path),
         run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
-        lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay,
+        lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         batch_size=batch_size, seed=seed, device=device,
         cache_dir=str(cache_dir) if cache_dir else None)
     with _train_progress() as bar:

@@ -120,3 +120,115 @@ def test_stow_delivery_to_orthanc(tmp_path, engine, orthanc, study_factory):
         check_orthanc(orthanc, study, "Plugins")
     finally:
         node.stop()
+
+
+def _series_copy(study, dest, edit, count=None):
+    """The study's files (or the first ``count``) as another series, edited."""
+    dest.mkdir(parents=True)
+    series_uid = pydicom.uid.generate_uid()
+    paths = []
+    for f in study.files[:count]:
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        edit(ds)
+        ds.save_as(dest / f.name)
+        paths.append(dest / f.name)
+    return paths
+
+
+def test_series_that_are_not_chest_ct_are_skipped_with_reasons(tmp_path, engine,
+                                                               study_factory):
+    from pydicom.uid import MRImageStorage
+
+    study = study_factory("covid", 1, 24)
+
+    def localizer(ds):
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+
+    def mr(ds):
+        ds.Modality, ds.SOPClassUID = "MR", MRImageStorage
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+
+    def nothing(ds):
+        del ds.ImagesInAcquisition
+
+    node = make_node(tmp_path, engine, "", stable_seconds=2)
+    try:
+        send(node.port, _series_copy(study, tmp_path / "loc", localizer, 3))
+        send(node.port, _series_copy(study, tmp_path / "mr", mr, 21))
+        send(node.port, _series_copy(study, tmp_path / "few", nothing, 5))
+        skipped = wait_for(lambda: len(node.store.series("skipped")) == 3
+                           and node.store.series("skipped"), timeout=60)
+        reasons = sorted(s.reason for s in skipped)
+        assert reasons == ["5 slices, fewer than the minimum of 20",
+                           "localizer (scout) image", "modality MR, not CT"], reasons
+        assert node.store.jobs() == []
+    finally:
+        node.stop()
+
+
+def test_a_destination_down_at_first_gets_the_results_when_it_is_up(tmp_path, engine,
+                                                                    study_factory):
+    study = study_factory("covid", 1, 24)
+    pacs = Orthanc(tmp_path / "orthanc")          # configured, not started yet
+    node = make_node(tmp_path, engine,
+                     f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "ORTHANC"\n'
+                     f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n')
+    try:
+        send(node.port, study.files)
+        wait_for(lambda: node.store.jobs() and node.store.jobs()[0].deliveries
+                 and node.store.jobs()[0].deliveries[0].attempts >= 1)
+        d = node.store.jobs()[0].deliveries[0]
+        assert d.state == DeliveryState.pending and "not established" in d.last_error
+        pacs.start()
+        job = wait_for(lambda: delivered(node))
+        assert job.deliveries[0].attempts >= 2
+        assert len(pacs.get("/instances")) == len(job.results)
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_factory):
+    import signal
+    import sys
+    from pathlib import Path
+
+    from inference.checkpoint import save_checkpoint
+    from store.api import JobStore
+
+    study = study_factory("covid", 1, 24)
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(LungSysModel.create("small", seed=1), ckpt)
+    port = free_port()
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
+                    f'min_free_disk_mb = 1\n[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
+                    f'[assembly]\nstable_seconds = 3\n[model]\ncheckpoint = "{ckpt}"\n'
+                    f'device = "cpu"\n')
+    exe = str(Path(sys.executable).with_name("lungsys"))
+
+    def serve():
+        proc = subprocess.Popen([exe, "serve", "--config", str(toml)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run([exe, "echo", "127.0.0.1", str(port), "--aet",
+                                         "LUNGSYS"], capture_output=True).returncode == 0,
+                 timeout=60)
+        return proc
+
+    files = sorted(study.files)
+    first = serve()
+    send(port, files[:12])
+    first.send_signal(signal.SIGKILL)          # mid-study
+    first.wait(timeout=30)
+    second = serve()
+    try:
+        send(port, files[12:])
+        store = JobStore(f"sqlite:///{tmp_path / 'var' / 'db'}")
+        job = wait_for(lambda: store.jobs("done") and store.jobs("done")[0], timeout=240)
+        assert job.series.instance_count == 24 and job.diagnosis
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+    assert second.returncode == 0

@@ -2,7 +2,7 @@
 
 A run directory holds ``config.json`` (every hyper-parameter), ``train.log``,
 ``metrics.csv`` (one row per epoch) and ``resume.safetensors`` (the model,
-the optimiser's momentum buffers and, in its metadata, the last finished
+the optimiser's state tensors and, in its metadata, the last finished
 epoch), so that a run that was interrupted continues from its last epoch.
 No pickle: the state is safetensors with JSON metadata.
 """
@@ -67,9 +67,9 @@ class Run:
         names = {id(p): n for n, p in model.named_parameters()}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    tensors[f"momentum.{names[id(p)]}"] = buf.detach().cpu().contiguous()
+                for key, value in optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"opt.{key}.{names[id(p)]}"] = value.detach().cpu().contiguous()
         tmp = self.resume_path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
         tmp.replace(self.resume_path)
@@ -85,8 +85,9 @@ class Run:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         params = dict(model.named_parameters())
         for key, value in tensors.items():
-            if key.startswith("momentum."):
-                optimizer.state[params[key[9:]]]["momentum_buffer"] = value.to(device)
+            if key.startswith("opt."):
+                _, state_key, name = key.split(".", 2)
+                optimizer.state[params[name]][state_key] = value.to(device)
         self.log.info(f"resumed after epoch {epoch}")
         return epoch
 
@@ -94,3 +95,13 @@ class Run:
 def step_lr(base: float, epoch: int, step: int, gamma: float) -> float:
     """The paper's schedule: ``base`` times ``gamma`` every ``step`` epochs."""
     return base * gamma ** (epoch // step)
+
+
+def make_optimizer(cfg, net: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's) or AdamW, from a training config."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adamw")

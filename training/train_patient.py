@@ -21,7 +21,7 @@ from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.engine import run_slices, select_device
 from training.cache import load_study
 from training.dataset import StudyEntry, read_manifest
-from training.runs import Run, step_lr
+from training.runs import Run, make_optimizer, step_lr
 from training.train_slice import default_cache_dir
 
 
@@ -37,6 +37,7 @@ class PatientTrainConfig:
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    optimizer: str = "sgd"        # the paper's SGD; "adamw" converges faster from scratch
     batch_size: int = 8
     seed: int = 0
     device: str = "auto"
@@ -90,8 +91,7 @@ def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
 
     torch.manual_seed(cfg.seed)
     net = model.patient_net.to(device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, net)
     start_epoch = run.load_state(net, optimizer)
     epoch_task = progress.add_task("patient training", total=cfg.epochs,
                                    completed=start_epoch) if progress is not None else None

@@ -29,7 +29,7 @@ from inference.profiles import get_profile
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import class_balanced_weights, focal_loss
-from training.runs import Run, step_lr
+from training.runs import Run, make_optimizer, step_lr
 
 FLIPS = ("horizontal", "both", "none")
 #: Infection-size bins for balanced sampling: lesion fraction of the slice's lung.
@@ -48,6 +48,7 @@ class SliceTrainConfig:
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    optimizer: str = "sgd"        # the paper's SGD; "adamw" converges faster from scratch
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
@@ -171,8 +172,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     val = build_slice_set(val_studies) if val_studies else None
     run.log.info(f"{len(train)} training slices, {len(val) if val else 0} validation slices")
 
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, net)
     start_epoch = run.load_state(net, optimizer)
     lesion_w = class_balanced_weights(np.bincount(train.lesion, minlength=2))
     class_w = class_balanced_weights(np.bincount(train.label, minlength=4))
