@@ -1,0 +1,70 @@
+"""The admin commands, as an admin types them: jobs, deliveries, echo."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pacs_node.receiver import Receiver
+from store.api import JobStore, ReceivedInstance
+from store.models import utcnow
+
+
+def lungsys(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("lungsys")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def configured(tmp_path):
+    db = tmp_path / "lungsys.db"
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[store]\nurl = "sqlite:///{db}"\n')
+    store = JobStore(f"sqlite:///{db}")
+    store.record_instance(ReceivedInstance("1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3",
+                                           "1.2", "CT", "/x.dcm", 1, "1.2.840.10008.1.2.1"))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    job = store.queue_job(series.id)
+    store.claim_job()
+    store.fail_job(job.id, "model out of memory")
+    store.create_deliveries(job.id, [("pacs", "dimse")])
+    store.record_attempt(store.due_deliveries()[0].id, ok=False, error="refused",
+                         give_up=True)
+    return toml, store, job
+
+
+def test_jobs_list_show_retry(configured):
+    toml, store, job = configured
+    listed = lungsys("jobs", "list", "--config", str(toml), "--json")
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert row["state"] == "failed" and row["error"] == "model out of memory"
+    assert row["deliveries"][0]["state"] == "failed"
+    table = lungsys("jobs", "list", "--config", str(toml), "--state", "failed")
+    assert "model out of memory" in table.stdout
+    shown = json.loads(lungsys("jobs", "show", str(job.id), "--config", str(toml)).stdout)
+    assert shown["series_instance_uid"] == "1.2.3"
+    assert lungsys("jobs", "retry", str(job.id), "--config", str(toml)).returncode == 0
+    assert store.jobs("queued")[0].id == job.id
+    missing = lungsys("jobs", "retry", "999", "--config", str(toml))
+    assert missing.returncode == 1 and "no job 999" in missing.stderr
+    d = row["deliveries"][0]["id"]
+    assert lungsys("deliveries", "retry", str(d), "--config", str(toml)).returncode == 0
+    assert store.due_deliveries()[0].id == d
+
+
+def test_echo(tmp_path):
+    receiver = Receiver(JobStore(f"sqlite:///{tmp_path}/db"), tmp_path, min_free_disk_mb=1)
+    receiver.start("127.0.0.1", 0)
+    try:
+        ok = lungsys("echo", "127.0.0.1", str(receiver.port), "--aet", "LUNGSYS")
+        assert ok.returncode == 0 and "Success" in ok.stdout
+    finally:
+        receiver.stop()
+    down = lungsys("echo", "127.0.0.1", str(receiver.port), "--aet", "LUNGSYS")
+    assert down.returncode == 1 and "no association" in down.stderr
