@@ -85,14 +85,6 @@ class ResNet50(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    @property
-    def layer3_channels(self) -> int:
-        return self.width * 4 * EXPANSION
-
-    @property
-    def layer4_channels(self) -> int:
-        return self.width * 8 * EXPANSION
-
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * EXPANSION:

@@ -28,6 +28,7 @@ from inference import preprocess
 from inference.profiles import CLASSES, Profile, get_profile
 from inference.patient_net import PatientNet
 from inference.slice_net import SliceNet
+from inference.version import software_version
 
 FORMAT = "lungsys-model/1"
 #: The model that ships with lungsys (trained on synthetic phantoms), package data.
@@ -38,14 +39,6 @@ _DEVICE_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:lungsys:model")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the reason in one line."""
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("lungsys")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def preprocessing_parameters(profile: Profile) -> dict:
@@ -156,7 +149,7 @@ def save_checkpoint(model: LungSysModel, path: str | Path) -> dict:
         "preprocessing": preprocessing_parameters(model.profile),
         "content_sha256": content,
         "device_uid": model.device_uid,
-        "lungsys_version": _version(),
+        "lungsys_version": software_version(),
         "created": model.metadata.get("created")
         or dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "parameters": sum(int(v.numel()) for k, v in state.items()

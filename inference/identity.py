@@ -9,24 +9,18 @@ weights change) and, inside the SR, in TID 4019 Algorithm Identification.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from highdicom import ContributingEquipment
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from inference.version import software_version
+
 MANUFACTURER = "lungsys"
 ALGORITHM_NAME = "lungsys M3 Lung-Sys"
 DISCLAIMER = "AI result - not for primary diagnosis"
 PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
-
-
-def software_version() -> str:
-    try:
-        return version("lungsys")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass(frozen=True)

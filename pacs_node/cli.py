@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
     TimeElapsedColumn
 from rich.table import Table
+
+from inference.version import software_version
 
 app = typer.Typer(
     name="lungsys",
@@ -39,16 +40,9 @@ class CLIError(Exception):
     """A failure to report as one line and exit status 1."""
 
 
-def _version() -> str:
-    try:
-        return version("lungsys")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def _version_callback(value: bool) -> None:
     if value:
-        print(f"lungsys {_version()}")
+        print(f"lungsys {software_version()}")
         raise typer.Exit()
 
 
@@ -491,7 +485,7 @@ def serve(
     node = Node(cfg, engine)
     node.start()
     logging.getLogger("lungsys").warning(
-        "lungsys %s: %s listening on %s:%d, model %s on %s, %d destination(s)", _version(),
+        "lungsys %s: %s listening on %s:%d, model %s on %s, %d destination(s)", software_version(),
         cfg.node["ae_title"], cfg.node["host"], node.port, engine.model.version, engine.device,
         len(cfg.destinations))
     stop = threading.Event()

@@ -12,11 +12,33 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+
+@dataclass(kw_only=True)
+class TrainingSettings:
+    """What every training run takes; each network's config sets its paper defaults."""
+
+    data: str
+    out: str
+    run_dir: str | None = None
+    epochs: int
+    lr: float
+    lr_step: int
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"        # the paper's SGD; "adamw" converges faster from scratch
+    batch_size: int
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str | None = None
 
 
 class Run:
@@ -90,6 +112,20 @@ class Run:
                 optimizer.state[params[name]][state_key] = value.to(device)
         self.log.info(f"resumed after epoch {epoch}")
         return epoch
+
+
+def begin_epoch(cfg: TrainingSettings, optimizer: torch.optim.Optimizer,
+                epoch: int) -> tuple[float, "np.random.Generator"]:
+    """Set the epoch's learning rate and seed everything random in it.
+
+    Seeding from (seed, epoch) makes a resumed run draw what an uninterrupted
+    one would have. Returns the learning rate and the epoch's generator.
+    """
+    lr = step_lr(cfg.lr, epoch, cfg.lr_step, cfg.lr_gamma)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    return lr, np.random.default_rng([cfg.seed, epoch])
 
 
 def step_lr(base: float, epoch: int, step: int, gamma: float) -> float:

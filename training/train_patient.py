@@ -21,27 +21,20 @@ from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.engine import run_slices, select_device
 from training.cache import load_study
 from training.dataset import StudyEntry, read_manifest
-from training.runs import Run, make_optimizer, step_lr
+from training.runs import Run, TrainingSettings, begin_epoch, make_optimizer
 from training.train_slice import default_cache_dir
 
 
-@dataclass
-class PatientTrainConfig:
-    data: str
+@dataclass(kw_only=True)
+class PatientTrainConfig(TrainingSettings):
+    """Patient training; defaults are the paper's (90 epochs, lr 0.001 x0.1 every 30)."""
+
     slice_model: str
     out: str = "model.safetensors"
-    run_dir: str | None = None
     epochs: int = 90
     lr: float = 0.001
     lr_step: int = 30
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    optimizer: str = "sgd"        # the paper's SGD; "adamw" converges faster from scratch
     batch_size: int = 8
-    seed: int = 0
-    device: str = "auto"
-    cache_dir: str | None = None
 
 
 def study_features(model, entry: StudyEntry, cache_dir: Path, device, batch_size: int = 32
@@ -98,11 +91,7 @@ def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
     started = time.time()
     n = len(feats["train"])
     for epoch in range(start_epoch, cfg.epochs):
-        lr = step_lr(cfg.lr, epoch, cfg.lr_step, cfg.lr_gamma)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        rng = np.random.default_rng([cfg.seed, epoch])
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        lr, rng = begin_epoch(cfg, optimizer, epoch)
         order = rng.permutation(n)
         net.train()
         total, seen = 0.0, 0

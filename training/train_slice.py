@@ -29,34 +29,27 @@ from inference.profiles import get_profile
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import class_balanced_weights, focal_loss
-from training.runs import Run, make_optimizer, step_lr
+from training.runs import Run, TrainingSettings, begin_epoch, make_optimizer
 
 FLIPS = ("horizontal", "both", "none")
 #: Infection-size bins for balanced sampling: lesion fraction of the slice's lung.
 SIZE_BINS = (0.0, 0.02, 0.1, 0.3)
 
 
-@dataclass
-class SliceTrainConfig:
-    data: str
+@dataclass(kw_only=True)
+class SliceTrainConfig(TrainingSettings):
+    """Slice training; defaults are the paper's (110 epochs, lr 0.01 x0.1 every 40)."""
+
     profile: str = "small"
     out: str = "slice.safetensors"
-    run_dir: str | None = None
     epochs: int = 110
     lr: float = 0.01
     lr_step: int = 40
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    optimizer: str = "sgd"        # the paper's SGD; "adamw" converges faster from scratch
     batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
     backbone_weights: str | None = None
     focal: bool = False
     size_balanced: bool = False
     flips: str = "horizontal"
-    cache_dir: str | None = None
 
 
 @dataclass
@@ -183,11 +176,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
         progress.update(epoch_task, completed=start_epoch)
     started = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        lr = step_lr(cfg.lr, epoch, cfg.lr_step, cfg.lr_gamma)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        rng = np.random.default_rng([cfg.seed, epoch])
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        lr, rng = begin_epoch(cfg, optimizer, epoch)
         order = (rng.choice(len(train), size=len(train), p=sampling) if sampling is not None
                  else rng.permutation(len(train)))
         net.train()

@@ -25,6 +25,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
+from inference.version import software_version
 from training.phantom.lesions import LABELS, LESION_TYPES
 from training.phantom.study import Phantom
 
@@ -45,14 +46,6 @@ _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:lungsys:phantom")
 def _uid(*parts: object) -> str:
     """A UID under 2.25 from a name-based (version 5) UUID: same parts, same UID."""
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '/'.join(map(str, parts))).int}"
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("lungsys")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def study_header(ph: Phantom, patient_name: str | None = None,
@@ -90,7 +83,7 @@ def study_header(ph: Phantom, patient_name: str | None = None,
     ds.SliceThickness = f"{ph.thickness:.2f}"
     ds.KVP = "120"
     ds.DeviceSerialNumber = "LSP-0001"
-    ds.SoftwareVersions = _version()
+    ds.SoftwareVersions = software_version()
     ds.ProtocolName = "CHEST"
     ds.ReconstructionDiameter = f"{ph.rows * ph.spacing:.1f}"
     ds.PatientPosition = ph.patient_position
@@ -171,7 +164,7 @@ def write_study(ph: Phantom, out: Path, hu: np.ndarray, lung: np.ndarray, lesion
     lung_total, lesion_total = int(lung.sum()), int(lesion.sum())
     truth = {
         "format": TRUTH_FORMAT,
-        "generator": f"lungsys {_version()}",
+        "generator": f"lungsys {software_version()}",
         "label": ph.label,
         "label_index": LABELS.index(ph.label),
         "seed": ph.seed,
