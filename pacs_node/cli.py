@@ -318,7 +318,8 @@ def train_patient_cmd(
 def evaluate(
     model_path: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to evaluate.")],
     data: Annotated[Path, typer.Option(help="Dataset folder (or its manifest.csv).")],
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    split: Annotated[str, typer.Option(help="train, val, test, or all (a fresh test set "
+                                       "whose every study is unseen).")] = "test",
     json_: Annotated[bool, typer.Option("--json", help="Print the report as one JSON "
                                         "object.")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write report.json "

@@ -58,7 +58,7 @@ def _method_report(y, pred, scores, seed: int) -> dict:
 def evaluate(model: str | Path, data: str | Path, split: str = "test", device: str = "auto",
              out_dir: str | Path | None = None, seed: int = 0, progress=None) -> dict:
     """Evaluate; returns the report (and writes ROC PNGs into ``out_dir``)."""
-    entries = read_manifest(data, split)
+    entries = read_manifest(data, None if split == "all" else split)
     if not entries:
         raise ValueError(f"no {split} studies in the manifest")
     engine = Engine(model, device=device)
