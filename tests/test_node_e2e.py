@@ -232,3 +232,27 @@ def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_fac
         second.terminate()
         second.wait(timeout=30)
     assert second.returncode == 0
+
+
+def test_a_job_left_running_by_a_crash_runs_again(tmp_path, engine, study_factory):
+    import datetime as dt
+
+    from store.api import JobStore, ReceivedInstance
+    from store.models import utcnow
+
+    study = study_factory("covid", 1, 24)
+    store = JobStore(f"sqlite:///{tmp_path / 'var' / 'lungsys.db'}")
+    for f in study.files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        store.record_instance(ReceivedInstance(
+            str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
+            str(ds.StudyInstanceUID), "CT", str(f), f.stat().st_size, "1.2.840.10008.1.2.1"))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    store.queue_job(series.id)
+    assert store.claim_job().state == JobState.running      # ... and then the node died
+    node = make_node(tmp_path, engine, "")
+    try:
+        job = wait_for(lambda: node.store.jobs("done") and node.store.jobs("done")[0])
+        assert job.attempts == 2 and job.diagnosis
+    finally:
+        node.stop()
