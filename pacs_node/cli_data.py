@@ -1,0 +1,110 @@
+"""lungsys commands for data: phantom studies and sets, scanning folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from pacs_node.cli import CLIError, _progress, app, out
+
+
+@app.command()
+def phantom(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the study into "
+                                          "(created; existing files are overwritten).")],
+    label: Annotated[str, typer.Option(help="Class of the patient: healthy, covid, h1n1 or cap.")],
+    seed: Annotated[int, typer.Option(min=0, help="Random seed: the same seed and label always "
+                                      "give the same study.")],
+    slices: Annotated[int, typer.Option(min=1, max=2000, help="Number of slices; they cover "
+                                        "the whole lungs, so more slices means thinner ones.")]
+    = 64,
+    patient_position: Annotated[str, typer.Option(help="HFS (head first) or FFS (feet first).")]
+    = "HFS",
+    severity: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Disease "
+                        "severity from 0 (a few small lesions) to 1 (extensive); drawn from the "
+                        "seed when left out.")] = None,
+) -> None:
+    """Write one synthetic chest CT study as a DICOM series, with its truth.
+
+    Beside the CT files (CT0001.dcm, ... in acquisition order) come truth.json
+    (label, lesions, per-slice lesion flags, types and lung fraction) and
+    masks.npz (lung and lesion masks in the slice order of truth.json).
+    """
+    from training.phantom import LABELS, build_phantom, write_study
+
+    label = label.lower()
+    if label not in LABELS:
+        raise CLIError(f"unknown label {label!r}; expected one of {', '.join(LABELS)}")
+    ph = build_phantom(label, seed, slices, patient_position=patient_position.upper(),
+                       severity=severity)
+    with _progress() as bar:
+        task = bar.add_task(f"rendering {label} seed {seed}", total=slices)
+        hu, lung, lesion, types = ph.render(lambda: bar.advance(task))
+    study = write_study(ph, out_dir, hu, lung, lesion, types)
+    t = study.truth
+    lesion_slices = sum(s["has_lesion"] for s in t["slices"])
+    out.print(f"wrote {len(study.files)} CT slices to {out_dir} ({t['label']}, seed {seed}, "
+              f"{t['slice_thickness_mm']} mm, {lesion_slices} slices with lesions, "
+              f"infected fraction {100 * t['infected_fraction']:.2f}%)")
+
+
+@app.command("phantom-set")
+def phantom_set(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the dataset.")],
+    per_class: Annotated[int, typer.Option(min=1, help="Studies (patients) per class.")],
+    seed: Annotated[int, typer.Option(min=0, help="Base seed; sets with different seeds share "
+                                      "no patient.")],
+    slices_range: Annotated[tuple[int, int], typer.Option(help="Fewest and most slices per "
+                                                          "study.")] = (32, 48),
+    workers: Annotated[int, typer.Option(min=1, help="Processes generating studies.")] = 2,
+) -> None:
+    """Write a phantom dataset: studies of all four classes and manifest.csv.
+
+    Splits (train/val/test, 60/20/20 by patient within each class) are in the
+    manifest; every study carries truth.json and masks.npz, which the manifest
+    names as annotations and masks.
+    """
+    from training.phantom_set import generate_phantom_set
+
+    with _progress() as bar:
+        task = bar.add_task("generating phantom studies", total=4 * per_class)
+        manifest = generate_phantom_set(out_dir, per_class, seed, tuple(slices_range), workers,
+                                        lambda: bar.advance(task))
+    out.print(f"wrote {4 * per_class} studies and {manifest}")
+
+
+@app.command()
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched "
+                                                "recursively).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the CT series found in files or folders, and every file skipped, with why.
+
+    This is how the node and 'lungsys analyze' read a folder: by Series
+    Instance UID, CT images only, localizers and other modalities left out.
+    """
+    from inference.series import scan as scan_files
+
+    groups, skipped = scan_files(paths)
+    if json_:
+        print(json.dumps({
+            "series": [{"series_instance_uid": uid, "files": len(members),
+                        "description": str(members[0][1].get("SeriesDescription", ""))}
+                       for uid, members in sorted(groups.items())],
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in skipped]}))
+        return
+    table = Table(title="CT series")
+    for col in ("Series Instance UID", "Files", "Description"):
+        table.add_column(col)
+    for uid, members in sorted(groups.items()):
+        table.add_row(uid, str(len(members)), str(members[0][1].get("SeriesDescription", "")))
+    out.print(table)
+    for s in skipped:
+        out.print(f"skipped {s.path}: {s.reason}")
+    if not groups:
+        raise CLIError("no CT image series found")

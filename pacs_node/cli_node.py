@@ -1,0 +1,165 @@
+"""lungsys commands for the node: serve, jobs, deliveries, echo."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from inference.version import software_version
+from pacs_node.cli import CLIError, app, out
+
+
+@app.command()
+def serve(
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="TOML configuration (see config/default.toml); every key has "
+        "a default and an environment variable LUNGSYS_<SECTION>_<KEY>.")] = None,
+) -> None:
+    """Run the node: receive CT over DICOM, analyse complete series, deliver results.
+
+    Stops cleanly on Ctrl-C or SIGTERM; nothing received is lost, and work
+    left unfinished resumes at the next start.
+    """
+    import signal
+    import threading
+
+    from config import load_config
+    from inference.checkpoint import default_model
+    from inference.engine import Engine
+    from pacs_node.node import Node
+
+    cfg = load_config(config_file)
+    checkpoint = cfg.model["checkpoint"] or default_model()
+    engine = Engine(checkpoint, device=cfg.model["device"],
+                    batch_size=cfg.model["batch_size"], method=cfg.model["method"])
+    node = Node(cfg, engine)
+    node.start()
+    logging.getLogger("lungsys").warning(
+        "lungsys %s: %s listening on %s:%d, model %s on %s, %d destination(s)", software_version(),
+        cfg.node["ae_title"], cfg.node["host"], node.port, engine.model.version, engine.device,
+        len(cfg.destinations))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    node.stop()
+
+
+def _store(config_file: Optional[Path]):
+    from config import load_config
+    from store.api import JobStore
+
+    return JobStore(load_config(config_file).store["url"])
+
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c",
+                                                      help="The node's configuration file.")]
+jobs_app = typer.Typer(help="Inspect and retry the node's jobs (the job store named by the "
+                       "configuration).", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+deliveries_app = typer.Typer(help="Retry deliveries of results to PACS.", no_args_is_help=True)
+app.add_typer(deliveries_app, name="deliveries")
+
+
+def _job_dict(job) -> dict:
+    return {"id": job.id, "state": job.state.value, "series_instance_uid":
+            job.series.series_instance_uid, "study_instance_uid": job.series.study_instance_uid,
+            "series_state": job.series.state.value, "series_reason": job.series.reason,
+            "version": job.version, "attempts": job.attempts,
+            "created_at": str(job.created_at), "started_at": str(job.started_at or ""),
+            "finished_at": str(job.finished_at or ""), "model_version": job.model_version,
+            "diagnosis": job.diagnosis, "probabilities": job.probabilities,
+            "infected_fraction": job.infected_fraction, "timings": job.timings,
+            "error": job.error,
+            "results": [{"kind": r.kind, "sop_instance_uid": r.sop_instance_uid,
+                         "path": r.path} for r in job.results],
+            "deliveries": [{"id": d.id, "destination": d.destination, "kind": d.kind,
+                            "state": d.state.value, "attempts": d.attempts,
+                            "next_attempt_at": str(d.next_attempt_at),
+                            "last_error": d.last_error} for d in job.deliveries]}
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config_file: ConfigOption = None,
+    state: Annotated[Optional[str], typer.Option(help="queued, running, done or failed.")]
+    = None,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+) -> None:
+    """List jobs, newest first."""
+    jobs = _store(config_file).jobs(state)
+    if json_:
+        print(json.dumps([_job_dict(j) for j in jobs]))
+        return
+    table = Table()
+    for col in ("job", "state", "series", "diagnosis", "deliveries", "finished", "error"):
+        table.add_column(col)
+    for j in jobs:
+        deliveries = ", ".join(f"{d.destination}:{d.state.value}" for d in j.deliveries) or "-"
+        table.add_row(str(j.id), j.state.value, j.series.series_instance_uid[-24:],
+                      j.diagnosis or "-", deliveries, str(j.finished_at or "-")[:19],
+                      (j.error or "")[:60])
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[int, typer.Argument(help="Job number.")],
+              config_file: ConfigOption = None) -> None:
+    """Everything about one job: series, timings, diagnosis, results, deliveries."""
+    jobs = [j for j in _store(config_file).jobs(limit=100000) if j.id == job_id]
+    if not jobs:
+        raise CLIError(f"no job {job_id}")
+    print(json.dumps(_job_dict(jobs[0]), indent=1))
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: Annotated[int, typer.Argument(help="Job number.")],
+               config_file: ConfigOption = None) -> None:
+    """Queue a job again (a running node picks it up)."""
+    try:
+        _store(config_file).retry_job(job_id)
+    except LookupError as exc:
+        raise CLIError(str(exc)) from None
+    out.print(f"job {job_id} queued")
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="Delivery number.")],
+                     config_file: ConfigOption = None) -> None:
+    """Send a delivery again now (a running node picks it up)."""
+    try:
+        _store(config_file).retry_delivery(delivery_id)
+    except LookupError as exc:
+        raise CLIError(str(exc)) from None
+    out.print(f"delivery {delivery_id} due now")
+
+
+@app.command()
+def echo(
+    host: Annotated[str, typer.Argument(help="Peer address.")],
+    port: Annotated[int, typer.Argument(help="Peer DICOM port.")],
+    aet: Annotated[str, typer.Option("--aet", help="The peer's (called) AE title.")] = "ANY-SCP",
+    calling: Annotated[str, typer.Option("--calling", help="Our (calling) AE title.")]
+    = "LUNGSYS",
+) -> None:
+    """C-ECHO a peer, as DCMTK's echoscu does: exit 0 when it answers Success."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        raise CLIError(f"no association with {aet}@{host}:{port} "
+                       f"({'rejected' if assoc.is_rejected else 'no answer'})")
+    status = assoc.send_c_echo()
+    assoc.release()
+    if getattr(status, "Status", None) != 0x0000:
+        raise CLIError(f"C-ECHO to {aet}@{host}:{port} failed")
+    out.print(f"C-ECHO {aet}@{host}:{port}: Success")
