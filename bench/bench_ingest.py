@@ -15,6 +15,7 @@ import resource
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,6 @@ from rich.table import Table
 
 from pacs_node.receiver import Receiver
 from store.api import JobStore
-from training.phantom import generate_study
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -61,8 +61,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        study = generate_study(tmp / "study", "covid", 1, args.slices)
-        files = study.files
+        # generated in another process, so that this one's peak memory is the receiver's
+        subprocess.run([sys.executable, "-m", "pacs_node.cli", "phantom", "--out",
+                        str(tmp / "study"), "--label", "covid", "--seed", "1", "--slices",
+                        str(args.slices)], check=True, capture_output=True)
+        files = sorted((tmp / "study").glob("CT*.dcm"))
 
         port = free_port()
         scp = subprocess.Popen(["storescp", "-od", str(tmp / "storescp"), str(port)], env=ENV,
