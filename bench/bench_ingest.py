@@ -62,7 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # generated in another process, so that this one's peak memory is the receiver's
-        subprocess.run([sys.executable, "-m", "pacs_node.cli", "phantom", "--out",
+        lungsys = Path(sys.executable).with_name("lungsys")
+        subprocess.run([str(lungsys), "phantom", "--out",
                         str(tmp / "study"), "--label", "covid", "--seed", "1", "--slices",
                         str(args.slices)], check=True, capture_output=True)
         files = sorted((tmp / "study").glob("CT*.dcm"))

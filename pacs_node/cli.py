@@ -78,6 +78,3 @@ def main() -> None:
         err.print(f"lungsys: error: {exc}", markup=False, highlight=False)
         sys.exit(1)
 
-
-if __name__ == "__main__":
-    main()
