@@ -104,10 +104,10 @@ class Receiver:
             except Exception as exc:
                 log.warning("C-STORE from %s cannot be understood: %s", calling, exc)
                 return CANNOT_UNDERSTAND
-            if self.store.has_instance(sop_uid):
+            path = self.incoming / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_uid)}.dcm"
+            if path.exists():  # the path is the UID's: this instance is stored already
                 log.debug("instance %s already stored", sop_uid)
                 return SUCCESS
-            path = self.incoming / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_uid)}.dcm"
             _write_atomically(path, data)
             expected = header.get("ImagesInAcquisition")
             self.store.record_instance(ReceivedInstance(

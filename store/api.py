@@ -94,11 +94,6 @@ class JobStore:
                            calling_aet=item.calling_aet, received_at=now))
         return True
 
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        with self.session() as s:
-            return s.scalar(select(Instance.id).where(
-                Instance.sop_instance_uid == sop_instance_uid)) is not None
-
     def instance_paths(self, series_id: int) -> list[str]:
         with self.session() as s:
             return list(s.scalars(select(Instance.path).where(Instance.series_id == series_id)
