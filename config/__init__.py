@@ -38,6 +38,7 @@ class Destination:
 @dataclass(frozen=True)
 class NodeConfig:
     node: Mapping[str, Any]
+    dicomweb: Mapping[str, Any]
     store: Mapping[str, Any]
     assembly: Mapping[str, Any]
     model: Mapping[str, Any]
@@ -149,6 +150,8 @@ def load_config(path: str | os.PathLike | None = None,
         raise ConfigError("node.ae_title: 1 to 16 characters")
     if not 0 < node["port"] < 65536:
         raise ConfigError("node.port: 1 to 65535")
+    if not 0 <= merged["dicomweb"]["port"] < 65536:
+        raise ConfigError("dicomweb.port: 1 to 65535, or 0 for no STOW-RS receiver")
     if merged["assembly"]["stable_seconds"] <= 0 and not isinstance(
             merged["assembly"]["stable_seconds"], bool):
         raise ConfigError("assembly.stable_seconds: must be positive")
@@ -157,6 +160,6 @@ def load_config(path: str | os.PathLike | None = None,
     if merged["model"]["heatmaps"] not in ("lesion", "all", "none"):
         raise ConfigError("model.heatmaps: lesion, all or none")
     destinations = tuple(_destination(i, d) for i, d in enumerate(user.get("destinations", [])))
-    return NodeConfig(node=node, store=merged["store"], assembly=merged["assembly"],
+    return NodeConfig(node=node, dicomweb=merged["dicomweb"], store=merged["store"], assembly=merged["assembly"],
                       model=merged["model"], delivery=merged["delivery"],
                       retention=merged["retention"], destinations=destinations)

@@ -106,6 +106,9 @@ def train_slice_cmd(
                                                 "(dual-sampling paper).")] = False,
     flips: Annotated[str, typer.Option(help="Random flips: horizontal, both or none.")]
     = "horizontal",
+    affine: Annotated[bool, typer.Option(help="Small random rotations (+-12 deg), scalings "
+                                         "(0.9-1.1) and shifts (6%); not in the paper.")]
+    = False,
     run_dir: Annotated[Optional[Path], typer.Option(help="Run folder (config, log, metrics, "
                                                     "resume state); default OUT.run.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessed-slice cache; "
@@ -124,7 +127,7 @@ def train_slice_cmd(
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         batch_size=batch_size, seed=seed, device=device,
         backbone_weights=str(backbone_weights) if backbone_weights else None, focal=focal,
-        size_balanced=size_balanced, flips=flips,
+        size_balanced=size_balanced, flips=flips, affine=affine,
         cache_dir=str(cache_dir) if cache_dir else None)
     with _train_progress() as bar:
         meta = train_slice(cfg, bar)

@@ -1,8 +1,8 @@
 """The node: receiver, assembly, job worker, delivery and retention, wired together.
 
-Data flows one way: the receiver records instances in the store; an
-assembly sweep (APScheduler) completes quiet series (or those whose Images
-in Acquisition all arrived), filters them (CT, axial, no localizer, at least
+Data flows one way: the receivers (DIMSE and STOW-RS) record instances in
+the store; an assembly sweep (APScheduler) completes quiet series (or those
+whose Images in Acquisition all arrived), filters them (CT, axial, no localizer, at least
 ``min_slices``) and queues a job; one worker thread, holding the model
 loaded once, runs queued jobs (loading, the engine, SR and SC files) and
 queues a delivery per destination; a delivery sweep sends due deliveries and
@@ -32,6 +32,7 @@ from inference.profiles import CLASSES
 from inference.series import load_series, scan
 from pacs_node import delivery
 from pacs_node.receiver import Receiver
+from pacs_node.stow import StowServer
 from store.api import JobStore
 from store.models import Job, Series, utcnow
 
@@ -66,6 +67,8 @@ class Node:
         self.receiver = Receiver(self.store, self.data_dir, config.node["ae_title"],
                                  config.node["allowed_calling_aets"],
                                  config.node["min_free_disk_mb"])
+        self.stow = (StowServer(self.receiver.storage, config.dicomweb["max_request_mb"])
+                     if config.dicomweb["port"] else None)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # skipped ticks are normal
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True,
                                                            "max_instances": 1})
@@ -79,6 +82,8 @@ class Node:
         if requeued:
             log.warning("%d job(s) interrupted by a restart will run again", requeued)
         self.receiver.start(self.config.node["host"], self.config.node["port"])
+        if self.stow is not None:
+            self.stow.start(self.config.node["host"], self.config.dicomweb["port"])
         self.scheduler.add_job(self.assembly_sweep, "interval", seconds=SWEEP_SECONDS,
                                id="assembly")
         self.scheduler.add_job(self.delivery_sweep, "interval", seconds=SWEEP_SECONDS,
@@ -93,12 +98,18 @@ class Node:
         self._stop.set()
         self._wake.set()
         self.receiver.stop()
+        if self.stow is not None:
+            self.stow.stop()
         self.scheduler.shutdown(wait=True)
         self._worker.join(timeout=30)
 
     @property
     def port(self) -> int:
         return self.receiver.port
+
+    @property
+    def stow_port(self) -> int:
+        return self.stow.port if self.stow is not None else 0
 
     # --- assembly ------------------------------------------------------------
     def assembly_sweep(self) -> None:

@@ -20,9 +20,12 @@ def free_port() -> int:
 
 
 class Orthanc:
-    def __init__(self, folder: Path, aet: str = "ORTHANC") -> None:
+    def __init__(self, folder: Path, aet: str = "ORTHANC",
+                 dicomweb_servers: dict[str, str] | None = None) -> None:
+        """``dicomweb_servers``: name -> DICOMweb root URL that Orthanc may STOW to."""
         self.folder = Path(folder)
         self.aet = aet
+        self.dicomweb_servers = dict(dicomweb_servers or {})
         self.dicom_port, self.http_port = free_port(), free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -39,7 +42,8 @@ class Orthanc:
             "HttpPort": self.http_port, "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "index"), "Plugins": [DICOMWEB_PLUGIN],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/",
+                         "Servers": {k: [v] for k, v in self.dicomweb_servers.items()}},
             "DicomCheckCalledAet": False, "HttpServerEnabled": True,
         }
         path = self.folder / "orthanc.json"
@@ -67,5 +71,12 @@ class Orthanc:
 
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            body = r.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path: str, payload: dict, timeout: float = 120):
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             body = r.read()
         return json.loads(body) if body[:1] in (b"{", b"[") else body

@@ -15,6 +15,7 @@ def test_defaults_have_the_documented_keys():
     assert c.store["url"] == "sqlite:///var/lungsys.db"
     assert c.assembly == {"stable_seconds": 10, "min_slices": 20}
     assert c.model["checkpoint"] == "" and c.model["device"] == "auto"
+    assert c.dicomweb["port"] == 8080                   # STOW-RS receiver on by default
     assert c.destinations == ()
 
 
@@ -27,10 +28,12 @@ def test_file_then_environment(tmp_path):
                  'url = "http://127.0.0.1:8042/dicom-web"\n')
     c = load_config(f, environ={"LUNGSYS_NODE_PORT": "11113",
                                 "LUNGSYS_NODE_ALLOWED_CALLING_AETS": '["CT1", "PACS"]',
-                                "LUNGSYS_STORE_URL": "postgresql+psycopg://db/lungsys"})
+                                "LUNGSYS_STORE_URL": "postgresql+psycopg://db/lungsys",
+                                "LUNGSYS_DICOMWEB_PORT": "0"})
     assert c.node["ae_title"] == "AI1" and c.node["port"] == 11113
     assert c.node["allowed_calling_aets"] == ["CT1", "PACS"]
     assert c.assembly["stable_seconds"] == 3
+    assert c.dicomweb["port"] == 0
     assert c.store["url"].startswith("postgresql")
     assert [(d.name, d.kind, d.port, d.url) for d in c.destinations] == [
         ("pacs", "dimse", 4242, ""), ("web", "dicomweb", 0, "http://127.0.0.1:8042/dicom-web")]

@@ -35,12 +35,13 @@ def orthanc(tmp_path):
     pacs.stop()
 
 
-def make_node(tmp_path, engine, destination: str, **assembly) -> Node:
+def make_node(tmp_path, engine, destination: str, stow_port: int = 0, **assembly) -> Node:
     toml = tmp_path / "node.toml"
     stable = assembly.get("stable_seconds", 30)
     toml.write_text(
         f'[node]\nae_title = "LUNGSYS"\nhost = "127.0.0.1"\nport = {free_port()}\n'
         f'data_dir = "{tmp_path / "var"}"\nmin_free_disk_mb = 1\n'
+        f'[dicomweb]\nport = {stow_port or free_port()}\n'
         f'[store]\nurl = "sqlite:///{tmp_path / "var" / "lungsys.db"}"\n'
         f'[assembly]\nstable_seconds = {stable}\nmin_slices = 20\n'
         f'[delivery]\ninitial_backoff_seconds = 1\nmax_backoff_seconds = 2\n' + destination)
@@ -120,6 +121,31 @@ def test_stow_delivery_to_orthanc(tmp_path, engine, orthanc, study_factory):
         check_orthanc(orthanc, study, "Plugins")
     finally:
         node.stop()
+
+
+def test_a_pacs_that_sends_over_stow_rs_gets_the_results_back(tmp_path, engine, study_factory):
+    """Orthanc's DICOMweb client pushes the study to the node with STOW-RS; the
+    results come back to Orthanc over DIMSE."""
+    study = study_factory("covid", 1, 24)
+    stow_port = free_port()
+    pacs = Orthanc(tmp_path / "orthanc",
+                   dicomweb_servers={"lungsys": f"http://127.0.0.1:{stow_port}/dicom-web/"})
+    pacs.start()
+    node = make_node(tmp_path, engine,
+                     f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "ORTHANC"\n'
+                     f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n', stow_port=stow_port,
+                     stable_seconds=2)
+    try:
+        send(pacs.dicom_port, study.files, "ORTHANC")
+        [orthanc_study] = pacs.get("/studies")
+        pacs.post("/dicom-web/servers/lungsys/stow",
+                  {"Resources": [orthanc_study], "Synchronous": True})
+        job = wait_for(lambda: delivered(node))
+        assert job.series.calling_aet == "STOW-RS" and job.series.instance_count == 24
+        check_orthanc(pacs, study, "DicomProtocol")
+    finally:
+        node.stop()
+        pacs.stop()
 
 
 def _series_copy(study, dest, edit, count=None):
@@ -204,7 +230,8 @@ def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_fac
     port = free_port()
     toml = tmp_path / "node.toml"
     toml.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
-                    f'min_free_disk_mb = 1\n[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
+                    f'min_free_disk_mb = 1\n[dicomweb]\nport = 0\n'
+                    f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
                     f'[assembly]\nstable_seconds = 3\n[model]\ncheckpoint = "{ckpt}"\n'
                     f'device = "cpu"\n')
     exe = str(Path(sys.executable).with_name("lungsys"))

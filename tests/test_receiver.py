@@ -57,7 +57,7 @@ def test_instances_are_on_disk_and_recorded_when_acknowledged(node, study_factor
         copy = pydicom.dcmread(stored[str(original.SOPInstanceUID)])
         assert copy.PixelData == original.PixelData
         assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
-    assert not list(receiver.incoming.rglob("*.tmp"))
+    assert not list(receiver.storage.incoming.rglob("*.tmp"))
 
 
 def test_duplicates_are_stored_once_and_shuffled_associations_make_one_series(node,

@@ -6,7 +6,9 @@ lesions are dropped (kept for patient training and evaluation). Each sample
 gets a random window centre in [-700, -500] and random flips. SGD with
 momentum, lr 0.01 x0.1 every 40 epochs, 110 epochs by default; every
 hyper-parameter is a setting. Switches: the class-balanced focal loss (Hu
-2020) and infection-size-balanced sampling (dual-sampling paper).
+2020), infection-size-balanced sampling (dual-sampling paper), and small
+random rotations, scalings and shifts (not in the paper; they help most when
+there are few patients and no ImageNet weights).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from training.runs import Run, TrainingSettings, begin_epoch, make_optimizer
 FLIPS = ("horizontal", "both", "none")
 #: Infection-size bins for balanced sampling: lesion fraction of the slice's lung.
 SIZE_BINS = (0.0, 0.02, 0.1, 0.3)
+#: Ranges of the ``affine`` augmentation: degrees, scale factor, shift (fraction of the side).
+ROTATION_DEG, SCALE, SHIFT = 12.0, (0.9, 1.1), 0.06
 
 
 @dataclass(kw_only=True)
@@ -50,6 +54,24 @@ class SliceTrainConfig(TrainingSettings):
     focal: bool = False
     size_balanced: bool = False
     flips: str = "horizontal"
+    affine: bool = False
+
+
+def random_affine(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Rotate, scale and shift each image of (n, c, h, w) by a small random amount.
+
+    Bilinear resampling; what comes in from outside the crop repeats its edge
+    (body wall or air, as at the crop's border).
+    """
+    n = x.shape[0]
+    angle = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, n))
+    scale = rng.uniform(*SCALE, n)
+    shift = rng.uniform(-SHIFT, SHIFT, (n, 2)) * 2  # affine_grid spans [-1, 1]
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    theta = np.stack([np.stack([cos, -sin, shift[:, 0]], 1),
+                      np.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(torch.from_numpy(theta).to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 @dataclass
@@ -66,7 +88,7 @@ class SliceSet:
         return len(self.lesion)
 
     def batch(self, rows: np.ndarray, rng: np.random.Generator, flips: str,
-              train: bool = True) -> torch.Tensor:
+              train: bool = True, affine: bool = False) -> torch.Tensor:
         crops = np.stack([self.studies[s].crops[i] for s, i in self.index[rows]]).astype(
             np.float32)
         if train:
@@ -80,8 +102,10 @@ class SliceSet:
         if train and flips == "both":
             flip = rng.random(len(rows)) < 0.5
             x[flip] = x[flip, ::-1, :]
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return torch.from_numpy(np.repeat(x[:, None], 3, axis=1))
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
+        if train and affine:
+            x = random_affine(x, rng)
+        return x.repeat(1, 3, 1, 1)
 
 
 def build_slice_set(studies: list[CachedStudy], drop_lesion_free_diseased: bool = True
@@ -188,7 +212,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
             rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             if len(rows) < 2:
                 continue  # batch norm needs two samples
-            x = train.batch(rows, rng, cfg.flips).to(device)
+            x = train.batch(rows, rng, cfg.flips, affine=cfg.affine).to(device)
             lesion = torch.from_numpy(train.lesion[rows]).to(device)
             label = torch.from_numpy(train.label[rows]).to(device)
             out = net(x)
@@ -219,6 +243,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
         "kind": "slice-trained", "data": str(Path(cfg.data).resolve()),
         "profile": profile.name, "epochs": cfg.epochs, "lr": cfg.lr, "seed": cfg.seed,
         "focal": cfg.focal, "size_balanced": cfg.size_balanced, "flips": cfg.flips,
+        "affine": cfg.affine,
         "backbone_weights": Path(cfg.backbone_weights).name if cfg.backbone_weights else None,
         "train_slices": len(train), "seconds": round(time.time() - started, 1),
         "device": str(device), "run_dir": str(run.dir)}

@@ -4,6 +4,12 @@ From each hilum an arterial tree grows into the lobes with a bronchus running
 beside each of its first generations (the bronchovascular bundle), and a
 venous tree grows from a point below it. Segments shrink and shorten at every
 generation and stop at the pleura, like the real trees.
+
+Calibres follow the real ones: a lobar artery of about 8 mm diameter, radii
+shrinking by about 0.74 per branching, so that segmental vessels are 3-5 mm
+wide and the outer third of the lung holds only vessels of a millimetre or
+two. (Thicker trees crowd the lung with bright discs that look like nodules
+and hide the ground glass a reader, or a model, has to find.)
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ ARTERY, VEIN, BRONCHUS = 0, 1, 2
 MAX_GENERATION = 7
 TARGETS = 8  # lobar/segmental directions per lung
 BRONCHUS_GENERATIONS = 5
+ARTERY_ROOT_MM, VEIN_ROOT_MM = 4.0, 3.6  # radii of the lobar trunks
+TAPER = (0.70, 0.78)  # child radius / parent radius
 
 
 @dataclass
@@ -58,7 +66,7 @@ def grow_trees(anatomy: Anatomy, lungs: LungMap, rng: np.random.Generator) -> Se
         hilum = anatomy.hilum(side)
         vein_root = hilum + np.array([0.0, 6.0, -26.0])
         targets = _spread_points(lungs.sample(rng, 300, mask=lungs.side == side), TARGETS)
-        for root, kind, r0 in ((hilum, ARTERY, 5.5), (vein_root, VEIN, 5.0)):
+        for root, kind, r0 in ((hilum, ARTERY, ARTERY_ROOT_MM), (vein_root, VEIN, VEIN_ROOT_MM)):
             for target in targets:
                 d = target - root
                 dist = float(np.linalg.norm(d))
@@ -101,5 +109,5 @@ def _grow(rows: list, start: np.ndarray, direction: np.ndarray, gen: int, radius
         child = _rotate_towards(direction, axis, sign * spread + rng.normal(0, 0.08))
         child = child + 0.4 * outward  # branches keep heading away from the hilum
         child /= np.linalg.norm(child)
-        _grow(rows, end, child, gen + 1, radius * rng.uniform(0.76, 0.84),
+        _grow(rows, end, child, gen + 1, radius * rng.uniform(*TAPER),
               max(length * rng.uniform(0.7, 0.85), 6.0), kind, side, lungs, rng, root)

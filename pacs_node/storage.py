@@ -1,0 +1,132 @@
+"""Storing one received instance: the contract every receiver keeps.
+
+The DIMSE Storage SCP and the STOW-RS endpoint both hand the instance over
+exactly as the sender encoded it (a DICOM Part-10 byte string, never
+decoded; only its header is parsed for the UIDs). It is written atomically
+(a temporary file, fsync, rename) under ``data_dir/incoming/STUDY/SERIES/``,
+recorded in the job store, and only then reported stored, so that an
+acknowledged instance survives a crash. An instance whose SOP Instance UID
+is stored already is reported stored without writing it again. Below the
+configured free disk space nothing is stored (Out of Resources).
+
+Statuses are the DIMSE C-STORE ones, which STOW-RS reuses as Failure Reasons
+(PS3.18 Table I.2-2).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+from store.api import JobStore, ReceivedInstance
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+#: Implementation-specific (STOW-RS only): the instance is not of the study the URL names.
+STUDY_MISMATCH = 0xC409
+PROCESSING_FAILURE = 0x0110
+
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                "Modality", "ImagesInAcquisition"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one instance: a status and, when readable, its UIDs."""
+
+    status: int
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+class InstanceStorage:
+    """Writes received instances into ``data_dir/incoming`` and records them."""
+
+    def __init__(self, store: JobStore, data_dir: str | Path, min_free_disk_mb: int = 1024
+                 ) -> None:
+        self.store = store
+        self.incoming = Path(data_dir) / "incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.min_free = min_free_disk_mb * 1024 * 1024
+        self._lock = threading.Lock()
+        self.stored = 0
+
+    def store_instance(self, data: bytes, origin: str, transfer_syntax: str | None = None,
+                       expected_study: str | None = None) -> Outcome:
+        """Store one Part-10 encoded instance; ``origin`` is the calling AE title (or
+        the web client) for the job store and the logs.
+
+        ``transfer_syntax`` defaults to the file meta's; ``expected_study``
+        (STOW-RS ``/studies/{uid}``) refuses instances of another study.
+        """
+        try:
+            if shutil.disk_usage(self.incoming).free < self.min_free:
+                log.error("refusing an instance from %s: free disk below the configured "
+                          "minimum", origin)
+                return Outcome(OUT_OF_RESOURCES, reason="free disk below the minimum")
+            try:
+                header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                                         specific_tags=_HEADER_TAGS)
+                uids = (str(header.SOPClassUID), str(header.SOPInstanceUID),
+                        str(header.StudyInstanceUID), str(header.SeriesInstanceUID))
+                syntax = transfer_syntax or str(header.file_meta.TransferSyntaxUID)
+            except Exception as exc:
+                log.warning("an instance from %s cannot be understood: %s", origin, exc)
+                return Outcome(CANNOT_UNDERSTAND, reason=f"cannot be read: {exc}")
+            sop_class, sop_uid, study_uid, series_uid = uids
+            if expected_study and study_uid != expected_study:
+                return Outcome(STUDY_MISMATCH, sop_class, sop_uid, study_uid,
+                               "Study Instance UID differs from the one in the URL")
+            done = Outcome(SUCCESS, sop_class, sop_uid, study_uid)
+            path = self.incoming / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_uid)}.dcm"
+            if path.exists():  # the path is the UID's: this instance is stored already
+                log.debug("instance %s already stored", sop_uid)
+                return done
+            _write_atomically(path, data)
+            expected = header.get("ImagesInAcquisition")
+            self.store.record_instance(ReceivedInstance(
+                sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                series_instance_uid=series_uid, study_instance_uid=study_uid,
+                modality=str(header.get("Modality", "")), path=str(path), size=len(data),
+                transfer_syntax_uid=syntax, calling_aet=origin[:16],
+                images_in_acquisition=int(expected) if expected not in (None, "") else None))
+            with self._lock:
+                self.stored += 1
+            return done
+        except OSError as exc:
+            log.error("an instance from %s was not stored: %s", origin, exc)
+            return Outcome(OUT_OF_RESOURCES, reason=f"not stored: {exc}")
+        except Exception as exc:
+            log.exception("storing an instance from %s failed", origin)
+            return Outcome(PROCESSING_FAILURE, reason=f"processing failure: {exc}")
+
+
+def _safe(uid: str) -> str:
+    """A UID as a file name (UIDs are digits and dots; anything else is replaced)."""
+    return "".join(c if c.isdigit() or c == "." else "_" for c in uid)[:64] or "_"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,264 @@
+"""The STOW-RS receiver (DICOMweb Studies Store, PS3.18 10.5): instances over HTTP.
+
+``POST /dicom-web/studies`` (or ``/dicom-web/studies/{StudyInstanceUID}``,
+which refuses instances of other studies) with a ``multipart/related;
+type="application/dicom"`` body, one DICOM Part-10 file per part. Each part
+goes through the same :class:`~pacs_node.storage.InstanceStorage` as a
+C-STORE: written atomically, recorded, and only then listed as stored.
+
+The body is spooled to a file beside the received instances (never held in
+memory whole) and split at the boundary through a memory map. The response
+is a Store Instances Response (``application/dicom+json``): the Referenced
+SOP Sequence for what was stored, the Failed SOP Sequence with a Failure
+Reason for the rest; HTTP 200 when all parts were stored, 202 when some
+were, 409 when none, 400 for a body that is not multipart, 415 for a
+request that is not ``multipart/related; type="application/dicom"``, 411
+without a Content-Length or chunked transfer coding, 413 above the configured size, 507 when the disk
+cannot hold the body. A part of another media type fails with 0xC000.
+
+No authentication: bind it to a trusted network, or put a reverse proxy
+with TLS and authentication in front (as for any DICOMweb origin server).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import re
+import shutil
+import tempfile
+import threading
+from email.message import Message
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pydicom import Dataset
+from pydicom.sequence import Sequence
+
+from pacs_node.storage import CANNOT_UNDERSTAND, InstanceStorage, Outcome
+
+log = logging.getLogger(__name__)
+
+BASE_PATH = "/dicom-web"
+ORIGIN = "STOW-RS"
+_PATH = re.compile(rf"^{BASE_PATH}/studies(?:/([0-9.]{{1,64}}))?/?$")
+_CHUNK = 1 << 20
+
+
+class StowError(Exception):
+    """A request that cannot be processed at all: an HTTP status and why."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _content_type(value: str) -> tuple[str, dict[str, str]]:
+    """A Content-Type's media type (lower case) and parameters (quotes removed)."""
+    msg = Message()
+    msg["content-type"] = value
+    params = {k.lower(): v for k, v in msg.get_params()[1:]} if msg.get_params() else {}
+    return msg.get_content_type(), params
+
+
+def split_parts(body: mmap.mmap | bytes, boundary: bytes):
+    """Yield (headers, start, end) for each part of a multipart body.
+
+    ``headers`` maps lower-case header names to values; the part's content is
+    ``body[start:end]``.
+    """
+    delimiter = b"--" + boundary
+    pos = body.find(delimiter)
+    if pos < 0:
+        raise StowError(HTTPStatus.BAD_REQUEST, "the body holds no part (boundary not found)")
+    while True:
+        pos += len(delimiter)
+        if body[pos:pos + 2] == b"--":
+            return  # the close delimiter
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            raise StowError(HTTPStatus.BAD_REQUEST, "a part has no end of headers")
+        headers = {}
+        for line in bytes(body[pos:head_end]).decode("latin-1").split("\r\n"):
+            if ":" in line:
+                name, value = line.split(":", 1)
+                headers[name.strip().lower()] = value.strip()
+        start = head_end + 4
+        nxt = body.find(b"\r\n" + delimiter, start)
+        if nxt < 0:
+            raise StowError(HTTPStatus.BAD_REQUEST, "the last part is not closed by the "
+                                                    "boundary")
+        yield headers, start, nxt
+        pos = nxt + 2
+
+
+def response_dataset(outcomes: list[Outcome]) -> Dataset:
+    """The Store Instances Response Module (PS3.18 Annex I) for these outcomes."""
+    ds = Dataset()
+    stored, failed = Sequence(), Sequence()
+    for o in outcomes:
+        item = Dataset()
+        item.ReferencedSOPClassUID = o.sop_class_uid
+        item.ReferencedSOPInstanceUID = o.sop_instance_uid
+        if o.ok:
+            stored.append(item)
+        else:
+            item.FailureReason = o.status
+            failed.append(item)
+    ds.ReferencedSOPSequence = stored
+    ds.FailedSOPSequence = failed
+    return ds
+
+
+class StowServer:
+    """A threading HTTP server that stores what is POSTed to /dicom-web/studies."""
+
+    def __init__(self, storage: InstanceStorage, max_request_mb: int = 2048) -> None:
+        self.storage = storage
+        self.max_bytes = max_request_mb * 1024 * 1024
+        self.httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, host: str, port: int) -> None:
+        handler = type("Handler", (_Handler,), {"stow": self})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="lungsys-stow",
+                                        daemon=True)
+        self._thread.start()
+        log.info("STOW-RS listening on http://%s:%d%s/studies", host, self.port, BASE_PATH)
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1] if self.httpd else 0
+
+    def stop(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+    def store_request(self, content_type: str, length: int | None, stream,
+                      expected_study: str | None) -> tuple[HTTPStatus, Dataset]:
+        """Spool, split and store one request's body; the status and the response.
+
+        ``length`` is the Content-Length, or None for a chunked body.
+        """
+        media, params = _content_type(content_type)
+        if media != "multipart/related":
+            raise StowError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                            f"expected multipart/related, got {media}")
+        if params.get("type", "application/dicom").lower() != "application/dicom":
+            raise StowError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                            "only application/dicom parts are accepted")
+        boundary = params.get("boundary")
+        if not boundary:
+            raise StowError(HTTPStatus.BAD_REQUEST, "multipart/related without a boundary")
+        if length is not None and length > self.max_bytes:
+            raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"body of {length} bytes above the limit of {self.max_bytes}")
+        incoming = self.storage.incoming
+        if shutil.disk_usage(incoming).free < self.storage.min_free + 2 * (length or 0):
+            raise StowError(HTTPStatus.INSUFFICIENT_STORAGE, "not enough free disk")
+        with tempfile.TemporaryFile(dir=incoming, prefix=".stow-") as spool:
+            size = self._spool(stream, length, spool)
+            spool.flush()
+            if size == 0:
+                raise StowError(HTTPStatus.BAD_REQUEST, "empty body")
+            with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as body:
+                outcomes = []
+                for headers, start, end in split_parts(body, boundary.encode("latin-1")):
+                    part_type = _content_type(headers.get("content-type",
+                                                          "application/dicom"))[0]
+                    if part_type != "application/dicom":
+                        outcomes.append(Outcome(CANNOT_UNDERSTAND,
+                                                reason=f"{part_type}, not application/dicom"))
+                        continue
+                    outcomes.append(self.storage.store_instance(
+                        body[start:end], ORIGIN, expected_study=expected_study))
+        if not outcomes:
+            raise StowError(HTTPStatus.BAD_REQUEST, "the body holds no part")
+        stored = sum(o.ok for o in outcomes)
+        status = (HTTPStatus.OK if stored == len(outcomes)
+                  else HTTPStatus.ACCEPTED if stored else HTTPStatus.CONFLICT)
+        return status, response_dataset(outcomes)
+
+    def _spool(self, stream, length: int | None, spool) -> int:
+        """Copy the body (Content-Length or chunked) into ``spool``; its size."""
+        def copy(n: int) -> None:
+            while n > 0:
+                chunk = stream.read(min(_CHUNK, n))
+                if not chunk:
+                    raise StowError(HTTPStatus.BAD_REQUEST, "the body ended early")
+                spool.write(chunk)
+                n -= len(chunk)
+
+        if length is not None:
+            copy(length)
+            return length
+        size = 0
+        while True:  # Transfer-Encoding: chunked (RFC 9112 7.1), as Orthanc sends
+            line = stream.readline(1024).split(b";", 1)[0].strip()
+            try:
+                n = int(line, 16)
+            except ValueError:
+                raise StowError(HTTPStatus.BAD_REQUEST, "bad chunk size") from None
+            if n == 0:
+                while stream.readline(1024).strip():
+                    pass  # trailer fields
+                return size
+            size += n
+            if size > self.max_bytes:
+                raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                f"body above the limit of {self.max_bytes} bytes")
+            copy(n)
+            stream.readline(16)  # the CRLF after the chunk
+
+
+class _Handler(BaseHTTPRequestHandler):
+    stow: StowServer
+    protocol_version = "HTTP/1.1"
+    server_version = "lungsys-stow"
+
+    def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+        match = _PATH.match(self.path.split("?", 1)[0])
+        if match is None:
+            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such resource: "
+                                                      f"POST {BASE_PATH}/studies"})
+        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        if "content-length" not in self.headers and not chunked:
+            self.close_connection = True
+            return self._reply(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length or "
+                                                            "chunked transfer needed"})
+        try:
+            length = None if chunked else int(self.headers["content-length"])
+            status, response = self.stow.store_request(
+                self.headers.get("content-type", ""), length, self.rfile, match.group(1))
+        except ValueError:
+            self.close_connection = True
+            return self._reply(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
+        except StowError as exc:
+            log.warning("STOW-RS from %s refused (%d): %s", self.client_address[0],
+                        exc.status, exc)
+            self.close_connection = True
+            return self._reply(exc.status, {"error": str(exc)})
+        failed = len(response.FailedSOPSequence)
+        log.info("STOW-RS from %s: %d stored, %d failed", self.client_address[0],
+                 len(response.ReferencedSOPSequence), failed)
+        self._reply(status, response.to_json_dict(), "application/dicom+json")
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._reply(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "this node only stores "
+                                                    f"(POST {BASE_PATH}/studies)"})
+
+    def _reply(self, status: HTTPStatus, body: dict, media: str = "application/json") -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", media)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        log.debug("%s %s", self.client_address[0], format % args)

@@ -1,0 +1,114 @@
+"""The STOW-RS receiver, driven by dicomweb-client and by hand-made requests."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import uuid
+
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+
+from pacs_node.storage import CANNOT_UNDERSTAND, STUDY_MISMATCH, InstanceStorage
+from pacs_node.stow import StowServer
+from store.api import JobStore
+from store.models import Series
+
+
+@pytest.fixture
+def stow(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
+    server = StowServer(InstanceStorage(store, tmp_path / "data", min_free_disk_mb=1))
+    server.start("127.0.0.1", 0)
+    yield server, store
+    server.stop()
+
+
+def post(port: int, body: bytes, content_type: str, path: str = "/dicom-web/studies",
+         chunked: bool = False):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
+    if chunked:
+        headers["Transfer-Encoding"] = "chunked"
+        pieces = [body[i:i + 70000] for i in range(0, len(body), 70000)]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    conn.request("POST", path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, json.loads(data) if data else None
+
+
+def multipart(parts: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = b"".join(b"--%s\r\nContent-Type: %s\r\n\r\n%s\r\n" % (boundary.encode(), t.encode(), d)
+                    for t, d in parts) + b"--%s--\r\n" % boundary.encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_a_study_stored_over_stow_rs_is_on_disk_and_recorded_once(stow, covid_study):
+    server, store = stow
+    client = DICOMwebClient(url=f"http://127.0.0.1:{server.port}/dicom-web")
+    datasets = [pydicom.dcmread(f) for f in covid_study.files]
+    response = client.store_instances(datasets)
+    stored = {item.ReferencedSOPInstanceUID for item in response.ReferencedSOPSequence}
+    assert stored == {ds.SOPInstanceUID for ds in datasets}
+    assert len(response.get("FailedSOPSequence", [])) == 0
+
+    client.store_instances(datasets[:3])                     # sent again: stored once
+    with store.session() as s:
+        [series] = s.query(Series).all()
+        assert series.instance_count == len(datasets) and series.calling_aet == "STOW-RS"
+    on_disk = sorted(server.storage.incoming.rglob("*.dcm"))
+    assert len(on_disk) == len(datasets)
+    back = pydicom.dcmread(on_disk[0])
+    assert back.SeriesInstanceUID == datasets[0].SeriesInstanceUID
+    assert back.pixel_array.shape == (512, 512)
+    assert not list(server.storage.incoming.glob(".stow-*"))  # the spool is gone
+
+
+def test_a_mixed_request_stores_what_it_can_and_says_why_not(stow, covid_study):
+    server, store = stow
+    good = covid_study.files[0].read_bytes()
+    ds = pydicom.dcmread(covid_study.files[1])
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    body, ctype = multipart([("application/dicom", good),
+                             ("application/dicom", b"not DICOM at all"),
+                             ("application/dicom", buffer.getvalue()),
+                             ("text/plain", b"hello")])
+    study = pydicom.dcmread(covid_study.files[0]).StudyInstanceUID
+    status, answer = post(server.port, body, ctype, f"/dicom-web/studies/{study}",
+                          chunked=True)
+    assert status == 202
+    response = pydicom.Dataset.from_json(answer)
+    assert [i.ReferencedSOPInstanceUID for i in response.ReferencedSOPSequence] == [
+        pydicom.dcmread(covid_study.files[0]).SOPInstanceUID]
+    reasons = [i.FailureReason for i in response.FailedSOPSequence]
+    assert reasons == [CANNOT_UNDERSTAND, STUDY_MISMATCH, CANNOT_UNDERSTAND]
+    assert response.FailedSOPSequence[1].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert len(list(server.storage.incoming.rglob("*.dcm"))) == 1
+
+
+@pytest.mark.parametrize("body, ctype, path, status", [
+    (b"x", "application/dicom", "/dicom-web/studies", 415),
+    (b"x", 'multipart/related; type="application/dicom+json"; boundary=b',
+     "/dicom-web/studies", 415),
+    (b"no boundary here", 'multipart/related; type="application/dicom"; boundary=b',
+     "/dicom-web/studies", 400),
+    (b"--b\r\nContent-Type: application/dicom\r\n\r\nnot dicom\r\n--b--\r\n",
+     'multipart/related; type="application/dicom"; boundary=b', "/dicom-web/studies", 409),
+    (b"x", 'multipart/related; type="application/dicom"; boundary=b', "/wado/studies", 404),
+])
+def test_bad_requests_get_clear_answers_and_the_receiver_goes_on(stow, covid_study, body,
+                                                                   ctype, path, status):
+    server, _ = stow
+    code, answer = post(server.port, body, ctype, path)
+    assert code == status
+    assert answer is not None and ("error" in answer or "00081198" in answer)
+    good, ctype = multipart([("application/dicom", covid_study.files[0].read_bytes())])
+    assert post(server.port, good, ctype)[0] == 200
