@@ -126,7 +126,8 @@ def test_rendered_lesions_show_the_class_pattern(study_factory, label):
     if label == "covid":
         assert (lesion & right).sum() > 0 and (lesion & ~right).sum() > 0
         assert "ground_glass_opacity" in types
-        assert np.median(depth[lesion]) < 0.5 * np.median(depth[lung])
+        # subpleural: most of the lesion lies within 10 mm of the pleura, unlike the lung
+        assert (depth[lesion] <= 10).mean() > 2 / 3 > 0.5 > (depth[lung] <= 10).mean()
         rows_with = [i for i, s in enumerate(truth["slices"]) if s["has_lesion"]]
         assert np.mean(rows_with) < len(truth["slices"]) / 2 + 2  # lower half (HFS: feet first)
     if label == "h1n1":
