@@ -16,6 +16,7 @@ from typing import Iterable
 
 from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.models import (Attempt, Base, Delivery, DeliveryState, Instance, Job, JobState,
@@ -64,14 +65,25 @@ class JobStore:
 
         A new instance for a series that was finished reopens it (state
         receiving, version + 1), so it is analysed again.
+
+        On a server database the series row is locked first, so writers of one
+        series take turns; two senders racing to create a new series both
+        insert it, and the loser (unique constraint) runs once more, now
+        finding the series. (SQLite serialises all writers.)
         """
+        try:
+            return self._record_instance(item)
+        except IntegrityError:
+            return self._record_instance(item)
+
+    def _record_instance(self, item: ReceivedInstance) -> bool:
         now = utcnow()
         with self.session() as s, s.begin():
+            series = s.scalar(select(Series).where(
+                Series.series_instance_uid == item.series_instance_uid).with_for_update())
             if s.scalar(select(Instance.id).where(
                     Instance.sop_instance_uid == item.sop_instance_uid)) is not None:
                 return False
-            series = s.scalar(select(Series).where(
-                Series.series_instance_uid == item.series_instance_uid).with_for_update())
             if series is None:
                 series = Series(series_instance_uid=item.series_instance_uid,
                                 study_instance_uid=item.study_instance_uid,

@@ -31,6 +31,16 @@ def covid_study(study_factory) -> WrittenStudy:
     return study_factory("covid", 1, 24)
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server for the session (``.new_database()`` gives a URL)."""
+    from postgres import Postgres
+
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
