@@ -285,6 +285,9 @@ def analyze(
     if (engine.model.metadata.get("provenance") or {}).get("kind") == "init":
         err.print("lungsys: warning: this model is untrained (made by 'lungsys model init'); "
                   "its diagnosis means nothing", markup=False, highlight=False)
+    elif engine.model.metadata.get("intended_use"):
+        err.print(f"lungsys: note: {engine.model.metadata['intended_use']}", markup=False,
+                  highlight=False)
     series = load_series(folder, series_uid=series_uid)
     with _progress() as bar:
         task = bar.add_task(f"analysing {len(series)} slices", total=len(series))

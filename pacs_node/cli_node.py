@@ -39,10 +39,14 @@ def serve(
                     batch_size=cfg.model["batch_size"], method=cfg.model["method"])
     node = Node(cfg, engine)
     node.start()
-    logging.getLogger("lungsys").warning(
-        "lungsys %s: %s listening on %s:%d, model %s on %s, %d destination(s)", software_version(),
-        cfg.node["ae_title"], cfg.node["host"], node.port, engine.model.version, engine.device,
-        len(cfg.destinations))
+    logger = logging.getLogger("lungsys")
+    logger.warning(
+        "lungsys %s: %s listening on %s:%d (STOW-RS: %s), model %s on %s, %d destination(s)",
+        software_version(), cfg.node["ae_title"], cfg.node["host"], node.port,
+        f"port {node.stow_port}" if node.stow_port else "off", engine.model.version,
+        engine.device, len(cfg.destinations))
+    if engine.model.metadata.get("intended_use"):
+        logger.warning("model: %s", engine.model.metadata["intended_use"])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

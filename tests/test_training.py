@@ -77,6 +77,7 @@ def test_patient_training_and_evaluation(tiny, tmp_path):
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     model = load_checkpoint(out)
     assert model.metadata["provenance"]["kind"] == "trained"
+    assert "synthetic" in model.metadata["intended_use"]       # a phantom-trained model says so
     slice_net = load_checkpoint(slice_model).slice_net.state_dict()
     for key, value in model.slice_net.state_dict().items():  # the slice network stayed frozen
         assert (value == slice_net[key]).all(), key

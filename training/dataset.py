@@ -61,6 +61,15 @@ class StudyEntry:
         data = json.loads(self.annotations.read_text())
         return {s["sop_instance_uid"]: s for s in data.get("slices", [])}
 
+    @property
+    def is_phantom(self) -> bool:
+        """Whether the annotations are the lungsys phantom's truth (a synthetic study)."""
+        if self.annotations is None:
+            return False
+        with open(self.annotations, encoding="utf-8") as f:
+            head = f.read(200)
+        return '"format": "lungsys-phantom-truth/' in head
+
     def lesion_masks(self) -> tuple[list[str], np.ndarray] | None:
         """(SOP Instance UIDs, lesion masks) in the annotations' slice order, or None."""
         if self.masks is None or self.annotations is None:
@@ -135,6 +144,15 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[StudyEntry
     if not entries:
         raise ManifestError(f"{path}: no studies")
     return [e for e in entries if split is None or e.split == split]
+
+
+def intended_use(entries: list[StudyEntry]) -> str:
+    """What a model trained on these studies may be used for, in one sentence."""
+    if entries and all(e.is_phantom for e in entries):
+        return ("Trained only on synthetic lungsys phantom studies: a demonstration model, "
+                "not a clinical model; not for diagnosis.")
+    return ("Trained on user data; validate it on local studies before any use; "
+            "not for primary diagnosis.")
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.engine import run_slices, select_device
 from training.cache import load_study
-from training.dataset import StudyEntry, read_manifest
+from training.dataset import StudyEntry, intended_use, read_manifest
 from training.runs import Run, TrainingSettings, begin_epoch, make_optimizer
 from training.train_slice import default_cache_dir
 
@@ -121,6 +121,7 @@ def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
         "patient": {"data": str(Path(cfg.data).resolve()), "epochs": cfg.epochs, "lr": cfg.lr,
                     "seed": cfg.seed, "train_patients": n,
                     "seconds": round(time.time() - started, 1), "run_dir": str(run.dir)}}
+    model.metadata["intended_use"] = intended_use(read_manifest(cfg.data, "train"))
     model.metadata["model_version"] = None
     model.metadata["created"] = None
     return save_checkpoint(model, cfg.out)
