@@ -71,6 +71,19 @@ def model_info(
         out.print("weights verified: hashes match")
 
 
+# Options both training commands share (their defaults differ, so they stay at the call).
+DataOption = Annotated[Path, typer.Option(help="Dataset folder (or its manifest.csv).")]
+LrStep = Annotated[int, typer.Option(min=1, help="Epochs between x lr-gamma steps.")]
+LrGamma = Annotated[float, typer.Option(help="Learning-rate factor per step.")]
+Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
+WeightDecay = Annotated[float, typer.Option(help="Weight decay.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Cache of preprocessed slices (and "
+                                                  "features); default DATA/.lungsys-cache.")]
+RunDir = Annotated[Optional[Path], typer.Option(help="Run folder (config, log, metrics, "
+                                                "resume state); default OUT.run.")]
+
+
 train_app = typer.Typer(help="Train the two networks on a dataset (a folder with "
                         "manifest.csv): first 'slice', then 'patient'.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -83,21 +96,21 @@ def _train_progress() -> Progress:
 
 @train_app.command("slice")
 def train_slice_cmd(
-    data: Annotated[Path, typer.Option(help="Dataset folder (or its manifest.csv).")],
+    data: DataOption,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
     profile: Annotated[str, typer.Option(help="small or paper.")] = "small",
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 110).")] = 110,
     lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.01).")] = 0.01,
-    lr_step: Annotated[int, typer.Option(min=1, help="Epochs between x lr-gamma steps.")] = 40,
-    lr_gamma: Annotated[float, typer.Option(help="Learning-rate factor per step.")] = 0.1,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
+    lr_step: LrStep = 40,
+    lr_gamma: LrGamma = 0.1,
+    momentum: Momentum = 0.9,
+    weight_decay: WeightDecay = 1e-4,
     optimizer: Annotated[str, typer.Option(help="sgd (the paper's, with momentum) or adamw "
                                            "(faster from scratch).")] = "sgd",
     batch_size: Annotated[int, typer.Option(min=2, help="Slices per batch.")] = 32,
     seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed, data and settings "
                                       "give the same model on the same device.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    device: DeviceOption = "auto",
     backbone_weights: Annotated[Optional[Path], typer.Option(
         help="torchvision ResNet-50 state dict (ImageNet) to start from.")] = None,
     focal: Annotated[bool, typer.Option(help="Class-balanced focal loss (Hu 2020) instead "
@@ -109,10 +122,8 @@ def train_slice_cmd(
     affine: Annotated[bool, typer.Option(help="Small random rotations (+-12 deg), scalings "
                                          "(0.9-1.1) and shifts (6%); not in the paper.")]
     = False,
-    run_dir: Annotated[Optional[Path], typer.Option(help="Run folder (config, log, metrics, "
-                                                    "resume state); default OUT.run.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessed-slice cache; "
-                                                      "default DATA/.lungsys-cache.")] = None,
+    run_dir: RunDir = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Train the slice network: lesion/no-lesion and four-class heads together.
 
@@ -137,24 +148,22 @@ def train_slice_cmd(
 
 @train_app.command("patient")
 def train_patient_cmd(
-    data: Annotated[Path, typer.Option(help="Dataset folder (or its manifest.csv).")],
+    data: DataOption,
     slice_model: Annotated[Path, typer.Option(help="Checkpoint from 'lungsys train slice'.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (both "
                                            "networks).")],
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 90).")] = 90,
     lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.001).")] = 0.001,
-    lr_step: Annotated[int, typer.Option(min=1, help="Epochs between x lr-gamma steps.")] = 30,
-    lr_gamma: Annotated[float, typer.Option(help="Learning-rate factor per step.")] = 0.1,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 1e-4,
+    lr_step: LrStep = 30,
+    lr_gamma: LrGamma = 0.1,
+    momentum: Momentum = 0.9,
+    weight_decay: WeightDecay = 1e-4,
     optimizer: Annotated[str, typer.Option(help="sgd (the paper's) or adamw.")] = "sgd",
     batch_size: Annotated[int, typer.Option(min=1, help="Patients per batch.")] = 8,
     seed: Annotated[int, typer.Option(min=0, help="Seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
-    run_dir: Annotated[Optional[Path], typer.Option(help="Run folder; default OUT.run.")]
-    = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of slices and features; "
-                                                      "default DATA/.lungsys-cache.")] = None,
+    device: DeviceOption = "auto",
+    run_dir: RunDir = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Train the patient network on the frozen slice network's features."""
     from training.train_patient import PatientTrainConfig, train_patient
