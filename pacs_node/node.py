@@ -66,7 +66,7 @@ class Node:
         self.engine = engine
         self.receiver = Receiver(self.store, self.data_dir, config.node["ae_title"],
                                  config.node["allowed_calling_aets"],
-                                 config.node["min_free_disk_mb"])
+                                 config.node["min_free_disk_mb"], sync=config.node["fsync"])
         self.stow = (StowServer(self.receiver.storage, config.dicomweb["max_request_mb"])
                      if config.dicomweb["port"] else None)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # skipped ticks are normal

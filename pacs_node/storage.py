@@ -1,11 +1,12 @@
 """Storing one received instance: the contract every receiver keeps.
 
 The DIMSE Storage SCP and the STOW-RS endpoint both hand the instance over
-exactly as the sender encoded it (a DICOM Part-10 byte string, never
-decoded; only its header is parsed for the UIDs). It is written atomically
-(a temporary file, fsync, rename) under ``data_dir/incoming/STUDY/SERIES/``,
-recorded in the job store, and only then reported stored, so that an
-acknowledged instance survives a crash. An instance whose SOP Instance UID
+exactly as the sender encoded it (a DICOM Part-10 file, never decoded; only
+its header is parsed for the UIDs), in a temporary file beside the received
+instances (``incoming/.partial``). It is moved into place atomically (a
+rename, after an fsync when ``sync`` is on) under
+``data_dir/incoming/STUDY/SERIES/``, recorded in the job store, and only then
+reported stored, so that an acknowledged instance survives a crash. An instance whose SOP Instance UID
 is stored already is reported stored without writing it again. Below the
 configured free disk space nothing is stored (Out of Resources).
 
@@ -15,11 +16,11 @@ Statuses are the DIMSE C-STORE ones, which STOW-RS reuses as Failure Reasons
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,40 +57,71 @@ class Outcome:
 
 
 class InstanceStorage:
-    """Writes received instances into ``data_dir/incoming`` and records them."""
+    """Writes received instances into ``data_dir/incoming`` and records them.
 
-    def __init__(self, store: JobStore, data_dir: str | Path, min_free_disk_mb: int = 1024
-                 ) -> None:
+    ``sync``: fsync each file before it is recorded (survives a power cut, at
+    the disk's fsync latency per instance); without it an acknowledged
+    instance survives any crash of the node itself, as the file is complete
+    and renamed into place before it is recorded.
+    """
+
+    def __init__(self, store: JobStore, data_dir: str | Path, min_free_disk_mb: int = 1024,
+                 sync: bool = False) -> None:
         self.store = store
         self.incoming = Path(data_dir) / "incoming"
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.partial = self.incoming / ".partial"
+        self.partial.mkdir(parents=True, exist_ok=True)
+        for leftover in self.partial.iterdir():   # never acknowledged: a crash cut them short
+            leftover.unlink(missing_ok=True)
         self.min_free = min_free_disk_mb * 1024 * 1024
+        self.sync = sync
         self._lock = threading.Lock()
         self.stored = 0
 
+    def has_room(self) -> bool:
+        return shutil.disk_usage(self.incoming).free >= self.min_free
+
+    def temp_file(self) -> Path:
+        """A new path for an instance being received (same file system as its home)."""
+        return self.partial / f"{uuid.uuid4().hex}.tmp"
+
     def store_instance(self, data: bytes, origin: str, transfer_syntax: str | None = None,
                        expected_study: str | None = None) -> Outcome:
-        """Store one Part-10 encoded instance; ``origin`` is the calling AE title (or
-        the web client) for the job store and the logs.
+        """Store one Part-10 encoded instance held in memory (see :meth:`store_file`)."""
+        if not self.has_room():
+            log.error("refusing an instance from %s: free disk below the configured "
+                      "minimum", origin)
+            return Outcome(OUT_OF_RESOURCES, reason="free disk below the minimum")
+        tmp = self.temp_file()
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.error("an instance from %s was not stored: %s", origin, exc)
+            return Outcome(OUT_OF_RESOURCES, reason=f"not stored: {exc}")
+        return self.store_file(tmp, origin, transfer_syntax, expected_study)
 
-        ``transfer_syntax`` defaults to the file meta's; ``expected_study``
-        (STOW-RS ``/studies/{uid}``) refuses instances of another study.
+    def store_file(self, tmp: Path, origin: str, transfer_syntax: str | None = None,
+                   expected_study: str | None = None) -> Outcome:
+        """Move a received Part-10 file (from :meth:`temp_file`) into place and record it.
+
+        ``origin`` is the calling AE title (or the web client) for the job
+        store and the logs; ``transfer_syntax`` defaults to the file meta's;
+        ``expected_study`` (STOW-RS ``/studies/{uid}``) refuses other studies.
+        The temporary file is gone afterwards, whatever the outcome.
         """
         try:
-            if shutil.disk_usage(self.incoming).free < self.min_free:
-                log.error("refusing an instance from %s: free disk below the configured "
-                          "minimum", origin)
-                return Outcome(OUT_OF_RESOURCES, reason="free disk below the minimum")
             try:
-                header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                header = pydicom.dcmread(tmp, stop_before_pixels=True,
                                          specific_tags=_HEADER_TAGS)
-                uids = (str(header.SOPClassUID), str(header.SOPInstanceUID),
-                        str(header.StudyInstanceUID), str(header.SeriesInstanceUID))
+                sop_class, sop_uid, study_uid, series_uid = (
+                    str(header.SOPClassUID), str(header.SOPInstanceUID),
+                    str(header.StudyInstanceUID), str(header.SeriesInstanceUID))
                 syntax = transfer_syntax or str(header.file_meta.TransferSyntaxUID)
             except Exception as exc:
                 log.warning("an instance from %s cannot be understood: %s", origin, exc)
                 return Outcome(CANNOT_UNDERSTAND, reason=f"cannot be read: {exc}")
-            sop_class, sop_uid, study_uid, series_uid = uids
             if expected_study and study_uid != expected_study:
                 return Outcome(STUDY_MISMATCH, sop_class, sop_uid, study_uid,
                                "Study Instance UID differs from the one in the URL")
@@ -98,12 +130,17 @@ class InstanceStorage:
             if path.exists():  # the path is the UID's: this instance is stored already
                 log.debug("instance %s already stored", sop_uid)
                 return done
-            _write_atomically(path, data)
+            if self.sync:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            size = tmp.stat().st_size
+            os.replace(tmp, path)
             expected = header.get("ImagesInAcquisition")
             self.store.record_instance(ReceivedInstance(
                 sop_instance_uid=sop_uid, sop_class_uid=sop_class,
                 series_instance_uid=series_uid, study_instance_uid=study_uid,
-                modality=str(header.get("Modality", "")), path=str(path), size=len(data),
+                modality=str(header.get("Modality", "")), path=str(path), size=size,
                 transfer_syntax_uid=syntax, calling_aet=origin[:16],
                 images_in_acquisition=int(expected) if expected not in (None, "") else None))
             with self._lock:
@@ -115,18 +152,10 @@ class InstanceStorage:
         except Exception as exc:
             log.exception("storing an instance from %s failed", origin)
             return Outcome(PROCESSING_FAILURE, reason=f"processing failure: {exc}")
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _safe(uid: str) -> str:
     """A UID as a file name (UIDs are digits and dots; anything else is replaced)."""
     return "".join(c if c.isdigit() or c == "." else "_" for c in uid)[:64] or "_"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import (Boolean, Integer, bindparam, case, create_engine, event, func, insert,
+                        literal, select, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,6 +25,26 @@ from store.models import (Attempt, Base, Delivery, DeliveryState, Instance, Job,
 
 #: Series states in which new instances reopen the series (a new result version).
 FINISHED = (SeriesState.done, SeriesState.failed, SeriesState.skipped, SeriesState.complete)
+
+# The statements of record_instance, built once.
+_SERIES_T, _INSTANCE_T = Series.__table__, Instance.__table__
+_SERIES_FOR_UPDATE = (select(_SERIES_T.c.id, _SERIES_T.c.state)
+                      .where(_SERIES_T.c.series_instance_uid == bindparam("uid"))
+                      .with_for_update())
+_INSTANCE_EXISTS = select(_INSTANCE_T.c.id).where(
+    _INSTANCE_T.c.sop_instance_uid == bindparam("uid"))
+_SERIES_RECEIVED = (
+    update(_SERIES_T).where(_SERIES_T.c.id == bindparam("series")).values(
+        last_received=bindparam("now"), updated_at=bindparam("now"),
+        instance_count=_SERIES_T.c.instance_count + 1,
+        expected_instances=func.coalesce(bindparam("expected", type_=Integer),
+                                         _SERIES_T.c.expected_instances),
+        state=case((bindparam("reopen", type_=Boolean),
+                    literal(SeriesState.receiving, _SERIES_T.c.state.type)),
+                   else_=_SERIES_T.c.state),
+        reason=case((bindparam("reopen", type_=Boolean), ""), else_=_SERIES_T.c.reason),
+        version=_SERIES_T.c.version + case((bindparam("bump", type_=Boolean), 1), else_=0)))
+_INSTANCE_INSERT = insert(_INSTANCE_T)
 
 
 @dataclass(frozen=True)
@@ -77,33 +98,32 @@ class JobStore:
             return self._record_instance(item)
 
     def _record_instance(self, item: ReceivedInstance) -> bool:
+        # Core statements, compiled once (this runs before every acknowledgement; the
+        # ORM's unit of work costs more than the rest of a C-STORE together).
         now = utcnow()
-        with self.session() as s, s.begin():
-            series = s.scalar(select(Series).where(
-                Series.series_instance_uid == item.series_instance_uid).with_for_update())
-            if s.scalar(select(Instance.id).where(
-                    Instance.sop_instance_uid == item.sop_instance_uid)) is not None:
+        with self.engine.begin() as conn:
+            series = conn.execute(_SERIES_FOR_UPDATE,
+                                  {"uid": item.series_instance_uid}).first()
+            if conn.execute(_INSTANCE_EXISTS, {"uid": item.sop_instance_uid}).first():
                 return False
+            expected = item.images_in_acquisition or None
             if series is None:
-                series = Series(series_instance_uid=item.series_instance_uid,
-                                study_instance_uid=item.study_instance_uid,
-                                modality=item.modality, calling_aet=item.calling_aet,
-                                first_received=now)
-                s.add(series)
-                s.flush()
-            elif series.state in FINISHED or series.state == SeriesState.queued:
-                if series.state != SeriesState.complete:
-                    series.version += 1
-                series.state, series.reason = SeriesState.receiving, ""
-            series.last_received = now
-            series.instance_count = (series.instance_count or 0) + 1
-            if item.images_in_acquisition:
-                series.expected_instances = item.images_in_acquisition
-            s.add(Instance(sop_instance_uid=item.sop_instance_uid,
-                           sop_class_uid=item.sop_class_uid, series_id=series.id,
-                           path=item.path, size=item.size,
-                           transfer_syntax_uid=item.transfer_syntax_uid,
-                           calling_aet=item.calling_aet, received_at=now))
+                series_id = conn.execute(_SERIES_T.insert().values(
+                    series_instance_uid=item.series_instance_uid,
+                    study_instance_uid=item.study_instance_uid, modality=item.modality,
+                    calling_aet=item.calling_aet, first_received=now, last_received=now,
+                    instance_count=1, expected_instances=expected)).inserted_primary_key[0]
+            else:
+                series_id, state = series.id, SeriesState(series.state)
+                reopen = state in FINISHED or state == SeriesState.queued
+                conn.execute(_SERIES_RECEIVED, {
+                    "series": series_id, "now": now, "expected": expected,
+                    "reopen": reopen, "bump": reopen and state != SeriesState.complete})
+            conn.execute(_INSTANCE_INSERT, {
+                "sop_instance_uid": item.sop_instance_uid, "sop_class_uid": item.sop_class_uid,
+                "series_id": series_id, "path": item.path, "size": item.size,
+                "transfer_syntax_uid": item.transfer_syntax_uid,
+                "calling_aet": item.calling_aet, "received_at": now})
         return True
 
     def instance_paths(self, series_id: int) -> list[str]:

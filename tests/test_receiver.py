@@ -92,3 +92,43 @@ def test_low_disk_is_out_of_resources(tmp_path, study_factory):
         assert store.counts()["instances"] == 0
     finally:
         receiver.stop()
+
+
+@pytest.mark.parametrize("calling, sop_uid", [("CT1", "1.2.3.4"), ("", "1.2.3.45"),
+                                              ("MODALITY_LONG_AE", "1.2.840.113619.2.55.3.1")])
+def test_the_hand_written_file_meta_matches_pydicoms(calling, sop_uid):
+    """The Part-10 header the SCP writes, byte for byte what pydicom would write."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    from pacs_node.scp import _file_header
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    if calling:
+        meta.SourceApplicationEntityTitle = calling
+    expected = DicomBytesIO()
+    expected.is_little_endian, expected.is_implicit_VR = True, False
+    expected.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(expected, meta, enforce_standard=True)
+    pad = b"\x00" if len(sop_uid) % 2 else b""
+    command = {0x0002: b"1.2.840.10008.5.1.4.1.1.2\x00", 0x1000: sop_uid.encode() + pad}
+    assert _file_header(command, "1.2.840.10008.1.2.4.70", calling) == expected.getvalue()
+
+
+def test_fsync_mode_stores_the_same(tmp_path, study_factory):
+    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
+    receiver = Receiver(store, tmp_path / "data", min_free_disk_mb=1, sync=True)
+    receiver.start("127.0.0.1", 0)
+    try:
+        assert storescu(receiver.port, study_factory("covid", 1, 24).files[:3]).returncode == 0
+        assert store.counts()["instances"] == 3
+        assert not list((tmp_path / "data" / "incoming" / ".partial").iterdir())
+    finally:
+        receiver.stop()
