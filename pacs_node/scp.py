@@ -54,8 +54,9 @@ class ProtocolError(Exception):
     """The peer broke the protocol; the association is aborted."""
 
 
-#: store(temp file with the Part-10 instance, calling AE title, transfer syntax) -> status.
-StoreCallback = Callable[[Path, str, str], int]
+#: store(temp file with the Part-10 instance, calling AE title, transfer syntax,
+#: the data set's first fragment) -> status.
+StoreCallback = Callable[[Path, str, str, bytes], int]
 
 
 def parse_command(data: bytes) -> dict[int, bytes]:
@@ -114,6 +115,7 @@ class _Message:
     command: dict[int, bytes]
     file: BinaryIO | None = None
     path: Path | None = None
+    start: bytes = b""          # the data set's first fragment (its header, usually)
     discard: bool = False
 
 
@@ -306,6 +308,7 @@ class StorageSCP:
             message.path = self.temp_file()
             message.file = open(message.path, "wb")
             message.file.write(_file_header(message.command, transfer_syntax, calling))
+            message.start = bytes(fragment)
         message.file.write(fragment)
 
     def _finish(self, conn, message: _Message, calling: str, transfer_syntax: str) -> None:
@@ -318,7 +321,7 @@ class StorageSCP:
             assert message.file is not None and message.path is not None
             message.file.close()
             message.file = None
-            status = self.store(message.path, calling, transfer_syntax)
+            status = self.store(message.path, calling, transfer_syntax, message.start)
         conn.sendall(p_data(message.context_id, encode_response(
             C_STORE_RSP, message_id, sop_class, status, sop_instance)))
 

@@ -29,9 +29,9 @@ def node(tmp_path):
     receiver.stop()
 
 
-def storescu(port: int, files, aet: str = "CT1") -> subprocess.CompletedProcess:
-    return subprocess.run([require_tool("storescu"), "-v", "-aet", aet, "-aec", "LUNGSYS",
-                           "127.0.0.1", str(port), *map(str, files)],
+def storescu(port: int, files, aet: str = "CT1", *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require_tool("storescu"), "-v", *options, "-aet", aet, "-aec",
+                           "LUNGSYS", "127.0.0.1", str(port), *map(str, files)],
                           capture_output=True, text=True, env=ENV, timeout=120)
 
 
@@ -132,3 +132,26 @@ def test_fsync_mode_stores_the_same(tmp_path, study_factory):
         assert not list((tmp_path / "data" / "incoming" / ".partial").iterdir())
     finally:
         receiver.stop()
+
+
+@pytest.mark.parametrize("tool, flag, propose", [
+    ("dcmconv", "+ti", "-xi"), ("dcmconv", "+tb", "-xb"), ("dcmconv", "+td", "-xd"),
+    ("dcmcjpls", None, "-xt")])
+def test_every_encoding_is_stored_as_sent_and_recorded(node, study_factory, tmp_path, tool,
+                                                       flag, propose):
+    """Implicit, big endian, deflated and JPEG-LS instances: the header is read
+    from the first fragment, or from the file where it cannot be."""
+    receiver, store = node
+    source = study_factory("covid", 1, 24).files[0]
+    sent = tmp_path / "sent.dcm"
+    args = [require_tool(tool), *([flag] if flag else []), str(source), str(sent)]
+    subprocess.run(args, check=True, capture_output=True, timeout=60)
+    proc = storescu(receiver.port, [sent], "CT1", propose)   # sent as encoded, no conversion
+    assert proc.returncode == 0 and "Success" in proc.stderr, proc.stderr
+    [series] = store.series()
+    [path] = store.instance_paths(series.id)
+    original = pydicom.dcmread(sent)
+    assert series.series_instance_uid == original.SeriesInstanceUID
+    copy = pydicom.dcmread(path)
+    assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert (copy.pixel_array == pydicom.dcmread(source).pixel_array).all()
