@@ -221,19 +221,15 @@ def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_fac
     import sys
     from pathlib import Path
 
-    from inference.checkpoint import save_checkpoint
     from store.api import JobStore
 
     study = study_factory("covid", 1, 24)
-    ckpt = tmp_path / "model.safetensors"
-    save_checkpoint(LungSysModel.create("small", seed=1), ckpt)
     port = free_port()
     toml = tmp_path / "node.toml"
     toml.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
                     f'min_free_disk_mb = 1\n[dicomweb]\nport = 0\n'
                     f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
-                    f'[assembly]\nstable_seconds = 3\n[model]\ncheckpoint = "{ckpt}"\n'
-                    f'device = "cpu"\n')
+                    f'[assembly]\nstable_seconds = 3\n[model]\ndevice = "cpu"\n')  # shipped model
     exe = str(Path(sys.executable).with_name("lungsys"))
 
     def serve():
