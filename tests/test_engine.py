@@ -103,10 +103,12 @@ def test_cli_analyze_runs_on_a_phantom_study(checkpoint, study_factory):
     assert "infected fraction of the lung" in text.stdout
 
 
-def test_cli_analyze_needs_a_model(study_factory, tmp_path):
+def test_cli_analyze_defaults_to_the_shipped_model_and_refuses_a_bad_one(study_factory,
+                                                                         tmp_path):
     study = study_factory("covid", 1, 24)
     proc = lungsys("analyze", str(study.directory))
-    assert proc.returncode == 1 and "no model given" in proc.stderr
+    assert proc.returncode == 0 and proc.stdout.startswith("diagnosis: ")
+    assert "not a clinical model" in proc.stderr        # the shipped model says what it is
     bad = tmp_path / "bad.safetensors"
     bad.write_text("x")
     proc = lungsys("analyze", str(study.directory), "--model", str(bad))

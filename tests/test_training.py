@@ -30,8 +30,9 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def _config(tiny, tmp_path, name, epochs):
     return SliceTrainConfig(data=str(tiny), out=str(tmp_path / f"{name}.safetensors"),
-                            run_dir=str(tmp_path / f"{name}.run"), epochs=epochs, lr=0.01,
-                            lr_step=10, batch_size=16, seed=3, device="cpu")
+                            run_dir=str(tmp_path / f"{name}.run"), epochs=epochs, lr=0.001,
+                            optimizer="adamw", lr_step=10, batch_size=16, seed=3,
+                            device="cpu")  # AdamW: what the shipped model trains with
 
 
 def test_slice_training_lowers_the_loss_and_writes_a_loadable_model(tiny, tmp_path):
@@ -46,7 +47,7 @@ def test_slice_training_lowers_the_loss_and_writes_a_loadable_model(tiny, tmp_pa
     assert model.metadata["provenance"]["epochs"] == 5
     assert meta["content_sha256"] == model.content_sha256
     config = json.loads((tmp_path / "a.run" / "config.json").read_text())
-    assert config["lr"] == 0.01 and config["seed"] == 3
+    assert config["lr"] == 0.001 and config["seed"] == 3 and config["optimizer"] == "adamw"
     assert "val_class_acc" in rows[0]
 
 
