@@ -20,7 +20,6 @@ import io
 import logging
 import os
 import shutil
-import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +102,6 @@ class InstanceStorage:
             leftover.unlink(missing_ok=True)
         self.min_free = min_free_disk_mb * 1024 * 1024
         self.sync = sync
-        self._lock = threading.Lock()
-        self.stored = 0
 
     def has_room(self) -> bool:
         return shutil.disk_usage(self.incoming).free >= self.min_free
@@ -174,8 +171,6 @@ class InstanceStorage:
                 modality=str(header.get("Modality", "")), path=str(path), size=size,
                 transfer_syntax_uid=syntax, calling_aet=origin[:16],
                 images_in_acquisition=int(expected) if expected not in (None, "") else None))
-            with self._lock:
-                self.stored += 1
             return done
         except OSError as exc:
             log.error("an instance from %s was not stored: %s", origin, exc)
