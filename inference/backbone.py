@@ -95,10 +95,13 @@ class ResNet50(nn.Module):
         layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
+    def stem_to_layer1(self, x: Tensor) -> Tensor:
+        """The stem and ResBlock1: features at 1/4 of the input size."""
+        return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+
     def stem_to_layer3(self, x: Tensor) -> Tensor:
         """ResBlock1-3 (with the stem): features at 1/16 of the input size."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer3(self.layer2(self.layer1(x)))
+        return self.layer3(self.layer2(self.stem_to_layer1(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer4(self.stem_to_layer3(x))

@@ -3,10 +3,10 @@
 The model is loaded once and reused. For a series: the paper's preprocessing
 (lung crop, resize), then the slice network over batches of slices, each
 slice at the three window centres (-700, -600, -500) whose probabilities,
-maps and features are averaged as the paper does; then the patient network
-(or the paper's non-parametric assessment, selectable) on the slice features;
-then lesion maps back on the original slice grid, boxes and infected
-fractions. Batches keep memory bounded for series of 1000 slices.
+lesion evidence and features are averaged as the paper does; then the patient
+network (or the paper's non-parametric assessment, selectable) on the slice
+features; then lesion maps (the evidence scaled by each slice's lesion
+probability) back on the original slice grid, boxes and infected fractions. Batches keep memory bounded for series of 1000 slices.
 
 CUDA is used when present (``device="auto"``), with bf16 autocast and
 channels_last; otherwise the CPU.
@@ -71,7 +71,7 @@ class Engine:
     def _autocast(self):
         return _autocast(self.device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def analyze(self, series: CTSeries,
                 progress: Callable[[int, int], None] | None = None) -> AnalysisResult:
         """Analyse one series; ``progress(done, total)`` is told after each batch."""
@@ -84,8 +84,10 @@ class Engine:
         t0 = time.perf_counter()
         n = len(series)
         outputs = run_slices(self.model.slice_net, prepared.crops, self.batch_size, self.device,
-                             progress)
-        lesion, classes, maps = outputs.lesion, outputs.classes, outputs.maps
+                             progress, evidence=True)
+        lesion, classes = outputs.lesion, outputs.classes
+        assert outputs.evidence is not None
+        maps = localize.evidence_maps(outputs.evidence, lesion[:, 1])
         features = torch.from_numpy(outputs.features)
         timings["slice_network"] = time.perf_counter() - t0
 
@@ -144,18 +146,21 @@ class SliceOutputs:
 
     lesion: np.ndarray     # (n, 2) probabilities: no lesion, lesion
     classes: np.ndarray    # (n, 4) probabilities of the four-class head
-    maps: np.ndarray       # (n, h, w) lesion maps
     features: np.ndarray   # (n, D) slice features
+    evidence: np.ndarray | None = None  # (n, h, w) lesion evidence at ResBlock1, if asked
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def run_slices(slice_net: torch.nn.Module, crops: np.ndarray, batch_size: int,
                device: torch.device, progress: Callable[[int, int], None] | None = None,
-               centres: tuple[float, ...] = INFERENCE_CENTRES) -> SliceOutputs:
+               centres: tuple[float, ...] = INFERENCE_CENTRES,
+               evidence: bool = False) -> SliceOutputs:
     """Run the slice network over cropped HU slices (n, size, size) in batches.
 
-    Each batch holds every slice at every window centre; probabilities, maps
-    and features are averaged over the centres, as the paper does at inference.
+    Each batch holds every slice at every window centre; probabilities,
+    features and (with ``evidence``) the lesion evidence maps are averaged over
+    the centres, as the paper does at inference. Evidence costs a backward
+    pass through ResBlock2-3 (not inference mode, so that autograd can run).
     """
     n = crops.shape[0]
     cuda = device.type == "cuda"
@@ -163,6 +168,7 @@ def run_slices(slice_net: torch.nn.Module, crops: np.ndarray, batch_size: int,
     classes = np.zeros((n, 4), dtype=np.float64)
     maps: np.ndarray | None = None
     features: np.ndarray | None = None
+    lesion_map = None
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         batch = np.asarray(crops[start:stop], dtype=np.float32)
@@ -171,21 +177,26 @@ def run_slices(slice_net: torch.nn.Module, crops: np.ndarray, batch_size: int,
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device):
-            out = slice_net(x)
+            if evidence:
+                out, lesion_map = slice_net.lesion_evidence(x)
+            else:
+                out = slice_net(x)
         k, w = stop - start, len(centres)
         lesion[start:stop] = _mean_windows(torch.softmax(out.lesion_logits.float(), 1), w, k)
         classes[start:stop] = _mean_windows(torch.softmax(out.class_logits.float(), 1), w, k)
-        batch_maps = _mean_windows(out.lesion_map.float(), w, k)
         batch_features = _mean_windows(out.feature.float(), w, k)
-        if maps is None or features is None:
-            maps = np.zeros((n, *batch_maps.shape[1:]), dtype=np.float32)
+        if features is None:
             features = np.zeros((n, batch_features.shape[1]), dtype=np.float32)
-        maps[start:stop] = batch_maps
         features[start:stop] = batch_features
+        if lesion_map is not None:
+            batch_maps = _mean_windows(lesion_map.float(), w, k)
+            if maps is None:
+                maps = np.zeros((n, *batch_maps.shape[1:]), dtype=np.float32)
+            maps[start:stop] = batch_maps
         if progress is not None:
             progress(stop, n)
-    assert maps is not None and features is not None
-    return SliceOutputs(lesion, classes, maps, features)
+    assert features is not None
+    return SliceOutputs(lesion, classes, features, maps)
 
 
 def _mean_windows(t: torch.Tensor, windows: int, k: int) -> np.ndarray:

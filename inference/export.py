@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 
 from inference.heatmap import build_sc, render_overlay
 from inference.identity import ALGORITHM_NAME, AlgorithmIdentity
+from inference.localize import smooth
 from inference.results import AnalysisResult
 from inference.series import CTSeries
 from inference.sr import build_sr
@@ -48,6 +50,16 @@ def slice_source(series: CTSeries, index: int) -> Dataset:
     return ds
 
 
+def _shown(result: AnalysisResult, series: CTSeries, index: int) -> np.ndarray:
+    """The map a heatmap shows: blurred as regions are cut, its peak kept (the
+    slice's lesion probability), so that colour follows the evidence's shape and
+    the slice's certainty rather than how spiky the evidence is."""
+    grid = result.maps.on_grid(index)
+    shown = smooth(grid, float(np.mean(series.pixel_spacing)))
+    peak = float(shown.max())
+    return shown * (float(grid.max()) / peak) if peak > 0 else shown
+
+
 def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path, *,
                   heatmaps: str = "lesion") -> ResultFiles:
     """Write the SC heatmaps and the SR of ``result`` into ``out_dir``."""
@@ -69,7 +81,7 @@ def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path,
                  f"Diagnosis: {result.diagnosis} (p={top:.2f})",
                  f"Slice {s.index + 1}/{len(series)}: lesion probability "
                  f"{s.lesion_probability:.2f}"]
-        pixels = render_overlay(series.hu[s.index], result.maps.on_grid(s.index), lines,
+        pixels = render_overlay(series.hu[s.index], _shown(result, series, s.index), lines,
                                 [b.as_tuple() for b in s.boxes])
         sc = build_sc(sources[s.index], pixels, series_instance_uid=sc_series,
                       series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(),

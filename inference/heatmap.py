@@ -18,10 +18,11 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.identity import DISCLAIMER, MANUFACTURER, AlgorithmIdentity
+from inference.localize import MAP_FLOOR
 
 DISPLAY_CENTRE, DISPLAY_WIDTH = -600.0, 1500.0
-#: Map values at or below this are not drawn.
-OVERLAY_FLOOR = 0.5
+#: Map values at or below this are not drawn: the floor below which nothing is lesion.
+OVERLAY_FLOOR = MAP_FLOOR
 OVERLAY_ALPHA = 0.55
 #: A blue-cyan-green-yellow-red ramp (the familiar "jet" heatmap), value 0 to 1.
 _STOPS = np.array([[0, 0, 0.5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0.5, 0, 0]])

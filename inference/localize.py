@@ -1,12 +1,17 @@
 """Lesion regions and boxes from a lesion map (weakly supervised, Hu 2020).
 
-On the original slice grid: Gaussian blur of the map, an Isodata threshold
-(never below an absolute floor, so that a slice with a flat, low map yields
-nothing), morphological closing, and connected components above a minimum
+The maps are the slice network's lesion evidence, each slice's scaled to its
+lesion probability (:func:`evidence_maps`). On the original slice grid:
+Gaussian blur of the map, an Isodata threshold (never below an absolute
+floor, so that faint evidence yields nothing), morphological closing, and connected components above a minimum
 area; each component gives a bounding box with the map's peak inside it as
 its score. The infected fraction of a slice is the lesion region's share of
 the lung (the filled lung mask of the preprocessing, with the lesion region
 counted as lung: consolidation is lung even though it is not air).
+
+The blur and the floor were chosen on the validation split of the shipped
+model's training set (Dice and infected-fraction error against the phantom's
+masks), never on a test set: docs/localisation.md.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from scipy import ndimage
 from skimage.filters import threshold_isodata
 
 #: Map values below this are never lesion, whatever Isodata says.
-MAP_FLOOR = 0.55
-BLUR_MM = 2.0
+MAP_FLOOR = 0.1
+BLUR_MM = 4.0
 CLOSING_MM = 3.0
 MIN_AREA_MM2 = 20.0
 
@@ -39,11 +44,30 @@ class LesionBox:
         return self.row0, self.col0, self.row1, self.col1
 
 
+def evidence_maps(evidence: np.ndarray, lesion_probability: np.ndarray) -> np.ndarray:
+    """Lesion maps in [0, 1] from the slice network's raw evidence (n, h, w).
+
+    Each slice's evidence over its own maximum, times the slice's lesion
+    probability: the peak of a slice says how sure task 1 is, the shape says
+    where; a slice without evidence stays zero.
+    """
+    evidence = np.asarray(evidence, dtype=np.float32)
+    peak = evidence.reshape(len(evidence), -1).max(axis=1)
+    scale = np.divide(np.asarray(lesion_probability, dtype=np.float32), peak,
+                      out=np.zeros_like(peak), where=peak > 0)
+    return evidence * scale[:, None, None]
+
+
+def smooth(lesion_map: np.ndarray, spacing_mm: float = 1.0) -> np.ndarray:
+    """The map blurred by ``BLUR_MM``: what regions are cut from and heatmaps show."""
+    return ndimage.gaussian_filter(np.asarray(lesion_map, dtype=np.float32),
+                                   sigma=BLUR_MM / spacing_mm)
+
+
 def lesion_region(lesion_map: np.ndarray, spacing_mm: float = 1.0,
                   floor: float = MAP_FLOOR) -> np.ndarray:
     """Boolean lesion region of one map on the slice grid (blurred, thresholded, closed)."""
-    blurred = ndimage.gaussian_filter(np.asarray(lesion_map, dtype=np.float32),
-                                      sigma=BLUR_MM / spacing_mm)
+    blurred = smooth(lesion_map, spacing_mm)
     if blurred.max() < floor:
         return np.zeros(blurred.shape, dtype=bool)
     candidates = blurred[blurred > 0]

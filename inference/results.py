@@ -32,7 +32,7 @@ class SliceResult:
 class LesionMaps:
     """Lesion maps at the network's resolution, with what puts them back on the slices."""
 
-    maps: np.ndarray                  # (n, h, w) float32 in [0, 1], "lesion" prototype
+    maps: np.ndarray                  # (n, h, w) float32 in [0, 1], lesion evidence
     boxes: np.ndarray                 # (n, 4) crop boxes on the source grid
     shape: tuple[int, int]            # (rows, columns) of the source slices
 

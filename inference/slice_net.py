@@ -10,8 +10,11 @@ ResBlock4 (its first block takes C3 + 4 channels) -> GAP -> FC(4): Healthy,
 COVID-19, H1N1, CAP (task 2). The per-slice feature for the patient network is
 GAP(F3) concatenated with GAP(F4).
 
-The map shown to users always uses the "lesion" prototype, whatever the
-prediction (the paper's footnote shows the other one for healthy slices).
+The "lesion" prototype's map is in every output, whatever the prediction
+(the paper's footnote shows the other one for healthy slices). What users see
+is finer: :meth:`SliceNet.lesion_evidence` attributes task 1's lesion score to
+ResBlock1's positions, which finds the lesions where the 1/16 attention map,
+trained only through classification losses, does not.
 """
 
 from __future__ import annotations
@@ -71,15 +74,42 @@ class SliceNet(nn.Module):
         return self.backbone.fc
 
     def forward(self, x: Tensor) -> SliceOutput:
-        f3 = self.backbone.stem_to_layer3(x)
+        return self.heads(self.backbone.stem_to_layer3(x))
+
+    def heads(self, f3: Tensor) -> SliceOutput:
+        """Everything after ResBlock3: task 1, the attention map, ResBlock4, task 2."""
         g3 = f3.mean(dim=(2, 3))
         lesion_logits = self.lesion_fc(g3)
         maps = prototype_maps(f3, self.lesion_fc.weight)
         predicted = lesion_logits.argmax(dim=1)
         b, _, h, w = f3.shape
-        attention = maps[torch.arange(b, device=x.device), predicted].unsqueeze(1)
-        coords = coordinate_maps(h, w, device=x.device, dtype=f3.dtype).expand(b, -1, -1, -1)
+        attention = maps[torch.arange(b, device=f3.device), predicted].unsqueeze(1)
+        coords = coordinate_maps(h, w, device=f3.device, dtype=f3.dtype).expand(b, -1, -1, -1)
         f4 = self.backbone.layer4(torch.cat([f3, attention.to(f3.dtype), coords], dim=1))
         g4 = f4.mean(dim=(2, 3))
         return SliceOutput(lesion_logits=lesion_logits, class_logits=self.class_fc(g4),
                            lesion_map=maps[:, LESION], feature=torch.cat([g3, g4], dim=1))
+
+    def lesion_evidence(self, x: Tensor) -> tuple[SliceOutput, Tensor]:
+        """The forward pass, and where in the slice task 1 found its lesion evidence.
+
+        The evidence map is gradient times activation at ResBlock1 (1/4 of the
+        input size) of the lesion-minus-no-lesion logit: each position's
+        first-order share of the score, the positive part kept. Task 1 sees
+        only GAP(F3), so its attention map at 1/16 carries no position the
+        loss ever asked for; attributed back to ResBlock1 the same score lands
+        on the lesions (docs/localisation.md has the measurements). Gradients
+        flow only to ResBlock1's output, never into the weights; call it under
+        ``torch.no_grad()`` or with grad enabled alike.
+        """
+        with torch.no_grad():
+            f1 = self.backbone.stem_to_layer1(x)
+        with torch.enable_grad():
+            f1 = f1.detach().requires_grad_(True)
+            f3 = self.backbone.layer3(self.backbone.layer2(f1))
+            logits = self.lesion_fc(f3.mean(dim=(2, 3)))
+            margin = logits[:, LESION] - logits[:, NO_LESION]
+            (grad,) = torch.autograd.grad(margin.sum(), f1)
+        evidence = F.relu((grad * f1).sum(dim=1)).detach()
+        with torch.no_grad():
+            return self.heads(f3.detach()), evidence

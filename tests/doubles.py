@@ -10,21 +10,30 @@ from inference.slice_net import SliceOutput
 
 
 class HotSpot(nn.Module):
-    """A slice network whose lesion map is hot on map rows 2-5, columns 10-13 of
-    every slice, called lesion-bearing with the given class probabilities."""
+    """A slice network whose lesion maps are hot on the same part of every
+    slice (rows 2/16-6/16, columns 10/16-14/16 of the crop), called
+    lesion-bearing with the given class probabilities."""
 
     def __init__(self, profile, class_logits=(0.0, 3.0, 0.0, 0.0)):
         super().__init__()
         self.profile = profile
         self.class_logits = torch.tensor(class_logits)
 
+    @staticmethod
+    def hot(b: int, size: int) -> torch.Tensor:
+        m = torch.zeros(b, size, size)
+        m[:, 2 * size // 16:6 * size // 16, 10 * size // 16:14 * size // 16] = 1.0
+        return m
+
     def forward(self, x):
-        b, size = x.shape[0], x.shape[-1] // 16
-        lesion_map = torch.zeros(b, size, size)
-        lesion_map[:, 2:6, 10:14] = 1.0
+        b = x.shape[0]
         return SliceOutput(lesion_logits=torch.tensor([[-5.0, 5.0]]).repeat(b, 1),
-                           class_logits=self.class_logits.repeat(b, 1), lesion_map=lesion_map,
+                           class_logits=self.class_logits.repeat(b, 1),
+                           lesion_map=self.hot(b, x.shape[-1] // 16),
                            feature=torch.zeros(b, self.profile.slice_feature_dim))
+
+    def lesion_evidence(self, x):
+        return self(x), self.hot(x.shape[0], x.shape[-1] // 4)
 
 
 def hotspot_model(seed: int = 2) -> LungSysModel:

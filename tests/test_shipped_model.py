@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 from inference.checkpoint import default_model, load_checkpoint
 from inference.engine import Engine
 from inference.profiles import CLASSES
 from inference.series import load_series
+from training.metrics import pointing_hit
 from training.phantom import LABELS, generate_study
 
 #: Phantom seeds of this test's patients: base seed 9 in phantom-set's scheme,
@@ -24,7 +28,7 @@ def test_the_shipped_model_loads_verified_and_says_what_it_is():
     metrics = meta["metrics"]                          # recorded by 'lungsys evaluate --record'
     assert metrics["split"] == "all" and metrics["patients"] >= 100
     assert metrics["patient_accuracy"] >= 0.9
-    assert 0 <= metrics["pointing_game"] <= 1  # recorded; not yet at the 80% target (issue 6)
+    assert metrics["pointing_game"] >= 0.8
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,9 @@ def engine():
     return Engine(default_model(), device="cpu")
 
 
-def test_the_shipped_model_diagnoses_phantoms_it_never_saw(engine, tmp_path_factory):
-    right, wrong = 0, []
+def test_the_shipped_model_diagnoses_and_localises_on_phantoms_it_never_saw(engine,
+                                                                            tmp_path_factory):
+    right, wrong, hits = 0, [], []
     for label in LABELS:
         for seed in FRESH_SEEDS:
             out = tmp_path_factory.mktemp(f"{label}-{seed}")
@@ -44,4 +49,14 @@ def test_the_shipped_model_diagnoses_phantoms_it_never_saw(engine, tmp_path_fact
                 right += 1
             else:
                 wrong.append(f"{label} seed {seed}: {result.diagnosis}")
+            truth = json.loads((out / "truth.json").read_text())
+            lesion = np.load(out / "masks.npz")["lesion"]
+            row = {s["sop_instance_uid"]: i for i, s in enumerate(truth["slices"])}
+            for s in result.slices:
+                mask = lesion[row[s.sop_instance_uid]]
+                if mask.any():
+                    hits.append(pointing_hit(result.maps.on_grid(s.index), mask))
     assert right >= 6, wrong    # 8 patients; a 90% model gets 6 or more right 96% of the time
+    # the map's peak on a lesion: 82% of 1242 lesion slices of the 100 recorded patients,
+    # 72% of these 6 patients' 81 (the attention map it replaced: under 5%)
+    assert len(hits) > 30 and np.mean(hits) >= 0.6, (len(hits), np.mean(hits))

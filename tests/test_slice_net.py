@@ -86,3 +86,31 @@ def test_a_few_steps_lower_both_losses():
         opt.step()
     last = [v.item() for v in losses()]
     assert last[0] < first[0] and last[1] < first[1]
+
+
+def test_lesion_evidence_attributes_task_1_at_resblock1_without_touching_weights():
+    torch.manual_seed(0)
+    net = SliceNet(PROFILES["small"]).eval()
+    x = torch.rand(3, 3, 128, 128)
+    with torch.no_grad():
+        plain = net(x)
+    out, evidence = net.lesion_evidence(x)
+    assert evidence.shape == (3, 32, 32)                # ResBlock1: 1/4 of the input
+    assert evidence.min() >= 0 and evidence.max() > 0
+    torch.testing.assert_close(out.lesion_logits, plain.lesion_logits)
+    torch.testing.assert_close(out.class_logits, plain.class_logits)
+    assert all(p.grad is None for p in net.parameters())
+
+    # what it is: the positive part of d(lesion - no lesion)/d(F1) * F1, summed over channels
+    f1 = net.backbone.stem_to_layer1(x).detach().requires_grad_(True)
+    logits = net.lesion_fc(net.backbone.layer3(net.backbone.layer2(f1)).mean(dim=(2, 3)))
+    (grad,) = torch.autograd.grad((logits[:, 1] - logits[:, 0]).sum(), f1)
+    torch.testing.assert_close(evidence, F.relu((grad * f1).sum(dim=1)).detach())
+
+
+def test_no_lesion_evidence_when_the_head_cannot_tell_lesion_from_none():
+    net = SliceNet(PROFILES["small"]).eval()
+    with torch.no_grad():
+        net.lesion_fc.weight[1] = net.lesion_fc.weight[0]
+    _, evidence = net.lesion_evidence(torch.rand(2, 3, 64, 64))
+    assert torch.count_nonzero(evidence) == 0
