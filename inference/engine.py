@@ -6,7 +6,8 @@ slice at the three window centres (-700, -600, -500) whose probabilities,
 lesion evidence and features are averaged as the paper does; then the patient
 network (or the paper's non-parametric assessment, selectable) on the slice
 features; then lesion maps (the evidence scaled by each slice's lesion
-probability) back on the original slice grid, boxes and infected fractions. Batches keep memory bounded for series of 1000 slices.
+probability) back on the original slice grid, boxes and infected fractions.
+Batches keep memory bounded for series of 1000 slices.
 
 CUDA is used when present (``device="auto"``), with bf16 autocast and
 channels_last; otherwise the CPU.
