@@ -5,9 +5,10 @@ lesion probability (:func:`evidence_maps`). On the original slice grid:
 Gaussian blur of the map, an Isodata threshold (never below an absolute
 floor, so that faint evidence yields nothing), morphological closing, and
 connected components above a minimum area; each component gives a bounding
-box with the map's peak inside it as its score. The infected fraction of a slice is the lesion region's share of
-the lung (the filled lung mask of the preprocessing, with the lesion region
-counted as lung: consolidation is lung even though it is not air).
+box with the map's peak inside it as its score. The infected fraction of a
+slice is the lesion region's share of the lung (the filled lung mask of the
+preprocessing, with the lesion region counted as lung: consolidation is lung
+even though it is not air).
 
 The blur and the floor were chosen on the validation split of the shipped
 model's training set (Dice and infected-fraction error against the phantom's
