@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
     TimeElapsedColumn
 
 from inference.version import software_version
+from pacs_node import LOG_FORMAT
 
 app = typer.Typer(
     name="lungsys",
@@ -52,7 +53,7 @@ def _root(
                                          help="More log output (-v info, -vv debug).")] = 0,
 ) -> None:
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def _progress() -> Progress:

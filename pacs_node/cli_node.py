@@ -29,24 +29,19 @@ def serve(
     import threading
 
     from config import load_config
-    from inference.checkpoint import default_model
-    from inference.engine import Engine
     from pacs_node.node import Node
 
     cfg = load_config(config_file)
-    checkpoint = cfg.model["checkpoint"] or default_model()
-    engine = Engine(checkpoint, device=cfg.model["device"],
-                    batch_size=cfg.model["batch_size"], method=cfg.model["method"])
-    node = Node(cfg, engine)
+    node = Node(cfg)            # the worker process loads the model (fails here if it cannot)
     node.start()
     logger = logging.getLogger("lungsys")
     logger.warning(
         "lungsys %s: %s listening on %s:%d (STOW-RS: %s), model %s on %s, %d destination(s)",
         software_version(), cfg.node["ae_title"], cfg.node["host"], node.port,
-        f"port {node.stow_port}" if node.stow_port else "off", engine.model.version,
-        engine.device, len(cfg.destinations))
-    if engine.model.metadata.get("intended_use"):
-        logger.warning("model: %s", engine.model.metadata["intended_use"])
+        f"port {node.stow_port}" if node.stow_port else "off", node.model["version"],
+        node.model["device"], len(cfg.destinations))
+    if node.model["intended_use"]:
+        logger.warning("model: %s", node.model["intended_use"])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

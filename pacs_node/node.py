@@ -2,12 +2,14 @@
 
 Data flows one way: the receivers (DIMSE and STOW-RS) record instances in
 the store; an assembly sweep (APScheduler) completes quiet series (or those
-whose Images in Acquisition all arrived), filters them (CT, axial, no localizer, at least
-``min_slices``) and queues a job; one worker thread, holding the model
-loaded once, runs queued jobs (loading, the engine, SR and SC files) and
-queues a delivery per destination; a delivery sweep sends due deliveries and
-schedules retries with backoff; a retention sweep deletes old, delivered
-data. Receiving never waits for the model.
+whose Images in Acquisition all arrived), filters them (CT, axial, no
+localizer, at least ``min_slices``) and queues a job; one worker, holding
+the model loaded once, runs queued jobs (loading, the engine, SR and SC
+files) and queues a delivery per destination (:mod:`pacs_node.worker`: a
+process of lower CPU priority, or a thread for an engine handed in); a
+delivery sweep sends due deliveries and schedules retries with backoff; a
+retention sweep deletes old, delivered data. Receiving never waits for the
+model.
 
 After a crash nothing is lost: instances are on disk and in the store before
 they are acknowledged, half-received series complete after a restart, and
@@ -23,18 +25,16 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from config import NodeConfig
-from inference.errors import SeriesError
-from inference.profiles import CLASSES
-from inference.series import load_series, scan
+from inference.series import scan
 from pacs_node import delivery
 from pacs_node.receiver import Receiver
 from pacs_node.stow import StowServer
+from pacs_node.worker import STOP_SECONDS, JobRunner, WorkerProcess
 from store.api import JobStore
-from store.models import Job, Series, utcnow
+from store.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,35 @@ class Node:
                                                            "max_instances": 1})
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="lungsys-worker", daemon=True)
+        self.worker: WorkerProcess | None = None     # started by start() without an engine
+        self._thread: threading.Thread | None = None
+
+    @property
+    def model(self) -> dict:
+        """The model the worker runs: version, device, intended use."""
+        if self.worker is not None:
+            return self.worker.model
+        if self.engine is None:
+            return {}
+        return {"version": self.engine.model.version, "device": str(self.engine.device),
+                "intended_use": self.engine.model.metadata.get("intended_use", "")}
 
     # --- life cycle ----------------------------------------------------------
     def start(self) -> None:
+        """Start the worker (a process that loads the model, unless an engine was
+        given: then a thread), then receiving and the sweeps. A model that
+        cannot be loaded stops the start before anything is accepted."""
         requeued = self.store.requeue_interrupted()
         if requeued:
             log.warning("%d job(s) interrupted by a restart will run again", requeued)
+        if self.engine is None:
+            self.worker = WorkerProcess(self.config)
+            self.worker.start()
+        else:
+            self._thread = threading.Thread(
+                target=JobRunner(self.config, self.store, self.engine).loop,
+                args=(self._stop, self._wake), name="lungsys-worker", daemon=True)
+            self._thread.start()
         self.receiver.start(self.config.node["host"], self.config.node["port"])
         if self.stow is not None:
             self.stow.start(self.config.node["host"], self.config.dicomweb["port"])
@@ -91,8 +113,7 @@ class Node:
         if self.config.retention["days"] > 0:
             self.scheduler.add_job(self.retention_sweep, "interval", hours=1, id="retention")
         self.scheduler.start()
-        self._worker.start()
-        self._wake.set()
+        self.wake_worker()
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,7 +122,10 @@ class Node:
         if self.stow is not None:
             self.stow.stop()
         self.scheduler.shutdown(wait=True)
-        self._worker.join(timeout=30)
+        if self.worker is not None:
+            self.worker.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_SECONDS)
 
     @property
     def port(self) -> int:
@@ -123,65 +147,14 @@ class Node:
             job = self.store.queue_job(series.id)
             log.info("series %s complete (%d instances): job %d queued",
                      series.series_instance_uid, len(paths), job.id)
-            self._wake.set()
+            self.wake_worker()
 
     # --- jobs ----------------------------------------------------------------
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            job = self.store.claim_job()
-            if job is None:
-                self._wake.wait(timeout=5)
-                self._wake.clear()
-                continue
-            self.run_job(job)
-
-    def run_job(self, job: Job) -> None:
-        from inference.export import write_results
-
-        series: Series = job.series
-        started = utcnow()
-        try:
-            data = load_series(self.store.instance_paths(series.id))
-        except SeriesError as exc:
-            self.store.fail_job(job.id, f"skipped: {exc}")
-            self.store.skip_series(series.id, str(exc))
-            log.info("job %d: series skipped: %s", job.id, exc)
-            return
-        try:
-            if len(data) < self.config.assembly["min_slices"]:
-                raise SeriesError(f"{len(data)} slices, fewer than the minimum of "
-                                  f"{self.config.assembly['min_slices']}")
-            result = self.engine.analyze(data)
-            out = (self.data_dir / "results" / series.study_instance_uid
-                   / series.series_instance_uid / f"v{job.version}")
-            files = write_results(result, data, out, heatmaps=self.config.model["heatmaps"])
-        except SeriesError as exc:
-            self.store.fail_job(job.id, f"skipped: {exc}")
-            self.store.skip_series(series.id, str(exc))
-            return
-        except Exception as exc:
-            log.exception("job %d failed", job.id)
-            self.store.fail_job(job.id, f"{type(exc).__name__}: {exc}"[:2000])
-            return
-        records = []
-        for path in files.all:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            records.append({"kind": "sr" if path == files.sr else "sc",
-                            "sop_instance_uid": str(ds.SOPInstanceUID),
-                            "sop_class_uid": str(ds.SOPClassUID),
-                            "series_instance_uid": str(ds.SeriesInstanceUID),
-                            "path": str(path)})
-        timings = dict(result.timings)
-        timings["total"] = (utcnow() - started).total_seconds()
-        self.store.finish_job(
-            job.id, diagnosis=result.diagnosis,
-            probabilities={c: float(p) for c, p in zip(CLASSES, result.probabilities)},
-            infected_fraction=float(result.infected_fraction), timings=timings,
-            model_version=result.model["version"], device_uid=result.model["device_uid"],
-            results=records)
-        self.store.create_deliveries(job.id, [(d.name, d.kind)
-                                              for d in self.config.destinations])
-        log.info("job %d done: %s, %d result objects", job.id, result.diagnosis, len(records))
+    def wake_worker(self) -> None:
+        """A job was queued: the worker need not wait for its next look."""
+        if self.worker is not None:
+            self.worker.wake()
+        self._wake.set()
 
     # --- delivery ------------------------------------------------------------
     def delivery_sweep(self) -> None:

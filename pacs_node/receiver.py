@@ -26,7 +26,7 @@ from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 
 from pacs_node.scp import StorageSCP
-from pacs_node.storage import InstanceStorage, header_from_start
+from pacs_node.storage import InstanceStorage
 from store.api import JobStore
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ class Receiver:
         self.ae_title = ae_title
 
     def _store(self, path: Path, calling: str, transfer_syntax: str, start: bytes) -> int:
-        header = header_from_start(start, transfer_syntax)
-        return self.storage.store_file(path, calling, transfer_syntax, header=header).status
+        return self.storage.store_file(path, calling, transfer_syntax, start=start).status
 
     def start(self, host: str, port: int) -> None:
         self.scp.start(host, port)

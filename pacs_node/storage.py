@@ -5,10 +5,11 @@ exactly as the sender encoded it (a DICOM Part-10 file, never decoded; only
 its header is parsed for the UIDs), in a temporary file beside the received
 instances (``incoming/.partial``). It is moved into place atomically (a
 rename, after an fsync when ``sync`` is on) under
-``data_dir/incoming/STUDY/SERIES/``, recorded in the job store, and only then
-reported stored, so that an acknowledged instance survives a crash. An instance whose SOP Instance UID
-is stored already is reported stored without writing it again. Below the
-configured free disk space nothing is stored (Out of Resources).
+``data_dir/incoming/STUDY/SERIES/``, recorded in the job store, and only
+then reported stored, so that an acknowledged instance survives a crash. An
+instance whose SOP Instance UID is stored already is reported stored without
+writing it again. Below the configured free disk space nothing is stored
+(Out of Resources).
 
 Statuses are the DIMSE C-STORE ones, which STOW-RS reuses as Failure Reasons
 (PS3.18 Table I.2-2).
@@ -16,20 +17,15 @@ Statuses are the DIMSE C-STORE ones, which STOW-RS reuses as Failure Reasons
 
 from __future__ import annotations
 
-import io
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-from pydicom import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
-from pydicom.uid import UID
-
+from pacs_node.header import InstanceHeader, read_file_header, read_header
 from store.api import JobStore, ReceivedInstance
 
 log = logging.getLogger(__name__)
@@ -41,32 +37,7 @@ CANNOT_UNDERSTAND = 0xC000
 STUDY_MISMATCH = 0xC409
 PROCESSING_FAILURE = 0x0110
 
-_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                "Modality", "ImagesInAcquisition"]
-_HEADER_TAG_NUMBERS = [Tag(k) for k in _HEADER_TAGS]
-_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
-
-def header_from_start(start: bytes, transfer_syntax: str) -> Dataset | None:
-    """The header elements from the first bytes of a data set (no file meta), or None.
-
-    Reading them from the first fragment the SCP received is about twice as
-    fast as reading the file again. None (read the file) for deflated or big
-    endian data sets, or when the start does not hold every UID needed.
-    """
-    syntax = UID(transfer_syntax)
-    if syntax.is_deflated or not syntax.is_little_endian:
-        return None
-    try:
-        header = read_dataset(io.BytesIO(start), syntax.is_implicit_VR, True,
-                              stop_when=lambda tag, vr, length: tag > 0x00201002,
-                              specific_tags=_HEADER_TAG_NUMBERS)
-        if all(k in header for k in _REQUIRED):
-            return header
-    except Exception:  # a fragment cut inside an element: the file has it all
-        pass
-    return None
-
+_NOT_UID = re.compile(r"[^0-9.]")
 
 @dataclass(frozen=True)
 class Outcome:
@@ -128,25 +99,26 @@ class InstanceStorage:
         return self.store_file(tmp, origin, transfer_syntax, expected_study)
 
     def store_file(self, tmp: Path, origin: str, transfer_syntax: str | None = None,
-                   expected_study: str | None = None, header: Dataset | None = None
-                   ) -> Outcome:
+                   expected_study: str | None = None, start: bytes = b"") -> Outcome:
         """Move a received Part-10 file (from :meth:`temp_file`) into place and record it.
 
         ``origin`` is the calling AE title (or the web client) for the job
         store and the logs; ``transfer_syntax`` defaults to the file meta's;
         ``expected_study`` (STOW-RS ``/studies/{uid}``) refuses other studies;
-        ``header`` (from :func:`header_from_start`) spares reading the file's.
+        ``start``, the data set's first bytes as the SCP received them (with
+        ``transfer_syntax``), spares reading the file's header
+        (:func:`~pacs_node.header.read_header`).
         The temporary file is gone afterwards, whatever the outcome.
         """
         try:
             try:
-                if header is None:
-                    header = pydicom.dcmread(tmp, stop_before_pixels=True,
-                                             specific_tags=_HEADER_TAGS)
+                header: InstanceHeader = (read_header(start, transfer_syntax, tmp)
+                                          if start and transfer_syntax
+                                          else read_file_header(tmp))
                 sop_class, sop_uid, study_uid, series_uid = (
-                    str(header.SOPClassUID), str(header.SOPInstanceUID),
-                    str(header.StudyInstanceUID), str(header.SeriesInstanceUID))
-                syntax = transfer_syntax or str(header.file_meta.TransferSyntaxUID)
+                    header.sop_class_uid, header.sop_instance_uid,
+                    header.study_instance_uid, header.series_instance_uid)
+                syntax = transfer_syntax or header.transfer_syntax_uid
             except Exception as exc:
                 log.warning("an instance from %s cannot be understood: %s", origin, exc)
                 return Outcome(CANNOT_UNDERSTAND, reason=f"cannot be read: {exc}")
@@ -164,13 +136,12 @@ class InstanceStorage:
             path.parent.mkdir(parents=True, exist_ok=True)
             size = tmp.stat().st_size
             os.replace(tmp, path)
-            expected = header.get("ImagesInAcquisition")
             self.store.record_instance(ReceivedInstance(
                 sop_instance_uid=sop_uid, sop_class_uid=sop_class,
                 series_instance_uid=series_uid, study_instance_uid=study_uid,
-                modality=str(header.get("Modality", "")), path=str(path), size=size,
+                modality=header.modality, path=str(path), size=size,
                 transfer_syntax_uid=syntax, calling_aet=origin[:16],
-                images_in_acquisition=int(expected) if expected not in (None, "") else None))
+                images_in_acquisition=header.images_in_acquisition))
             return done
         except OSError as exc:
             log.error("an instance from %s was not stored: %s", origin, exc)
@@ -184,4 +155,4 @@ class InstanceStorage:
 
 def _safe(uid: str) -> str:
     """A UID as a file name (UIDs are digits and dots; anything else is replaced)."""
-    return "".join(c if c.isdigit() or c == "." else "_" for c in uid)[:64] or "_"
+    return _NOT_UID.sub("_", uid)[:64] or "_"

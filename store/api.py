@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from sqlalchemy import (Boolean, Integer, bindparam, case, create_engine, event, func, insert,
-                        literal, select, update)
+from sqlalchemy import (Integer, bindparam, case, create_engine, event, func, insert,
+                        literal, or_, select, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,25 +26,28 @@ from store.models import (Attempt, Base, Delivery, DeliveryState, Instance, Job,
 #: Series states in which new instances reopen the series (a new result version).
 FINISHED = (SeriesState.done, SeriesState.failed, SeriesState.skipped, SeriesState.complete)
 
-# The statements of record_instance, built once.
+# The statements of record_instance, built once. A new instance for a finished or
+# queued series reopens it (receiving again); one that had, or was about to have, a
+# result gets a new version. The SET expressions read the row as it was.
 _SERIES_T, _INSTANCE_T = Series.__table__, Instance.__table__
-_SERIES_FOR_UPDATE = (select(_SERIES_T.c.id, _SERIES_T.c.state)
-                      .where(_SERIES_T.c.series_instance_uid == bindparam("uid"))
-                      .with_for_update())
-_INSTANCE_EXISTS = select(_INSTANCE_T.c.id).where(
-    _INSTANCE_T.c.sop_instance_uid == bindparam("uid"))
+_STATE = _SERIES_T.c.state
+# (OR of equalities, not IN: an IN list is expanded again at every execution.)
+_REOPENS = or_(*(_STATE == state for state in (*FINISHED, SeriesState.queued)))
+_NEW_VERSION = or_(*(_STATE == state for state in (SeriesState.done, SeriesState.failed,
+                                                   SeriesState.skipped, SeriesState.queued)))
 _SERIES_RECEIVED = (
-    update(_SERIES_T).where(_SERIES_T.c.id == bindparam("series")).values(
+    update(_SERIES_T).where(_SERIES_T.c.series_instance_uid == bindparam("uid")).values(
         last_received=bindparam("now"), updated_at=bindparam("now"),
         instance_count=_SERIES_T.c.instance_count + 1,
         expected_instances=func.coalesce(bindparam("expected", type_=Integer),
                                          _SERIES_T.c.expected_instances),
-        state=case((bindparam("reopen", type_=Boolean),
-                    literal(SeriesState.receiving, _SERIES_T.c.state.type)),
-                   else_=_SERIES_T.c.state),
-        reason=case((bindparam("reopen", type_=Boolean), ""), else_=_SERIES_T.c.reason),
-        version=_SERIES_T.c.version + case((bindparam("bump", type_=Boolean), 1), else_=0)))
+        state=case((_REOPENS, literal(SeriesState.receiving, _STATE.type)), else_=_STATE),
+        reason=case((_REOPENS, ""), else_=_SERIES_T.c.reason),
+        version=_SERIES_T.c.version + case((_NEW_VERSION, 1), else_=0))
+    .returning(_SERIES_T.c.id))
 _INSTANCE_INSERT = insert(_INSTANCE_T)
+_INSTANCE_STORED = select(_INSTANCE_T.c.id).where(
+    _INSTANCE_T.c.sop_instance_uid == bindparam("uid"))
 
 
 @dataclass(frozen=True)
@@ -87,44 +90,47 @@ class JobStore:
         A new instance for a series that was finished reopens it (state
         receiving, version + 1), so it is analysed again.
 
-        On a server database the series row is locked first, so writers of one
-        series take turns; two senders racing to create a new series both
-        insert it, and the loser (unique constraint) runs once more, now
-        finding the series. (SQLite serialises all writers.)
+        Two statements in the usual case, as this runs before every
+        acknowledgement: the series row is updated (on a server database that
+        locks it, so writers of one series take turns) and the instance
+        inserted. A stored SOP Instance UID or a series another sender has
+        just created violates a unique constraint: the transaction is rolled
+        back, and either the instance is stored already or it runs once more,
+        now finding the series. (SQLite serialises all writers.)
         """
-        try:
-            return self._record_instance(item)
-        except IntegrityError:
-            return self._record_instance(item)
+        tries = 2
+        while True:
+            try:
+                self._record_instance(item)
+                return True
+            except IntegrityError:
+                with self.engine.connect() as conn:
+                    if conn.execute(_INSTANCE_STORED, {"uid": item.sop_instance_uid}).first():
+                        return False
+                tries -= 1
+                if not tries:
+                    raise
 
-    def _record_instance(self, item: ReceivedInstance) -> bool:
-        # Core statements, compiled once (this runs before every acknowledgement; the
-        # ORM's unit of work costs more than the rest of a C-STORE together).
+    def _record_instance(self, item: ReceivedInstance) -> None:
+        # Core statements, compiled once: the ORM's unit of work costs more than the
+        # rest of a C-STORE together.
         now = utcnow()
         with self.engine.begin() as conn:
-            series = conn.execute(_SERIES_FOR_UPDATE,
-                                  {"uid": item.series_instance_uid}).first()
-            if conn.execute(_INSTANCE_EXISTS, {"uid": item.sop_instance_uid}).first():
-                return False
-            expected = item.images_in_acquisition or None
-            if series is None:
+            series_id = conn.execute(_SERIES_RECEIVED, {
+                "uid": item.series_instance_uid, "now": now,
+                "expected": item.images_in_acquisition or None}).scalar()
+            if series_id is None:
                 series_id = conn.execute(_SERIES_T.insert().values(
                     series_instance_uid=item.series_instance_uid,
                     study_instance_uid=item.study_instance_uid, modality=item.modality,
                     calling_aet=item.calling_aet, first_received=now, last_received=now,
-                    instance_count=1, expected_instances=expected)).inserted_primary_key[0]
-            else:
-                series_id, state = series.id, SeriesState(series.state)
-                reopen = state in FINISHED or state == SeriesState.queued
-                conn.execute(_SERIES_RECEIVED, {
-                    "series": series_id, "now": now, "expected": expected,
-                    "reopen": reopen, "bump": reopen and state != SeriesState.complete})
+                    instance_count=1, expected_instances=item.images_in_acquisition or None)
+                ).inserted_primary_key[0]
             conn.execute(_INSTANCE_INSERT, {
                 "sop_instance_uid": item.sop_instance_uid, "sop_class_uid": item.sop_class_uid,
                 "series_id": series_id, "path": item.path, "size": item.size,
                 "transfer_syntax_uid": item.transfer_syntax_uid,
                 "calling_aet": item.calling_aet, "received_at": now})
-        return True
 
     def instance_paths(self, series_id: int) -> list[str]:
         with self.session() as s:

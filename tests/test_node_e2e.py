@@ -221,6 +221,7 @@ def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_fac
     import sys
     from pathlib import Path
 
+    from pacs_node.worker import NICENESS
     from store.api import JobStore
 
     study = study_factory("covid", 1, 24)
@@ -240,11 +241,24 @@ def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_fac
                  timeout=60)
         return proc
 
+    def stat(pid: int) -> list[str]:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+    def worker_of(pid: int) -> int:
+        """The model's process: the child at the worker's lower priority."""
+        [worker] = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()
+                    if int(stat(int(c))[16]) == os.getpriority(os.PRIO_PROCESS, 0) + NICENESS]
+        return worker
+
     files = sorted(study.files)
     first = serve()
+    worker = worker_of(first.pid)
     send(port, files[:12])
     first.send_signal(signal.SIGKILL)          # mid-study
     first.wait(timeout=30)
+    wait_for(lambda: not Path(f"/proc/{worker}").exists() or stat(worker)[0] == "Z",
+             timeout=30)                       # the worker died with the node
     second = serve()
     try:
         send(port, files[12:])

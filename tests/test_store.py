@@ -94,6 +94,9 @@ def test_job_lifecycle_and_reopening(store):
     assert series.state == SeriesState.done and series.version == 1
     [done] = store.jobs("done")
     assert done.diagnosis == "COVID-19" and done.results[0].kind == "sr"
+    assert not store.record_instance(_item(1))               # sent again: nothing changes
+    [series] = store.series()
+    assert (series.state, series.version, series.instance_count) == (SeriesState.done, 1, 1)
     store.record_instance(_item(2))                          # a late instance reopens it
     [series] = store.series()
     assert series.state == SeriesState.receiving and series.version == 2

@@ -1,0 +1,148 @@
+"""The few header elements the node needs from a received instance, read fast.
+
+Every received instance is filed and recorded by its UIDs before the C-STORE
+is answered, so reading them is on the path of every acknowledgement. Most
+instances hold them in plain top-level elements of defined length near the
+start of the data set; :func:`scan_start` walks those elements in the first
+bytes the SCP received, without building a data set (about a tenth of the
+cost of pydicom's reader). Anything it cannot walk (a sequence of undefined
+length before (0020,1002), a cut-off start, big endian or deflated data) goes
+to pydicom: first on the same bytes, then on the whole file.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+IMPLICIT_VR = "1.2.840.10008.1.2"
+SOP_CLASS, SOP_INSTANCE, MODALITY = 0x00080016, 0x00080018, 0x00080060
+STUDY, SERIES, IMAGES_IN_ACQUISITION = 0x0020000D, 0x0020000E, 0x00201002
+_WANTED = (SOP_CLASS, SOP_INSTANCE, MODALITY, STUDY, SERIES, IMAGES_IN_ACQUISITION)
+_KEYWORDS = ["SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID",
+             "SeriesInstanceUID", "ImagesInAcquisition"]
+_TAGS = [Tag(k) for k in _KEYWORDS]
+#: Explicit VRs with a reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
+                       b"UN", b"UR", b"UT", b"UV"})
+_TAG_LENGTH = struct.Struct("<HHL")
+_TAG_VR_LENGTH = struct.Struct("<HH2sH")
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the node files and records an instance by."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    images_in_acquisition: int | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, transfer_syntax: str) -> "InstanceHeader":
+        """From a pydicom data set; AttributeError when a UID is missing."""
+        return cls(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
+                   str(ds.SeriesInstanceUID), transfer_syntax, str(ds.get("Modality", "") or ""),
+                   _count(str(ds.get("ImagesInAcquisition", "") or "")))
+
+
+def scan_start(start: bytes | memoryview, transfer_syntax: str) -> InstanceHeader | None:
+    """The header from the first bytes of a data set in ``transfer_syntax``, or None.
+
+    For little endian, not deflated transfer syntaxes only (the caller checks).
+    Walks top-level elements until one past (0020,1002); None when an element
+    of undefined length comes first, when the bytes end before that point, or
+    when a UID is missing.
+    """
+    implicit_vr = transfer_syntax == IMPLICIT_VR
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(start)
+    while pos + 8 <= end:
+        if implicit_vr:
+            group, element, length = _TAG_LENGTH.unpack_from(start, pos)
+            pos += 8
+        else:
+            group, element, vr, length = _TAG_VR_LENGTH.unpack_from(start, pos)
+            pos += 8
+            if vr in _LONG_VRS:
+                if pos + 4 > end:
+                    return None
+                length = struct.unpack_from("<L", start, pos)[0]
+                pos += 4
+        tag = group << 16 | element
+        if tag > IMAGES_IN_ACQUISITION:
+            return _header(values, transfer_syntax)
+        if length == 0xFFFFFFFF:
+            return None
+        if tag in _WANTED:
+            values[tag] = bytes(start[pos:pos + length])
+        pos += length
+    return None
+
+
+def read_header(start: bytes, transfer_syntax: str, path: Path) -> InstanceHeader:
+    """The header of a received instance: from its first bytes, else from its file.
+
+    ``start`` is the data set's first fragment (no file meta) as sent in
+    ``transfer_syntax``, ``path`` the Part-10 file. Raises when the file has
+    no readable header.
+    """
+    if start and _little_endian_plain(transfer_syntax):
+        header = scan_start(start, transfer_syntax)
+        if header is not None:
+            return header
+        try:
+            return InstanceHeader.from_dataset(read_dataset(
+                io.BytesIO(start), transfer_syntax == IMPLICIT_VR, True, specific_tags=_TAGS,
+                stop_when=lambda tag, vr, length: tag > IMAGES_IN_ACQUISITION),
+                transfer_syntax)
+        except Exception:  # the start ends inside an element: the file has it all
+            pass
+    return read_file_header(path)
+
+
+def read_file_header(path: Path) -> InstanceHeader:
+    """The header of a Part-10 file (pydicom); raises when it cannot be read."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_KEYWORDS)
+    return InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
+
+
+@functools.lru_cache(maxsize=64)
+def _little_endian_plain(transfer_syntax: str) -> bool:
+    """Little endian and not deflated: the data set's bytes can be walked as sent."""
+    syntax = UID(transfer_syntax)
+    return syntax.is_little_endian and not syntax.is_deflated
+
+
+def _header(values: dict[int, bytes], transfer_syntax: str) -> InstanceHeader | None:
+    uids = [_text(values.get(t, b"")) for t in (SOP_CLASS, SOP_INSTANCE, STUDY, SERIES)]
+    if not all(uids):
+        return None
+    return InstanceHeader(*uids, transfer_syntax, modality=_text(values.get(MODALITY, b"")),
+                          images_in_acquisition=_count(_text(
+                              values.get(IMAGES_IN_ACQUISITION, b""))))
+
+
+def _text(value: bytes) -> str:
+    return value.rstrip(b"\x00 ").lstrip(b" ").decode("ascii", "replace")
+
+
+def _count(text: str) -> int | None:
+    """Images in Acquisition (IS) as a number; None when empty or not a count."""
+    try:
+        count = int(text.strip())
+    except ValueError:
+        return None
+    return count if count > 0 else None

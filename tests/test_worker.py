@@ -1,0 +1,51 @@
+"""The node's worker process: the model loaded there, at lower CPU priority, or a clear
+error before anything is received."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from config import load_config
+from pacs_node.node import Node
+from pacs_node.worker import NICENESS
+
+from orthanc import free_port
+
+
+def _config(tmp_path, model: str = ""):
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+                    f'data_dir = "{tmp_path / "var"}"\nmin_free_disk_mb = 1\n'
+                    f'[dicomweb]\nport = 0\n'
+                    f'[store]\nurl = "sqlite:///{tmp_path / "var" / "lungsys.db"}"\n'
+                    f'[model]\ndevice = "cpu"\n{model}')
+    return load_config(toml, environ={})
+
+
+def test_the_model_runs_in_a_process_of_lower_priority(tmp_path):
+    node = Node(_config(tmp_path))
+    node.start()
+    try:
+        worker = node.worker.pid
+        assert worker != os.getpid()
+        fields = open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()
+        assert int(fields[16]) == os.getpriority(os.PRIO_PROCESS, 0) + NICENESS  # nice
+        assert node.model["version"].startswith("small-")
+        assert "not a clinical model" in node.model["intended_use"]
+    finally:
+        node.stop()
+    assert not os.path.exists(f"/proc/{worker}")
+
+
+def test_a_model_that_cannot_load_stops_the_start_with_its_reason(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    config = _config(tmp_path, f'checkpoint = "{bad}"\n')
+    node = Node(config)
+    with pytest.raises(ValueError, match="broken.safetensors"):
+        node.start()
+    with socket.socket() as s:                   # nothing was accepted meanwhile
+        assert s.connect_ex(("127.0.0.1", config.node["port"])) != 0
