@@ -49,3 +49,23 @@ def test_a_model_that_cannot_load_stops_the_start_with_its_reason(tmp_path):
         node.start()
     with socket.socket() as s:                   # nothing was accepted meanwhile
         assert s.connect_ex(("127.0.0.1", config.node["port"])) != 0
+
+
+def test_the_systemd_unit_is_valid_and_runs_the_node(tmp_path):
+    """deploy/lungsys.service, with the paths of this checkout, passes systemd's checks."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (the unit is checked where it is)")
+    unit = (Path(__file__).parents[1] / "deploy" / "lungsys.service").read_text()
+    exe = Path(sys.executable).with_name("lungsys")
+    assert "ExecStart=/opt/lungsys/.venv/bin/lungsys serve --config " in unit
+    here = tmp_path / "lungsys.service"
+    here.write_text(unit.replace("/opt/lungsys/.venv/bin/lungsys", str(exe)))
+    proc = subprocess.run([analyze, "verify", str(here)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr  # warnings too
