@@ -3,8 +3,9 @@
 Every call is its own transaction, committed before it returns, so that the
 node can acknowledge a C-STORE only once the instance is recorded, and so
 that a restart finds every series, job and delivery where it was. SQLite
-runs in WAL mode (readers never block the receiver); any SQLAlchemy URL
-(PostgreSQL) works the same.
+runs in WAL mode, and what only reads (the admin commands, the sweeps'
+queries) runs in read-only transactions that take no lock, so readers never
+block the receiver; any SQLAlchemy URL (PostgreSQL) works the same.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ _SERIES_RECEIVED = (
         version=_SERIES_T.c.version + case((_NEW_VERSION, 1), else_=0))
     .returning(_SERIES_T.c.id))
 _INSTANCE_INSERT = insert(_INSTANCE_T)
+#: Execution option of read-only transactions (see JobStore.__init__).
+_READ_ONLY = "lungsys_read_only"
 _INSTANCE_STORED = select(_INSTANCE_T.c.id).where(
     _INSTANCE_T.c.sop_instance_uid == bindparam("uid"))
 
@@ -75,13 +78,21 @@ class JobStore:
             # Writers take the lock when their transaction begins: a transaction that
             # reads and then writes would otherwise fail at once under concurrency
             # (SQLite cannot wait on a lock upgrade), e.g. with 8 senders at a time.
-            event.listen(self.engine, "begin",
-                         lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            # Read-only transactions take no lock (WAL: they never block a writer).
+            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql(
+                "BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE"))
         Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._reader = self.engine.execution_options(**{_READ_ONLY: True})
+        self._read_session = sessionmaker(self._reader, expire_on_commit=False)
 
     def session(self) -> Session:
+        """A session for reading and writing (on SQLite it holds the write lock)."""
         return self._session()
+
+    def read_session(self) -> Session:
+        """A session that only reads: it never waits for, or holds up, a writer."""
+        return self._read_session()
 
     # --- receiving -----------------------------------------------------------
     def record_instance(self, item: ReceivedInstance) -> bool:
@@ -104,7 +115,7 @@ class JobStore:
                 self._record_instance(item)
                 return True
             except IntegrityError:
-                with self.engine.connect() as conn:
+                with self._reader.connect() as conn:
                     if conn.execute(_INSTANCE_STORED, {"uid": item.sop_instance_uid}).first():
                         return False
                 tries -= 1
@@ -133,7 +144,7 @@ class JobStore:
                 "calling_aet": item.calling_aet, "received_at": now})
 
     def instance_paths(self, series_id: int) -> list[str]:
-        with self.session() as s:
+        with self.read_session() as s:
             return list(s.scalars(select(Instance.path).where(Instance.series_id == series_id)
                                   .order_by(Instance.id)))
 
@@ -234,7 +245,7 @@ class JobStore:
 
     def due_deliveries(self, now: dt.datetime | None = None) -> list[Delivery]:
         now = now or utcnow()
-        with self.session() as s:
+        with self.read_session() as s:
             return list(s.scalars(select(Delivery).where(
                 Delivery.state == DeliveryState.pending, Delivery.next_attempt_at <= now)
                 .order_by(Delivery.id)))
@@ -264,14 +275,14 @@ class JobStore:
             return d
 
     def result_paths(self, job_id: int) -> list[str]:
-        with self.session() as s:
+        with self.read_session() as s:
             return list(s.scalars(select(Result.path).where(Result.job_id == job_id)
                                   .order_by(Result.id)))
 
     # --- retention -----------------------------------------------------------
     def expired_series(self, cutoff: dt.datetime) -> list[Series]:
         """Finished series last touched before ``cutoff`` whose deliveries all succeeded."""
-        with self.session() as s:
+        with self.read_session() as s:
             candidates = s.scalars(select(Series).where(
                 Series.purged.is_(False), Series.last_received < cutoff,
                 Series.state.in_([SeriesState.done, SeriesState.skipped, SeriesState.failed])))
@@ -296,7 +307,7 @@ class JobStore:
 
     # --- reading -------------------------------------------------------------
     def jobs(self, state: str | None = None, limit: int = 200) -> list[Job]:
-        with self.session() as s:
+        with self.read_session() as s:
             q = select(Job).order_by(Job.id.desc()).limit(limit)
             if state:
                 q = q.where(Job.state == JobState(state))
@@ -306,14 +317,14 @@ class JobStore:
             return jobs
 
     def series(self, state: str | None = None) -> list[Series]:
-        with self.session() as s:
+        with self.read_session() as s:
             q = select(Series).order_by(Series.id)
             if state:
                 q = q.where(Series.state == SeriesState(state))
             return list(s.scalars(q))
 
     def counts(self) -> dict[str, int]:
-        with self.session() as s:
+        with self.read_session() as s:
             return {"instances": s.scalar(select(func.count(Instance.id))),
                     "series": s.scalar(select(func.count(Series.id))),
                     "jobs": s.scalar(select(func.count(Job.id))),

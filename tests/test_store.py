@@ -127,3 +127,21 @@ def test_failed_job_retry_and_deliveries(store):
     assert job.deliveries[0].state == DeliveryState.done
     store.retry_delivery(d.id)
     assert store.due_deliveries()[0].id == d.id
+
+
+def test_an_admin_reading_never_holds_up_the_receiver(store):
+    """A long read (an admin paging through jobs) is open while an instance
+    arrives: the instance is recorded at once, not after the read."""
+    import time
+
+    from sqlalchemy import select
+
+    from store.models import Series
+
+    store.record_instance(_item(1))
+    with store.read_session() as s:
+        assert len(s.scalars(select(Series)).all()) == 1      # the read transaction is open
+        start = time.monotonic()
+        assert store.record_instance(_item(2))
+        assert time.monotonic() - start < 2.0                  # SQLite would wait 10 s, then fail
+        assert [x.instance_count for x in store.series()] == [2]
