@@ -148,10 +148,8 @@ class ModelLoad:
         events = threading if in_process else multiprocessing.get_context("spawn")
         self.running, self.idle, self.stop = events.Event(), events.Event(), events.Event()
         args = (study, 0 if in_process else NICENESS, self.running, self.idle, self.stop)
-        self.runner = (threading.Thread(target=analyse_forever, args=args, daemon=True)
-                       if in_process else
-                       multiprocessing.get_context("spawn").Process(
-                           target=analyse_forever, args=args, daemon=True))
+        runner = threading.Thread if in_process else events.Process
+        self.runner = runner(target=analyse_forever, args=args, daemon=True)
 
     def __enter__(self) -> "ModelLoad":
         self.runner.start()

@@ -32,7 +32,7 @@ from inference.series import scan
 from pacs_node import delivery
 from pacs_node.receiver import Receiver
 from pacs_node.stow import StowServer
-from pacs_node.worker import STOP_SECONDS, JobRunner, WorkerProcess
+from pacs_node.worker import STOP_SECONDS, JobRunner, WorkerProcess, model_info
 from store.api import JobStore
 from store.models import utcnow
 
@@ -82,10 +82,7 @@ class Node:
         """The model the worker runs: version, device, intended use."""
         if self.worker is not None:
             return self.worker.model
-        if self.engine is None:
-            return {}
-        return {"version": self.engine.model.version, "device": str(self.engine.device),
-                "intended_use": self.engine.model.metadata.get("intended_use", "")}
+        return model_info(self.engine) if self.engine is not None else {}
 
     # --- life cycle ----------------------------------------------------------
     def start(self) -> None:

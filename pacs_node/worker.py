@@ -129,6 +129,12 @@ def load_engine(config: NodeConfig):
                   batch_size=model["batch_size"], method=model["method"])
 
 
+def model_info(engine) -> dict:
+    """What the node says of the model an engine runs: version, device, intended use."""
+    return {"version": engine.model.version, "device": str(engine.device),
+            "intended_use": engine.model.metadata.get("intended_use", "")}
+
+
 class WorkerProcess:
     """The job worker in its own process, at lower CPU priority (see the module).
 
@@ -210,8 +216,6 @@ def _process_main(config: NodeConfig, stop, wake, ready, parent_pid: int,
     except Exception as exc:
         ready.send(("error", str(exc) or type(exc).__name__))
         return
-    metadata = engine.model.metadata
-    ready.send(("ready", {"version": engine.model.version, "device": str(engine.device),
-                          "intended_use": metadata.get("intended_use", "")}))
+    ready.send(("ready", model_info(engine)))
     ready.close()
     JobRunner(config, JobStore(config.store["url"]), engine).loop(stop, wake)
