@@ -11,9 +11,12 @@ slow each other. Then the node receives it again while the shipped model
 analyses 60 of its slices over and over: in a process at the worker's lower
 priority, as ``lungsys serve`` runs it, and, for comparison, in a thread of
 the receiving process. The table shows the median and every run.
-Target (issue 5): at least 0.6 of storescp's rate, with the node's durability
-(the file complete and renamed into place, and recorded in the job store,
-before Success). ``fsync = true`` adds an fsync per instance (power-cut safe).
+Target (issues 5, 12): at least 0.6 of storescp's rate, with the node's
+durability (the file complete and renamed into place, and recorded in the job
+store, before Success) and its front door (deadlines, gate, UID policy).
+``fsync = true`` adds an fsync per instance (power-cut safe). The DICOM TLS
+rows compare storescp ``+tls`` with the node's TLS (BCP 195 profile), both
+requiring a client certificate made for the run.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from store.api import JobStore
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 STORESCP, NODE, NODE_FSYNC = ("DCMTK storescp", "lungsys receiver",
                               "lungsys receiver, fsync = true")
+STORESCP_TLS, NODE_TLS = "DCMTK storescp, DICOM TLS", "lungsys receiver, DICOM TLS"
 WHILE_MODEL = "lungsys receiver while the model analyses (worker process)"
 WHILE_MODEL_THREAD = "... with the model in a thread of the node instead"
 
@@ -57,11 +61,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def storescu(port: int, files: list[Path], aec: str) -> float:
+def storescu(port: int, files: list[Path], aec: str, tls: list[str] = ()) -> float:
     os.sync()  # nobody's write-back lands in the timed run
     start = time.perf_counter()
-    proc = subprocess.run(["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port),
-                           *map(str, files)], env=ENV, capture_output=True, text=True)
+    proc = subprocess.run(["storescu", *tls, "-aet", "BENCH", "-aec", aec, "127.0.0.1",
+                           str(port), *map(str, files)], env=ENV, capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise SystemExit(f"storescu to {aec} failed: {proc.stderr.strip()[-500:]}")
     return time.perf_counter() - start
@@ -92,30 +97,64 @@ def wait_listening(port: int) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def run_storescp(tmp: Path, files: list[Path]) -> float:
+def make_certificates(folder: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    folder.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", "/CN=bench CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        (folder / f"{name}.ext").write_text(ext + "\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-sha256", "-extfile", f"{name}.ext", "-out",
+                f"{name}.pem")
+    return folder
+
+
+def client_tls(certs: Path | None) -> list[str]:
+    return ([] if certs is None else
+            ["+tls", str(certs / "client.key"), str(certs / "client.pem"), "+cf",
+             str(certs / "ca.pem")])
+
+
+def run_storescp(tmp: Path, files: list[Path], certs: Path | None = None) -> float:
     out = tmp / "storescp"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     port = free_port()
-    scp = subprocess.Popen(["storescp", "-od", str(out), str(port)], env=ENV,
+    tls = ([] if certs is None else ["+tls", str(certs / "server.key"),
+                                     str(certs / "server.pem"), "+cf", str(certs / "ca.pem")])
+    scp = subprocess.Popen(["storescp", *tls, "-od", str(out), str(port)], env=ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port)
-        return storescu(port, files, "STORESCP")
+        return storescu(port, files, "STORESCP", client_tls(certs))
     finally:
         scp.terminate()
         scp.wait()
         shutil.rmtree(out)  # before write-back: runs do not slow each other
 
 
-def run_node(tmp: Path, files: list[Path], sync: bool) -> float:
+def run_node(tmp: Path, files: list[Path], sync: bool, certs: Path | None = None) -> float:
+    from pacs_node.security import server_context
+
     folder = tmp / ("node-sync" if sync else "node")
     shutil.rmtree(folder, ignore_errors=True)
+    tls = None if certs is None else server_context({
+        "certificate": str(certs / "server.pem"), "private_key": str(certs / "server.key"),
+        "ca_certificates": str(certs / "ca.pem"), "require_client_certificate": True,
+        "profile": "bcp195"})
     node = Receiver(JobStore(f"sqlite:///{folder / 'lungsys.db'}"), folder,
-                    min_free_disk_mb=1, sync=sync)
+                    min_free_disk_mb=1, sync=sync, tls=tls)
     node.start("127.0.0.1", 0)
     try:
-        return storescu(node.port, files, "LUNGSYS")
+        return storescu(node.port, files, "LUNGSYS", client_tls(certs))
     finally:
         node.stop()
         shutil.rmtree(folder)
@@ -209,14 +248,18 @@ def main() -> None:
         # one receiver after the other, each round; the model loads come after the
         # memory measurement above (a model in a thread would count there)
         runs: dict[str, list[float]] = {name: [] for name in (
-            STORESCP, NODE, NODE_FSYNC, WHILE_MODEL, WHILE_MODEL_THREAD)}
+            STORESCP, NODE, NODE_FSYNC, STORESCP_TLS, NODE_TLS, WHILE_MODEL,
+            WHILE_MODEL_THREAD)}
         node = partial(run_node, tmp, files)
+        certs = make_certificates(tmp / "certs")
         with ModelLoad(files[:60], in_process=False) as worker, \
                 ModelLoad(files[:60], in_process=True) as thread:
             for _ in range(args.repeats):
                 runs[STORESCP].append(run_storescp(tmp, files))
                 runs[NODE].append(node(sync=False))
                 runs[NODE_FSYNC].append(node(sync=True))
+                runs[STORESCP_TLS].append(run_storescp(tmp, files, certs))
+                runs[NODE_TLS].append(node(sync=False, certs=certs))
                 runs[WHILE_MODEL].append(worker(partial(node, sync=False)))
                 runs[WHILE_MODEL_THREAD].append(thread(partial(node, sync=False)))
 
@@ -237,7 +280,9 @@ def main() -> None:
     console.print(table)
     base = rates[STORESCP]
     console.print(f"ratio lungsys / storescp: {rates[NODE] / base:.2f} (target >= 0.6); "
-                  f"with fsync: {rates[NODE_FSYNC] / base:.2f}; while the model analyses: "
+                  f"with fsync: {rates[NODE_FSYNC] / base:.2f}; DICOM TLS: "
+                  f"{rates[NODE_TLS] / rates[STORESCP_TLS]:.2f} of storescp +tls; while the "
+                  f"model analyses: "
                   f"{rates[WHILE_MODEL] / rates[NODE]:.2f} of the node's idle rate (model in "
                   f"a thread instead: {rates[WHILE_MODEL_THREAD] / rates[NODE]:.2f})")
     console.print(f"peak memory of the node process: {after / 1024:.0f} MiB "

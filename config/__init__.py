@@ -9,8 +9,10 @@ with the key's name, so a typo never passes silently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -33,11 +35,16 @@ class Destination:
     host: str = ""
     port: int = 0
     url: str = ""
+    tls: bool = False
+    ca_certificates: str = ""
+    certificate: str = ""
+    private_key: str = ""
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     node: Mapping[str, Any]
+    tls: Mapping[str, Any]
     dicomweb: Mapping[str, Any]
     store: Mapping[str, Any]
     assembly: Mapping[str, Any]
@@ -49,6 +56,12 @@ class NodeConfig:
     @property
     def data_dir(self) -> Path:
         return Path(self.node["data_dir"])
+
+    @property
+    def node_id(self) -> str:
+        """This node in a shared job store: its host and a digest of its data folder."""
+        folder = str(self.data_dir.absolute().resolve())
+        return f"{socket.gethostname()[:48]}:{hashlib.sha256(folder.encode()).hexdigest()[:12]}"
 
 
 def defaults() -> dict:
@@ -93,7 +106,8 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
 
 def _destination(i: int, raw: Mapping[str, Any]) -> Destination:
     where = f"destinations[{i}]"
-    allowed = {"name", "kind", "ae_title", "host", "port", "url"}
+    allowed = {"name", "kind", "ae_title", "host", "port", "url", "tls", "ca_certificates",
+               "certificate", "private_key"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -105,8 +119,14 @@ def _destination(i: int, raw: Mapping[str, Any]) -> Destination:
         for key in ("ae_title", "host", "port"):
             if not raw.get(key):
                 raise ConfigError(f"{where}.{key}: required for a dimse destination")
+        tls = {key: _coerce(f"{where}.{key}", "", raw.get(key, ""))
+               for key in ("ca_certificates", "certificate", "private_key")}
+        for key, value in tls.items():
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{where}.{key}: no such file {value}")
         return Destination(name, kind, str(raw["ae_title"]), str(raw["host"]),
-                           _coerce(f"{where}.port", 0, raw["port"]))
+                           _coerce(f"{where}.port", 0, raw["port"]),
+                           tls=_coerce(f"{where}.tls", False, raw.get("tls", False)), **tls)
     if not raw.get("url"):
         raise ConfigError(f"{where}.url: required for a dicomweb destination")
     return Destination(name, kind, url=str(raw["url"]))
@@ -155,11 +175,46 @@ def load_config(path: str | os.PathLike | None = None,
     if merged["assembly"]["stable_seconds"] <= 0 and not isinstance(
             merged["assembly"]["stable_seconds"], bool):
         raise ConfigError("assembly.stable_seconds: must be positive")
+    _check_security(node, merged["tls"])
     if merged["model"]["method"] not in ("network", "nonparametric"):
         raise ConfigError("model.method: network or nonparametric")
     if merged["model"]["heatmaps"] not in ("lesion", "all", "none"):
         raise ConfigError("model.heatmaps: lesion, all or none")
     destinations = tuple(_destination(i, d) for i, d in enumerate(user.get("destinations", [])))
-    return NodeConfig(node=node, dicomweb=merged["dicomweb"], store=merged["store"], assembly=merged["assembly"],
+    return NodeConfig(node=node, tls=merged["tls"], dicomweb=merged["dicomweb"],
+                      store=merged["store"], assembly=merged["assembly"],
                       model=merged["model"], delivery=merged["delivery"],
                       retention=merged["retention"], destinations=destinations)
+
+
+def _check_security(node: Mapping[str, Any], tls: Mapping[str, Any]) -> None:
+    """The keys of the front door: networks, limits, user identity, TLS files."""
+    from ipaddress import ip_network
+
+    for text in node["allowed_networks"]:
+        try:
+            ip_network(text.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"node.allowed_networks: {text!r} is not an IP address or "
+                              f"network (CIDR)") from None
+    for key in ("max_associations", "max_unassociated", "max_unassociated_per_peer",
+                "timeout_seconds"):
+        if node[key] < 1:
+            raise ConfigError(f"node.{key}: must be at least 1")
+    if node["user_identity"] not in ("none", "optional", "required"):
+        raise ConfigError("node.user_identity: none, optional or required")
+    if node["user_identity"] != "none" and not Path(node["users_file"]).is_file():
+        raise ConfigError(f"node.users_file: no such file {node['users_file']!r} (needed "
+                          f"with user_identity = {node['user_identity']})")
+    if tls["profile"] not in ("bcp195", "tls13"):
+        raise ConfigError("tls.profile: bcp195 or tls13")
+    if tls["enabled"]:
+        needed = ["certificate", "private_key"]
+        if tls["require_client_certificate"]:
+            needed.append("ca_certificates")
+        for key in needed:
+            if not tls[key]:
+                raise ConfigError(f"tls.{key}: required when tls.enabled is true")
+        for key in ("certificate", "private_key", "ca_certificates"):
+            if tls[key] and not Path(tls[key]).is_file():
+                raise ConfigError(f"tls.{key}: no such file {tls[key]}")

@@ -9,6 +9,7 @@ as lesion-bearing; ``heatmaps="all"`` makes one per slice.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from inference.conformance import conformant_header
 from inference.heatmap import build_sc, render_overlay
 from inference.identity import ALGORITHM_NAME, AlgorithmIdentity
 from inference.localize import smooth
@@ -38,10 +40,11 @@ class ResultFiles:
         return [*self.heatmaps, self.sr]
 
 
-def slice_source(series: CTSeries, index: int) -> Dataset:
-    """The CT dataset (header only) of one slice, as results reference it."""
+def slice_source(series: CTSeries, index: int, header: Dataset | None = None) -> Dataset:
+    """The CT dataset (header only) of one slice, as results reference it
+    (``header``: the series' header made conformant, see :mod:`inference.conformance`)."""
     info = series.slices[index]
-    ds = copy.deepcopy(series.header)  # a copy: setting values must not touch the header
+    ds = copy.deepcopy(series.header if header is None else header)  # never the original
     ds.SOPInstanceUID = info.sop_instance_uid
     if info.frame is None:
         ds.ImagePositionPatient = list(info.position)
@@ -68,10 +71,18 @@ def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = AlgorithmIdentity.from_model_info(result.model, result.method)
-    sources = [slice_source(series, i) for i in range(len(series))]
+    header = conformant_header(series.header)
+    sources = [slice_source(series, i, header) for i in range(len(series))]
     frames = [s.frame for s in series.slices]
     chosen = {"lesion": result.lesion_slices, "all": result.slices, "none": []}[heatmaps]
 
+    with warnings.catch_warnings():   # highdicom's name check warns with the name in it
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom\.")
+        return _write(result, series, out, identity, sources, frames, chosen)
+
+
+def _write(result: AnalysisResult, series: CTSeries, out: Path, identity: AlgorithmIdentity,
+           sources: list[Dataset], frames: list, chosen: list) -> ResultFiles:
     sc_series = hd.UID()
     sc_datasets: list[Dataset] = []
     sc_paths: list[Path] = []

@@ -329,7 +329,10 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
     """Describe every frame of an instance (one for single-frame CT)."""
     uid = str(ds.SOPInstanceUID)
     rows, cols = int(ds.Rows), int(ds.Columns)
-    number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
+    try:                      # not needed by the model: a bad one is no reason to fail
+        number = int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        number = None
     if "PerFrameFunctionalGroupsSequence" not in ds:
         ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
         if not ipp or not iop:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,11 @@ import typer
 from rich.table import Table
 
 from inference.version import software_version
-from pacs_node.cli import CLIError, app, out
+from pacs_node.cli import CLIError, app, err, out
+
+
+class _Interrupted(Exception):
+    """A signal came while the node was starting."""
 
 
 @app.command()
@@ -22,8 +27,9 @@ def serve(
 ) -> None:
     """Run the node: receive CT over DICOM, analyse complete series, deliver results.
 
-    Stops cleanly on Ctrl-C or SIGTERM; nothing received is lost, and work
-    left unfinished resumes at the next start.
+    Stops cleanly on Ctrl-C or SIGTERM (the job in progress may finish for up
+    to 30 s); a second signal stops it at once. Nothing received is lost,
+    and work left unfinished resumes at the next start.
     """
     import signal
     import threading
@@ -32,21 +38,57 @@ def serve(
     from pacs_node.node import Node
 
     cfg = load_config(config_file)
-    node = Node(cfg)            # the worker process loads the model (fails here if it cannot)
-    node.start()
+    node = Node(cfg)
     logger = logging.getLogger("lungsys")
-    logger.warning(
-        "lungsys %s: %s listening on %s:%d (STOW-RS: %s), model %s on %s, %d destination(s)",
-        software_version(), cfg.node["ae_title"], cfg.node["host"], node.port,
-        f"port {node.stow_port}" if node.stow_port else "off", node.model["version"],
-        node.model["device"], len(cfg.destinations))
-    if node.model["intended_use"]:
-        logger.warning("model: %s", node.model["intended_use"])
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    node.stop()
+    state = {"signals": 0, "running": False}
+
+    def on_signal(signum, _frame) -> None:
+        state["signals"] += 1
+        name = signal.Signals(signum).name
+        if state["signals"] > 1:
+            logger.error("%s again: stopping now", name)
+            node.kill_worker()
+            _leave(1)
+        logger.warning("%s: stopping", name)
+        stop.set()
+        if not state["running"]:
+            raise _Interrupted(name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    code = 0
+    try:
+        node.start()        # the worker process loads the model (fails here if it cannot)
+        state["running"] = True
+        logger.warning(
+            "lungsys %s: %s listening on %s:%d%s (STOW-RS: %s), model %s on %s, "
+            "%d destination(s)", software_version(), cfg.node["ae_title"], cfg.node["host"],
+            node.port, " with DICOM TLS" if cfg.tls["enabled"] else "",
+            f"{cfg.dicomweb['host']}:{node.stow_port}" if node.stow_port else "off",
+            node.model["version"], node.model["device"], len(cfg.destinations))
+        if node.model["intended_use"]:
+            logger.warning("model: %s", node.model["intended_use"])
+        stop.wait()
+    except _Interrupted:
+        code = 1
+    except (ValueError, OSError, TimeoutError) as exc:
+        err.print(f"lungsys: error: {exc}", markup=False, highlight=False)
+        code = 1
+    finally:
+        node.stop()
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """Exit now: no thread left behind (a delivery in progress, say) may keep the
+    process alive after the node has stopped."""
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _store(config_file: Optional[Path]):
@@ -139,6 +181,36 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="Delivery n
 
 
 @app.command()
+def incidents(
+    config_file: ConfigOption = None,
+    kind: Annotated[Optional[str], typer.Option(
+        help="refused, duplicate, lost, recovered, quarantined or 'worker died'.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 200,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+) -> None:
+    """What an admin should know that no job says: instances refused, lost or found
+    unrecorded at start-up, workers that died."""
+    from store.models import IncidentKind
+
+    if kind is not None and kind not in {k.value for k in IncidentKind}:
+        raise CLIError(f"no incident kind {kind!r}")
+    rows = _store(config_file).incidents(kind, limit)
+    if json_:
+        print(json.dumps([{"id": i.id, "at": str(i.at), "kind": i.kind.value, "node": i.node,
+                           "origin": i.origin, "series_instance_uid": i.series_instance_uid,
+                           "sop_instance_uid": i.sop_instance_uid, "job": i.job_id,
+                           "detail": i.detail} for i in rows]))
+        return
+    table = Table()
+    for col in ("id", "at", "kind", "origin", "SOP instance", "detail"):
+        table.add_column(col)
+    for i in rows:
+        table.add_row(str(i.id), str(i.at)[:19], i.kind.value, i.origin or "-",
+                      i.sop_instance_uid[-24:] or "-", i.detail[:100])
+    out.print(table)
+
+
+@app.command()
 def echo(
     host: Annotated[str, typer.Argument(help="Peer address.")],
     port: Annotated[int, typer.Argument(help="Peer DICOM port.")],
@@ -162,3 +234,39 @@ def echo(
     if getattr(status, "Status", None) != 0x0000:
         raise CLIError(f"C-ECHO to {aet}@{host}:{port} failed")
     out.print(f"C-ECHO {aet}@{host}:{port}: Success")
+
+
+users_app = typer.Typer(help="Users and tokens for DICOM user identity negotiation "
+                        "([node] users_file).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def users_add(
+    users_file: Annotated[Path, typer.Argument(help="The users file (created if missing).")],
+    name: Annotated[str, typer.Argument(help="User name (or a label for a token).")],
+    token: Annotated[bool, typer.Option("--token", help="Add a bearer token (JWT/SAML "
+                                        "user identity) instead of a user.")] = False,
+    no_password: Annotated[bool, typer.Option("--no-password", help="A user known by "
+                                              "name alone (user identity type 1).")] = False,
+) -> None:
+    """Add a user (or token) to a users file; the secret is read from standard input
+    (or asked for at a terminal) and stored only as a salted PBKDF2 hash."""
+    import getpass
+
+    from pacs_node.security import hash_secret
+
+    if not name or any(c.isspace() for c in name):
+        raise CLIError("the name must be one word")
+    if no_password:
+        stored = "-"
+    else:
+        secret = (getpass.getpass("secret: ") if sys.stdin.isatty()
+                  else sys.stdin.readline().rstrip("\r\n"))
+        if not secret:
+            raise CLIError("an empty secret is not accepted")
+        stored = hash_secret(secret)
+    with open(users_file, "a", encoding="utf-8") as f:
+        f.write(f"{'token' if token else 'user'} {name} {stored}\n")
+    users_file.chmod(0o600)
+    out.print(f"{'token' if token else 'user'} {name} added to {users_file}")

@@ -1,7 +1,8 @@
 """Sending results to PACS: DIMSE C-STORE (pynetdicom) or DICOMweb STOW-RS.
 
 One association (or one STOW request) per delivery carries all of a job's
-result files; every C-STORE status is checked, and any failure fails the
+result files, over DICOM TLS when the destination says ``tls = true`` (its
+certificate checked against ``ca_certificates``, see :mod:`pacs_node.security`); every C-STORE status is checked, and any failure fails the
 attempt, which the scheduler retries with exponential backoff. Only the
 outcome and the error text are logged, never patient data.
 """
@@ -33,7 +34,12 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None
+    if destination.tls:
+        from pacs_node.security import client_context
+        tls_args = (client_context(destination), destination.host)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=tls_args)
     if not assoc.is_established:
         raise DeliveryError(f"association with {destination.ae_title}@{destination.host}:"
                             f"{destination.port} not established "

@@ -13,14 +13,16 @@ model.
 
 After a crash nothing is lost: instances are on disk and in the store before
 they are acknowledged, half-received series complete after a restart, and
-jobs that were running run again.
+jobs that were running run again. One node owns its data folder: ``start``
+takes the folder's lock (and the SQLite job store's, when it lies
+elsewhere) before anything is recovered, so that a second node started on
+it by mistake refuses to start and changes nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
 import threading
 from pathlib import Path
 
@@ -30,9 +32,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from config import NodeConfig
 from inference.series import scan
 from pacs_node import delivery
+from pacs_node.layout import DataLayout, LockFile
+from pacs_node.peers import PeerGate
 from pacs_node.receiver import Receiver
+from pacs_node.reconcile import reconcile
 from pacs_node.stow import StowServer
-from pacs_node.worker import STOP_SECONDS, JobRunner, WorkerProcess, model_info
+from pacs_node.supervisor import WorkerSupervisor
+from pacs_node.worker import STOP_SECONDS, JobRunner, model_info
 from store.api import JobStore
 from store.models import utcnow
 
@@ -60,41 +66,79 @@ def header_filter(paths: list[str], min_slices: int) -> str | None:
 
 class Node:
     def __init__(self, config: NodeConfig, engine=None) -> None:
+        """Build the node; nothing is touched on disk or the network before ``start``."""
+        from pacs_node.security import UserDirectory, server_context
+
         self.config = config
         self.data_dir = config.data_dir
+        self.layout = DataLayout(self.data_dir)
+        self.node_id = config.node_id
         self.store = JobStore(config.store["url"])
         self.engine = engine
-        self.receiver = Receiver(self.store, self.data_dir, config.node["ae_title"],
-                                 config.node["allowed_calling_aets"],
-                                 config.node["min_free_disk_mb"], sync=config.node["fsync"])
-        self.stow = (StowServer(self.receiver.storage, config.dicomweb["max_request_mb"])
-                     if config.dicomweb["port"] else None)
+        node = config.node
+        authenticate = (UserDirectory(node["users_file"], node["user_identity"] == "required")
+                        if node["user_identity"] != "none" else None)
+        self.receiver = Receiver(
+            self.store, self.data_dir, node["ae_title"], node["allowed_calling_aets"],
+            node["min_free_disk_mb"], sync=node["fsync"], node=self.node_id,
+            max_associations=node["max_associations"], timeout=node["timeout_seconds"],
+            gate=PeerGate(node["allowed_networks"], node["max_unassociated"],
+                          node["max_unassociated_per_peer"]),
+            tls=server_context(config.tls) if config.tls["enabled"] else None,
+            authenticate=authenticate)
+        web = config.dicomweb
+        self.stow = (StowServer(self.receiver.storage, web["max_request_mb"],
+                                PeerGate(node["allowed_networks"], web["max_connections"],
+                                         web["max_connections_per_peer"]))
+                     if web["port"] else None)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # skipped ticks are normal
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True,
                                                            "max_instances": 1})
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.worker: WorkerProcess | None = None     # started by start() without an engine
+        self.supervisor: WorkerSupervisor | None = None   # by start() without an engine
         self._thread: threading.Thread | None = None
+        # a SQLite job store outside the data folder is locked too
+        self._store_lock = (LockFile(self.store.file.with_name(self.store.file.name + ".lock"))
+                            if self.store.file is not None
+                            and self.layout.root not in self.store.file.resolve().parents
+                            else None)
+
+    @property
+    def worker(self):
+        """The worker process now running (None for an engine in a thread)."""
+        return self.supervisor.worker if self.supervisor is not None else None
 
     @property
     def model(self) -> dict:
         """The model the worker runs: version, device, intended use."""
-        if self.worker is not None:
-            return self.worker.model
+        if self.supervisor is not None:
+            return self.supervisor.model
         return model_info(self.engine) if self.engine is not None else {}
 
     # --- life cycle ----------------------------------------------------------
     def start(self) -> None:
-        """Start the worker (a process that loads the model, unless an engine was
-        given: then a thread), then receiving and the sweeps. A model that
-        cannot be loaded stops the start before anything is accepted."""
-        requeued = self.store.requeue_interrupted()
+        """Take the data folder, recover, start the worker (a process that loads
+        the model, unless an engine was given: then a thread), then receiving
+        and the sweeps. A folder in use or a model that cannot be loaded stops
+        the start before anything is changed or accepted."""
+        self.layout.lock()
+        if self._store_lock is not None:
+            try:
+                self._store_lock.acquire()
+            except Exception:
+                self.layout.unlock()
+                raise
+        removed = self.receiver.storage.clear_partial()
+        if removed:
+            log.info("%d partly received instance(s) removed (never acknowledged)", removed)
+        reconcile(self.layout, self.store, self.node_id)
+        requeued = self.store.requeue_interrupted(self.node_id)
         if requeued:
             log.warning("%d job(s) interrupted by a restart will run again", requeued)
         if self.engine is None:
-            self.worker = WorkerProcess(self.config)
-            self.worker.start()
+            self.supervisor = WorkerSupervisor(self.config, self.store)
+            self.supervisor.start()
         else:
             self._thread = threading.Thread(
                 target=JobRunner(self.config, self.store, self.engine).loop,
@@ -102,7 +146,7 @@ class Node:
             self._thread.start()
         self.receiver.start(self.config.node["host"], self.config.node["port"])
         if self.stow is not None:
-            self.stow.start(self.config.node["host"], self.config.dicomweb["port"])
+            self.stow.start(self.config.dicomweb["host"], self.config.dicomweb["port"])
         self.scheduler.add_job(self.assembly_sweep, "interval", seconds=SWEEP_SECONDS,
                                id="assembly")
         self.scheduler.add_job(self.delivery_sweep, "interval", seconds=SWEEP_SECONDS,
@@ -113,16 +157,35 @@ class Node:
         self.wake_worker()
 
     def stop(self) -> None:
+        """Stop receiving, the sweeps and the worker (it may finish its job for a
+        while); safe to call on a node whose start failed half-way."""
         self._stop.set()
         self._wake.set()
-        self.receiver.stop()
-        if self.stow is not None:
-            self.stow.stop()
-        self.scheduler.shutdown(wait=True)
-        if self.worker is not None:
-            self.worker.stop()
+        for step in (self.receiver.stop, self.stow.stop if self.stow is not None else None,
+                     self._stop_scheduler):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as exc:
+                log.warning("while stopping: %s", exc)
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self._thread is not None:
             self._thread.join(timeout=STOP_SECONDS)
+        if self._store_lock is not None:
+            self._store_lock.release()
+        self.layout.unlock()
+
+    def kill_worker(self) -> None:
+        """End the worker at once (a second signal: the node is forced to stop)."""
+        if self.supervisor is not None:
+            self.supervisor.kill()
+
+    def _stop_scheduler(self) -> None:
+        if self.scheduler.running:
+            # a delivery in progress is not waited for: it is sent again at the next start
+            self.scheduler.shutdown(wait=False)
 
     @property
     def port(self) -> int:
@@ -148,9 +211,9 @@ class Node:
 
     # --- jobs ----------------------------------------------------------------
     def wake_worker(self) -> None:
-        """A job was queued: the worker need not wait for its next look."""
-        if self.worker is not None:
-            self.worker.wake()
+        """A job was queued: the worker need not wait for its next look (never blocks)."""
+        if self.supervisor is not None:
+            self.supervisor.wake()
         self._wake.set()
 
     # --- delivery ------------------------------------------------------------
@@ -184,12 +247,13 @@ class Node:
     def retention_sweep(self) -> None:
         cutoff = utcnow() - dt.timedelta(days=self.config.retention["days"])
         for series in self.store.expired_series(cutoff):
-            for folder in (self.data_dir / "incoming" / series.study_instance_uid
-                           / series.series_instance_uid,
-                           self.data_dir / "results" / series.study_instance_uid
-                           / series.series_instance_uid):
-                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                self.layout.remove_series(series.study_instance_uid,
+                                          series.series_instance_uid)
+            except (ValueError, OSError) as exc:   # a UID the layout refuses: nothing to remove
+                log.warning("series %s: its files were not removed: %s",
+                            series.series_instance_uid[:64], exc)
             self.store.forget_series(series.id)
             log.info("series %s removed after %d days", series.series_instance_uid,
                      self.config.retention["days"])
-
+        self.store.forget_incidents(cutoff)

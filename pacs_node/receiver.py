@@ -7,8 +7,10 @@ C-STORE answered, with Success or the storage's status (0xA700 Out of
 Resources on low disk, 0xC000 when the header cannot be read). Accepted
 sockets get TCP_NODELAY, or every small PDU waits ~40 ms on Nagle's
 algorithm. A non-empty allow-list of calling AE titles rejects other callers
-at association. The association layer is :mod:`pacs_node.scp` (pynetdicom
-negotiates; the data phase is lean, see there why).
+at association; the gate, DICOM TLS and user identity are the SCP's (see
+:mod:`pacs_node.scp`, :mod:`pacs_node.peers`, :mod:`pacs_node.security`).
+The association layer is :mod:`pacs_node.scp` (pynetdicom negotiates; the
+data phase is lean, see there why).
 
 Logs carry UIDs and AE titles, never patient names or IDs.
 """
@@ -16,6 +18,7 @@ Logs carry UIDs and AE titles, never patient names or IDs.
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
@@ -25,7 +28,8 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 
-from pacs_node.scp import StorageSCP
+from pacs_node.peers import PeerGate
+from pacs_node.scp import Authenticator, StorageSCP
 from pacs_node.storage import InstanceStorage
 from store.api import JobStore
 
@@ -52,11 +56,15 @@ class Receiver:
 
     def __init__(self, store: JobStore, data_dir: str | Path, ae_title: str = "LUNGSYS",
                  allowed_calling_aets: list[str] | None = None,
-                 min_free_disk_mb: int = 1024, sync: bool = False) -> None:
-        self.storage = InstanceStorage(store, data_dir, min_free_disk_mb, sync=sync)
+                 min_free_disk_mb: int = 1024, sync: bool = False, *, node: str = "",
+                 max_associations: int = MAX_ASSOCIATIONS, timeout: float = 60.0,
+                 gate: PeerGate | None = None, tls: ssl.SSLContext | None = None,
+                 authenticate: Authenticator | None = None) -> None:
+        self.storage = InstanceStorage(store, data_dir, min_free_disk_mb, sync=sync, node=node)
         self.scp = StorageSCP(ae_title, supported_contexts(), self._store,
                               self.storage.temp_file, self.storage.has_room,
-                              allowed_calling_aets, MAX_ASSOCIATIONS)
+                              allowed_calling_aets, max_associations, timeout, gate, tls,
+                              authenticate)
         self.ae_title = ae_title
 
     def _store(self, path: Path, calling: str, transfer_syntax: str, start: bytes) -> int:

@@ -16,18 +16,39 @@ and answers each C-STORE as soon as the instance is stored.
 
 The DIMSE commands handled are C-ECHO and C-STORE (the only services
 negotiated); the command sets are the small, fixed Implicit VR Little Endian
-group 0000 of PS3.7 9.3, parsed and written here. Anything else, or a broken
-PDU, aborts the association (A-ABORT). Timeouts: 30 s for the association
-request (ARTIM), ``timeout`` seconds without data afterwards.
+group 0000 of PS3.7 9.3, parsed and written here.
+
+Every byte is the peer's until checked (the front door):
+
+- a connection must pass the :class:`~pacs_node.peers.PeerGate` (allowed
+  networks; at most so many connections not yet associated, in all and per
+  address), else it is closed at once; associations are counted apart
+  (``max_associations``);
+- the TLS handshake (DICOM TLS, when configured) and the whole A-ASSOCIATE-RQ
+  must arrive within ``ARTIM_SECONDS``, every later PDU within ``timeout``
+  seconds of its first byte, and no PDU may be awaited longer than
+  ``timeout``: deadlines, not per-read timeouts, so a peer trickling a byte
+  at a time cannot hold a place;
+- a PDU's announced length is checked before anything is allocated: an
+  A-ASSOCIATE-RQ up to ``MAX_ASSOCIATE_RQ``, a P-DATA-TF up to the
+  ``MAX_PDU`` the node announced, every other PDU its fixed size; command
+  sets up to ``MAX_COMMAND``; a data set only while the disk has room;
+- an A-ASSOCIATE-RQ that pynetdicom cannot decode, or any other broken PDU,
+  is answered with an A-ABORT and one log line; an unknown application
+  context or protocol version, a calling AE title not on the allow-list or a
+  user identity that does not check out is rejected (PS3.8 Table 9-21);
+- a data set cut short, however the association ends, leaves no file.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -38,73 +59,42 @@ from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotifi
                                        MaximumLengthNotification)
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from pacs_node.dimse import (A_ABORT_PDU, A_ASSOCIATE_RQ_PDU, A_RELEASE_RQ_PDU, C_ECHO_RQ,
+                             C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP, OUT_OF_RESOURCES,
+                             P_DATA_TF_PDU, RELEASE_RP, RJ_APPLICATION_CONTEXT, RJ_CALLING_AE,
+                             RJ_LOCAL_LIMIT, RJ_PROTOCOL_VERSION,
+                             _PDU_HEADER, ProtocolError, _file_header, _uid, abort_pdu,
+                             encode_response, p_data, parse_command)  # noqa: F401 (re-exported)
+from pacs_node.peers import PeerGate
+
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+#: The whole TLS handshake and A-ASSOCIATE-RQ must arrive within this (PS3.8 9.1.5 ARTIM).
 ARTIM_SECONDS = 30.0
 #: The largest PDU the node accepts (the PDUs it receives may be this long).
 MAX_PDU = 1 << 20
+#: The largest A-ASSOCIATE-RQ (128 presentation contexts take about 20 KiB).
+MAX_ASSOCIATE_RQ = 256 << 10
+#: The largest DIMSE command set (a C-STORE-RQ takes a few hundred bytes).
+MAX_COMMAND = 16 << 10
+#: While a data set streams in, the free disk is looked at again every this many bytes.
+DISK_CHECK_BYTES = 64 << 20
 
-C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
-NO_DATA_SET = 0x0101
-_PDU_HEADER = struct.Struct(">BBL")
+class Rejected(Exception):
+    """The association is rejected: (result, source, reason) and why, for the log."""
 
-
-class ProtocolError(Exception):
-    """The peer broke the protocol; the association is aborted."""
+    def __init__(self, code: tuple[int, int, int], why: str) -> None:
+        super().__init__(why)
+        self.code = code
 
 
 #: store(temp file with the Part-10 instance, calling AE title, transfer syntax,
 #: the data set's first fragment) -> status.
 StoreCallback = Callable[[Path, str, str, bytes], int]
-
-
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """A DIMSE command set (Implicit VR Little Endian, group 0000): element -> value."""
-    out, pos = {}, 0
-    while pos + 8 <= len(data):
-        group, element, length = struct.unpack_from("<HHL", data, pos)
-        if group != 0x0000:
-            raise ProtocolError(f"command set holds group {group:04X}")
-        out[element] = bytes(data[pos + 8:pos + 8 + length])
-        pos += 8 + length
-    return out
-
-
-def _uid(value: bytes) -> str:
-    return value.rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def encode_response(command_field: int, message_id: int, sop_class: str, status: int,
-                    sop_instance: str | None = None) -> bytes:
-    """A response command set (PS3.7 9.3), group length first."""
-    def element(tag: int, value: bytes) -> bytes:
-        return struct.pack("<HHL", 0x0000, tag, len(value)) + value
-
-    def uid(text: str) -> bytes:
-        raw = text.encode("ascii")
-        return raw + b"\x00" * (len(raw) % 2)
-
-    body = element(0x0002, uid(sop_class)) + element(0x0100, struct.pack("<H", command_field))
-    body += element(0x0120, struct.pack("<H", message_id))
-    body += element(0x0800, struct.pack("<H", NO_DATA_SET))
-    body += element(0x0900, struct.pack("<H", status))
-    if sop_instance:
-        body += element(0x1000, uid(sop_instance))
-    return element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def p_data(context_id: int, command: bytes) -> bytes:
-    """A P-DATA-TF PDU holding one whole command (message control header 0x03)."""
-    pdv = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
-    return _PDU_HEADER.pack(0x04, 0, len(pdv)) + pdv
-
-
-def abort_pdu(source: int = 0x02, reason: int = 0x00) -> bytes:
-    return _PDU_HEADER.pack(0x07, 0, 4) + bytes([0, 0, source, reason])
-
-
-RELEASE_RP = _PDU_HEADER.pack(0x06, 0, 4) + b"\x00\x00\x00\x00"
+#: authenticate(user identity item of the A-ASSOCIATE-RQ or None) -> the server
+#: response to send (b"" for none), or raise Rejected.
+Authenticator = Callable[[object], bytes | None]
 
 
 @dataclass
@@ -117,27 +107,48 @@ class _Message:
     path: Path | None = None
     start: bytes = b""          # the data set's first fragment (its header, usually)
     discard: bool = False
+    written: int = 0
+    next_disk_check: int = DISK_CHECK_BYTES
+
+
+@dataclass
+class _Association:
+    """What one association's thread knows."""
+
+    address: str
+    calling: str = "?"
+    contexts: dict[int, str] = field(default_factory=dict)   # id -> transfer syntax
+    message: _Message | None = None
 
 
 class StorageSCP:
     """Accepts associations and C-STOREs; ``store`` decides each instance's status.
 
     ``temp_file()`` gives a new temporary path beside the received instances;
-    ``has_room()`` says whether there is disk for one more (else 0xA700).
+    ``has_room()`` says whether there is disk for one more (else 0xA700);
+    ``gate`` admits connections (see :mod:`pacs_node.peers`); ``tls``, a
+    server-side SSL context, makes every connection DICOM TLS;
+    ``authenticate`` checks the user identity (see :data:`Authenticator`).
     """
 
     def __init__(self, ae_title: str, contexts: list[PresentationContext],
                  store: StoreCallback, temp_file: Callable[[], Path],
                  has_room: Callable[[], bool], allowed_calling_aets: list[str] | None = None,
-                 max_associations: int = 16, timeout: float = 60.0) -> None:
+                 max_associations: int = 16, timeout: float = 60.0,
+                 gate: PeerGate | None = None, tls: ssl.SSLContext | None = None,
+                 authenticate: Authenticator | None = None) -> None:
         self.ae_title = ae_title
         self.contexts = contexts
         self.store = store
         self.temp_file = temp_file
         self.has_room = has_room
-        self.allowed = [a.strip() for a in allowed_calling_aets or []]
+        # AE titles: leading and trailing spaces are not significant (PS3.5 6.2, PS3.8 9.3.2)
+        self.allowed = {a.strip() for a in allowed_calling_aets or []}
         self.max_associations = max_associations
         self.timeout = timeout
+        self.gate = gate or PeerGate(max_total=2 * max_associations, max_per_peer=8)
+        self.tls = tls
+        self.authenticate = authenticate
         self._listener: socket.socket | None = None
         self._active = 0
         self._lock = threading.Lock()
@@ -145,7 +156,7 @@ class StorageSCP:
 
     # --- life cycle ----------------------------------------------------------
     def start(self, host: str, port: int) -> None:
-        sock = socket.create_server((host, port), reuse_port=False, backlog=64)
+        sock = socket.create_server((host, port), reuse_port=False, backlog=128)
         self._listener = sock
         self._stopping.clear()
         threading.Thread(target=self._accept_loop, name="lungsys-scp", daemon=True).start()
@@ -153,6 +164,12 @@ class StorageSCP:
     @property
     def port(self) -> int:
         return self._listener.getsockname()[1] if self._listener else 0
+
+    @property
+    def associations(self) -> int:
+        """Associations established now."""
+        with self._lock:
+            return self._active
 
     def stop(self) -> None:
         self._stopping.set()
@@ -170,60 +187,121 @@ class StorageSCP:
             try:
                 conn, address = listener.accept()
             except OSError:
-                return  # the listener was closed
+                if self._stopping.is_set():
+                    return              # the listener was closed
+                time.sleep(0.1)         # out of file descriptors: let others close
+                continue
+            why = self.gate.enter(address[0])
+            if why is not None:
+                log.warning("connection from %s refused: %s", address[0], why)
+                conn.close()
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn, address),
+            threading.Thread(target=self._serve, args=(conn, address[0]),
                              name=f"lungsys-assoc-{address[0]}:{address[1]}",
                              daemon=True).start()
 
     # --- one association -----------------------------------------------------
-    def _serve(self, conn: socket.socket, address) -> None:
-        with self._lock:
-            self._active += 1
-            busy = self._active > self.max_associations
-        calling = "?"
+    def _serve(self, conn: socket.socket, address: str) -> None:
+        assoc = _Association(address)
+        gated, counted = True, False
         try:
-            conn.settimeout(ARTIM_SECONDS)
-            pdu_type, body = _read_pdu(conn)
-            if pdu_type != 0x01:
-                raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type:#x}")
-            rq = A_ASSOCIATE_RQ()
-            rq.decode(_PDU_HEADER.pack(0x01, 0, len(body)) + body)
-            request = rq.to_primitive()
-            calling = str(request.calling_ae_title).strip()
-            accepted = self._associate(conn, request, busy)
-            if accepted is None:
-                return
-            log.info("association from %s (%s) accepted", calling, address[0])
-            conn.settimeout(self.timeout)
-            self._data_phase(conn, calling, accepted)
+            deadline = time.monotonic() + ARTIM_SECONDS
+            if self.tls is not None:
+                conn = self._handshake(conn, deadline)
+            request = self._read_request(conn, deadline)
+            assoc.calling = str(request.calling_ae_title).strip()
+            with self._lock:
+                busy = self._active >= self.max_associations
+                if not busy:
+                    self._active += 1
+                    counted = True
+            self.gate.leave(address)
+            gated = False
+            assoc.contexts = self._associate(conn, request, busy)
+            log.info("association from %s (%s) accepted", assoc.calling, address)
+            self._data_phase(conn, assoc)
+        except Rejected as exc:
+            log.warning("association from %s (%s) rejected: %s", assoc.calling, address, exc)
         except (ProtocolError, ValueError, struct.error) as exc:
-            log.warning("association from %s aborted: %s", calling, exc)
+            log.warning("association from %s (%s) aborted: %s", assoc.calling, address, exc)
             _send_quietly(conn, abort_pdu())
         except (OSError, TimeoutError) as exc:
-            log.warning("association from %s ended: %s", calling, exc)
+            log.warning("association from %s (%s) ended: %s", assoc.calling, address,
+                        str(exc) or type(exc).__name__)
+        except Exception as exc:               # a bug must not leave a file or a place
+            log.exception("association from %s (%s) failed: %s", assoc.calling, address, exc)
+            _send_quietly(conn, abort_pdu())
         finally:
+            self._drop(assoc.message)
             conn.close()
-            with self._lock:
-                self._active -= 1
+            if gated:
+                self.gate.leave(address)
+            if counted:
+                with self._lock:
+                    self._active -= 1
+
+    def _handshake(self, conn: socket.socket, deadline: float) -> ssl.SSLSocket:
+        tls = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        while True:   # the whole handshake within the deadline, however slow the peer
+            tls.settimeout(_remaining(deadline))
+            try:
+                tls.do_handshake()
+                return tls
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue
+            except ssl.SSLError as exc:
+                tls.close()
+                raise OSError(f"TLS handshake failed: {exc.reason or exc}") from None
+
+    def _read_request(self, conn: socket.socket, deadline: float) -> A_ASSOCIATE:
+        pdu_type, length, _ = _read_header(conn, deadline)
+        if pdu_type != A_ASSOCIATE_RQ_PDU:
+            raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type:#x}")
+        if length > MAX_ASSOCIATE_RQ:
+            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes, above {MAX_ASSOCIATE_RQ}")
+        if length < 68:
+            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes, too short")
+        body = _read_growing(conn, length, deadline)
+        try:
+            rq = A_ASSOCIATE_RQ()
+            rq.decode(_PDU_HEADER.pack(A_ASSOCIATE_RQ_PDU, 0, length) + body)
+            request = rq.to_primitive()
+            _ = [str(cx.abstract_syntax) for cx in request.presentation_context_definition_list]
+        except Exception as exc:   # pynetdicom's decoder raises whatever broken bytes make
+            raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
+        request.protocol_version = struct.unpack_from(">H", body, 0)[0]
+        return request
 
     def _associate(self, conn: socket.socket, request: A_ASSOCIATE, busy: bool
-                   ) -> dict[int, str] | None:
-        """Accept (the accepted contexts: id -> transfer syntax) or reject (None)."""
-        reject = None
-        if self.allowed and str(request.calling_ae_title).strip() not in self.allowed:
-            reject = (0x01, 0x01, 0x03)            # calling AE title not recognised
-        elif busy:
-            reject = (0x02, 0x03, 0x02)            # local limit exceeded
-        if reject is not None:
+                   ) -> dict[int, str]:
+        """Accept: the accepted contexts, id -> transfer syntax; or reject (Rejected)."""
+        response = None
+        try:
+            if not request.protocol_version & 0x0001:
+                raise Rejected(RJ_PROTOCOL_VERSION, f"protocol version "
+                                                    f"{request.protocol_version:#06x}")
+            if str(request.application_context_name) != APPLICATION_CONTEXT:
+                raise Rejected(RJ_APPLICATION_CONTEXT, "application context "
+                                                       f"{request.application_context_name}")
+            if self.allowed and str(request.calling_ae_title).strip() not in self.allowed:
+                raise Rejected(RJ_CALLING_AE, "calling AE title not on the allow-list")
+            if self.authenticate is not None:
+                identity = next((item for item in request.user_information
+                                 if type(item).__name__ == "UserIdentityNegotiation"), None)
+                response = self.authenticate(identity)
+                if response is not None and not getattr(identity, "positive_response_requested",
+                                                        False):
+                    response = None
+            if busy:
+                raise Rejected(RJ_LOCAL_LIMIT, f"{self.max_associations} associations at once")
+        except Rejected as exc:
             primitive = A_ASSOCIATE()
-            primitive.result, primitive.result_source, primitive.diagnostic = reject
+            primitive.result, primitive.result_source, primitive.diagnostic = exc.code
             rj = A_ASSOCIATE_RJ()
             rj.from_primitive(primitive)
             conn.sendall(rj.encode())
-            log.warning("association from %s rejected (%s)", request.calling_ae_title,
-                        "not on the allow-list" if reject[2] == 0x03 else "too many at once")
-            return None
+            raise
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
                  for item in request.user_information
                  if type(item).__name__ == "SCP_SCU_RoleSelectionNegotiation"}
@@ -242,51 +320,74 @@ class StorageSCP:
         primitive.result, primitive.result_source = 0x00, 0x01
         primitive.presentation_context_definition_results_list = results
         primitive.user_information = [max_length, class_uid, version, *ac_roles]
+        if response is not None:
+            from pynetdicom.pdu_primitives import UserIdentityNegotiation
+            item = UserIdentityNegotiation()
+            item.server_response = response
+            primitive.user_information.append(item)
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(primitive)
         conn.sendall(ac.encode())
         return {cx.context_id: str(cx.transfer_syntax[0]) for cx in results if cx.result == 0}
 
-    def _data_phase(self, conn: socket.socket, calling: str, contexts: dict[int, str]) -> None:
+    def _data_phase(self, conn: socket.socket, assoc: _Association) -> None:
         command = bytearray()
-        message: _Message | None = None
+        contexts = assoc.contexts
         while True:
-            pdu_type, body = _read_pdu(conn)
-            if pdu_type == 0x05:                   # A-RELEASE-RQ
-                conn.sendall(RELEASE_RP)
-                return
-            if pdu_type == 0x07:                   # A-ABORT
-                log.warning("association from %s aborted by the peer", calling)
-                self._drop(message)
-                return
-            if pdu_type != 0x04:
+            # a PDU begins within the idle timeout, and is whole within as long again
+            pdu_type, length, deadline = _read_header(conn, time.monotonic() + self.timeout,
+                                                      self.timeout)
+            if pdu_type != P_DATA_TF_PDU:
+                if length != 4:
+                    raise ProtocolError(f"PDU type {pdu_type:#x} of {length} bytes")
+                _read_exact(conn, 4, deadline)
+                if pdu_type == A_RELEASE_RQ_PDU:
+                    conn.sendall(RELEASE_RP)
+                    return
+                if pdu_type == A_ABORT_PDU:
+                    log.warning("association from %s aborted by the peer", assoc.calling)
+                    return
                 raise ProtocolError(f"unexpected PDU type {pdu_type:#x}")
+            if length > MAX_PDU:
+                raise ProtocolError(f"P-DATA-TF of {length} bytes, above the {MAX_PDU} "
+                                    f"negotiated")
+            body = _read_exact(conn, length, deadline)
             view, pos = memoryview(body), 0
             while pos < len(view):
-                length, context_id, control = struct.unpack_from(">LBB", view, pos)
-                fragment = view[pos + 6:pos + 4 + length]
-                pos += 4 + length
+                if pos + 6 > len(view):
+                    raise ProtocolError("a PDV item is cut short")
+                pdv_length, context_id, control = struct.unpack_from(">LBB", view, pos)
+                if pdv_length < 2 or pos + 4 + pdv_length > len(view):
+                    raise ProtocolError(f"a PDV item of {pdv_length} bytes does not fit its PDU")
+                fragment = view[pos + 6:pos + 4 + pdv_length]
+                pos += 4 + pdv_length
                 if context_id not in contexts:
                     raise ProtocolError(f"presentation context {context_id} not accepted")
                 if control & 0x01:                 # command fragment
+                    if assoc.message is not None:
+                        raise ProtocolError("a command arrived inside a data set")
+                    if len(command) + len(fragment) > MAX_COMMAND:
+                        raise ProtocolError(f"a command set above {MAX_COMMAND} bytes")
                     command += fragment
                     if control & 0x02:
-                        message = self._command(conn, bytes(command), context_id,
-                                                contexts, calling)
+                        assoc.message = self._command(conn, bytes(command), context_id,
+                                                      assoc.calling)
                         command.clear()
                     continue
+                message = assoc.message
                 if message is None:
                     raise ProtocolError("a data set arrived without its command")
-                self._write(message, fragment, calling, contexts[message.context_id])
+                if context_id != message.context_id:
+                    raise ProtocolError("a data set fragment on another presentation context")
+                self._write(message, fragment, assoc.calling, contexts[message.context_id])
                 if control & 0x02:                 # the data set's last fragment
-                    self._finish(conn, message, calling, contexts[message.context_id])
-                    message = None
+                    assoc.message = None
+                    self._finish(conn, message, assoc.calling, contexts[message.context_id])
 
-    def _command(self, conn, raw: bytes, context_id: int, contexts, calling: str
-                 ) -> _Message | None:
+    def _command(self, conn, raw: bytes, context_id: int, calling: str) -> _Message | None:
         cmd = parse_command(raw)
-        field_ = struct.unpack("<H", cmd.get(0x0100, b"\x00\x00"))[0]
-        message_id = struct.unpack("<H", cmd.get(0x0110, b"\x00\x00"))[0]
+        field_ = struct.unpack("<H", cmd.get(0x0100, b"\x00\x00")[:2].ljust(2, b"\0"))[0]
+        message_id = struct.unpack("<H", cmd.get(0x0110, b"\x00\x00")[:2].ljust(2, b"\0"))[0]
         if field_ == C_ECHO_RQ:
             rsp = encode_response(C_ECHO_RSP, message_id, _uid(cmd.get(0x0002, b"")), 0x0000)
             conn.sendall(p_data(context_id, rsp))
@@ -310,15 +411,24 @@ class StorageSCP:
             message.file.write(_file_header(message.command, transfer_syntax, calling))
             message.start = bytes(fragment)
         message.file.write(fragment)
+        message.written += len(fragment)
+        if message.written >= message.next_disk_check:   # a data set that never ends
+            message.next_disk_check += DISK_CHECK_BYTES
+            if not self.has_room():
+                log.error("refusing C-STORE from %s: the disk filled up while it arrived",
+                          calling)
+                self._drop(message)
+                message.discard = True
 
     def _finish(self, conn, message: _Message, calling: str, transfer_syntax: str) -> None:
         cmd = message.command
         sop_class, sop_instance = _uid(cmd.get(0x0002, b"")), _uid(cmd.get(0x1000, b""))
-        message_id = struct.unpack("<H", cmd.get(0x0110, b"\x00\x00"))[0]
-        if message.discard:
-            status = 0xA700
+        message_id = struct.unpack("<H", cmd.get(0x0110, b"\x00\x00")[:2].ljust(2, b"\0"))[0]
+        if message.discard or message.file is None:
+            status = OUT_OF_RESOURCES
+            self._drop(message)
         else:
-            assert message.file is not None and message.path is not None
+            assert message.path is not None
             message.file.close()
             message.file = None
             status = self.store(message.path, calling, transfer_syntax, message.start)
@@ -327,45 +437,30 @@ class StorageSCP:
 
     @staticmethod
     def _drop(message: _Message | None) -> None:
-        if message is not None and message.file is not None:
+        """Remove what a data set cut short left (the file, if one was begun)."""
+        if message is None:
+            return
+        if message.file is not None:
             message.file.close()
-            if message.path is not None:
-                message.path.unlink(missing_ok=True)
+            message.file = None
+        if message.path is not None:
+            message.path.unlink(missing_ok=True)
+            message.path = None
 
 
-def _file_header(cmd: dict[int, bytes], transfer_syntax: str, calling: str) -> bytes:
-    """The Part-10 preamble and File Meta Information (PS3.10 7.1) of an instance.
-
-    Encoded here, not with pydicom's ``write_file_meta_info``: that costs
-    about as much as the rest of a C-STORE, and these eight Explicit VR
-    Little Endian elements never change shape (a test checks the bytes
-    against pydicom's).
-    """
-    def element(number: int, vr: bytes, value: bytes) -> bytes:
-        if vr == b"OB":
-            return struct.pack("<HH2sxxL", 0x0002, number, vr, len(value)) + value
-        return struct.pack("<HH2sH", 0x0002, number, vr, len(value)) + value
-
-    def text(value: str, pad: bytes) -> bytes:
-        raw = value.encode("ascii")
-        return raw + pad * (len(raw) % 2)
-
-    body = (element(0x0001, b"OB", b"\x00\x01")
-            + element(0x0002, b"UI", text(_uid(cmd.get(0x0002, b"")), b"\x00"))
-            + element(0x0003, b"UI", text(_uid(cmd.get(0x1000, b"")), b"\x00"))
-            + element(0x0010, b"UI", text(transfer_syntax, b"\x00"))
-            + element(0x0012, b"UI", text(PYNETDICOM_IMPLEMENTATION_UID, b"\x00"))
-            + element(0x0013, b"SH", text(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")))
-    if calling:
-        body += element(0x0016, b"AE", text(calling[:16], b" "))
-    return (b"\x00" * 128 + b"DICM" + element(0x0000, b"UL", struct.pack("<L", len(body)))
-            + body)
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the peer took too long")
+    return left
 
 
-def _read_exact(conn: socket.socket, n: int) -> bytearray:
+def _read_exact(conn: socket.socket, n: int, deadline: float) -> bytearray:
+    """``n`` bytes, all of them by ``deadline`` (checked length: allocated at once)."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
+        conn.settimeout(_remaining(deadline))
         k = conn.recv_into(view[got:], n - got)
         if k == 0:
             raise OSError("the peer closed the connection")
@@ -373,13 +468,23 @@ def _read_exact(conn: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def _read_pdu(conn: socket.socket) -> tuple[int, bytearray]:
-    pdu_type, _, length = _PDU_HEADER.unpack(_read_exact(conn, 6))
-    if length > MAX_PDU + 6 and pdu_type == 0x04:
-        raise ProtocolError(f"P-DATA-TF of {length} bytes, above the {MAX_PDU} negotiated")
-    if length > 1 << 24:
-        raise ProtocolError(f"PDU of {length} bytes")
-    return pdu_type, _read_exact(conn, length)
+def _read_growing(conn: socket.socket, n: int, deadline: float) -> bytearray:
+    """``n`` bytes by ``deadline``, the buffer growing only as they arrive."""
+    buf = bytearray()
+    while len(buf) < n:
+        buf += _read_exact(conn, min(n - len(buf), 16 << 10), deadline)
+    return buf
+
+
+def _read_header(conn: socket.socket, first_byte_by: float, rest_within: float | None = None
+                 ) -> tuple[int, int, float]:
+    """A PDU's type, length and the deadline for the rest of it: the first byte
+    by ``first_byte_by``; the rest within ``rest_within`` seconds of it (None:
+    by ``first_byte_by`` too)."""
+    first = _read_exact(conn, 1, first_byte_by)
+    deadline = first_byte_by if rest_within is None else time.monotonic() + rest_within
+    pdu_type, _, length = _PDU_HEADER.unpack(bytes(first + _read_exact(conn, 5, deadline)))
+    return pdu_type, length, deadline
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:

@@ -3,30 +3,41 @@
 The DIMSE Storage SCP and the STOW-RS endpoint both hand the instance over
 exactly as the sender encoded it (a DICOM Part-10 file, never decoded; only
 its header is parsed for the UIDs), in a temporary file beside the received
-instances (``incoming/.partial``). It is moved into place atomically (a
-rename, after an fsync when ``sync`` is on) under
-``data_dir/incoming/STUDY/SERIES/``, recorded in the job store, and only
-then reported stored, so that an acknowledged instance survives a crash. An
-instance whose SOP Instance UID is stored already is reported stored without
-writing it again. Below the configured free disk space nothing is stored
-(Out of Resources).
+instances (``incoming/.partial``). Its UIDs are checked and turned into a
+path by :class:`~pacs_node.layout.DataLayout` (the only code that does so);
+the instance is recorded in the job store and moved into place (a rename,
+after an fsync when ``sync`` is on) in one transaction, and only then
+reported stored, so that an acknowledged instance is on disk *and* recorded.
 
-Statuses are the DIMSE C-STORE ones, which STOW-RS reuses as Failure Reasons
-(PS3.18 Table I.2-2).
+"Stored already" means recorded: an instance whose SOP Instance UID the job
+store holds in the same series is reported stored without being written
+again; in another series it is refused (0x0111 Duplicate SOP Instance) and
+recorded as an incident, as UIDs are unique and one of the two senders is
+wrong. When the job store cannot record (it is locked past its busy
+timeout, its file is gone) the file is removed again and the sender told
+Out of Resources, so that it sends again later: never Success. Below the
+configured free disk space nothing is stored (Out of Resources).
+
+Statuses are the DIMSE C-STORE ones (PS3.4 Table GG.4-1, PS3.7 C.4), which
+STOW-RS reuses as Failure Reasons (PS3.18 Table I.2-2).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from pacs_node.header import InstanceHeader, read_file_header, read_header
-from store.api import JobStore, ReceivedInstance
+from pacs_node.layout import DataLayout, UIDRefused
+from store.api import JobStore, ReceivedInstance, Recorded, StoreUnavailable
+from store.models import IncidentKind
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +47,10 @@ CANNOT_UNDERSTAND = 0xC000
 #: Implementation-specific (STOW-RS only): the instance is not of the study the URL names.
 STUDY_MISMATCH = 0xC409
 PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
+#: The reason given with Out of Resources when the job store cannot record.
+STORE_UNAVAILABLE = "the job store cannot record it now"
 
-_NOT_UID = re.compile(r"[^0-9.]")
 
 @dataclass(frozen=True)
 class Outcome:
@@ -60,47 +73,60 @@ class InstanceStorage:
     ``sync``: fsync each file before it is recorded (survives a power cut, at
     the disk's fsync latency per instance); without it an acknowledged
     instance survives any crash of the node itself, as the file is complete
-    and renamed into place before it is recorded.
+    and renamed into place before it is committed. ``node`` is recorded
+    with every series (see :mod:`store.models`).
     """
 
     def __init__(self, store: JobStore, data_dir: str | Path, min_free_disk_mb: int = 1024,
-                 sync: bool = False) -> None:
+                 sync: bool = False, node: str = "") -> None:
         self.store = store
-        self.incoming = Path(data_dir) / "incoming"
-        self.partial = self.incoming / ".partial"
+        self.layout = DataLayout(data_dir)
+        self.incoming = self.layout.incoming
+        self.partial = self.layout.partial
         self.partial.mkdir(parents=True, exist_ok=True)
-        for leftover in self.partial.iterdir():   # never acknowledged: a crash cut them short
-            leftover.unlink(missing_ok=True)
         self.min_free = min_free_disk_mb * 1024 * 1024
         self.sync = sync
+        self.node = node
+        self._reserved = 0                        # bytes promised to requests in flight
+        self._reserved_lock = threading.Lock()
 
-    def has_room(self) -> bool:
-        return shutil.disk_usage(self.incoming).free >= self.min_free
+    def clear_partial(self) -> int:
+        """At start-up (under the data folder's lock): remove what a crash cut short.
+
+        Nothing there was acknowledged. Returns how many files were removed.
+        """
+        removed = 0
+        for leftover in self.partial.iterdir():
+            if leftover.is_file() or leftover.is_symlink():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def has_room(self, more: int = 0) -> bool:
+        """Whether ``more`` bytes fit above the free-disk minimum, besides those
+        reserved by requests in flight."""
+        return (shutil.disk_usage(self.incoming).free - self._reserved - more
+                >= self.min_free)
+
+    def reserve(self, size: int) -> bool:
+        """Reserve disk for a request of ``size`` bytes; False when it does not fit."""
+        with self._reserved_lock:
+            if not self.has_room(size):
+                return False
+            self._reserved += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._reserved_lock:
+            self._reserved = max(0, self._reserved - size)
 
     def temp_file(self) -> Path:
         """A new path for an instance being received (same file system as its home)."""
         return self.partial / f"{uuid.uuid4().hex}.tmp"
 
-    def store_instance(self, data: bytes, origin: str, transfer_syntax: str | None = None,
-                       expected_study: str | None = None) -> Outcome:
-        """Store one Part-10 encoded instance held in memory (see :meth:`store_file`)."""
-        if not self.has_room():
-            log.error("refusing an instance from %s: free disk below the configured "
-                      "minimum", origin)
-            return Outcome(OUT_OF_RESOURCES, reason="free disk below the minimum")
-        tmp = self.temp_file()
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            log.error("an instance from %s was not stored: %s", origin, exc)
-            return Outcome(OUT_OF_RESOURCES, reason=f"not stored: {exc}")
-        return self.store_file(tmp, origin, transfer_syntax, expected_study)
-
     def store_file(self, tmp: Path, origin: str, transfer_syntax: str | None = None,
                    expected_study: str | None = None, start: bytes = b"") -> Outcome:
-        """Move a received Part-10 file (from :meth:`temp_file`) into place and record it.
+        """Record a received Part-10 file (from :meth:`temp_file`) and move it into place.
 
         ``origin`` is the calling AE title (or the web client) for the job
         store and the logs; ``transfer_syntax`` defaults to the file meta's;
@@ -110,49 +136,89 @@ class InstanceStorage:
         (:func:`~pacs_node.header.read_header`).
         The temporary file is gone afterwards, whatever the outcome.
         """
+        placed: int | None = None       # the inode of the file moved into place
+        path: Path | None = None
         try:
             try:
                 header: InstanceHeader = (read_header(start, transfer_syntax, tmp)
                                           if start and transfer_syntax
                                           else read_file_header(tmp))
-                sop_class, sop_uid, study_uid, series_uid = (
-                    header.sop_class_uid, header.sop_instance_uid,
-                    header.study_instance_uid, header.series_instance_uid)
-                syntax = transfer_syntax or header.transfer_syntax_uid
             except Exception as exc:
-                log.warning("an instance from %s cannot be understood: %s", origin, exc)
-                return Outcome(CANNOT_UNDERSTAND, reason=f"cannot be read: {exc}")
+                log.warning("an instance from %s cannot be understood: %s", origin,
+                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                return Outcome(CANNOT_UNDERSTAND, reason="cannot be read as DICOM")
+            sop_class, sop_uid, study_uid, series_uid = (
+                header.sop_class_uid, header.sop_instance_uid,
+                header.study_instance_uid, header.series_instance_uid)
+            syntax = transfer_syntax or header.transfer_syntax_uid
+            try:
+                path = self.layout.instance_path(study_uid, series_uid, sop_uid)
+            except UIDRefused as exc:
+                return self._refused(CANNOT_UNDERSTAND, str(exc), origin, header)
             if expected_study and study_uid != expected_study:
                 return Outcome(STUDY_MISMATCH, sop_class, sop_uid, study_uid,
                                "Study Instance UID differs from the one in the URL")
-            done = Outcome(SUCCESS, sop_class, sop_uid, study_uid)
-            path = self.incoming / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_uid)}.dcm"
-            if path.exists():  # the path is the UID's: this instance is stored already
-                log.debug("instance %s already stored", sop_uid)
-                return done
             if self.sync:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
             path.parent.mkdir(parents=True, exist_ok=True)
             size = tmp.stat().st_size
-            os.replace(tmp, path)
-            self.store.record_instance(ReceivedInstance(
+
+            def place() -> None:
+                nonlocal placed
+                inode = tmp.stat().st_ino
+                os.replace(tmp, path)
+                placed = inode
+
+            recorded = self.store.record_instance(ReceivedInstance(
                 sop_instance_uid=sop_uid, sop_class_uid=sop_class,
                 series_instance_uid=series_uid, study_instance_uid=study_uid,
                 modality=header.modality, path=str(path), size=size,
                 transfer_syntax_uid=syntax, calling_aet=origin[:16],
-                images_in_acquisition=header.images_in_acquisition))
-            return done
+                images_in_acquisition=header.images_in_acquisition, node=self.node), place)
+            if recorded is Recorded.other_series:
+                return self._refused(DUPLICATE_SOP_INSTANCE, recorded.value, origin, header,
+                                     IncidentKind.duplicate)
+            if recorded is Recorded.stored_already:
+                log.debug("instance %s already stored", sop_uid)
+            return Outcome(SUCCESS, sop_class, sop_uid, study_uid)
+        except (StoreUnavailable, SQLAlchemyError) as exc:
+            self._unplace(placed, path)
+            log.error("an instance from %s was refused: the job store cannot record it (%s)",
+                      origin, str(exc).splitlines()[0][:300])
+            return Outcome(OUT_OF_RESOURCES, reason=STORE_UNAVAILABLE)
         except OSError as exc:
+            self._unplace(placed, path)
             log.error("an instance from %s was not stored: %s", origin, exc)
-            return Outcome(OUT_OF_RESOURCES, reason=f"not stored: {exc}")
+            return Outcome(OUT_OF_RESOURCES, reason=f"not stored: {exc.strerror or exc}")
         except Exception as exc:
+            self._unplace(placed, path)
             log.exception("storing an instance from %s failed", origin)
-            return Outcome(PROCESSING_FAILURE, reason=f"processing failure: {exc}")
+            return Outcome(PROCESSING_FAILURE, reason=f"processing failure: "
+                                                      f"{type(exc).__name__}")
         finally:
             tmp.unlink(missing_ok=True)
 
+    @staticmethod
+    def _unplace(placed: int | None, path: Path | None) -> None:
+        """The file was moved into place but its row never committed: remove it
+        (unless another sender of the same instance has put its own there since)."""
+        if placed is None or path is None:
+            return
+        try:
+            if path.stat().st_ino == placed:
+                path.unlink()
+        except OSError:
+            pass
 
-def _safe(uid: str) -> str:
-    """A UID as a file name (UIDs are digits and dots; anything else is replaced)."""
-    return _NOT_UID.sub("_", uid)[:64] or "_"
+    def _refused(self, status: int, reason: str, origin: str, header: InstanceHeader,
+                 kind: IncidentKind = IncidentKind.refused) -> Outcome:
+        log.warning("an instance from %s was refused (0x%04X): %s", origin, status, reason)
+        try:
+            self.store.record_incident(kind, reason, node=self.node, origin=origin,
+                                       series_instance_uid=header.series_instance_uid,
+                                       sop_instance_uid=header.sop_instance_uid)
+        except Exception as exc:          # the refusal stands; the log has it
+            log.error("the refusal could not be recorded: %s", str(exc).splitlines()[0][:200])
+        return Outcome(status, header.sop_class_uid, header.sop_instance_uid[:64],
+                       header.study_instance_uid[:64], reason)

@@ -26,9 +26,10 @@ import json
 import logging
 import mmap
 import re
-import shutil
+import socket
 import tempfile
 import threading
+import time
 from email.message import Message
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,14 +37,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 
-from pacs_node.storage import CANNOT_UNDERSTAND, InstanceStorage, Outcome
+from pacs_node.layout import UIDRefused, uid_name
+from pacs_node.peers import PeerGate
+from pacs_node.storage import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STORE_UNAVAILABLE,
+                               InstanceStorage, Outcome)
 
 log = logging.getLogger(__name__)
 
 BASE_PATH = "/dicom-web"
 ORIGIN = "STOW-RS"
-_PATH = re.compile(rf"^{BASE_PATH}/studies(?:/([0-9.]{{1,64}}))?/?$")
+_PATH = re.compile(rf"^{BASE_PATH}/studies(?:/([^/]+))?/?$")
 _CHUNK = 1 << 20
+#: The request line and headers must arrive within this many seconds.
+HEADER_SECONDS = 30.0
+#: No read or write of a connection may wait longer than this.
+IDLE_SECONDS = 30.0
+#: Connections waiting to be accepted.
+BACKLOG = 128
 
 
 class StowError(Exception):
@@ -111,19 +121,96 @@ def response_dataset(outcomes: list[Outcome]) -> Dataset:
     return ds
 
 
+class _Server(ThreadingHTTPServer):
+    """A threading HTTP server whose connections pass the gate and meet deadlines."""
+
+    request_queue_size = BACKLOG
+    daemon_threads = True
+    gate: PeerGate
+    watchdog: "_Watchdog"
+
+    def process_request(self, request, client_address) -> None:
+        why = self.gate.enter(client_address[0])
+        if why is not None:
+            log.warning("STOW-RS connection from %s refused: %s", client_address[0], why)
+            _refuse(request)
+            self.shutdown_request(request)
+            return
+        request.settimeout(IDLE_SECONDS)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.watchdog.forget(request)
+            self.gate.leave(client_address[0])
+
+
+def _refuse(conn: socket.socket) -> None:
+    body = b'{"error": "too many connections, or not allowed"}'
+    try:
+        conn.settimeout(1.0)
+        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                     b"Retry-After: 5\r\nConnection: close\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+    except OSError:
+        pass
+
+
+class _Watchdog:
+    """Shuts down connections that did not send their headers in time."""
+
+    def __init__(self) -> None:
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="lungsys-stow-watchdog", daemon=True).start()
+
+    def watch(self, conn: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._deadlines[conn] = time.monotonic() + seconds
+
+    def forget(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._deadlines.pop(conn, None)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, t in self._deadlines.items() if t < now]
+                for conn in late:
+                    del self._deadlines[conn]
+            for conn in late:
+                log.warning("STOW-RS connection closed: no complete request in %.0f s",
+                            HEADER_SECONDS)
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 class StowServer:
     """A threading HTTP server that stores what is POSTed to /dicom-web/studies."""
 
-    def __init__(self, storage: InstanceStorage, max_request_mb: int = 2048) -> None:
+    def __init__(self, storage: InstanceStorage, max_request_mb: int = 2048,
+                 gate: PeerGate | None = None) -> None:
         self.storage = storage
         self.max_bytes = max_request_mb * 1024 * 1024
-        self.httpd: ThreadingHTTPServer | None = None
+        self.gate = gate or PeerGate(max_total=32, max_per_peer=8)
+        self.httpd: _Server | None = None
+        self._watchdog: _Watchdog | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, host: str, port: int) -> None:
         handler = type("Handler", (_Handler,), {"stow": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self._watchdog = _Watchdog()
+        server = type("Server", (_Server,), {"gate": self.gate, "watchdog": self._watchdog})
+        self.httpd = server((host, port), handler)
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="lungsys-stow",
                                         daemon=True)
         self._thread.start()
@@ -138,6 +225,8 @@ class StowServer:
             self.httpd.shutdown()
             self.httpd.server_close()
             self.httpd = None
+        if self._watchdog is not None:
+            self._watchdog.stop()
 
     def store_request(self, content_type: str, length: int | None, stream,
                       expected_study: str | None) -> tuple[HTTPStatus, Dataset]:
@@ -158,33 +247,61 @@ class StowServer:
         if length is not None and length > self.max_bytes:
             raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                             f"body of {length} bytes above the limit of {self.max_bytes}")
-        incoming = self.storage.incoming
-        if shutil.disk_usage(incoming).free < self.storage.min_free + 2 * (length or 0):
-            raise StowError(HTTPStatus.INSUFFICIENT_STORAGE, "not enough free disk")
-        with tempfile.TemporaryFile(dir=incoming, prefix=".stow-") as spool:
-            size = self._spool(stream, length, spool)
-            spool.flush()
-            if size == 0:
-                raise StowError(HTTPStatus.BAD_REQUEST, "empty body")
-            with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as body:
-                outcomes = []
-                for headers, start, end in split_parts(body, boundary.encode("latin-1")):
-                    part_type = _content_type(headers.get("content-type",
-                                                          "application/dicom"))[0]
-                    if part_type != "application/dicom":
-                        outcomes.append(Outcome(CANNOT_UNDERSTAND,
-                                                reason=f"{part_type}, not application/dicom"))
-                        continue
-                    outcomes.append(self.storage.store_instance(
-                        body[start:end], ORIGIN, expected_study=expected_study))
-        if not outcomes:
-            raise StowError(HTTPStatus.BAD_REQUEST, "the body holds no part")
+        reservation = _Reservation(self.storage)
+        try:
+            if length is not None:
+                reservation.add(2 * length)       # the spool, then the stored parts
+            with tempfile.TemporaryFile(dir=self.storage.partial, prefix="stow-") as spool:
+                size = self._spool(stream, length, spool, reservation)
+                spool.flush()
+                if size == 0:
+                    raise StowError(HTTPStatus.BAD_REQUEST, "empty body")
+                with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as body:
+                    outcomes = self._store_parts(body, boundary.encode("latin-1"),
+                                                 expected_study)
+        finally:
+            reservation.release()
         stored = sum(o.ok for o in outcomes)
+        if not stored and outcomes and all(o.reason == STORE_UNAVAILABLE for o in outcomes):
+            raise StowError(HTTPStatus.SERVICE_UNAVAILABLE, "the job store cannot record now")
         status = (HTTPStatus.OK if stored == len(outcomes)
                   else HTTPStatus.ACCEPTED if stored else HTTPStatus.CONFLICT)
         return status, response_dataset(outcomes)
 
-    def _spool(self, stream, length: int | None, spool) -> int:
+    def _store_parts(self, body: mmap.mmap, boundary: bytes, expected_study: str | None
+                     ) -> list[Outcome]:
+        """Store each part; a broken part ends the body, keeping the parts before it."""
+        outcomes: list[Outcome] = []
+        try:
+            for headers, start, end in split_parts(body, boundary):
+                part_type = _content_type(headers.get("content-type", "application/dicom"))[0]
+                if part_type != "application/dicom":
+                    outcomes.append(Outcome(CANNOT_UNDERSTAND,
+                                            reason=f"{part_type}, not application/dicom"))
+                    continue
+                outcomes.append(self._store_part(body, start, end, expected_study))
+        except StowError as exc:
+            if not outcomes:
+                raise
+            outcomes.append(Outcome(CANNOT_UNDERSTAND, reason=str(exc)))
+        if not outcomes:
+            raise StowError(HTTPStatus.BAD_REQUEST, "the body holds no part")
+        return outcomes
+
+    def _store_part(self, body: mmap.mmap, start: int, end: int,
+                    expected_study: str | None) -> Outcome:
+        tmp = self.storage.temp_file()
+        try:
+            with open(tmp, "wb") as f:
+                for pos in range(start, end, _CHUNK):
+                    f.write(body[pos:min(pos + _CHUNK, end)])
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.error("a STOW-RS part was not stored: %s", exc)
+            return Outcome(OUT_OF_RESOURCES, reason=f"not stored: {exc.strerror or exc}")
+        return self.storage.store_file(tmp, ORIGIN, expected_study=expected_study)
+
+    def _spool(self, stream, length: int | None, spool, reservation: "_Reservation") -> int:
         """Copy the body (Content-Length or chunked) into ``spool``; its size."""
         def copy(n: int) -> None:
             while n > 0:
@@ -212,8 +329,26 @@ class StowServer:
             if size > self.max_bytes:
                 raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                 f"body above the limit of {self.max_bytes} bytes")
+            reservation.add(2 * n)
             copy(n)
             stream.readline(16)  # the CRLF after the chunk
+
+
+class _Reservation:
+    """Disk reserved for one request in flight (see InstanceStorage.reserve)."""
+
+    def __init__(self, storage: InstanceStorage) -> None:
+        self.storage = storage
+        self.size = 0
+
+    def add(self, size: int) -> None:
+        if not self.storage.reserve(size):
+            raise StowError(HTTPStatus.INSUFFICIENT_STORAGE, "not enough free disk")
+        self.size += size
+
+    def release(self) -> None:
+        self.storage.release(self.size)
+        self.size = 0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -221,11 +356,27 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "lungsys-stow"
 
+    def handle_one_request(self) -> None:
+        self.server.watchdog.watch(self.connection, HEADER_SECONDS)   # each request's head
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.watchdog.forget(self.connection)                  # it arrived in time
+        return ok
+
     def do_POST(self) -> None:  # noqa: N802 (the http.server name)
         match = _PATH.match(self.path.split("?", 1)[0])
         if match is None:
             return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such resource: "
                                                       f"POST {BASE_PATH}/studies"})
+        study = match.group(1)
+        if study is not None:
+            try:
+                uid_name(study, "the Study Instance UID in the URL")
+            except UIDRefused as exc:
+                self.close_connection = True
+                return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
         if "content-length" not in self.headers and not chunked:
             self.close_connection = True
@@ -234,7 +385,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = None if chunked else int(self.headers["content-length"])
             status, response = self.stow.store_request(
-                self.headers.get("content-type", ""), length, self.rfile, match.group(1))
+                self.headers.get("content-type", ""), length, self.rfile, study)
         except ValueError:
             self.close_connection = True
             return self._reply(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
@@ -243,6 +394,10 @@ class _Handler(BaseHTTPRequestHandler):
                         exc.status, exc)
             self.close_connection = True
             return self._reply(exc.status, {"error": str(exc)})
+        except (OSError, TimeoutError) as exc:     # the client went quiet or away
+            log.warning("STOW-RS from %s ended: %s", self.client_address[0], exc)
+            self.close_connection = True
+            return
         failed = len(response.FailedSOPSequence)
         log.info("STOW-RS from %s: %d stored, %d failed", self.client_address[0],
                  len(response.ReferencedSOPSequence), failed)

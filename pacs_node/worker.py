@@ -14,6 +14,13 @@ else crosses between the processes), dies with the node (a SIGKILLed node
 leaves no worker behind; its interrupted job runs again at the next start)
 and is woken when a job is queued. :class:`JobRunner` is the same loop in a
 thread, for an engine object handed in (tests, embedding).
+
+The node supervises its worker (:mod:`pacs_node.supervisor`): nothing
+between them can be wedged by a dead process. The node wakes the worker by
+writing a byte to a non-blocking pipe (a write to a dead or busy worker is
+dropped, never waited on) and stops it with SIGTERM (it finishes its job
+first); the worker says which job it runs over a pipe of its own, and its
+death is seen on its process sentinel.
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import select
 import signal
-from typing import Protocol
+import threading
+import traceback
+from pathlib import Path
+from typing import Callable, Protocol
 
 import pydicom
 
@@ -31,6 +42,7 @@ from config import NodeConfig
 from inference.errors import SeriesError
 from inference.series import load_series
 from pacs_node import LOG_FORMAT
+from pacs_node.layout import DataLayout
 from store.api import JobStore
 from store.models import Job, Series, utcnow
 
@@ -54,20 +66,31 @@ class _Event(Protocol):
 class JobRunner:
     """Takes queued jobs from the store and runs them with ``engine``."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, engine) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, engine,
+                 on_job: Callable[[int | None], None] | None = None) -> None:
         self.config = config
         self.store = store
         self.engine = engine
+        self.layout = DataLayout(config.data_dir)
+        self.on_job = on_job or (lambda job_id: None)
 
     def loop(self, stop: _Event, wake: _Event) -> None:
         """Run jobs until ``stop``; sleep until ``wake`` (or 5 s) when none is queued."""
         while not stop.is_set():
-            job = self.store.claim_job()
+            try:
+                job = self.store.claim_job(self.config.node_id)
+            except Exception as exc:     # the job store is away: try again later
+                log.error("the worker cannot take a job: %s", str(exc).splitlines()[0][:300])
+                job = None
             if job is None:
                 wake.wait(timeout=5)
                 wake.clear()
                 continue
-            self.run_job(job)
+            self.on_job(job.id)
+            try:
+                self.run_job(job)
+            finally:
+                self.on_job(None)
 
     def run_job(self, job: Job) -> None:
         from inference.export import write_results   # torch: only where the model runs
@@ -87,16 +110,22 @@ class JobRunner:
                 raise SeriesError(f"{len(data)} slices, fewer than the minimum of "
                                   f"{self.config.assembly['min_slices']}")
             result = self.engine.analyze(data)
-            out = (self.config.data_dir / "results" / series.study_instance_uid
-                   / series.series_instance_uid / f"v{job.version}")
+            out = self.layout.results_folder(series.study_instance_uid,
+                                             series.series_instance_uid, job.version)
             files = write_results(result, data, out, heatmaps=self.config.model["heatmaps"])
         except SeriesError as exc:
             self.store.fail_job(job.id, f"skipped: {exc}")
             self.store.skip_series(series.id, str(exc))
             return
         except Exception as exc:
-            log.exception("job %d failed", job.id)
-            self.store.fail_job(job.id, f"{type(exc).__name__}: {exc}"[:2000])
+            # the message may quote a value of the source (a patient's name or birth
+            # date): the log above DEBUG and the job's error say only what and where
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            error = (f"{type(exc).__name__} in {Path(where.filename).name}:{where.lineno}"
+                     f" ({where.name})")
+            log.error("job %d failed: %s", job.id, error)
+            log.debug("job %d: %s", job.id, exc, exc_info=True)
+            self.store.fail_job(job.id, error)
             return
         records = []
         for path in files.all:
@@ -138,56 +167,100 @@ def model_info(engine) -> dict:
 class WorkerProcess:
     """The job worker in its own process, at lower CPU priority (see the module).
 
-    Start it from a thread that lives as long as the node (``lungsys serve``
-    starts it from the main thread): on Linux the worker is killed when the
-    thread that started it ends.
+    Start it from a thread that lives as long as the worker should (on Linux
+    the worker is killed when the thread that started it ends).
     """
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.model: dict = {}      # what the worker loaded: version, device, intended use
         context = multiprocessing.get_context("spawn")   # no threads or locks inherited
-        self._stop, self._wake = context.Event(), context.Event()
-        self._ready, self._child_end = context.Pipe(duplex=False)
+        self.status, child_status = context.Pipe(duplex=False)
+        wake_read, self._wake_write = context.Pipe(duplex=False)
+        os.set_blocking(self._wake_write.fileno(), False)   # a full pipe drops the byte
         self._process = context.Process(
             target=_process_main, name="lungsys-worker", daemon=True,
-            args=(config, self._stop, self._wake, self._child_end, os.getpid(),
+            args=(config, wake_read, child_status, os.getpid(),
                   logging.getLogger().getEffectiveLevel()))
+        self._child_ends = (wake_read, child_status)
 
-    def start(self) -> None:
+    def start(self, load_seconds: float = LOAD_SECONDS) -> None:
         """Start the worker and wait until its model is loaded.
 
         Raises ValueError with the worker's reason when it cannot load the
         model (a bad checkpoint, no CUDA device), as the in-process engine
-        would; TimeoutError when loading takes longer than ``LOAD_SECONDS``.
+        would; TimeoutError when loading takes longer than ``load_seconds``.
         """
         self._process.start()
-        self._child_end.close()      # the worker's now: its end closes if the worker dies
-        if not self._ready.poll(LOAD_SECONDS):
-            self._process.kill()
-            raise TimeoutError(f"the worker did not load its model in {LOAD_SECONDS:.0f} s")
+        for end in self._child_ends:    # the worker's now: they close if the worker dies
+            end.close()
+        if not self.status.poll(load_seconds):
+            self.kill()
+            raise TimeoutError(f"the worker did not load its model in {load_seconds:.0f} s")
         try:
-            status, detail = self._ready.recv()
+            status, detail = self.status.recv()
         except EOFError:
-            status, detail = "error", f"the worker ended (exit code {self._process.exitcode})"
+            status, detail = "error", f"the worker ended ({self.describe_exit()})"
         if status != "ready":
             self._process.join(timeout=5)
             raise ValueError(detail)
         self.model = detail
 
     def wake(self) -> None:
-        self._wake.set()
+        """A job was queued. Never blocks: a busy worker looks anyway, a dead one is restarted."""
+        try:
+            self._wake_write.send_bytes(b"w")
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass
 
-    def stop(self) -> None:
+    def ask_to_stop(self) -> None:
+        """SIGTERM: the worker finishes its job, then ends."""
+        if self._process.pid is not None and self._process.exitcode is None:
+            try:
+                os.kill(self._process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, seconds: float = STOP_SECONDS) -> None:
         """Let the job in progress finish for a while, then end the worker."""
-        self._stop.set()
-        self._wake.set()
-        self._process.join(timeout=STOP_SECONDS)
+        self.ask_to_stop()
+        self._process.join(timeout=seconds)
         if self._process.is_alive():
             log.warning("the worker did not stop in %.0f s; its job runs again at the next "
-                        "start", STOP_SECONDS)
-            self._process.terminate()
+                        "start", seconds)
+            self.kill()
+        self.close()
+
+    def kill(self) -> None:
+        if self._process.pid is not None and self._process.exitcode is None:
+            self._process.kill()
             self._process.join(timeout=10)
+
+    def close(self) -> None:
+        for end in (self._wake_write, self.status):
+            try:
+                end.close()
+            except OSError:
+                pass
+
+    @property
+    def sentinel(self) -> int:
+        return self._process.sentinel
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def describe_exit(self) -> str:
+        code = self._process.exitcode
+        if code is None:
+            return "running"
+        if code < 0:
+            name = signal.Signals(-code).name
+            hint = " (the kernel's out-of-memory killer sends it)" if -code == signal.SIGKILL \
+                else ""
+            return f"killed by {name}{hint}"
+        return f"exit code {code}"
 
     @property
     def pid(self) -> int | None:
@@ -205,17 +278,64 @@ def _die_with(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _process_main(config: NodeConfig, stop, wake, ready, parent_pid: int,
+class _PipeWake:
+    """The worker's side of the wake-up pipe, and its own stop (SIGTERM)."""
+
+    def __init__(self, node_end) -> None:
+        self.node_end = node_end
+        self.fd = node_end.fileno()
+        self.stop = threading.Event()
+        self._self_read, self._self_write = os.pipe()
+        os.set_blocking(self._self_write, False)
+
+    def stop_now(self, *_) -> None:              # the SIGTERM handler
+        self.stop.set()
+        try:
+            os.write(self._self_write, b"s")
+        except OSError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ready, _, _ = select.select([self.fd, self._self_read], [], [], timeout)
+        if self._self_read in ready:
+            os.read(self._self_read, 4096)
+        if self.fd in ready:
+            try:
+                while self.node_end.poll():
+                    self.node_end.recv_bytes()
+            except (EOFError, OSError):              # the node's end closed
+                self.stop.set()
+        return bool(ready)
+
+    def clear(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return self.stop.is_set()
+
+    def set(self) -> None:
+        self.stop_now()
+
+
+def _process_main(config: NodeConfig, wake_end, status, parent_pid: int,
                   log_level: int) -> None:
     _die_with(parent_pid)
+    wake = _PipeWake(wake_end)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle
+    signal.signal(signal.SIGTERM, wake.stop_now)  # finish the job in progress, then end
     os.nice(NICENESS)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     try:
         engine = load_engine(config)
     except Exception as exc:
-        ready.send(("error", str(exc) or type(exc).__name__))
+        status.send(("error", str(exc) or type(exc).__name__))
         return
-    ready.send(("ready", model_info(engine)))
-    ready.close()
-    JobRunner(config, JobStore(config.store["url"]), engine).loop(stop, wake)
+    status.send(("ready", model_info(engine)))
+
+    def on_job(job_id: int | None) -> None:
+        try:
+            status.send(("job", job_id))
+        except OSError:
+            pass
+
+    JobRunner(config, JobStore(config.store["url"]), engine, on_job).loop(wake.stop, wake)

@@ -11,9 +11,11 @@ block the receiver; any SQLAlchemy URL (PostgreSQL) works the same.
 from __future__ import annotations
 
 import datetime as dt
+import enum
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from sqlalchemy import (Integer, bindparam, case, create_engine, event, func, insert,
                         literal, or_, select, update)
@@ -21,8 +23,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.models import (Attempt, Base, Delivery, DeliveryState, Instance, Job, JobState,
-                          Result, Series, SeriesState, utcnow)
+from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
+                          Series, SeriesState, utcnow)
+from store.upkeep import Upkeep, upgrade_schema
 
 #: Series states in which new instances reopen the series (a new result version).
 FINISHED = (SeriesState.done, SeriesState.failed, SeriesState.skipped, SeriesState.complete)
@@ -49,8 +52,23 @@ _SERIES_RECEIVED = (
 _INSTANCE_INSERT = insert(_INSTANCE_T)
 #: Execution option of read-only transactions (see JobStore.__init__).
 _READ_ONLY = "lungsys_read_only"
-_INSTANCE_STORED = select(_INSTANCE_T.c.id).where(
-    _INSTANCE_T.c.sop_instance_uid == bindparam("uid"))
+_INSTANCE_STORED = select(_SERIES_T.c.series_instance_uid).join_from(
+    _INSTANCE_T, _SERIES_T).where(_INSTANCE_T.c.sop_instance_uid == bindparam("uid"))
+
+
+class StoreUnavailable(RuntimeError):
+    """The job store cannot record anything now (its file is gone or was replaced)."""
+
+
+class Recorded(enum.Enum):
+    """What record_instance made of an instance (true only when it is new)."""
+
+    new = "recorded"
+    stored_already = "stored already"
+    other_series = "its SOP Instance UID is stored already, in another series"
+
+    def __bool__(self) -> bool:
+        return self is Recorded.new
 
 
 @dataclass(frozen=True)
@@ -65,13 +83,25 @@ class ReceivedInstance:
     transfer_syntax_uid: str
     calling_aet: str = ""
     images_in_acquisition: int | None = None
+    node: str = ""
 
 
-class JobStore:
+class JobStore(Upkeep):
+    """The job store at ``url`` (SQLite file or server database).
+
+    A SQLite file that disappears or is replaced under a running node (an
+    admin's mistake, a full restore) would otherwise go on taking writes
+    into the deleted file, which nobody will ever read: every transaction
+    first checks that the file is still the one opened, else raises
+    :class:`StoreUnavailable`.
+    """
+
     def __init__(self, url: str) -> None:
         self.url = url
+        self.file: Path | None = None
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            self.file = Path(url[len("sqlite:///"):]).absolute()
+            self.file.parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(url, future=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -79,12 +109,29 @@ class JobStore:
             # reads and then writes would otherwise fail at once under concurrency
             # (SQLite cannot wait on a lock upgrade), e.g. with 8 senders at a time.
             # Read-only transactions take no lock (WAL: they never block a writer).
-            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql(
-                "BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE"))
-        Base.metadata.create_all(self.engine)
+            event.listen(self.engine, "begin", self._sqlite_begin)
+        upgrade_schema(self.engine)
+        self._identity = self._file_identity()
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._reader = self.engine.execution_options(**{_READ_ONLY: True})
         self._read_session = sessionmaker(self._reader, expire_on_commit=False)
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        if self.file is None:
+            return None
+        try:
+            st = os.stat(self.file)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _sqlite_begin(self, conn) -> None:
+        if self.file is not None and getattr(self, "_identity", None) is not None \
+                and self._file_identity() != self._identity:
+            raise StoreUnavailable(f"the job store {self.file} is gone or was replaced "
+                                   f"under the running node; restart the node")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY)
+                             else "BEGIN IMMEDIATE")
 
     def session(self) -> Session:
         """A session for reading and writing (on SQLite it holds the write lock)."""
@@ -95,8 +142,16 @@ class JobStore:
         return self._read_session()
 
     # --- receiving -----------------------------------------------------------
-    def record_instance(self, item: ReceivedInstance) -> bool:
-        """Record a received instance; False when its SOP Instance UID is already stored.
+    def record_instance(self, item: ReceivedInstance,
+                        place: Callable[[], None] | None = None) -> Recorded:
+        """Record a received instance, or say why it was not (see :class:`Recorded`).
+
+        ``place`` (moving the file into place) runs inside the transaction,
+        after the rows are written and before they are committed: an
+        instance that is stored already is never written again, and a file
+        is in place when its row commits. (If the commit fails, the caller
+        removes the file; a crash between the two leaves a file without a
+        row, which the start-up reconciliation finds.)
 
         A new instance for a series that was finished reopens it (state
         receiving, version + 1), so it is analysed again.
@@ -112,17 +167,21 @@ class JobStore:
         tries = 2
         while True:
             try:
-                self._record_instance(item)
-                return True
+                self._record_instance(item, place)
+                return Recorded.new
             except IntegrityError:
                 with self._reader.connect() as conn:
-                    if conn.execute(_INSTANCE_STORED, {"uid": item.sop_instance_uid}).first():
-                        return False
+                    stored_in = conn.execute(_INSTANCE_STORED,
+                                             {"uid": item.sop_instance_uid}).scalar()
+                if stored_in is not None:
+                    return (Recorded.stored_already if stored_in == item.series_instance_uid
+                            else Recorded.other_series)
                 tries -= 1
                 if not tries:
                     raise
 
-    def _record_instance(self, item: ReceivedInstance) -> None:
+    def _record_instance(self, item: ReceivedInstance, place: Callable[[], None] | None
+                         ) -> None:
         # Core statements, compiled once: the ORM's unit of work costs more than the
         # rest of a C-STORE together.
         now = utcnow()
@@ -135,13 +194,15 @@ class JobStore:
                     series_instance_uid=item.series_instance_uid,
                     study_instance_uid=item.study_instance_uid, modality=item.modality,
                     calling_aet=item.calling_aet, first_received=now, last_received=now,
-                    instance_count=1, expected_instances=item.images_in_acquisition or None)
-                ).inserted_primary_key[0]
+                    instance_count=1, expected_instances=item.images_in_acquisition or None,
+                    node=item.node)).inserted_primary_key[0]
             conn.execute(_INSTANCE_INSERT, {
                 "sop_instance_uid": item.sop_instance_uid, "sop_class_uid": item.sop_class_uid,
                 "series_id": series_id, "path": item.path, "size": item.size,
                 "transfer_syntax_uid": item.transfer_syntax_uid,
                 "calling_aet": item.calling_aet, "received_at": now})
+            if place is not None:
+                place()
 
     def instance_paths(self, series_id: int) -> list[str]:
         with self.read_session() as s:
@@ -184,26 +245,47 @@ class JobStore:
             return job
 
     # --- jobs ----------------------------------------------------------------
-    def claim_job(self) -> Job | None:
-        """Take the oldest queued job: it becomes running, with one more attempt."""
+    def claim_job(self, node: str = "") -> Job | None:
+        """Take the oldest queued job of a series this node holds: it becomes
+        running, by this node, with one more attempt."""
         with self.session() as s, s.begin():
-            job = s.scalar(select(Job).where(Job.state == JobState.queued)
-                           .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
+            job = s.scalar(select(Job).join(Series).where(
+                Job.state == JobState.queued, Series.node.in_((node, "")))
+                .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
             if job is None:
                 return None
             job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, \
                 utcnow()
+            job.node = node
             job.series.state = SeriesState.running
             return job
 
-    def requeue_interrupted(self) -> int:
-        """At start-up: jobs left running by a crash run again."""
+    def requeue_interrupted(self, node: str = "") -> int:
+        """At start-up: this node's jobs left running by a crash run again."""
         with self.session() as s, s.begin():
-            jobs = list(s.scalars(select(Job).where(Job.state == JobState.running)))
+            jobs = list(s.scalars(select(Job).where(Job.state == JobState.running,
+                                                    Job.node.in_((node, "")))))
             for job in jobs:
                 job.state = JobState.queued
                 job.series.state = SeriesState.queued
             return len(jobs)
+
+    def abandon_job(self, job_id: int, reason: str, max_attempts: int) -> JobState:
+        """A job whose worker died: queued again, or failed once it has had
+        ``max_attempts`` attempts. Returns the state it was left in."""
+        with self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None or job.state != JobState.running:
+                return job.state if job is not None else JobState.failed
+            if job.attempts >= max_attempts:
+                job.state, job.finished_at = JobState.failed, utcnow()
+                job.error = f"{reason} (attempt {job.attempts} of {max_attempts}: given up)"
+                if job.version == job.series.version:
+                    job.series.state, job.series.reason = SeriesState.failed, job.error
+            else:
+                job.state, job.error = JobState.queued, f"{reason} (attempt {job.attempts})"
+                job.series.state = SeriesState.queued
+            return job.state
 
     def finish_job(self, job_id: int, *, diagnosis: str, probabilities: dict,
                    infected_fraction: float, timings: dict, model_version: str,

@@ -6,6 +6,11 @@ jobs        one model run over one version of a series
 results     the DICOM objects a job produced (SR, SC)
 deliveries  one result set to one destination, with its retry schedule
 attempts    every delivery attempt, with its outcome
+incidents   what an admin should know that no other row says: instances
+            refused, lost or found unrecorded, workers that died
+
+``node`` columns name the node (host and data folder) that holds a series'
+files and runs its jobs, so that several nodes can share one job store.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, DateTime, Enum, ForeignKey, Integer, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -78,6 +84,7 @@ class Series(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     version: Mapped[int] = mapped_column(Integer, default=1)
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    node: Mapped[str] = mapped_column(String(64), default="", server_default="", index=True)
     purged: Mapped[bool] = mapped_column(default=False)   # files removed by retention
     first_received: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_received: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
@@ -96,6 +103,7 @@ class Job(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[JobState] = mapped_column(Enum(JobState), default=JobState.queued, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    node: Mapped[str] = mapped_column(String(64), default="", server_default="")  # running it
     model_version: Mapped[str] = mapped_column(String(64), default="")
     device_uid: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -159,3 +167,26 @@ class Attempt(Base):
     error: Mapped[str] = mapped_column(Text, default="")
 
     delivery: Mapped[Delivery] = relationship(back_populates="attempt_log")
+
+
+class IncidentKind(str, enum.Enum):
+    refused = "refused"              # an instance the node would not store (a bad UID ...)
+    duplicate = "duplicate"          # a stored SOP Instance UID sent again in another series
+    lost = "lost"                    # recorded, but its file was gone at start-up
+    recovered = "recovered"          # a file found unrecorded at start-up, now recorded
+    quarantined = "quarantined"      # a file found unrecorded that could not be recorded
+    worker_died = "worker died"      # the worker process ended unasked
+
+
+class Incident(Base):
+    __tablename__ = "incidents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    kind: Mapped[IncidentKind] = mapped_column(Enum(IncidentKind), index=True)
+    node: Mapped[str] = mapped_column(String(64), default="")
+    origin: Mapped[str] = mapped_column(String(64), default="")   # calling AE, STOW-RS ...
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")

@@ -68,3 +68,21 @@ def test_echo(tmp_path):
         receiver.stop()
     down = lungsys("echo", "127.0.0.1", str(receiver.port), "--aet", "LUNGSYS")
     assert down.returncode == 1 and "no association" in down.stderr
+
+
+def test_incidents_list_what_was_refused(configured):
+    from store.models import IncidentKind
+
+    toml, store, _ = configured
+    store.record_incident(IncidentKind.refused, "SOP Instance UID is 70 characters long",
+                          origin="CT9", sop_instance_uid="1." * 40)
+    store.record_incident(IncidentKind.worker_died, "the worker process 7 died (killed by "
+                          "SIGKILL)", job_id=1)
+    rows = json.loads(lungsys("incidents", "--config", str(toml), "--json").stdout)
+    assert [r["kind"] for r in rows] == ["worker died", "refused"]
+    assert rows[1]["origin"] == "CT9" and len(rows[1]["sop_instance_uid"]) == 64
+    table = lungsys("incidents", "--config", str(toml), "--kind", "refused")
+    assert table.returncode == 0 and "70 characters long" in table.stdout
+    assert "worker" not in table.stdout
+    bad = lungsys("incidents", "--config", str(toml), "--kind", "nonsense")
+    assert bad.returncode == 1 and "no incident kind" in bad.stderr

@@ -1,0 +1,102 @@
+"""The job store's upkeep: incidents for admins, start-up reconciliation, schema upgrades.
+
+Kept apart from :mod:`store.api`'s hot path (receiving, jobs, deliveries):
+what is here runs at start-up, on rare events, or for the admin commands.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Iterable
+
+from sqlalchemy import delete, inspect, select, text, update
+from sqlalchemy.engine import Engine
+
+from store.models import Base, Incident, IncidentKind, Instance, Series, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Create missing tables, and add columns that later versions added to existing ones.
+
+    Only additive changes with a server default are made (what a newer
+    lungsys adds), so a job store written by an older node keeps working.
+    """
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        inspector = inspect(conn)
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present or column.server_default is None:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = column.server_default.arg
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind} '
+                                  f"NOT NULL DEFAULT '{default}'"))
+
+
+def _fit(value: str, size: int = 64) -> str:
+    """A sender's value made safe to record: printable, cut to ``size`` characters."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))[:size]
+
+
+class Upkeep:
+    """Mixed into :class:`store.api.JobStore` (needs ``session`` and ``read_session``)."""
+
+    def session(self) -> "Session": ...          # provided by JobStore
+    def read_session(self) -> "Session": ...     # provided by JobStore
+
+    # --- incidents -------------------------------------------------------------
+    def record_incident(self, kind: IncidentKind, detail: str, *, node: str = "",
+                        origin: str = "", series_instance_uid: str = "",
+                        sop_instance_uid: str = "", job_id: int | None = None) -> None:
+        """Record what an admin should see; values from senders are cut and made printable."""
+        with self.session() as s, s.begin():
+            s.add(Incident(kind=kind, detail=_fit(detail, 2000), node=_fit(node),
+                           origin=_fit(origin), series_instance_uid=_fit(series_instance_uid),
+                           sop_instance_uid=_fit(sop_instance_uid), job_id=job_id))
+
+    def incidents(self, kind: str | None = None, limit: int = 200) -> list[Incident]:
+        """Newest first."""
+        with self.read_session() as s:
+            q = select(Incident).order_by(Incident.id.desc()).limit(limit)
+            if kind:
+                q = q.where(Incident.kind == IncidentKind(kind))
+            return list(s.scalars(q))
+
+    def forget_incidents(self, before: dt.datetime) -> int:
+        with self.session() as s, s.begin():
+            return s.execute(delete(Incident).where(Incident.at < before)).rowcount
+
+    # --- start-up reconciliation -----------------------------------------------
+    def recorded_paths(self, node: str) -> dict[str, int]:
+        """Path -> instance id of every instance this node holds (series not purged)."""
+        with self.read_session() as s:
+            rows = s.execute(select(Instance.path, Instance.id).join(Series).where(
+                Series.purged.is_(False), Series.node.in_((node, ""))))
+            return {path: id_ for path, id_ in rows}
+
+    def forget_lost(self, instance_ids: Iterable[int], node: str) -> list[tuple[str, str]]:
+        """Instances whose files are gone: their rows are removed (so that the
+        instance can be sent again), their series count one fewer, and each is
+        recorded as a ``lost`` incident. Returns their (series, SOP) UIDs."""
+        lost = []
+        with self.session() as s, s.begin():
+            for id_ in instance_ids:
+                instance = s.get(Instance, id_)
+                if instance is None:
+                    continue
+                series = instance.series
+                lost.append((series.series_instance_uid, instance.sop_instance_uid))
+                s.execute(update(Series).where(Series.id == series.id).values(
+                    instance_count=Series.instance_count - 1, updated_at=utcnow()))
+                s.add(Incident(kind=IncidentKind.lost, node=node, origin=instance.calling_aet,
+                               series_instance_uid=series.series_instance_uid,
+                               sop_instance_uid=instance.sop_instance_uid,
+                               detail=f"recorded, but its file {instance.path} was gone at "
+                                      f"start-up; send it again"))
+                s.delete(instance)
+        return lost

@@ -1,0 +1,102 @@
+"""Attributes the model does not need never fail a job: values that do not conform
+are left out of the results (never copied, never logged above DEBUG)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pydicom
+import pytest
+from pydicom import config as pydicom_config
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+
+from inference.engine import Engine
+from inference.export import write_results
+from inference.series import load_series
+
+from conftest import dciodvfy_errors
+from doubles import hotspot_model
+
+BIRTH_DATE = "1961-07-04"
+HOSTILE = {
+    "PatientBirthDate": BIRTH_DATE, "PatientSex": "male", "StudyDate": "2024/01/02",
+    "StudyTime": "noon", "AccessionNumber": "A" * 20, "PatientAge": "45 years",
+    "PatientName": "Doe^John\\Roe^Richard", "BodyPartExamined": "chest ct",
+    "SpecificCharacterSet": "ISO_IR 999",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_series(study_factory, tmp_path_factory):
+    study = study_factory("covid", 1, 24)
+    folder = tmp_path_factory.mktemp("hostile")
+    mode = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        for f in study.files:
+            ds = pydicom.dcmread(f)
+            for keyword, value in HOSTILE.items():
+                setattr(ds, keyword, value)
+            del ds.ReferringPhysicianName            # a Type 2 attribute missing, too
+            ds[0x00200013] = RawDataElement(Tag(0x00200013), "IS", 4, b"abc ", 0, False,
+                                             True)   # Instance Number
+            ds.save_as(folder / f.name)
+    finally:
+        pydicom_config.settings.writing_validation_mode = mode
+    return folder
+
+
+def test_a_study_with_bad_patient_attributes_gets_its_results(hostile_series, tmp_path,
+                                                              caplog):
+    caplog.set_level(logging.INFO)
+    series = load_series(hostile_series)
+    assert len(series) == 24                         # InstanceNumber 'abc' is no reason to fail
+    result = Engine(hotspot_model(), device="cpu").analyze(series)
+    files = write_results(result, series, tmp_path)
+    assert files.sr.exists() and files.heatmaps
+    for path in [files.sr, files.heatmaps[0]]:
+        ds = pydicom.dcmread(path)
+        assert not ds.PatientBirthDate and not ds.PatientSex and not ds.StudyDate
+        assert "PatientAge" not in ds and ds.get("BodyPartExamined") != "chest ct"
+        assert ds.StudyInstanceUID == series.header.StudyInstanceUID   # still in its study
+        assert dciodvfy_errors(path) == [] or all(
+            "Laterality" in e for e in dciodvfy_errors(path)), path.name
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG)
+    assert BIRTH_DATE not in logged and "Doe^John" not in logged
+
+
+def test_a_failing_job_names_no_patient_value(tmp_path, hostile_series, caplog):
+    """The safety net: whatever a library's message quotes stays out of the job's error."""
+    from config import load_config
+    from pacs_node.worker import JobRunner
+    from store.api import JobStore, ReceivedInstance
+    from store.models import utcnow
+    import datetime as dt
+
+    class Exploding:
+        def analyze(self, data):
+            raise ValueError(f"bad value {BIRTH_DATE!r} of Patient's Birth Date")
+
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[assembly]\nmin_slices = 1\n'
+                    f'[store]\nurl = "sqlite:///{tmp_path / "db"}"\n')
+    config = load_config(toml, environ={})
+    store = JobStore(config.store["url"])
+    for f in sorted(hostile_series.iterdir()):
+        copy = tmp_path / f.name
+        shutil.copy(f, copy)
+        ds = pydicom.dcmread(copy, stop_before_pixels=True)
+        store.record_instance(ReceivedInstance(
+            str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
+            str(ds.StudyInstanceUID), "CT", str(copy), 1, "1.2.840.10008.1.2.1"))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    store.queue_job(series.id)
+    caplog.set_level(logging.INFO)
+    JobRunner(config, store, Exploding()).run_job(store.claim_job())
+    [job] = store.jobs("failed")
+    assert job.error.startswith("ValueError in test_metadata_tolerance.py:")
+    assert BIRTH_DATE not in job.error
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG)
+    assert BIRTH_DATE not in logged and "job 1 failed: ValueError" in logged

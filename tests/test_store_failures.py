@@ -1,0 +1,166 @@
+""""Stored" means recorded: a job store that fails or vanishes never gets a Success, files
+and rows agree again at start-up, and hostile UIDs never turn into paths outside the data
+folder, for the receiver or for retention."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+import subprocess
+
+import pydicom
+import pytest
+from pydicom import config as pydicom_config
+
+from config import load_config
+from pacs_node.layout import DataLayout
+from pacs_node.node import Node
+from pacs_node.receiver import Receiver
+from pacs_node.reconcile import reconcile
+from pacs_node.storage import DUPLICATE_SOP_INSTANCE, InstanceStorage
+from store.api import JobStore
+from store.models import Series, SeriesState, utcnow
+
+from conftest import require_tool
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def storescu(port: int, files) -> subprocess.CompletedProcess:
+    return subprocess.run([require_tool("storescu"), "-v", "-aet", "CT1", "-aec", "LUNGSYS",
+                           "127.0.0.1", str(port), *map(str, files)], capture_output=True,
+                          text=True, env=ENV, timeout=120)
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path}/db/lungsys.db")
+    node = Receiver(store, tmp_path / "data", min_free_disk_mb=1)
+    node.start("127.0.0.1", 0)
+    yield node, store
+    node.stop()
+
+
+def _files(folder):
+    return sorted(p for p in folder.rglob("*.dcm"))
+
+
+def test_a_job_store_removed_under_the_node_gets_no_success(receiver, study_factory, tmp_path):
+    node, store = receiver
+    files = study_factory("covid", 1, 24).files
+    assert storescu(node.port, files[:2]).returncode == 0
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / "db" / f"lungsys.db{suffix}").unlink(missing_ok=True)
+    proc = storescu(node.port, files[2:6])
+    assert "Received Store Response (Success)" not in proc.stderr
+    assert "Refused: OutOfResources" in proc.stderr    # storescu stops at the first
+    assert len(_files(node.storage.incoming)) == 2        # nothing unrecorded stays on disk
+
+
+def test_a_locked_job_store_gets_out_of_resources_then_recovers(receiver, study_factory,
+                                                                tmp_path, monkeypatch):
+    node, store = receiver
+    files = study_factory("covid", 1, 24).files
+    blocker = sqlite3.connect(tmp_path / "db" / "lungsys.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")                      # an admin's tool holds it
+    try:
+        proc = storescu(node.port, files[:1])               # waits the busy timeout, then
+        assert "Refused: OutOfResources" in proc.stderr     # ... refuses: never Success
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert _files(node.storage.incoming) == []
+    assert store.counts()["instances"] == 0
+    proc = storescu(node.port, files[:1])                   # sent again: stored now
+    assert "Success" in proc.stderr and store.counts()["instances"] == 1
+
+
+def test_a_sop_instance_uid_in_another_series_is_refused_and_recorded(receiver, study_factory,
+                                                                      tmp_path):
+    node, store = receiver
+    source = study_factory("covid", 1, 24).files[0]
+    assert storescu(node.port, [source]).returncode == 0
+    ds = pydicom.dcmread(source)
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()      # same SOP Instance UID, elsewhere
+    other = tmp_path / "other.dcm"
+    ds.save_as(other)
+    storage = InstanceStorage(store, node.storage.layout.root, min_free_disk_mb=1)
+    tmp = storage.temp_file()
+    tmp.write_bytes(other.read_bytes())
+    outcome = storage.store_file(tmp, "CT2")
+    assert outcome.status == DUPLICATE_SOP_INSTANCE == 0x0111
+    [incident] = store.incidents("duplicate")
+    assert incident.sop_instance_uid == ds.SOPInstanceUID and incident.origin == "CT2"
+    assert storescu(node.port, [source]).returncode == 0   # the same again: stored already
+    assert len(_files(node.storage.incoming)) == 1 and store.counts()["instances"] == 1
+
+
+def test_start_up_records_orphan_files_quarantines_strays_and_reports_lost_rows(
+        receiver, study_factory):
+    node, store = receiver
+    files = study_factory("covid", 1, 24).files
+    assert storescu(node.port, files[:3]).returncode == 0
+    layout = node.storage.layout
+    lost = _files(layout.incoming)[0]
+    lost.unlink()                                           # an admin's mistake
+    ds = pydicom.dcmread(files[3])                          # a crash between rename and commit
+    orphan = layout.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    orphan.write_bytes(files[3].read_bytes())
+    stray = orphan.with_name("not-where-its-uids-say.dcm")
+    stray.write_bytes(files[4].read_bytes())
+    done = reconcile(layout, store, "")
+    assert (done.recovered, done.quarantined, done.lost) == (1, 1, 1)
+    paths = {p for s in store.series() for p in store.instance_paths(s.id)}
+    assert str(orphan) in paths and str(lost) not in paths
+    assert not stray.exists() and list(layout.quarantine.rglob("*.dcm"))
+    assert {i.kind.value for i in store.incidents()} == {"recovered", "quarantined", "lost"}
+    [series] = store.series()
+    assert series.instance_count == 3                       # 3 sent - 1 lost + 1 recovered
+    assert storescu(node.port, [files[0]]).returncode == 0  # the lost one can come again
+
+
+def _hostile(source, folder, study: str, series: str, sop: str):
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    path = folder / f"{abs(hash((study, series, sop)))}.dcm"
+    mode = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        ds.save_as(path)
+    finally:
+        pydicom_config.settings.writing_validation_mode = mode
+    return path
+
+
+def test_retention_of_hostile_series_deletes_nothing_outside_their_folders(tmp_path,
+                                                                          study_factory):
+    source = study_factory("covid", 1, 24).files[0]
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\nmin_free_disk_mb = 1\n'
+                    f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
+                    f'[retention]\ndays = 1\n[dicomweb]\nport = 0\n')
+    node = Node(load_config(toml, environ={}))
+    storage = node.receiver.storage
+    keep = [tmp_path / "precious.txt", tmp_path / "var" / "incoming" / "keep.txt"]
+    for f in keep:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    sent = tmp_path / "sent"
+    sent.mkdir()
+    for study, series, sop in [(".", ".", "1.2.3"), ("..", "..", "1.2.4"),
+                               ("/var", "/tmp", "1.2.5"),
+                               ("1.2", "1.2/3", "1.2.6"), ("1.2", "1.2_3", "1.2.7")]:
+        tmp = storage.temp_file()
+        tmp.write_bytes(_hostile(source, sent, study, series, sop).read_bytes())
+        assert storage.store_file(tmp, "CT1").ok
+    stored = _files(storage.incoming)
+    assert len(stored) == 5 and all(DataLayout(tmp_path / "var").inside(p) for p in stored)
+    assert len({p.parent for p in stored}) == 5             # 1.2/3 and 1.2_3 apart
+    with node.store.session() as s, s.begin():              # all done, long ago
+        for row in s.query(Series):
+            row.state, row.last_received = SeriesState.skipped, utcnow() - dt.timedelta(days=9)
+    node.retention_sweep()
+    assert _files(storage.incoming) == []
+    assert all(f.exists() for f in keep) and (tmp_path / "var" / "db").exists()
