@@ -263,6 +263,9 @@ class StorageSCP:
         if length < 68:
             raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes, too short")
         body = _read_growing(conn, length, deadline)
+        for title in (body[4:20], body[20:36]):   # pynetdicom logs bad ones with a traceback
+            if any(b < 0x20 or b > 0x7E or b == 0x5C for b in title) or not title.strip():
+                raise ProtocolError("an AE title in the A-ASSOCIATE-RQ is not printable ASCII")
         try:
             rq = A_ASSOCIATE_RQ()
             rq.decode(_PDU_HEADER.pack(A_ASSOCIATE_RQ_PDU, 0, length) + body)

@@ -54,6 +54,10 @@ HEADER_SECONDS = 30.0
 IDLE_SECONDS = 30.0
 #: Connections waiting to be accepted.
 BACKLOG = 128
+#: A refused client's unread body is read and dropped for at most this long, this much.
+LINGER_SECONDS, LINGER_BYTES = 2.0, 16 << 20
+#: Refused connections lingering at once (beyond: closed at once).
+MAX_LINGERING = 16
 
 
 class StowError(Exception):
@@ -134,10 +138,34 @@ class _Server(ThreadingHTTPServer):
         if why is not None:
             log.warning("STOW-RS connection from %s refused: %s", client_address[0], why)
             _refuse(request)
-            self.shutdown_request(request)
+            with self.lingering_lock:
+                linger = self.lingering < MAX_LINGERING
+                self.lingering += linger
+            if not linger:
+                self.shutdown_request(request)
+                return
+            threading.Thread(target=self._linger_then_close, args=(request,), daemon=True,
+                             name="lungsys-stow-linger").start()
             return
         request.settimeout(IDLE_SECONDS)
         super().process_request(request, client_address)
+
+    lingering = 0
+    lingering_lock = threading.Lock()
+
+    def _linger_then_close(self, request) -> None:
+        try:
+            _linger(request)
+        finally:
+            self.shutdown_request(request)
+            with self.lingering_lock:
+                self.lingering -= 1
+
+    def handle_error(self, request, client_address) -> None:
+        """One line, no traceback: a client that went away mid-answer, say."""
+        import sys
+        log.warning("STOW-RS connection from %s ended: %s", client_address[0],
+                    sys.exc_info()[1])
 
     def process_request_thread(self, request, client_address) -> None:
         try:
@@ -154,6 +182,23 @@ def _refuse(conn: socket.socket) -> None:
         conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                      b"Retry-After: 5\r\nConnection: close\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\n\r\n" + body)
+    except OSError:
+        pass
+
+
+def _linger(conn: socket.socket) -> None:
+    """A lingering close (RFC 9112 9.6): stop sending, then read and drop what the
+    client still sends for a moment, so that closing with unread data does not
+    reset the connection before the client has read the answer."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(0.5)
+        deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+        while time.monotonic() < deadline and dropped < LINGER_BYTES:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                return
+            dropped += len(chunk)
     except OSError:
         pass
 
@@ -412,8 +457,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", media)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+        if self.close_connection:        # the body may be unread: let the client read this
+            self.wfile.flush()
+            _linger(self.connection)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         log.debug("%s %s", self.client_address[0], format % args)
