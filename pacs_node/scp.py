@@ -253,6 +253,9 @@ class StorageSCP:
             except ssl.SSLError as exc:
                 tls.close()
                 raise OSError(f"TLS handshake failed: {exc.reason or exc}") from None
+            except BaseException:           # out of time, or gone: the TLS socket is ours
+                tls.close()
+                raise
 
     def _read_request(self, conn: socket.socket, deadline: float) -> A_ASSOCIATE:
         pdu_type, length, _ = _read_header(conn, deadline)

@@ -328,6 +328,7 @@ def test_a_stalled_handshake_is_closed_within_artim_and_others_still_store(
         s.join(timeout=10)
         assert s.closed_after is not None, "the node never closed a stalled handshake"
         assert ARTIM - 0.2 <= s.closed_after <= ARTIM + 1.0, s.closed_after
+        s.sock.close()
     assert all(s.sent < len(_client_hello()) for s in stallers if s.trickle)
 
 
@@ -363,6 +364,7 @@ def test_stalled_handshakes_give_their_places_back(pki, files, start_node, monke
     for s in stallers:
         s.join(timeout=10)
         assert s.closed_after is not None and s.closed_after <= ARTIM + 1.0
+        s.sock.close()
     time.sleep(0.1)
     proc = storescu(receiver.port, files[:1], "+tls", str(pki["client_key"]),
                     str(pki["client_pem"]), "+cf", str(pki["ca_pem"]))
