@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom import config as pydicom_config
 
 from store.api import JobStore
 from store.models import DeliveryState
 
-from conftest import require_tool
+from conftest import require_tool, with_uids
 from orthanc import Orthanc, free_port
 
 EXE = str(Path(sys.executable).with_name("lungsys"))
@@ -38,20 +37,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def hostile_file(source: Path, folder: Path, study: str, series: str, sop: str) -> Path:
-    ds = pydicom.dcmread(source)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    path = folder / f"{uuid.uuid4().hex}.dcm"
-    mode = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    try:
-        ds.save_as(path)
-    finally:
-        pydicom_config.settings.writing_validation_mode = mode
-    return path
 
 
 def storescu(port: int, files) -> str:
@@ -136,12 +121,12 @@ def test_a_node_under_hostile_senders_stays_up_bounded_and_faithful(tmp_path, st
 
         sent = tmp_path / "hostile"
         sent.mkdir()
-        files = [hostile_file(study.files[i], sent, *uids)
+        files = [with_uids(study.files[i], sent, *uids)
                  for i, uids in enumerate(HOSTILE_UIDS)]
-        too_long = hostile_file(study.files[9], sent, "1.2", "1.2.10", "1." * 35 + "1")
+        too_long = with_uids(study.files[9], sent, "1.2", "1.2.10", "1." * 35 + "1")
         log = storescu(port, files + [too_long])
         assert log.count("Received Store Response (Success)") == len(files)
-        web_files = [hostile_file(study.files[10 + i], sent, "..", "1.3", f"1.3.{i}")
+        web_files = [with_uids(study.files[10 + i], sent, "..", "1.3", f"1.3.{i}")
                      for i in range(4)]
         statuses = []
         threads = [threading.Thread(target=lambda f=f: statuses.append(

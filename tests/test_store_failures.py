@@ -11,7 +11,6 @@ import subprocess
 
 import pydicom
 import pytest
-from pydicom import config as pydicom_config
 
 from config import load_config
 from pacs_node.layout import DataLayout
@@ -22,7 +21,7 @@ from pacs_node.storage import DUPLICATE_SOP_INSTANCE, InstanceStorage
 from store.api import JobStore
 from store.models import Series, SeriesState, utcnow
 
-from conftest import require_tool
+from conftest import require_tool, with_uids
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -120,20 +119,6 @@ def test_start_up_records_orphan_files_quarantines_strays_and_reports_lost_rows(
     assert storescu(node.port, [files[0]]).returncode == 0  # the lost one can come again
 
 
-def _hostile(source, folder, study: str, series: str, sop: str):
-    ds = pydicom.dcmread(source)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    path = folder / f"{abs(hash((study, series, sop)))}.dcm"
-    mode = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    try:
-        ds.save_as(path)
-    finally:
-        pydicom_config.settings.writing_validation_mode = mode
-    return path
-
-
 def test_retention_of_hostile_series_deletes_nothing_outside_their_folders(tmp_path,
                                                                           study_factory):
     source = study_factory("covid", 1, 24).files[0]
@@ -149,12 +134,15 @@ def test_retention_of_hostile_series_deletes_nothing_outside_their_folders(tmp_p
         f.write_text("x")
     sent = tmp_path / "sent"
     sent.mkdir()
-    for study, series, sop in [(".", ".", "1.2.3"), ("..", "..", "1.2.4"),
-                               ("/var", "/tmp", "1.2.5"),
-                               ("1.2", "1.2/3", "1.2.6"), ("1.2", "1.2_3", "1.2.7")]:
-        tmp = storage.temp_file()
-        tmp.write_bytes(_hostile(source, sent, study, series, sop).read_bytes())
-        assert storage.store_file(tmp, "CT1").ok
+    hostile = [with_uids(source, sent, study, series, sop) for study, series, sop in [
+        (".", ".", "1.2.3"), ("..", "..", "1.2.4"), ("/var", "/tmp", "1.2.5"),
+        ("1.2", "1.2/3", "1.2.6"), ("1.2", "1.2_3", "1.2.7")]]
+    node.receiver.start("127.0.0.1", 0)                     # a modality sends them
+    try:
+        proc = storescu(node.port, hostile)
+    finally:
+        node.receiver.stop()
+    assert proc.stderr.count("Received Store Response (Success)") == 5, proc.stderr
     stored = _files(storage.incoming)
     assert len(stored) == 5 and all(DataLayout(tmp_path / "var").inside(p) for p in stored)
     assert len({p.parent for p in stored}) == 5             # 1.2/3 and 1.2_3 apart
