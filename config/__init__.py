@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 DEFAULT_FILE = "default.toml"
+#: In the data folder: the node's identity in a shared job store.
+NODE_ID_FILE = "node-id"
 ENV_PREFIX = "LUNGSYS_"
 
 
@@ -59,7 +61,15 @@ class NodeConfig:
 
     @property
     def node_id(self) -> str:
-        """This node in a shared job store: its host and a digest of its data folder."""
+        """This node in a shared job store: what ``data_dir/node-id`` says (written at the
+        first start, so that a renamed host or a moved folder keeps its jobs and
+        files), else its host and a digest of its data folder."""
+        try:
+            saved = (self.data_dir / NODE_ID_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            saved = ""
+        if saved:
+            return saved[:64]
         folder = str(self.data_dir.absolute().resolve())
         return f"{socket.gethostname()[:48]}:{hashlib.sha256(folder.encode()).hexdigest()[:12]}"
 

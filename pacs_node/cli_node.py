@@ -15,8 +15,8 @@ from inference.version import software_version
 from pacs_node.cli import CLIError, app, err, out
 
 
-class _Interrupted(Exception):
-    """A signal came while the node was starting."""
+class _Interrupted(BaseException):
+    """A signal came while the node was starting (no ``except Exception`` may take it)."""
 
 
 @app.command()

@@ -40,11 +40,15 @@ import hashlib
 import os
 import re
 import shutil
+import threading
+import zlib
 from pathlib import Path
 
 _CONFORMANT = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 _USABLE = re.compile(r"[\x21-\x5b\x5d-\x7e]{1,64}")     # printable ASCII, no backslash
 MAX_UID = 64
+#: Receiving into a series and removing it (retention) take turns on one of these.
+_GUARDS = [threading.Lock() for _ in range(64)]
 
 
 class UIDRefused(ValueError):
@@ -105,6 +109,12 @@ class DataLayout:
             series_uid, "Series Instance UID")
         return folder if version is None else folder / f"v{int(version)}"
 
+    @staticmethod
+    def series_guard(series_uid: str) -> threading.Lock:
+        """The lock that storing into a series and removing it take in turn, so that
+        retention never removes an instance acknowledged meanwhile."""
+        return _GUARDS[zlib.crc32(series_uid.encode("utf-8", "replace")) % len(_GUARDS)]
+
     # --- checks ----------------------------------------------------------------
     def inside(self, path: str | os.PathLike) -> Path:
         """``path`` resolved (links followed), if it lies strictly inside the data folder."""
@@ -120,7 +130,8 @@ class DataLayout:
             self.remove_tree(folder)
 
     def remove_tree(self, folder: str | os.PathLike) -> None:
-        """Delete a folder below incoming/ or results/ (never one of those two)."""
+        """Delete a folder below incoming/ or results/ (never one of those two);
+        OSError when something in it could not be removed."""
         path = Path(folder).absolute()
         if path.is_symlink():               # a link is removed, never what it points to
             path = self.inside(path.parent) / path.name
@@ -129,7 +140,8 @@ class DataLayout:
         resolved = self.inside(path)
         if not any(top in resolved.parents for top in (self.incoming, self.results)):
             raise OutsideDataDir(f"{folder} is not below {self.incoming} or {self.results}")
-        shutil.rmtree(resolved, ignore_errors=True)
+        if resolved.exists():
+            shutil.rmtree(resolved)
 
     def quarantine_file(self, path: str | os.PathLike) -> Path:
         """Move a file found in incoming/ to quarantine/, keeping its relative path."""

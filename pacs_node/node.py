@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from config import NodeConfig
+from config import NODE_ID_FILE, NodeConfig
 from inference.series import scan
 from pacs_node import delivery
 from pacs_node.layout import DataLayout, LockFile
@@ -129,6 +129,9 @@ class Node:
             except Exception:
                 self.layout.unlock()
                 raise
+        node_id_file = self.layout.root / NODE_ID_FILE
+        if not node_id_file.exists():          # this node's name in the job store, for good
+            node_id_file.write_text(self.node_id + "\n", encoding="utf-8")
         removed = self.receiver.storage.clear_partial()
         if removed:
             log.info("%d partly received instance(s) removed (never acknowledged)", removed)
@@ -245,15 +248,23 @@ class Node:
 
     # --- retention -----------------------------------------------------------
     def retention_sweep(self) -> None:
-        cutoff = utcnow() - dt.timedelta(days=self.config.retention["days"])
-        for series in self.store.expired_series(cutoff):
-            try:
-                self.layout.remove_series(series.study_instance_uid,
-                                          series.series_instance_uid)
-            except (ValueError, OSError) as exc:   # a UID the layout refuses: nothing to remove
-                log.warning("series %s: its files were not removed: %s",
-                            series.series_instance_uid[:64], exc)
-            self.store.forget_series(series.id)
-            log.info("series %s removed after %d days", series.series_instance_uid,
-                     self.config.retention["days"])
+        """Remove the files of old series whose results were delivered, keeping the history.
+
+        A series is removed under its guard (see :meth:`DataLayout.series_guard`) and
+        only if it is still expired in the same transaction that forgets its rows: an
+        instance received meanwhile reopens it, and nothing acknowledged is removed.
+        """
+        days = self.config.retention["days"]
+        cutoff = utcnow() - dt.timedelta(days=days)
+        for series in self.store.expired_series(cutoff, self.node_id):
+            uid = series.series_instance_uid
+            with self.layout.series_guard(uid):
+                if not self.store.forget_series(series.id, cutoff):
+                    continue                   # something arrived: not expired any more
+                try:
+                    self.layout.remove_series(series.study_instance_uid, uid)
+                except (ValueError, OSError) as exc:   # left for the reconciliation to find
+                    log.error("series %s: its files were not all removed: %s", uid[:64], exc)
+                    continue
+            log.info("series %s removed after %d days", uid, days)
         self.store.forget_incidents(cutoff)

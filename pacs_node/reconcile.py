@@ -21,9 +21,11 @@ import logging
 import os
 from dataclasses import dataclass
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from pacs_node.header import read_file_header
 from pacs_node.layout import DataLayout, UIDRefused
-from store.api import JobStore, ReceivedInstance, Recorded
+from store.api import JobStore, ReceivedInstance, Recorded, StoreUnavailable
 from store.models import IncidentKind
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ def reconcile(layout: DataLayout, store: JobStore, node: str) -> Reconciled:
             if study == layout.partial or not study.is_dir() or study.is_symlink():
                 continue
             for path in study.glob("*/*"):
+                if path.parent.is_symlink():
+                    continue
                 key = str(path)
                 if key in recorded:
                     seen.add(key)
@@ -83,6 +87,9 @@ def _orphan(layout: DataLayout, store: JobStore, node: str, path, done: Reconcil
                 path=str(path), size=path.stat().st_size,
                 transfer_syntax_uid=header.transfer_syntax_uid, calling_aet="recovered",
                 images_in_acquisition=header.images_in_acquisition, node=node))
+            if recorded is not Recorded.new and store.instance_path_of(
+                    header.sop_instance_uid) == str(path):
+                return                         # its row was there all along
             if recorded is Recorded.new:
                 store.record_incident(IncidentKind.recovered,
                                       f"{path} was on disk but not recorded (a crash before "
@@ -94,9 +101,15 @@ def _orphan(layout: DataLayout, store: JobStore, node: str, path, done: Reconcil
             why = f"its SOP Instance UID is recorded already ({recorded.value})"
     except UIDRefused as exc:
         why = str(exc)
+    except (StoreUnavailable, SQLAlchemyError):
+        raise                                  # the job store's trouble, not the file's
     except Exception as exc:
         why = f"it cannot be read ({type(exc).__name__})"
-    target = layout.quarantine_file(path)
+    try:
+        target = layout.quarantine_file(path)
+    except (OSError, ValueError) as exc:
+        log.error("%s could not be quarantined: %s", path, exc)
+        return
     store.record_incident(IncidentKind.quarantined, f"{path} moved to {target}: {why}",
                           node=node)
     done.quarantined += 1

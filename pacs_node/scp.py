@@ -411,6 +411,15 @@ class StorageSCP:
                transfer_syntax: str) -> None:
         if message.discard:
             return
+        try:
+            self._append(message, fragment, calling, transfer_syntax)
+        except OSError as exc:           # disk full, I/O error: 0xA700 when the data set ends
+            log.error("refusing C-STORE from %s: %s", calling, exc.strerror or exc)
+            self._drop(message)
+            message.discard = True
+
+    def _append(self, message: _Message, fragment: memoryview, calling: str,
+                transfer_syntax: str) -> None:
         if message.file is None:
             message.path = self.temp_file()
             message.file = open(message.path, "wb")
@@ -435,9 +444,14 @@ class StorageSCP:
             self._drop(message)
         else:
             assert message.path is not None
-            message.file.close()
-            message.file = None
-            status = self.store(message.path, calling, transfer_syntax, message.start)
+            try:
+                message.file.close()
+                message.file = None
+                status = self.store(message.path, calling, transfer_syntax, message.start)
+            except OSError as exc:
+                log.error("refusing C-STORE from %s: %s", calling, exc.strerror or exc)
+                self._drop(message)
+                status = OUT_OF_RESOURCES
         conn.sendall(p_data(message.context_id, encode_response(
             C_STORE_RSP, message_id, sop_class, status, sop_instance)))
 

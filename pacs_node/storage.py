@@ -35,7 +35,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.header import InstanceHeader, read_file_header, read_header
-from pacs_node.layout import DataLayout, UIDRefused
+from pacs_node.layout import DataLayout, OutsideDataDir, UIDRefused
 from store.api import JobStore, ReceivedInstance, Recorded, StoreUnavailable
 from store.models import IncidentKind
 
@@ -152,16 +152,21 @@ class InstanceStorage:
                 header.study_instance_uid, header.series_instance_uid)
             syntax = transfer_syntax or header.transfer_syntax_uid
             try:
-                path = self.layout.instance_path(study_uid, series_uid, sop_uid)
+                # proved inside the data folder before anything is written there
+                path = self.layout.inside(self.layout.instance_path(study_uid, series_uid,
+                                                                    sop_uid))
             except UIDRefused as exc:
                 return self._refused(CANNOT_UNDERSTAND, str(exc), origin, header)
+            except OutsideDataDir as exc:       # a link planted in the data folder, say
+                log.error("an instance from %s was not stored: %s", origin, exc)
+                return Outcome(OUT_OF_RESOURCES, reason="not stored: path outside the data "
+                                                        "folder")
             if expected_study and study_uid != expected_study:
                 return Outcome(STUDY_MISMATCH, sop_class, sop_uid, study_uid,
                                "Study Instance UID differs from the one in the URL")
             if self.sync:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
-            path.parent.mkdir(parents=True, exist_ok=True)
             size = tmp.stat().st_size
 
             def place() -> None:
@@ -170,12 +175,15 @@ class InstanceStorage:
                 os.replace(tmp, path)
                 placed = inode
 
-            recorded = self.store.record_instance(ReceivedInstance(
-                sop_instance_uid=sop_uid, sop_class_uid=sop_class,
-                series_instance_uid=series_uid, study_instance_uid=study_uid,
-                modality=header.modality, path=str(path), size=size,
-                transfer_syntax_uid=syntax, calling_aet=origin[:16],
-                images_in_acquisition=header.images_in_acquisition, node=self.node), place)
+            with self.layout.series_guard(series_uid):    # never while retention removes it
+                path.parent.mkdir(parents=True, exist_ok=True)
+                recorded = self.store.record_instance(ReceivedInstance(
+                    sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                    series_instance_uid=series_uid, study_instance_uid=study_uid,
+                    modality=header.modality, path=str(path), size=size,
+                    transfer_syntax_uid=syntax, calling_aet=origin[:16],
+                    images_in_acquisition=header.images_in_acquisition, node=self.node),
+                    place)
             if recorded is Recorded.other_series:
                 return self._refused(DUPLICATE_SOP_INSTANCE, recorded.value, origin, header,
                                      IncidentKind.duplicate)

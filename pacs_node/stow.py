@@ -48,6 +48,7 @@ BASE_PATH = "/dicom-web"
 ORIGIN = "STOW-RS"
 _PATH = re.compile(rf"^{BASE_PATH}/studies(?:/([^/]+))?/?$")
 _CHUNK = 1 << 20
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 #: The request line and headers must arrive within this many seconds.
 HEADER_SECONDS = 30.0
 #: No read or write of a connection may wait longer than this.
@@ -362,10 +363,9 @@ class StowServer:
         size = 0
         while True:  # Transfer-Encoding: chunked (RFC 9112 7.1), as Orthanc sends
             line = stream.readline(1024).split(b";", 1)[0].strip()
-            try:
-                n = int(line, 16)
-            except ValueError:
-                raise StowError(HTTPStatus.BAD_REQUEST, "bad chunk size") from None
+            if not _CHUNK_SIZE.fullmatch(line):    # int() would take "-1f" or "0x10"
+                raise StowError(HTTPStatus.BAD_REQUEST, "bad chunk size")
+            n = int(line, 16)
             if n == 0:
                 while stream.readline(1024).strip():
                     pass  # trailer fields
@@ -429,6 +429,8 @@ class _Handler(BaseHTTPRequestHandler):
                                                             "chunked transfer needed"})
         try:
             length = None if chunked else int(self.headers["content-length"])
+            if length is not None and length < 0:
+                raise ValueError("negative Content-Length")
             status, response = self.stow.store_request(
                 self.headers.get("content-type", ""), length, self.rfile, study)
         except ValueError:

@@ -137,15 +137,21 @@ class WorkerSupervisor:
             except OSError:
                 return
             if worker.status in ready:
-                try:
-                    kind, value = worker.status.recv()
-                    if kind == "job":
-                        self.current_job = value
-                except (EOFError, OSError):
-                    pass
+                self._read_status(worker)
             if worker.sentinel in ready or not worker.alive:
-                worker.kill()             # reap it
+                self._read_status(worker)     # what it said last, before it died
+                worker.kill()                 # reap it
                 return
+
+    def _read_status(self, worker: WorkerProcess) -> None:
+        """Every message waiting: which job the worker runs (None between jobs)."""
+        try:
+            while worker.status.poll():
+                kind, value = worker.status.recv()
+                if kind == "job":
+                    self.current_job = value
+        except (EOFError, OSError):
+            pass
 
     def _died(self, worker: WorkerProcess) -> None:
         self.state = "restarting"

@@ -89,8 +89,23 @@ class JobRunner:
             self.on_job(job.id)
             try:
                 self.run_job(job)
+            except Exception as exc:     # a file gone, the job store away: the job fails,
+                self._failed(job.id, exc)   # the worker goes on
             finally:
                 self.on_job(None)
+
+    def _failed(self, job_id: int, exc: Exception) -> None:
+        """Fail a job. The message may quote a value of the source (a patient's name or
+        birth date): the log above DEBUG and the job's error say only what and where."""
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        error = f"{type(exc).__name__} in {Path(where.filename).name}:{where.lineno} " \
+                f"({where.name})"
+        log.error("job %d failed: %s", job_id, error)
+        log.debug("job %d: %s", job_id, exc, exc_info=True)
+        try:
+            self.store.fail_job(job_id, error)
+        except Exception as again:
+            log.error("job %d could not be marked failed: %s", job_id, type(again).__name__)
 
     def run_job(self, job: Job) -> None:
         from inference.export import write_results   # torch: only where the model runs
@@ -110,22 +125,15 @@ class JobRunner:
                 raise SeriesError(f"{len(data)} slices, fewer than the minimum of "
                                   f"{self.config.assembly['min_slices']}")
             result = self.engine.analyze(data)
-            out = self.layout.results_folder(series.study_instance_uid,
-                                             series.series_instance_uid, job.version)
+            out = self.layout.inside(self.layout.results_folder(
+                series.study_instance_uid, series.series_instance_uid, job.version))
             files = write_results(result, data, out, heatmaps=self.config.model["heatmaps"])
         except SeriesError as exc:
             self.store.fail_job(job.id, f"skipped: {exc}")
             self.store.skip_series(series.id, str(exc))
             return
         except Exception as exc:
-            # the message may quote a value of the source (a patient's name or birth
-            # date): the log above DEBUG and the job's error say only what and where
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            error = (f"{type(exc).__name__} in {Path(where.filename).name}:{where.lineno}"
-                     f" ({where.name})")
-            log.error("job %d failed: %s", job.id, error)
-            log.debug("job %d: %s", job.id, exc, exc_info=True)
-            self.store.fail_job(job.id, error)
+            self._failed(job.id, exc)
             return
         records = []
         for path in files.all:

@@ -47,7 +47,8 @@ _SERIES_RECEIVED = (
                                          _SERIES_T.c.expected_instances),
         state=case((_REOPENS, literal(SeriesState.receiving, _STATE.type)), else_=_STATE),
         reason=case((_REOPENS, ""), else_=_SERIES_T.c.reason),
-        version=_SERIES_T.c.version + case((_NEW_VERSION, 1), else_=0))
+        version=_SERIES_T.c.version + case((_NEW_VERSION, 1), else_=0),
+        purged=False)                  # a series sent again after retention: files again
     .returning(_SERIES_T.c.id))
 _INSTANCE_INSERT = insert(_INSTANCE_T)
 #: Execution option of read-only transactions (see JobStore.__init__).
@@ -362,11 +363,13 @@ class JobStore(Upkeep):
                                   .order_by(Result.id)))
 
     # --- retention -----------------------------------------------------------
-    def expired_series(self, cutoff: dt.datetime) -> list[Series]:
-        """Finished series last touched before ``cutoff`` whose deliveries all succeeded."""
+    def expired_series(self, cutoff: dt.datetime, node: str = "") -> list[Series]:
+        """This node's finished series last touched before ``cutoff`` whose deliveries
+        all succeeded."""
         with self.read_session() as s:
             candidates = s.scalars(select(Series).where(
                 Series.purged.is_(False), Series.last_received < cutoff,
+                Series.node.in_((node, "")),
                 Series.state.in_([SeriesState.done, SeriesState.skipped, SeriesState.failed])))
             out = []
             for series in candidates:
@@ -376,16 +379,28 @@ class JobStore(Upkeep):
                     out.append(series)
             return out
 
-    def forget_series(self, series_id: int) -> None:
-        """After retention removed the files: drop instance and result rows, keep the history."""
+    def forget_series(self, series_id: int, cutoff: dt.datetime) -> bool:
+        """Retention: drop the instance and result rows of a series that is still
+        expired (nothing arrived since ``cutoff``), keep the history. False when it
+        is not expired any more (the caller then leaves its files alone)."""
         with self.session() as s, s.begin():
             series = s.get(Series, series_id)
+            if series is None or series.purged or series.last_received >= cutoff \
+                    or series.state not in (SeriesState.done, SeriesState.skipped,
+                                            SeriesState.failed):
+                return False
             for instance in list(series.instances):
                 s.delete(instance)
             for job in series.jobs:
                 for result in list(job.results):
                     s.delete(result)
             series.purged = True
+            return True
+
+    def instance_path_of(self, sop_instance_uid: str) -> str | None:
+        with self.read_session() as s:
+            return s.scalar(select(Instance.path).where(
+                Instance.sop_instance_uid == sop_instance_uid))
 
     # --- reading -------------------------------------------------------------
     def jobs(self, state: str | None = None, limit: int = 200) -> list[Job]:

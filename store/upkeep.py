@@ -25,6 +25,8 @@ def upgrade_schema(engine: Engine) -> None:
     lungsys adds), so a job store written by an older node keeps working.
     """
     Base.metadata.create_all(engine)
+    # PostgreSQL: two nodes starting at once must not both fail on the same column
+    maybe = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
     with engine.begin() as conn:
         inspector = inspect(conn)
         for table in Base.metadata.sorted_tables:
@@ -34,8 +36,10 @@ def upgrade_schema(engine: Engine) -> None:
                     continue
                 kind = column.type.compile(dialect=engine.dialect)
                 default = column.server_default.arg
-                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind} '
-                                  f"NOT NULL DEFAULT '{default}'"))
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {maybe}{column.name} "
+                                  f"{kind} NOT NULL DEFAULT '{default}'"))
+            for index in table.indexes:        # those of the columns just added
+                index.create(conn, checkfirst=True)
 
 
 def _fit(value: str, size: int = 64) -> str:

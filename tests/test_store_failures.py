@@ -152,3 +152,54 @@ def test_retention_of_hostile_series_deletes_nothing_outside_their_folders(tmp_p
     node.retention_sweep()
     assert _files(storage.incoming) == []
     assert all(f.exists() for f in keep) and (tmp_path / "var" / "db").exists()
+
+
+def test_a_failed_write_while_receiving_is_out_of_resources(receiver, study_factory, tmp_path):
+    node, store = receiver
+    node.scp.temp_file = lambda: tmp_path / "no-such-folder" / "x.tmp"   # the disk fails
+    proc = storescu(node.port, study_factory("covid", 1, 24).files[:1])
+    assert "Refused: OutOfResources" in proc.stderr and "Success" not in proc.stderr
+    assert store.counts()["instances"] == 0
+
+
+def test_retention_never_removes_what_arrived_after_it_looked(tmp_path, study_factory):
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\nmin_free_disk_mb = 1\n'
+                    f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
+                    f'[retention]\ndays = 1\n[dicomweb]\nport = 0\n')
+    node = Node(load_config(toml, environ={}))
+    files = study_factory("covid", 1, 24).files
+    node.receiver.start("127.0.0.1", 0)
+    try:
+        assert storescu(node.port, files[:2]).returncode == 0
+        with node.store.session() as s, s.begin():          # finished, long ago
+            for row in s.query(Series):
+                row.state, row.last_received = SeriesState.done, utcnow() - dt.timedelta(days=9)
+        cutoff = utcnow() - dt.timedelta(days=1)
+        [expired] = node.store.expired_series(cutoff, node.node_id)
+        assert storescu(node.port, files[2:3]).returncode == 0   # arrives meanwhile
+        assert not node.store.forget_series(expired.id, cutoff)  # so nothing is forgotten
+        node.retention_sweep()
+        assert len(_files(node.receiver.storage.incoming)) == 3
+        with node.store.session() as s, s.begin():          # now it is old and finished
+            for row in s.query(Series):
+                row.state, row.last_received = SeriesState.done, utcnow() - dt.timedelta(days=9)
+        node.retention_sweep()
+        assert _files(node.receiver.storage.incoming) == []
+        assert storescu(node.port, files[:2]).returncode == 0    # the study sent again
+    finally:
+        node.receiver.stop()
+    [series] = node.store.series()
+    assert not series.purged and series.instance_count == 5
+    done = reconcile(node.layout, node.store, node.node_id)   # a restart finds all in order
+    assert (done.recovered, done.quarantined, done.lost) == (0, 0, 0)
+
+
+def test_the_node_keeps_its_name_when_its_host_is_renamed(tmp_path):
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n')
+    config = load_config(toml, environ={})
+    first = config.node_id
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "node-id").write_text("old-host:0123456789ab\n")
+    assert load_config(toml, environ={}).node_id == "old-host:0123456789ab" != first

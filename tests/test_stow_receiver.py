@@ -112,3 +112,17 @@ def test_bad_requests_get_clear_answers_and_the_receiver_goes_on(stow, covid_stu
     assert answer is not None and ("error" in answer or "00081198" in answer)
     good, ctype = multipart([("application/dicom", covid_study.files[0].read_bytes())])
     assert post(server.port, good, ctype)[0] == 200
+
+
+@pytest.mark.parametrize("size", [b"-1ffff", b"0x10", b"+10", b""])
+def test_chunk_sizes_that_are_not_hex_digits_are_refused(stow, size):
+    server, store = stow
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/dicom-web/studies")
+    conn.putheader("Content-Type", 'multipart/related; type="application/dicom"; boundary=b')
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"%s\r\n--b\r\n\r\n" % size)
+    assert conn.getresponse().status == 400
+    conn.close()
+    assert store.counts()["instances"] == 0
