@@ -18,7 +18,8 @@ The DIMSE commands handled are C-ECHO and C-STORE (the only services
 negotiated); the command sets are the small, fixed Implicit VR Little Endian
 group 0000 of PS3.7 9.3, parsed and written here.
 
-Every byte is the peer's until checked (the front door):
+Every byte is the peer's until checked (the front door; the association is
+established by :mod:`pacs_node.acse`):
 
 - a connection must pass the :class:`~pacs_node.peers.PeerGate` (allowed
   networks; at most so many connections not yet associated, in all and per
@@ -52,51 +53,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
-                                       ImplementationVersionNameNotification,
-                                       MaximumLengthNotification)
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.presentation import PresentationContext
 
-from pacs_node.dimse import (A_ABORT_PDU, A_ASSOCIATE_RQ_PDU, A_RELEASE_RQ_PDU, C_ECHO_RQ,
-                             C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP, OUT_OF_RESOURCES,
-                             P_DATA_TF_PDU, RELEASE_RP, RJ_APPLICATION_CONTEXT, RJ_CALLING_AE,
-                             RJ_LOCAL_LIMIT, RJ_PROTOCOL_VERSION,
-                             _PDU_HEADER, ProtocolError, _file_header, _uid, abort_pdu,
-                             encode_response, p_data, parse_command)  # noqa: F401 (re-exported)
+from pacs_node.acse import (MAX_PDU, Acceptor, Authenticator, Rejected,  # noqa: F401
+                            _read_exact, _read_header)
+from pacs_node.dimse import (A_ABORT_PDU, A_RELEASE_RQ_PDU, C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ,
+                             C_STORE_RSP, OUT_OF_RESOURCES, P_DATA_TF_PDU, RELEASE_RP,
+                             ProtocolError, _file_header, _uid, abort_pdu,  # noqa: F401
+                             encode_response, p_data, parse_command)
 from pacs_node.peers import PeerGate
 
 log = logging.getLogger(__name__)
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 #: The whole TLS handshake and A-ASSOCIATE-RQ must arrive within this (PS3.8 9.1.5 ARTIM).
 ARTIM_SECONDS = 30.0
-#: The largest PDU the node accepts (the PDUs it receives may be this long).
-MAX_PDU = 1 << 20
-#: The largest A-ASSOCIATE-RQ (128 presentation contexts take about 20 KiB).
-MAX_ASSOCIATE_RQ = 256 << 10
 #: The largest DIMSE command set (a C-STORE-RQ takes a few hundred bytes).
 MAX_COMMAND = 16 << 10
 #: While a data set streams in, the free disk is looked at again every this many bytes.
 DISK_CHECK_BYTES = 64 << 20
 
-class Rejected(Exception):
-    """The association is rejected: (result, source, reason) and why, for the log."""
-
-    def __init__(self, code: tuple[int, int, int], why: str) -> None:
-        super().__init__(why)
-        self.code = code
-
-
 #: store(temp file with the Part-10 instance, calling AE title, transfer syntax,
 #: the data set's first fragment) -> status.
 StoreCallback = Callable[[Path, str, str, bytes], int]
-#: authenticate(user identity item of the A-ASSOCIATE-RQ or None) -> the server
-#: response to send (b"" for none), or raise Rejected.
-Authenticator = Callable[[object], bytes | None]
-
-
 @dataclass
 class _Message:
     """The C-STORE (or C-ECHO) being received on an association."""
@@ -147,8 +125,7 @@ class StorageSCP:
         self.max_associations = max_associations
         self.timeout = timeout
         self.gate = gate or PeerGate(max_total=2 * max_associations, max_per_peer=8)
-        self.tls = tls
-        self.authenticate = authenticate
+        self.acceptor = Acceptor(contexts, self.allowed, tls, authenticate)
         self._listener: socket.socket | None = None
         self._active = 0
         self._lock = threading.Lock()
@@ -207,9 +184,9 @@ class StorageSCP:
         gated, counted = True, False
         try:
             deadline = time.monotonic() + ARTIM_SECONDS
-            if self.tls is not None:
-                conn = self._handshake(conn, deadline)
-            request = self._read_request(conn, deadline)
+            if self.acceptor.tls is not None:
+                conn = self.acceptor.handshake(conn, deadline)
+            request = self.acceptor.read_request(conn, deadline)
             assoc.calling = str(request.calling_ae_title).strip()
             with self._lock:
                 busy = self._active >= self.max_associations
@@ -218,7 +195,7 @@ class StorageSCP:
                     counted = True
             self.gate.leave(address)
             gated = False
-            assoc.contexts = self._associate(conn, request, busy)
+            assoc.contexts = self.acceptor.associate(conn, request, busy)
             log.info("association from %s (%s) accepted", assoc.calling, address)
             self._data_phase(conn, assoc)
         except Rejected as exc:
@@ -240,101 +217,6 @@ class StorageSCP:
             if counted:
                 with self._lock:
                     self._active -= 1
-
-    def _handshake(self, conn: socket.socket, deadline: float) -> ssl.SSLSocket:
-        tls = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-        while True:   # the whole handshake within the deadline, however slow the peer
-            tls.settimeout(_remaining(deadline))
-            try:
-                tls.do_handshake()
-                return tls
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                continue
-            except ssl.SSLError as exc:
-                tls.close()
-                raise OSError(f"TLS handshake failed: {exc.reason or exc}") from None
-            except BaseException:           # out of time, or gone: the TLS socket is ours
-                tls.close()
-                raise
-
-    def _read_request(self, conn: socket.socket, deadline: float) -> A_ASSOCIATE:
-        pdu_type, length, _ = _read_header(conn, deadline)
-        if pdu_type != A_ASSOCIATE_RQ_PDU:
-            raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type:#x}")
-        if length > MAX_ASSOCIATE_RQ:
-            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes, above {MAX_ASSOCIATE_RQ}")
-        if length < 68:
-            raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes, too short")
-        body = _read_growing(conn, length, deadline)
-        for title in (body[4:20], body[20:36]):   # pynetdicom logs bad ones with a traceback
-            if any(b < 0x20 or b > 0x7E or b == 0x5C for b in title) or not title.strip():
-                raise ProtocolError("an AE title in the A-ASSOCIATE-RQ is not printable ASCII")
-        try:
-            rq = A_ASSOCIATE_RQ()
-            rq.decode(_PDU_HEADER.pack(A_ASSOCIATE_RQ_PDU, 0, length) + body)
-            request = rq.to_primitive()
-            _ = [str(cx.abstract_syntax) for cx in request.presentation_context_definition_list]
-        except Exception as exc:   # pynetdicom's decoder raises whatever broken bytes make
-            raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
-        request.protocol_version = struct.unpack_from(">H", body, 0)[0]
-        return request
-
-    def _associate(self, conn: socket.socket, request: A_ASSOCIATE, busy: bool
-                   ) -> dict[int, str]:
-        """Accept: the accepted contexts, id -> transfer syntax; or reject (Rejected)."""
-        response = None
-        try:
-            if not request.protocol_version & 0x0001:
-                raise Rejected(RJ_PROTOCOL_VERSION, f"protocol version "
-                                                    f"{request.protocol_version:#06x}")
-            if str(request.application_context_name) != APPLICATION_CONTEXT:
-                raise Rejected(RJ_APPLICATION_CONTEXT, "application context "
-                                                       f"{request.application_context_name}")
-            if self.allowed and str(request.calling_ae_title).strip() not in self.allowed:
-                raise Rejected(RJ_CALLING_AE, "calling AE title not on the allow-list")
-            if self.authenticate is not None:
-                identity = next((item for item in request.user_information
-                                 if type(item).__name__ == "UserIdentityNegotiation"), None)
-                response = self.authenticate(identity)
-                if response is not None and not getattr(identity, "positive_response_requested",
-                                                        False):
-                    response = None
-            if busy:
-                raise Rejected(RJ_LOCAL_LIMIT, f"{self.max_associations} associations at once")
-        except Rejected as exc:
-            primitive = A_ASSOCIATE()
-            primitive.result, primitive.result_source, primitive.diagnostic = exc.code
-            rj = A_ASSOCIATE_RJ()
-            rj.from_primitive(primitive)
-            conn.sendall(rj.encode())
-            raise
-        roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
-                 for item in request.user_information
-                 if type(item).__name__ == "SCP_SCU_RoleSelectionNegotiation"}
-        results, ac_roles = negotiate_as_acceptor(
-            request.presentation_context_definition_list, self.contexts, roles)
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = MAX_PDU
-        class_uid = ImplementationClassUIDNotification()
-        class_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-        primitive = A_ASSOCIATE()
-        primitive.application_context_name = APPLICATION_CONTEXT
-        primitive.calling_ae_title = request.calling_ae_title
-        primitive.called_ae_title = request.called_ae_title
-        primitive.result, primitive.result_source = 0x00, 0x01
-        primitive.presentation_context_definition_results_list = results
-        primitive.user_information = [max_length, class_uid, version, *ac_roles]
-        if response is not None:
-            from pynetdicom.pdu_primitives import UserIdentityNegotiation
-            item = UserIdentityNegotiation()
-            item.server_response = response
-            primitive.user_information.append(item)
-        ac = A_ASSOCIATE_AC()
-        ac.from_primitive(primitive)
-        conn.sendall(ac.encode())
-        return {cx.context_id: str(cx.transfer_syntax[0]) for cx in results if cx.result == 0}
 
     def _data_phase(self, conn: socket.socket, assoc: _Association) -> None:
         command = bytearray()
@@ -466,45 +348,6 @@ class StorageSCP:
         if message.path is not None:
             message.path.unlink(missing_ok=True)
             message.path = None
-
-
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("the peer took too long")
-    return left
-
-
-def _read_exact(conn: socket.socket, n: int, deadline: float) -> bytearray:
-    """``n`` bytes, all of them by ``deadline`` (checked length: allocated at once)."""
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        conn.settimeout(_remaining(deadline))
-        k = conn.recv_into(view[got:], n - got)
-        if k == 0:
-            raise OSError("the peer closed the connection")
-        got += k
-    return buf
-
-
-def _read_growing(conn: socket.socket, n: int, deadline: float) -> bytearray:
-    """``n`` bytes by ``deadline``, the buffer growing only as they arrive."""
-    buf = bytearray()
-    while len(buf) < n:
-        buf += _read_exact(conn, min(n - len(buf), 16 << 10), deadline)
-    return buf
-
-
-def _read_header(conn: socket.socket, first_byte_by: float, rest_within: float | None = None
-                 ) -> tuple[int, int, float]:
-    """A PDU's type, length and the deadline for the rest of it: the first byte
-    by ``first_byte_by``; the rest within ``rest_within`` seconds of it (None:
-    by ``first_byte_by`` too)."""
-    first = _read_exact(conn, 1, first_byte_by)
-    deadline = first_byte_by if rest_within is None else time.monotonic() + rest_within
-    pdu_type, _, length = _PDU_HEADER.unpack(bytes(first + _read_exact(conn, 5, deadline)))
-    return pdu_type, length, deadline
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:

@@ -103,7 +103,9 @@ class JobStore(Upkeep):
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             self.file = Path(url[len("sqlite:///"):]).absolute()
             self.file.parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url, future=True)
+        # a server database that restarted leaves dead pooled connections: test each
+        self.engine: Engine = create_engine(url, future=True,
+                                            pool_pre_ping=not url.startswith("sqlite"))
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             # Writers take the lock when their transaction begins: a transaction that

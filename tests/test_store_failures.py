@@ -203,3 +203,30 @@ def test_the_node_keeps_its_name_when_its_host_is_renamed(tmp_path):
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "node-id").write_text("old-host:0123456789ab\n")
     assert load_config(toml, environ={}).node_id == "old-host:0123456789ab" != first
+
+
+def test_a_postgresql_job_store_that_goes_down_gets_no_success(tmp_path, study_factory):
+    from postgres import Postgres, _binary
+
+    server = Postgres().start()
+    try:
+        store = JobStore(server.new_database())
+        node = Receiver(store, tmp_path / "data", min_free_disk_mb=1)
+        node.start("127.0.0.1", 0)
+        try:
+            files = study_factory("covid", 1, 24).files
+            assert "Success" in storescu(node.port, files[:1]).stderr
+            server._run(_binary("pg_ctl"), "-D", str(server.data), "-m", "immediate", "-w",
+                        "stop")                                  # the database server dies
+            proc = storescu(node.port, files[1:2])
+            assert "Refused: OutOfResources" in proc.stderr and "(Success)" not in proc.stderr
+            assert len(_files(node.storage.incoming)) == 1       # nothing unrecorded kept
+            server._run(_binary("pg_ctl"), "-D", str(server.data), "-l",
+                        str(server.folder / "log"), "-w", "-o",
+                        f"-h 127.0.0.1 -p {server.port} -k {server.folder} -F", "start")
+            assert "Success" in storescu(node.port, files[1:2]).stderr   # back: stored
+            assert store.counts()["instances"] == 2
+        finally:
+            node.stop()
+    finally:
+        server.stop()
