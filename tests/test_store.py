@@ -145,3 +145,28 @@ def test_an_admin_reading_never_holds_up_the_receiver(store):
         assert store.record_instance(_item(2))
         assert time.monotonic() - start < 2.0                  # SQLite would wait 10 s, then fail
         assert [x.instance_count for x in store.series()] == [2]
+
+
+def test_nodes_sharing_a_job_store_keep_to_their_own_series(store):
+    """Two nodes, each with its own data folder, on one job store: a node runs only the
+    jobs of the series it received, and a restart requeues only its own."""
+    from dataclasses import replace
+
+    store.record_instance(replace(_item(1, "1.2.10"), node="host-a:1"))
+    store.record_instance(replace(_item(1, "1.2.20"), node="host-b:2"))
+    for series in store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1)):
+        store.queue_job(series.id)
+    claimed_by_a = store.claim_job("host-a:1")
+    assert claimed_by_a.series.series_instance_uid == "1.2.10"
+    assert claimed_by_a.node == "host-a:1"
+    assert store.claim_job("host-a:1") is None               # B's job is not A's to run
+    claimed_by_b = store.claim_job("host-b:2")
+    assert claimed_by_b.series.series_instance_uid == "1.2.20"
+    assert store.requeue_interrupted("host-b:2") == 1        # B restarts: only its own job
+    assert {j.id: j.state for j in store.jobs()} == {claimed_by_a.id: JobState.running,
+                                                      claimed_by_b.id: JobState.queued}
+    store.fail_job(claimed_by_a.id, "gave up")               # A's series is finished
+    later = utcnow() + dt.timedelta(days=1)
+    assert [s.series_instance_uid for s in store.expired_series(later, "host-a:1")] == [
+        "1.2.10"]
+    assert store.expired_series(later, "host-b:2") == []     # retention keeps to its own
