@@ -151,3 +151,57 @@ def write_roc(c: _Collected, out_dir: Path) -> list[str]:
         plt.close(fig)
         paths.append(str(path))
     return paths
+
+
+#: What `lungsys evaluate --record` keeps in a checkpoint's metadata.
+RECORDED = ("split", "patients", "patient_accuracy", "patient_accuracy_ci95", "per_class",
+            "fpe", "fne", "fdpe", "pointing_game", "dice", "infected_fraction_mae")
+
+
+def recorded_metrics(report: dict) -> dict:
+    """The metrics a checkpoint records about itself (see :data:`RECORDED`)."""
+    return {k: report[k] for k in RECORDED} | {
+        "data": report["data"],
+        "nonparametric_accuracy": report["nonparametric"]["patient_accuracy"]}
+
+
+def _percent(v, ci=None) -> str:
+    text = "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}%"
+    return text + (f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci and text != "-" else "")
+
+
+def report_table(report: dict, split: str):
+    """The patient-level metrics, network and non-parametric side by side (a rich Table)."""
+    from rich.table import Table
+
+    table = Table(title=f"{report['patients']} {split} patients, model "
+                        f"{report['model']['version']}")
+    table.add_column("metric")
+    for method in ("network", "nonparametric"):
+        table.add_column(method, justify="right")
+    n, p = report["network"], report["nonparametric"]
+    table.add_row("accuracy", _percent(n["patient_accuracy"], n["patient_accuracy_ci95"]),
+                  _percent(p["patient_accuracy"], p["patient_accuracy_ci95"]))
+    for key in ("fpe", "fne", "fdpe"):
+        table.add_row(key.upper(), _percent(n[key], n[f"{key}_ci95"]),
+                      _percent(p[key], p[f"{key}_ci95"]))
+    for name in CLASSES:
+        for key in ("sensitivity", "specificity", "auc"):
+            table.add_row(f"{name} {key}", _percent(n["per_class"][name][key]),
+                          _percent(p["per_class"][name][key]))
+    return table
+
+
+def report_lines(report: dict) -> list[str]:
+    """What follows the table: the p-value, localisation, infected fraction, ROC files."""
+    lines = [f"p-value (accuracy, network vs non-parametric): "
+             f"{report['p_value_accuracy_network_vs_nonparametric']:.3f}"]
+    for key in ("pointing_game", "dice"):
+        if report.get(key) is not None:
+            lines.append(f"{key.replace('_', ' ')}: {100 * report[key]:.1f}% "
+                         f"({report['lesion_slices_scored']} lesion slices)")
+    if report.get("infected_fraction_mae") is not None:
+        lines.append(f"infected fraction error (mean absolute): "
+                     f"{100 * report['infected_fraction_mae']:.2f} percentage points")
+    lines += [f"ROC curves: {path}" for path in report.get("roc_png", [])]
+    return lines

@@ -1,4 +1,5 @@
-"""lungsys commands for the node: serve, jobs, deliveries, echo."""
+"""lungsys commands for the node and its admins: serve, jobs, deliveries, incidents,
+echo, users."""
 
 from __future__ import annotations
 
@@ -12,15 +13,14 @@ import typer
 from rich.table import Table
 
 from inference.version import software_version
-from pacs_node.cli import CLIError, app, err, out
+from lungsys.common import CLIError, err, out
 
 
 class _Interrupted(BaseException):
     """A signal came while the node was starting (no ``except Exception`` may take it)."""
 
 
-@app.command()
-def serve(
+def serve_command(
     config_file: Annotated[Optional[Path], typer.Option(
         "--config", "-c", help="TOML configuration (see config/default.toml); every key has "
         "a default and an environment variable LUNGSYS_<SECTION>_<KEY>.")] = None,
@@ -102,9 +102,7 @@ ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c",
                                                       help="The node's configuration file.")]
 jobs_app = typer.Typer(help="Inspect and retry the node's jobs (the job store named by the "
                        "configuration).", no_args_is_help=True)
-app.add_typer(jobs_app, name="jobs")
 deliveries_app = typer.Typer(help="Retry deliveries of results to PACS.", no_args_is_help=True)
-app.add_typer(deliveries_app, name="deliveries")
 
 
 def _job_dict(job) -> dict:
@@ -180,8 +178,7 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="Delivery n
     out.print(f"delivery {delivery_id} due now")
 
 
-@app.command()
-def incidents(
+def incidents_command(
     config_file: ConfigOption = None,
     kind: Annotated[Optional[str], typer.Option(
         help="refused, duplicate, lost, recovered, quarantined or 'worker died'.")] = None,
@@ -210,8 +207,7 @@ def incidents(
     out.print(table)
 
 
-@app.command()
-def echo(
+def echo_command(
     host: Annotated[str, typer.Argument(help="Peer address.")],
     port: Annotated[int, typer.Argument(help="Peer DICOM port.")],
     aet: Annotated[str, typer.Option("--aet", help="The peer's (called) AE title.")] = "ANY-SCP",
@@ -238,7 +234,6 @@ def echo(
 
 users_app = typer.Typer(help="Users and tokens for DICOM user identity negotiation "
                         "([node] users_file).", no_args_is_help=True)
-app.add_typer(users_app, name="users")
 
 
 @users_app.command("add")
@@ -270,3 +265,8 @@ def users_add(
         f.write(f"{'token' if token else 'user'} {name} {stored}\n")
     users_file.chmod(0o600)
     out.print(f"{'token' if token else 'user'} {name} added to {users_file}")
+
+
+COMMANDS = [("serve", serve_command), ("incidents", incidents_command),
+            ("echo", echo_command)]
+GROUPS = [("jobs", jobs_app), ("deliveries", deliveries_app), ("users", users_app)]

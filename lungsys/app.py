@@ -1,7 +1,9 @@
-"""The ``lungsys`` command.
+"""The ``lungsys`` command, built from its groups (data, model, train, node).
 
-Exit status: 0 on success, 1 when the input is bad or an operation failed
-(one line on stderr, no traceback), 2 on a usage error.
+The group modules import only :mod:`lungsys.common` and the packages of the
+design; this module imports the groups and registers their commands, so the
+arrows run one way. Exit status: 0 on success, 1 when the input is bad or an
+operation failed (one line on stderr, no traceback), 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-    TimeElapsedColumn
 
 from inference.version import software_version
+from lungsys import data, model, node, train
+from lungsys.common import CLIError, err
 from pacs_node import LOG_FORMAT
 
 app = typer.Typer(
@@ -30,12 +31,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # no wrapping in pipes
-
-
-class CLIError(Exception):
-    """A failure to report as one line and exit status 1."""
 
 
 def _version_callback(value: bool) -> None:
@@ -56,14 +51,11 @@ def _root(
     logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err, transient=True,
-                    disable=not err.is_terminal)
-
-
-# the commands register themselves on the app
-from pacs_node import cli_data, cli_model, cli_node  # noqa: E402,F401
+# Top-level commands first, then the groups, in the order `lungsys --help` lists them.
+for _name, _command in (*data.COMMANDS, *train.COMMANDS, *model.COMMANDS, *node.COMMANDS):
+    app.command(_name)(_command)
+for _name, _group in (*model.GROUPS, *train.GROUPS, *node.GROUPS):
+    app.add_typer(_group, name=_name)
 
 
 def main() -> None:

@@ -9,11 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from pacs_node.cli import CLIError, _progress, app, out
+from lungsys.common import CLIError, out, progress
 
 
-@app.command()
-def phantom(
+def phantom_command(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the study into "
                                           "(created; existing files are overwritten).")],
     label: Annotated[str, typer.Option(help="Class of the patient: healthy, covid, h1n1 or cap.")],
@@ -41,7 +40,7 @@ def phantom(
         raise CLIError(f"unknown label {label!r}; expected one of {', '.join(LABELS)}")
     ph = build_phantom(label, seed, slices, patient_position=patient_position.upper(),
                        severity=severity)
-    with _progress() as bar:
+    with progress() as bar:
         task = bar.add_task(f"rendering {label} seed {seed}", total=slices)
         hu, lung, lesion, types = ph.render(lambda: bar.advance(task))
     study = write_study(ph, out_dir, hu, lung, lesion, types)
@@ -52,8 +51,7 @@ def phantom(
               f"infected fraction {100 * t['infected_fraction']:.2f}%)")
 
 
-@app.command("phantom-set")
-def phantom_set(
+def phantom_set_command(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the dataset.")],
     per_class: Annotated[int, typer.Option(min=1, help="Studies (patients) per class.")],
     seed: Annotated[int, typer.Option(min=0, help="Base seed; sets with different seeds share "
@@ -70,15 +68,14 @@ def phantom_set(
     """
     from training.phantom_set import generate_phantom_set
 
-    with _progress() as bar:
+    with progress() as bar:
         task = bar.add_task("generating phantom studies", total=4 * per_class)
         manifest = generate_phantom_set(out_dir, per_class, seed, tuple(slices_range), workers,
                                         lambda: bar.advance(task))
     out.print(f"wrote {4 * per_class} studies and {manifest}")
 
 
-@app.command()
-def scan(
+def scan_command(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched "
                                                 "recursively).")],
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -88,9 +85,9 @@ def scan(
     This is how the node and 'lungsys analyze' read a folder: by Series
     Instance UID, CT images only, localizers and other modalities left out.
     """
-    from inference.series import scan as scan_files
+    from inference.series import scan
 
-    groups, skipped = scan_files(paths)
+    groups, skipped = scan(paths)
     if json_:
         print(json.dumps({
             "series": [{"series_instance_uid": uid, "files": len(members),
@@ -108,3 +105,9 @@ def scan(
         out.print(f"skipped {s.path}: {s.reason}")
     if not groups:
         raise CLIError("no CT image series found")
+
+
+#: The top-level commands of this group, in the order `lungsys --help` lists them.
+COMMANDS = [("phantom", phantom_command), ("phantom-set", phantom_set_command),
+            ("scan", scan_command)]
+GROUPS: list = []

@@ -1,0 +1,5 @@
+"""``python -m lungsys``: the same as the ``lungsys`` command."""
+
+from lungsys.app import main
+
+main()

@@ -1,0 +1,144 @@
+"""lungsys commands for models: checkpoints (init, info) and analysing a series on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from lungsys.common import err, out, progress
+
+
+model_app = typer.Typer(help="Create and inspect model checkpoints (.safetensors with JSON "
+                        "metadata; never pickle).", no_args_is_help=True)
+
+
+@model_app.command("init")
+def model_init_command(
+    profile: Annotated[str, typer.Option(help="small (CPU, tests, demo) or paper (the paper's "
+                                         "ResNet-50, 512x512, for GPUs).")] = "small",
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the random initialisation.")] = 0,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write "
+                                           "(.safetensors).")] = Path("model.safetensors"),
+    backbone_weights: Annotated[Optional[Path], typer.Option(
+        "--backbone-weights", help="A torchvision ResNet-50 state dict (e.g. ImageNet "
+        "resnet50-*.pth) to start the slice network's backbone from.")] = None,
+) -> None:
+    """Write a randomly initialised model: the start of training, and a model for tests.
+
+    It is NOT a diagnostic model: its outputs are meaningless until trained.
+    """
+    from inference.backbone import load_torchvision_weights, read_state_dict
+    from inference.checkpoint import LungSysModel, save_checkpoint
+
+    model = LungSysModel.create(profile, seed)
+    if backbone_weights is not None:
+        load_torchvision_weights(model.slice_net.backbone, read_state_dict(backbone_weights))
+        model.metadata["provenance"]["backbone_weights"] = backbone_weights.name
+    meta = save_checkpoint(model, out_path)
+    out.print(f"wrote {out_path}: profile {profile}, version {meta['model_version']}, "
+              f"{meta['parameters']:,} parameters (untrained)")
+
+
+@model_app.command("info")
+def model_info_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (.safetensors).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
+    verify: Annotated[bool, typer.Option(help="Also read the weights and check their hashes.")]
+    = True,
+) -> None:
+    """Print a checkpoint's metadata: profile, classes, version, hashes, provenance, metrics."""
+    from inference.checkpoint import load_checkpoint, read_metadata
+
+    meta = load_checkpoint(checkpoint).metadata if verify else read_metadata(checkpoint)
+    if json_:
+        print(json.dumps(meta, indent=1))
+        return
+    table = Table(title=str(checkpoint), show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in meta.items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+    out.print(table)
+    if verify:
+        out.print("weights verified: hashes match")
+
+
+def analyze_command(
+    folder: Annotated[Path, typer.Argument(help="Folder (or one file) holding one CT series.")],
+    model_path: Annotated[Optional[Path], typer.Option(
+        "--model", "-m", help="Checkpoint to use; default: the shipped model.")]
+    = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a "
+                                        "summary.")] = False,
+    series_uid: Annotated[Optional[str], typer.Option(help="Series Instance UID to analyse "
+                                                      "when the folder holds several.")] = None,
+    method: Annotated[str, typer.Option(help="Patient-level method: network (the patient "
+                                        "network) or nonparametric (the paper's Eq. 5).")]
+    = "network",
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1 ...")]
+    = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per batch (each at three "
+                                            "windows).")] = 16,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write the DICOM results here: SR-lungsys-report.dcm and "
+        "SC-lungsys-heatmap-sliceNNNN.dcm.")] = None,
+    heatmaps: Annotated[str, typer.Option(help="Heatmaps for 'lesion' slices (flagged by "
+                                          "the model), 'all' slices, or 'none'.")] = "lesion",
+) -> None:
+    """Run the model on a CT series on disk and print the diagnosis.
+
+    Prints the diagnosis, the four class probabilities, the infected fraction
+    of the lung, and the slices with lesions and their boxes (rows and columns
+    on the slice, end-exclusive). With --out, also writes the results as
+    DICOM: a Comprehensive 3D SR (TID 1500) and Secondary Capture heatmaps, in
+    the source study.
+    """
+    from inference.checkpoint import default_model
+    from inference.engine import Engine
+    from inference.profiles import CLASSES
+    from inference.series import load_series
+
+    engine = Engine(model_path or default_model(), device=device, batch_size=batch_size,
+                    method=method)
+    if (engine.model.metadata.get("provenance") or {}).get("kind") == "init":
+        err.print("lungsys: warning: this model is untrained (made by 'lungsys model init'); "
+                  "its diagnosis means nothing", markup=False, highlight=False)
+    elif engine.model.metadata.get("intended_use"):
+        err.print(f"lungsys: note: {engine.model.metadata['intended_use']}", markup=False,
+                  highlight=False)
+    series = load_series(folder, series_uid=series_uid)
+    with progress() as bar:
+        task = bar.add_task(f"analysing {len(series)} slices", total=len(series))
+        result = engine.analyze(series, lambda done, total: bar.update(task, completed=done))
+    files = None
+    if out_dir is not None:
+        from inference.export import write_results
+        files = write_results(result, series, out_dir, heatmaps=heatmaps)
+    if json_:
+        report = result.to_json()
+        if files is not None:
+            report["files"] = {"sr": str(files.sr), "heatmaps": [str(p) for p in files.heatmaps]}
+        print(json.dumps(report))
+        return
+    out.print(f"diagnosis: {result.diagnosis} ({result.method}; model {result.model['version']}"
+              f", {result.model['device']})")
+    for name, p in zip(CLASSES, result.probabilities):
+        out.print(f"  {name:<9} {p:6.3f}")
+    out.print(f"infected fraction of the lung: {100 * result.infected_fraction:.2f}%")
+    lesion = result.lesion_slices
+    out.print(f"slices with lesions: {len(lesion)} of {len(result.slices)}")
+    for s in lesion:
+        boxes = ", ".join(f"[{b.row0}:{b.row1}, {b.col0}:{b.col1}]" for b in s.boxes) or "-"
+        out.print(f"  {s.index:4d} p={s.lesion_probability:.3f} {s.sop_instance_uid} {boxes}")
+    if series.skipped:
+        out.print(f"{len(series.skipped)} files skipped (lungsys scan lists them)")
+    if files is not None:
+        out.print(f"wrote {files.sr} and {len(files.heatmaps)} heatmaps to {out_dir}")
+
+
+COMMANDS = [("analyze", analyze_command)]
+GROUPS = [("model", model_app)]

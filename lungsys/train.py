@@ -1,0 +1,159 @@
+"""lungsys commands for training and evaluation: the slice and patient networks on a
+dataset, and the paper's metrics (computed and formatted by :mod:`training.evaluate`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lungsys.common import out, progress
+
+
+# Options both training commands share (their defaults differ, so they stay at the call).
+DataOption = Annotated[Path, typer.Option(help="Dataset folder (or its manifest.csv).")]
+LrStep = Annotated[int, typer.Option(min=1, help="Epochs between x lr-gamma steps.")]
+LrGamma = Annotated[float, typer.Option(help="Learning-rate factor per step.")]
+Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
+WeightDecay = Annotated[float, typer.Option(help="Weight decay.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Cache of preprocessed slices (and "
+                                                  "features); default DATA/.lungsys-cache.")]
+RunDir = Annotated[Optional[Path], typer.Option(help="Run folder (config, log, metrics, "
+                                                "resume state); default OUT.run.")]
+
+
+train_app = typer.Typer(help="Train the two networks on a dataset (a folder with "
+                        "manifest.csv): first 'slice', then 'patient'.", no_args_is_help=True)
+
+
+@train_app.command("slice")
+def train_slice_command(
+    data: DataOption,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
+    profile: Annotated[str, typer.Option(help="small or paper.")] = "small",
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 110).")] = 110,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.01).")] = 0.01,
+    lr_step: LrStep = 40,
+    lr_gamma: LrGamma = 0.1,
+    momentum: Momentum = 0.9,
+    weight_decay: WeightDecay = 1e-4,
+    optimizer: Annotated[str, typer.Option(help="sgd (the paper's, with momentum) or adamw "
+                                           "(faster from scratch).")] = "sgd",
+    batch_size: Annotated[int, typer.Option(min=2, help="Slices per batch.")] = 32,
+    seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed, data and settings "
+                                      "give the same model on the same device.")] = 0,
+    device: DeviceOption = "auto",
+    backbone_weights: Annotated[Optional[Path], typer.Option(
+        help="torchvision ResNet-50 state dict (ImageNet) to start from.")] = None,
+    focal: Annotated[bool, typer.Option(help="Class-balanced focal loss (Hu 2020) instead "
+                                        "of cross-entropy.")] = False,
+    size_balanced: Annotated[bool, typer.Option(help="Infection-size-balanced sampling "
+                                                "(dual-sampling paper).")] = False,
+    flips: Annotated[str, typer.Option(help="Random flips: horizontal, both or none.")]
+    = "horizontal",
+    affine: Annotated[bool, typer.Option(help="Small random rotations (+-12 deg), scalings "
+                                         "(0.9-1.1) and shifts (6%); not in the paper.")]
+    = False,
+    run_dir: RunDir = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Train the slice network: lesion/no-lesion and four-class heads together.
+
+    An interrupted run continues from its last finished epoch when started
+    again with the same settings.
+    """
+    from training.train_slice import SliceTrainConfig, train_slice
+
+    cfg = SliceTrainConfig(
+        data=str(data), profile=profile, out=str(out_path),
+        run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
+        lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
+        batch_size=batch_size, seed=seed, device=device,
+        backbone_weights=str(backbone_weights) if backbone_weights else None, focal=focal,
+        size_balanced=size_balanced, flips=flips, affine=affine,
+        cache_dir=str(cache_dir) if cache_dir else None)
+    with progress(transient=False) as bar:
+        meta = train_slice(cfg, bar)
+    out.print(f"wrote {out_path} (version {meta['model_version']}); run folder "
+              f"{meta['provenance']['run_dir']}")
+
+
+@train_app.command("patient")
+def train_patient_command(
+    data: DataOption,
+    slice_model: Annotated[Path, typer.Option(help="Checkpoint from 'lungsys train slice'.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (both "
+                                           "networks).")],
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 90).")] = 90,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.001).")] = 0.001,
+    lr_step: LrStep = 30,
+    lr_gamma: LrGamma = 0.1,
+    momentum: Momentum = 0.9,
+    weight_decay: WeightDecay = 1e-4,
+    optimizer: Annotated[str, typer.Option(help="sgd (the paper's) or adamw.")] = "sgd",
+    batch_size: Annotated[int, typer.Option(min=1, help="Patients per batch.")] = 8,
+    seed: Annotated[int, typer.Option(min=0, help="Seed.")] = 0,
+    device: DeviceOption = "auto",
+    run_dir: RunDir = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Train the patient network on the frozen slice network's features."""
+    from training.train_patient import PatientTrainConfig, train_patient
+
+    cfg = PatientTrainConfig(
+        data=str(data), slice_model=str(slice_model), out=str(out_path),
+        run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
+        lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
+        batch_size=batch_size, seed=seed, device=device,
+        cache_dir=str(cache_dir) if cache_dir else None)
+    with progress(transient=False) as bar:
+        meta = train_patient(cfg, bar)
+    out.print(f"wrote {out_path} (version {meta['model_version']})")
+
+
+def evaluate_command(
+    model_path: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to evaluate.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder (or its manifest.csv).")],
+    split: Annotated[str, typer.Option(help="train, val, test, or all (a fresh test set "
+                                       "whose every study is unseen).")] = "test",
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as one JSON "
+                                        "object.")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write report.json "
+                                                    "and ROC curves (PNG) here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
+    record: Annotated[bool, typer.Option(help="Store the metrics in the checkpoint's "
+                                         "metadata (weights unchanged).")] = False,
+) -> None:
+    """Evaluate a model with the paper's metrics: network and non-parametric side by side.
+
+    Patient level: per-class sensitivity, specificity, AUC; accuracy; FPE, FNE,
+    FDPE; 95% bootstrap intervals (1000 resamples) and the bootstrap p-value
+    between the two methods. Slice-level AUC; pointing game, Dice and the
+    infected-fraction error where the dataset has lesion masks.
+    """
+    from inference.checkpoint import load_checkpoint, save_checkpoint
+    from training.evaluate import evaluate, recorded_metrics, report_lines, report_table
+
+    with progress() as bar:
+        report = evaluate(model_path, data, split, device, out_dir, seed, bar)
+    if out_dir is not None:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    if record:
+        model = load_checkpoint(model_path)
+        model.metadata["metrics"] = recorded_metrics(report)
+        save_checkpoint(model, model_path)
+    if json_:
+        print(json.dumps(report))
+        return
+    out.print(report_table(report, split))
+    for line in report_lines(report):
+        out.print(line)
+
+
+#: The top-level commands of this group, in the order `lungsys --help` lists them.
+COMMANDS = [("evaluate", evaluate_command)]
+GROUPS = [("train", train_app)]
