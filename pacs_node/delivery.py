@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from config import Destination
+from pacs_node.dimse import STORED
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
             code = getattr(status, "Status", None)
             if code is None:
                 failures.append("no response")
-            elif code not in (0x0000, 0xB000, 0xB007, 0xB006):
+            elif code not in STORED:
                 failures.append(f"status 0x{code:04X}")
     finally:
         assoc.release()

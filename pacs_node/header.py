@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import io
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from pacs_node.dimse import UNDEFINED_LENGTH, iter_elements
+
 IMPLICIT_VR = "1.2.840.10008.1.2"
 SOP_CLASS, SOP_INSTANCE, MODALITY = 0x00080016, 0x00080018, 0x00080060
 STUDY, SERIES, IMAGES_IN_ACQUISITION = 0x0020000D, 0x0020000E, 0x00201002
@@ -31,11 +32,6 @@ _WANTED = (SOP_CLASS, SOP_INSTANCE, MODALITY, STUDY, SERIES, IMAGES_IN_ACQUISITI
 _KEYWORDS = ["SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID",
              "SeriesInstanceUID", "ImagesInAcquisition"]
 _TAGS = [Tag(k) for k in _KEYWORDS]
-#: Explicit VRs with a reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
-                       b"UN", b"UR", b"UT", b"UV"})
-_TAG_LENGTH = struct.Struct("<HHL")
-_TAG_VR_LENGTH = struct.Struct("<HH2sH")
 
 
 @dataclass(frozen=True)
@@ -62,33 +58,18 @@ def scan_start(start: bytes | memoryview, transfer_syntax: str) -> InstanceHeade
     """The header from the first bytes of a data set in ``transfer_syntax``, or None.
 
     For little endian, not deflated transfer syntaxes only (the caller checks).
-    Walks top-level elements until one past (0020,1002); None when an element
-    of undefined length comes first, when the bytes end before that point, or
-    when a UID is missing.
+    Walks top-level elements (:func:`pacs_node.dimse.iter_elements`) until one
+    past (0020,1002); None when an element of undefined length comes first,
+    when the bytes end before that point, or when a UID is missing.
     """
-    implicit_vr = transfer_syntax == IMPLICIT_VR
     values: dict[int, bytes] = {}
-    pos, end = 0, len(start)
-    while pos + 8 <= end:
-        if implicit_vr:
-            group, element, length = _TAG_LENGTH.unpack_from(start, pos)
-            pos += 8
-        else:
-            group, element, vr, length = _TAG_VR_LENGTH.unpack_from(start, pos)
-            pos += 8
-            if vr in _LONG_VRS:
-                if pos + 4 > end:
-                    return None
-                length = struct.unpack_from("<L", start, pos)[0]
-                pos += 4
-        tag = group << 16 | element
+    for tag, pos, length in iter_elements(start, implicit_vr=transfer_syntax == IMPLICIT_VR):
         if tag > IMAGES_IN_ACQUISITION:
             return _header(values, transfer_syntax)
-        if length == 0xFFFFFFFF:
+        if length == UNDEFINED_LENGTH:
             return None
         if tag in _WANTED:
             values[tag] = bytes(start[pos:pos + length])
-        pos += length
     return None
 
 

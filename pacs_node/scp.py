@@ -57,10 +57,12 @@ from pynetdicom.presentation import PresentationContext
 
 from pacs_node.acse import (MAX_PDU, Acceptor, Authenticator, Rejected,  # noqa: F401
                             _read_exact, _read_header)
-from pacs_node.dimse import (A_ABORT_PDU, A_RELEASE_RQ_PDU, C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ,
-                             C_STORE_RSP, OUT_OF_RESOURCES, P_DATA_TF_PDU, RELEASE_RP,
-                             ProtocolError, _file_header, _uid, abort_pdu,  # noqa: F401
-                             encode_response, p_data, parse_command)
+from pacs_node.dimse import (A_ABORT_PDU, A_RELEASE_RQ_PDU, AFFECTED_SOP_CLASS,
+                             AFFECTED_SOP_INSTANCE, C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ,
+                             C_STORE_RSP, COMMAND_FIELD, MESSAGE_ID, OUT_OF_RESOURCES,
+                             P_DATA_TF_PDU, RELEASE_RP, ProtocolError, Status,
+                             _file_header, _uid, abort_pdu,  # noqa: F401
+                             command_number, encode_response, p_data, parse_command)
 from pacs_node.peers import PeerGate
 
 log = logging.getLogger(__name__)
@@ -274,10 +276,11 @@ class StorageSCP:
 
     def _command(self, conn, raw: bytes, context_id: int, calling: str) -> _Message | None:
         cmd = parse_command(raw)
-        field_ = struct.unpack("<H", cmd.get(0x0100, b"\x00\x00")[:2].ljust(2, b"\0"))[0]
-        message_id = struct.unpack("<H", cmd.get(0x0110, b"\x00\x00")[:2].ljust(2, b"\0"))[0]
+        field_ = command_number(cmd, COMMAND_FIELD)
+        message_id = command_number(cmd, MESSAGE_ID)
         if field_ == C_ECHO_RQ:
-            rsp = encode_response(C_ECHO_RSP, message_id, _uid(cmd.get(0x0002, b"")), 0x0000)
+            rsp = encode_response(C_ECHO_RSP, message_id, _uid(cmd.get(AFFECTED_SOP_CLASS, b"")),
+                                  Status.SUCCESS)
             conn.sendall(p_data(context_id, rsp))
             return None
         if field_ != C_STORE_RQ:
@@ -319,8 +322,9 @@ class StorageSCP:
 
     def _finish(self, conn, message: _Message, calling: str, transfer_syntax: str) -> None:
         cmd = message.command
-        sop_class, sop_instance = _uid(cmd.get(0x0002, b"")), _uid(cmd.get(0x1000, b""))
-        message_id = struct.unpack("<H", cmd.get(0x0110, b"\x00\x00")[:2].ljust(2, b"\0"))[0]
+        sop_class = _uid(cmd.get(AFFECTED_SOP_CLASS, b""))
+        sop_instance = _uid(cmd.get(AFFECTED_SOP_INSTANCE, b""))
+        message_id = command_number(cmd, MESSAGE_ID)
         if message.discard or message.file is None:
             status = OUT_OF_RESOURCES
             self._drop(message)

@@ -18,7 +18,7 @@ timeout, its file is gone) the file is removed again and the sender told
 Out of Resources, so that it sends again later: never Success. Below the
 configured free disk space nothing is stored (Out of Resources).
 
-Statuses are the DIMSE C-STORE ones (PS3.4 Table GG.4-1, PS3.7 C.4), which
+Statuses are the DIMSE C-STORE ones (:class:`pacs_node.dimse.Status`), which
 STOW-RS reuses as Failure Reasons (PS3.18 Table I.2-2).
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from pacs_node.dimse import Status
 from pacs_node.header import InstanceHeader, read_file_header, read_header
 from pacs_node.layout import DataLayout, OutsideDataDir, UIDRefused
 from store.api import JobStore, ReceivedInstance, Recorded, StoreUnavailable
@@ -41,13 +42,13 @@ from store.models import IncidentKind
 
 log = logging.getLogger(__name__)
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-#: Implementation-specific (STOW-RS only): the instance is not of the study the URL names.
-STUDY_MISMATCH = 0xC409
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111
+# the statuses an instance gets (their table, citing the standard: pacs_node.dimse.Status)
+SUCCESS = Status.SUCCESS
+OUT_OF_RESOURCES = Status.OUT_OF_RESOURCES
+CANNOT_UNDERSTAND = Status.CANNOT_UNDERSTAND
+STUDY_MISMATCH = Status.STUDY_MISMATCH
+PROCESSING_FAILURE = Status.PROCESSING_FAILURE
+DUPLICATE_SOP_INSTANCE = Status.DUPLICATE_SOP_INSTANCE
 #: The reason given with Out of Resources when the job store cannot record.
 STORE_UNAVAILABLE = "the job store cannot record it now"
 
