@@ -142,14 +142,14 @@ def run_storescp(tmp: Path, files: list[Path], certs: Path | None = None) -> flo
 
 
 def run_node(tmp: Path, files: list[Path], sync: bool, certs: Path | None = None) -> float:
+    from config import TlsSection
     from pacs_node.security import server_context
 
     folder = tmp / ("node-sync" if sync else "node")
     shutil.rmtree(folder, ignore_errors=True)
-    tls = None if certs is None else server_context({
-        "certificate": str(certs / "server.pem"), "private_key": str(certs / "server.key"),
-        "ca_certificates": str(certs / "ca.pem"), "require_client_certificate": True,
-        "profile": "bcp195"})
+    tls = None if certs is None else server_context(TlsSection(
+        enabled=True, certificate=str(certs / "server.pem"),
+        private_key=str(certs / "server.key"), ca_certificates=str(certs / "ca.pem")))
     node = Receiver(JobStore(f"sqlite:///{folder / 'lungsys.db'}"), folder,
                     min_free_disk_mb=1, sync=sync, tls=tls)
     node.start("127.0.0.1", 0)

@@ -1,23 +1,32 @@
-"""The node's configuration: documented defaults, a TOML file, the environment.
+"""The node's configuration: documented defaults, a TOML file, the environment, typed.
 
 ``config/default.toml`` (shipped with the package) documents every key and
 holds its default. :func:`load_config` overlays a user's TOML file and then
-``LUNGSYS_<SECTION>_<KEY>`` environment variables, checks every value and
-returns a typed :class:`NodeConfig`. Unknown keys and bad values are errors
-with the key's name, so a typo never passes silently.
+``LUNGSYS_<SECTION>_<KEY>`` environment variables and returns a
+:class:`NodeConfig`: one frozen dataclass per section, every value of its
+declared type and range, every coded choice an Enum. Checks are strict: a
+file's ``port = "11403"`` is an error (a string is not a number), as are an
+unknown key or section and a value out of range; the error is one line naming
+the file and the key (or the environment variable). Environment values are
+text by nature and are parsed.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
 import socket
 import tomllib
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from importlib.resources import files
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any, Mapping
+
+from inference.choices import HeatmapChoice, PatientMethod
 
 DEFAULT_FILE = "default.toml"
 #: In the data folder: the node's identity in a shared job store.
@@ -26,16 +35,110 @@ ENV_PREFIX = "LUNGSYS_"
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
+    """A configuration that cannot be used; the message names the file and the key."""
+
+
+class DestinationKind(enum.StrEnum):
+    dimse = "dimse"          # C-STORE (DICOM TLS optional)
+    dicomweb = "dicomweb"    # STOW-RS
+
+
+class UserIdentity(enum.StrEnum):
+    """DICOM user identity negotiation for callers (PS3.7 D.3.3.7)."""
+
+    none = "none"            # not asked for, ignored when sent
+    optional = "optional"    # checked when sent
+    required = "required"
+
+
+class TlsProfile(enum.StrEnum):
+    bcp195 = "bcp195"        # PS3.15 B.9: TLS 1.2 and 1.3, BCP 195 suites
+    tls13 = "tls13"          # TLS 1.3 only
+
+
+def _range(low: float, high: float | None = None) -> dict:
+    return {"range": (low, high)}
+
+
+PORT = _range(1, 65535)
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    ae_title: str
+    host: str
+    port: int = field(metadata=PORT)
+    data_dir: str = "var"
+    allowed_calling_aets: tuple[str, ...] = ()
+    allowed_networks: tuple[str, ...] = ()
+    min_free_disk_mb: int = field(default=1024, metadata=_range(0))
+    fsync: bool = False
+    max_associations: int = field(default=16, metadata=_range(1))
+    max_unassociated: int = field(default=32, metadata=_range(1))
+    max_unassociated_per_peer: int = field(default=8, metadata=_range(1))
+    timeout_seconds: float = field(default=60.0, metadata=_range(0.1))
+    user_identity: UserIdentity = UserIdentity.none
+    users_file: str = ""
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_certificate: bool = True
+    profile: TlsProfile = TlsProfile.bcp195
+
+
+@dataclass(frozen=True)
+class DicomwebSection:
+    host: str = "127.0.0.1"
+    port: int = field(default=8080, metadata=_range(0, 65535))    # 0: off
+    max_request_mb: int = field(default=2048, metadata=_range(1))
+    max_connections: int = field(default=32, metadata=_range(1))
+    max_connections_per_peer: int = field(default=8, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    url: str = "sqlite:///var/lungsys.db"
+
+
+@dataclass(frozen=True)
+class AssemblySection:
+    stable_seconds: float = field(default=10.0, metadata=_range(0.001))
+    min_slices: int = field(default=20, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    checkpoint: str = ""
+    device: str = "auto"
+    batch_size: int = field(default=16, metadata=_range(1))
+    method: PatientMethod = PatientMethod.network
+    heatmaps: HeatmapChoice = HeatmapChoice.lesion
+
+
+@dataclass(frozen=True)
+class DeliverySection:
+    initial_backoff_seconds: float = field(default=60.0, metadata=_range(0))
+    max_backoff_seconds: float = field(default=3600.0, metadata=_range(0))
+    max_attempts: int = field(default=20, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class RetentionSection:
+    days: int = field(default=30, metadata=_range(0))             # 0: keep
 
 
 @dataclass(frozen=True)
 class Destination:
     name: str
-    kind: str                 # "dimse" or "dicomweb"
+    kind: DestinationKind
     ae_title: str = ""
     host: str = ""
-    port: int = 0
+    port: int = field(default=0, metadata=PORT)
     url: str = ""
     tls: bool = False
     ca_certificates: str = ""
@@ -43,21 +146,26 @@ class Destination:
     private_key: str = ""
 
 
+SECTIONS = {"node": NodeSection, "tls": TlsSection, "dicomweb": DicomwebSection,
+            "store": StoreSection, "assembly": AssemblySection, "model": ModelSection,
+            "delivery": DeliverySection, "retention": RetentionSection}
+
+
 @dataclass(frozen=True)
 class NodeConfig:
-    node: Mapping[str, Any]
-    tls: Mapping[str, Any]
-    dicomweb: Mapping[str, Any]
-    store: Mapping[str, Any]
-    assembly: Mapping[str, Any]
-    model: Mapping[str, Any]
-    delivery: Mapping[str, Any]
-    retention: Mapping[str, Any]
-    destinations: tuple[Destination, ...] = field(default_factory=tuple)
+    node: NodeSection
+    tls: TlsSection
+    dicomweb: DicomwebSection
+    store: StoreSection
+    assembly: AssemblySection
+    model: ModelSection
+    delivery: DeliverySection
+    retention: RetentionSection
+    destinations: tuple[Destination, ...] = ()
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.node["data_dir"])
+        return Path(self.node.data_dir)
 
     @property
     def node_id(self) -> str:
@@ -78,77 +186,81 @@ def defaults() -> dict:
     return tomllib.loads(files("config").joinpath(DEFAULT_FILE).read_text(encoding="utf-8"))
 
 
-def _coerce(key: str, default: Any, value: Any) -> Any:
-    if isinstance(default, bool):
-        if isinstance(value, str):
+# --- values ---------------------------------------------------------------------
+def _check(where: str, kind: Any, value: Any, from_text: bool) -> Any:
+    """``value`` as ``kind`` (a field's type); ConfigError naming ``where`` otherwise.
+
+    From a file types are strict; from the environment (``from_text``) text is parsed.
+    """
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected one of {', '.join(kind)}, got {value!r}") \
+                from None
+    if kind is bool:
+        if from_text and isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if isinstance(default, int):
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if isinstance(default, list):
-        if isinstance(value, str):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is int or kind is float:
+        if from_text and isinstance(value, str):
+            try:
+                value = kind(value) if kind is float else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float
+                                                     else int):
+            noun = "an integer" if kind is int else "a number"
+            raise ConfigError(f"{where}: expected {noun}, got {value!r}")
+        return kind(value)
+    if typing.get_origin(kind) is tuple:
+        if from_text and isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
                 value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-        return value
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected text, got {value!r}")
+        raise ConfigError(f"{where}: expected text, got {value!r}")
     return value
 
 
-def _destination(i: int, raw: Mapping[str, Any]) -> Destination:
-    where = f"destinations[{i}]"
-    allowed = {"name", "kind", "ae_title", "host", "port", "url", "tls", "ca_certificates",
-               "certificate", "private_key"}
-    unknown = set(raw) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    kind = raw.get("kind")
-    if kind not in ("dimse", "dicomweb"):
-        raise ConfigError(f"{where}.kind: expected dimse or dicomweb, got {kind!r}")
-    name = str(raw.get("name") or f"destination-{i + 1}")
-    if kind == "dimse":
-        for key in ("ae_title", "host", "port"):
-            if not raw.get(key):
-                raise ConfigError(f"{where}.{key}: required for a dimse destination")
-        tls = {key: _coerce(f"{where}.{key}", "", raw.get(key, ""))
-               for key in ("ca_certificates", "certificate", "private_key")}
-        for key, value in tls.items():
-            if value and not Path(value).is_file():
-                raise ConfigError(f"{where}.{key}: no such file {value}")
-        return Destination(name, kind, str(raw["ae_title"]), str(raw["host"]),
-                           _coerce(f"{where}.port", 0, raw["port"]),
-                           tls=_coerce(f"{where}.tls", False, raw.get("tls", False)), **tls)
-    if not raw.get("url"):
-        raise ConfigError(f"{where}.url: required for a dicomweb destination")
-    return Destination(name, kind, url=str(raw["url"]))
+def _build(cls, values: Mapping[str, Any], where: str, origin: Mapping[str, str]):
+    """A section's dataclass from raw values; ``origin`` says where each came from
+    (``FILE: section.key`` or the environment variable), for the errors."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        named = origin.get(f.name, f"{where}.{f.name}")
+        value = _check(named, hints[f.name], values[f.name], named.startswith(ENV_PREFIX))
+        low, high = f.metadata.get("range", (None, None))
+        if low is not None and (value < low or (high is not None and value > high)):
+            span = f"{low} to {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{named}: {span}, got {value}")
+        out[f.name] = value
+    return cls(**out)
 
 
+# --- loading --------------------------------------------------------------------
 def load_config(path: str | os.PathLike | None = None,
                 environ: Mapping[str, str] | None = None) -> NodeConfig:
     """Defaults, overlaid by ``path`` (TOML) and then by the environment."""
     merged = defaults()
+    origin: dict[str, dict[str, str]] = {section: {} for section in merged}
     user: dict = {}
+    name = ""
     if path is not None:
         p = Path(path)
+        name = f"{p}: "
         if not p.is_file():
             raise ConfigError(f"{p}: no such configuration file")
         try:
@@ -158,73 +270,82 @@ def load_config(path: str | os.PathLike | None = None,
     for section, values in user.items():
         if section == "destinations":
             continue
-        if section not in merged or not isinstance(values, dict):
-            raise ConfigError(f"unknown section [{section}]")
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"{name}unknown section [{section}]")
+        known = {f.name for f in fields(SECTIONS[section])}
         for key, value in values.items():
-            if key not in merged[section]:
-                raise ConfigError(f"{section}.{key}: unknown key")
-            merged[section][key] = _coerce(f"{section}.{key}", merged[section][key], value)
+            if key not in known:
+                raise ConfigError(f"{name}{section}.{key}: unknown key")
+            merged[section][key] = value
+            origin[section][key] = f"{name}{section}.{key}"
     env = os.environ if environ is None else environ
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX):
+    for variable, value in env.items():
+        if not variable.startswith(ENV_PREFIX):
             continue
-        rest = name[len(ENV_PREFIX):].lower()
-        for section in merged:
-            if rest.startswith(section + "_") and isinstance(merged[section], dict):
-                key = rest[len(section) + 1:]
-                if key in merged[section]:
-                    merged[section][key] = _coerce(name, merged[section][key], value)
-                    break
-    node = merged["node"]
-    if not 0 < len(node["ae_title"]) <= 16:
-        raise ConfigError("node.ae_title: 1 to 16 characters")
-    if not 0 < node["port"] < 65536:
-        raise ConfigError("node.port: 1 to 65535")
-    if not 0 <= merged["dicomweb"]["port"] < 65536:
-        raise ConfigError("dicomweb.port: 1 to 65535, or 0 for no STOW-RS receiver")
-    if merged["assembly"]["stable_seconds"] <= 0 and not isinstance(
-            merged["assembly"]["stable_seconds"], bool):
-        raise ConfigError("assembly.stable_seconds: must be positive")
-    _check_security(node, merged["tls"])
-    if merged["model"]["method"] not in ("network", "nonparametric"):
-        raise ConfigError("model.method: network or nonparametric")
-    if merged["model"]["heatmaps"] not in ("lesion", "all", "none"):
-        raise ConfigError("model.heatmaps: lesion, all or none")
-    destinations = tuple(_destination(i, d) for i, d in enumerate(user.get("destinations", [])))
-    return NodeConfig(node=node, tls=merged["tls"], dicomweb=merged["dicomweb"],
-                      store=merged["store"], assembly=merged["assembly"],
-                      model=merged["model"], delivery=merged["delivery"],
-                      retention=merged["retention"], destinations=destinations)
+        rest = variable[len(ENV_PREFIX):].lower()
+        for section, cls in SECTIONS.items():
+            key = rest[len(section) + 1:]
+            if rest.startswith(section + "_") and key in {f.name for f in fields(cls)}:
+                merged[section][key] = value
+                origin[section][key] = variable
+                break
+    sections = {s: _build(cls, merged[s], f"{name}{s}", origin[s])
+                for s, cls in SECTIONS.items()}
+    raw = user.get("destinations", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{name}destinations: expected [[destinations]] tables")
+    destinations = tuple(_destination(f"{name}destinations[{i}]", i, d)
+                         for i, d in enumerate(raw))
+    config = NodeConfig(**sections, destinations=destinations)
+    _check_node(config, name)
+    return config
 
 
-def _check_security(node: Mapping[str, Any], tls: Mapping[str, Any]) -> None:
-    """The keys of the front door: networks, limits, user identity, TLS files."""
-    from ipaddress import ip_network
+def _destination(where: str, i: int, raw: Any) -> Destination:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {f.name for f in fields(Destination)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    values = {"name": f"destination-{i + 1}", **raw}
+    if "kind" not in raw:
+        raise ConfigError(f"{where}.kind: expected one of {', '.join(DestinationKind)}")
+    dest = _build(Destination, values, where, {})
+    needed = (("ae_title", "host", "port") if dest.kind == DestinationKind.dimse else ("url",))
+    for key in needed:
+        if not raw.get(key):
+            raise ConfigError(f"{where}.{key}: required for a {dest.kind} destination")
+    for key in ("ca_certificates", "certificate", "private_key"):
+        value = getattr(dest, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{where}.{key}: no such file {value}")
+    return dest
 
-    for text in node["allowed_networks"]:
+
+def _check_node(config: NodeConfig, name: str) -> None:
+    """What no single value says: lengths, networks, files that must exist."""
+    node, tls = config.node, config.tls
+    if not 0 < len(node.ae_title.strip()) <= 16:
+        raise ConfigError(f"{name}node.ae_title: 1 to 16 characters")
+    for text in node.allowed_networks:
         try:
             ip_network(text.strip(), strict=False)
         except ValueError:
-            raise ConfigError(f"node.allowed_networks: {text!r} is not an IP address or "
-                              f"network (CIDR)") from None
-    for key in ("max_associations", "max_unassociated", "max_unassociated_per_peer",
-                "timeout_seconds"):
-        if node[key] < 1:
-            raise ConfigError(f"node.{key}: must be at least 1")
-    if node["user_identity"] not in ("none", "optional", "required"):
-        raise ConfigError("node.user_identity: none, optional or required")
-    if node["user_identity"] != "none" and not Path(node["users_file"]).is_file():
-        raise ConfigError(f"node.users_file: no such file {node['users_file']!r} (needed "
-                          f"with user_identity = {node['user_identity']})")
-    if tls["profile"] not in ("bcp195", "tls13"):
-        raise ConfigError("tls.profile: bcp195 or tls13")
-    if tls["enabled"]:
+            raise ConfigError(f"{name}node.allowed_networks: {text!r} is not an IP address "
+                              f"or network (CIDR)") from None
+    if node.user_identity != UserIdentity.none and not Path(node.users_file).is_file():
+        raise ConfigError(f"{name}node.users_file: no such file {node.users_file!r} (needed "
+                          f"with user_identity = {node.user_identity})")
+    if tls.enabled:
         needed = ["certificate", "private_key"]
-        if tls["require_client_certificate"]:
+        if tls.require_client_certificate:
             needed.append("ca_certificates")
         for key in needed:
-            if not tls[key]:
-                raise ConfigError(f"tls.{key}: required when tls.enabled is true")
+            if not getattr(tls, key):
+                raise ConfigError(f"{name}tls.{key}: required when tls.enabled is true")
         for key in ("certificate", "private_key", "ca_certificates"):
-            if tls[key] and not Path(tls[key]).is_file():
-                raise ConfigError(f"tls.{key}: no such file {tls[key]}")
+            value = getattr(tls, key)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{name}tls.{key}: no such file {value}")
+

@@ -26,11 +26,13 @@ import torch
 
 from inference import localize, nonparametric
 from inference.checkpoint import LungSysModel, load_checkpoint
+from inference.choices import PatientMethod
+from inference.identity import ModelInfo
 from inference.preprocess import INFERENCE_CENTRES, prepare, to_channels, window
 from inference.results import AnalysisResult, LesionMaps, SliceResult
 from inference.series import CTSeries
 
-METHODS = ("network", "nonparametric")
+METHODS = tuple(PatientMethod)
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -47,10 +49,11 @@ class Engine:
     """Runs one loaded model on CT series."""
 
     def __init__(self, model: LungSysModel | str | Path, device: str = "auto",
-                 batch_size: int = 16, method: str = "network",
+                 batch_size: int = 16, method: str = PatientMethod.network,
                  t: float = nonparametric.DEFAULT_T) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        method = PatientMethod(method)
         if batch_size < 1:
             raise ValueError("batch size must be at least 1")
         self.device = select_device(device)
@@ -64,10 +67,11 @@ class Engine:
         self.method = method
         self.t = t
         content = self.model.metadata.get("content_sha256") or self.model.content_sha256
-        self.model_info = {"version": self.model.version, "content_sha256": content,
-                           "device_uid": self.model.metadata.get("device_uid")
-                           or self.model.device_uid,
-                           "profile": self.model.profile.name, "device": str(self.device)}
+        self.model_info = ModelInfo(
+            version=self.model.version, content_sha256=content,
+            device_uid=self.model.metadata.get("device_uid") or self.model.device_uid,
+            profile=self.model.profile.name, device=str(self.device),
+            intended_use=self.model.metadata.get("intended_use", ""))
 
     def _autocast(self):
         return _autocast(self.device)
@@ -123,7 +127,7 @@ class Engine:
                 boxes=boxes, infected_fraction=lesion_px / lung_px if lung_px else 0.0))
         timings["localisation"] = time.perf_counter() - t0
 
-        if self.method == "network":
+        if self.method == PatientMethod.network:
             diagnosis, probs = int(np.argmax(network_probs)), network_probs
         else:
             diagnosis, probs = assessment.diagnosis, assessment.scores.astype(np.float64)
@@ -132,7 +136,7 @@ class Engine:
             network_probabilities=network_probs, nonparametric_scores=assessment.scores,
             nonparametric_diagnosis_index=assessment.diagnosis,
             infected_fraction=total_lesion / total_lung if total_lung else 0.0,
-            slices=slices, maps=lesion_maps, timings=timings, model=dict(self.model_info))
+            slices=slices, maps=lesion_maps, timings=timings, model=self.model_info)
 
 
 def _autocast(device: torch.device):

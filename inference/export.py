@@ -17,6 +17,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from inference.choices import HeatmapChoice
 from inference.conformance import conformant_header
 from inference.heatmap import build_sc, render_overlay
 from inference.identity import ALGORITHM_NAME, AlgorithmIdentity
@@ -27,7 +28,7 @@ from inference.sr import build_sr
 
 SC_SERIES_NUMBER = 990
 SR_SERIES_NUMBER = 991
-HEATMAP_CHOICES = ("lesion", "all", "none")
+HEATMAP_CHOICES = tuple(HeatmapChoice)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def _shown(result: AnalysisResult, series: CTSeries, index: int) -> np.ndarray:
 
 
 def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path, *,
-                  heatmaps: str = "lesion") -> ResultFiles:
+                  heatmaps: str = HeatmapChoice.lesion) -> ResultFiles:
     """Write the SC heatmaps and the SR of ``result`` into ``out_dir``."""
     if heatmaps not in HEATMAP_CHOICES:
         raise ValueError(f"heatmaps must be one of {', '.join(HEATMAP_CHOICES)}")
@@ -74,7 +75,8 @@ def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path,
     header = conformant_header(series.header)
     sources = [slice_source(series, i, header) for i in range(len(series))]
     frames = [s.frame for s in series.slices]
-    chosen = {"lesion": result.lesion_slices, "all": result.slices, "none": []}[heatmaps]
+    chosen = {HeatmapChoice.lesion: result.lesion_slices, HeatmapChoice.all: result.slices,
+              HeatmapChoice.none: []}[HeatmapChoice(heatmaps)]
 
     with warnings.catch_warnings():   # highdicom's name check warns with the name in it
         warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom\.")

@@ -24,6 +24,23 @@ PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """The model a result comes from: one value for the engine, the worker and the results."""
+
+    version: str
+    device_uid: str
+    profile: str
+    content_sha256: str
+    device: str = ""
+    intended_use: str = ""       # e.g. a phantom-trained model: "demonstration model ..."
+
+    def to_json(self) -> dict:
+        """As ``lungsys analyze --json`` prints it."""
+        return {"version": self.version, "content_sha256": self.content_sha256,
+                "device_uid": self.device_uid, "profile": self.profile, "device": self.device}
+
+
+@dataclass(frozen=True)
 class AlgorithmIdentity:
     """The model that produced a result, as result objects name it."""
 
@@ -34,10 +51,10 @@ class AlgorithmIdentity:
     content_sha256: str
 
     @classmethod
-    def from_model_info(cls, info: dict, method: str) -> "AlgorithmIdentity":
-        return cls(model_version=str(info["version"]), device_uid=str(info["device_uid"]),
-                   profile=str(info["profile"]), method=method,
-                   content_sha256=str(info.get("content_sha256") or ""))
+    def from_model_info(cls, info: ModelInfo, method: str) -> "AlgorithmIdentity":
+        return cls(model_version=info.version, device_uid=info.device_uid,
+                   profile=info.profile, method=str(method),
+                   content_sha256=info.content_sha256 or "")
 
     @property
     def model_name(self) -> str:

@@ -8,6 +8,8 @@ import numpy as np
 
 from inference.localize import LesionBox
 from inference.preprocess import uncrop
+from inference.choices import PatientMethod
+from inference.identity import ModelInfo
 from inference.profiles import CLASSES
 
 
@@ -47,7 +49,7 @@ class AnalysisResult:
 
     diagnosis_index: int
     probabilities: np.ndarray         # (4,) of the chosen patient-level method
-    method: str                       # "network" or "nonparametric"
+    method: PatientMethod
     network_probabilities: np.ndarray
     nonparametric_scores: np.ndarray  # N_k / N of the paper's assessment
     nonparametric_diagnosis_index: int
@@ -55,7 +57,7 @@ class AnalysisResult:
     slices: list[SliceResult]
     maps: LesionMaps
     timings: dict[str, float] = field(default_factory=dict)
-    model: dict = field(default_factory=dict)   # version, content hash, device UID, profile
+    model: ModelInfo | None = None    # version, content hash, device UID, profile
 
     @property
     def diagnosis(self) -> str:
@@ -73,7 +75,7 @@ class AnalysisResult:
             "method": self.method,
             "network_probabilities": {c: round(float(p), 6)
                                       for c, p in zip(CLASSES, self.network_probabilities)},
-            "nonparametric": {
+            str(PatientMethod.nonparametric): {
                 "diagnosis": CLASSES[self.nonparametric_diagnosis_index],
                 "scores": {c: round(float(p), 6)
                            for c, p in zip(CLASSES, self.nonparametric_scores)}},
@@ -90,5 +92,5 @@ class AnalysisResult:
                            "score": round(b.score, 4)} for b in s.boxes],
             } for s in self.slices],
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-            "model": self.model,
+            "model": self.model.to_json() if self.model is not None else {},
         }

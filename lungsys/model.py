@@ -124,8 +124,8 @@ def analyze_command(
             report["files"] = {"sr": str(files.sr), "heatmaps": [str(p) for p in files.heatmaps]}
         print(json.dumps(report))
         return
-    out.print(f"diagnosis: {result.diagnosis} ({result.method}; model {result.model['version']}"
-              f", {result.model['device']})")
+    out.print(f"diagnosis: {result.diagnosis} ({result.method}; model {result.model.version}"
+              f", {result.model.device})")
     for name, p in zip(CLASSES, result.probabilities):
         out.print(f"  {name:<9} {p:6.3f}")
     out.print(f"infected fraction of the lung: {100 * result.infected_fraction:.2f}%")

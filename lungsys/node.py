@@ -63,12 +63,12 @@ def serve_command(
         state["running"] = True
         logger.warning(
             "lungsys %s: %s listening on %s:%d%s (STOW-RS: %s), model %s on %s, "
-            "%d destination(s)", software_version(), cfg.node["ae_title"], cfg.node["host"],
-            node.port, " with DICOM TLS" if cfg.tls["enabled"] else "",
-            f"{cfg.dicomweb['host']}:{node.stow_port}" if node.stow_port else "off",
-            node.model["version"], node.model["device"], len(cfg.destinations))
-        if node.model["intended_use"]:
-            logger.warning("model: %s", node.model["intended_use"])
+            "%d destination(s)", software_version(), cfg.node.ae_title, cfg.node.host,
+            node.port, " with DICOM TLS" if cfg.tls.enabled else "",
+            f"{cfg.dicomweb.host}:{node.stow_port}" if node.stow_port else "off",
+            node.model.version, node.model.device, len(cfg.destinations))
+        if node.model.intended_use:
+            logger.warning("model: %s", node.model.intended_use)
         stop.wait()
     except _Interrupted:
         code = 1
@@ -95,7 +95,7 @@ def _store(config_file: Optional[Path]):
     from config import load_config
     from store.api import JobStore
 
-    return JobStore(load_config(config_file).store["url"])
+    return JobStore(load_config(config_file).store.url)
 
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c",

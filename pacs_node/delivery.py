@@ -17,7 +17,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from config import Destination
+from config import Destination, DestinationKind
 from pacs_node.dimse import STORED
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,9 @@ def send_stow(destination: Destination, files: list[Path], timeout: float = 60.0
 
 
 def send(destination: Destination, files: list[Path], calling_aet: str) -> None:
-    if destination.kind == "dimse":
+    if destination.kind == DestinationKind.dimse:
         send_dimse(destination, files, calling_aet)
-    elif destination.kind == "dicomweb":
+    elif destination.kind == DestinationKind.dicomweb:
         send_stow(destination, files)
     else:
         raise DeliveryError(f"unknown destination kind {destination.kind!r}")

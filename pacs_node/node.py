@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from config import NODE_ID_FILE, NodeConfig
+from config import NODE_ID_FILE, NodeConfig, UserIdentity
 from inference.series import scan
 from pacs_node import delivery
 from pacs_node.layout import DataLayout, LockFile
@@ -38,7 +38,7 @@ from pacs_node.receiver import Receiver
 from pacs_node.reconcile import reconcile
 from pacs_node.stow import StowServer
 from pacs_node.supervisor import WorkerSupervisor
-from pacs_node.worker import STOP_SECONDS, JobRunner, model_info
+from pacs_node.worker import STOP_SECONDS, JobRunner
 from store.api import JobStore
 from store.models import utcnow
 
@@ -64,6 +64,14 @@ def header_filter(paths: list[str], min_slices: int) -> str | None:
     return None
 
 
+def _bind(key: str, host: str, port: int, start) -> None:
+    """``start(host, port)``; an OSError names the key and the address."""
+    try:
+        start(host, port)
+    except OSError as exc:
+        raise OSError(f"{key} {port} on {host}: {exc.strerror or exc}") from None
+
+
 class Node:
     def __init__(self, config: NodeConfig, engine=None) -> None:
         """Build the node; nothing is touched on disk or the network before ``start``."""
@@ -73,24 +81,25 @@ class Node:
         self.data_dir = config.data_dir
         self.layout = DataLayout(self.data_dir)
         self.node_id = config.node_id
-        self.store = JobStore(config.store["url"])
+        self.store = JobStore(config.store.url)
         self.engine = engine
         node = config.node
-        authenticate = (UserDirectory(node["users_file"], node["user_identity"] == "required")
-                        if node["user_identity"] != "none" else None)
+        authenticate = (UserDirectory(node.users_file,
+                                      node.user_identity == UserIdentity.required)
+                        if node.user_identity != UserIdentity.none else None)
         self.receiver = Receiver(
-            self.store, self.data_dir, node["ae_title"], node["allowed_calling_aets"],
-            node["min_free_disk_mb"], sync=node["fsync"], node=self.node_id,
-            max_associations=node["max_associations"], timeout=node["timeout_seconds"],
-            gate=PeerGate(node["allowed_networks"], node["max_unassociated"],
-                          node["max_unassociated_per_peer"]),
-            tls=server_context(config.tls) if config.tls["enabled"] else None,
+            self.store, self.data_dir, node.ae_title, node.allowed_calling_aets,
+            node.min_free_disk_mb, sync=node.fsync, node=self.node_id,
+            max_associations=node.max_associations, timeout=node.timeout_seconds,
+            gate=PeerGate(node.allowed_networks, node.max_unassociated,
+                          node.max_unassociated_per_peer),
+            tls=server_context(config.tls) if config.tls.enabled else None,
             authenticate=authenticate)
         web = config.dicomweb
-        self.stow = (StowServer(self.receiver.storage, web["max_request_mb"],
-                                PeerGate(node["allowed_networks"], web["max_connections"],
-                                         web["max_connections_per_peer"]))
-                     if web["port"] else None)
+        self.stow = (StowServer(self.receiver.storage, web.max_request_mb,
+                                PeerGate(node.allowed_networks, web.max_connections,
+                                         web.max_connections_per_peer))
+                     if web.port else None)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # skipped ticks are normal
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True,
                                                            "max_instances": 1})
@@ -110,11 +119,11 @@ class Node:
         return self.supervisor.worker if self.supervisor is not None else None
 
     @property
-    def model(self) -> dict:
-        """The model the worker runs: version, device, intended use."""
+    def model(self):
+        """The :class:`~inference.identity.ModelInfo` of the model the worker runs."""
         if self.supervisor is not None:
             return self.supervisor.model
-        return model_info(self.engine) if self.engine is not None else {}
+        return self.engine.model_info if self.engine is not None else None
 
     # --- life cycle ----------------------------------------------------------
     def start(self) -> None:
@@ -147,14 +156,15 @@ class Node:
                 target=JobRunner(self.config, self.store, self.engine).loop,
                 args=(self._stop, self._wake), name="lungsys-worker", daemon=True)
             self._thread.start()
-        self.receiver.start(self.config.node["host"], self.config.node["port"])
+        _bind("node.port", self.config.node.host, self.config.node.port, self.receiver.start)
         if self.stow is not None:
-            self.stow.start(self.config.dicomweb["host"], self.config.dicomweb["port"])
+            _bind("dicomweb.port", self.config.dicomweb.host, self.config.dicomweb.port,
+                  self.stow.start)
         self.scheduler.add_job(self.assembly_sweep, "interval", seconds=SWEEP_SECONDS,
                                id="assembly")
         self.scheduler.add_job(self.delivery_sweep, "interval", seconds=SWEEP_SECONDS,
                                id="delivery")
-        if self.config.retention["days"] > 0:
+        if self.config.retention.days > 0:
             self.scheduler.add_job(self.retention_sweep, "interval", hours=1, id="retention")
         self.scheduler.start()
         self.wake_worker()
@@ -200,9 +210,9 @@ class Node:
 
     # --- assembly ------------------------------------------------------------
     def assembly_sweep(self) -> None:
-        for series in self.store.complete_ready(self.config.assembly["stable_seconds"]):
+        for series in self.store.complete_ready(self.config.assembly.stable_seconds):
             paths = self.store.instance_paths(series.id)
-            reason = header_filter(paths, self.config.assembly["min_slices"])
+            reason = header_filter(paths, self.config.assembly.min_slices)
             if reason:
                 self.store.skip_series(series.id, reason)
                 log.info("series %s skipped: %s", series.series_instance_uid, reason)
@@ -232,12 +242,12 @@ class Node:
                 continue
             files = [Path(p) for p in self.store.result_paths(d.job_id)]
             try:
-                delivery.send(dest, files, self.config.node["ae_title"])
+                delivery.send(dest, files, self.config.node.ae_title)
             except Exception as exc:
                 attempts = d.attempts + 1
-                give_up = attempts >= cfg["max_attempts"]
-                retry_at = utcnow() + delivery.backoff(attempts, cfg["initial_backoff_seconds"],
-                                                       cfg["max_backoff_seconds"])
+                give_up = attempts >= cfg.max_attempts
+                retry_at = utcnow() + delivery.backoff(attempts, cfg.initial_backoff_seconds,
+                                                       cfg.max_backoff_seconds)
                 self.store.record_attempt(d.id, ok=False, error=str(exc)[:2000],
                                           retry_at=retry_at, give_up=give_up)
                 log.warning("delivery %d to %s failed (attempt %d): %s", d.id, dest.name,
@@ -254,7 +264,7 @@ class Node:
         only if it is still expired in the same transaction that forgets its rows: an
         instance received meanwhile reopens it, and nothing acknowledged is removed.
         """
-        days = self.config.retention["days"]
+        days = self.config.retention.days
         cutoff = utcnow() - dt.timedelta(days=days)
         for series in self.store.expired_series(cutoff, self.node_id):
             uid = series.series_instance_uid

@@ -32,9 +32,8 @@ import logging
 import os
 import ssl
 from pathlib import Path
-from typing import Mapping
 
-from config import Destination
+from config import Destination, TlsProfile, TlsSection
 from pacs_node.dimse import RJ_USER_IDENTITY
 from pacs_node.scp import Rejected
 
@@ -45,8 +44,8 @@ BCP195_CIPHERS = "ECDHE+AESGCM:DHE+AESGCM:ECDHE+CHACHA20:DHE+CHACHA20:!aNULL:!eN
 PBKDF2_ITERATIONS = 100_000
 
 
-def _harden(context: ssl.SSLContext, profile: str) -> ssl.SSLContext:
-    context.minimum_version = (ssl.TLSVersion.TLSv1_3 if profile == "tls13"
+def _harden(context: ssl.SSLContext, profile: TlsProfile) -> ssl.SSLContext:
+    context.minimum_version = (ssl.TLSVersion.TLSv1_3 if profile == TlsProfile.tls13
                                else ssl.TLSVersion.TLSv1_2)
     context.set_ciphers(BCP195_CIPHERS)
     context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -54,24 +53,24 @@ def _harden(context: ssl.SSLContext, profile: str) -> ssl.SSLContext:
     return context
 
 
-def server_context(tls: Mapping) -> ssl.SSLContext:
+def server_context(tls: TlsSection) -> ssl.SSLContext:
     """The node's DICOM TLS context from the ``[tls]`` section."""
-    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls["profile"])
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls.profile)
     try:
-        context.load_cert_chain(tls["certificate"], tls["private_key"])
-        if tls["ca_certificates"]:
-            context.load_verify_locations(cafile=tls["ca_certificates"])
+        context.load_cert_chain(tls.certificate, tls.private_key)
+        if tls.ca_certificates:
+            context.load_verify_locations(cafile=tls.ca_certificates)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"tls: the certificate, key or CAs cannot be used ({exc})") from None
-    context.verify_mode = (ssl.CERT_REQUIRED if tls["require_client_certificate"]
-                           else ssl.CERT_OPTIONAL if tls["ca_certificates"] else ssl.CERT_NONE)
+    context.verify_mode = (ssl.CERT_REQUIRED if tls.require_client_certificate
+                           else ssl.CERT_OPTIONAL if tls.ca_certificates else ssl.CERT_NONE)
     return context
 
 
 def client_context(destination: Destination) -> ssl.SSLContext:
     """The context for DICOM TLS to a destination: its certificate checked, ours shown."""
     context = _harden(ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=destination.ca_certificates or None), "bcp195")
+        ssl.Purpose.SERVER_AUTH, cafile=destination.ca_certificates or None), TlsProfile.bcp195)
     if destination.certificate:
         context.load_cert_chain(destination.certificate, destination.private_key or None)
     return context

@@ -52,7 +52,7 @@ class WorkerSupervisor:
         self.state = "starting"          # starting, ready, restarting, stopped
         self.deaths = 0
         self.current_job: int | None = None
-        self.model: dict = {}
+        self.model = None                # the ModelInfo of the worker's model
         self._stopping = threading.Event()
         self._started = threading.Event()
         self._start_error: BaseException | None = None

@@ -34,7 +34,7 @@ import signal
 import threading
 import traceback
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import pydicom
 
@@ -45,6 +45,9 @@ from pacs_node import LOG_FORMAT
 from pacs_node.layout import DataLayout
 from store.api import JobStore
 from store.models import Job, Series, utcnow
+
+if TYPE_CHECKING:
+    from inference.identity import ModelInfo   # (highdicom: not for the receiving process)
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +124,13 @@ class JobRunner:
             log.info("job %d: series skipped: %s", job.id, exc)
             return
         try:
-            if len(data) < self.config.assembly["min_slices"]:
+            if len(data) < self.config.assembly.min_slices:
                 raise SeriesError(f"{len(data)} slices, fewer than the minimum of "
-                                  f"{self.config.assembly['min_slices']}")
+                                  f"{self.config.assembly.min_slices}")
             result = self.engine.analyze(data)
             out = self.layout.inside(self.layout.results_folder(
                 series.study_instance_uid, series.series_instance_uid, job.version))
-            files = write_results(result, data, out, heatmaps=self.config.model["heatmaps"])
+            files = write_results(result, data, out, heatmaps=self.config.model.heatmaps)
         except SeriesError as exc:
             self.store.fail_job(job.id, f"skipped: {exc}")
             self.store.skip_series(series.id, str(exc))
@@ -149,7 +152,7 @@ class JobRunner:
             job.id, diagnosis=result.diagnosis,
             probabilities={c: float(p) for c, p in zip(CLASSES, result.probabilities)},
             infected_fraction=float(result.infected_fraction), timings=timings,
-            model_version=result.model["version"], device_uid=result.model["device_uid"],
+            model_version=result.model.version, device_uid=result.model.device_uid,
             results=records)
         self.store.create_deliveries(job.id, [(d.name, d.kind)
                                               for d in self.config.destinations])
@@ -162,14 +165,8 @@ def load_engine(config: NodeConfig):
     from inference.engine import Engine
 
     model = config.model
-    return Engine(model["checkpoint"] or default_model(), device=model["device"],
-                  batch_size=model["batch_size"], method=model["method"])
-
-
-def model_info(engine) -> dict:
-    """What the node says of the model an engine runs: version, device, intended use."""
-    return {"version": engine.model.version, "device": str(engine.device),
-            "intended_use": engine.model.metadata.get("intended_use", "")}
+    return Engine(model.checkpoint or default_model(), device=model.device,
+                  batch_size=model.batch_size, method=model.method)
 
 
 class WorkerProcess:
@@ -181,7 +178,7 @@ class WorkerProcess:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.model: dict = {}      # what the worker loaded: version, device, intended use
+        self.model: ModelInfo | None = None    # what the worker loaded
         context = multiprocessing.get_context("spawn")   # no threads or locks inherited
         self.status, child_status = context.Pipe(duplex=False)
         wake_read, self._wake_write = context.Pipe(duplex=False)
@@ -338,7 +335,7 @@ def _process_main(config: NodeConfig, wake_end, status, parent_pid: int,
     except Exception as exc:
         status.send(("error", str(exc) or type(exc).__name__))
         return
-    status.send(("ready", model_info(engine)))
+    status.send(("ready", engine.model_info))
 
     def on_job(job_id: int | None) -> None:
         try:
@@ -346,4 +343,4 @@ def _process_main(config: NodeConfig, wake_end, status, parent_pid: int,
         except OSError:
             pass
 
-    JobRunner(config, JobStore(config.store["url"]), engine, on_job).loop(wake.stop, wake)
+    JobRunner(config, JobStore(config.store.url), engine, on_job).loop(wake.stop, wake)

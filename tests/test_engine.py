@@ -44,7 +44,7 @@ def test_engine_result_describes_every_slice(checkpoint, series):
     for s in result.slices:
         assert 0 <= s.lesion_probability <= 1 and abs(s.class_probabilities.sum() - 1) < 1e-5
     assert set(result.timings) == {"preprocess", "slice_network", "patient", "localisation"}
-    assert result.model["version"].startswith("small-")
+    assert result.model.version.startswith("small-")
 
 
 def test_batch_size_and_method_do_not_change_slice_results(checkpoint, series):

@@ -83,7 +83,7 @@ def test_a_failing_job_names_no_patient_value(tmp_path, hostile_series, caplog):
     toml.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[assembly]\nmin_slices = 1\n'
                     f'[store]\nurl = "sqlite:///{tmp_path / "db"}"\n')
     config = load_config(toml, environ={})
-    store = JobStore(config.store["url"])
+    store = JobStore(config.store.url)
     for f in sorted(hostile_series.iterdir()):
         copy = tmp_path / f.name
         shutil.copy(f, copy)

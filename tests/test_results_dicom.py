@@ -69,10 +69,10 @@ def test_highdicom_reads_back_diagnosis_probabilities_fraction_algorithm(written
     def text(name):  # TID 4019 Algorithm Identification items of the group
         return [i.TextValue for i in find_content_items(assessment[0], name=name)]
     assert text(codes.DCM.AlgorithmName) == ["lungsys M3 Lung-Sys"]
-    assert text(codes.DCM.AlgorithmVersion) == [result.model["version"]]
+    assert text(codes.DCM.AlgorithmVersion) == [result.model.version]
     assert any("method=network" in p for p in text(codes.DCM.AlgorithmParameters))
     device = sr.content.get_observer_contexts(observer_type=codes.DCM.Device)
-    assert device[0].observer_identifying_attributes.uid == result.model["device_uid"]
+    assert device[0].observer_identifying_attributes.uid == result.model.device_uid
     rois = sr.content.get_planar_roi_measurement_groups()
     assert len(rois) == sum(len(s.boxes) for s in result.slices) > 0
     assert "not for primary diagnosis" in sr.SeriesDescription
@@ -90,8 +90,8 @@ def test_contributing_equipment_names_the_algorithm(written):
         assert (purpose.CodingSchemeDesignator, purpose.CodeMeaning) == \
             ("99IHE", "Processing Algorithm")
         assert item.Manufacturer == "lungsys" and item.ManufacturerModelName
-        assert result.model["version"] in item.SoftwareVersions
-        assert item.DeviceUID == result.model["device_uid"]
+        assert result.model.version in item.SoftwareVersions
+        assert item.DeviceUID == result.model.device_uid
 
 
 def test_results_live_in_the_source_study_and_reference_it(written):

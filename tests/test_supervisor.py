@@ -180,7 +180,8 @@ def test_a_failed_start_ends_the_process_with_one_line(served):
         served.start(wait=False)
         assert served.stopped_within(60) == 1
     text = served.text()
-    assert "lungsys: error:" in text and "Address already in use" in text
+    assert f"lungsys: error: node.port {served.port} on 127.0.0.1: Address already in use" \
+        in text
     assert "Traceback" not in text
 
 

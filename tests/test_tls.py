@@ -35,7 +35,7 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 import pacs_node.scp
-from config import ConfigError, Destination, load_config
+from config import ConfigError, Destination, TlsProfile, TlsSection, load_config
 from pacs_node.delivery import DeliveryError, send_dimse
 from pacs_node.peers import PeerGate
 from pacs_node.receiver import Receiver
@@ -90,12 +90,12 @@ def files(study_factory) -> list[Path]:
 
 
 # --- the node --------------------------------------------------------------------------
-def tls_config(pki, **overrides) -> dict:
+def tls_config(pki, **overrides) -> TlsSection:
     tls = {"enabled": True, "certificate": str(pki["server_pem"]),
            "private_key": str(pki["server_key"]), "ca_certificates": str(pki["ca_pem"]),
            "require_client_certificate": True, "profile": "bcp195"}
     tls.update(overrides)
-    return tls
+    return TlsSection(**{**tls, "profile": TlsProfile(tls["profile"])})
 
 
 @pytest.fixture

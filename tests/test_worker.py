@@ -33,8 +33,8 @@ def test_the_model_runs_in_a_process_of_lower_priority(tmp_path):
         assert worker != os.getpid()
         fields = open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()
         assert int(fields[16]) == os.getpriority(os.PRIO_PROCESS, 0) + NICENESS  # nice
-        assert node.model["version"].startswith("small-")
-        assert "not a clinical model" in node.model["intended_use"]
+        assert node.model.version.startswith("small-")
+        assert "not a clinical model" in node.model.intended_use
     finally:
         node.stop()
     assert not os.path.exists(f"/proc/{worker}")
@@ -48,7 +48,7 @@ def test_a_model_that_cannot_load_stops_the_start_with_its_reason(tmp_path):
     with pytest.raises(ValueError, match="broken.safetensors"):
         node.start()
     with socket.socket() as s:                   # nothing was accepted meanwhile
-        assert s.connect_ex(("127.0.0.1", config.node["port"])) != 0
+        assert s.connect_ex(("127.0.0.1", config.node.port)) != 0
 
 
 def test_the_systemd_unit_is_valid_and_runs_the_node(tmp_path):

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from inference import localize
+from inference.choices import PatientMethod
 from inference.engine import Engine
 from inference.profiles import CLASSES
 from inference.series import load_series
 from training import metrics as M
 from training.dataset import read_manifest
 
-METHODS = ("network", "nonparametric")
+METHODS = tuple(PatientMethod)
 
 
 @dataclass
@@ -68,10 +69,11 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
         series = load_series(entry.path)
         result = engine.analyze(series)
         c.labels.append(entry.label)
-        c.scores["network"].append(result.network_probabilities)
-        c.preds["network"].append(int(np.argmax(result.network_probabilities)))
-        c.scores["nonparametric"].append(result.nonparametric_scores)
-        c.preds["nonparametric"].append(result.nonparametric_diagnosis_index)
+        network, nonparametric = PatientMethod.network, PatientMethod.nonparametric
+        c.scores[network].append(result.network_probabilities)
+        c.preds[network].append(int(np.argmax(result.network_probabilities)))
+        c.scores[nonparametric].append(result.nonparametric_scores)
+        c.preds[nonparametric].append(result.nonparametric_diagnosis_index)
         notes = entry.slice_annotations()
         for s in result.slices:
             note = notes.get(s.sop_instance_uid)
@@ -83,14 +85,15 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
             progress.advance(task)
 
     report: dict = {"split": split, "patients": len(c.labels),
-                    "model": engine.model_info, "data": str(Path(data).resolve())}
+                    "model": engine.model_info.to_json(), "data": str(Path(data).resolve())}
     for method in METHODS:
-        report[method] = _method_report(c.labels, c.preds[method], c.scores[method], seed)
-    report.update({k: report["network"][k] for k in
+        report[str(method)] = _method_report(c.labels, c.preds[method], c.scores[method], seed)
+    report.update({k: report[PatientMethod.network][k] for k in
                    ("patient_accuracy", "patient_accuracy_ci95", "per_class", "fpe", "fne",
                     "fdpe", "confusion")})
     report["p_value_accuracy_network_vs_nonparametric"] = M.bootstrap_p_value(
-        c.labels, c.preds["network"], c.preds["nonparametric"], M.accuracy, seed=seed)
+        c.labels, c.preds[PatientMethod.network], c.preds[PatientMethod.nonparametric],
+        M.accuracy, seed=seed)
     if c.slice_labels:
         sl, ss = np.array(c.slice_labels), np.array(c.slice_scores)
         report["slice_auc"] = {name: M.roc_auc(sl == k, ss[:, k])
@@ -162,7 +165,7 @@ def recorded_metrics(report: dict) -> dict:
     """The metrics a checkpoint records about itself (see :data:`RECORDED`)."""
     return {k: report[k] for k in RECORDED} | {
         "data": report["data"],
-        "nonparametric_accuracy": report["nonparametric"]["patient_accuracy"]}
+        "nonparametric_accuracy": report[PatientMethod.nonparametric]["patient_accuracy"]}
 
 
 def _percent(v, ci=None) -> str:
@@ -177,9 +180,9 @@ def report_table(report: dict, split: str):
     table = Table(title=f"{report['patients']} {split} patients, model "
                         f"{report['model']['version']}")
     table.add_column("metric")
-    for method in ("network", "nonparametric"):
-        table.add_column(method, justify="right")
-    n, p = report["network"], report["nonparametric"]
+    for method in METHODS:
+        table.add_column(str(method), justify="right")
+    n, p = report[PatientMethod.network], report[PatientMethod.nonparametric]
     table.add_row("accuracy", _percent(n["patient_accuracy"], n["patient_accuracy_ci95"]),
                   _percent(p["patient_accuracy"], p["patient_accuracy_ci95"]))
     for key in ("fpe", "fne", "fdpe"):
