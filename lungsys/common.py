@@ -25,3 +25,19 @@ def progress(transient: bool = True) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=err, transient=transient,
                     disable=not err.is_terminal)
+
+
+def print_fields(values: dict, prefix: str = "") -> None:
+    """Nested values as ``key: value`` lines that read at 80 columns (``--json`` gives the
+    same for scripts)."""
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            print_fields(value, f"{name}.")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                print_fields(item, f"{name}[{i}].")
+        else:
+            text = ", ".join(map(str, value)) if isinstance(value, list) else value
+            out.print(f"{name}: {'-' if text in (None, '') else text}", markup=False,
+                      highlight=False)

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from lungsys.common import err, out, progress
+from inference.choices import HeatmapChoice, PatientMethod
+from lungsys.common import err, out, print_fields, progress
 
 
 model_app = typer.Typer(help="Create and inspect model checkpoints (.safetensors with JSON "
@@ -57,12 +57,8 @@ def model_info_command(
     if json_:
         print(json.dumps(meta, indent=1))
         return
-    table = Table(title=str(checkpoint), show_header=False)
-    table.add_column("key", style="bold")
-    table.add_column("value")
-    for key, value in meta.items():
-        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
-    out.print(table)
+    out.print(str(checkpoint), markup=False, highlight=False)
+    print_fields(meta)
     if verify:
         out.print("weights verified: hashes match")
 
@@ -76,9 +72,9 @@ def analyze_command(
                                         "summary.")] = False,
     series_uid: Annotated[Optional[str], typer.Option(help="Series Instance UID to analyse "
                                                       "when the folder holds several.")] = None,
-    method: Annotated[str, typer.Option(help="Patient-level method: network (the patient "
-                                        "network) or nonparametric (the paper's Eq. 5).")]
-    = "network",
+    method: Annotated[PatientMethod, typer.Option(
+        help="Patient-level method: network (the patient network) or nonparametric (the "
+        "paper's Eq. 5).")] = PatientMethod.network,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:1 ...")]
     = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per batch (each at three "
@@ -86,8 +82,9 @@ def analyze_command(
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Write the DICOM results here: SR-lungsys-report.dcm and "
         "SC-lungsys-heatmap-sliceNNNN.dcm.")] = None,
-    heatmaps: Annotated[str, typer.Option(help="Heatmaps for 'lesion' slices (flagged by "
-                                          "the model), 'all' slices, or 'none'.")] = "lesion",
+    heatmaps: Annotated[HeatmapChoice, typer.Option(
+        help="Heatmaps for 'lesion' slices (flagged by the model), 'all' slices, or "
+        "'none'.")] = HeatmapChoice.lesion,
 ) -> None:
     """Run the model on a CT series on disk and print the diagnosis.
 

@@ -13,7 +13,8 @@ import typer
 from rich.table import Table
 
 from inference.version import software_version
-from lungsys.common import CLIError, err, out
+from lungsys.common import CLIError, err, out, print_fields
+from store.models import IncidentKind, JobState
 
 
 class _Interrupted(BaseException):
@@ -105,13 +106,18 @@ jobs_app = typer.Typer(help="Inspect and retry the node's jobs (the job store na
 deliveries_app = typer.Typer(help="Retry deliveries of results to PACS.", no_args_is_help=True)
 
 
+def _when(value) -> str:
+    """A time of the job store (UTC) with its time zone: 2026-11-29T09:17:18Z."""
+    return value.isoformat(timespec="seconds") + "Z" if value is not None else ""
+
+
 def _job_dict(job) -> dict:
     return {"id": job.id, "state": job.state.value, "series_instance_uid":
             job.series.series_instance_uid, "study_instance_uid": job.series.study_instance_uid,
             "series_state": job.series.state.value, "series_reason": job.series.reason,
             "version": job.version, "attempts": job.attempts,
-            "created_at": str(job.created_at), "started_at": str(job.started_at or ""),
-            "finished_at": str(job.finished_at or ""), "model_version": job.model_version,
+            "created_at": _when(job.created_at), "started_at": _when(job.started_at),
+            "finished_at": _when(job.finished_at), "model_version": job.model_version,
             "diagnosis": job.diagnosis, "probabilities": job.probabilities,
             "infected_fraction": job.infected_fraction, "timings": job.timings,
             "error": job.error,
@@ -119,14 +125,14 @@ def _job_dict(job) -> dict:
                          "path": r.path} for r in job.results],
             "deliveries": [{"id": d.id, "destination": d.destination, "kind": d.kind,
                             "state": d.state.value, "attempts": d.attempts,
-                            "next_attempt_at": str(d.next_attempt_at),
+                            "next_attempt_at": _when(d.next_attempt_at),
                             "last_error": d.last_error} for d in job.deliveries]}
 
 
 @jobs_app.command("list")
 def jobs_list(
     config_file: ConfigOption = None,
-    state: Annotated[Optional[str], typer.Option(help="queued, running, done or failed.")]
+    state: Annotated[Optional[JobState], typer.Option(help="Only jobs in this state.")]
     = None,
     json_: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
 ) -> None:
@@ -141,19 +147,25 @@ def jobs_list(
     for j in jobs:
         deliveries = ", ".join(f"{d.destination}:{d.state.value}" for d in j.deliveries) or "-"
         table.add_row(str(j.id), j.state.value, j.series.series_instance_uid[-24:],
-                      j.diagnosis or "-", deliveries, str(j.finished_at or "-")[:19],
+                      j.diagnosis or "-", deliveries, _when(j.finished_at) or "-",
                       (j.error or "")[:60])
     out.print(table)
 
 
 @jobs_app.command("show")
 def jobs_show(job_id: Annotated[int, typer.Argument(help="Job number.")],
-              config_file: ConfigOption = None) -> None:
+              config_file: ConfigOption = None,
+              json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False
+              ) -> None:
     """Everything about one job: series, timings, diagnosis, results, deliveries."""
     jobs = [j for j in _store(config_file).jobs(limit=100000) if j.id == job_id]
     if not jobs:
         raise CLIError(f"no job {job_id}")
-    print(json.dumps(_job_dict(jobs[0]), indent=1))
+    job = _job_dict(jobs[0])
+    if json_:
+        print(json.dumps(job, indent=1))
+        return
+    print_fields(job)
 
 
 @jobs_app.command("retry")
@@ -180,20 +192,16 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="Delivery n
 
 def incidents_command(
     config_file: ConfigOption = None,
-    kind: Annotated[Optional[str], typer.Option(
-        help="refused, duplicate, lost, recovered, quarantined or 'worker died'.")] = None,
+    kind: Annotated[Optional[IncidentKind], typer.Option(help="Only incidents of this kind.")]
+    = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 200,
     json_: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
 ) -> None:
     """What an admin should know that no job says: instances refused, lost or found
     unrecorded at start-up, workers that died."""
-    from store.models import IncidentKind
-
-    if kind is not None and kind not in {k.value for k in IncidentKind}:
-        raise CLIError(f"no incident kind {kind!r}")
     rows = _store(config_file).incidents(kind, limit)
     if json_:
-        print(json.dumps([{"id": i.id, "at": str(i.at), "kind": i.kind.value, "node": i.node,
+        print(json.dumps([{"id": i.id, "at": _when(i.at), "kind": i.kind.value, "node": i.node,
                            "origin": i.origin, "series_instance_uid": i.series_instance_uid,
                            "sop_instance_uid": i.sop_instance_uid, "job": i.job_id,
                            "detail": i.detail} for i in rows]))
@@ -202,7 +210,7 @@ def incidents_command(
     for col in ("id", "at", "kind", "origin", "SOP instance", "detail"):
         table.add_column(col)
     for i in rows:
-        table.add_row(str(i.id), str(i.at)[:19], i.kind.value, i.origin or "-",
+        table.add_row(str(i.id), _when(i.at), i.kind.value, i.origin or "-",
                       i.sop_instance_uid[-24:] or "-", i.detail[:100])
     out.print(table)
 
@@ -215,12 +223,20 @@ def echo_command(
     = "LUNGSYS",
 ) -> None:
     """C-ECHO a peer, as DCMTK's echoscu does: exit 0 when it answers Success."""
+    import socket
+
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    try:                    # one line of our own, not pynetdicom's two ERROR lines
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as exc:
+        reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+        raise CLIError(f"no association with {aet}@{host}:{port} ({reason})") from None
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 10
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     assoc = ae.associate(host, port, ae_title=aet)
     if not assoc.is_established:
         raise CLIError(f"no association with {aet}@{host}:{port} "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +49,8 @@ def test_jobs_list_show_retry(configured):
     assert row["deliveries"][0]["state"] == "failed"
     table = lungsys("jobs", "list", "--config", str(toml), "--state", "failed")
     assert "model out of memory" in table.stdout
-    shown = json.loads(lungsys("jobs", "show", str(job.id), "--config", str(toml)).stdout)
+    shown = json.loads(lungsys("jobs", "show", str(job.id), "--config", str(toml),
+                               "--json").stdout)
     assert shown["series_instance_uid"] == "1.2.3"
     assert lungsys("jobs", "retry", str(job.id), "--config", str(toml)).returncode == 0
     assert store.jobs("queued")[0].id == job.id
@@ -85,4 +88,30 @@ def test_incidents_list_what_was_refused(configured):
     assert table.returncode == 0 and "70 characters long" in table.stdout
     assert "worker" not in table.stdout
     bad = lungsys("incidents", "--config", str(toml), "--kind", "nonsense")
-    assert bad.returncode == 1 and "no incident kind" in bad.stderr
+    assert bad.returncode == 2 and "'quarantined', 'worker died'" in bad.stderr  # usage
+
+
+def test_the_command_line_teaches(configured, tmp_path):
+    """A bad choice is a usage error listing the valid values; help shows whole option
+    names and flags as flags at 80 columns; `jobs show` reads as lines, times carry
+    their zone; `echo` to nobody says why in one line."""
+    toml, store, job = configured
+    bad = lungsys("jobs", "list", "--config", str(toml), "--state", "bogus")
+    assert bad.returncode == 2 and "'queued', 'running', 'done', 'failed'" in bad.stderr
+    exe = Path(sys.executable).with_name("lungsys")
+    helped = subprocess.run([str(exe), "model", "init", "--help"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+    assert "--backbone-weights <path>" in helped.stdout and "…" not in helped.stdout
+    assert all(len(line) <= 80 for line in helped.stdout.splitlines())
+    assert "<bool>" not in lungsys("evaluate", "--help").stdout
+    shown = lungsys("jobs", "show", str(job.id), "--config", str(toml))
+    assert "error: model out of memory" in shown.stdout
+    assert "deliveries[0].state: failed" in shown.stdout
+    assert "created_at: 20" in shown.stdout and shown.stdout.count("Z\n") >= 2
+    with socket.socket() as s:                               # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = lungsys("echo", "127.0.0.1", str(port), "--aet", "PACS")
+    assert down.returncode == 1
+    assert down.stderr.strip() == f"lungsys: error: no association with PACS@127.0.0.1:{port} " \
+                                  f"(connection refused)"
