@@ -115,3 +115,18 @@ def test_the_node_loads_no_training_and_no_command_line():
     names = [n for n in _modules() if n.split(".")[0] in ("pacs_node", "store", "config")]
     loaded = _loaded_after("import " + ", ".join(names))
     assert {m for m in loaded if m.split(".")[0] in ("training", "lungsys")} == set()
+
+
+def test_coded_choices_are_spelled_only_in_their_enums():
+    """'network', 'nonparametric', 'dimse' ... appear as string literals only where their
+    Enum is defined (other code names the Enum member)."""
+    owners = {"network": "inference.choices", "nonparametric": "inference.choices",
+              "dimse": "config", "optional": "config", "required": "config",
+              "bcp195": "config", "tls13": "config"}
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in owners \
+                    and owners[node.value] != name:
+                found.append(f"{name}:{node.lineno} {node.value!r}")
+    assert found == []
