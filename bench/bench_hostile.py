@@ -15,7 +15,6 @@ CI suite runs one short wave of the same (tests/test_hostile_suite.py).
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import random
 import socket
@@ -25,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pydicom
@@ -34,6 +32,9 @@ from rich.console import Console
 from rich.table import Table
 
 from store.api import JobStore
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from hostile import raw, stow, trickle, with_uids  # noqa: E402 (the CI suite's tools)
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 EXE = str(Path(sys.executable).with_name("lungsys"))
@@ -56,58 +57,6 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def with_uids(source: Path, folder: Path, study: str, series: str, sop: str) -> Path:
-    ds = pydicom.dcmread(source)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    path = folder / f"{uuid.uuid4().hex}.dcm"
-    mode = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    try:
-        ds.save_as(path)
-    finally:
-        pydicom_config.settings.writing_validation_mode = mode
-    return path
-
-
-def raw(port: int, payload: bytes, linger: float = 0.0) -> None:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(payload)
-            time.sleep(linger)
-            s.recv(64)
-    except OSError:
-        pass
-
-
-def trickle(port: int, seconds: float) -> None:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(b"\x01\x00\x00\x00\x10")
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                time.sleep(0.5)
-                s.sendall(b"\x00")
-    except OSError:
-        pass
-
-
-def stow(port: int, parts: list[bytes], close: bool = True) -> int:
-    boundary = uuid.uuid4().hex.encode()
-    body = b"".join(b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (boundary, p)
-                    for p in parts) + (b"--%s--\r\n" % boundary if close else b"")
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("POST", "/dicom-web/studies", body=body, headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; '
-                            f'boundary={boundary.decode()}'})
-        return conn.getresponse().status
-    except OSError:
-        return 0
-    finally:
-        conn.close()
-
-
 def storescu(port: int, files: list[Path]) -> int:
     """How many of ``files`` were acknowledged with Success."""
     proc = subprocess.run(["storescu", "-v", "-aet", "SOAK", "-aec", "LUNGSYS", "127.0.0.1",
@@ -120,7 +69,9 @@ def wave(n: int, port: int, web: int, study: list[Path], folder: Path,
          rng: random.Random) -> set[str]:
     """One wave of hostile traffic; the SOP Instance UIDs acknowledged in it."""
     acknowledged: set[str] = set()
-    slow = [threading.Thread(target=trickle, args=(port, 8.0)) for _ in range(4)]
+    until = time.monotonic() + 8.0
+    slow = [threading.Thread(target=trickle, args=(port, lambda: time.monotonic() < until))
+            for _ in range(4)]
     for t in slow:
         t.start()
     for _ in range(10):

@@ -10,6 +10,8 @@ import pytest
 
 from training.phantom import WrittenStudy, generate_study
 
+from hostile import with_uids  # noqa: F401 (the tests take it from here)
+
 
 @pytest.fixture(scope="session")
 def study_factory(tmp_path_factory):
@@ -55,22 +57,3 @@ def dciodvfy_errors(path: Path) -> list[str]:
     proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
-
-def with_uids(source: Path, folder: Path, study: str, series: str, sop: str) -> Path:
-    """A copy of ``source`` in ``folder`` that names these UIDs, however hostile."""
-    import uuid
-
-    import pydicom
-    from pydicom import config
-
-    ds = pydicom.dcmread(source)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    path = folder / f"{uuid.uuid4().hex}.dcm"
-    mode = config.settings.writing_validation_mode
-    config.settings.writing_validation_mode = config.IGNORE
-    try:
-        ds.save_as(path)
-    finally:
-        config.settings.writing_validation_mode = mode
-    return path

@@ -5,16 +5,13 @@ data folder, everything acknowledged is recorded, and a normal study still reach
 
 from __future__ import annotations
 
-import http.client
 import os
 import random
-import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pydicom
@@ -23,7 +20,8 @@ import pytest
 from store.api import JobStore
 from store.models import DeliveryState
 
-from conftest import require_tool, with_uids
+from conftest import require_tool
+from hostile import raw, stow, trickle, with_uids
 from orthanc import Orthanc, free_port
 
 EXE = str(Path(sys.executable).with_name("lungsys"))
@@ -43,43 +41,6 @@ def storescu(port: int, files) -> str:
     return subprocess.run([require_tool("storescu"), "-v", "-aet", "CT1", "-aec", "LUNGSYS",
                            "127.0.0.1", str(port), *map(str, files)], capture_output=True,
                           text=True, env=ENV, timeout=120).stderr
-
-
-def raw(port: int, payload: bytes, linger: float = 0.0) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        try:
-            s.sendall(payload)
-            time.sleep(linger)
-            s.recv(64)
-        except OSError:
-            pass
-
-
-def trickle(port: int, stop: threading.Event) -> None:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(b"\x01\x00\x00\x00\x10")
-            while not stop.wait(0.5):
-                s.sendall(b"\x00")
-    except OSError:
-        pass                                       # closed by the node: as it should be
-
-
-def stow(port: int, parts: list[bytes], close: bool = True) -> int:
-    boundary = uuid.uuid4().hex.encode()
-    body = b"".join(b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (boundary, p)
-                    for p in parts)
-    body += b"--%s--\r\n" % boundary if close else b""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("POST", "/dicom-web/studies", body=body, headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; '
-                            f'boundary={boundary.decode()}'})
-        return conn.getresponse().status
-    except OSError:
-        return 0
-    finally:
-        conn.close()
 
 
 @pytest.mark.slow
@@ -108,7 +69,8 @@ def test_a_node_under_hostile_senders_stays_up_bounded_and_faithful(tmp_path, st
         rng = random.Random(12)
 
         stop = threading.Event()                   # slow sockets, for the whole attack
-        tricklers = [threading.Thread(target=trickle, args=(port, stop)) for _ in range(6)]
+        tricklers = [threading.Thread(target=trickle, args=(port, lambda: not stop.is_set()))
+                     for _ in range(6)]
         for t in tricklers:
             t.start()
         for _ in range(20):                        # malformed A-ASSOCIATE-RQs
