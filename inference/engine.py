@@ -27,7 +27,7 @@ import torch
 from inference import localize, nonparametric
 from inference.checkpoint import LungSysModel, load_checkpoint
 from inference.choices import PatientMethod
-from inference.identity import ModelInfo
+from inference.model_info import ModelInfo
 from inference.preprocess import INFERENCE_CENTRES, prepare, to_channels, window
 from inference.results import AnalysisResult, LesionMaps, SliceResult
 from inference.series import CTSeries

@@ -15,29 +15,13 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from inference.model_info import ModelInfo
 from inference.version import software_version
 
 MANUFACTURER = "lungsys"
 ALGORITHM_NAME = "lungsys M3 Lung-Sys"
 DISCLAIMER = "AI result - not for primary diagnosis"
 PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The model a result comes from: one value for the engine, the worker and the results."""
-
-    version: str
-    device_uid: str
-    profile: str
-    content_sha256: str
-    device: str = ""
-    intended_use: str = ""       # e.g. a phantom-trained model: "demonstration model ..."
-
-    def to_json(self) -> dict:
-        """As ``lungsys analyze --json`` prints it."""
-        return {"version": self.version, "content_sha256": self.content_sha256,
-                "device_uid": self.device_uid, "profile": self.profile, "device": self.device}
 
 
 @dataclass(frozen=True)

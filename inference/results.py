@@ -9,7 +9,7 @@ import numpy as np
 from inference.localize import LesionBox
 from inference.preprocess import uncrop
 from inference.choices import PatientMethod
-from inference.identity import ModelInfo
+from inference.model_info import ModelInfo
 from inference.profiles import CLASSES
 
 

@@ -34,20 +34,18 @@ import signal
 import threading
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 import pydicom
 
 from config import NodeConfig
 from inference.errors import SeriesError
+from inference.model_info import ModelInfo
 from inference.series import load_series
 from pacs_node import LOG_FORMAT
 from pacs_node.layout import DataLayout
 from store.api import JobStore
 from store.models import Job, Series, utcnow
-
-if TYPE_CHECKING:
-    from inference.identity import ModelInfo   # (highdicom: not for the receiving process)
 
 log = logging.getLogger(__name__)
 

@@ -130,3 +130,12 @@ def test_coded_choices_are_spelled_only_in_their_enums():
                     and owners[node.value] != name:
                 found.append(f"{name}:{node.lineno} {node.value!r}")
     assert found == []
+
+
+def test_what_the_worker_sends_the_node_loads_nothing_heavy():
+    """The node unpickles the worker's ModelInfo: that must not bring highdicom or torch
+    into the receiving process (20 MiB more, once)."""
+    loaded = _loaded_after("import pickle\nimport pacs_node.node\n"
+                           "from inference.model_info import ModelInfo\n"
+                           "pickle.loads(pickle.dumps(ModelInfo('v', '2.25.1', 'small', 'x')))")
+    assert not {"highdicom", "torch"} & loaded

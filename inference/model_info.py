@@ -1,0 +1,27 @@
+"""The model a result comes from, as one small value.
+
+Kept apart from :mod:`inference.identity` (highdicom) and the networks (torch):
+the worker process sends it to the node, and unpickling it there must not
+load either into the receiving process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model a result comes from: one value for the engine, the worker and the results."""
+
+    version: str
+    device_uid: str
+    profile: str
+    content_sha256: str
+    device: str = ""
+    intended_use: str = ""       # e.g. a phantom-trained model: "demonstration model ..."
+
+    def to_json(self) -> dict:
+        """As ``lungsys analyze --json`` prints it."""
+        return {"version": self.version, "content_sha256": self.content_sha256,
+                "device_uid": self.device_uid, "profile": self.profile, "device": self.device}
