@@ -39,6 +39,8 @@ class ConfigError(ValueError):
 
 
 class DestinationKind(enum.StrEnum):
+    """How results reach a destination."""
+
     dimse = "dimse"          # C-STORE (DICOM TLS optional)
     dicomweb = "dicomweb"    # STOW-RS
 
@@ -52,6 +54,8 @@ class UserIdentity(enum.StrEnum):
 
 
 class TlsProfile(enum.StrEnum):
+    """The DICOM TLS profile of the node's DICOM port."""
+
     bcp195 = "bcp195"        # PS3.15 B.9: TLS 1.2 and 1.3, BCP 195 suites
     tls13 = "tls13"          # TLS 1.3 only
 
@@ -65,6 +69,8 @@ PORT = _range(1, 65535)
 
 @dataclass(frozen=True)
 class NodeSection:
+    """``[node]``: the DICOM listener, its data folder and its front door."""
+
     ae_title: str
     host: str
     port: int = field(metadata=PORT)
@@ -83,6 +89,8 @@ class NodeSection:
 
 @dataclass(frozen=True)
 class TlsSection:
+    """``[tls]``: DICOM TLS on the node's DICOM port."""
+
     enabled: bool = False
     certificate: str = ""
     private_key: str = ""
@@ -93,6 +101,8 @@ class TlsSection:
 
 @dataclass(frozen=True)
 class DicomwebSection:
+    """``[dicomweb]``: the STOW-RS receiver."""
+
     host: str = "127.0.0.1"
     port: int = field(default=8080, metadata=_range(0, 65535))    # 0: off
     max_request_mb: int = field(default=2048, metadata=_range(1))
@@ -102,17 +112,23 @@ class DicomwebSection:
 
 @dataclass(frozen=True)
 class StoreSection:
+    """``[store]``: the job store's SQLAlchemy URL."""
+
     url: str = "sqlite:///var/lungsys.db"
 
 
 @dataclass(frozen=True)
 class AssemblySection:
+    """``[assembly]``: when a series is complete, and which are analysed."""
+
     stable_seconds: float = field(default=10.0, metadata=_range(0.001))
     min_slices: int = field(default=20, metadata=_range(1))
 
 
 @dataclass(frozen=True)
 class ModelSection:
+    """``[model]``: the checkpoint, the device and the analysis choices."""
+
     checkpoint: str = ""
     device: str = "auto"
     batch_size: int = field(default=16, metadata=_range(1))
@@ -122,6 +138,8 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DeliverySection:
+    """``[delivery]``: retries of deliveries."""
+
     initial_backoff_seconds: float = field(default=60.0, metadata=_range(0))
     max_backoff_seconds: float = field(default=3600.0, metadata=_range(0))
     max_attempts: int = field(default=20, metadata=_range(1))
@@ -129,11 +147,15 @@ class DeliverySection:
 
 @dataclass(frozen=True)
 class RetentionSection:
+    """``[retention]``: how long delivered data is kept."""
+
     days: int = field(default=30, metadata=_range(0))             # 0: keep
 
 
 @dataclass(frozen=True)
 class Destination:
+    """``[[destinations]]``: where results are sent."""
+
     name: str
     kind: DestinationKind
     ae_title: str = ""
@@ -153,6 +175,8 @@ SECTIONS = {"node": NodeSection, "tls": TlsSection, "dicomweb": DicomwebSection,
 
 @dataclass(frozen=True)
 class NodeConfig:
+    """The whole configuration: one typed section each, and the destinations."""
+
     node: NodeSection
     tls: TlsSection
     dicomweb: DicomwebSection

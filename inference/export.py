@@ -33,6 +33,8 @@ HEATMAP_CHOICES = tuple(HeatmapChoice)
 
 @dataclass
 class ResultFiles:
+    """The DICOM files one analysis wrote: the SR and the heatmap SCs."""
+
     sr: Path
     heatmaps: list[Path]
 

@@ -22,6 +22,8 @@ DEFAULT_T = 0.99
 
 @dataclass(frozen=True)
 class Assessment:
+    """The parameter-free patient decision (paper appendix, Eq. 4-5)."""
+
     diagnosis: int            # class index
     slice_counts: np.ndarray  # N_k, shape (4,)
     scores: np.ndarray        # N_k / N: the patient's score per class, sums to 1

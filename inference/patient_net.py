@@ -36,6 +36,9 @@ from inference.profiles import CLASSES, Profile
 
 
 class Refinement(nn.Module):
+    """The refinement module: correlation between feature channels across slices, per head,
+    back to the feature width, added to its input (paper III-C, Eq. 2)."""
+
     def __init__(self, dim: int, d_prime: int, heads: int) -> None:
         super().__init__()
         self.heads, self.d_prime = heads, d_prime
@@ -61,6 +64,8 @@ class Refinement(nn.Module):
 
 
 class Aggregation(nn.Module):
+    """The aggregation module: a learnable query attends over the slices and pools them."""
+
     def __init__(self, dim: int, d_prime: int) -> None:
         super().__init__()
         self.query = nn.Parameter(torch.randn(1, d_prime) / math.sqrt(d_prime))
@@ -103,6 +108,9 @@ def run_bounds(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class PatientNet(nn.Module):
+    """The patient-level network: a shared head over S = [1, 2, 3, 4] splits of the slices,
+    fused, then four classes (paper Fig. 6)."""
+
     def __init__(self, profile: Profile) -> None:
         super().__init__()
         dim = profile.slice_feature_dim

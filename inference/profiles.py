@@ -17,6 +17,8 @@ CLASSES = ("Healthy", "COVID-19", "H1N1", "CAP")
 
 @dataclass(frozen=True)
 class Profile:
+    """The sizes of one model profile (``paper`` for GPUs, ``small`` for CPUs)."""
+
     name: str
     width: int                 # ResNet-50 base width (torchvision: 64)
     input_size: int            # crops are resized to input_size x input_size

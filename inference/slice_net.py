@@ -34,6 +34,8 @@ COORD_CHANNELS = 3
 
 @dataclass
 class SliceOutput:
+    """What the slice network gives for a batch of slices."""
+
     lesion_logits: Tensor   # (B, 2): task 1
     class_logits: Tensor    # (B, 4): task 2
     lesion_map: Tensor      # (B, h, w) in [0, 1]: similarity to the lesion prototype
@@ -61,6 +63,9 @@ def prototype_maps(features: Tensor, prototypes: Tensor) -> Tensor:
 
 
 class SliceNet(nn.Module):
+    """The slice-level network: ResNet-50, the lesion head on ResBlock3, the lesion map and
+    coordinate maps into ResBlock4, the four-class head (paper Fig. 5)."""
+
     def __init__(self, profile: Profile) -> None:
         super().__init__()
         self.profile = profile

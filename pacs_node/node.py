@@ -73,6 +73,10 @@ def _bind(key: str, host: str, port: int, start) -> None:
 
 
 class Node:
+    """The node in one process: receivers, the sweeps (assembly, delivery, retention) and the
+    worker (a supervised process, or a thread for an engine handed in). ``start`` takes the
+    data folder and recovers; ``stop`` is safe after a failed start."""
+
     def __init__(self, config: NodeConfig, engine=None) -> None:
         """Build the node; nothing is touched on disk or the network before ``start``."""
         from pacs_node.security import UserDirectory, server_context

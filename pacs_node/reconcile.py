@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Reconciled:
+    """How many files the start-up reconciliation recorded, quarantined and found lost."""
+
     recovered: int = 0
     quarantined: int = 0
     lost: int = 0

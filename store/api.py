@@ -74,6 +74,8 @@ class Recorded(enum.Enum):
 
 @dataclass(frozen=True)
 class ReceivedInstance:
+    """What the receivers record of one instance."""
+
     sop_instance_uid: str
     sop_class_uid: str
     series_instance_uid: str

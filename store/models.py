@@ -28,10 +28,14 @@ def utcnow() -> dt.datetime:
 
 
 class Base(DeclarativeBase):
+    """The declarative base of the job store's tables."""
+
     pass
 
 
 class SeriesState(str, enum.Enum):
+    """Where a series is: receiving, complete, skipped, queued, running, done or failed."""
+
     receiving = "receiving"
     complete = "complete"
     skipped = "skipped"
@@ -42,6 +46,8 @@ class SeriesState(str, enum.Enum):
 
 
 class JobState(str, enum.Enum):
+    """Where a job is: queued, running, done or failed."""
+
     queued = "queued"
     running = "running"
     done = "done"
@@ -49,12 +55,16 @@ class JobState(str, enum.Enum):
 
 
 class DeliveryState(str, enum.Enum):
+    """Where a delivery is: pending (due or waiting to retry), done or failed (given up)."""
+
     pending = "pending"
     done = "done"
     failed = "failed"
 
 
 class Instance(Base):
+    """A received SOP instance: where its file is, who sent it, when."""
+
     __tablename__ = "instances"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -71,6 +81,8 @@ class Instance(Base):
 
 
 class Series(Base):
+    """A received series: its state and why, counts, version, the node that holds it."""
+
     __tablename__ = "series"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -95,6 +107,8 @@ class Series(Base):
 
 
 class Job(Base):
+    """One model run over one version of a series: timings, diagnosis, error."""
+
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("series_id", "version"),)
 
@@ -122,6 +136,8 @@ class Job(Base):
 
 
 class Result(Base):
+    """A DICOM object a job produced (SR, SC)."""
+
     __tablename__ = "results"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -137,6 +153,8 @@ class Result(Base):
 
 
 class Delivery(Base):
+    """One job's results to one destination, with its retry schedule."""
+
     __tablename__ = "deliveries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -157,6 +175,8 @@ class Delivery(Base):
 
 
 class Attempt(Base):
+    """One delivery attempt and its outcome."""
+
     __tablename__ = "attempts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -170,6 +190,8 @@ class Attempt(Base):
 
 
 class IncidentKind(str, enum.Enum):
+    """What kind of thing an incident reports."""
+
     refused = "refused"              # an instance the node would not store (a bad UID ...)
     duplicate = "duplicate"          # a stored SOP Instance UID sent again in another series
     lost = "lost"                    # recorded, but its file was gone at start-up
@@ -179,6 +201,8 @@ class IncidentKind(str, enum.Enum):
 
 
 class Incident(Base):
+    """What an admin should know that no other row says (``lungsys incidents``)."""
+
     __tablename__ = "incidents"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

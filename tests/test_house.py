@@ -139,3 +139,19 @@ def test_what_the_worker_sends_the_node_loads_nothing_heavy():
                            "from inference.model_info import ModelInfo\n"
                            "pickle.loads(pickle.dumps(ModelInfo('v', '2.25.1', 'small', 'x')))")
     assert not {"highdicom", "torch"} & loaded
+
+
+def test_every_public_class_says_what_it_is():
+    missing = [f"{name}.{node.name}" for name, path in _modules().items()
+               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+               if isinstance(node, ast.ClassDef) and not node.name.startswith("_")
+               and ast.get_docstring(node) is None]
+    assert missing == []
+
+
+def test_the_readme_points_nowhere_outside_the_repository():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "../" not in text and len(text.splitlines()) < 150
+    for link in ("docs/admin.md", "docs/architecture.md", "docs/cli.md", "docs/model.md",
+                 "docs/specification.md", "docs/conformance.md"):
+        assert link in text and (ROOT / link).is_file()

@@ -23,6 +23,8 @@ CACHE_VERSION = "1"
 
 @dataclass
 class CachedStudy:
+    """One study's preprocessed slices and labels, as the cache holds them."""
+
     entry: StudyEntry
     crops: np.ndarray        # (n, size, size) float16, HU
     boxes: np.ndarray        # (n, 4) int

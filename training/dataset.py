@@ -43,6 +43,8 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class StudyEntry:
+    """One study (patient) of a dataset's manifest."""
+
     path: Path                 # the study's folder
     label: int                 # class index
     split: str

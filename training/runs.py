@@ -42,6 +42,8 @@ class TrainingSettings:
 
 
 class Run:
+    """A training run's folder: its configuration, log, metrics and resume state."""
+
     def __init__(self, directory: str | Path, config: dict) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,8 @@ class Waves:
 
 @dataclass
 class Ellipsoid:
+    """A lesion shape: a rotated ellipsoid with a wavy surface."""
+
     centre: np.ndarray
     axes: np.ndarray
     rotation: np.ndarray  # columns: the axes' directions
@@ -77,6 +79,8 @@ class Ellipsoid:
 
 @dataclass
 class Capsule:
+    """A lesion shape: a segment swept by a sphere, with a wavy surface."""
+
     p0: np.ndarray
     p1: np.ndarray
     radius: float

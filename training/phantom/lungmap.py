@@ -19,6 +19,8 @@ VOXEL_MM = 2.5
 
 @dataclass
 class LungMap:
+    """Which lung each voxel is in, and how deep below the pleura."""
+
     origin: np.ndarray        # (x, y, z) of voxel (0, 0, 0), mm
     side: np.ndarray          # (nz, ny, nx) int8: 0, RIGHT, LEFT
     depth: np.ndarray         # (nz, ny, nx) float32: distance to the pleura, mm (0 outside)

@@ -65,6 +65,8 @@ def _index_range(coords: np.ndarray, lo: float, hi: float) -> slice:
 
 @dataclass
 class SliceTruth:
+    """What one rendered slice truly holds: lung and lesion masks, lesion types."""
+
     lung: np.ndarray     # bool (rows, cols)
     lesion: np.ndarray   # bool (rows, cols)
     types: set[str]

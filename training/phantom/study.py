@@ -24,6 +24,8 @@ PATIENT_POSITIONS = ("HFS", "FFS")
 
 @dataclass
 class Phantom:
+    """One synthetic patient: anatomy, lungs, vessel and airway trees, lesions."""
+
     label: str
     seed: int
     severity: float

@@ -35,6 +35,8 @@ RESCALE_INTERCEPT = -1024.0
 
 @dataclass
 class WrittenStudy:
+    """A phantom study written as DICOM: its folder, files and truth."""
+
     directory: Path
     files: list[Path]          # in instance-number (acquisition) order
     truth: dict
