@@ -124,7 +124,8 @@ class Engine:
             slices.append(SliceResult(
                 index=i, sop_instance_uid=info.sop_instance_uid, frame=info.frame,
                 lesion_probability=float(lesion[i, 1]), class_probabilities=classes[i],
-                boxes=boxes, infected_fraction=lesion_px / lung_px if lung_px else 0.0))
+                boxes=boxes, infected_fraction=lesion_px / lung_px if lung_px else 0.0,
+                instance_number=info.instance_number, z_mm=float(info.position[2])))
         timings["localisation"] = time.perf_counter() - t0
 
         if self.method == PatientMethod.network:

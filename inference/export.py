@@ -19,8 +19,8 @@ from pydicom.dataset import Dataset
 
 from inference.choices import HeatmapChoice
 from inference.conformance import conformant_header
-from inference.heatmap import build_sc, render_overlay
-from inference.identity import ALGORITHM_NAME, AlgorithmIdentity
+from inference.heatmap import build_sc, edge_markers, render_overlay
+from inference.identity import ALGORITHM_NAME, DISCLAIMER, AlgorithmIdentity
 from inference.localize import smooth
 from inference.results import AnalysisResult
 from inference.series import CTSeries
@@ -94,10 +94,12 @@ def _write(result: AnalysisResult, series: CTSeries, out: Path, identity: Algori
     for number, s in enumerate(chosen, start=1):
         lines = [f"{ALGORITHM_NAME} {identity.model_version}",
                  f"Diagnosis: {result.diagnosis} (p={top:.2f})",
-                 f"Slice {s.index + 1}/{len(series)}: lesion probability "
-                 f"{s.lesion_probability:.2f}"]
+                 f"{s.label[0].upper()}{s.label[1:]}: lesion probability "
+                 f"{s.lesion_probability:.2f}",
+                 DISCLAIMER]
         pixels = render_overlay(series.hu[s.index], _shown(result, series, s.index), lines,
-                                [b.as_tuple() for b in s.boxes])
+                                [b.as_tuple() for b in s.boxes],
+                                edge_markers(series.orientation))
         sc = build_sc(sources[s.index], pixels, series_instance_uid=sc_series,
                       series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(),
                       instance_number=number, identity=identity,

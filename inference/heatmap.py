@@ -1,9 +1,12 @@
 """Secondary Capture heatmaps: the lesion map over the CT slice, burned in.
 
 Each image is the CT slice in a lung window with the lesion map as a colour
-overlay, a colour legend, the lesion boxes, and burned-in text (diagnosis,
-the slice's lesion probability, the algorithm, "not for primary diagnosis"),
-so that any viewer shows the same thing. The image keeps the CT slice's pixel
+overlay, a colour legend, the lesion boxes, the patient's side at the left and
+right edges (R / L, from the slice's orientation), and burned-in text at the
+top (the algorithm, the diagnosis, the CT's Instance Number and z position,
+the slice's lesion probability, "not for primary diagnosis": away from the
+bottom edge, where viewers put their own text), so that any viewer shows the
+same thing. The image keeps the CT slice's pixel
 grid, so it carries the slice's Pixel Spacing and points back at it through
 the Source Image Sequence.
 """
@@ -17,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from inference.identity import DISCLAIMER, MANUFACTURER, AlgorithmIdentity
+from inference.identity import MANUFACTURER, SC_DESCRIPTION, AlgorithmIdentity, stamp_series
 from inference.localize import MAP_FLOOR
 
 DISPLAY_CENTRE, DISPLAY_WIDTH = -600.0, 1500.0
@@ -44,7 +47,10 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def render_overlay(hu: np.ndarray, lesion_map: np.ndarray, lines: list[str],
-                   boxes: list[tuple[int, int, int, int]] = ()) -> np.ndarray:
+                   boxes: list[tuple[int, int, int, int]] = (),
+                   markers: tuple[str, str] | None = None) -> np.ndarray:
+    """``lines`` at the top left (the last one, the disclaimer, in red); ``markers`` the
+    patient directions at the left and right edges (see :func:`edge_markers`)."""
     """The picture of one slice, RGB uint8 on the slice's grid."""
     gray = np.clip((hu - (DISPLAY_CENTRE - DISPLAY_WIDTH / 2)) / DISPLAY_WIDTH, 0, 1)
     rgb = np.repeat(gray[..., None], 3, axis=2)
@@ -60,9 +66,17 @@ def render_overlay(hu: np.ndarray, lesion_map: np.ndarray, lines: list[str],
     size = max(10, rows // 40)
     font = _font(size)
     y = 4
-    for line in lines:
-        draw.text((6, y), line, fill=(255, 255, 0), font=font)
+    for k, line in enumerate(lines):
+        last = k == len(lines) - 1 and len(lines) > 1
+        draw.text((6, y), line, fill=(255, 80, 80) if last else (255, 255, 0), font=font)
         y += size + 3
+    if markers is not None:
+        big = _font(size * 2)
+        left_text, right_text = markers
+        draw.text((6, rows // 2 - size), left_text, fill=(255, 255, 255), font=big)
+        right_x = cols - 8 - int(draw.textlength(right_text, font=big))
+        draw.text((right_x, rows // 2 - rows // 6 - 3 * size - 6), right_text,
+                  fill=(255, 255, 255), font=big)     # above the legend
     # legend: a vertical ramp at the right edge, "1" at the top, floor at the bottom
     height, width = rows // 3, max(8, cols // 48)
     top, left = rows // 2 - height // 2, cols - width - 6 - size * 2
@@ -74,8 +88,15 @@ def render_overlay(hu: np.ndarray, lesion_map: np.ndarray, lines: list[str],
               fill=(255, 255, 255), font=font)
     label_x = min(left, cols - int(draw.textlength("lesion map", font=font)) - 4)
     draw.text((label_x, top + height + 4), "lesion map", fill=(255, 255, 255), font=font)
-    draw.text((6, rows - size - 6), DISCLAIMER, fill=(255, 80, 80), font=font)
     return np.asarray(image)
+
+
+def edge_markers(orientation) -> tuple[str, str]:
+    """The patient directions at the image's left and right edges, e.g. ("R", "L") for an
+    axial slice as CT shows it (the row direction points to the right edge)."""
+    row = patient_orientation(orientation)[0]
+    opposite = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+    return opposite[row], row
 
 
 def patient_orientation(orientation) -> tuple[str, str]:
@@ -101,7 +122,8 @@ def build_sc(source: Dataset, pixels: np.ndarray, *, series_instance_uid: str,
         patient_orientation=patient_orientation(orientation),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[identity.contributing_equipment()],
-        series_description=f"lungsys lesion heatmaps - {DISCLAIMER}")
+        series_description=SC_DESCRIPTION)
+    stamp_series(sc)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = (f"{identity.model_name} lesion map over the CT slice "

@@ -8,6 +8,7 @@ weights change) and, inside the SR, in TID 4019 Algorithm Identification.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 from highdicom import ContributingEquipment
@@ -21,7 +22,16 @@ from inference.version import software_version
 MANUFACTURER = "lungsys"
 ALGORITHM_NAME = "lungsys M3 Lung-Sys"
 DISCLAIMER = "AI result - not for primary diagnosis"
+#: Series Descriptions of the result series: short, starting with "AI" (PACS lists cut them).
+SR_DESCRIPTION = "AI lung report (lungsys)"
+SC_DESCRIPTION = "AI lesion heatmaps (lungsys)"
 PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
+
+
+def stamp_series(ds) -> None:
+    """Series Date and Time: when the result series was made (PACS lists file by them)."""
+    now = datetime.datetime.now()
+    ds.SeriesDate, ds.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,19 @@ class SliceResult:
     class_probabilities: np.ndarray   # (4,), the four-class head's, averaged over windows
     boxes: list[LesionBox]
     infected_fraction: float          # lesion region / lung, this slice
+    instance_number: int | None = None   # the CT's, as PACS and viewers show it
+    z_mm: float | None = None            # Image Position (Patient) z of the slice
 
     @property
     def has_lesion(self) -> bool:
         return self.lesion_probability >= 0.5
+
+    @property
+    def label(self) -> str:
+        """The slice as a reader finds it in PACS: "image 30 (z -113.9 mm)"."""
+        number = (f"image {self.instance_number}" if self.instance_number is not None
+                  else f"slice {self.index + 1}")
+        return number + (f" (z {self.z_mm:.1f} mm)" if self.z_mm is not None else "")
 
 
 @dataclass
@@ -83,6 +92,8 @@ class AnalysisResult:
             "slices": [{
                 "index": s.index,
                 "sop_instance_uid": s.sop_instance_uid,
+                "instance_number": s.instance_number,
+                "z_mm": None if s.z_mm is None else round(s.z_mm, 2),
                 **({"frame": s.frame} if s.frame is not None else {}),
                 "lesion_probability": round(s.lesion_probability, 6),
                 "class_probabilities": {c: round(float(p), 6)

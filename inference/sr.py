@@ -1,4 +1,8 @@
-"""The Structured Report: a Comprehensive 3D SR carrying a TID 1500 Measurement Report.
+"""The Structured Report: a Comprehensive SR carrying a TID 1500 Measurement Report.
+
+Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33), not 3D: it holds only
+image coordinates (SCOORD), and peers (DCMTK's storescu among them) propose
+the 3D SOP class far less often.
 
 Content (highdicom builds and validates each template as it is constructed):
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import highdicom as hd
-from highdicom.sr import (AlgorithmIdentification, Comprehensive3DSR,
+from highdicom.sr import (AlgorithmIdentification, ComprehensiveSR,
                           DeviceObserverIdentifyingAttributes, FindingSite, ImageRegion,
                           Measurement, MeasurementReport, MeasurementsAndQualitativeEvaluations,
                           ObservationContext, ObserverContext,
@@ -35,7 +39,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from inference.identity import ALGORITHM_NAME, DISCLAIMER, MANUFACTURER, AlgorithmIdentity
+from inference.identity import (ALGORITHM_NAME, DISCLAIMER, MANUFACTURER, SR_DESCRIPTION,
+                                AlgorithmIdentity, stamp_series)
 from inference.results import AnalysisResult
 
 DIAGNOSIS = Code("439401001", "SCT", "Diagnosis")
@@ -68,7 +73,7 @@ def _source(ds: Dataset, frame: int | None) -> SourceImageForMeasurementGroup:
 def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | None],
              heatmaps: list[Dataset], identity: AlgorithmIdentity, *,
              series_instance_uid: str, series_number: int, sop_instance_uid: str,
-             pixel_spacing_mm: float) -> Comprehensive3DSR:
+             pixel_spacing_mm: float) -> ComprehensiveSR:
     """The SR of one analysis; ``sources[i]`` is slice i's CT dataset (header)."""
     algorithm = AlgorithmIdentification(name=ALGORITHM_NAME, version=identity.model_version,
                                         parameters=identity.parameters,
@@ -118,7 +123,7 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
                     [frames[s.index]] if frames[s.index] is not None else None))
             groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(
-                    uid=hd.UID(), identifier=f"lesion {s.index + 1}.{n}"),
+                    uid=hd.UID(), identifier=f"lesion {n} on {s.label}"[:64]),
                 referenced_region=region, finding_type=LESION, algorithm_id=algorithm,
                 finding_sites=lung,
                 measurements=[
@@ -130,13 +135,14 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
 
     report = MeasurementReport(observation_context=ObservationContext(
         observer_device_context=observer), procedure_reported=CT_CHEST, imaging_measurements=groups)
-    sr = Comprehensive3DSR(
+    sr = ComprehensiveSR(
         evidence=[*sources, *heatmaps], content=report[0],
         series_instance_uid=series_instance_uid, series_number=series_number,
         sop_instance_uid=sop_instance_uid, instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,
-        series_description=f"lungsys report - {DISCLAIMER}",
+        series_description=SR_DESCRIPTION,
         contributing_equipment=[identity.contributing_equipment()])
+    stamp_series(sr)
     scheme = Dataset()
     scheme.CodingSchemeDesignator = LOCAL_SCHEME
     scheme.CodingSchemeName = "lungsys local codes"

@@ -130,7 +130,8 @@ def analyze_command(
     out.print(f"slices with lesions: {len(lesion)} of {len(result.slices)}")
     for s in lesion:
         boxes = ", ".join(f"[{b.row0}:{b.row1}, {b.col0}:{b.col1}]" for b in s.boxes) or "-"
-        out.print(f"  {s.index:4d} p={s.lesion_probability:.3f} {s.sop_instance_uid} {boxes}")
+        out.print(f"  {s.label}: p={s.lesion_probability:.3f} {s.sop_instance_uid} {boxes}",
+                  markup=False, highlight=False)
     if series.skipped:
         out.print(f"{len(series.skipped)} files skipped (lungsys scan lists them)")
     if files is not None:

@@ -82,7 +82,7 @@ def check_orthanc(pacs: Orthanc, study, origin: str) -> None:
     assert modalities == ["CT", "OT", "SR"], modalities     # the CT, heatmaps (SC), the SR
     [sr_series] = [x for x in series if x["MainDicomTags"].get("Modality") == "SR"]
     sr_id = sr_series["Instances"][0]
-    sr = hd.sr.Comprehensive3DSR.from_dataset(
+    sr = hd.sr.ComprehensiveSR.from_dataset(
         pydicom.dcmread(io.BytesIO(pacs.get(f"/instances/{sr_id}/file"))))
     group = sr.content.get_image_measurement_groups()[0]
     [diagnosis] = group.get_qualitative_evaluations(name=DIAGNOSIS)

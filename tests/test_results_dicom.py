@@ -75,7 +75,9 @@ def test_highdicom_reads_back_diagnosis_probabilities_fraction_algorithm(written
     assert device[0].observer_identifying_attributes.uid == result.model.device_uid
     rois = sr.content.get_planar_roi_measurement_groups()
     assert len(rois) == sum(len(s.boxes) for s in result.slices) > 0
-    assert "not for primary diagnosis" in sr.SeriesDescription
+    assert sr.SeriesDescription.startswith("AI")
+    assert all(g.tracking_identifier.startswith("lesion ") and " on image " in
+               g.tracking_identifier for g in rois)     # the CT's Instance Number, as PACS shows
 
 
 def test_contributing_equipment_names_the_algorithm(written):
@@ -175,3 +177,38 @@ def test_cli_analyze_writes_the_results(study_factory, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir())[0] == \
         "SC-lungsys-heatmap-slice0001.dcm"
     assert dciodvfy_errors(Path(report["files"]["sr"])) == []
+
+
+def test_result_series_say_what_and_when_they_are(written):
+    """PACS lists: a Series Date/Time, a short description starting with "AI", distinct
+    Series Numbers, the disclaimer in the Contribution Description; the SR is a
+    Comprehensive SR (2D coordinates only), which peers propose far more than 3D."""
+    _, _, _, files = written
+    sr, sc = pydicom.dcmread(files.sr), pydicom.dcmread(files.heatmaps[0])
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    for ds in (sr, sc):
+        assert len(ds.SeriesDate) == 8 and len(ds.SeriesTime) >= 6
+        assert ds.SeriesDescription.startswith("AI") and len(ds.SeriesDescription) <= 64
+        assert any("not for primary diagnosis" in item.get("ContributionDescription", "")
+                   for item in ds.ContributingEquipmentSequence)
+    assert sr.SeriesNumber != sc.SeriesNumber
+
+
+def test_slices_are_named_as_pacs_shows_them(written):
+    """The CT's Instance Number and z, in the JSON and in the heatmap's burned-in text."""
+    study, series, result, _ = written
+    report = result.to_json()
+    for s, info in zip(report["slices"], series.slices):
+        assert s["instance_number"] == info.instance_number
+        assert s["z_mm"] == pytest.approx(info.position[2], abs=0.01)
+    lesion = result.lesion_slices[0]
+    assert lesion.label == (f"image {series.slices[lesion.index].instance_number} "
+                            f"(z {series.slices[lesion.index].position[2]:.1f} mm)")
+
+
+def test_heatmaps_mark_the_patients_sides():
+    from inference.heatmap import edge_markers
+
+    assert edge_markers([1, 0, 0, 0, 1, 0]) == ("R", "L")      # axial, as CT shows it
+    assert edge_markers([-1, 0, 0, 0, 1, 0]) == ("L", "R")     # flipped left-right
+    assert edge_markers([0, 1, 0, 0, 0, -1]) == ("A", "P")     # sagittal
