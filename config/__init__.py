@@ -256,16 +256,18 @@ def _check(where: str, kind: Any, value: Any, from_text: bool) -> Any:
     return value
 
 
-def _build(cls, values: Mapping[str, Any], where: str, origin: Mapping[str, str]):
+def _build(cls, values: Mapping[str, Any], where: str, origin: Mapping[str, str],
+           from_env: frozenset[str] = frozenset()):
     """A section's dataclass from raw values; ``origin`` says where each came from
-    (``FILE: section.key`` or the environment variable), for the errors."""
+    (``FILE: section.key`` or the environment variable), for the errors; the keys in
+    ``from_env`` came from the environment (text, parsed)."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in fields(cls):
         if f.name not in values:
             continue
         named = origin.get(f.name, f"{where}.{f.name}")
-        value = _check(named, hints[f.name], values[f.name], named.startswith(ENV_PREFIX))
+        value = _check(named, hints[f.name], values[f.name], f.name in from_env)
         low, high = f.metadata.get("range", (None, None))
         if low is not None and (value < low or (high is not None and value > high)):
             span = f"{low} to {high}" if high is not None else f"at least {low}"
@@ -280,6 +282,7 @@ def load_config(path: str | os.PathLike | None = None,
     """Defaults, overlaid by ``path`` (TOML) and then by the environment."""
     merged = defaults()
     origin: dict[str, dict[str, str]] = {section: {} for section in merged}
+    from_env: dict[str, set[str]] = {section: set() for section in merged}
     user: dict = {}
     name = ""
     if path is not None:
@@ -312,8 +315,9 @@ def load_config(path: str | os.PathLike | None = None,
             if rest.startswith(section + "_") and key in {f.name for f in fields(cls)}:
                 merged[section][key] = value
                 origin[section][key] = variable
+                from_env[section].add(key)
                 break
-    sections = {s: _build(cls, merged[s], f"{name}{s}", origin[s])
+    sections = {s: _build(cls, merged[s], f"{name}{s}", origin[s], frozenset(from_env[s]))
                 for s, cls in SECTIONS.items()}
     raw = user.get("destinations", [])
     if not isinstance(raw, list):
@@ -332,7 +336,7 @@ def _destination(where: str, i: int, raw: Any) -> Destination:
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    values = {"name": f"destination-{i + 1}", **raw}
+    values = {**raw, "name": raw.get("name") or f"destination-{i + 1}"}
     if "kind" not in raw:
         raise ConfigError(f"{where}.kind: expected one of {', '.join(DestinationKind)}")
     dest = _build(Destination, values, where, {})

@@ -228,16 +228,20 @@ def echo_command(
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    try:                    # one line of our own, not pynetdicom's two ERROR lines
-        socket.create_connection((host, port), timeout=10).close()
-    except OSError as exc:
-        reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
-        raise CLIError(f"no association with {aet}@{host}:{port} ({reason})") from None
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 10
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    # a peer that is not there: one line of our own below, not pynetdicom's two ERROR
+    # lines (its rejection reasons, from pynetdicom.acse, stay)
+    logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
     assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established and not assoc.is_rejected:
+        try:                # why: ask the network once more (only when it failed)
+            socket.create_connection((host, port), timeout=10).close()
+            reason = "no answer"
+        except OSError as exc:
+            reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+        raise CLIError(f"no association with {aet}@{host}:{port} ({reason})")
     if not assoc.is_established:
         raise CLIError(f"no association with {aet}@{host}:{port} "
                        f"({'rejected' if assoc.is_rejected else 'no answer'})")

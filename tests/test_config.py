@@ -105,3 +105,18 @@ def test_typed_sections_and_choices():
     with pytest.raises(Exception):
         c.node.port = 1                                  # frozen
     assert {k.value for k in DestinationKind} == {"dimse", "dicomweb"}
+
+
+def test_an_empty_destination_name_gets_a_default(tmp_path):
+    f = tmp_path / "node.toml"
+    f.write_text('[[destinations]]\nname = ""\nkind = "dicomweb"\nurl = "http://127.0.0.1/x"\n'
+                 '[[destinations]]\nkind = "dicomweb"\nurl = "http://127.0.0.1/y"\n')
+    assert [d.name for d in load_config(f, environ={}).destinations] == [
+        "destination-1", "destination-2"]
+
+
+def test_a_file_named_like_a_variable_is_still_read_strictly(tmp_path):
+    f = tmp_path / "LUNGSYS_NODE.toml"
+    f.write_text("[node]\nport = '104'\n")
+    with pytest.raises(ConfigError, match="node.port: expected an integer"):
+        load_config(f, environ={})
