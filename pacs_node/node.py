@@ -124,7 +124,7 @@ class Node:
 
     @property
     def model(self):
-        """The :class:`~inference.identity.ModelInfo` of the model the worker runs."""
+        """The :class:`~inference.model_info.ModelInfo` of the model the worker runs."""
         if self.supervisor is not None:
             return self.supervisor.model
         return self.engine.model_info if self.engine is not None else None
