@@ -13,8 +13,9 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
 debs=(orthanc orthanc-dicomweb dcmtk dicom3tools)
-# the tests also run the job store on a private PostgreSQL server
-[ -n "$extras" ] && debs+=(postgresql)
+# the tests also run the job store on a private PostgreSQL server, and make DICOM TLS
+# certificates with the openssl command
+[ -n "$extras" ] && debs+=(postgresql openssl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || debs+=(python3-venv)
 
 missing=()
