@@ -1,4 +1,4 @@
-"""Write the DICOM results of an analysis: heatmap SC images, then the SR.
+"""Write the DICOM results of an analysis: heatmap SC images, the SR, the lesion SEG.
 
 Both go into the source study (same Study Instance UID, patient and study
 attributes copied), each in a new series; the SR references the CT slices
@@ -24,23 +24,27 @@ from inference.identity import ALGORITHM_NAME, DISCLAIMER, AlgorithmIdentity
 from inference.localize import smooth
 from inference.results import AnalysisResult
 from inference.series import CTSeries
+from inference.seg import build_seg
 from inference.sr import build_sr
 
 SC_SERIES_NUMBER = 990
 SR_SERIES_NUMBER = 991
+SEG_SERIES_NUMBER = 992
 HEATMAP_CHOICES = tuple(HeatmapChoice)
 
 
 @dataclass
 class ResultFiles:
-    """The DICOM files one analysis wrote: the SR and the heatmap SCs."""
+    """The DICOM files one analysis wrote: the SR, the SEG (when a lesion region was
+    found) and the heatmap SCs."""
 
     sr: Path
     heatmaps: list[Path]
+    seg: Path | None = None
 
     @property
     def all(self) -> list[Path]:
-        return [*self.heatmaps, self.sr]
+        return [*self.heatmaps, *([self.seg] if self.seg else []), self.sr]
 
 
 def slice_source(series: CTSeries, index: int, header: Dataset | None = None) -> Dataset:
@@ -114,4 +118,10 @@ def _write(result: AnalysisResult, series: CTSeries, out: Path, identity: Algori
                   sop_instance_uid=hd.UID(), pixel_spacing_mm=float(series.pixel_spacing[0]))
     sr_path = out / "SR-lungsys-report.dcm"
     sr.save_as(sr_path, enforce_file_format=True)
-    return ResultFiles(sr=sr_path, heatmaps=sc_paths)
+    seg = build_seg(result, series, sources, frames, identity, series_instance_uid=hd.UID(),
+                    series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID())
+    seg_path = None
+    if seg is not None:
+        seg_path = out / "SEG-lungsys-lesions.dcm"
+        seg.save_as(seg_path, enforce_file_format=True)
+    return ResultFiles(sr=sr_path, heatmaps=sc_paths, seg=seg_path)

@@ -25,6 +25,7 @@ DISCLAIMER = "AI result - not for primary diagnosis"
 #: Series Descriptions of the result series: short, starting with "AI" (PACS lists cut them).
 SR_DESCRIPTION = "AI lung report (lungsys)"
 SC_DESCRIPTION = "AI lesion heatmaps (lungsys)"
+SEG_DESCRIPTION = "AI lesion segmentation (lungsys)"
 PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 
 

@@ -118,7 +118,8 @@ def analyze_command(
     if json_:
         report = result.to_json()
         if files is not None:
-            report["files"] = {"sr": str(files.sr), "heatmaps": [str(p) for p in files.heatmaps]}
+            report["files"] = {"sr": str(files.sr), "heatmaps": [str(p) for p in files.heatmaps],
+                               "seg": str(files.seg) if files.seg else None}
         print(json.dumps(report))
         return
     out.print(f"diagnosis: {result.diagnosis} ({result.method}; model {result.model.version}"
@@ -135,7 +136,8 @@ def analyze_command(
     if series.skipped:
         out.print(f"{len(series.skipped)} files skipped (lungsys scan lists them)")
     if files is not None:
-        out.print(f"wrote {files.sr} and {len(files.heatmaps)} heatmaps to {out_dir}")
+        seg = f", {files.seg.name}" if files.seg else ""
+        out.print(f"wrote {files.sr.name}{seg} and {len(files.heatmaps)} heatmaps to {out_dir}")
 
 
 COMMANDS = [("analyze", analyze_command)]

@@ -139,7 +139,8 @@ class JobRunner:
         records = []
         for path in files.all:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            records.append({"kind": "sr" if path == files.sr else "sc",
+            kind = "sr" if path == files.sr else "seg" if path == files.seg else "sc"
+            records.append({"kind": kind,
                             "sop_instance_uid": str(ds.SOPInstanceUID),
                             "sop_class_uid": str(ds.SOPClassUID),
                             "series_instance_uid": str(ds.SeriesInstanceUID),

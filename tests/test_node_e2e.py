@@ -79,7 +79,8 @@ def check_orthanc(pacs: Orthanc, study, origin: str) -> None:
     [s] = [x for x in studies if x["MainDicomTags"]["StudyInstanceUID"] == ct.StudyInstanceUID]
     series = [pacs.get(f"/series/{sid}") for sid in s["Series"]]
     modalities = sorted(x["MainDicomTags"].get("Modality", "") for x in series)
-    assert modalities == ["CT", "OT", "SR"], modalities     # the CT, heatmaps (SC), the SR
+    # the CT, heatmaps (SC), the SR, and the SEG when the model found a lesion region
+    assert modalities in (["CT", "OT", "SR"], ["CT", "OT", "SEG", "SR"]), modalities
     [sr_series] = [x for x in series if x["MainDicomTags"].get("Modality") == "SR"]
     sr_id = sr_series["Instances"][0]
     sr = hd.sr.ComprehensiveSR.from_dataset(

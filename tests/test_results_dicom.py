@@ -212,3 +212,26 @@ def test_heatmaps_mark_the_patients_sides():
     assert edge_markers([1, 0, 0, 0, 1, 0]) == ("R", "L")      # axial, as CT shows it
     assert edge_markers([-1, 0, 0, 0, 1, 0]) == ("L", "R")     # flipped left-right
     assert edge_markers([0, 1, 0, 0, 0, -1]) == ("A", "P")     # sagittal
+
+
+def test_the_seg_overlays_the_lesion_region_on_its_ct_slices(written):
+    """One binary segment "lesion", AUTOMATIC, one frame per CT slice with a region, each
+    pointing at its source slice; dciodvfy finds no error; highdicom reads it back."""
+    from inference.seg import lesion_mask
+
+    study, series, result, files = written
+    assert files.seg is not None and files.seg in files.all
+    assert dciodvfy_errors(files.seg) == []
+    seg = hd.seg.segread(files.seg)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.StudyInstanceUID == series.header.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == series.header.FrameOfReferenceUID
+    [description] = seg.SegmentSequence
+    assert description.SegmentLabel == "lesion" and description.SegmentAlgorithmType == "AUTOMATIC"
+    mask = lesion_mask(result, series)
+    with_region = [series.slices[i].sop_instance_uid for i in range(len(series)) if mask[i].any()]
+    referenced = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                  for f in seg.PerFrameFunctionalGroupsSequence]
+    assert sorted(referenced) == sorted(with_region) and len(referenced) > 0
+    pixels = seg.pixel_array
+    assert pixels.shape[0] == len(with_region) and pixels.any()

@@ -1,0 +1,76 @@
+"""The lesion region as a DICOM Segmentation: what viewers overlay on the CT.
+
+One binary segment, "lesion" (SCT Lesion, category Morphologically abnormal
+structure, site lung), algorithm type AUTOMATIC with the model's algorithm
+identification, in the CT's Frame of Reference; one frame per CT slice whose
+region is not empty (highdicom leaves the empty ones out), each referencing
+its source slice. The region is the one the engine measured: the lesion map
+of each lesion-bearing slice cut as :func:`inference.localize.lesion_region`
+cuts it. No SEG is made when no slice has a lesion region (an empty
+segmentation is not sent), nor for multi-frame (enhanced) CT sources yet.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import format_number_as_ds
+
+from inference import localize
+from inference.identity import ALGORITHM_NAME, MANUFACTURER, SEG_DESCRIPTION, \
+    AlgorithmIdentity, stamp_series
+from inference.results import AnalysisResult
+from inference.series import CTSeries
+from inference.version import software_version
+
+log = logging.getLogger(__name__)
+
+
+def lesion_mask(result: AnalysisResult, series: CTSeries) -> np.ndarray:
+    """(slices, rows, columns) bool: the lesion region of every lesion-bearing slice."""
+    spacing = float(np.mean(series.pixel_spacing))
+    mask = np.zeros((len(series), *result.maps.shape), dtype=bool)
+    for s in result.lesion_slices:
+        mask[s.index] = localize.lesion_region(result.maps.on_grid(s.index), spacing)
+    return mask
+
+
+def build_seg(result: AnalysisResult, series: CTSeries, sources: list[Dataset],
+              frames: list[int | None], identity: AlgorithmIdentity, *,
+              series_instance_uid: str, series_number: int,
+              sop_instance_uid: str) -> hd.seg.Segmentation | None:
+    """The Segmentation of one analysis, or None when there is nothing to overlay."""
+    if any(f is not None for f in frames):
+        log.info("no SEG for a multi-frame CT source (not supported yet)")
+        return None
+    mask = lesion_mask(result, series)
+    if not mask.any():
+        return None
+    thickness = series.slice_thickness or series.slice_spacing
+    for ds in sources:          # highdicom reads it; a source whose value did not conform
+        if "SliceThickness" not in ds and thickness:   # (inference.conformance) lacks it
+            ds.SliceThickness = format_number_as_ds(float(thickness))
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=ALGORITHM_NAME, family=codes.DCM.ArtificialIntelligence,
+        version=identity.model_version, parameters={"parameters": "; ".join(identity.parameters)})
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm, anatomic_regions=[codes.SCT.Lung])
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment], series_instance_uid=series_instance_uid,
+        series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=1,
+        manufacturer=MANUFACTURER, manufacturer_model_name=identity.model_name,
+        software_versions=[software_version(), identity.model_version],
+        device_serial_number=identity.device_uid, series_description=SEG_DESCRIPTION,
+        contributing_equipment=[identity.contributing_equipment()])
+    stamp_series(seg)
+    return seg
