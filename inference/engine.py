@@ -118,6 +118,7 @@ class Engine:
                 grid_map = lesion_maps.on_grid(i)
                 region = localize.lesion_region(grid_map, spacing)
                 boxes = localize.boxes_from_region(region, grid_map, spacing)
+                lesion_maps.keep_region(i, region)
             lesion_px, lung_px = localize.infected_pixels(region, lung)
             total_lesion += lesion_px
             total_lung += lung_px

@@ -46,10 +46,25 @@ class LesionMaps:
     maps: np.ndarray                  # (n, h, w) float32 in [0, 1], lesion evidence
     boxes: np.ndarray                 # (n, 4) crop boxes on the source grid
     shape: tuple[int, int]            # (rows, columns) of the source slices
+    #: slice index -> its lesion region as the engine cut it (bits packed; lesion slices only)
+    regions: dict[int, np.ndarray] = field(default_factory=dict)
 
     def on_grid(self, index: int) -> np.ndarray:
         """The map of one slice on its original pixel grid, zero outside the crop."""
         return uncrop(self.maps[index:index + 1], self.boxes[index:index + 1], self.shape)[0]
+
+    def keep_region(self, index: int, region: np.ndarray) -> None:
+        """Keep the region the engine measured, so that results (the SEG) need not cut it
+        again."""
+        self.regions[index] = np.packbits(region, axis=None)
+
+    def region(self, index: int) -> np.ndarray:
+        """The kept region of a slice on its pixel grid (all False when none was kept)."""
+        packed = self.regions.get(index)
+        if packed is None:
+            return np.zeros(self.shape, dtype=bool)
+        size = self.shape[0] * self.shape[1]
+        return np.unpackbits(packed, count=size).astype(bool).reshape(self.shape)
 
 
 @dataclass

@@ -4,9 +4,9 @@ One binary segment, "lesion" (SCT Lesion, category Morphologically abnormal
 structure, site lung), algorithm type AUTOMATIC with the model's algorithm
 identification, in the CT's Frame of Reference; one frame per CT slice whose
 region is not empty (highdicom leaves the empty ones out), each referencing
-its source slice. The region is the one the engine measured: the lesion map
-of each lesion-bearing slice cut as :func:`inference.localize.lesion_region`
-cuts it. No SEG is made when no slice has a lesion region (an empty
+its source slice. The region is the one the engine measured (kept with the
+lesion maps): the lesion map of each lesion-bearing slice cut by
+:func:`inference.localize.lesion_region`. No SEG is made when no slice has a lesion region (an empty
 segmentation is not sent), nor for multi-frame (enhanced) CT sources yet.
 """
 
@@ -20,7 +20,6 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import format_number_as_ds
 
-from inference import localize
 from inference.identity import ALGORITHM_NAME, MANUFACTURER, SEG_DESCRIPTION, \
     AlgorithmIdentity, stamp_series
 from inference.results import AnalysisResult
@@ -31,11 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def lesion_mask(result: AnalysisResult, series: CTSeries) -> np.ndarray:
-    """(slices, rows, columns) bool: the lesion region of every lesion-bearing slice."""
-    spacing = float(np.mean(series.pixel_spacing))
+    """(slices, rows, columns) bool: the lesion region of every lesion-bearing slice, as
+    the engine cut it (:meth:`~inference.results.LesionMaps.region`)."""
     mask = np.zeros((len(series), *result.maps.shape), dtype=bool)
     for s in result.lesion_slices:
-        mask[s.index] = localize.lesion_region(result.maps.on_grid(s.index), spacing)
+        mask[s.index] = result.maps.region(s.index)
     return mask
 
 

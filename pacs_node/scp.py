@@ -118,16 +118,15 @@ class StorageSCP:
                  gate: PeerGate | None = None, tls: ssl.SSLContext | None = None,
                  authenticate: Authenticator | None = None) -> None:
         self.ae_title = ae_title
-        self.contexts = contexts
         self.store = store
         self.temp_file = temp_file
         self.has_room = has_room
-        # AE titles: leading and trailing spaces are not significant (PS3.5 6.2, PS3.8 9.3.2)
-        self.allowed = {a.strip() for a in allowed_calling_aets or []}
         self.max_associations = max_associations
         self.timeout = timeout
         self.gate = gate or PeerGate(max_total=2 * max_associations, max_per_peer=8)
-        self.acceptor = Acceptor(contexts, self.allowed, tls, authenticate)
+        # AE titles: leading and trailing spaces are not significant (PS3.5 6.2, PS3.8 9.3.2)
+        allowed = {a.strip() for a in allowed_calling_aets or []}
+        self.acceptor = Acceptor(contexts, allowed, tls, authenticate)
         self._listener: socket.socket | None = None
         self._active = 0
         self._lock = threading.Lock()

@@ -27,6 +27,7 @@ import logging
 import mmap
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -133,6 +134,8 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     gate: PeerGate
     watchdog: "_Watchdog"
+    lingering = 0                        # refused connections lingering now
+    lingering_lock = threading.Lock()
 
     def process_request(self, request, client_address) -> None:
         why = self.gate.enter(client_address[0])
@@ -151,9 +154,6 @@ class _Server(ThreadingHTTPServer):
         request.settimeout(IDLE_SECONDS)
         super().process_request(request, client_address)
 
-    lingering = 0
-    lingering_lock = threading.Lock()
-
     def _linger_then_close(self, request) -> None:
         try:
             _linger(request)
@@ -164,7 +164,6 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         """One line, no traceback: a client that went away mid-answer, say."""
-        import sys
         log.warning("STOW-RS connection from %s ended: %s", client_address[0],
                     sys.exc_info()[1])
 

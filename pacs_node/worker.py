@@ -73,13 +73,14 @@ class JobRunner:
         self.store = store
         self.engine = engine
         self.layout = DataLayout(config.data_dir)
+        self.node_id = config.node_id       # read once (config.node_id reads data_dir/node-id)
         self.on_job = on_job or (lambda job_id: None)
 
     def loop(self, stop: _Event, wake: _Event) -> None:
         """Run jobs until ``stop``; sleep until ``wake`` (or 5 s) when none is queued."""
         while not stop.is_set():
             try:
-                job = self.store.claim_job(self.config.node_id)
+                job = self.store.claim_job(self.node_id)
             except Exception as exc:     # the job store is away: try again later
                 log.error("the worker cannot take a job: %s", str(exc).splitlines()[0][:300])
                 job = None

@@ -217,6 +217,7 @@ def test_heatmaps_mark_the_patients_sides():
 def test_the_seg_overlays_the_lesion_region_on_its_ct_slices(written):
     """One binary segment "lesion", AUTOMATIC, one frame per CT slice with a region, each
     pointing at its source slice; dciodvfy finds no error; highdicom reads it back."""
+    from inference import localize
     from inference.seg import lesion_mask
 
     study, series, result, files = written
@@ -229,6 +230,10 @@ def test_the_seg_overlays_the_lesion_region_on_its_ct_slices(written):
     [description] = seg.SegmentSequence
     assert description.SegmentLabel == "lesion" and description.SegmentAlgorithmType == "AUTOMATIC"
     mask = lesion_mask(result, series)
+    spacing = float(np.mean(series.pixel_spacing))
+    for s in result.lesion_slices:        # the region the engine cut, kept, not cut again
+        assert (mask[s.index] == localize.lesion_region(result.maps.on_grid(s.index),
+                                                        spacing)).all()
     with_region = [series.slices[i].sop_instance_uid for i in range(len(series)) if mask[i].any()]
     referenced = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
                   for f in seg.PerFrameFunctionalGroupsSequence]
