@@ -26,7 +26,7 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any, Mapping
 
-from inference.choices import HeatmapChoice, PatientMethod
+from inference.choices import DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, ResultObject
 
 DEFAULT_FILE = "default.toml"
 #: In the data folder: the node's identity in a shared job store.
@@ -137,6 +137,13 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
+class ResultsSection:
+    """``[results]``: which DICOM objects an analysis writes and delivers."""
+
+    objects: tuple[ResultObject, ...] = DEFAULT_OBJECTS
+
+
+@dataclass(frozen=True)
 class DeliverySection:
     """``[delivery]``: retries of deliveries."""
 
@@ -170,7 +177,7 @@ class Destination:
 
 SECTIONS = {"node": NodeSection, "tls": TlsSection, "dicomweb": DicomwebSection,
             "store": StoreSection, "assembly": AssemblySection, "model": ModelSection,
-            "delivery": DeliverySection, "retention": RetentionSection}
+            "results": ResultsSection, "delivery": DeliverySection, "retention": RetentionSection}
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,7 @@ class NodeConfig:
     delivery: DeliverySection
     retention: RetentionSection
     destinations: tuple[Destination, ...] = ()
+    results: ResultsSection = ResultsSection()
 
     @property
     def data_dir(self) -> Path:
@@ -250,6 +258,11 @@ def _check(where: str, kind: Any, value: Any, from_text: bool) -> Any:
                 value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        item = typing.get_args(kind)[0]
+        if isinstance(item, type) and issubclass(item, enum.Enum):
+            if not value:
+                raise ConfigError(f"{where}: expected at least one of {', '.join(item)}")
+            return tuple(dict.fromkeys(_check(where, item, v, from_text) for v in value))
         return tuple(value)
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected text, got {value!r}")

@@ -19,3 +19,18 @@ class HeatmapChoice(enum.StrEnum):
     lesion = "lesion"                    # those the model flags as lesion-bearing
     all = "all"
     none = "none"
+
+
+class ResultObject(enum.StrEnum):
+    """The DICOM objects an analysis writes (``[results] objects``, ``analyze --objects``)."""
+
+    sr = "sr"        # Comprehensive SR, TID 1500 measurement report
+    seg = "seg"      # Segmentation of the lesion region
+    ko = "ko"        # Key Object Selection of the lesion slices ("Of Interest")
+    sc = "sc"        # Secondary Capture heatmaps (which slices: [model] heatmaps)
+    pm = "pm"        # Parametric Map of the lesion map (off by default)
+    gsps = "gsps"    # Grayscale Softcopy Presentation State: box outlines (off by default)
+
+
+#: What an analysis writes unless told otherwise.
+DEFAULT_OBJECTS = (ResultObject.sr, ResultObject.seg, ResultObject.ko, ResultObject.sc)

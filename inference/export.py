@@ -1,50 +1,93 @@
-"""Write the DICOM results of an analysis: heatmap SC images, the SR, the lesion SEG.
+"""Write the DICOM results of an analysis: the objects ``[results] objects`` names.
 
-Both go into the source study (same Study Instance UID, patient and study
-attributes copied), each in a new series; the SR references the CT slices
-and the heatmaps. By default heatmaps are made for the slices the model flags
-as lesion-bearing; ``heatmaps="all"`` makes one per slice.
+All go into the source study (same Study Instance UID, patient and study
+attributes copied), each kind in its own series with its own number: heatmap
+SCs (990), the SR (991), the lesion SEG (992), the key images KOS (993), and
+when asked for, a Parametric Map of the lesion map (994) and a presentation
+state with the box outlines (995). The SR references the CT slices and the
+heatmaps, the KOS the lesion slices and the SR. Objects with nothing to say
+(a SEG, KOS, PM or GSPS when no slice has a lesion) are not written. By default
+heatmaps are made for the slices the model flags as lesion-bearing;
+``heatmaps="all"`` makes one per slice.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from inference.choices import HeatmapChoice
+from inference.choices import DEFAULT_OBJECTS, HeatmapChoice, ResultObject
 from inference.conformance import conformant_header
 from inference.heatmap import build_sc, edge_markers, render_overlay
 from inference.identity import ALGORITHM_NAME, DISCLAIMER, AlgorithmIdentity
+from inference.ko import build_ko
 from inference.localize import smooth
 from inference.results import AnalysisResult
 from inference.series import CTSeries
 from inference.seg import build_seg
 from inference.sr import build_sr
 
-SC_SERIES_NUMBER = 990
-SR_SERIES_NUMBER = 991
-SEG_SERIES_NUMBER = 992
+#: Series Number of each kind of result object (distinct, so PACS lists keep them apart).
+SERIES_NUMBERS = {ResultObject.sc: 990, ResultObject.sr: 991, ResultObject.seg: 992,
+                  ResultObject.ko: 993, ResultObject.pm: 994, ResultObject.gsps: 995}
+#: File names in the results folder (heatmaps: one per CT image, by its Instance Number).
+FILE_NAMES = {ResultObject.sr: "SR-lungsys-report.dcm", ResultObject.seg: "SEG-lungsys-lesions.dcm",
+              ResultObject.ko: "KO-lungsys-key-images.dcm",
+              ResultObject.pm: "PM-lungsys-lesion-map.dcm",
+              ResultObject.gsps: "PR-lungsys-lesion-outlines.dcm"}
+#: The order objects are sent in: what a later object references goes first.
+DELIVERY_ORDER = (ResultObject.sc, ResultObject.seg, ResultObject.pm, ResultObject.gsps,
+                  ResultObject.sr, ResultObject.ko)
 HEATMAP_CHOICES = tuple(HeatmapChoice)
 
 
 @dataclass
 class ResultFiles:
-    """The DICOM files one analysis wrote: the SR, the SEG (when a lesion region was
-    found) and the heatmap SCs."""
+    """The DICOM files one analysis wrote, by kind."""
 
-    sr: Path
-    heatmaps: list[Path]
-    seg: Path | None = None
+    files: dict[ResultObject, list[Path]] = field(default_factory=dict)
+
+    def _one(self, kind: ResultObject) -> Path | None:
+        return (self.files.get(kind) or [None])[0]
+
+    @property
+    def sr(self) -> Path | None:
+        return self._one(ResultObject.sr)
+
+    @property
+    def seg(self) -> Path | None:
+        return self._one(ResultObject.seg)
+
+    @property
+    def ko(self) -> Path | None:
+        return self._one(ResultObject.ko)
+
+    @property
+    def heatmaps(self) -> list[Path]:
+        return list(self.files.get(ResultObject.sc, []))
 
     @property
     def all(self) -> list[Path]:
-        return [*self.heatmaps, *([self.seg] if self.seg else []), self.sr]
+        """Every file, in the order they are delivered."""
+        return [p for kind in DELIVERY_ORDER for p in self.files.get(kind, [])]
+
+    def kinds(self) -> list[tuple[ResultObject, Path]]:
+        """(kind, file) for every file, in the order they are delivered."""
+        return [(kind, p) for kind in DELIVERY_ORDER for p in self.files.get(kind, [])]
+
+    def summary(self) -> str:
+        """"SR, SEG, KO and 3 SC" -- what was written, for a person."""
+        parts = [f"{len(paths)} {kind.upper()}" if kind == ResultObject.sc else kind.upper()
+                 for kind, paths in ((k, self.files.get(k, [])) for k in DELIVERY_ORDER)
+                 if paths]
+        return " and ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 \
+            else (parts[0] if parts else "nothing")
 
 
 def slice_source(series: CTSeries, index: int, header: Dataset | None = None) -> Dataset:
@@ -71,10 +114,16 @@ def _shown(result: AnalysisResult, series: CTSeries, index: int) -> np.ndarray:
 
 
 def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path, *,
-                  heatmaps: str = HeatmapChoice.lesion) -> ResultFiles:
-    """Write the SC heatmaps and the SR of ``result`` into ``out_dir``."""
+                  heatmaps: str = HeatmapChoice.lesion,
+                  objects: tuple[str, ...] = DEFAULT_OBJECTS) -> ResultFiles:
+    """Write the result ``objects`` of ``result`` into ``out_dir``."""
     if heatmaps not in HEATMAP_CHOICES:
         raise ValueError(f"heatmaps must be one of {', '.join(HEATMAP_CHOICES)}")
+    unknown = [o for o in objects if o not in tuple(ResultObject)]
+    if unknown or not objects:
+        raise ValueError(f"objects must be some of {', '.join(ResultObject)}, "
+                         f"got {', '.join(map(str, objects)) or 'none'}")
+    wanted = {ResultObject(o) for o in objects}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = AlgorithmIdentity.from_model_info(result.model, result.method)
@@ -83,17 +132,18 @@ def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path,
     frames = [s.frame for s in series.slices]
     chosen = {HeatmapChoice.lesion: result.lesion_slices, HeatmapChoice.all: result.slices,
               HeatmapChoice.none: []}[HeatmapChoice(heatmaps)]
+    if ResultObject.sc not in wanted:
+        chosen = []
 
     with warnings.catch_warnings():   # highdicom's name check warns with the name in it
         warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom\.")
-        return _write(result, series, out, identity, sources, frames, chosen)
+        return _write(result, series, out, identity, sources, frames, chosen, wanted)
 
 
-def _write(result: AnalysisResult, series: CTSeries, out: Path, identity: AlgorithmIdentity,
-           sources: list[Dataset], frames: list, chosen: list) -> ResultFiles:
+def _heatmaps(result: AnalysisResult, series: CTSeries, out: Path, identity: AlgorithmIdentity,
+              sources: list[Dataset], frames: list, chosen: list) -> list[tuple[Dataset, Path]]:
     sc_series = hd.UID()
-    sc_datasets: list[Dataset] = []
-    sc_paths: list[Path] = []
+    written = []
     top = float(result.probabilities[result.diagnosis_index])
     for number, s in enumerate(chosen, start=1):
         lines = [f"{ALGORITHM_NAME} {identity.model_version}",
@@ -105,23 +155,49 @@ def _write(result: AnalysisResult, series: CTSeries, out: Path, identity: Algori
                                 [b.as_tuple() for b in s.boxes],
                                 edge_markers(series.orientation))
         sc = build_sc(sources[s.index], pixels, series_instance_uid=sc_series,
-                      series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+                      series_number=SERIES_NUMBERS[ResultObject.sc], sop_instance_uid=hd.UID(),
                       instance_number=number, identity=identity,
                       orientation=series.orientation, frame=frames[s.index])
         path = out / f"SC-lungsys-heatmap-slice{s.index + 1:04d}.dcm"
         sc.save_as(path, enforce_file_format=True)
-        sc_datasets.append(sc)
-        sc_paths.append(path)
+        written.append((sc, path))
+    return written
 
-    sr = build_sr(result, sources, frames, sc_datasets, identity,
-                  series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
-                  sop_instance_uid=hd.UID(), pixel_spacing_mm=float(series.pixel_spacing[0]))
-    sr_path = out / "SR-lungsys-report.dcm"
-    sr.save_as(sr_path, enforce_file_format=True)
-    seg = build_seg(result, series, sources, frames, identity, series_instance_uid=hd.UID(),
-                    series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID())
-    seg_path = None
-    if seg is not None:
-        seg_path = out / "SEG-lungsys-lesions.dcm"
-        seg.save_as(seg_path, enforce_file_format=True)
-    return ResultFiles(sr=sr_path, heatmaps=sc_paths, seg=seg_path)
+
+def _write(result: AnalysisResult, series: CTSeries, out: Path, identity: AlgorithmIdentity,
+           sources: list[Dataset], frames: list, chosen: list,
+           wanted: set[ResultObject]) -> ResultFiles:
+    files = ResultFiles()
+    heatmaps = _heatmaps(result, series, out, identity, sources, frames, chosen)
+    if heatmaps:
+        files.files[ResultObject.sc] = [p for _, p in heatmaps]
+
+    def save(kind: ResultObject, ds: Dataset | None) -> Dataset | None:
+        if ds is not None:
+            path = out / FILE_NAMES[kind]
+            ds.save_as(path, enforce_file_format=True)
+            files.files[kind] = [path]
+        return ds
+
+    uids = {kind: {"series_instance_uid": hd.UID(), "series_number": SERIES_NUMBERS[kind],
+                   "sop_instance_uid": hd.UID()} for kind in wanted}
+    report = None
+    if ResultObject.sr in wanted:
+        report = save(ResultObject.sr, build_sr(
+            result, sources, frames, [ds for ds, _ in heatmaps], identity,
+            pixel_spacing_mm=float(series.pixel_spacing[0]), **uids[ResultObject.sr]))
+    if ResultObject.seg in wanted:
+        save(ResultObject.seg, build_seg(result, series, sources, frames, identity,
+                                         **uids[ResultObject.seg]))
+    if ResultObject.ko in wanted:
+        save(ResultObject.ko, build_ko(result, sources, report, identity,
+                                       **uids[ResultObject.ko]))
+    if ResultObject.pm in wanted:
+        from inference.pm import build_pm
+        save(ResultObject.pm, build_pm(result, series, sources, frames, identity,
+                                       **uids[ResultObject.pm]))
+    if ResultObject.gsps in wanted:
+        from inference.gsps import build_gsps
+        save(ResultObject.gsps, build_gsps(result, sources, frames, identity,
+                                           **uids[ResultObject.gsps]))
+    return files

@@ -26,6 +26,9 @@ DISCLAIMER = "AI result - not for primary diagnosis"
 SR_DESCRIPTION = "AI lung report (lungsys)"
 SC_DESCRIPTION = "AI lesion heatmaps (lungsys)"
 SEG_DESCRIPTION = "AI lesion segmentation (lungsys)"
+KO_DESCRIPTION = "AI key images (lungsys)"
+PM_DESCRIPTION = "AI lesion map (lungsys)"
+GSPS_DESCRIPTION = "AI lesion outlines (lungsys)"
 PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 
 

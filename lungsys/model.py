@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from inference.choices import HeatmapChoice, PatientMethod
+from inference.choices import DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, ResultObject
 from lungsys.common import err, out, print_fields, progress
 
 
@@ -80,8 +80,13 @@ def analyze_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per batch (each at three "
                                             "windows).")] = 16,
     out_dir: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Write the DICOM results here: SR-lungsys-report.dcm and "
-        "SC-lungsys-heatmap-sliceNNNN.dcm.")] = None,
+        "--out", "-o", help="Write the DICOM results here (SR-lungsys-report.dcm, "
+        "SEG-lungsys-lesions.dcm, KO-lungsys-key-images.dcm, SC-lungsys-heatmap-sliceNNNN.dcm, "
+        "...).")] = None,
+    objects: Annotated[str, typer.Option(
+        help="Result objects to write with --out, comma-separated: sr, seg, ko, sc, pm "
+        "(Parametric Map), gsps (presentation state); the node's [results] objects.")]
+    = ",".join(DEFAULT_OBJECTS),
     heatmaps: Annotated[HeatmapChoice, typer.Option(
         help="Heatmaps for 'lesion' slices (flagged by the model), 'all' slices, or "
         "'none'.")] = HeatmapChoice.lesion,
@@ -91,14 +96,19 @@ def analyze_command(
     Prints the diagnosis, the four class probabilities, the infected fraction
     of the lung, and the slices with lesions and their boxes (rows and columns
     on the slice, end-exclusive). With --out, also writes the results as
-    DICOM: a Comprehensive 3D SR (TID 1500) and Secondary Capture heatmaps, in
-    the source study.
+    DICOM in the source study: by default a Comprehensive SR (TID 1500), a
+    lesion SEG, key images (KOS) and Secondary Capture heatmaps, as the node
+    writes them.
     """
     from inference.checkpoint import default_model
     from inference.engine import Engine
     from inference.profiles import CLASSES
     from inference.series import load_series
 
+    chosen = tuple(o.strip() for o in objects.split(",") if o.strip())
+    if not chosen or any(o not in tuple(ResultObject) for o in chosen):
+        raise typer.BadParameter(f"expected some of {', '.join(ResultObject)}, got {objects!r}",
+                                 param_hint="--objects")
     engine = Engine(model_path or default_model(), device=device, batch_size=batch_size,
                     method=method)
     if (engine.model.metadata.get("provenance") or {}).get("kind") == "init":
@@ -114,12 +124,12 @@ def analyze_command(
     files = None
     if out_dir is not None:
         from inference.export import write_results
-        files = write_results(result, series, out_dir, heatmaps=heatmaps)
+        files = write_results(result, series, out_dir, heatmaps=heatmaps, objects=chosen)
     if json_:
         report = result.to_json()
         if files is not None:
-            report["files"] = {"sr": str(files.sr), "heatmaps": [str(p) for p in files.heatmaps],
-                               "seg": str(files.seg) if files.seg else None}
+            report["files"] = {str(kind): [str(p) for p in paths] if kind == ResultObject.sc
+                               else str(paths[0]) for kind, paths in files.files.items()}
         print(json.dumps(report))
         return
     out.print(f"diagnosis: {result.diagnosis} ({result.method}; model {result.model.version}"
@@ -136,8 +146,7 @@ def analyze_command(
     if series.skipped:
         out.print(f"{len(series.skipped)} files skipped (lungsys scan lists them)")
     if files is not None:
-        seg = f", {files.seg.name}" if files.seg else ""
-        out.print(f"wrote {files.sr.name}{seg} and {len(files.heatmaps)} heatmaps to {out_dir}")
+        out.print(f"wrote {files.summary()} to {out_dir}", markup=False, highlight=False)
 
 
 COMMANDS = [("analyze", analyze_command)]

@@ -129,7 +129,8 @@ class JobRunner:
             result = self.engine.analyze(data)
             out = self.layout.inside(self.layout.results_folder(
                 series.study_instance_uid, series.series_instance_uid, job.version))
-            files = write_results(result, data, out, heatmaps=self.config.model.heatmaps)
+            files = write_results(result, data, out, heatmaps=self.config.model.heatmaps,
+                                  objects=self.config.results.objects)
         except SeriesError as exc:
             self.store.fail_job(job.id, f"skipped: {exc}")
             self.store.skip_series(series.id, str(exc))
@@ -138,10 +139,9 @@ class JobRunner:
             self._failed(job.id, exc)
             return
         records = []
-        for path in files.all:
+        for kind, path in files.kinds():
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            kind = "sr" if path == files.sr else "seg" if path == files.seg else "sc"
-            records.append({"kind": kind,
+            records.append({"kind": str(kind),
                             "sop_instance_uid": str(ds.SOPInstanceUID),
                             "sop_class_uid": str(ds.SOPClassUID),
                             "series_instance_uid": str(ds.SeriesInstanceUID),

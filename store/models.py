@@ -142,7 +142,7 @@ class Result(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(8))          # "sr" or "sc"
+    kind: Mapped[str] = mapped_column(String(8))          # sr, seg, ko, sc, pm, gsps
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     series_instance_uid: Mapped[str] = mapped_column(String(64))

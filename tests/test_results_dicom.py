@@ -173,8 +173,8 @@ def test_cli_analyze_writes_the_results(study_factory, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert Path(report["files"]["sr"]).name == "SR-lungsys-report.dcm"
-    assert len(report["files"]["heatmaps"]) == 24
-    assert sorted(p.name for p in (tmp_path / "out").iterdir())[0] == \
+    assert len(report["files"]["sc"]) == 24
+    assert sorted(p.name for p in (tmp_path / "out").glob("SC-*"))[0] == \
         "SC-lungsys-heatmap-slice0001.dcm"
     assert dciodvfy_errors(Path(report["files"]["sr"])) == []
 

@@ -1,0 +1,162 @@
+"""The other result objects: key images (KOS), and on request a Parametric Map and a
+GSPS; which objects are written follows ``[results] objects`` / ``--objects``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from config import ConfigError, load_config
+from inference.choices import DEFAULT_OBJECTS, ResultObject
+from inference.engine import Engine
+from inference.export import SERIES_NUMBERS, write_results
+from inference.ko import OF_INTEREST
+from inference.pm import LEVELS, REDUCTION, block_origin, reduced
+from inference.series import load_series
+
+from conftest import dciodvfy_errors
+from doubles import hotspot_model
+
+
+@pytest.fixture(scope="module")
+def everything(study_factory, tmp_path_factory):
+    study = study_factory("covid", 3, 24)
+    series = load_series(study.directory)
+    result = Engine(hotspot_model(), device="cpu").analyze(series)
+    files = write_results(result, series, tmp_path_factory.mktemp("all"),
+                          objects=tuple(ResultObject))
+    return series, result, files
+
+
+def test_every_object_kind_is_written_and_passes_dciodvfy(everything):
+    _, result, files = everything
+    assert result.lesion_slices
+    assert set(files.files) == set(ResultObject)
+    for path in files.all:
+        assert dciodvfy_errors(path) == [], path.name
+    # the KOS goes after the SR it references, the SR after the heatmaps it references
+    order = [kind for kind, _ in files.kinds()]
+    assert order.index(ResultObject.sr) < order.index(ResultObject.ko)
+    assert order.index(ResultObject.sc) < order.index(ResultObject.sr)
+
+
+def test_key_images_list_the_lesion_slices_and_the_report(everything):
+    series, result, files = everything
+    ko = hd.ko.KeyObjectSelectionDocument.from_dataset(pydicom.dcmread(files.ko))
+    assert ko.content[0].ConceptNameCodeSequence[0].CodeValue == OF_INTEREST.value
+    assert ko.content[0].ConceptNameCodeSequence[0].CodeMeaning == "Of Interest"
+    refs = {str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            for item in ko.ContentSequence if "ReferencedSOPSequence" in item}
+    sr_uid = str(pydicom.dcmread(files.sr).SOPInstanceUID)
+    lesion_uids = {s.sop_instance_uid for s in result.lesion_slices}
+    assert refs == lesion_uids | {sr_uid}
+    text = [item.TextValue for item in ko.ContentSequence if item.ValueType == "TEXT"
+            and item.ConceptNameCodeSequence[0].CodeValue == "113012"][0]  # Key Object Descr.
+    assert "not for primary diagnosis" in text
+    assert result.lesion_slices[0].label.split(" (")[0] in text     # "image 30", as PACS shows
+    ds = pydicom.dcmread(files.ko)
+    assert ds.SeriesDescription.startswith("AI ") and ds.SeriesDate
+    assert ds.SeriesNumber == SERIES_NUMBERS[ResultObject.ko]
+    assert ds.StudyInstanceUID == series.header.StudyInstanceUID
+
+
+def test_parametric_map_is_the_lesion_map_on_a_coarser_grid(everything):
+    series, result, files = everything
+    pm = pydicom.dcmread(files.files[ResultObject.pm][0])
+    flagged = result.lesion_slices
+    assert pm.NumberOfFrames == len(flagged)
+    assert (pm.Rows, pm.Columns) == tuple(-(-n // REDUCTION) for n in series.hu.shape[1:])
+    assert pm.BitsAllocated == 16
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert float(mapping.RealWorldValueSlope) == pytest.approx(1 / LEVELS)
+    frames = pm.pixel_array.reshape(len(flagged), pm.Rows, pm.Columns)
+    # each frame sits on its CT slice (its first block's centre) and holds its map
+    by_z = {round(s.z_mm, 2): s for s in flagged}
+    for frame, group in zip(frames, pm.PerFrameFunctionalGroupsSequence):
+        position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        s = by_z.pop(round(position[2], 2))
+        source = pydicom.dcmread(series.slices[s.index].path, stop_before_pixels=True)
+        assert position == pytest.approx(block_origin(source))
+        expected = reduced(result.maps.on_grid(s.index))
+        assert np.abs(frame / LEVELS - expected).max() <= 1 / LEVELS
+        assert frame.max() > 0
+    assert not by_z
+    assert str(pm.FrameOfReferenceUID) == str(source.FrameOfReferenceUID)
+
+
+def test_presentation_state_outlines_every_box_on_its_slice(everything):
+    _, result, files = everything
+    pr = pydicom.dcmread(files.files[ResultObject.gsps][0])
+    by_image = {str(a.ReferencedImageSequence[0].ReferencedSOPInstanceUID): a
+                for a in pr.GraphicAnnotationSequence}
+    boxed = [s for s in result.lesion_slices if s.boxes]
+    assert set(by_image) == {s.sop_instance_uid for s in boxed}
+    for s in boxed:
+        annotation = by_image[s.sop_instance_uid]
+        drawn = [np.asarray(g.GraphicData, dtype=float).reshape(-1, 2)
+                 for g in annotation.GraphicObjectSequence]
+        expected = [np.array([[b.col0, b.row0], [b.col1, b.row0], [b.col1, b.row1],
+                              [b.col0, b.row1], [b.col0, b.row0]], dtype=float)
+                    for b in s.boxes]
+        assert len(drawn) == len(expected)
+        for d, e in zip(drawn, expected):
+            assert np.array_equal(d, e)
+        assert all(t.UnformattedTextValue.startswith("AI lesion p=")
+                   for t in annotation.TextObjectSequence)
+    window = pr.SoftcopyVOILUTSequence[0]
+    assert (float(window.WindowCenter), float(window.WindowWidth)) == (-600.0, 1500.0)
+
+
+def test_only_the_asked_objects_are_written(everything, tmp_path):
+    series, result, _ = everything
+    files = write_results(result, series, tmp_path / "two", objects=("sr", "ko"))
+    assert set(files.files) == {ResultObject.sr, ResultObject.ko}
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        ["KO-lungsys-key-images.dcm", "SR-lungsys-report.dcm"]
+    files = write_results(result, series, tmp_path / "ko", objects=("ko",))
+    ko = pydicom.dcmread(files.ko)     # without an SR, the KOS lists the slices alone
+    assert len([i for i in ko.ContentSequence if "ReferencedSOPSequence" in i]) == \
+        len(result.lesion_slices)
+    with pytest.raises(ValueError, match="objects must be some of"):
+        write_results(result, series, tmp_path / "bad", objects=("sr", "jpeg"))
+
+
+def test_results_objects_configuration(tmp_path):
+    assert load_config().results.objects == DEFAULT_OBJECTS
+    config = tmp_path / "node.toml"
+    config.write_text('[results]\nobjects = ["sr", "pm", "sr"]\n')
+    assert load_config(config).results.objects == (ResultObject.sr, ResultObject.pm)
+    config.write_text('[results]\nobjects = ["sr", "mpeg"]\n')
+    with pytest.raises(ConfigError, match=r"results.objects: expected one of sr, seg"):
+        load_config(config)
+    config.write_text('[results]\nobjects = []\n')
+    with pytest.raises(ConfigError, match="results.objects: expected at least one"):
+        load_config(config)
+    env = load_config(environ={"LUNGSYS_RESULTS_OBJECTS": "sr,gsps"})
+    assert env.results.objects == (ResultObject.sr, ResultObject.gsps)
+
+
+def test_analyze_objects_option(study_factory, tmp_path):
+    from inference.checkpoint import LungSysModel, save_checkpoint
+
+    study = study_factory("covid", 2, 24)
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(LungSysModel.create("small", seed=5), ckpt)
+    exe = Path(sys.executable).with_name("lungsys")
+    proc = subprocess.run([str(exe), "analyze", str(study.directory), "--model", str(ckpt),
+                           "--out", str(tmp_path / "out"), "--objects", "sr,gsps", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report["files"]) <= {"sr", "gsps"} and "sr" in report["files"]
+    proc = subprocess.run([str(exe), "analyze", str(study.directory), "--model", str(ckpt),
+                           "--out", str(tmp_path / "out"), "--objects", "sr,movie"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--objects" in proc.stderr
