@@ -21,6 +21,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.valuerep import format_number_as_ds
 
 from inference.choices import DEFAULT_OBJECTS, HeatmapChoice, ResultObject
 from inference.conformance import conformant_header
@@ -129,6 +130,10 @@ def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path,
     identity = AlgorithmIdentity.from_model_info(result.model, result.method)
     header = conformant_header(series.header)
     sources = [slice_source(series, i, header) for i in range(len(series))]
+    thickness = series.slice_thickness or series.slice_spacing
+    for ds in sources:    # highdicom reads it (SEG, Image Library); a source whose value did
+        if "SliceThickness" not in ds and thickness:   # not conform was left without it
+            ds.SliceThickness = format_number_as_ds(float(thickness))
     frames = [s.frame for s in series.slices]
     chosen = {HeatmapChoice.lesion: result.lesion_slices, HeatmapChoice.all: result.slices,
               HeatmapChoice.none: []}[HeatmapChoice(heatmaps)]
@@ -184,8 +189,8 @@ def _write(result: AnalysisResult, series: CTSeries, out: Path, identity: Algori
     report = None
     if ResultObject.sr in wanted:
         report = save(ResultObject.sr, build_sr(
-            result, sources, frames, [ds for ds, _ in heatmaps], identity,
-            pixel_spacing_mm=float(series.pixel_spacing[0]), **uids[ResultObject.sr]))
+            result, sources, frames, [ds for ds, _ in heatmaps], identity, hu=series.hu,
+            pixel_spacing_mm=tuple(series.pixel_spacing), **uids[ResultObject.sr]))
     if ResultObject.seg in wanted:
         save(ResultObject.seg, build_seg(result, series, sources, frames, identity,
                                          **uids[ResultObject.seg]))

@@ -18,7 +18,6 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import format_number_as_ds
 
 from inference.identity import ALGORITHM_NAME, MANUFACTURER, SEG_DESCRIPTION, \
     AlgorithmIdentity, stamp_series
@@ -49,10 +48,6 @@ def build_seg(result: AnalysisResult, series: CTSeries, sources: list[Dataset],
     mask = lesion_mask(result, series)
     if not mask.any():
         return None
-    thickness = series.slice_thickness or series.slice_spacing
-    for ds in sources:          # highdicom reads it; a source whose value did not conform
-        if "SliceThickness" not in ds and thickness:   # (inference.conformance) lacks it
-            ds.SliceThickness = format_number_as_ds(float(thickness))
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME, family=codes.DCM.ArtificialIntelligence,
         version=identity.model_version, parameters={"parameters": "; ".join(identity.parameters)})

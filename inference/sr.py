@@ -1,40 +1,52 @@
-"""The Structured Report: a Comprehensive SR carrying a TID 1500 Measurement Report.
+"""The Structured Report: a Comprehensive SR carrying a TID 1500 Measurement Report
+laid out so that viewers show it.
 
 Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33), not 3D: it holds only
 image coordinates (SCOORD), and peers (DCMTK's storescu among them) propose
 the 3D SOP class far less often.
 
-Content (highdicom builds and validates each template as it is constructed):
+The layout follows what OHIF 3.13's ``cornerstone-dicom-sr`` extension and
+``@cornerstonejs/adapters`` 5.6 read (``tests/viewer/`` runs them on it):
 
-- a device observer (the model, with its Device UID);
-- a "patient assessment" group (TID 1501): the diagnosis as a coded
-  qualitative evaluation, concept SCT 439401001 "Diagnosis" (not DCM 121071
-  "Finding", which collides with the finding type on read-back); the
-  infected-lung fraction of the volume in percent; finding site lung; the
-  algorithm (TID 4019); a TEXT comment that the result is not for primary
-  diagnosis;
-- one group per class with its probability (DCM 122157 "Probability", UCUM
-  "1"), the class as the finding type;
-- a "slices with lesions" group referencing those CT images;
-- one planar ROI group (TID 1410) per lesion box: a SCOORD polyline on its CT
-  image, finding type lesion, site lung.
+- a device observer (the model, with its Device UID), the procedure (CT of
+  chest), and an Image Library (111028) listing the CT images the
+  measurements are made on (with their geometry);
+- Imaging Measurements (126010): one planar ROI group (TID 1410) per lesion
+  box and nothing else, the most probable lesion first (OHIF opens the report
+  on its first group, so it must lie on an image). Each group has its
+  Tracking Identifier ("lesion 1 on image 30 (z -113.9 mm)", the slice as
+  PACS show it) and UID, finding type lesion, finding site lung with its side,
+  the box as a closed 5-point SCOORD POLYLINE (111030 "Image Region") on its
+  CT slice, and three values each INFERRED FROM that region: area in mm2
+  (first: the adapters read the box from the first NUM), lesion probability
+  in %, mean attenuation in HU; and a Comment that viewers use as the label.
+  A patient-level item here would make OHIF's loader throw (it reads image
+  coordinates from every group);
+- Qualitative Evaluations (C0034375, where TID 1500 puts evaluations of the
+  whole report): the diagnosis as a coded evaluation (SCT 439401001
+  "Diagnosis"), each class as a Finding with its probability in %, the
+  infected-lung fraction in %, a comment that the result is not for primary
+  diagnosis, and the algorithm identification (TID 4019), once for the whole
+  report. TID 1500 is extensible; the NUM items here are such an extension.
 
-Every referenced instance, the CT slices and the heatmap SC images, is in the
-Current Requested Procedure Evidence Sequence; the SR also names the
-algorithm in the Contributing Equipment Sequence.
+Every container is SEPARATE, so text renderers (``dsr2html``, OHIF's text
+view) print each value with its name. Every referenced instance, the CT
+slices and the heatmap SC images, is in the Current Requested Procedure
+Evidence Sequence; the SR also names the algorithm in the Contributing
+Equipment Sequence.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import highdicom as hd
-from highdicom.sr import (AlgorithmIdentification, ComprehensiveSR,
+from highdicom.sr import (AlgorithmIdentification, CodeContentItem, ComprehensiveSR,
+                          ContainerContentItem, CoordinatesForMeasurement,
                           DeviceObserverIdentifyingAttributes, FindingSite, ImageRegion,
                           Measurement, MeasurementReport, MeasurementsAndQualitativeEvaluations,
-                          ObservationContext, ObserverContext,
-                          PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
-                          SourceImageForMeasurementGroup, SourceImageForRegion, TextContentItem,
-                          TrackingIdentifier)
+                          NumContentItem, ObservationContext,
+                          ObserverContext, PlanarROIMeasurementsAndQualitativeEvaluations,
+                          SourceImageForRegion, TextContentItem, TrackingIdentifier)
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -58,83 +70,111 @@ CT_CHEST = Code("169069000", "SCT", "CT of chest")
 #: No standard concept names the infected fraction of the lungs; a local code.
 LOCAL_SCHEME = "99LUNGSYS"
 INFECTED_FRACTION = Code("INFECTED-FRACTION", LOCAL_SCHEME, "Infected fraction of lung volume")
-LESION_SLICES = Code("LESION-SLICES", LOCAL_SCHEME, "Slices with lesions")
-UNIT_ONE = Code("1", "UCUM", "no units")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+RIGHT = Code("24028007", "SCT", "Right")     # CID 244 Laterality
+LEFT = Code("7771000", "SCT", "Left")
+UNIT_HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 UNIT_PERCENT = Code("%", "UCUM", "percent")
 UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")
 
 
-def _source(ds: Dataset, frame: int | None) -> SourceImageForMeasurementGroup:
-    return SourceImageForMeasurementGroup(
-        referenced_sop_class_uid=ds.SOPClassUID, referenced_sop_instance_uid=ds.SOPInstanceUID,
-        referenced_frame_numbers=[frame] if frame is not None else None)
+def _walk(items):
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def _side(hu: np.ndarray, box, source: Dataset) -> Code | None:
+    """The patient's side a box lies on: its centre against the body's midline (the
+    mean column of body pixels, above -500 HU) along the patient's left-right axis."""
+    along_row = float(source.ImageOrientationPatient[0])  # x (patient's left) per column
+    if abs(along_row) < 0.5:
+        return None
+    body = np.nonzero((hu > -500).any(axis=0))[0]
+    if body.size == 0:
+        return None
+    offset = ((box.col0 + box.col1) / 2 - (body.min() + body.max() + 1) / 2) * along_row
+    return LEFT if offset > 0 else RIGHT
+
+
+def _mean_hu(hu: np.ndarray, region: np.ndarray, box) -> float:
+    """Mean HU of the lesion region inside the box (the whole box when it holds none)."""
+    window = hu[box.row0:box.row1, box.col0:box.col1]
+    inside = region[box.row0:box.row1, box.col0:box.col1]
+    return float(window[inside].mean() if inside.any() else window.mean())
 
 
 def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | None],
-             heatmaps: list[Dataset], identity: AlgorithmIdentity, *,
+             heatmaps: list[Dataset], identity: AlgorithmIdentity, *, hu: np.ndarray,
              series_instance_uid: str, series_number: int, sop_instance_uid: str,
-             pixel_spacing_mm: float) -> ComprehensiveSR:
-    """The SR of one analysis; ``sources[i]`` is slice i's CT dataset (header)."""
-    algorithm = AlgorithmIdentification(name=ALGORITHM_NAME, version=identity.model_version,
-                                        parameters=identity.parameters,
-                                        manufacturer=MANUFACTURER)
+             pixel_spacing_mm: tuple[float, float]) -> ComprehensiveSR:
+    """The SR of one analysis; ``sources[i]`` is slice i's CT dataset (header), ``hu[i]``
+    its pixels in HU."""
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=identity.device_uid, name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER,
             model_name=identity.model_name))
-    lung = [FindingSite(LUNG)]
-
-    assessment = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="patient assessment"),
-        algorithm_id=algorithm, finding_sites=lung,
-        qualitative_evaluations=[QualitativeEvaluation(DIAGNOSIS,
-                                                       CLASS_CODES[result.diagnosis_index])],
-        measurements=[Measurement(name=INFECTED_FRACTION,
-                                  value=round(100.0 * result.infected_fraction, 4),
-                                  unit=UNIT_PERCENT, finding_sites=lung)])
-    _append_comment(assessment, f"{DISCLAIMER}. Produced by {ALGORITHM_NAME} "
-                                f"{identity.model_version} ({identity.method}).")
-    groups: list = [assessment]
-    for code, p in zip(CLASS_CODES, result.probabilities):
-        groups.append(MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=hd.UID(),
-                                                   identifier=f"probability {code.meaning}"[:64]),
-            finding_type=code, algorithm_id=algorithm, finding_sites=lung,
-            measurements=[Measurement(name=PROBABILITY, value=round(float(p), 6),
-                                      unit=UNIT_ONE)]))
-    lesion_slices = result.lesion_slices
-    if lesion_slices:
-        groups.append(MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="slices with lesions"),
-            finding_type=LESION, algorithm_id=algorithm, finding_sites=lung,
-            finding_category=LESION_SLICES,
-            source_images=[_source(sources[s.index], frames[s.index]) for s in lesion_slices]))
-    for s in lesion_slices:
+    pixel_mm2 = float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
+    lesions = sorted(((s, n, box) for s in result.lesion_slices
+                      for n, box in enumerate(s.boxes, start=1)),
+                     key=lambda t: (-t[0].lesion_probability, -t[2].score, t[0].index))
+    groups = []
+    for s, n, box in lesions:
         ds = sources[s.index]
-        for n, box in enumerate(s.boxes, start=1):
-            polyline = np.array([[box.col0, box.row0], [box.col1, box.row0],
-                                 [box.col1, box.row1], [box.col0, box.row1],
-                                 [box.col0, box.row0]], dtype=np.float32)
-            region = ImageRegion(
-                graphic_type="POLYLINE", graphic_data=polyline,
-                source_image=SourceImageForRegion(
-                    ds.SOPClassUID, ds.SOPInstanceUID,
-                    [frames[s.index]] if frames[s.index] is not None else None))
-            groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(
-                    uid=hd.UID(), identifier=f"lesion {n} on {s.label}"[:64]),
-                referenced_region=region, finding_type=LESION, algorithm_id=algorithm,
-                finding_sites=lung,
-                measurements=[
-                    Measurement(name=PROBABILITY, value=round(s.lesion_probability, 6),
-                                unit=UNIT_ONE),
-                    Measurement(name=codes.SCT.Area,
-                                value=round(box.area_px * pixel_spacing_mm ** 2, 2),
-                                unit=UNIT_MM2)]))
+        frame = [frames[s.index]] if frames[s.index] is not None else None
+        corners = np.array([[box.col0, box.row0], [box.col1, box.row0], [box.col1, box.row1],
+                            [box.col0, box.row1], [box.col0, box.row0]], dtype=np.float32)
 
-    report = MeasurementReport(observation_context=ObservationContext(
-        observer_device_context=observer), procedure_reported=CT_CHEST, imaging_measurements=groups)
+        def inferred_from(corners=corners, ds=ds, frame=frame):
+            return [CoordinatesForMeasurement(
+                graphic_type="POLYLINE", graphic_data=corners,
+                source_image=SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID, frame))]
+
+        region = ImageRegion(graphic_type="POLYLINE", graphic_data=corners,
+                             source_image=SourceImageForRegion(ds.SOPClassUID,
+                                                               ds.SOPInstanceUID, frame))
+        side = _side(hu[s.index], box, ds)
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=hd.UID(), identifier=f"lesion {n} on {s.label}"[:64]),
+            referenced_region=region, finding_type=LESION,
+            finding_sites=[FindingSite(LUNG, laterality=side)],
+            measurements=[
+                Measurement(name=codes.SCT.Area, value=round(box.area_px * pixel_mm2, 2),
+                            unit=UNIT_MM2),
+                Measurement(name=PROBABILITY, value=round(100 * s.lesion_probability, 2),
+                            unit=UNIT_PERCENT),
+                Measurement(name=codes.DCM.AttenuationCoefficient,
+                            value=round(_mean_hu(hu[s.index], result.maps.region(s.index), box),
+                                        1),
+                            unit=UNIT_HU, derivation=codes.SCT.Mean)])
+        # each value INFERRED FROM the box (TID 300 row 8; highdicom's TID 1410 does not
+        # take it, and the adapters read the box from under the first NUM)
+        for item in group[0].ContentSequence:
+            if item.ValueType == "NUM":
+                item.ContentSequence = [*item.get("ContentSequence", []), *inferred_from()]
+        group[0].ContentSequence.append(TextContentItem(
+            name=COMMENT, relationship_type="CONTAINS",
+            value=f"AI lesion {100 * s.lesion_probability:.1f}%"))
+        groups.append(group)
+
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=CT_CHEST,
+        # highdicom insists on a group; with no lesion Imaging Measurements stays empty
+        imaging_measurements=groups or [MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="none"))],
+        referenced_images=[sources[i] for i in sorted({s.index for s, _, _ in lesions})] or None)
+    if not groups:
+        for item in report[0].ContentSequence:
+            if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value:
+                del item.ContentSequence
+    report[0].ContentSequence.append(_evaluations(result, identity))
+    for item in _walk(report[0].ContentSequence):
+        if item.ValueType == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+    report[0].ContinuityOfContent = "SEPARATE"
     sr = ComprehensiveSR(
         evidence=[*sources, *heatmaps], content=report[0],
         series_instance_uid=series_instance_uid, series_number=series_number,
@@ -151,8 +191,28 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
     return sr
 
 
-def _append_comment(group: MeasurementsAndQualitativeEvaluations, text: str) -> None:
-    """Add a TEXT item (TID 1501 allows text qualitative evaluations) to a group."""
-    item = TextContentItem(name=COMMENT, value=text[:1024], relationship_type="CONTAINS")
-    group[0].ContentSequence.append(item)
-
+def _evaluations(result: AnalysisResult, identity: AlgorithmIdentity) -> ContainerContentItem:
+    """The patient-level result: TID 1500's Qualitative Evaluations container."""
+    container = ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS",
+                                     is_content_continuous=False)
+    items = [CodeContentItem(name=DIAGNOSIS, value=CLASS_CODES[result.diagnosis_index],
+                             relationship_type="CONTAINS")]
+    for code, p in zip(CLASS_CODES, result.probabilities):
+        finding = CodeContentItem(name=codes.DCM.Finding, value=code,
+                                  relationship_type="CONTAINS")
+        finding.ContentSequence = [NumContentItem(
+            name=PROBABILITY, value=round(100 * float(p), 2), unit=UNIT_PERCENT,
+            relationship_type="HAS PROPERTIES")]
+        items.append(finding)
+    items.append(NumContentItem(name=INFECTED_FRACTION,
+                                value=round(100.0 * result.infected_fraction, 4),
+                                unit=UNIT_PERCENT, relationship_type="CONTAINS"))
+    items.append(TextContentItem(
+        name=COMMENT, relationship_type="CONTAINS",
+        value=f"{DISCLAIMER}. Produced by {ALGORITHM_NAME} {identity.model_version} "
+              f"({identity.method})."[:1024]))
+    items.extend(AlgorithmIdentification(name=ALGORITHM_NAME, version=identity.model_version,
+                                         parameters=identity.parameters,
+                                         manufacturer=MANUFACTURER))
+    container.ContentSequence = items
+    return container

@@ -48,36 +48,96 @@ def test_dsrdump_reads_the_sr(written):
     code = CLASS_CODES[result.diagnosis_index]
     assert f'"Diagnosis")=({code.value},SCT,"{code.meaning}")' in proc.stdout
     assert proc.stdout.count('"Probability")') >= 4
+    assert "=CONTINUOUS" not in proc.stdout        # every container SEPARATE
 
 
-def test_highdicom_reads_back_diagnosis_probabilities_fraction_algorithm(written):
+def test_dsr2html_shows_every_value_with_its_name(written):
+    """A text renderer shows "Probability = 99.88 %", not a bare "99.88 %"."""
+    import html
+    import re
+
     _, _, result, files = written
+    proc = subprocess.run([require_tool("dsr2html"), str(files.sr)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", proc.stdout)))
+    top = CLASS_CODES[result.diagnosis_index].meaning
+    named = r"(?::| =) "         # dsr2html: "Name: value" in a container, "Name = value" below
+    assert re.search("Diagnosis" + named + re.escape(top), text)
+    for name in ("Probability", "Infected fraction of lung volume", "Area",
+                 "Attenuation Coefficient"):
+        assert re.search(re.escape(name) + named + r"-?[0-9.]+ ", text), name
+    for code in CLASS_CODES:
+        assert re.search("Finding" + named + re.escape(code.meaning), text)
+    assert re.search("Algorithm Name" + named + '"lungsys M3 Lung-Sys"', text)
+    # no value without its name: every number with a unit follows "NAME: " or "NAME = "
+    values = re.findall(r"(\S+ ?)(-?[0-9]+\.[0-9]+) (?:%|mm2|\[hnsf'U\])", text)
+    assert values and all(before.rstrip().endswith((":", "=")) for before, _ in values), values
+
+
+def test_highdicom_reads_back_diagnosis_probabilities_fraction_boxes(written):
+    """What the README shows: the few lines that read the SR back."""
+    _, series, result, files = written
     sr = hd.sr.srread(files.sr)
-    groups = sr.content.get_image_measurement_groups()
-    assessment = [g for g in groups if g.tracking_identifier == "patient assessment"][0]
-    diagnosis = assessment.get_qualitative_evaluations(name=DIAGNOSIS)
-    assert len(diagnosis) == 1 and diagnosis[0].value == CLASS_CODES[result.diagnosis_index]
-    fraction = assessment.get_measurements(name=INFECTED_FRACTION)[0]
-    assert fraction.value == pytest.approx(100 * result.infected_fraction, abs=1e-3)
-    assert fraction.unit.value == "%"
-    probabilities = {}
-    for g in groups:
-        if g.finding_type is not None and g.finding_type in CLASS_CODES:
-            probabilities[g.finding_type.value] = g.get_measurements(name=PROBABILITY)[0].value
-    assert list(probabilities) == [c.value for c in CLASS_CODES]
-    np.testing.assert_allclose(list(probabilities.values()), result.probabilities, atol=1e-6)
-    def text(name):  # TID 4019 Algorithm Identification items of the group
-        return [i.TextValue for i in find_content_items(assessment[0], name=name)]
+    [diagnosis] = find_content_items(sr, name=DIAGNOSIS, recursive=True)
+    assert diagnosis.ConceptCodeSequence[0].CodeMeaning == CLASS_CODES[result.diagnosis_index].meaning
+    probabilities = {f.ConceptCodeSequence[0].CodeMeaning: f.ContentSequence[0].MeasuredValueSequence[0].NumericValue
+                     for f in find_content_items(sr, name=codes.DCM.Finding, recursive=True)
+                     if f.ConceptCodeSequence[0].CodingSchemeDesignator == "SCT"
+                     and "ContentSequence" in f}
+    assert list(probabilities) == [c.meaning for c in CLASS_CODES]
+    np.testing.assert_allclose([float(v) for v in probabilities.values()],
+                               100 * result.probabilities, atol=0.01)
+    [fraction] = find_content_items(sr, name=INFECTED_FRACTION, recursive=True)
+    assert float(fraction.MeasuredValueSequence[0].NumericValue) == \
+        pytest.approx(100 * result.infected_fraction, abs=1e-3)
+    assert fraction.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"
+
+    def text(name):   # TID 4019 Algorithm Identification: once in the report
+        return [i.TextValue for i in find_content_items(sr, name=name, recursive=True)]
     assert text(codes.DCM.AlgorithmName) == ["lungsys M3 Lung-Sys"]
     assert text(codes.DCM.AlgorithmVersion) == [result.model.version]
     assert any("method=network" in p for p in text(codes.DCM.AlgorithmParameters))
     device = sr.content.get_observer_contexts(observer_type=codes.DCM.Device)
     assert device[0].observer_identifying_attributes.uid == result.model.device_uid
+    assert sr.SeriesDescription.startswith("AI")
+
+    # one planar ROI group per box and nothing else; the most probable lesion first
     rois = sr.content.get_planar_roi_measurement_groups()
     assert len(rois) == sum(len(s.boxes) for s in result.slices) > 0
-    assert sr.SeriesDescription.startswith("AI")
-    assert all(g.tracking_identifier.startswith("lesion ") and " on image " in
-               g.tracking_identifier for g in rois)     # the CT's Instance Number, as PACS shows
+    assert sr.content.get_image_measurement_groups() == []      # no patient-level group
+    by_uid = {s.sop_instance_uid: s for s in result.slices}
+    seen = []
+    for g in rois:
+        region = g.roi
+        s = by_uid[region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+        corners = region.value.reshape(-1, 2)
+        assert len(corners) == 5 and (corners[0] == corners[-1]).all()
+        box = [(b.col0, b.row0, b.col1, b.row1) for b in s.boxes]
+        assert (corners[0][0], corners[0][1], corners[2][0], corners[2][1]) in box
+        assert g.tracking_identifier.startswith("lesion ") and f" on {s.label}" in \
+            g.tracking_identifier                         # the CT's Instance Number and z
+        [p] = g.get_measurements(name=PROBABILITY)
+        assert float(p.value) == pytest.approx(100 * s.lesion_probability, abs=0.01)
+        assert p.unit.value == "%"
+        [area] = g.get_measurements(name=codes.SCT.Area)
+        assert area.unit.value == "mm2" and area.value > 0
+        [hu] = g.get_measurements(name=codes.DCM.AttenuationCoefficient)
+        assert hu.unit.value == "[hnsf'U]" and -1024 <= hu.value <= 3071
+        # each value carries the region it was inferred from (the adapters read the
+        # box from under the first NUM, Area)
+        assert g[0].ContentSequence[[i.ValueType for i in g[0].ContentSequence]
+                                    .index("NUM")].ConceptNameCodeSequence[0].CodeMeaning == "Area"
+        for m in (p, area, hu):
+            [scoord] = [i for i in m[0].ContentSequence if i.ValueType == "SCOORD"]
+            assert scoord.RelationshipType == "INFERRED FROM"
+            assert list(scoord.GraphicData) == list(region.GraphicData)
+        [site] = g.finding_sites
+        assert site.value.value == "39607008"
+        seen.append(s.lesion_probability)
+    assert seen == sorted(seen, reverse=True)
+    library = find_content_items(sr, name=codes.DCM.ImageLibrary)
+    assert len(library) == 1
 
 
 def test_contributing_equipment_names_the_algorithm(written):
