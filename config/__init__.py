@@ -26,7 +26,8 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any, Mapping
 
-from inference.choices import DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, ResultObject
+from inference.choices import (DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, ResultObject,
+                              SegCompression)
 
 DEFAULT_FILE = "default.toml"
 #: In the data folder: the node's identity in a shared job store.
@@ -141,6 +142,7 @@ class ResultsSection:
     """``[results]``: which DICOM objects an analysis writes and delivers."""
 
     objects: tuple[ResultObject, ...] = DEFAULT_OBJECTS
+    seg_compression: SegCompression = SegCompression.none
 
 
 @dataclass(frozen=True)

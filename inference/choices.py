@@ -34,3 +34,10 @@ class ResultObject(enum.StrEnum):
 
 #: What an analysis writes unless told otherwise.
 DEFAULT_OBJECTS = (ResultObject.sr, ResultObject.seg, ResultObject.ko, ResultObject.sc)
+
+
+class SegCompression(enum.StrEnum):
+    """How the SEG's frames are stored (``[results] seg_compression``)."""
+
+    none = "none"            # Explicit VR Little Endian, bit-packed: every reader takes it
+    jpeg2000 = "jpeg2000"    # JPEG 2000 Lossless, ~8x smaller; OHIF reads it, not every PACS

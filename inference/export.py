@@ -23,7 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.valuerep import format_number_as_ds
 
-from inference.choices import DEFAULT_OBJECTS, HeatmapChoice, ResultObject
+from inference.choices import DEFAULT_OBJECTS, HeatmapChoice, ResultObject, SegCompression
 from inference.conformance import conformant_header
 from inference.heatmap import build_sc, edge_markers, render_overlay
 from inference.identity import ALGORITHM_NAME, DISCLAIMER, AlgorithmIdentity
@@ -116,7 +116,8 @@ def _shown(result: AnalysisResult, series: CTSeries, index: int) -> np.ndarray:
 
 def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path, *,
                   heatmaps: str = HeatmapChoice.lesion,
-                  objects: tuple[str, ...] = DEFAULT_OBJECTS) -> ResultFiles:
+                  objects: tuple[str, ...] = DEFAULT_OBJECTS,
+                  seg_compression: str = SegCompression.none) -> ResultFiles:
     """Write the result ``objects`` of ``result`` into ``out_dir``."""
     if heatmaps not in HEATMAP_CHOICES:
         raise ValueError(f"heatmaps must be one of {', '.join(HEATMAP_CHOICES)}")
@@ -142,7 +143,8 @@ def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path,
 
     with warnings.catch_warnings():   # highdicom's name check warns with the name in it
         warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom\.")
-        return _write(result, series, out, identity, sources, frames, chosen, wanted)
+        return _write(result, series, out, identity, sources, frames, chosen, wanted,
+                      SegCompression(seg_compression))
 
 
 def _heatmaps(result: AnalysisResult, series: CTSeries, out: Path, identity: AlgorithmIdentity,
@@ -171,7 +173,7 @@ def _heatmaps(result: AnalysisResult, series: CTSeries, out: Path, identity: Alg
 
 def _write(result: AnalysisResult, series: CTSeries, out: Path, identity: AlgorithmIdentity,
            sources: list[Dataset], frames: list, chosen: list,
-           wanted: set[ResultObject]) -> ResultFiles:
+           wanted: set[ResultObject], seg_compression: SegCompression) -> ResultFiles:
     files = ResultFiles()
     heatmaps = _heatmaps(result, series, out, identity, sources, frames, chosen)
     if heatmaps:
@@ -193,7 +195,7 @@ def _write(result: AnalysisResult, series: CTSeries, out: Path, identity: Algori
             pixel_spacing_mm=tuple(series.pixel_spacing), **uids[ResultObject.sr]))
     if ResultObject.seg in wanted:
         save(ResultObject.seg, build_seg(result, series, sources, frames, identity,
-                                         **uids[ResultObject.seg]))
+                                         compression=seg_compression, **uids[ResultObject.seg]))
     if ResultObject.ko in wanted:
         save(ResultObject.ko, build_ko(result, sources, report, identity,
                                        **uids[ResultObject.ko]))

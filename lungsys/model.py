@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from inference.choices import DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, ResultObject
+from inference.choices import (DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, ResultObject,
+                               SegCompression)
 from lungsys.common import err, out, print_fields, progress
 
 
@@ -87,6 +88,9 @@ def analyze_command(
         help="Result objects to write with --out, comma-separated: sr, seg, ko, sc, pm "
         "(Parametric Map), gsps (presentation state); the node's [results] objects.")]
     = ",".join(DEFAULT_OBJECTS),
+    seg_compression: Annotated[SegCompression, typer.Option(
+        help="SEG frames bit-packed (none) or JPEG 2000 Lossless; the node's [results] "
+        "seg_compression.")] = SegCompression.none,
     heatmaps: Annotated[HeatmapChoice, typer.Option(
         help="Heatmaps for 'lesion' slices (flagged by the model), 'all' slices, or "
         "'none'.")] = HeatmapChoice.lesion,
@@ -124,7 +128,8 @@ def analyze_command(
     files = None
     if out_dir is not None:
         from inference.export import write_results
-        files = write_results(result, series, out_dir, heatmaps=heatmaps, objects=chosen)
+        files = write_results(result, series, out_dir, heatmaps=heatmaps, objects=chosen,
+                              seg_compression=seg_compression)
     if json_:
         report = result.to_json()
         if files is not None:

@@ -21,6 +21,7 @@ from config import Destination, DestinationKind
 from pacs_node.dimse import STORED
 
 log = logging.getLogger(__name__)
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 class DeliveryError(Exception):
@@ -33,8 +34,14 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    # every SOP class sent, in the uncompressed syntaxes and, for a compressed object (a
+    # JPEG 2000 SEG), in its own syntax as a context apart, so the peer can refuse just that
+    for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+                                     for ds in datasets}):
+        if syntax not in UNCOMPRESSED:
+            ae.add_requested_context(sop_class, [syntax])
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_requested_context(sop_class, list(UNCOMPRESSED))
     tls_args = None
     if destination.tls:
         from pacs_node.security import client_context
@@ -48,6 +55,13 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
     failures = []
     try:
         for ds in datasets:
+            syntax = ds.file_meta.TransferSyntaxUID
+            if syntax not in UNCOMPRESSED and not any(
+                    c.abstract_syntax == ds.SOPClassUID and c.transfer_syntax[0] == syntax
+                    for c in assoc.accepted_contexts):
+                failures.append(f"{ds.SOPClassUID.name} in {syntax.name} not accepted by the "
+                                f"peer (set [results] seg_compression = \"none\")")
+                continue
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:

@@ -130,7 +130,8 @@ class JobRunner:
             out = self.layout.inside(self.layout.results_folder(
                 series.study_instance_uid, series.series_instance_uid, job.version))
             files = write_results(result, data, out, heatmaps=self.config.model.heatmaps,
-                                  objects=self.config.results.objects)
+                                  objects=self.config.results.objects,
+                                  seg_compression=self.config.results.seg_compression)
         except SeriesError as exc:
             self.store.fail_job(job.id, f"skipped: {exc}")
             self.store.skip_series(series.id, str(exc))

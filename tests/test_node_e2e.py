@@ -1,5 +1,6 @@
-"""End to end: a modality (storescu) sends a phantom study to the node; the SR and
-the heatmaps arrive in a real Orthanc, over DIMSE and over STOW-RS."""
+"""End to end: a modality (storescu) sends a phantom study to the node; the results
+(SR, SEG, key images, heatmaps) arrive in a real Orthanc, over DIMSE and over STOW-RS,
+as series of the CT's study."""
 
 from __future__ import annotations
 
@@ -11,21 +12,23 @@ import time
 import highdicom as hd
 import pydicom
 import pytest
+from highdicom.sr.utils import find_content_items
 
 from config import load_config
-from inference.checkpoint import LungSysModel
 from inference.engine import Engine
 from inference.sr import CLASS_CODES, DIAGNOSIS
 from pacs_node.node import Node
 from store.models import DeliveryState, JobState
 
 from conftest import require_tool
+from doubles import hotspot_model
 from orthanc import Orthanc, free_port
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(LungSysModel.create("small", seed=1), device="cpu")
+    """A model that always finds lesions, so that every result object is made."""
+    return Engine(hotspot_model(), device="cpu")
 
 
 @pytest.fixture
@@ -74,20 +77,27 @@ def delivered(node: Node):
 
 
 def check_orthanc(pacs: Orthanc, study, origin: str) -> None:
+    """One study in the PACS: the CT and every result series, each dated, described
+    ("AI ..."), numbered apart; the SR's diagnosis readable."""
     ct = pydicom.dcmread(study.files[0])
     studies = pacs.get("/studies?expand")
     [s] = [x for x in studies if x["MainDicomTags"]["StudyInstanceUID"] == ct.StudyInstanceUID]
     series = [pacs.get(f"/series/{sid}") for sid in s["Series"]]
     modalities = sorted(x["MainDicomTags"].get("Modality", "") for x in series)
-    # the CT, heatmaps (SC), the SR, and the SEG when the model found a lesion region
-    assert modalities in (["CT", "OT", "SR"], ["CT", "OT", "SEG", "SR"]), modalities
+    # the CT, key images (KO), heatmaps (SC: modality OT), the SEG and the SR
+    assert modalities == ["CT", "KO", "OT", "SEG", "SR"], modalities
+    results = [x["MainDicomTags"] for x in series if x["MainDicomTags"]["Modality"] != "CT"]
+    for tags in results:
+        assert len(tags.get("SeriesDate", "")) == 8 and tags.get("SeriesTime"), tags
+        assert tags["SeriesDescription"].startswith("AI ") and \
+            tags["SeriesDescription"].endswith("(lungsys)"), tags
+    assert len({tags["SeriesNumber"] for tags in results}) == len(results)
     [sr_series] = [x for x in series if x["MainDicomTags"].get("Modality") == "SR"]
     sr_id = sr_series["Instances"][0]
     sr = hd.sr.ComprehensiveSR.from_dataset(
         pydicom.dcmread(io.BytesIO(pacs.get(f"/instances/{sr_id}/file"))))
-    group = sr.content.get_image_measurement_groups()[0]
-    [diagnosis] = group.get_qualitative_evaluations(name=DIAGNOSIS)
-    assert diagnosis.value in CLASS_CODES
+    [diagnosis] = find_content_items(sr, name=DIAGNOSIS, recursive=True)
+    assert diagnosis.ConceptCodeSequence[0].CodeValue in {c.value for c in CLASS_CODES}
     meta = pacs.get(f"/instances/{sr_id}/metadata?expand")
     assert meta["Origin"] == origin
     if origin == "DicomProtocol":

@@ -160,3 +160,52 @@ def test_analyze_objects_option(study_factory, tmp_path):
                            "--out", str(tmp_path / "out"), "--objects", "sr,movie"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--objects" in proc.stderr
+
+
+def test_a_jpeg2000_seg_is_smaller_the_same_mask_and_delivered(everything, tmp_path):
+    """``seg_compression = "jpeg2000"``: dciodvfy-clean, the same mask, much smaller; a
+    PACS that takes JPEG 2000 stores it, one that does not gets a clear error while the
+    other objects still arrive."""
+    from pynetdicom import AE, evt
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+
+    from config import Destination, DestinationKind
+    from pacs_node.delivery import DeliveryError, send_dimse
+    from orthanc import Orthanc, free_port
+
+    series, result, files = everything
+    packed = write_results(result, series, tmp_path / "packed", objects=("seg",))
+    j2k = write_results(result, series, tmp_path / "j2k", objects=("seg",),
+                        seg_compression="jpeg2000")
+    assert pydicom.dcmread(j2k.seg).file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert dciodvfy_errors(j2k.seg) == []
+    assert j2k.seg.stat().st_size * 4 < packed.seg.stat().st_size
+    assert np.array_equal(hd.seg.segread(j2k.seg).pixel_array,
+                          hd.seg.segread(packed.seg).pixel_array)
+
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        send_dimse(Destination(name="pacs", kind=DestinationKind.dimse, ae_title=pacs.aet,
+                               host="127.0.0.1", port=pacs.dicom_port), [j2k.seg], "LUNGSYS")
+        [instance] = pacs.get("/instances")
+        meta = pacs.get(f"/instances/{instance}/metadata?expand")
+        assert meta["TransferSyntax"] == JPEG2000Lossless
+    finally:
+        pacs.stop()
+
+    stored = []
+    scp = AE(ae_title="PLAIN")
+    for kind in (files.sr, j2k.seg):
+        scp.add_supported_context(pydicom.dcmread(kind).SOPClassUID,
+                                  [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda event: stored.append(event.request.AffectedSOPClassUID)
+         or 0x0000)])
+    try:
+        with pytest.raises(DeliveryError, match='1 of 2 objects not stored .*seg_compression'):
+            send_dimse(Destination(name="plain", kind=DestinationKind.dimse, ae_title="PLAIN",
+                                   host="127.0.0.1", port=port), [files.sr, j2k.seg], "LUNGSYS")
+    finally:
+        server.shutdown()
+    assert stored == [pydicom.dcmread(files.sr).SOPClassUID]
