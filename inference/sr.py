@@ -46,7 +46,8 @@ from highdicom.sr import (AlgorithmIdentification, CodeContentItem, Comprehensiv
                           Measurement, MeasurementReport, MeasurementsAndQualitativeEvaluations,
                           NumContentItem, ObservationContext,
                           ObserverContext, PlanarROIMeasurementsAndQualitativeEvaluations,
-                          SourceImageForRegion, TextContentItem, TrackingIdentifier)
+                          ImageContentItem, SourceImageForRegion, TextContentItem,
+                          TrackingIdentifier, UIDRefContentItem)
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -66,6 +67,7 @@ PROBABILITY = Code("122157", "DCM", "Probability")
 LUNG = Code("39607008", "SCT", "Lung")
 LESION = Code("52988006", "SCT", "Lesion")
 COMMENT = Code("121106", "DCM", "Comment")
+SOURCE = Code("260753009", "SCT", "Source")
 CT_CHEST = Code("169069000", "SCT", "CT of chest")
 #: No standard concept names the infected fraction of the lungs; a local code.
 LOCAL_SCHEME = "99LUNGSYS"
@@ -76,6 +78,15 @@ LEFT = Code("7771000", "SCT", "Left")
 UNIT_HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 UNIT_PERCENT = Code("%", "UCUM", "percent")
 UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")
+
+
+def _reference(ds: Dataset) -> Dataset:
+    """What the evidence sequence needs of an instance (the SR copies the patient and
+    study from the first, which is whole; copying 300 whole headers took seconds)."""
+    ref = Dataset()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        setattr(ref, keyword, getattr(ds, keyword))
+    return ref
 
 
 def _walk(items):
@@ -164,8 +175,12 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
         procedure_reported=CT_CHEST,
         # highdicom insists on a group; with no lesion Imaging Measurements stays empty
         imaging_measurements=groups or [MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="none"))],
-        referenced_images=[sources[i] for i in sorted({s.index for s, _, _ in lesions})] or None)
+            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="none"))])
+    measured = [sources[i] for i in sorted({s.index for s, _, _ in lesions})]
+    if measured:   # after the procedure, before Imaging Measurements (TID 1500 rows 4-6)
+        at = [i.ConceptNameCodeSequence[0].CodeValue for i in report[0].ContentSequence] \
+            .index(codes.DCM.ImagingMeasurements.value)
+        report[0].ContentSequence.insert(at, _image_library(measured, frames, sources))
     if not groups:
         for item in report[0].ContentSequence:
             if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value:
@@ -176,7 +191,7 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
             item.ContinuityOfContent = "SEPARATE"
     report[0].ContinuityOfContent = "SEPARATE"
     sr = ComprehensiveSR(
-        evidence=[*sources, *heatmaps], content=report[0],
+        evidence=[sources[0], *map(_reference, [*sources[1:], *heatmaps])], content=report[0],
         series_instance_uid=series_instance_uid, series_number=series_number,
         sop_instance_uid=sop_instance_uid, instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,
@@ -189,6 +204,34 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
     scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
     sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
+
+
+def _image_library(images: list[Dataset], frames: list[int | None],
+                   sources: list[Dataset]) -> ContainerContentItem:
+    """TID 1600 Image Library: one group (126200) naming the shared Modality and Frame of
+    Reference, then an IMAGE item per CT image the measurements are made on. Per-image
+    descriptors (TID 1602, optional) are left out: a 140-box report listed them for 64
+    images as 1,100 items, and no reader here uses them (OHIF keeps only the list)."""
+    frame_of = {ds.SOPInstanceUID: frames[i] for i, ds in enumerate(sources)}
+    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type="CONTAINS",
+                                 is_content_continuous=False)
+    first = images[0]
+    shared = [CodeContentItem(name=codes.DCM.Modality,
+                              value=Code(str(first.Modality), "DCM", str(first.Modality)),
+                              relationship_type="HAS ACQ CONTEXT")]
+    if "FrameOfReferenceUID" in first:
+        shared.append(UIDRefContentItem(name=codes.DCM.FrameOfReferenceUID,
+                                        value=first.FrameOfReferenceUID,
+                                        relationship_type="HAS ACQ CONTEXT"))
+    group.ContentSequence = [*shared, *(
+        ImageContentItem(name=SOURCE, referenced_sop_class_uid=ds.SOPClassUID,
+                         referenced_sop_instance_uid=ds.SOPInstanceUID,
+                         referenced_frame_numbers=frame_of.get(ds.SOPInstanceUID),
+                         relationship_type="CONTAINS") for ds in images)]
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type="CONTAINS",
+                                   is_content_continuous=False)
+    library.ContentSequence = [group]
+    return library
 
 
 def _evaluations(result: AnalysisResult, identity: AlgorithmIdentity) -> ContainerContentItem:
