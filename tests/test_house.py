@@ -17,8 +17,10 @@ FORBIDDEN = {"inference": {"pacs_node", "lungsys", "training", "store"},
              "store": {"pacs_node", "lungsys", "training", "inference"},
              "config": {"pacs_node", "lungsys", "training", "inference", "store"}}
 #: ... but for these (the choices an analysis takes are defined once, in inference)
-EXCEPT = {"config": {"inference", "inference.choices", "inference.choices.HeatmapChoice",
-                     "inference.choices.PatientMethod"}}
+EXCEPT = {"config": {"inference", "inference.choices",
+                     *(f"inference.choices.{name}" for name in (
+                         "HeatmapChoice", "PatientMethod", "ResultObject", "SegCompression",
+                         "DEFAULT_OBJECTS"))}}
 
 
 def _modules() -> dict[str, Path]:

@@ -209,3 +209,33 @@ def test_a_jpeg2000_seg_is_smaller_the_same_mask_and_delivered(everything, tmp_p
     finally:
         server.shutdown()
     assert stored == [pydicom.dcmread(files.sr).SOPClassUID]
+
+
+def test_the_readme_lines_read_diagnosis_probabilities_boxes_and_mask(everything, tmp_path):
+    """The README's highdicom lines, run on results the engine wrote: they print what the
+    result says."""
+    import re
+
+    from inference.seg import lesion_mask
+    from inference.sr import CLASS_CODES
+
+    series, result, _ = everything
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- reads the results -->\n```python\n(.*?)```", readme, re.S).group(1)
+    write_results(result, series, tmp_path / "demo" / "results")
+    script = tmp_path / "readme.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"diagnosis: {CLASS_CODES[result.diagnosis_index].meaning}"
+    for code, p, line in zip(CLASS_CODES, result.probabilities, lines[1:5]):
+        name, value = line.strip().rsplit(": ", 1)
+        assert name == code.meaning and float(value.rstrip(" %")) == \
+            pytest.approx(100 * p, abs=0.01)
+    boxes = [line for line in lines[5:-1] if line.startswith("lesion ")]
+    assert len(boxes) == sum(len(s.boxes) for s in result.lesion_slices) == len(lines) - 6
+    mask = lesion_mask(result, series)
+    assert lines[-1] == (f"lesion region on {int(mask.any(axis=(1, 2)).sum())} CT images, "
+                         f"{int(mask.sum())} pixels")
