@@ -41,6 +41,13 @@ def test_every_object_kind_is_written_and_passes_dciodvfy(everything):
     assert set(files.files) == set(ResultObject)
     for path in files.all:
         assert dciodvfy_errors(path) == [], path.name
+    # highdicom reads each back as its IOD (0.28 has no SC or GSPS reader: pydicom's)
+    readers = {ResultObject.sr: hd.sr.ComprehensiveSR, ResultObject.seg: hd.seg.Segmentation,
+               ResultObject.ko: hd.ko.KeyObjectSelectionDocument,
+               ResultObject.pm: hd.pm.ParametricMap}
+    for kind, path in files.kinds():
+        if kind in readers:
+            assert isinstance(readers[kind].from_dataset(pydicom.dcmread(path)), readers[kind])
     # the KOS goes after the SR it references, the SR after the heatmaps it references
     order = [kind for kind, _ in files.kinds()]
     assert order.index(ResultObject.sr) < order.index(ResultObject.ko)
