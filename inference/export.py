@@ -152,7 +152,12 @@ def _heatmaps(result: AnalysisResult, series: CTSeries, out: Path, identity: Alg
     sc_series = hd.UID()
     written = []
     top = float(result.probabilities[result.diagnosis_index])
-    for number, s in enumerate(chosen, start=1):
+    # each heatmap numbered as its CT image, so that PACS lists "image 37" beside image 37
+    # (one's own count where the CT's numbers are missing or repeated)
+    numbers = [s.instance_number for s in chosen]
+    if None in numbers or len(set(numbers)) < len(numbers):
+        numbers = list(range(1, len(chosen) + 1))
+    for number, s in zip(numbers, chosen):
         lines = [f"{ALGORITHM_NAME} {identity.model_version}",
                  f"Diagnosis: {result.diagnosis} (p={top:.2f})",
                  f"{s.label[0].upper()}{s.label[1:]}: lesion probability "

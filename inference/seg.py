@@ -32,6 +32,10 @@ from inference.version import software_version
 
 log = logging.getLogger(__name__)
 
+#: The segment's Recommended Display CIELab Value: the heatmaps' red (viewers otherwise pick
+#: one and OHIF says so in a warning).
+LESION_COLOUR = hd.color.CIELabColor(53.2, 80.1, 67.2)
+
 #: The SEG's transfer syntax by ``[results] seg_compression``: bit-packed native pixels, or
 #: JPEG 2000 Lossless, the one compressed syntax highdicom writes binary segments in.
 TRANSFER_SYNTAXES = {SegCompression.none: ExplicitVRLittleEndian,
@@ -67,7 +71,8 @@ def build_seg(result: AnalysisResult, series: CTSeries, sources: list[Dataset],
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Lesion,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm, anatomic_regions=[codes.SCT.Lung])
+        algorithm_identification=algorithm, anatomic_regions=[codes.SCT.Lung],
+        display_color=LESION_COLOUR)
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,

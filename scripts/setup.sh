@@ -16,6 +16,13 @@ debs=(orthanc orthanc-dicomweb dcmtk dicom3tools)
 # the tests also run the job store on a private PostgreSQL server, and make DICOM TLS
 # certificates with the openssl command
 [ -n "$extras" ] && debs+=(postgresql openssl)
+# the viewer tests (tests/test_viewer.py) run OHIF in Debian's headless chromium, and Node.js
+# programs; Debian's nodejs and npm only when no node is on PATH (a NodeSource node, for
+# one, conflicts with Debian's npm package)
+if [ -n "$extras" ]; then
+    debs+=(chromium)
+    command -v node >/dev/null || debs+=(nodejs npm)
+fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || debs+=(python3-venv)
 
 missing=()
@@ -45,4 +52,19 @@ pip_install --upgrade pip
 # that no other requirement pulls a CUDA build.
 pip_install "torch==2.13.0"
 pip_install -e ".${extras}"
+
+if [ -n "$extras" ]; then
+    # The viewer tests' npm packages, exactly as their package-lock.json pins them (versions
+    # and sha512), without install scripts; skipped where node_modules already holds that lock.
+    for dir in tests/viewer/*/; do
+        [ -f "$dir/package-lock.json" ] || continue
+        stamp="$dir/node_modules/.lungsys-lock.sha256"
+        want="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+        if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+            echo "setup: npm ci in $dir"
+            (cd "$dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+            echo "$want" > "$stamp"
+        fi
+    done
+fi
 echo "setup: done ($(.venv/bin/lungsys --version))"

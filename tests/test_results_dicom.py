@@ -255,12 +255,17 @@ def test_result_series_say_what_and_when_they_are(written):
 
 
 def test_slices_are_named_as_pacs_shows_them(written):
-    """The CT's Instance Number and z, in the JSON and in the heatmap's burned-in text."""
-    study, series, result, _ = written
+    """The CT's Instance Number and z, in the JSON, the labels and the heatmaps' numbers."""
+    study, series, result, files = written
     report = result.to_json()
     for s, info in zip(report["slices"], series.slices):
         assert s["instance_number"] == info.instance_number
         assert s["z_mm"] == pytest.approx(info.position[2], abs=0.01)
+    by_uid = {s.sop_instance_uid: s for s in result.slices}
+    for path in files.heatmaps:     # each heatmap numbered as its CT image
+        sc = pydicom.dcmread(path, stop_before_pixels=True)
+        source = sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert sc.InstanceNumber == by_uid[source].instance_number
     lesion = result.lesion_slices[0]
     assert lesion.label == (f"image {series.slices[lesion.index].instance_number} "
                             f"(z {series.slices[lesion.index].position[2]:.1f} mm)")
