@@ -37,7 +37,8 @@ from inference.sr import build_sr
 #: Series Number of each kind of result object (distinct, so PACS lists keep them apart).
 SERIES_NUMBERS = {ResultObject.sc: 990, ResultObject.sr: 991, ResultObject.seg: 992,
                   ResultObject.ko: 993, ResultObject.pm: 994, ResultObject.gsps: 995}
-#: File names in the results folder (heatmaps: one per CT image, by its Instance Number).
+#: File names in the results folder (heatmaps: SC-lungsys-heatmap-sliceNNNN.dcm, one per
+#: chosen slice, NNNN its place in the series, 1 the lowest).
 FILE_NAMES = {ResultObject.sr: "SR-lungsys-report.dcm", ResultObject.seg: "SEG-lungsys-lesions.dcm",
               ResultObject.ko: "KO-lungsys-key-images.dcm",
               ResultObject.pm: "PM-lungsys-lesion-map.dcm",
@@ -83,7 +84,7 @@ class ResultFiles:
         return [(kind, p) for kind in DELIVERY_ORDER for p in self.files.get(kind, [])]
 
     def summary(self) -> str:
-        """"SR, SEG, KO and 3 SC" -- what was written, for a person."""
+        """"3 SC, SEG, SR and KO" -- what was written, for a person."""
         parts = [f"{len(paths)} {kind.upper()}" if kind == ResultObject.sc else kind.upper()
                  for kind, paths in ((k, self.files.get(k, [])) for k in DELIVERY_ORDER)
                  if paths]
@@ -97,10 +98,15 @@ def slice_source(series: CTSeries, index: int, header: Dataset | None = None) ->
     info = series.slices[index]
     ds = copy.deepcopy(series.header if header is None else header)  # never the original
     ds.SOPInstanceUID = info.sop_instance_uid
+    if not ds.get("Modality"):        # the loader took it as CT (a result names a modality)
+        ds.Modality = "CT"
     if info.frame is None:
         ds.ImagePositionPatient = list(info.position)
         if info.instance_number is not None:
             ds.InstanceNumber = info.instance_number
+    else:   # a frame of an enhanced instance: its geometry, as a slice's, for the builders
+        ds.ImageOrientationPatient = [float(v) for v in series.orientation]
+        ds.PixelSpacing = [float(v) for v in series.pixel_spacing]
     return ds
 
 

@@ -6,10 +6,13 @@ neither SEG nor SR measurements. This one references the lesion slices only
 image pixels on a graphic layer "AI LESIONS" with a short label above it
 ("AI lesion p=0.93"), and sets the lung window the heatmaps use, so that
 opening it shows the slice as the model saw it. Off by default
-(``[results] objects`` adds ``"gsps"``); none is written when no slice has a box.
+(``[results] objects`` adds ``"gsps"``); none is written when no slice has a box,
+nor for multi-frame CT sources yet.
 """
 
 from __future__ import annotations
+
+import logging
 
 import highdicom as hd
 import numpy as np
@@ -23,6 +26,8 @@ from inference.identity import GSPS_DESCRIPTION, MANUFACTURER, AlgorithmIdentity
 from inference.results import AnalysisResult
 from inference.version import software_version
 
+log = logging.getLogger(__name__)
+
 LAYER = "AI LESIONS"
 #: Pixels between a box's top edge and its label's baseline.
 LABEL_GAP = 3
@@ -32,6 +37,9 @@ def build_gsps(result: AnalysisResult, sources: list[Dataset], frames: list[int 
                identity: AlgorithmIdentity, *, series_instance_uid: str, series_number: int,
                sop_instance_uid: str) -> GrayscaleSoftcopyPresentationState | None:
     """The outlines of one analysis's lesion boxes, or None when there are none."""
+    if any(f is not None for f in frames):
+        log.info("no GSPS for a multi-frame CT source (not supported yet)")
+        return None
     boxed = [s for s in result.lesion_slices if s.boxes]
     if not boxed:
         return None
@@ -57,7 +65,7 @@ def build_gsps(result: AnalysisResult, sources: list[Dataset], frames: list[int 
         frame = frames[s.index]
         annotations.append(GraphicAnnotation(
             referenced_images=[source], graphic_layer=layer,
-            referenced_frame_number=frame if frame is not None else None,
+            referenced_frame_number=frame,
             graphic_objects=graphics, text_objects=texts))
     window = SoftcopyVOILUTTransformation(window_center=DISPLAY_CENTRE,
                                           window_width=DISPLAY_WIDTH,

@@ -7,10 +7,13 @@ measurements they carry (so the PACS can open the report beside them), with a
 Key Object Description saying who chose them and that the choice is an AI
 result (TID 2010). The document names the algorithm as its device observer
 and in the Contributing Equipment Sequence, as the other result objects do.
-No KOS is made when no slice is flagged.
+No KOS is made when no slice is flagged, nor yet for a multi-frame CT source
+(its frames would need referencing one by one).
 """
 
 from __future__ import annotations
+
+import logging
 
 from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
 from highdicom.sr import DeviceObserverIdentifyingAttributes, ObserverContext
@@ -21,6 +24,8 @@ from pydicom.sr.coding import Code
 from inference.identity import (ALGORITHM_NAME, DISCLAIMER, KO_DESCRIPTION, MANUFACTURER,
                                 AlgorithmIdentity, stamp_series)
 from inference.results import AnalysisResult
+
+log = logging.getLogger(__name__)
 
 #: CID 7010 Key Object Selection Document Title: the one PACS show as key images.
 OF_INTEREST = Code("113000", "DCM", "Of Interest")
@@ -33,6 +38,9 @@ def build_ko(result: AnalysisResult, sources: list[Dataset], report: Dataset | N
     the SR to reference, if one is written), or None when no slice has a lesion."""
     flagged = result.lesion_slices
     if not flagged:
+        return None
+    if any(s.frame is not None for s in flagged):
+        log.info("no key images for a multi-frame CT source (frames not referenced yet)")
         return None
     chosen = [sources[s.index] for s in flagged]
     labels = ", ".join(s.label.split(" (")[0] for s in flagged[:12])

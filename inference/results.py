@@ -33,9 +33,12 @@ class SliceResult:
 
     @property
     def label(self) -> str:
-        """The slice as a reader finds it in PACS: "image 30 (z -113.9 mm)"."""
+        """The slice as a reader finds it in PACS: "image 30 (z -113.9 mm)" ("image 1 frame 30
+        (z ...)" in a multi-frame instance)."""
         number = (f"image {self.instance_number}" if self.instance_number is not None
                   else f"slice {self.index + 1}")
+        if self.frame is not None:
+            number += f" frame {self.frame}"
         return number + (f" (z {self.z_mm:.1f} mm)" if self.z_mm is not None else "")
 
 

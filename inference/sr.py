@@ -10,7 +10,7 @@ The layout follows what OHIF 3.13's ``cornerstone-dicom-sr`` extension and
 
 - a device observer (the model, with its Device UID), the procedure (CT of
   chest), and an Image Library (111028) listing the CT images the
-  measurements are made on (with their geometry);
+  measurements are made on (their Modality and Frame of Reference once);
 - Imaging Measurements (126010): one planar ROI group (TID 1410) per lesion
   box and nothing else, the most probable lesion first (OHIF opens the report
   on its first group, so it must lie on an image). Each group has its
@@ -68,6 +68,8 @@ LUNG = Code("39607008", "SCT", "Lung")
 LESION = Code("52988006", "SCT", "Lesion")
 COMMENT = Code("121106", "DCM", "Comment")
 SOURCE = Code("260753009", "SCT", "Source")
+#: CID 29 Acquisition Modality meanings of the modalities a source may have.
+MODALITIES = {"CT": "Computed Tomography"}
 CT_CHEST = Code("169069000", "SCT", "CT of chest")
 #: No standard concept names the infected fraction of the lungs; a local code.
 LOCAL_SCHEME = "99LUNGSYS"
@@ -96,15 +98,23 @@ def _walk(items):
 
 
 def _side(hu: np.ndarray, box, source: Dataset) -> Code | None:
-    """The patient's side a box lies on: its centre against the body's midline (the
-    mean column of body pixels, above -500 HU) along the patient's left-right axis."""
-    along_row = float(source.ImageOrientationPatient[0])  # x (patient's left) per column
-    if abs(along_row) < 0.5:
+    """The patient's side a box lies on: its centre against the body's midline (the middle
+    of the pixels above -500 HU) along whichever image axis runs left-right (the columns
+    of an axial slice, the rows of a decubitus one); None for an oblique slice."""
+    orientation = [float(v) for v in source.get("ImageOrientationPatient") or []]
+    if len(orientation) != 6:
         return None
-    body = np.nonzero((hu > -500).any(axis=0))[0]
+    along_row, along_column = orientation[0], orientation[3]   # x (patient's left) per step
+    if abs(along_row) >= 0.5:
+        sign, axis, centre = along_row, 0, (box.col0 + box.col1) / 2
+    elif abs(along_column) >= 0.5:
+        sign, axis, centre = along_column, 1, (box.row0 + box.row1) / 2
+    else:
+        return None
+    body = np.nonzero((hu > -500).any(axis=axis))[0]
     if body.size == 0:
         return None
-    offset = ((box.col0 + box.col1) / 2 - (body.min() + body.max() + 1) / 2) * along_row
+    offset = (centre - (body.min() + body.max() + 1) / 2) * sign
     return LEFT if offset > 0 else RIGHT
 
 
@@ -173,7 +183,7 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=CT_CHEST,
-        # highdicom insists on a group; with no lesion Imaging Measurements stays empty
+        # highdicom insists on a group; with no lesion box Imaging Measurements goes, below
         imaging_measurements=groups or [MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="none"))])
     measured = [sources[i] for i in sorted({s.index for s, _, _ in lesions})]
@@ -181,10 +191,10 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
         at = [i.ConceptNameCodeSequence[0].CodeValue for i in report[0].ContentSequence] \
             .index(codes.DCM.ImagingMeasurements.value)
         report[0].ContentSequence.insert(at, _image_library(measured, frames, sources))
-    if not groups:
-        for item in report[0].ContentSequence:
-            if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value:
-                del item.ContentSequence
+    if not groups:     # TID 1500: Imaging Measurements holds 1-n groups, or is left out
+        report[0].ContentSequence = [
+            item for item in report[0].ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImagingMeasurements.value]
     report[0].ContentSequence.append(_evaluations(result, identity))
     for item in _walk(report[0].ContentSequence):
         if item.ValueType == "CONTAINER":
@@ -209,25 +219,33 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
 def _image_library(images: list[Dataset], frames: list[int | None],
                    sources: list[Dataset]) -> ContainerContentItem:
     """TID 1600 Image Library: one group (126200) naming the shared Modality and Frame of
-    Reference, then an IMAGE item per CT image the measurements are made on. Per-image
-    descriptors (TID 1602, optional) are left out: a 140-box report listed them for 64
-    images as 1,100 items, and no reader here uses them (OHIF keeps only the list)."""
-    frame_of = {ds.SOPInstanceUID: frames[i] for i, ds in enumerate(sources)}
-    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type="CONTAINS",
-                                 is_content_continuous=False)
+    Reference, then an IMAGE item per CT instance the measurements are made on (with the
+    frames, for a multi-frame one). Per-image descriptors (TID 1602, optional) are left
+    out: a 140-box report listed them for 64 images as 1,100 items, and no reader here
+    uses them (OHIF keeps only the list)."""
+    wanted = {ds.SOPInstanceUID for ds in images}
+    entries: dict[str, tuple[Dataset, list[int]]] = {}
+    for ds, frame in zip(sources, frames):
+        if ds.SOPInstanceUID in wanted:
+            entry = entries.setdefault(ds.SOPInstanceUID, (ds, []))
+            if frame is not None:
+                entry[1].append(frame)
     first = images[0]
+    modality = str(first.get("Modality") or "CT")
     shared = [CodeContentItem(name=codes.DCM.Modality,
-                              value=Code(str(first.Modality), "DCM", str(first.Modality)),
+                              value=Code(modality, "DCM", MODALITIES.get(modality, modality)),
                               relationship_type="HAS ACQ CONTEXT")]
-    if "FrameOfReferenceUID" in first:
+    if first.get("FrameOfReferenceUID"):
         shared.append(UIDRefContentItem(name=codes.DCM.FrameOfReferenceUID,
                                         value=first.FrameOfReferenceUID,
                                         relationship_type="HAS ACQ CONTEXT"))
+    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type="CONTAINS",
+                                 is_content_continuous=False)
     group.ContentSequence = [*shared, *(
         ImageContentItem(name=SOURCE, referenced_sop_class_uid=ds.SOPClassUID,
                          referenced_sop_instance_uid=ds.SOPInstanceUID,
-                         referenced_frame_numbers=frame_of.get(ds.SOPInstanceUID),
-                         relationship_type="CONTAINS") for ds in images)]
+                         referenced_frame_numbers=sorted(numbers) or None,
+                         relationship_type="CONTAINS") for ds, numbers in entries.values())]
     library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type="CONTAINS",
                                    is_content_continuous=False)
     library.ContentSequence = [group]

@@ -25,7 +25,12 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 class DeliveryError(Exception):
-    """A delivery attempt that did not store every object; the message says why."""
+    """A delivery attempt that did not store every object; the message says why.
+    ``permanent``: trying again cannot help (the peer refuses what is sent as it is)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
@@ -52,7 +57,7 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
         raise DeliveryError(f"association with {destination.ae_title}@{destination.host}:"
                             f"{destination.port} not established "
                             f"({'rejected' if assoc.is_rejected else 'no answer'})")
-    failures = []
+    failures, refused = [], 0
     try:
         for ds in datasets:
             syntax = ds.file_meta.TransferSyntaxUID
@@ -61,6 +66,7 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
                     for c in assoc.accepted_contexts):
                 failures.append(f"{ds.SOPClassUID.name} in {syntax.name} not accepted by the "
                                 f"peer (set [results] seg_compression = \"none\")")
+                refused += 1
                 continue
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
@@ -72,7 +78,7 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
         assoc.release()
     if failures:
         raise DeliveryError(f"{len(failures)} of {len(datasets)} objects not stored "
-                            f"({failures[0]})")
+                            f"({failures[0]})", permanent=refused == len(failures))
 
 
 def send_stow(destination: Destination, files: list[Path], timeout: float = 60.0) -> None:

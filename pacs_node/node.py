@@ -249,7 +249,7 @@ class Node:
                 delivery.send(dest, files, self.config.node.ae_title)
             except Exception as exc:
                 attempts = d.attempts + 1
-                give_up = attempts >= cfg.max_attempts
+                give_up = attempts >= cfg.max_attempts or getattr(exc, "permanent", False)
                 retry_at = utcnow() + delivery.backoff(attempts, cfg.initial_backoff_seconds,
                                                        cfg.max_backoff_seconds)
                 self.store.record_attempt(d.id, ok=False, error=str(exc)[:2000],

@@ -17,11 +17,12 @@ debs=(orthanc orthanc-dicomweb dcmtk dicom3tools)
 # certificates with the openssl command
 [ -n "$extras" ] && debs+=(postgresql openssl)
 # the viewer tests (tests/test_viewer.py) run OHIF in Debian's headless chromium, and Node.js
-# programs; Debian's nodejs and npm only when no node is on PATH (a NodeSource node, for
-# one, conflicts with Debian's npm package)
+# programs (Node.js 20 or newer); Debian's nodejs and npm only where no node or npm is on
+# PATH (a NodeSource node, for one, brings its own npm and conflicts with Debian's)
 if [ -n "$extras" ]; then
     debs+=(chromium)
-    command -v node >/dev/null || debs+=(nodejs npm)
+    command -v node >/dev/null || debs+=(nodejs)
+    command -v npm >/dev/null || debs+=(npm)
 fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || debs+=(python3-venv)
 

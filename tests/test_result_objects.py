@@ -210,9 +210,11 @@ def test_a_jpeg2000_seg_is_smaller_the_same_mask_and_delivered(everything, tmp_p
         (evt.EVT_C_STORE, lambda event: stored.append(event.request.AffectedSOPClassUID)
          or 0x0000)])
     try:
-        with pytest.raises(DeliveryError, match='1 of 2 objects not stored .*seg_compression'):
+        with pytest.raises(DeliveryError, match='1 of 2 objects not stored .*seg_compression') \
+                as refused:
             send_dimse(Destination(name="plain", kind=DestinationKind.dimse, ae_title="PLAIN",
                                    host="127.0.0.1", port=port), [files.sr, j2k.seg], "LUNGSYS")
+        assert refused.value.permanent       # retrying cannot help: the delivery gives up
     finally:
         server.shutdown()
     assert stored == [pydicom.dcmread(files.sr).SOPClassUID]
@@ -246,3 +248,91 @@ def test_the_readme_lines_read_diagnosis_probabilities_boxes_and_mask(everything
     mask = lesion_mask(result, series)
     assert lines[-1] == (f"lesion region on {int(mask.any(axis=(1, 2)).sum())} CT images, "
                          f"{int(mask.sum())} pixels")
+
+
+def _without(result, *, boxes: bool = False, lesions: bool = False):
+    """The result with its boxes (and, with ``lesions``, its lesion slices) taken away."""
+    from dataclasses import replace
+
+    slices = [replace(s, boxes=[] if not boxes else s.boxes,
+                      lesion_probability=0.1 if lesions else s.lesion_probability)
+              for s in result.slices]
+    return replace(result, slices=slices)
+
+
+@pytest.mark.parametrize("lesions", [False, True], ids=["lesion-slices-no-boxes", "no-lesion"])
+def test_a_report_without_boxes_leaves_imaging_measurements_out(everything, tmp_path,
+                                                                 lesions):
+    """TID 1500's Imaging Measurements holds 1-n groups or is absent; highdicom reads the
+    report, the diagnosis is there, and nothing is made that would be empty."""
+    from highdicom.sr.utils import find_content_items
+    from pydicom.sr.codedict import codes
+
+    from inference.sr import CLASS_CODES, DIAGNOSIS
+
+    series, result, _ = everything
+    bare = _without(result, lesions=lesions)
+    files = write_results(bare, series, tmp_path / "bare", objects=tuple(ResultObject))
+    assert dciodvfy_errors(files.sr) == []
+    sr = hd.sr.srread(files.sr)
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    assert find_content_items(sr, name=codes.DCM.ImagingMeasurements) == []
+    [diagnosis] = find_content_items(sr, name=DIAGNOSIS, recursive=True)
+    assert diagnosis.value.value == CLASS_CODES[result.diagnosis_index].value
+    assert files.files.get(ResultObject.gsps) is None        # no box to draw
+    assert (files.ko is None) == lesions                     # key images: the lesion slices
+    assert (files.files.get(ResultObject.pm) is None) == lesions
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFS"])
+def test_each_box_names_the_patients_side(study_factory, tmp_path, position):
+    """Finding site lung with its laterality: right or left of the body's midline, read
+    through the slice's orientation (feet first, the image's left is the patient's left)."""
+    from inference.sr import LEFT, RIGHT
+
+    study = study_factory("covid", 3, 24, patient_position=position)
+    series = load_series(study.directory)
+    result = Engine(hotspot_model(), device="cpu").analyze(series)
+    files = write_results(result, series, tmp_path, objects=("sr",))
+    along_row = float(series.orientation[0])      # +1: columns run to the patient's left
+    cols = series.hu.shape[2]
+    checked = 0
+    for group in hd.sr.srread(files.sr).content.get_planar_roi_measurement_groups():
+        corners = group.roi.value.reshape(-1, 2)
+        centre = (corners[0][0] + corners[2][0]) / 2
+        if abs(centre - cols / 2) < 30:           # near the midline: either side may be right
+            continue
+        expected = LEFT if (centre - cols / 2) * along_row > 0 else RIGHT
+        [site] = group.finding_sites
+        assert site.laterality.value == expected.value, (position, centre)
+        checked += 1
+    assert checked > 0
+
+
+def test_an_enhanced_ct_source_gets_an_sr_and_heatmaps(study_factory, tmp_path):
+    """A multi-frame CT: the SR (boxes on frames, one Image Library item with its frames)
+    and the heatmaps; SEG, key images, PM and GSPS wait until they reference frames."""
+    from highdicom.sr.utils import find_content_items
+    from pydicom.multival import MultiValue
+    from pydicom.sr.codedict import codes
+    from test_transfer_syntaxes import _enhanced_ct
+
+    study = study_factory("covid", 1, 24)
+    ds = _enhanced_ct(study.files, list(range(len(study.files))))
+    (tmp_path / "ct").mkdir()
+    ds.save_as(tmp_path / "ct" / "enhanced.dcm", enforce_file_format=True)
+    series = load_series(tmp_path / "ct")
+    result = Engine(hotspot_model(), device="cpu").analyze(series)
+    files = write_results(result, series, tmp_path / "out", objects=tuple(ResultObject))
+    assert set(files.files) == {ResultObject.sr, ResultObject.sc}
+    for path in files.all:
+        assert dciodvfy_errors(path) == [], path.name
+    sr = hd.sr.srread(files.sr)
+    rois = sr.content.get_planar_roi_measurement_groups()
+    assert len(rois) == sum(len(s.boxes) for s in result.slices) > 0
+    assert all(" frame " in g.tracking_identifier for g in rois)
+    [library] = find_content_items(sr, name=codes.DCM.ImageLibrary)
+    [image] = find_content_items(library, value_type="IMAGE", recursive=True)
+    frames = image.ReferencedSOPSequence[0].ReferencedFrameNumber
+    frames = list(frames) if isinstance(frames, MultiValue) else [frames]
+    assert sorted(map(int, frames)) == sorted({s.frame for s in result.slices if s.boxes})

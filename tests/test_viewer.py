@@ -59,7 +59,7 @@ def expected(analysed):
     _, series, result, files = analysed
     boxes = [s.sop_instance_uid for s in result.lesion_slices for _ in s.boxes]
     mask = lesion_mask(result, series)
-    top = max(s.lesion_probability for s in result.lesion_slices)
+    top = max((s.lesion_probability for s in result.lesion_slices if s.boxes), default=None)
     assert boxes and files.sr and files.seg, "the analysis should find lesions"
     return {
         "boxes": Counter(boxes),

@@ -24,6 +24,7 @@ import http.client
 import json
 import mimetypes
 import posixpath
+import re
 import shutil
 import subprocess
 import threading
@@ -46,6 +47,10 @@ mimetypes.add_type("application/json", ".json")
 mimetypes.add_type("font/woff2", ".woff2")
 
 
+#: The oldest Node.js major the viewer packages were run on here.
+MIN_NODE = 20
+
+
 def node() -> str | None:
     return shutil.which("node")
 
@@ -54,6 +59,12 @@ def missing() -> str | None:
     """One line saying what the viewer checks lack, or None when all is installed."""
     if node() is None:
         return f"node is not installed; {SETUP} (it installs Node.js and the viewer packages)"
+    version = subprocess.run([node(), "--version"], capture_output=True, text=True).stdout
+    major = int(re.match(r"v?(\d+)", version.strip()).group(1)) if re.match(
+        r"v?\d+", version.strip()) else 0
+    if major < MIN_NODE:
+        return (f"node {version.strip() or '?'} is too old for the viewer packages (they were "
+                f"checked on Node.js {MIN_NODE}+); install Node.js {MIN_NODE} or newer")
     for folder in (ADAPTERS, OHIF):
         lock = json.loads((folder / "package-lock.json").read_text())["packages"]
         for name in lock[""]["dependencies"]:
