@@ -38,6 +38,10 @@ def serve_command(
     from config import load_config
     from pacs_node.node import Node
 
+    from pacs_node import configure_logging
+
+    # the node's log: INFO unless -vv asked for DEBUG (received, analysed, delivered, stopped)
+    configure_logging(min(logging.getLogger().level, logging.INFO))
     cfg = load_config(config_file)
     node = Node(cfg)
     logger = logging.getLogger("lungsys")
@@ -51,7 +55,7 @@ def serve_command(
             logger.error("%s again: stopping now", name)
             node.kill_worker()
             _leave(1)
-        logger.warning("%s: stopping", name)
+        logger.info("%s: stopping", name)
         stop.set()
         if not state["running"]:
             raise _Interrupted(name)
@@ -62,14 +66,14 @@ def serve_command(
     try:
         node.start()        # the worker process loads the model (fails here if it cannot)
         state["running"] = True
-        logger.warning(
+        logger.info(
             "lungsys %s: %s listening on %s:%d%s (STOW-RS: %s), model %s on %s, "
             "%d destination(s)", software_version(), cfg.node.ae_title, cfg.node.host,
             node.port, " with DICOM TLS" if cfg.tls.enabled else "",
             f"{cfg.dicomweb.host}:{node.stow_port}" if node.stow_port else "off",
             node.model.version, node.model.device, len(cfg.destinations))
         if node.model.intended_use:
-            logger.warning("model: %s", node.model.intended_use)
+            logger.info("model: %s", node.model.intended_use)
         stop.wait()
     except _Interrupted:
         code = 1
@@ -78,6 +82,7 @@ def serve_command(
         code = 1
     finally:
         node.stop()
+        logger.info("lungsys stopped")
     _leave(code)
 
 
@@ -126,13 +131,28 @@ def _job_dict(job) -> dict:
             "deliveries": [{"id": d.id, "destination": d.destination, "kind": d.kind,
                             "state": d.state.value, "attempts": d.attempts,
                             "next_attempt_at": _when(d.next_attempt_at),
-                            "last_error": d.last_error} for d in job.deliveries]}
+                            "delivered_at": _when(d.delivered_at),
+                            "last_error": d.last_error,
+                            "attempt_history": [{"started_at": _when(a.started_at),
+                                                 "finished_at": _when(a.finished_at),
+                                                 "ok": a.ok, "error": a.error}
+                                                for a in d.attempt_log]}
+                           for d in job.deliveries]}
+
+
+def _state(job) -> str:
+    """A job's state as an admin reads it: "done, delivery failed" when the analysis is
+    done but a delivery gave up."""
+    failed = any(d.state.value == "failed" for d in job.deliveries)
+    return f"{job.state.value}, delivery failed" if failed and job.state.value != "failed" \
+        else job.state.value
 
 
 @jobs_app.command("list")
 def jobs_list(
     config_file: ConfigOption = None,
-    state: Annotated[Optional[JobState], typer.Option(help="Only jobs in this state.")]
+    state: Annotated[Optional[JobState], typer.Option(
+        help="Only jobs in this state; failed also lists jobs a delivery of which failed.")]
     = None,
     json_: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
 ) -> None:
@@ -142,13 +162,18 @@ def jobs_list(
         print(json.dumps([_job_dict(j) for j in jobs]))
         return
     table = Table()
-    for col in ("job", "state", "series", "diagnosis", "deliveries", "finished", "error"):
+    for col in ("job", "state", "series", "diagnosis", "deliveries (id, to, state, attempts)",
+                "finished", "error"):
         table.add_column(col)
     for j in jobs:
-        deliveries = ", ".join(f"{d.destination}:{d.state.value}" for d in j.deliveries) or "-"
-        table.add_row(str(j.id), j.state.value, j.series.series_instance_uid[-24:],
+        # delivery id, destination, state and attempts: "3 pacs failed (20)"
+        deliveries = ", ".join(f"{d.id} {d.destination} {d.state.value} ({d.attempts})"
+                               for d in j.deliveries) or "-"
+        errors = [j.error] if j.error else [d.last_error for d in j.deliveries
+                                            if d.state.value == "failed" and d.last_error]
+        table.add_row(str(j.id), _state(j), j.series.series_instance_uid[-24:],
                       j.diagnosis or "-", deliveries, _when(j.finished_at) or "-",
-                      (j.error or "")[:60])
+                      (errors[0] if errors else "")[:80])
     out.print(table)
 
 

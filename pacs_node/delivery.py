@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 from pathlib import Path
 
 import pydicom
@@ -56,7 +57,7 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
     if not assoc.is_established:
         raise DeliveryError(f"association with {destination.ae_title}@{destination.host}:"
                             f"{destination.port} not established "
-                            f"({'rejected' if assoc.is_rejected else 'no answer'})")
+                            f"({'rejected' if assoc.is_rejected else _why_not(destination)})")
     failures, refused = [], 0
     try:
         for ds in datasets:
@@ -79,6 +80,16 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
     if failures:
         raise DeliveryError(f"{len(failures)} of {len(datasets)} objects not stored "
                             f"({failures[0]})", permanent=refused == len(failures))
+
+
+def _why_not(destination: Destination) -> str:
+    """Why no association came about, in the words of the network (pynetdicom's own two
+    ERROR lines are silenced: see :data:`pacs_node.QUIET_LIBRARIES`)."""
+    try:
+        socket.create_connection((destination.host, destination.port), timeout=10).close()
+    except OSError as exc:
+        return (exc.strerror or str(exc) or type(exc).__name__).lower()
+    return "no answer"
 
 
 def send_stow(destination: Destination, files: list[Path], timeout: float = 60.0) -> None:

@@ -222,8 +222,8 @@ class Node:
                 log.info("series %s skipped: %s", series.series_instance_uid, reason)
                 continue
             job = self.store.queue_job(series.id)
-            log.info("series %s complete (%d instances): job %d queued",
-                     series.series_instance_uid, len(paths), job.id)
+            log.info("series %s from %s complete (%d instances): job %d queued",
+                     series.series_instance_uid, series.calling_aet, len(paths), job.id)
             self.wake_worker()
 
     # --- jobs ----------------------------------------------------------------
@@ -254,11 +254,18 @@ class Node:
                                                        cfg.max_backoff_seconds)
                 self.store.record_attempt(d.id, ok=False, error=str(exc)[:2000],
                                           retry_at=retry_at, give_up=give_up)
-                log.warning("delivery %d to %s failed (attempt %d): %s", d.id, dest.name,
-                            attempts, exc)
+                if give_up:
+                    log.error("delivery %d of job %d to %s given up after %d attempt(s): %s "
+                              "(lungsys deliveries retry %d sends it again)", d.id, d.job_id,
+                              dest.name, attempts, exc, d.id)
+                else:
+                    log.warning("delivery %d of job %d to %s failed (attempt %d of %d, next in "
+                                "%.0f s): %s", d.id, d.job_id, dest.name, attempts,
+                                cfg.max_attempts, (retry_at - utcnow()).total_seconds(), exc)
                 continue
             self.store.record_attempt(d.id, ok=True)
-            log.info("delivery %d to %s done (%d objects)", d.id, dest.name, len(files))
+            log.info("delivery %d of job %d to %s done (%d objects)", d.id, d.job_id, dest.name,
+                     len(files))
 
     # --- retention -----------------------------------------------------------
     def retention_sweep(self) -> None:

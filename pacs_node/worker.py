@@ -42,7 +42,7 @@ from config import NodeConfig
 from inference.errors import SeriesError
 from inference.model_info import ModelInfo
 from inference.series import load_series
-from pacs_node import LOG_FORMAT
+from pacs_node import configure_logging
 from pacs_node.layout import DataLayout
 from store.api import JobStore
 from store.models import Job, Series, utcnow
@@ -157,7 +157,10 @@ class JobRunner:
             results=records)
         self.store.create_deliveries(job.id, [(d.name, d.kind)
                                               for d in self.config.destinations])
-        log.info("job %d done: %s, %d result objects", job.id, result.diagnosis, len(records))
+        log.info("job %d done in %.1f s: %s (p=%.2f), %d lesion slice(s), %d result object(s)",
+                 job.id, timings["total"], result.diagnosis,
+                 float(result.probabilities[result.diagnosis_index]),
+                 len(result.lesion_slices), len(records))
 
 
 def load_engine(config: NodeConfig):
@@ -330,7 +333,7 @@ def _process_main(config: NodeConfig, wake_end, status, parent_pid: int,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle
     signal.signal(signal.SIGTERM, wake.stop_now)  # finish the job in progress, then end
     os.nice(NICENESS)
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    configure_logging(log_level)
     try:
         engine = load_engine(config)
     except Exception as exc:

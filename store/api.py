@@ -408,13 +408,20 @@ class JobStore(Upkeep):
 
     # --- reading -------------------------------------------------------------
     def jobs(self, state: str | None = None, limit: int = 200) -> list[Job]:
+        """Jobs, newest first; ``failed`` also takes the jobs whose analysis is done but a
+        delivery of which gave up (what an admin must act on)."""
         with self.read_session() as s:
             q = select(Job).order_by(Job.id.desc()).limit(limit)
-            if state:
+            if state and JobState(state) == JobState.failed:
+                q = q.where(or_(Job.state == JobState.failed, Job.deliveries.any(
+                    Delivery.state == DeliveryState.failed)))
+            elif state:
                 q = q.where(Job.state == JobState(state))
             jobs = list(s.scalars(q))
             for j in jobs:  # load what the CLI shows before the session closes
-                _ = j.series.series_instance_uid, list(j.deliveries), list(j.results)
+                _ = j.series.series_instance_uid, list(j.results)
+                for d in j.deliveries:
+                    _ = list(d.attempt_log)
             return jobs
 
     def series(self, state: str | None = None) -> list[Series]:

@@ -1,0 +1,113 @@
+"""What an admin reads: the node's log at INFO (started, series received, job done,
+delivery failed once as one WARNING, given up as one ERROR, stopped), never a patient's
+name, ID or birth date; and ``lungsys jobs list --state failed`` with the deliveries that
+gave up, their attempts and last error."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+
+from conftest import require_tool
+from orthanc import free_port
+
+EXE = str(Path(sys.executable).with_name("lungsys"))
+
+
+def _wait_for(predicate, timeout: float = 240.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def _jobs(toml: Path, *args: str):
+    proc = subprocess.run([EXE, "jobs", "list", "--config", str(toml), *args, "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_the_log_says_what_happened_and_failed_deliveries_are_listed(tmp_path,
+                                                                       study_factory):
+    study = study_factory("covid", 5, 24)
+    port, nobody = free_port(), free_port()        # a destination that is not there
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
+        f'min_free_disk_mb = 1\n[dicomweb]\nport = 0\n'
+        f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
+        f'[assembly]\nstable_seconds = 2\n[model]\ndevice = "cpu"\n'
+        f'[delivery]\ninitial_backoff_seconds = 1\nmax_backoff_seconds = 1\nmax_attempts = 2\n'
+        f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "PACS"\n'
+        f'host = "127.0.0.1"\nport = {nobody}\n')
+    log = tmp_path / "node.log"
+    with open(log, "wb") as sink:
+        node = subprocess.Popen([EXE, "serve", "--config", str(toml)], stdout=sink,
+                                stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: "listening on" in log.read_text(), timeout=120)
+        proc = subprocess.run([require_tool("storescu"), "-aet", "CT1", "-aec", "LUNGSYS",
+                               "127.0.0.1", str(port), *map(str, study.files)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        _wait_for(lambda: "given up" in log.read_text())
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=60)
+    assert node.returncode == 0
+    text = log.read_text()
+    lines = text.splitlines()
+
+    def one(pattern: str, level: str) -> str:
+        found = [line for line in lines if re.search(pattern, line)]
+        assert len(found) == 1, (pattern, found)
+        assert f" {level} " in found[0], found[0]
+        return found[0]
+
+    one(r"LUNGSYS listening on 127\.0\.0\.1:\d+", "INFO")
+    one(r"series [0-9.]+ from CT1 complete \(24 instances\): job 1 queued", "INFO")
+    done = one(r"job 1 done in [0-9.]+ s: (Healthy|COVID-19|H1N1|CAP) \(p=", "INFO")
+    one(r"delivery 1 of job 1 to pacs failed \(attempt 1 of 2, next in \d+ s\): .*connection "
+        r"refused", "WARNING")
+    one(r"delivery 1 of job 1 to pacs given up after 2 attempt\(s\): .*lungsys deliveries "
+        r"retry 1", "ERROR")
+    one(r"SIGTERM: stopping", "INFO")
+    one(r"lungsys stopped", "INFO")
+    # the node's own lines only: no library chatter (highdicom, pynetdicom ...)
+    names = {m.group(1).split(".")[0] for m in (re.match(r"\S+ \S+ [A-Z]+ (\S+): ", line)
+                                                for line in lines) if m}
+    assert names <= {"lungsys", "pacs_node", "store", "inference", "config"}, names
+    # pynetdicom's own connection errors are folded into those lines
+    assert [line for line in lines if " ERROR " in line] == \
+        [line for line in lines if "given up" in line]
+    # no patient name, ID or birth date above DEBUG
+    ct = pydicom.dcmread(study.files[0], stop_before_pixels=True)
+    for value in (str(ct.PatientName), str(ct.PatientName).split("^")[0], ct.PatientID,
+                  ct.PatientBirthDate):
+        assert value and value not in text, value
+    assert done
+
+    # the job is done, but its delivery failed: --state failed lists it, and says why
+    [job] = _jobs(toml, "--state", "failed")
+    assert job["state"] == "done" and job["diagnosis"]
+    [delivery] = job["deliveries"]
+    assert delivery["state"] == "failed" and delivery["attempts"] == 2
+    assert "connection refused" in delivery["last_error"]
+    assert [a["ok"] for a in delivery["attempt_history"]] == [False, False]
+    assert all("connection refused" in a["error"] for a in delivery["attempt_history"])
+    assert _jobs(toml, "--state", "done")[0]["id"] == job["id"]
+    table = subprocess.run([EXE, "jobs", "list", "--config", str(toml), "--state", "failed"],
+                           capture_output=True, text=True, timeout=60, env={"COLUMNS": "200",
+                                                                            "PATH": ""})
+    assert "done, delivery failed" in table.stdout and "1 pacs failed (2)" in table.stdout
