@@ -8,42 +8,37 @@ declared type and range, every coded choice an Enum. Checks are strict: a
 file's ``port = "11403"`` is an error (a string is not a number), as are an
 unknown key or section and a value out of range; the error is one line naming
 the file and the key (or the environment variable). Environment values are
-text by nature and are parsed.
+text by nature and are parsed (:mod:`config.values` holds those checks;
+:mod:`config.targets` the destinations and webhooks).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-import json
 import os
 import socket
 import tomllib
-import typing
 from dataclasses import dataclass, field, fields
 from importlib.resources import files
 from ipaddress import ip_network
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
+from config.targets import (Destination, DestinationKind, Notification, NotificationEvent,
+                            destination, notification)
+from config.values import PORT, ConfigError, build_section, value_range
 from inference.choices import (DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, ResultObject,
-                              SegCompression)
+                               SegCompression)
+
+#: What other packages take from here (the targets and value checks live in submodules).
+__all__ = ["ConfigError", "Destination", "DestinationKind", "NodeConfig", "Notification",
+           "NotificationEvent", "TlsProfile", "UserIdentity", "load_config", "defaults"]
 
 DEFAULT_FILE = "default.toml"
 #: In the data folder: the node's identity in a shared job store.
 NODE_ID_FILE = "node-id"
 ENV_PREFIX = "LUNGSYS_"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the file and the key."""
-
-
-class DestinationKind(enum.StrEnum):
-    """How results reach a destination."""
-
-    dimse = "dimse"          # C-STORE (DICOM TLS optional)
-    dicomweb = "dicomweb"    # STOW-RS
 
 
 class UserIdentity(enum.StrEnum):
@@ -61,13 +56,6 @@ class TlsProfile(enum.StrEnum):
     tls13 = "tls13"          # TLS 1.3 only
 
 
-def _range(low: float, high: float | None = None) -> dict:
-    return {"range": (low, high)}
-
-
-PORT = _range(1, 65535)
-
-
 @dataclass(frozen=True)
 class NodeSection:
     """``[node]``: the DICOM listener, its data folder and its front door."""
@@ -78,12 +66,12 @@ class NodeSection:
     data_dir: str = "var"
     allowed_calling_aets: tuple[str, ...] = ()
     allowed_networks: tuple[str, ...] = ()
-    min_free_disk_mb: int = field(default=1024, metadata=_range(0))
+    min_free_disk_mb: int = field(default=1024, metadata=value_range(0))
     fsync: bool = False
-    max_associations: int = field(default=16, metadata=_range(1))
-    max_unassociated: int = field(default=32, metadata=_range(1))
-    max_unassociated_per_peer: int = field(default=8, metadata=_range(1))
-    timeout_seconds: float = field(default=60.0, metadata=_range(0.1))
+    max_associations: int = field(default=16, metadata=value_range(1))
+    max_unassociated: int = field(default=32, metadata=value_range(1))
+    max_unassociated_per_peer: int = field(default=8, metadata=value_range(1))
+    timeout_seconds: float = field(default=60.0, metadata=value_range(0.1))
     user_identity: UserIdentity = UserIdentity.none
     users_file: str = ""
 
@@ -105,10 +93,10 @@ class DicomwebSection:
     """``[dicomweb]``: the STOW-RS receiver."""
 
     host: str = "127.0.0.1"
-    port: int = field(default=8080, metadata=_range(0, 65535))    # 0: off
-    max_request_mb: int = field(default=2048, metadata=_range(1))
-    max_connections: int = field(default=32, metadata=_range(1))
-    max_connections_per_peer: int = field(default=8, metadata=_range(1))
+    port: int = field(default=8080, metadata=value_range(0, 65535))    # 0: off
+    max_request_mb: int = field(default=2048, metadata=value_range(1))
+    max_connections: int = field(default=32, metadata=value_range(1))
+    max_connections_per_peer: int = field(default=8, metadata=value_range(1))
 
 
 @dataclass(frozen=True)
@@ -122,8 +110,8 @@ class StoreSection:
 class AssemblySection:
     """``[assembly]``: when a series is complete, and which are analysed."""
 
-    stable_seconds: float = field(default=10.0, metadata=_range(0.001))
-    min_slices: int = field(default=20, metadata=_range(1))
+    stable_seconds: float = field(default=10.0, metadata=value_range(0.001))
+    min_slices: int = field(default=20, metadata=value_range(1))
 
 
 @dataclass(frozen=True)
@@ -132,7 +120,7 @@ class ModelSection:
 
     checkpoint: str = ""
     device: str = "auto"
-    batch_size: int = field(default=16, metadata=_range(1))
+    batch_size: int = field(default=16, metadata=value_range(1))
     method: PatientMethod = PatientMethod.network
     heatmaps: HeatmapChoice = HeatmapChoice.lesion
 
@@ -149,32 +137,16 @@ class ResultsSection:
 class DeliverySection:
     """``[delivery]``: retries of deliveries."""
 
-    initial_backoff_seconds: float = field(default=60.0, metadata=_range(0))
-    max_backoff_seconds: float = field(default=3600.0, metadata=_range(0))
-    max_attempts: int = field(default=20, metadata=_range(1))
+    initial_backoff_seconds: float = field(default=60.0, metadata=value_range(0))
+    max_backoff_seconds: float = field(default=3600.0, metadata=value_range(0))
+    max_attempts: int = field(default=20, metadata=value_range(1))
 
 
 @dataclass(frozen=True)
 class RetentionSection:
     """``[retention]``: how long delivered data is kept."""
 
-    days: int = field(default=30, metadata=_range(0))             # 0: keep
-
-
-@dataclass(frozen=True)
-class Destination:
-    """``[[destinations]]``: where results are sent."""
-
-    name: str
-    kind: DestinationKind
-    ae_title: str = ""
-    host: str = ""
-    port: int = field(default=0, metadata=PORT)
-    url: str = ""
-    tls: bool = False
-    ca_certificates: str = ""
-    certificate: str = ""
-    private_key: str = ""
+    days: int = field(default=30, metadata=value_range(0))             # 0: keep
 
 
 SECTIONS = {"node": NodeSection, "tls": TlsSection, "dicomweb": DicomwebSection,
@@ -196,6 +168,7 @@ class NodeConfig:
     retention: RetentionSection
     destinations: tuple[Destination, ...] = ()
     results: ResultsSection = ResultsSection()
+    notifications: tuple[Notification, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -220,77 +193,6 @@ def defaults() -> dict:
     return tomllib.loads(files("config").joinpath(DEFAULT_FILE).read_text(encoding="utf-8"))
 
 
-# --- values ---------------------------------------------------------------------
-def _check(where: str, kind: Any, value: Any, from_text: bool) -> Any:
-    """``value`` as ``kind`` (a field's type); ConfigError naming ``where`` otherwise.
-
-    From a file types are strict; from the environment (``from_text``) text is parsed.
-    """
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        try:
-            return kind(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected one of {', '.join(kind)}, got {value!r}") \
-                from None
-    if kind is bool:
-        if from_text and isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if kind is int or kind is float:
-        if from_text and isinstance(value, str):
-            try:
-                value = kind(value) if kind is float else int(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float
-                                                     else int):
-            noun = "an integer" if kind is int else "a number"
-            raise ConfigError(f"{where}: expected {noun}, got {value!r}")
-        return kind(value)
-    if typing.get_origin(kind) is tuple:
-        if from_text and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        item = typing.get_args(kind)[0]
-        if isinstance(item, type) and issubclass(item, enum.Enum):
-            if not value:
-                raise ConfigError(f"{where}: expected at least one of {', '.join(item)}")
-            return tuple(dict.fromkeys(_check(where, item, v, from_text) for v in value))
-        return tuple(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected text, got {value!r}")
-    return value
-
-
-def _build(cls, values: Mapping[str, Any], where: str, origin: Mapping[str, str],
-           from_env: frozenset[str] = frozenset()):
-    """A section's dataclass from raw values; ``origin`` says where each came from
-    (``FILE: section.key`` or the environment variable), for the errors; the keys in
-    ``from_env`` came from the environment (text, parsed)."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        named = origin.get(f.name, f"{where}.{f.name}")
-        value = _check(named, hints[f.name], values[f.name], f.name in from_env)
-        low, high = f.metadata.get("range", (None, None))
-        if low is not None and (value < low or (high is not None and value > high)):
-            span = f"{low} to {high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"{named}: {span}, got {value}")
-        out[f.name] = value
-    return cls(**out)
-
-
 # --- loading --------------------------------------------------------------------
 def load_config(path: str | os.PathLike | None = None,
                 environ: Mapping[str, str] | None = None) -> NodeConfig:
@@ -310,7 +212,7 @@ def load_config(path: str | os.PathLike | None = None,
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML ({exc})") from None
     for section, values in user.items():
-        if section == "destinations":
+        if section in ("destinations", "notifications"):
             continue
         if section not in SECTIONS or not isinstance(values, dict):
             raise ConfigError(f"{name}unknown section [{section}]")
@@ -332,38 +234,21 @@ def load_config(path: str | os.PathLike | None = None,
                 origin[section][key] = variable
                 from_env[section].add(key)
                 break
-    sections = {s: _build(cls, merged[s], f"{name}{s}", origin[s], frozenset(from_env[s]))
+    sections = {s: build_section(cls, merged[s], f"{name}{s}", origin[s], frozenset(from_env[s]))
                 for s, cls in SECTIONS.items()}
     raw = user.get("destinations", [])
     if not isinstance(raw, list):
         raise ConfigError(f"{name}destinations: expected [[destinations]] tables")
-    destinations = tuple(_destination(f"{name}destinations[{i}]", i, d)
+    destinations = tuple(destination(f"{name}destinations[{i}]", i, d)
                          for i, d in enumerate(raw))
-    config = NodeConfig(**sections, destinations=destinations)
+    raw = user.get("notifications", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{name}notifications: expected [[notifications]] tables")
+    notifications = tuple(notification(f"{name}notifications[{i}]", i, n)
+                          for i, n in enumerate(raw))
+    config = NodeConfig(**sections, destinations=destinations, notifications=notifications)
     _check_node(config, name)
     return config
-
-
-def _destination(where: str, i: int, raw: Any) -> Destination:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table")
-    known = {f.name for f in fields(Destination)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    values = {**raw, "name": raw.get("name") or f"destination-{i + 1}"}
-    if "kind" not in raw:
-        raise ConfigError(f"{where}.kind: expected one of {', '.join(DestinationKind)}")
-    dest = _build(Destination, values, where, {})
-    needed = (("ae_title", "host", "port") if dest.kind == DestinationKind.dimse else ("url",))
-    for key in needed:
-        if not raw.get(key):
-            raise ConfigError(f"{where}.{key}: required for a {dest.kind} destination")
-    for key in ("ca_certificates", "certificate", "private_key"):
-        value = getattr(dest, key)
-        if value and not Path(value).is_file():
-            raise ConfigError(f"{where}.{key}: no such file {value}")
-    return dest
 
 
 def _check_node(config: NodeConfig, name: str) -> None:

@@ -137,7 +137,14 @@ def _job_dict(job) -> dict:
                                                  "finished_at": _when(a.finished_at),
                                                  "ok": a.ok, "error": a.error}
                                                 for a in d.attempt_log]}
-                           for d in job.deliveries]}
+                           for d in job.deliveries],
+            "notifications": [{"id": n.id, "target": n.target, "event": n.event,
+                               "state": n.state.value, "attempts": n.attempts,
+                               "last_error": n.last_error,
+                               "attempt_history": [{"at": _when(a.at), "ok": a.ok,
+                                                    "status": a.status, "error": a.error}
+                                                   for a in n.attempt_log]}
+                              for n in job.notifications]}
 
 
 def _state(job) -> str:

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from config import NODE_ID_FILE, NodeConfig, UserIdentity
+from config import NODE_ID_FILE, NodeConfig, NotificationEvent, UserIdentity
 from inference.series import scan
-from pacs_node import delivery
+from pacs_node import delivery, notify
 from pacs_node.layout import DataLayout, LockFile
 from pacs_node.peers import PeerGate
 from pacs_node.receiver import Receiver
@@ -168,6 +168,9 @@ class Node:
                                id="assembly")
         self.scheduler.add_job(self.delivery_sweep, "interval", seconds=SWEEP_SECONDS,
                                id="delivery")
+        if self.config.notifications:
+            self.scheduler.add_job(self.notification_sweep, "interval", seconds=SWEEP_SECONDS,
+                                   id="notifications")
         if self.config.retention.days > 0:
             self.scheduler.add_job(self.retention_sweep, "interval", hours=1, id="retention")
         self.scheduler.start()
@@ -255,6 +258,9 @@ class Node:
                 self.store.record_attempt(d.id, ok=False, error=str(exc)[:2000],
                                           retry_at=retry_at, give_up=give_up)
                 if give_up:
+                    d.attempts, d.last_error = attempts, str(exc)[:2000]
+                    notify.queue(self.store, self.config, d.job_id,
+                                 NotificationEvent.delivery_failed, delivery=d)
                     log.error("delivery %d of job %d to %s given up after %d attempt(s): %s "
                               "(lungsys deliveries retry %d sends it again)", d.id, d.job_id,
                               dest.name, attempts, exc, d.id)
@@ -266,6 +272,36 @@ class Node:
             self.store.record_attempt(d.id, ok=True)
             log.info("delivery %d of job %d to %s done (%d objects)", d.id, d.job_id, dest.name,
                      len(files))
+
+    # --- notifications -------------------------------------------------------
+    def notification_sweep(self) -> None:
+        """POST the due webhook notifications; retried as deliveries are."""
+        targets = {t.name: t for t in self.config.notifications}
+        cfg = self.config.delivery
+        for n in self.store.due_notifications():
+            target = targets.get(n.target)
+            if target is None:
+                self.store.record_notice_attempt(n.id, ok=False, give_up=True,
+                                                 error=f"notification target {n.target!r} is "
+                                                       f"no longer configured")
+                continue
+            try:
+                status = notify.post(target, n.payload)
+            except notify.NotifyError as exc:
+                attempts = n.attempts + 1
+                give_up = attempts >= cfg.max_attempts
+                retry_at = utcnow() + delivery.backoff(attempts, cfg.initial_backoff_seconds,
+                                                       cfg.max_backoff_seconds)
+                self.store.record_notice_attempt(n.id, ok=False, status=exc.status,
+                                                 error=str(exc)[:2000], retry_at=retry_at,
+                                                 give_up=give_up)
+                (log.error if give_up else log.warning)(
+                    "notification %d (%s of job %d) to %s %s (attempt %d): %s", n.id, n.event,
+                    n.job_id, n.target, "given up" if give_up else "failed", attempts, exc)
+                continue
+            self.store.record_notice_attempt(n.id, ok=True, status=status)
+            log.info("notification %d (%s of job %d) to %s sent", n.id, n.event, n.job_id,
+                     n.target)
 
     # --- retention -----------------------------------------------------------
     def retention_sweep(self) -> None:

@@ -38,7 +38,8 @@ from typing import Callable, Protocol
 
 import pydicom
 
-from config import NodeConfig
+from config import NodeConfig, NotificationEvent
+from pacs_node import notify
 from inference.errors import SeriesError
 from inference.model_info import ModelInfo
 from inference.series import load_series
@@ -108,6 +109,8 @@ class JobRunner:
             self.store.fail_job(job_id, error)
         except Exception as again:
             log.error("job %d could not be marked failed: %s", job_id, type(again).__name__)
+            return
+        notify.queue(self.store, self.config, job_id, NotificationEvent.job_failed)
 
     def run_job(self, job: Job) -> None:
         from inference.export import write_results   # torch: only where the model runs
@@ -157,6 +160,7 @@ class JobRunner:
             results=records)
         self.store.create_deliveries(job.id, [(d.name, d.kind)
                                               for d in self.config.destinations])
+        notify.queue(self.store, self.config, job.id, NotificationEvent.job_done)
         log.info("job %d done in %.1f s: %s (p=%.2f), %d lesion slice(s), %d result object(s)",
                  job.id, timings["total"], result.diagnosis,
                  float(result.probabilities[result.diagnosis_index]),

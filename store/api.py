@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
                           Series, SeriesState, utcnow)
+from store.notices import Notices
 from store.upkeep import Upkeep, upgrade_schema
 
 #: Series states in which new instances reopen the series (a new result version).
@@ -89,7 +90,7 @@ class ReceivedInstance:
     node: str = ""
 
 
-class JobStore(Upkeep):
+class JobStore(Upkeep, Notices):
     """The job store at ``url`` (SQLite file or server database).
 
     A SQLite file that disappears or is replaced under a running node (an
@@ -420,7 +421,7 @@ class JobStore(Upkeep):
             jobs = list(s.scalars(q))
             for j in jobs:  # load what the CLI shows before the session closes
                 _ = j.series.series_instance_uid, list(j.results)
-                for d in j.deliveries:
+                for d in [*j.deliveries, *j.notifications]:
                     _ = list(d.attempt_log)
             return jobs
 

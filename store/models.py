@@ -3,9 +3,11 @@
 instances   every received SOP instance (stored once per SOP Instance UID)
 series      one row per received series: its state and why
 jobs        one model run over one version of a series
-results     the DICOM objects a job produced (SR, SC)
+results     the DICOM objects a job produced (SR, SEG, KO, SC, PM, GSPS)
 deliveries  one result set to one destination, with its retry schedule
 attempts    every delivery attempt, with its outcome
+notifications  one event (job done, job failed, delivery failed) to one webhook,
+            with its retry schedule, and notification_attempts, every try
 incidents   what an admin should know that no other row says: instances
             refused, lost or found unrecorded, workers that died
 
@@ -133,6 +135,8 @@ class Job(Base):
     results: Mapped[list["Result"]] = relationship(back_populates="job", order_by="Result.id")
     deliveries: Mapped[list["Delivery"]] = relationship(back_populates="job",
                                                         order_by="Delivery.id")
+    notifications: Mapped[list["Notification"]] = relationship(back_populates="job",
+                                                               order_by="Notification.id")
 
 
 class Result(Base):
@@ -214,3 +218,41 @@ class Incident(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Notification(Base):
+    """One event of a job sent to one webhook, with its retry schedule (as deliveries)."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    target: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict] = mapped_column(JSON)
+    state: Mapped[DeliveryState] = mapped_column(Enum(DeliveryState),
+                                                 default=DeliveryState.pending, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="notifications")
+    attempt_log: Mapped[list["NotificationAttempt"]] = relationship(
+        back_populates="notification", order_by="NotificationAttempt.id")
+
+
+class NotificationAttempt(Base):
+    """One try of a notification: when, the HTTP status, and what went wrong."""
+
+    __tablename__ = "notification_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    ok: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+
+    notification: Mapped[Notification] = relationship(back_populates="attempt_log")
