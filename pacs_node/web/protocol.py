@@ -1,0 +1,153 @@
+"""uvicorn's HTTP/1.1 protocol (h11) with the front door a PACS-facing port needs.
+
+uvicorn bounds header size (h11's incomplete-event limit) and idle keep-alive,
+but has no deadline for receiving a request: a client trickling one byte of
+its headers at a time holds a connection for ever (Slowloris). So, per
+connection, before a byte is parsed:
+
+- the :class:`~pacs_node.peers.PeerGate` admits it (allowed networks, at most
+  so many connections, so many from one address); a refused one is answered
+  503 and closed;
+- each request's line and headers must arrive within ``header_seconds`` of
+  its first byte (the connection is closed otherwise);
+- a connection closed with a body left unread (a 413, a refusal) is closed
+  lingering (RFC 9112 9.6): the node stops sending, reads and drops what the
+  client still sends for a moment, then closes, so that the client reads the
+  answer instead of a reset. At most ``MAX_LINGERING`` linger at once.
+
+Body reads have their own deadline in the application (a quiet client's
+request ends, see :mod:`pacs_node.web.bridge`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from pacs_node.peers import PeerGate
+
+log = logging.getLogger("pacs_node.web")
+
+#: A refused client's unread body is read and dropped for at most this long, this much.
+LINGER_SECONDS, LINGER_BYTES = 2.0, 16 << 20
+#: Connections lingering at once (beyond: closed at once).
+MAX_LINGERING = 16
+REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+           b"Retry-After: 5\r\nConnection: close\r\nContent-Length: 50\r\n\r\n"
+           b'{"error": "too many connections, or not allowed"}\n')
+
+
+class _Transport:
+    """The connection's transport as uvicorn sees it: closing it lingers (see module)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: "GuardedProtocol") -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        self._protocol.linger()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
+class GuardedProtocol:
+    """uvicorn's HTTP protocol behind the gate, with a deadline for each request's head
+    (mixed in before :class:`H11Protocol` or the faster :class:`HttpToolsProtocol`)."""
+
+    gate: PeerGate
+    header_seconds: float = 30.0
+    lingering = 0                            # connections lingering now (all of them)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._raw = transport
+        self._deadline: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._dropping = -1                  # >= 0: lingering, bytes dropped so far
+        sock = transport.get_extra_info("socket")
+        if sock is not None:            # an answer's head and body go out at once, not 40 ms
+            try:                        # apart (Nagle against the client's delayed ACK)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if peer else ""
+        why = self.gate.enter(self._peer)
+        self._admitted = why is None
+        super().connection_made(_Transport(transport, self))   # type: ignore[arg-type]
+        if why is not None:
+            log.warning("HTTP connection from %s refused: %s", self._peer, why)
+            transport.write(REFUSAL)
+            self.linger()
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.gate.leave(self._peer)
+        for timer in (self._deadline, self._linger_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._dropping >= 0:
+            self._dropping = -1
+            GuardedProtocol.lingering -= 1
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._dropping >= 0:              # lingering: read and drop
+            self._dropping += len(data)
+            if self._dropping > LINGER_BYTES:
+                self._raw.close()
+            return
+        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()                      # the first byte of the next request
+        before = self.cycle
+        super().data_received(data)
+        if self.cycle is not before and self._deadline is not None:
+            self._deadline.cancel()          # its head arrived in time
+            self._deadline = None
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.header_seconds, self._late)
+
+    def _late(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:
+            log.warning("HTTP connection from %s closed: no complete request in %.0f s",
+                        self._peer, self.header_seconds)
+            self._raw.close()
+
+    def linger(self) -> None:
+        """Close lingering (see the module); at once when too many linger already."""
+        if self._dropping >= 0 or self._raw.is_closing():
+            return
+        if GuardedProtocol.lingering >= MAX_LINGERING or not self._raw.can_write_eof():
+            self._raw.close()
+            return
+        GuardedProtocol.lingering += 1
+        self._dropping = 0
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._raw.write_eof()
+        self._raw.resume_reading()
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, self._raw.close)
+
+    def eof_received(self) -> bool | None:
+        if self._dropping >= 0:              # the client closed too: done
+            self._raw.close()
+            return None
+        return super().eof_received()
+
+
+def guarded(gate: PeerGate, header_seconds: float, parser: str = "httptools") -> type:
+    """A protocol class for one server: its gate and its deadline; ``parser``: httptools
+    (llhttp, in C: the default) or h11 (pure Python)."""
+    base = HttpToolsProtocol if parser == "httptools" else H11Protocol
+    return type("Guarded", (GuardedProtocol, base),
+                {"gate": gate, "header_seconds": header_seconds})
