@@ -39,6 +39,9 @@ DEFAULT_FILE = "default.toml"
 #: In the data folder: the node's identity in a shared job store.
 NODE_ID_FILE = "node-id"
 ENV_PREFIX = "LUNGSYS_"
+#: ``[http]`` was ``[dicomweb]`` (when it only received STOW-RS): still read, in files and
+#: in the environment.
+OLD_HTTP = "dicomweb"
 
 
 class UserIdentity(enum.StrEnum):
@@ -89,8 +92,9 @@ class TlsSection:
 
 
 @dataclass(frozen=True)
-class DicomwebSection:
-    """``[dicomweb]``: the STOW-RS receiver."""
+class HttpSection:
+    """``[http]`` (formerly ``[dicomweb]``): the node's HTTP service: STOW-RS, health,
+    metrics."""
 
     host: str = "127.0.0.1"
     port: int = field(default=8080, metadata=value_range(0, 65535))    # 0: off
@@ -149,7 +153,7 @@ class RetentionSection:
     days: int = field(default=30, metadata=value_range(0))             # 0: keep
 
 
-SECTIONS = {"node": NodeSection, "tls": TlsSection, "dicomweb": DicomwebSection,
+SECTIONS = {"node": NodeSection, "tls": TlsSection, "http": HttpSection,
             "store": StoreSection, "assembly": AssemblySection, "model": ModelSection,
             "results": ResultsSection, "delivery": DeliverySection, "retention": RetentionSection}
 
@@ -160,7 +164,7 @@ class NodeConfig:
 
     node: NodeSection
     tls: TlsSection
-    dicomweb: DicomwebSection
+    http: HttpSection
     store: StoreSection
     assembly: AssemblySection
     model: ModelSection
@@ -211,6 +215,11 @@ def load_config(path: str | os.PathLike | None = None,
             user = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    called = {"http": "http"}           # a section as the file names it, for the errors
+    if OLD_HTTP in user:                # [dicomweb], the section's name before [http]
+        if "http" in user:
+            raise ConfigError(f"{name}[{OLD_HTTP}] and [http] both given: [http] only")
+        user["http"], called["http"] = user.pop(OLD_HTTP), OLD_HTTP
     for section, values in user.items():
         if section in ("destinations", "notifications"):
             continue
@@ -219,14 +228,16 @@ def load_config(path: str | os.PathLike | None = None,
         known = {f.name for f in fields(SECTIONS[section])}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"{name}{section}.{key}: unknown key")
+                raise ConfigError(f"{name}{called.get(section, section)}.{key}: unknown key")
             merged[section][key] = value
-            origin[section][key] = f"{name}{section}.{key}"
+            origin[section][key] = f"{name}{called.get(section, section)}.{key}"
     env = os.environ if environ is None else environ
     for variable, value in env.items():
         if not variable.startswith(ENV_PREFIX):
             continue
         rest = variable[len(ENV_PREFIX):].lower()
+        if rest.startswith(OLD_HTTP + "_"):          # LUNGSYS_DICOMWEB_PORT, as before
+            rest = "http" + rest[len(OLD_HTTP):]
         for section, cls in SECTIONS.items():
             key = rest[len(section) + 1:]
             if rest.startswith(section + "_") and key in {f.name for f in fields(cls)}:

@@ -70,7 +70,7 @@ def serve_command(
             "lungsys %s: %s listening on %s:%d%s (STOW-RS: %s), model %s on %s, "
             "%d destination(s)", software_version(), cfg.node.ae_title, cfg.node.host,
             node.port, " with DICOM TLS" if cfg.tls.enabled else "",
-            f"{cfg.dicomweb.host}:{node.stow_port}" if node.stow_port else "off",
+            f"{cfg.http.host}:{node.stow_port}" if node.stow_port else "off",
             node.model.version, node.model.device, len(cfg.destinations))
         if node.model.intended_use:
             logger.info("model: %s", node.model.intended_use)

@@ -31,13 +31,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from config import NODE_ID_FILE, NodeConfig, NotificationEvent, UserIdentity
 from inference.series import scan
-from pacs_node import delivery, notify
+from pacs_node import delivery, notify, stow
 from pacs_node.layout import DataLayout, LockFile
 from pacs_node.peers import PeerGate
 from pacs_node.receiver import Receiver
 from pacs_node.reconcile import reconcile
-from pacs_node.stow import StowServer
+from pacs_node.stow import StowService, stow_routes
 from pacs_node.supervisor import WorkerSupervisor
+from pacs_node.web.app import make_app
+from pacs_node.web.health import health_routes
+from pacs_node.web.metrics import NodeMetrics
+from pacs_node.web.server import HttpServer
 from pacs_node.worker import STOP_SECONDS, JobRunner
 from store.api import JobStore
 from store.models import utcnow
@@ -99,11 +103,15 @@ class Node:
                           node.max_unassociated_per_peer),
             tls=server_context(config.tls) if config.tls.enabled else None,
             authenticate=authenticate)
-        web = config.dicomweb
-        self.stow = (StowServer(self.receiver.storage, web.max_request_mb,
-                                PeerGate(node.allowed_networks, web.max_connections,
-                                         web.max_connections_per_peer))
-                     if web.port else None)
+        web = config.http
+        self.metrics = NodeMetrics(self)
+        self.receiver.storage.on_outcome = self.metrics.count
+        self.http_gate = (PeerGate(node.allowed_networks, web.max_connections,
+                                   web.max_connections_per_peer) if web.port else None)
+        self.http = (HttpServer(make_app([
+            *stow_routes(StowService(self.receiver.storage, web.max_request_mb)),
+            *health_routes(self)]), self.http_gate, header_seconds=stow.HEADER_SECONDS,
+            idle_seconds=stow.IDLE_SECONDS) if web.port else None)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # skipped ticks are normal
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True,
                                                            "max_instances": 1})
@@ -161,9 +169,9 @@ class Node:
                 args=(self._stop, self._wake), name="lungsys-worker", daemon=True)
             self._thread.start()
         _bind("node.port", self.config.node.host, self.config.node.port, self.receiver.start)
-        if self.stow is not None:
-            _bind("dicomweb.port", self.config.dicomweb.host, self.config.dicomweb.port,
-                  self.stow.start)
+        if self.http is not None:
+            _bind("http.port", self.config.http.host, self.config.http.port,
+                  self.http.start)
         self.scheduler.add_job(self.assembly_sweep, "interval", seconds=SWEEP_SECONDS,
                                id="assembly")
         self.scheduler.add_job(self.delivery_sweep, "interval", seconds=SWEEP_SECONDS,
@@ -181,7 +189,7 @@ class Node:
         while); safe to call on a node whose start failed half-way."""
         self._stop.set()
         self._wake.set()
-        for step in (self.receiver.stop, self.stow.stop if self.stow is not None else None,
+        for step in (self.receiver.stop, self.http.stop if self.http is not None else None,
                      self._stop_scheduler):
             if step is None:
                 continue
@@ -213,7 +221,29 @@ class Node:
 
     @property
     def stow_port(self) -> int:
-        return self.stow.port if self.stow is not None else 0
+        """The HTTP service's port (STOW-RS, health, metrics); 0 when off."""
+        return self.http.port if self.http is not None else 0
+
+    def not_ready(self) -> list[str]:
+        """Why the node cannot take and process studies now (empty: it can)."""
+        reasons = []
+        try:
+            self.store.ping()
+        except Exception as exc:
+            reasons.append(f"job store: {type(exc).__name__}")
+        if not self.receiver.storage.has_room():
+            reasons.append(f"free disk below the minimum of "
+                           f"{self.config.node.min_free_disk_mb} MB")
+        if self.supervisor is not None:
+            worker = self.supervisor.worker
+            if self.supervisor.state != "ready" or worker is None or not worker.alive:
+                reasons.append(f"worker {self.supervisor.state}"
+                               if self.supervisor.state != "ready" else "worker not alive")
+        elif self._thread is None or not self._thread.is_alive():
+            reasons.append("worker not running")
+        if self.model is None:
+            reasons.append("no model loaded")
+        return reasons
 
     # --- assembly ------------------------------------------------------------
     def assembly_sweep(self) -> None:

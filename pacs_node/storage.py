@@ -29,6 +29,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,8 @@ class InstanceStorage:
         self.node = node
         self._reserved = 0                        # bytes promised to requests in flight
         self._reserved_lock = threading.Lock()
+        #: told (origin, status) of every instance offered: the node's metrics
+        self.on_outcome: Callable[[str, int], None] | None = None
 
     def clear_partial(self) -> int:
         """At start-up (under the data folder's lock): remove what a crash cut short.
@@ -127,6 +130,15 @@ class InstanceStorage:
 
     def store_file(self, tmp: Path, origin: str, transfer_syntax: str | None = None,
                    expected_study: str | None = None, start: bytes = b"") -> Outcome:
+        """Record a received Part-10 file and move it into place (see :meth:`_store`);
+        the outcome is told to :attr:`on_outcome`."""
+        outcome = self._store(tmp, origin, transfer_syntax, expected_study, start)
+        if self.on_outcome is not None:
+            self.on_outcome(origin, outcome.status)
+        return outcome
+
+    def _store(self, tmp: Path, origin: str, transfer_syntax: str | None,
+               expected_study: str | None, start: bytes) -> Outcome:
         """Record a received Part-10 file (from :meth:`temp_file`) and move it into place.
 
         ``origin`` is the calling AE title (or the web client) for the job

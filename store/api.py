@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
                           Series, SeriesState, utcnow)
 from store.notices import Notices
+from store.stats import Stats
 from store.upkeep import Upkeep, upgrade_schema
 
 #: Series states in which new instances reopen the series (a new result version).
@@ -90,7 +91,7 @@ class ReceivedInstance:
     node: str = ""
 
 
-class JobStore(Upkeep, Notices):
+class JobStore(Upkeep, Notices, Stats):
     """The job store at ``url`` (SQLite file or server database).
 
     A SQLite file that disappears or is replaced under a running node (an

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from config import ConfigError, load_config
@@ -15,7 +17,7 @@ def test_defaults_have_the_documented_keys():
     assert c.store.url == "sqlite:///var/lungsys.db"
     assert (c.assembly.stable_seconds, c.assembly.min_slices) == (10, 20)
     assert c.model.checkpoint == "" and c.model.device == "auto"
-    assert c.dicomweb.port == 8080                   # STOW-RS receiver on by default
+    assert c.http.port == 8080                       # STOW-RS, health, metrics on by default
     assert c.destinations == ()
 
 
@@ -33,7 +35,7 @@ def test_file_then_environment(tmp_path):
     assert c.node.ae_title == "AI1" and c.node.port == 11113
     assert c.node.allowed_calling_aets == ("CT1", "PACS")
     assert c.assembly.stable_seconds == 3
-    assert c.dicomweb.port == 0
+    assert c.http.port == 0                          # LUNGSYS_DICOMWEB_*: the old name, read
     assert c.store.url.startswith("postgresql")
     assert [(d.name, d.kind, d.port, d.url) for d in c.destinations] == [
         ("pacs", "dimse", 4242, ""), ("web", "dicomweb", 0, "http://127.0.0.1:8042/dicom-web")]
@@ -119,4 +121,16 @@ def test_a_file_named_like_a_variable_is_still_read_strictly(tmp_path):
     f = tmp_path / "LUNGSYS_NODE.toml"
     f.write_text("[node]\nport = '104'\n")
     with pytest.raises(ConfigError, match="node.port: expected an integer"):
+        load_config(f, environ={})
+
+
+def test_the_http_section_was_called_dicomweb(tmp_path):
+    f = tmp_path / "node.toml"
+    f.write_text("[dicomweb]\nport = 8181\n")
+    assert load_config(f, environ={}).http.port == 8181
+    f.write_text("[http]\nport = 8282\n")
+    assert load_config(f, environ={"LUNGSYS_HTTP_MAX_CONNECTIONS": "4"}).http == \
+        replace(load_config(environ={}).http, port=8282, max_connections=4)
+    f.write_text("[dicomweb]\nport = 8181\n[http]\nport = 8282\n")
+    with pytest.raises(ConfigError, match=r"\[dicomweb\] and \[http\] both given"):
         load_config(f, environ={})
