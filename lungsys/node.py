@@ -82,7 +82,8 @@ def serve_command(
         code = 1
     finally:
         node.stop()
-        logger.info("lungsys stopped")
+        if state["running"]:
+            logger.info("lungsys stopped")
     _leave(code)
 
 

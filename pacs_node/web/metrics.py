@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
+from config import DestinationKind
+
 if TYPE_CHECKING:
     from pacs_node.node import Node
 
@@ -43,7 +45,7 @@ class NodeMetrics:
 
     def count(self, origin: str, status: int) -> None:
         """One instance offered (InstanceStorage's ``on_outcome``)."""
-        protocol = "stow" if origin == STOW_ORIGIN else "dimse"
+        protocol = "stow" if origin == STOW_ORIGIN else DestinationKind.dimse.value
         self.received.labels(protocol, f"0x{int(status):04X}").inc()
 
     def exposition(self) -> bytes:
