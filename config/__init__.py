@@ -232,7 +232,7 @@ def load_config(path: str | os.PathLike | None = None,
             merged[section][key] = value
             origin[section][key] = f"{name}{called.get(section, section)}.{key}"
     env = os.environ if environ is None else environ
-    for variable, value in env.items():
+    for variable, value in sorted(env.items()):   # LUNGSYS_HTTP_* after LUNGSYS_DICOMWEB_*
         if not variable.startswith(ENV_PREFIX):
             continue
         rest = variable[len(ENV_PREFIX):].lower()

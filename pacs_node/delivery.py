@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import socket
 from pathlib import Path
 
@@ -82,6 +83,15 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
                             f"({failures[0]})", permanent=refused == len(failures))
 
 
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` without the user names and passwords of URLs in it (``http://u:p@host``):
+    what errors may say in logs, the job store and webhooks."""
+    return _CREDENTIALS.sub("", text or "")
+
+
 def _why_not(destination: Destination) -> str:
     """Why no association came about, in the words of the network (pynetdicom's own two
     ERROR lines are silenced: see :data:`pacs_node.QUIET_LIBRARIES`)."""
@@ -101,8 +111,8 @@ def send_stow(destination: Destination, files: list[Path], timeout: float = 60.0
     try:
         response = client.store_instances(datasets=datasets)
     except Exception as exc:
-        raise DeliveryError(f"STOW-RS to {destination.url} failed: "
-                            f"{str(exc).splitlines()[0][:200]}") from None
+        raise DeliveryError(redact(f"STOW-RS to {destination.url} failed: "
+                                   f"{str(exc).splitlines()[0][:200]}")) from None
     failed = response.get("FailedSOPSequence") if response is not None else None
     if failed:
         raise DeliveryError(f"STOW-RS: {len(failed)} of {len(datasets)} objects refused")

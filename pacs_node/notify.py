@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import requests
 
 from config import Notification, NotificationEvent
+from pacs_node.delivery import redact
 from inference.version import software_version
 
 if TYPE_CHECKING:
@@ -56,7 +57,8 @@ def payload(event: NotificationEvent, job: "Job", node_id: str, target: Notifica
     }
     if delivery is not None:
         body["delivery"] = {"id": delivery.id, "destination": delivery.destination,
-                            "attempts": delivery.attempts, "error": delivery.last_error}
+                            "attempts": delivery.attempts,
+                            "error": redact(delivery.last_error)}
     if target.include_uids:
         body["study_instance_uid"] = job.series.study_instance_uid
         body["series_instance_uid"] = job.series.series_instance_uid
@@ -109,8 +111,8 @@ def post(target: Notification, body: dict, timeout: float = TIMEOUT_SECONDS) -> 
         response = requests.post(target.url, data=data, headers=headers, timeout=timeout,
                                  allow_redirects=False)
     except requests.RequestException as exc:
-        raise NotifyError(f"POST {target.url} failed: {_reason(exc)}") from None
-    if not 200 <= response.status_code < 300:
-        raise NotifyError(f"POST {target.url}: HTTP {response.status_code}",
+        raise NotifyError(f"POST to {target.name} failed: {_reason(exc)}") from None
+    if not 200 <= response.status_code < 300:    # the URL is left out: webhook URLs
+        raise NotifyError(f"POST to {target.name}: HTTP {response.status_code}",  # are secrets
                           status=response.status_code)
     return response.status_code

@@ -7,10 +7,11 @@ goes through the same :class:`~pacs_node.storage.InstanceStorage` as a
 C-STORE: written atomically, recorded, and only then listed as stored.
 
 The route runs on the node's HTTP service (:mod:`pacs_node.web`: uvicorn,
-behind the peer gate and the header deadline); the body is read in a worker
-thread through :class:`~pacs_node.web.bridge.BodyStream` (every read within
-``IDLE_SECONDS``), spooled to a file beside the received instances (never
-held in memory whole) and split at the boundary through a memory map. The
+behind the peer gate and the header deadline); the body is spooled as it
+arrives (each piece within ``IDLE_SECONDS``, at least ``MIN_RATE`` bytes a
+second on average) to a file beside the received instances (never held in
+memory whole), then split at the boundary through a memory map and stored in
+a worker thread. The
 response is a Store Instances Response (``application/dicom+json``): the
 Referenced SOP Sequence for what was stored, the Failed SOP Sequence with a
 Failure Reason for the rest; HTTP 200 when all parts were stored, 202 when
@@ -27,6 +28,7 @@ import asyncio
 import logging
 import mmap
 import tempfile
+import time
 from email.message import Message
 from http import HTTPStatus
 
@@ -53,6 +55,10 @@ _CHUNK = 1 << 20
 HEADER_SECONDS = 30.0
 #: No read of a body may wait longer than this.
 IDLE_SECONDS = 30.0
+#: A body must come at this many bytes a second on average, after its first
+#: ``IDLE_SECONDS`` (a client trickling a byte at a time holds a connection and its disk
+#: reservation no longer): 256 KiB/s, a 10 Mbit/s link a quarter full.
+MIN_RATE = 256 * 1024
 
 
 class ClientGone(ConnectionError):
@@ -225,10 +231,12 @@ def _error(status: HTTPStatus, message: str) -> JSONResponse:
 async def _spool(request: Request, chunked: bool, spool, service: StowService,
                  reservation: _Reservation) -> int:
     """Copy the body into ``spool`` as it arrives; its size. Every piece must come within
+    ``IDLE_SECONDS``, and the whole at ``MIN_RATE`` on average after the first
     ``IDLE_SECONDS``; a chunked body reserves disk as it grows and stops at the limit.
     Written on the event loop: a piece is at most what uvicorn buffers (64 KiB and one
     socket read) and lands in the page cache; storing the parts runs in a thread."""
     receive, size, pending, held = request.receive, 0, [], 0
+    started = time.monotonic()
     while True:
         try:
             message = await asyncio.wait_for(receive(), IDLE_SECONDS)
@@ -247,6 +255,9 @@ async def _spool(request: Request, chunked: bool, spool, service: StowService,
             pending.append(body)
             held += len(body)
         more = message.get("more_body", False)
+        late = time.monotonic() - started - IDLE_SECONDS
+        if more and late > 0 and size < MIN_RATE * late:
+            raise ClientGone(f"body slower than {MIN_RATE // 1024} KiB/s")
         if held >= _CHUNK or (not more and pending):    # one write a megabyte
             spool.write(b"".join(pending))
             pending, held = [], 0

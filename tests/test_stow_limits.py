@@ -650,3 +650,59 @@ def test_a_job_store_deleted_under_the_receiver_acknowledges_nothing(node, tmp_p
                                                                     OUT_OF_RESOURCES]
     assert dcm_files(server.storage.incoming) == before   # nothing new on disk
     assert not partial_files(server.storage)
+
+
+# --- 9. a trickled body, a flood of headers ---------------------------------------------
+def test_a_trickled_body_ends_and_gives_back_its_disk(node):
+    """A byte every 0.3 s: no piece waits IDLE_SECONDS, but the body is far below the
+    minimum rate: the request ends (408), the connection closes, the reservation of twice
+    its Content-Length is released."""
+    server, store = node()
+    length = 8 * 1024 * 1024
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    slow.sendall(raw_head(length, 'multipart/related; type="application/dicom"; boundary=b'))
+    start, answer = time.monotonic(), b""
+    assert wait_for(lambda: server.storage._reserved == 2 * length)   # reserved up front
+    while time.monotonic() - start < 6 * DEADLINE:
+        try:
+            slow.sendall(b"x")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        readable, _, _ = select.select([slow], [], [], 0.3)
+        if readable:
+            chunk = slow.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    waited = time.monotonic() - start
+    slow.close()
+    assert status_of(answer) == 408 and b"slower than" in answer, answer[:200]
+    assert waited < 4 * DEADLINE, waited
+    assert wait_for(lambda: server.storage._reserved == 0 and server.gate.open == 0)
+    assert not partial_files(server.storage)
+
+
+def test_a_flood_of_headers_is_refused_with_memory_flat(node):
+    """A megabyte of header lines is refused at the head limit (h11: 64 KiB), not held."""
+    server, _ = node()
+    tracemalloc.start()
+    try:
+        flood = socket.create_connection(("127.0.0.1", server.port))
+        flood.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n")
+        sent = 0
+        try:
+            while sent < 1 << 20:
+                flood.sendall(b"X-Flood: " + b"a" * 1000 + b"\r\n")
+                sent += 1011
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        raw, _, how = read_until_closed(flood, 10)
+        flood.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status_of(raw) in (None, 400, 431), raw[:100]
+    assert how in ("closed", "reset")
+    assert peak < 8 << 20, peak
+    status, _, _ = post_one(server.port, instance(rows=16, columns=16)[0])
+    assert status == 200

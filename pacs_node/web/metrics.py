@@ -20,7 +20,7 @@ import shutil
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
 from config import DestinationKind
 
@@ -80,9 +80,9 @@ class _Collector:
         yield jobs
         yield GaugeMetricFamily("lungsys_queue_depth", "Jobs waiting for a worker",
                                 value=tallies["jobs"].get("queued", 0))
-        attempts = GaugeMetricFamily("lungsys_delivery_attempts",
-                                     "Delivery attempts in the job store, by destination and "
-                                     "outcome", labels=["destination", "outcome"])
+        attempts = CounterMetricFamily("lungsys_delivery_attempts",
+                                       "Delivery attempts in the job store, by destination "
+                                       "and outcome", labels=["destination", "outcome"])
         for destination, ok, n in sorted(tallies["attempts"]):
             attempts.add_metric([destination, "ok" if ok else "failed"], n)
         yield attempts

@@ -1,8 +1,9 @@
 """uvicorn's HTTP/1.1 protocol (h11) with the front door a PACS-facing port needs.
 
-uvicorn bounds header size (h11's incomplete-event limit) and idle keep-alive,
-but has no deadline for receiving a request: a client trickling one byte of
-its headers at a time holds a connection for ever (Slowloris). So, per
+uvicorn (on h11) bounds a request's head (h11's incomplete-event limit) and
+idle keep-alive, but has no deadline for receiving a request: a client
+trickling one byte of its headers at a time holds a connection for ever
+(Slowloris); nor for a client that never reads its answers. So, per
 connection, before a byte is parsed:
 
 - the :class:`~pacs_node.peers.PeerGate` admits it (allowed networks, at most
@@ -10,13 +11,15 @@ connection, before a byte is parsed:
   503 and closed;
 - each request's line and headers must arrive within ``header_seconds`` of
   its first byte (the connection is closed otherwise);
+- an answer the client does not read within ``idle_seconds`` (the socket's
+  send buffer full) closes the connection;
 - a connection closed with a body left unread (a 413, a refusal) is closed
   lingering (RFC 9112 9.6): the node stops sending, reads and drops what the
   client still sends for a moment, then closes, so that the client reads the
   answer instead of a reset. At most ``MAX_LINGERING`` linger at once.
 
-Body reads have their own deadline in the application (a quiet client's
-request ends, see :mod:`pacs_node.web.bridge`).
+Body reads have their own deadlines in the application (each piece within
+``IDLE_SECONDS``, at a minimum rate: see :func:`pacs_node.stow._spool`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import logging
 import socket
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pacs_node.peers import PeerGate
 
@@ -51,6 +53,13 @@ class _Transport:
     def close(self) -> None:
         self._protocol.linger()
 
+    def is_closing(self) -> bool:
+        return self._protocol._dropping >= 0 or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self.is_closing():        # nothing more once the answer is out
+            self._transport.write(data)
+
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
 
@@ -61,12 +70,14 @@ class GuardedProtocol:
 
     gate: PeerGate
     header_seconds: float = 30.0
+    idle_seconds: float = 30.0
     lingering = 0                            # connections lingering now (all of them)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw = transport
         self._deadline: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._stuck: asyncio.TimerHandle | None = None   # the client does not read
         self._dropping = -1                  # >= 0: lingering, bytes dropped so far
         sock = transport.get_extra_info("socket")
         if sock is not None:            # an answer's head and body go out at once, not 40 ms
@@ -90,7 +101,7 @@ class GuardedProtocol:
         if self._admitted:
             self._admitted = False
             self.gate.leave(self._peer)
-        for timer in (self._deadline, self._linger_timer):
+        for timer in (self._deadline, self._linger_timer, self._stuck):
             if timer is not None:
                 timer.cancel()
         if self._dropping >= 0:
@@ -134,9 +145,32 @@ class GuardedProtocol:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        self._raw.write_eof()
+        try:
+            self._raw.write_eof()
+        except OSError:                      # the client reset already
+            GuardedProtocol.lingering -= 1
+            self._dropping = -1
+            self._raw.close()
+            return
         self._raw.resume_reading()
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, self._raw.close)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stuck is None:
+            self._stuck = self.loop.call_later(self.idle_seconds, self._not_reading)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stuck is not None:
+            self._stuck.cancel()
+            self._stuck = None
+
+    def _not_reading(self) -> None:
+        self._stuck = None
+        log.warning("HTTP connection from %s closed: its answer not read in %.0f s",
+                    self._peer, self.idle_seconds)
+        self._raw.abort()
 
     def eof_received(self) -> bool | None:
         if self._dropping >= 0:              # the client closed too: done
@@ -145,9 +179,10 @@ class GuardedProtocol:
         return super().eof_received()
 
 
-def guarded(gate: PeerGate, header_seconds: float, parser: str = "httptools") -> type:
-    """A protocol class for one server: its gate and its deadline; ``parser``: httptools
-    (llhttp, in C: the default) or h11 (pure Python)."""
-    base = HttpToolsProtocol if parser == "httptools" else H11Protocol
-    return type("Guarded", (GuardedProtocol, base),
-                {"gate": gate, "header_seconds": header_seconds})
+def guarded(gate: PeerGate, header_seconds: float, idle_seconds: float) -> type:
+    """A protocol class for one server: its gate and its deadlines. On h11: it bounds a
+    request's head (``h11_max_incomplete_event_size``) and parses one pipelined request at
+    a time; uvicorn's httptools protocol does neither (a sender grew a test server to 1 GB
+    with headers, and to 4 GB with pipelined requests it never read the answers of)."""
+    return type("Guarded", (GuardedProtocol, H11Protocol),
+                {"gate": gate, "header_seconds": header_seconds, "idle_seconds": idle_seconds})

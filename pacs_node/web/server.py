@@ -58,12 +58,12 @@ class HttpServer:
             raise
         self._socket = sock
         config = uvicorn.Config(
-            self.app, http=guarded(self.gate, self.header_seconds), lifespan="off",
+            self.app, http=guarded(self.gate, self.header_seconds, self.idle_seconds),
+            lifespan="off",
             log_config=None, access_log=False, server_header=False, date_header=True,
             timeout_keep_alive=int(max(1, self.idle_seconds)), backlog=BACKLOG,
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             timeout_graceful_shutdown=int(STOP_SECONDS))
-        config.ssl = self.tls
         self._server = uvicorn.Server(config)
         started = threading.Event()
         failure: list[BaseException] = []
@@ -80,6 +80,7 @@ class HttpServer:
                 await self._server.main_loop()
                 await self._server.shutdown(sockets=[sock])
             self._server.config.load()
+            self._server.config.ssl = self.tls     # load() would reset it
             self._server.lifespan = self._server.config.lifespan_class(self._server.config)
             asyncio.run(serve())
 
