@@ -65,8 +65,8 @@ class _Transport:
 
 
 class GuardedProtocol:
-    """uvicorn's HTTP protocol behind the gate, with a deadline for each request's head
-    (mixed in before :class:`H11Protocol` or the faster :class:`HttpToolsProtocol`)."""
+    """uvicorn's HTTP protocol behind the gate, with deadlines for each request's head and
+    for answers the client does not read (mixed in before :class:`H11Protocol`)."""
 
     gate: PeerGate
     header_seconds: float = 30.0
