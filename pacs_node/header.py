@@ -17,9 +17,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 from pydicom import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
@@ -95,9 +94,31 @@ def read_header(start: bytes, transfer_syntax: str, path: Path) -> InstanceHeade
 
 
 def read_file_header(path: Path) -> InstanceHeader:
-    """The header of a Part-10 file (pydicom); raises when it cannot be read."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_KEYWORDS)
+    """The header of a Part-10 file (pydicom); raises when it cannot be read.
+
+    Reading stops past the last element wanted, and at an element of group 0000 (which a
+    data set never holds): a file padded with zeros is 8-byte elements of tag 0 all the
+    way, which pydicom would otherwise walk one by one (12 s of CPU for 30 MB)."""
+    def enough(tag, vr, length) -> bool:
+        return tag > IMAGES_IN_ACQUISITION or tag >> 16 == 0
+
+    with open(path, "rb") as f:
+        _refuse_group_0000(f.read(65536))
+        f.seek(0)
+        ds = read_partial(f, stop_when=enough, specific_tags=_TAGS)
     return InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
+
+
+def _refuse_group_0000(head: bytes) -> None:
+    """ValueError when the data set after the file meta begins with group 0000: pydicom
+    would read it as a command set, every zero element of a padded file one by one."""
+    if head[128:132] != b"DICM":
+        return
+    for tag, pos, length in iter_elements(memoryview(head)[132:], implicit_vr=False):
+        if tag >> 16 != 0x0002:
+            if tag >> 16 == 0x0000:
+                raise ValueError("the data set begins with group 0000 (zeros?)")
+            return
 
 
 @functools.lru_cache(maxsize=64)

@@ -85,3 +85,21 @@ def test_images_in_acquisition_counts_only_when_it_is_a_count(instance, value, c
     raw = _encoded(instance, ExplicitVRLittleEndian).replace(
         element + b"\x02\x0099", element + len(value).to_bytes(2, "little") + value)
     assert scan_start(raw, ExplicitVRLittleEndian).images_in_acquisition == count
+
+
+def test_a_file_of_zeros_after_its_meta_is_refused_not_walked(covid_study, tmp_path):
+    """Zeros after the file meta read as group 0000 elements: pydicom would walk them one
+    by one as a command set (seconds of CPU per megabyte); the header refuses them at once,
+    and zeros after the wanted elements are never read."""
+    from pacs_node.header import read_file_header
+
+    raw = covid_study.files[0].read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    zeros = tmp_path / "zeros.dcm"
+    zeros.write_bytes(raw[:meta_end] + b"\0" * (8 << 20))
+    with pytest.raises(ValueError, match="group 0000"):
+        read_file_header(zeros)
+    ds = pydicom.dcmread(covid_study.files[0])
+    tail = tmp_path / "tail.dcm"       # the elements wanted, then zeros where pixels were
+    tail.write_bytes(raw[:-len(ds.PixelData) - 12] + b"\0" * (8 << 20))
+    assert read_file_header(tail).sop_instance_uid == ds.SOPInstanceUID
