@@ -13,6 +13,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LIBRARIES = {"pynetdicom": logging.WARNING, "apscheduler": logging.WARNING,
                    "urllib3": logging.WARNING, "PIL": logging.WARNING,
                    "highdicom": logging.WARNING, "sqlalchemy": logging.WARNING,
+                   "uvicorn": logging.ERROR,        # its warnings: the node's own lines
+                   "dicomweb_client": logging.WARNING,
                    "pynetdicom.transport": logging.CRITICAL}
 
 

@@ -706,3 +706,19 @@ def test_a_flood_of_headers_is_refused_with_memory_flat(node):
     assert peak < 8 << 20, peak
     status, _, _ = post_one(server.port, instance(rows=16, columns=16)[0])
     assert status == 200
+
+
+def test_what_the_parser_cannot_read_is_answered_in_json(node):
+    """A request h11 cannot parse gets 400 with a JSON error (like every other answer),
+    the connection closes, and the receiver goes on."""
+    server, _ = node()
+    bad = socket.create_connection(("127.0.0.1", server.port))
+    bad.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nContent-Length: 5\r\n"
+                b"Content-Length: 7\r\n\r\nhello")          # two lengths: smuggling's start
+    raw, _, how = read_until_closed(bad, 10)
+    bad.close()
+    assert status_of(raw) == 400 and how in ("closed", "reset")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower()
+    assert json.loads(body)["error"].startswith("bad HTTP request")
+    assert post_one(server.port, instance(rows=16, columns=16)[0])[0] == 200

@@ -25,8 +25,10 @@ Body reads have their own deadlines in the application (each piece within
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
+import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -38,6 +40,8 @@ log = logging.getLogger("pacs_node.web")
 LINGER_SECONDS, LINGER_BYTES = 2.0, 16 << 20
 #: Connections lingering at once (beyond: closed at once).
 MAX_LINGERING = 16
+#: A refused peer is logged at most once in this many seconds (a connect flood is one line).
+LOG_EVERY_SECONDS = 10.0
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
            b"Retry-After: 5\r\nConnection: close\r\nContent-Length: 50\r\n\r\n"
            b'{"error": "too many connections, or not allowed"}\n')
@@ -72,6 +76,7 @@ class GuardedProtocol:
     header_seconds: float = 30.0
     idle_seconds: float = 30.0
     lingering = 0                            # connections lingering now (all of them)
+    _logged: dict[str, float] = {}           # peer -> when its refusal was last logged
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw = transport
@@ -91,7 +96,7 @@ class GuardedProtocol:
         self._admitted = why is None
         super().connection_made(_Transport(transport, self))   # type: ignore[arg-type]
         if why is not None:
-            log.warning("HTTP connection from %s refused: %s", self._peer, why)
+            self._warn_once(f"HTTP connection from {self._peer} refused: {why}")
             transport.write(REFUSAL)
             self.linger()
             return
@@ -122,6 +127,26 @@ class GuardedProtocol:
         if self.cycle is not before and self._deadline is not None:
             self._deadline.cancel()          # its head arrived in time
             self._deadline = None
+
+    def _warn_once(self, message: str) -> None:
+        """A WARNING, at most once per peer every ``LOG_EVERY_SECONDS``."""
+        now, logged = time.monotonic(), GuardedProtocol._logged
+        if now - logged.get(self._peer, -LOG_EVERY_SECONDS) < LOG_EVERY_SECONDS:
+            return
+        if len(logged) > 4096:
+            logged.clear()
+        logged[self._peer] = now
+        log.warning("%s", message)
+
+    def send_400_response(self, msg: str) -> None:
+        """What h11 cannot parse: answered in JSON like every other error (uvicorn answers
+        in text), logged once with the peer, the connection closed."""
+        self._warn_once(f"HTTP request from {self._peer} refused: {msg}")
+        body = json.dumps({"error": f"bad HTTP request: {msg}"}).encode()
+        self._raw.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: " + str(len(body)).encode()
+                        + b"\r\n\r\n" + body)
+        self.linger()
 
     def _arm(self) -> None:
         self._deadline = self.loop.call_later(self.header_seconds, self._late)
