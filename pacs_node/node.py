@@ -282,9 +282,8 @@ class Node:
                 delivery.send(dest, files, self.config.node.ae_title)
             except Exception as exc:
                 attempts = d.attempts + 1
-                give_up = attempts >= cfg.max_attempts or getattr(exc, "permanent", False)
-                retry_at = utcnow() + delivery.backoff(attempts, cfg.initial_backoff_seconds,
-                                                       cfg.max_backoff_seconds)
+                give_up, retry_at = self._after_failure(attempts)
+                give_up = give_up or getattr(exc, "permanent", False)
                 self.store.record_attempt(d.id, ok=False, error=str(exc)[:2000],
                                           retry_at=retry_at, give_up=give_up)
                 if give_up:
@@ -303,11 +302,17 @@ class Node:
             log.info("delivery %d of job %d to %s done (%d objects)", d.id, d.job_id, dest.name,
                      len(files))
 
+    def _after_failure(self, attempts: int) -> tuple[bool, dt.datetime]:
+        """After ``attempts`` failed tries of a delivery or a notification: whether to give
+        up (``[delivery] max_attempts``), and when to try again (doubling backoff)."""
+        cfg = self.config.delivery
+        return attempts >= cfg.max_attempts, utcnow() + delivery.backoff(
+            attempts, cfg.initial_backoff_seconds, cfg.max_backoff_seconds)
+
     # --- notifications -------------------------------------------------------
     def notification_sweep(self) -> None:
         """POST the due webhook notifications; retried as deliveries are."""
         targets = {t.name: t for t in self.config.notifications}
-        cfg = self.config.delivery
         for n in self.store.due_notifications():
             target = targets.get(n.target)
             if target is None:
@@ -319,9 +324,7 @@ class Node:
                 status = notify.post(target, n.payload)
             except notify.NotifyError as exc:
                 attempts = n.attempts + 1
-                give_up = attempts >= cfg.max_attempts
-                retry_at = utcnow() + delivery.backoff(attempts, cfg.initial_backoff_seconds,
-                                                       cfg.max_backoff_seconds)
+                give_up, retry_at = self._after_failure(attempts)
                 self.store.record_notice_attempt(n.id, ok=False, status=exc.status,
                                                  error=str(exc)[:2000], retry_at=retry_at,
                                                  give_up=give_up)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def dciodvfy_errors(path: Path) -> list[str]:
     proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
+
+def eventually(predicate, timeout: float = 180.0, every: float = 0.5):
+    """The first true value of ``predicate()``, asked every ``every`` seconds; AssertionError
+    after ``timeout`` seconds (what a user waits for: a job done, a delivery made)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not so after {timeout:.0f} s")

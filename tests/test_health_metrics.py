@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import require_tool
+from conftest import eventually, require_tool
 from orthanc import free_port
 
 EXE = str(Path(sys.executable).with_name("lungsys"))
@@ -30,14 +29,6 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def wait_for(predicate, timeout: float = 240.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError("timed out")
 
 
 def samples(port: int) -> dict[tuple[str, tuple], float]:
@@ -62,7 +53,7 @@ def test_health_readiness_and_metrics_of_a_running_node(tmp_path, study_factory)
     node = subprocess.Popen([EXE, "serve", "--config", str(toml)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: get(http, "/readyz")[0] == 200 if _up(http) else False, timeout=120)
+        eventually(lambda: get(http, "/readyz")[0] == 200 if _up(http) else False, timeout=120)
         assert get(http, "/healthz") == (200, b'{"status":"ok"}')
         assert json.loads(get(http, "/readyz")[1]) == {"ready": True}
 
@@ -72,7 +63,7 @@ def test_health_readiness_and_metrics_of_a_running_node(tmp_path, study_factory)
                               env={**os.environ, "TCP_NODELAY": "1"})
         assert proc.returncode == 0, proc.stderr
         store = JobStore(f"sqlite:///{tmp_path / 'db'}")
-        wait_for(lambda: store.jobs("done"))
+        eventually(lambda: store.jobs("done"))
 
         metrics = samples(http)
         counts = store.counts()
@@ -97,11 +88,11 @@ def test_health_readiness_and_metrics_of_a_running_node(tmp_path, study_factory)
                     if os.getpriority(os.PRIO_PROCESS, c) ==
                     os.getpriority(os.PRIO_PROCESS, 0) + NICENESS]
         os.kill(worker, signal.SIGKILL)
-        status, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(
+        status, body = eventually(lambda: (lambda r: r if r[0] == 503 else None)(
             get(http, "/readyz")), timeout=30)
         assert json.loads(body)["ready"] is False
         assert any("worker" in reason for reason in json.loads(body)["reasons"])
-        wait_for(lambda: get(http, "/readyz")[0] == 200, timeout=120)
+        eventually(lambda: get(http, "/readyz")[0] == 200, timeout=120)
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=60)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import time
 
 import highdicom as hd
 import pydicom
@@ -20,7 +19,7 @@ from inference.sr import CLASS_CODES, DIAGNOSIS
 from pacs_node.node import Node
 from store.models import DeliveryState, JobState
 
-from conftest import require_tool
+from conftest import eventually, require_tool
 from doubles import hotspot_model
 from orthanc import Orthanc, free_port
 
@@ -60,14 +59,6 @@ def send(port: int, files, called: str = "LUNGSYS") -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def wait_for(predicate, timeout: float = 180.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError("timed out")
 
 
 def delivered(node: Node):
@@ -112,7 +103,7 @@ def test_dimse_delivery_to_orthanc(tmp_path, engine, orthanc, study_factory):
     try:
         send(orthanc.dicom_port, study.files, "ORTHANC")   # the modality sends to PACS ...
         send(node.port, study.files)                       # ... and to the node
-        job = wait_for(lambda: delivered(node))
+        job = eventually(lambda: delivered(node))
         assert job.state == JobState.done and job.diagnosis
         assert {r.kind for r in job.results} >= {"sr"}
         check_orthanc(orthanc, study, "DicomProtocol")
@@ -128,7 +119,7 @@ def test_stow_delivery_to_orthanc(tmp_path, engine, orthanc, study_factory):
     try:
         send(orthanc.dicom_port, study.files, "ORTHANC")
         send(node.port, study.files)
-        wait_for(lambda: delivered(node))
+        eventually(lambda: delivered(node))
         check_orthanc(orthanc, study, "Plugins")
     finally:
         node.stop()
@@ -151,7 +142,7 @@ def test_a_pacs_that_sends_over_stow_rs_gets_the_results_back(tmp_path, engine, 
         [orthanc_study] = pacs.get("/studies")
         pacs.post("/dicom-web/servers/lungsys/stow",
                   {"Resources": [orthanc_study], "Synchronous": True})
-        job = wait_for(lambda: delivered(node))
+        job = eventually(lambda: delivered(node))
         assert job.series.calling_aet == "STOW-RS" and job.series.instance_count == 24
         check_orthanc(pacs, study, "DicomProtocol")
     finally:
@@ -195,7 +186,7 @@ def test_series_that_are_not_chest_ct_are_skipped_with_reasons(tmp_path, engine,
         send(node.port, _series_copy(study, tmp_path / "loc", localizer, 3))
         send(node.port, _series_copy(study, tmp_path / "mr", mr, 21))
         send(node.port, _series_copy(study, tmp_path / "few", nothing, 5))
-        skipped = wait_for(lambda: len(node.store.series("skipped")) == 3
+        skipped = eventually(lambda: len(node.store.series("skipped")) == 3
                            and node.store.series("skipped"), timeout=60)
         reasons = sorted(s.reason for s in skipped)
         assert reasons == ["5 slices, fewer than the minimum of 20",
@@ -214,12 +205,12 @@ def test_a_destination_down_at_first_gets_the_results_when_it_is_up(tmp_path, en
                      f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n')
     try:
         send(node.port, study.files)
-        wait_for(lambda: node.store.jobs() and node.store.jobs()[0].deliveries
+        eventually(lambda: node.store.jobs() and node.store.jobs()[0].deliveries
                  and node.store.jobs()[0].deliveries[0].attempts >= 1)
         d = node.store.jobs()[0].deliveries[0]
         assert d.state == DeliveryState.pending and "not established" in d.last_error
         pacs.start()
-        job = wait_for(lambda: delivered(node))
+        job = eventually(lambda: delivered(node))
         assert job.deliveries[0].attempts >= 2
         assert len(pacs.get("/instances")) == len(job.results)
     finally:
@@ -247,7 +238,7 @@ def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_fac
     def serve():
         proc = subprocess.Popen([exe, "serve", "--config", str(toml)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: subprocess.run([exe, "echo", "127.0.0.1", str(port), "--aet",
+        eventually(lambda: subprocess.run([exe, "echo", "127.0.0.1", str(port), "--aet",
                                          "LUNGSYS"], capture_output=True).returncode == 0,
                  timeout=60)
         return proc
@@ -268,13 +259,13 @@ def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_fac
     send(port, files[:12])
     first.send_signal(signal.SIGKILL)          # mid-study
     first.wait(timeout=30)
-    wait_for(lambda: not Path(f"/proc/{worker}").exists() or stat(worker)[0] == "Z",
+    eventually(lambda: not Path(f"/proc/{worker}").exists() or stat(worker)[0] == "Z",
              timeout=30)                       # the worker died with the node
     second = serve()
     try:
         send(port, files[12:])
         store = JobStore(f"sqlite:///{tmp_path / 'var' / 'db'}")
-        job = wait_for(lambda: store.jobs("done") and store.jobs("done")[0], timeout=240)
+        job = eventually(lambda: store.jobs("done") and store.jobs("done")[0], timeout=240)
         assert job.series.instance_count == 24 and job.diagnosis
     finally:
         second.terminate()
@@ -300,7 +291,7 @@ def test_a_job_left_running_by_a_crash_runs_again(tmp_path, engine, study_factor
     assert store.claim_job().state == JobState.running      # ... and then the node died
     node = make_node(tmp_path, engine, "")
     try:
-        job = wait_for(lambda: node.store.jobs("done") and node.store.jobs("done")[0])
+        job = eventually(lambda: node.store.jobs("done") and node.store.jobs("done")[0])
         assert job.attempts == 2 and job.diagnosis
     finally:
         node.stop()

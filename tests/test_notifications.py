@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pydicom
@@ -21,7 +20,7 @@ from inference.engine import Engine
 from pacs_node.node import Node
 from store.models import DeliveryState
 
-from conftest import require_tool
+from conftest import eventually, require_tool
 from doubles import hotspot_model
 from orthanc import free_port
 
@@ -53,14 +52,6 @@ class Receiver:
         self.server.server_close()
 
 
-def _wait_for(predicate, timeout: float = 180.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError("timed out")
 
 
 def test_webhooks_get_job_done_after_a_retry_and_delivery_failed(tmp_path, study_factory):
@@ -96,11 +87,11 @@ def test_webhooks_get_job_done_after_a_retry_and_delivery_failed(tmp_path, study
             jobs = node.store.jobs()
             return jobs[0].notifications if jobs else []
         # the RIS is down: the first try fails and is recorded
-        _wait_for(lambda: any(n.target == "ris" and n.attempts >= 1 for n in notices()))
+        eventually(lambda: any(n.target == "ris" and n.attempts >= 1 for n in notices()))
         ris = Receiver(hook)
-        _wait_for(lambda: any(n.target == "ris" and n.state == DeliveryState.done
+        eventually(lambda: any(n.target == "ris" and n.state == DeliveryState.done
                               for n in notices()))
-        _wait_for(lambda: pager_receiver.posts)
+        eventually(lambda: pager_receiver.posts)
     finally:
         node.stop()
         pager_receiver.stop()

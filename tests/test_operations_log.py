@@ -10,25 +10,16 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
 
-from conftest import require_tool
+from conftest import eventually, require_tool
 from orthanc import free_port
 
 EXE = str(Path(sys.executable).with_name("lungsys"))
 
 
-def _wait_for(predicate, timeout: float = 240.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError("timed out")
 
 
 def _jobs(toml: Path, *args: str):
@@ -56,12 +47,12 @@ def test_the_log_says_what_happened_and_failed_deliveries_are_listed(tmp_path,
         node = subprocess.Popen([EXE, "serve", "--config", str(toml)], stdout=sink,
                                 stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: "listening on" in log.read_text(), timeout=120)
+        eventually(lambda: "listening on" in log.read_text(), timeout=120)
         proc = subprocess.run([require_tool("storescu"), "-aet", "CT1", "-aec", "LUNGSYS",
                                "127.0.0.1", str(port), *map(str, study.files)],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        _wait_for(lambda: "given up" in log.read_text())
+        eventually(lambda: "given up" in log.read_text())
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=60)
