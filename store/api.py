@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
-                          Series, SeriesState, utcnow)
+                          Series, SeriesState, settle, utcnow)
 from store.notices import Notices
 from store.stats import Stats
 from store.upkeep import Upkeep, upgrade_schema
@@ -346,14 +346,7 @@ class JobStore(Upkeep, Notices, Stats):
             now = utcnow()
             s.add(Attempt(delivery_id=delivery_id, started_at=now, finished_at=now, ok=ok,
                           error=error))
-            d.attempts += 1
-            if ok:
-                d.state, d.delivered_at, d.last_error = DeliveryState.done, now, ""
-            else:
-                d.last_error = error
-                d.state = DeliveryState.failed if give_up else DeliveryState.pending
-                if retry_at is not None:
-                    d.next_attempt_at = retry_at
+            settle(d, ok, error, retry_at, give_up, now, "delivered_at")
 
     def retry_delivery(self, delivery_id: int) -> Delivery:
         with self.session() as s, s.begin():

@@ -64,6 +64,21 @@ class DeliveryState(str, enum.Enum):
     failed = "failed"
 
 
+def settle(row, ok: bool, error: str, retry_at: dt.datetime | None, give_up: bool,
+           now: dt.datetime, done_at: str) -> None:
+    """One try of a delivery or a notification: counted; done (its ``done_at`` column set),
+    or pending again from ``retry_at``, or failed when given up."""
+    row.attempts += 1
+    if ok:
+        row.state, row.last_error = DeliveryState.done, ""
+        setattr(row, done_at, now)
+    else:
+        row.last_error = error
+        row.state = DeliveryState.failed if give_up else DeliveryState.pending
+        if retry_at is not None:
+            row.next_attempt_at = retry_at
+
+
 class Instance(Base):
     """A received SOP instance: where its file is, who sent it, when."""
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Iterable
 
 from sqlalchemy import select
 
-from store.models import DeliveryState, Job, Notification, NotificationAttempt, utcnow
+from store.models import (DeliveryState, Job, Notification, NotificationAttempt, settle,
+                          utcnow)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -58,11 +59,4 @@ class Notices:
             now = utcnow()
             s.add(NotificationAttempt(notification_id=notification_id, at=now, ok=ok,
                                       status=status, error=error))
-            n.attempts += 1
-            if ok:
-                n.state, n.sent_at, n.last_error = DeliveryState.done, now, ""
-            else:
-                n.last_error = error
-                n.state = DeliveryState.failed if give_up else DeliveryState.pending
-                if retry_at is not None:
-                    n.next_attempt_at = retry_at
+            settle(n, ok, error, retry_at, give_up, now, "sent_at")

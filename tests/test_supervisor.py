@@ -4,6 +4,7 @@ per data folder."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -18,20 +19,13 @@ import pytest
 from pacs_node.worker import NICENESS
 from store.api import JobStore
 
-from conftest import require_tool
+from conftest import eventually, require_tool
 from orthanc import free_port
 
 EXE = str(Path(sys.executable).with_name("lungsys"))
 
 
-def wait_for(predicate, timeout: float = 120.0, every: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
+wait_for = functools.partial(eventually, timeout=120.0, every=0.2)
 
 
 class Served:
