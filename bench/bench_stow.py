@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.bench_stow [--slices 300] [--repeats 3]
 
 Stores one phantom study into an in-process STOW-RS receiver
-(:class:`pacs_node.stow.StowServer`: the same route, service and HTTP front door
-the node serves) over loopback, from a client in another process (so that the
+(:class:`pacs_node.stow.StowServer`: the same route, service, HTTP front door and
+token check the node serves: every request carries a sender's token) over loopback, from a client in another process (so that the
 client's work does not share the receiver's interpreter): once as a single
 multipart request of every slice, once as one request per slice on a kept-alive
 connection with TCP_NODELAY set (as urllib3 and so DICOMweb clients do). Each run starts
@@ -30,13 +30,15 @@ from rich.table import Table
 
 from pacs_node.storage import InstanceStorage
 from pacs_node.stow import StowServer
+from pacs_node.web.auth import Doorkeeper
+from store.accounts import Role
 from store.api import JobStore
 from training.phantom import build_phantom, write_study
 
 CLIENT = r'''
 import http.client, sys, uuid
 from pathlib import Path
-port, mode = int(sys.argv[1]), sys.argv[2]
+port, mode, token = int(sys.argv[1]), sys.argv[2], sys.argv[4]
 files = sorted(Path(sys.argv[3]).glob("CT*.dcm"))
 def body(paths):
     b = uuid.uuid4().hex.encode()
@@ -51,7 +53,8 @@ conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as urllib3 d
 t = time.perf_counter()
 for data, b in bodies:
     conn.request("POST", "/dicom-web/studies", body=data, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}'})
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
+        "Authorization": f"Bearer {token}"})
     r = conn.getresponse(); r.read()
     assert r.status == 200, r.status
 print(time.perf_counter() - t)
@@ -60,11 +63,15 @@ print(time.perf_counter() - t)
 
 def _run(study: Path, mode: str, work: Path) -> float:
     store = JobStore(f"sqlite:///{work}/lungsys.db")
-    server = StowServer(InstanceStorage(store, work / "data", min_free_disk_mb=1))
+    token = store.create_token("bench", Role.sender)
+    door = Doorkeeper(store)
+    server = StowServer(InstanceStorage(store, work / "data", min_free_disk_mb=1),
+                        authorize=lambda request: door.api(request, Role.sender))
     server.start("127.0.0.1", 0)
     try:
         proc = subprocess.run([sys.executable, "-c", CLIENT, str(server.port), mode,
-                               str(study)], capture_output=True, text=True, timeout=1200)
+                               str(study), token], capture_output=True, text=True,
+                              timeout=1200)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1])
         return float(proc.stdout.strip())

@@ -93,14 +93,18 @@ class TlsSection:
 
 @dataclass(frozen=True)
 class HttpSection:
-    """``[http]`` (formerly ``[dicomweb]``): the node's HTTP service: STOW-RS, health,
-    metrics."""
+    """``[http]`` (formerly ``[dicomweb]``): the node's HTTP service: STOW-RS, the console,
+    health, metrics."""
 
     host: str = "127.0.0.1"
     port: int = field(default=8080, metadata=value_range(0, 65535))    # 0: off
     max_request_mb: int = field(default=2048, metadata=value_range(1))
     max_connections: int = field(default=32, metadata=value_range(1))
     max_connections_per_peer: int = field(default=8, metadata=value_range(1))
+    stow_anonymous: bool = False
+    metrics_anonymous: bool = False
+    tls_certificate: str = ""
+    tls_private_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class ModelSection:
     batch_size: int = field(default=16, metadata=value_range(1))
     method: PatientMethod = PatientMethod.network
     heatmaps: HeatmapChoice = HeatmapChoice.lesion
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -276,6 +281,16 @@ def _check_node(config: NodeConfig, name: str) -> None:
     if node.user_identity != UserIdentity.none and not Path(node.users_file).is_file():
         raise ConfigError(f"{name}node.users_file: no such file {node.users_file!r} (needed "
                           f"with user_identity = {node.user_identity})")
+    web = config.http
+    if bool(web.tls_certificate) != bool(web.tls_private_key):
+        raise ConfigError(f"{name}http.tls_certificate and http.tls_private_key: both or "
+                          f"neither")
+    for key in ("tls_certificate", "tls_private_key"):
+        if getattr(web, key) and not Path(getattr(web, key)).is_file():
+            raise ConfigError(f"{name}http.{key}: no such file {getattr(web, key)}")
+    for path in config.model.choices:
+        if not Path(path).is_file():
+            raise ConfigError(f"{name}model.choices: no such checkpoint {path}")
     if tls.enabled:
         needed = ["certificate", "private_key"]
         if tls.require_client_certificate:

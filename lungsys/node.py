@@ -1,5 +1,5 @@
 """lungsys commands for the node and its admins: serve, jobs, deliveries, incidents,
-echo, users."""
+echo."""
 
 from __future__ import annotations
 
@@ -66,14 +66,22 @@ def serve_command(
     try:
         node.start()        # the worker process loads the model (fails here if it cannot)
         state["running"] = True
+        web = "https" if cfg.http.tls_certificate else "http"
         logger.info(
-            "lungsys %s: %s listening on %s:%d%s (STOW-RS: %s), model %s on %s, "
+            "lungsys %s: %s listening on %s:%d%s (console and STOW-RS: %s), model %s on %s, "
             "%d destination(s)", software_version(), cfg.node.ae_title, cfg.node.host,
             node.port, " with DICOM TLS" if cfg.tls.enabled else "",
-            f"{cfg.http.host}:{node.stow_port}" if node.stow_port else "off",
+            f"{web}://{cfg.http.host}:{node.stow_port}/console/" if node.stow_port else "off",
             node.model.version, node.model.device, len(cfg.destinations))
         if node.model.intended_use:
             logger.info("model: %s", node.model.intended_use)
+        if node.stow_port and not cfg.http.tls_certificate and not _loopback(cfg.http.host):
+            logger.warning("the console and STOW-RS listen on %s in plain HTTP: passwords "
+                           "and tokens cross the network in clear (set [http] "
+                           "tls_certificate and tls_private_key)", cfg.http.host)
+        if node.stow_port and not node.store.users():
+            logger.info("no console user yet: add one with `lungsys users add NAME --role "
+                        "admin`")
         stop.wait()
     except _Interrupted:
         code = 1
@@ -87,6 +95,15 @@ def serve_command(
     _leave(code)
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _leave(code: int) -> None:
     """Exit now: no thread left behind (a delivery in progress, say) may keep the
     process alive after the node has stopped."""
@@ -98,7 +115,8 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
-def _store(config_file: Optional[Path]):
+def store_of(config_file: Optional[Path]):
+    """The job store the configuration names."""
     from config import load_config
     from store.api import JobStore
 
@@ -165,7 +183,7 @@ def jobs_list(
     json_: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
 ) -> None:
     """List jobs, newest first."""
-    jobs = _store(config_file).jobs(state)
+    jobs = store_of(config_file).jobs(state)
     if json_:
         print(json.dumps([_job_dict(j) for j in jobs]))
         return
@@ -191,7 +209,7 @@ def jobs_show(job_id: Annotated[int, typer.Argument(help="Job number.")],
               json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False
               ) -> None:
     """Everything about one job: series, timings, diagnosis, results, deliveries."""
-    jobs = [j for j in _store(config_file).jobs(limit=100000) if j.id == job_id]
+    jobs = [j for j in store_of(config_file).jobs(limit=100000) if j.id == job_id]
     if not jobs:
         raise CLIError(f"no job {job_id}")
     job = _job_dict(jobs[0])
@@ -206,7 +224,7 @@ def jobs_retry(job_id: Annotated[int, typer.Argument(help="Job number.")],
                config_file: ConfigOption = None) -> None:
     """Queue a job again (a running node picks it up)."""
     try:
-        _store(config_file).retry_job(job_id)
+        store_of(config_file).retry_job(job_id)
     except LookupError as exc:
         raise CLIError(str(exc)) from None
     out.print(f"job {job_id} queued")
@@ -217,7 +235,7 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="Delivery n
                      config_file: ConfigOption = None) -> None:
     """Send a delivery again now (a running node picks it up)."""
     try:
-        _store(config_file).retry_delivery(delivery_id)
+        store_of(config_file).retry_delivery(delivery_id)
     except LookupError as exc:
         raise CLIError(str(exc)) from None
     out.print(f"delivery {delivery_id} due now")
@@ -232,7 +250,7 @@ def incidents_command(
 ) -> None:
     """What an admin should know that no job says: instances refused, lost or found
     unrecorded at start-up, workers that died."""
-    rows = _store(config_file).incidents(kind, limit)
+    rows = store_of(config_file).incidents(kind, limit)
     if json_:
         print(json.dumps([{"id": i.id, "at": _when(i.at), "kind": i.kind.value, "node": i.node,
                            "origin": i.origin, "series_instance_uid": i.series_instance_uid,
@@ -256,70 +274,14 @@ def echo_command(
     = "LUNGSYS",
 ) -> None:
     """C-ECHO a peer, as DCMTK's echoscu does: exit 0 when it answers Success."""
-    import socket
+    from pacs_node.probe import ProbeError, echo
 
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = 10
-    # a peer that is not there: one line of our own below, not pynetdicom's two ERROR
-    # lines (its rejection reasons, from pynetdicom.acse, stay)
-    logging.getLogger("pynetdicom.transport").setLevel(logging.CRITICAL)
-    assoc = ae.associate(host, port, ae_title=aet)
-    if not assoc.is_established and not assoc.is_rejected:
-        try:                # why: ask the network once more (only when it failed)
-            socket.create_connection((host, port), timeout=10).close()
-            reason = "no answer"
-        except OSError as exc:
-            reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
-        raise CLIError(f"no association with {aet}@{host}:{port} ({reason})")
-    if not assoc.is_established:
-        raise CLIError(f"no association with {aet}@{host}:{port} "
-                       f"({'rejected' if assoc.is_rejected else 'no answer'})")
-    status = assoc.send_c_echo()
-    assoc.release()
-    if getattr(status, "Status", None) != 0x0000:
-        raise CLIError(f"C-ECHO to {aet}@{host}:{port} failed")
-    out.print(f"C-ECHO {aet}@{host}:{port}: Success")
-
-
-users_app = typer.Typer(help="Users and tokens for DICOM user identity negotiation "
-                        "([node] users_file).", no_args_is_help=True)
-
-
-@users_app.command("add")
-def users_add(
-    users_file: Annotated[Path, typer.Argument(help="The users file (created if missing).")],
-    name: Annotated[str, typer.Argument(help="User name (or a label for a token).")],
-    token: Annotated[bool, typer.Option("--token", help="Add a bearer token (JWT/SAML "
-                                        "user identity) instead of a user.")] = False,
-    no_password: Annotated[bool, typer.Option("--no-password", help="A user known by "
-                                              "name alone (user identity type 1).")] = False,
-) -> None:
-    """Add a user (or token) to a users file; the secret is read from standard input
-    (or asked for at a terminal) and stored only as a salted PBKDF2 hash."""
-    import getpass
-
-    from pacs_node.security import hash_secret
-
-    if not name or any(c.isspace() for c in name):
-        raise CLIError("the name must be one word")
-    if no_password:
-        stored = "-"
-    else:
-        secret = (getpass.getpass("secret: ") if sys.stdin.isatty()
-                  else sys.stdin.readline().rstrip("\r\n"))
-        if not secret:
-            raise CLIError("an empty secret is not accepted")
-        stored = hash_secret(secret)
-    with open(users_file, "a", encoding="utf-8") as f:
-        f.write(f"{'token' if token else 'user'} {name} {stored}\n")
-    users_file.chmod(0o600)
-    out.print(f"{'token' if token else 'user'} {name} added to {users_file}")
+    try:
+        out.print(echo(host, port, aet, calling))
+    except ProbeError as exc:
+        raise CLIError(str(exc)) from None
 
 
 COMMANDS = [("serve", serve_command), ("incidents", incidents_command),
             ("echo", echo_command)]
-GROUPS = [("jobs", jobs_app), ("deliveries", deliveries_app), ("users", users_app)]
+GROUPS = [("jobs", jobs_app), ("deliveries", deliveries_app)]

@@ -39,11 +39,14 @@ from pacs_node.reconcile import reconcile
 from pacs_node.stow import StowService, stow_routes
 from pacs_node.supervisor import WorkerSupervisor
 from pacs_node.web.app import make_app
+from pacs_node.web.auth import Doorkeeper
+from pacs_node.web.console import console_routes
 from pacs_node.web.health import health_routes
 from pacs_node.web.metrics import NodeMetrics
 from pacs_node.web.server import HttpServer
 from pacs_node.worker import STOP_SECONDS, JobRunner
 from store.api import JobStore
+from store.accounts import Role
 from store.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,7 @@ class Node:
 
     def __init__(self, config: NodeConfig, engine=None) -> None:
         """Build the node; nothing is touched on disk or the network before ``start``."""
-        from pacs_node.security import UserDirectory, server_context
+        from pacs_node.security import UserDirectory, https_context, server_context
 
         self.config = config
         self.data_dir = config.data_dir
@@ -108,10 +111,18 @@ class Node:
         self.receiver.storage.on_outcome = self.metrics.count
         self.http_gate = (PeerGate(node.allowed_networks, web.max_connections,
                                    web.max_connections_per_peer) if web.port else None)
+        self.door = Doorkeeper(self.store, https=bool(web.tls_certificate),
+                               stow_anonymous=web.stow_anonymous,
+                               metrics_anonymous=web.metrics_anonymous)
         self.http = (HttpServer(make_app([
-            *stow_routes(StowService(self.receiver.storage, web.max_request_mb)),
-            *health_routes(self)]), self.http_gate, header_seconds=stow.HEADER_SECONDS,
-            idle_seconds=stow.IDLE_SECONDS) if web.port else None)
+            *stow_routes(StowService(self.receiver.storage, web.max_request_mb),
+                         lambda request: self.door.api(request, Role.sender,
+                                                       self.door.stow_anonymous)),
+            *health_routes(self, self.door), *console_routes(self, self.door)]),
+            self.http_gate, header_seconds=stow.HEADER_SECONDS,
+            idle_seconds=stow.IDLE_SECONDS,
+            tls=(https_context(web.tls_certificate, web.tls_private_key)
+                 if web.tls_certificate else None)) if web.port else None)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # skipped ticks are normal
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True,
                                                            "max_instances": 1})

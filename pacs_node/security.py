@@ -67,6 +67,17 @@ def server_context(tls: TlsSection) -> ssl.SSLContext:
     return context
 
 
+def https_context(certificate: str, private_key: str) -> ssl.SSLContext:
+    """The HTTP service's TLS context (``[http] tls_certificate``): BCP 195 as DICOM TLS,
+    no client certificate (users sign in, machines send tokens)."""
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), TlsProfile.bcp195)
+    try:
+        context.load_cert_chain(certificate, private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"http: the certificate or key cannot be used ({exc})") from None
+    return context
+
+
 def client_context(destination: Destination) -> ssl.SSLContext:
     """The context for DICOM TLS to a destination: its certificate checked, ours shown."""
     context = _harden(ssl.create_default_context(

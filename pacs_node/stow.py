@@ -265,10 +265,14 @@ async def _spool(request: Request, chunked: bool, spool, service: StowService,
             return size
 
 
-def stow_routes(service: StowService) -> list[Route]:
-    """``POST /dicom-web/studies[/{study}]`` on ``service``, for the node's HTTP app."""
+def stow_routes(service: StowService, authorize=None) -> list[Route]:
+    """``POST /dicom-web/studies[/{study}]`` on ``service``, for the node's HTTP app;
+    ``authorize(request)`` (async) answers a request that may not store (401, 403) before
+    anything of its body is read, or returns None."""
 
     async def store(request: Request) -> Response:
+        if authorize is not None and (refusal := await authorize(request)) is not None:
+            return refusal
         study = request.path_params.get("study")
         peer = request.client.host if request.client else "?"
         if study is not None:
@@ -329,13 +333,13 @@ class StowServer:
     of :mod:`pacs_node.web`); for tests and tools that want just the receiver."""
 
     def __init__(self, storage: InstanceStorage, max_request_mb: int = 2048,
-                 gate: PeerGate | None = None) -> None:
+                 gate: PeerGate | None = None, authorize=None) -> None:
         from pacs_node.web.app import make_app
 
         self.service = StowService(storage, max_request_mb)
         self.storage = storage
         self.gate = gate or PeerGate(max_total=32, max_per_peer=8)
-        self.app = make_app(stow_routes(self.service))
+        self.app = make_app(stow_routes(self.service, authorize))
         self.server: HttpServer | None = None
 
     def start(self, host: str, port: int) -> None:

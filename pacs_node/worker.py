@@ -44,6 +44,7 @@ from inference.errors import SeriesError
 from inference.model_info import ModelInfo
 from inference.series import load_series
 from pacs_node import configure_logging
+from pacs_node.joblog import JobLog
 from pacs_node.layout import DataLayout
 from store.api import JobStore
 from store.models import Job, Series, utcnow
@@ -76,6 +77,7 @@ class JobRunner:
         self.layout = DataLayout(config.data_dir)
         self.node_id = config.node_id       # read once (config.node_id reads data_dir/node-id)
         self.on_job = on_job or (lambda job_id: None)
+        self._other = None      # (checkpoint, method) and the engine of the last re-run
 
     def loop(self, stop: _Event, wake: _Event) -> None:
         """Run jobs until ``stop``; sleep until ``wake`` (or 5 s) when none is queued."""
@@ -90,12 +92,19 @@ class JobRunner:
                 wake.clear()
                 continue
             self.on_job(job.id)
+            journal = JobLog()
             try:
-                self.run_job(job)
-            except Exception as exc:     # a file gone, the job store away: the job fails,
-                self._failed(job.id, exc)   # the worker goes on
+                with journal:
+                    try:
+                        self.run_job(job)
+                    except Exception as exc:  # a file gone, the job store away: the job
+                        self._failed(job.id, exc)   # fails, the worker goes on
             finally:
                 self.on_job(None)
+                try:
+                    self.store.set_job_log(job.id, journal.text())
+                except Exception:        # the job store is away: the log line is enough
+                    log.debug("job %d: its log could not be recorded", job.id)
 
     def _failed(self, job_id: int, exc: Exception) -> None:
         """Fail a job. The message may quote a value of the source (a patient's name or
@@ -112,12 +121,30 @@ class JobRunner:
             return
         notify.queue(self.store, self.config, job_id, NotificationEvent.job_failed)
 
+    def _engine_for(self, job: Job):
+        """The node's engine, or one for the model and method a re-run asked for (the last
+        such is kept: re-runs of several series with one choice load it once)."""
+        if not job.checkpoint and not job.method:
+            return self.engine
+        key = (job.checkpoint, job.method)
+        if self._other is None or self._other[0] != key:
+            from inference.engine import Engine
+            self._other = None          # the earlier one freed before the next is loaded
+            self._other = (key, Engine(
+                job.checkpoint or self.engine.model, device=self.config.model.device,
+                batch_size=self.config.model.batch_size,
+                method=job.method or self.engine.method))
+        return self._other[1]
+
     def run_job(self, job: Job) -> None:
         from inference.export import write_results   # torch: only where the model runs
         from inference.profiles import CLASSES
 
         series: Series = job.series
         started = utcnow()
+        log.info("job %d: series %s (version %d), %d instance(s) from %s", job.id,
+                 series.series_instance_uid, job.version, series.instance_count,
+                 series.calling_aet or "STOW-RS")
         try:
             data = load_series(self.store.instance_paths(series.id))
         except SeriesError as exc:
@@ -129,7 +156,9 @@ class JobRunner:
             if len(data) < self.config.assembly.min_slices:
                 raise SeriesError(f"{len(data)} slices, fewer than the minimum of "
                                   f"{self.config.assembly.min_slices}")
-            result = self.engine.analyze(data)
+            engine = self._engine_for(job)
+            log.info("job %d: %d slices loaded", job.id, len(data))
+            result = engine.analyze(data)
             out = self.layout.inside(self.layout.results_folder(
                 series.study_instance_uid, series.series_instance_uid, job.version))
             files = write_results(result, data, out, heatmaps=self.config.model.heatmaps,
@@ -161,10 +190,11 @@ class JobRunner:
         self.store.create_deliveries(job.id, [(d.name, d.kind)
                                               for d in self.config.destinations])
         notify.queue(self.store, self.config, job.id, NotificationEvent.job_done)
-        log.info("job %d done in %.1f s: %s (p=%.2f), %d lesion slice(s), %d result object(s)",
-                 job.id, timings["total"], result.diagnosis,
+        log.info("job %d done in %.1f s: %s (p=%.2f), %d lesion slice(s), %d result object(s); "
+                 "model %s, method %s", job.id, timings["total"], result.diagnosis,
                  float(result.probabilities[result.diagnosis_index]),
-                 len(result.lesion_slices), len(records))
+                 len(result.lesion_slices), len(records), result.model.version,
+                 getattr(result.method, "value", result.method))
 
 
 def load_engine(config: NodeConfig):

@@ -23,6 +23,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from store.accounts import Accounts
+from store.console import Console
 from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
                           Series, SeriesState, settle, utcnow)
 from store.notices import Notices
@@ -91,7 +93,7 @@ class ReceivedInstance:
     node: str = ""
 
 
-class JobStore(Upkeep, Notices, Stats):
+class JobStore(Upkeep, Notices, Stats, Accounts, Console):
     """The job store at ``url`` (SQLite file or server database).
 
     A SQLite file that disappears or is replaced under a running node (an
@@ -264,7 +266,8 @@ class JobStore(Upkeep, Notices, Stats):
             job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, \
                 utcnow()
             job.node = node
-            job.series.state = SeriesState.running
+            if job.version == job.series.version:     # (an older version's retry: not the
+                job.series.state = SeriesState.running    # series' state)
             return job
 
     def requeue_interrupted(self, node: str = "") -> int:
@@ -274,7 +277,8 @@ class JobStore(Upkeep, Notices, Stats):
                                                     Job.node.in_((node, "")))))
             for job in jobs:
                 job.state = JobState.queued
-                job.series.state = SeriesState.queued
+                if job.version == job.series.version:
+                    job.series.state = SeriesState.queued
             return len(jobs)
 
     def abandon_job(self, job_id: int, reason: str, max_attempts: int) -> JobState:
@@ -291,7 +295,8 @@ class JobStore(Upkeep, Notices, Stats):
                     job.series.state, job.series.reason = SeriesState.failed, job.error
             else:
                 job.state, job.error = JobState.queued, f"{reason} (attempt {job.attempts})"
-                job.series.state = SeriesState.queued
+                if job.version == job.series.version:
+                    job.series.state = SeriesState.queued
             return job.state
 
     def finish_job(self, job_id: int, *, diagnosis: str, probabilities: dict,
@@ -323,7 +328,8 @@ class JobStore(Upkeep, Notices, Stats):
             if job.state == JobState.running:
                 raise ValueError(f"job {job_id} is running")
             job.state, job.error = JobState.queued, ""
-            job.series.state = SeriesState.queued
+            if job.version == job.series.version:
+                job.series.state = SeriesState.queued
             return job
 
     # --- deliveries ----------------------------------------------------------

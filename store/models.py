@@ -145,6 +145,10 @@ class Job(Base):
     probabilities: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     infected_fraction: Mapped[float | None] = mapped_column(nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
+    # a re-run with another model or method than the node's (empty: the node's own)
+    checkpoint: Mapped[str] = mapped_column(Text, default="", server_default="")
+    method: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    log: Mapped[str] = mapped_column(Text, default="", server_default="")  # its analysis
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job", order_by="Result.id")

@@ -53,9 +53,10 @@ def trickle(port: int, go_on: Callable[[], bool]) -> None:
         pass                                       # closed by the node: as it should be
 
 
-def stow(port: int, parts: list[bytes], close: bool = True) -> int:
-    """POST the parts to /dicom-web/studies (without the close delimiter unless ``close``);
-    the HTTP status, 0 when the connection failed."""
+def stow(port: int, parts: list[bytes], close: bool = True, token: str = "") -> int:
+    """POST the parts to /dicom-web/studies (without the close delimiter unless ``close``),
+    with ``token`` as a bearer token when given; the HTTP status, 0 when the connection
+    failed."""
     boundary = uuid.uuid4().hex.encode()
     body = b"".join(b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (boundary, p)
                     for p in parts) + (b"--%s--\r\n" % boundary if close else b"")
@@ -63,7 +64,8 @@ def stow(port: int, parts: list[bytes], close: bool = True) -> int:
     try:
         conn.request("POST", "/dicom-web/studies", body=body, headers={
             "Content-Type": f'multipart/related; type="application/dicom"; '
-                            f'boundary={boundary.decode()}'})
+                            f'boundary={boundary.decode()}',
+            **({"Authorization": f"Bearer {token}"} if token else {})})
         return conn.getresponse().status
     except OSError:
         return 0

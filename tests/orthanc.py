@@ -21,8 +21,9 @@ def free_port() -> int:
 
 class Orthanc:
     def __init__(self, folder: Path, aet: str = "ORTHANC",
-                 dicomweb_servers: dict[str, str] | None = None) -> None:
-        """``dicomweb_servers``: name -> DICOMweb root URL that Orthanc may STOW to."""
+                 dicomweb_servers: dict[str, str | list[str]] | None = None) -> None:
+        """``dicomweb_servers``: name -> DICOMweb root URL that Orthanc may STOW to (or
+        [URL, user name, password]: HTTP Basic)."""
         self.folder = Path(folder)
         self.aet = aet
         self.dicomweb_servers = dict(dicomweb_servers or {})
@@ -43,7 +44,8 @@ class Orthanc:
             "AuthenticationEnabled": False, "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "index"), "Plugins": [DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/",
-                         "Servers": {k: [v] for k, v in self.dicomweb_servers.items()}},
+                         "Servers": {k: [v] if isinstance(v, str) else v
+                                     for k, v in self.dicomweb_servers.items()}},
             "DicomCheckCalledAet": False, "HttpServerEnabled": True,
         }
         path = self.folder / "orthanc.json"

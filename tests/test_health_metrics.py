@@ -21,18 +21,26 @@ from orthanc import free_port
 EXE = str(Path(sys.executable).with_name("lungsys"))
 
 
-def get(port: int, path: str) -> tuple[int, bytes]:
+def get(port: int, path: str, token: str = "") -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={
+        "Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
 
 
+def token(toml: Path, role: str) -> str:
+    """A token made as an admin would: ``lungsys tokens create``."""
+    proc = subprocess.run([EXE, "tokens", "create", f"prometheus-{role}", "--role", role,
+                           "--config", str(toml)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
 
 
-def samples(port: int) -> dict[tuple[str, tuple], float]:
-    status, body = get(port, "/metrics")
+def samples(port: int, token: str) -> dict[tuple[str, tuple], float]:
+    status, body = get(port, "/metrics", token)
     assert status == 200
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(body.decode())
@@ -50,12 +58,17 @@ def test_health_readiness_and_metrics_of_a_running_node(tmp_path, study_factory)
                     f'data_dir = "{tmp_path / "var"}"\nmin_free_disk_mb = 1\n'
                     f'[http]\nport = {http}\n[store]\nurl = "sqlite:///{tmp_path / "db"}"\n'
                     f'[assembly]\nstable_seconds = 2\n[model]\ndevice = "cpu"\n')
+    prometheus, sender = token(toml, "viewer"), token(toml, "sender")
     node = subprocess.Popen([EXE, "serve", "--config", str(toml)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         eventually(lambda: get(http, "/readyz")[0] == 200 if _up(http) else False, timeout=120)
         assert get(http, "/healthz") == (200, b'{"status":"ok"}')
         assert json.loads(get(http, "/readyz")[1]) == {"ready": True}
+        # /metrics needs a token of the viewer role or above: a sender's is not enough
+        assert get(http, "/metrics")[0] == 401
+        assert get(http, "/metrics", sender)[0] == 403
+        assert get(http, "/metrics", "lsy_" + "x" * 43)[0] == 401
 
         proc = subprocess.run([require_tool("storescu"), "-aet", "CT1", "-aec", "LUNGSYS",
                                "127.0.0.1", str(port), *map(str, study.files)],
@@ -65,7 +78,7 @@ def test_health_readiness_and_metrics_of_a_running_node(tmp_path, study_factory)
         store = JobStore(f"sqlite:///{tmp_path / 'db'}")
         eventually(lambda: store.jobs("done"))
 
-        metrics = samples(http)
+        metrics = samples(http, prometheus)
         counts = store.counts()
         assert metrics[("lungsys_instances_received_total",
                         (("protocol", "dimse"), ("status", "0x0000")))] == counts["instances"] == 24

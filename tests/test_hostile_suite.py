@@ -56,6 +56,8 @@ def test_a_node_under_hostile_senders_stays_up_bounded_and_faithful(tmp_path, st
         f'[assembly]\nstable_seconds = 3\n[model]\ndevice = "cpu"\n'
         f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "ORTHANC"\n'
         f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n')
+    sender = subprocess.run([EXE, "tokens", "create", "hostile", "--config", str(toml)],
+                            capture_output=True, text=True, check=True).stdout.strip()
     node = subprocess.Popen([EXE, "serve", "--config", str(toml)], stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "serve.log", "w"), start_new_session=True)
     outside_before = sorted(p.name for p in tmp_path.parent.iterdir())
@@ -92,14 +94,17 @@ def test_a_node_under_hostile_senders_stays_up_bounded_and_faithful(tmp_path, st
                      for i in range(4)]
         statuses = []
         threads = [threading.Thread(target=lambda f=f: statuses.append(
-            stow(web, [f.read_bytes()]))) for f in web_files]
+            stow(web, [f.read_bytes()], token=sender))) for f in web_files]
         threads += [threading.Thread(target=lambda: statuses.append(
-            stow(web, [study.files[20].read_bytes(), b"\x00" * 200], close=False)))]
+            stow(web, [study.files[20].read_bytes(), b"\x00" * 200], close=False,
+                 token=sender)))]
+        threads += [threading.Thread(target=lambda: statuses.append(   # no token: 401
+            stow(web, [study.files[21].read_bytes()])))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert sorted(statuses) == [200, 200, 200, 200, 202]
+        assert sorted(statuses) == [200, 200, 200, 200, 202, 401]
         stop.set()
         for t in tricklers:
             t.join()

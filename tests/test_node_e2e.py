@@ -128,10 +128,15 @@ def test_stow_delivery_to_orthanc(tmp_path, engine, orthanc, study_factory):
 def test_a_pacs_that_sends_over_stow_rs_gets_the_results_back(tmp_path, engine, study_factory):
     """Orthanc's DICOMweb client pushes the study to the node with STOW-RS; the
     results come back to Orthanc over DIMSE."""
+    from store.api import JobStore
+
     study = study_factory("covid", 1, 24)
     stow_port = free_port()
-    pacs = Orthanc(tmp_path / "orthanc",
-                   dicomweb_servers={"lungsys": f"http://127.0.0.1:{stow_port}/dicom-web/"})
+    # the PACS sends with a sender token, as HTTP Basic's password (all Orthanc can send)
+    token = JobStore(f"sqlite:///{tmp_path / 'var' / 'lungsys.db'}").create_token(
+        "orthanc", "sender")
+    pacs = Orthanc(tmp_path / "orthanc", dicomweb_servers={
+        "lungsys": [f"http://127.0.0.1:{stow_port}/dicom-web/", "orthanc", token]})
     pacs.start()
     node = make_node(tmp_path, engine,
                      f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "ORTHANC"\n'

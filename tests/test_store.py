@@ -170,3 +170,35 @@ def test_nodes_sharing_a_job_store_keep_to_their_own_series(store):
     assert [s.series_instance_uid for s in store.expired_series(later, "host-a:1")] == [
         "1.2.10"]
     assert store.expired_series(later, "host-b:2") == []     # retention keeps to its own
+
+
+def _finish(store, job_id: int) -> None:
+    store.finish_job(job_id, diagnosis="CAP", probabilities={"CAP": 0.8}, infected_fraction=0.1,
+                     timings={"total": 1.0}, model_version="v", device_uid="2.25.1", results=[])
+
+
+def test_a_rerun_is_a_new_version_and_retrying_an_older_job_leaves_the_series_alone(store):
+    store.record_instance(_item(1))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    first = store.queue_job(series.id)
+    store.claim_job()
+    with pytest.raises(ValueError, match="running"):           # not while it runs
+        store.rerun_job(first.id, method="nonparametric")
+    _finish(store, first.id)
+    rerun = store.rerun_job(first.id, method="nonparametric")
+    assert (rerun.version, rerun.method, rerun.checkpoint) == (2, "nonparametric", "")
+    with pytest.raises(ValueError, match="queued"):             # one re-run at a time
+        store.rerun_job(first.id)
+    assert store.claim_job().id == rerun.id
+    _finish(store, rerun.id)
+    [series] = store.series()
+    assert (series.state, series.version) == (SeriesState.done, 2)
+    store.retry_job(first.id)                                   # the older version again
+    assert store.series()[0].state == SeriesState.done
+    assert store.claim_job().id == first.id
+    assert store.series()[0].state == SeriesState.done
+    _finish(store, first.id)
+    assert store.series()[0].state == SeriesState.done
+    assert store.rerun_job(first.id).version == 3               # the series is free again
+    with pytest.raises(LookupError):
+        store.rerun_job(999)

@@ -375,7 +375,7 @@ def test_stalled_handshakes_give_their_places_back(pki, files, start_node, monke
 # --- 4. user identity ---------------------------------------------------------------
 def lungsys_users_add(users: Path, name: str, secret: str | None, *flags: str):
     exe = Path(sys.executable).with_name("lungsys")
-    proc = subprocess.run([str(exe), "users", "add", str(users), name, *flags],
+    proc = subprocess.run([str(exe), "users", "add", name, "--file", str(users), *flags],
                           input=(secret + "\n") if secret is not None else "",
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,14 +1,20 @@
-"""The node's Starlette application: its routes, and errors answered as JSON.
+"""The node's Starlette application: its routes, errors answered as JSON, an access log.
 
 Every answer the node gives a machine is JSON with an ``error`` when something
 is wrong (a DICOMweb client, Prometheus, a load balancer's health check), never
 an HTML page; an unknown resource is 404, a known one with the wrong method
 405 with ``Allow``.
+
+The access log (logger ``pacs_node.web.access``, INFO) has one line per request:
+peer, who (user or token label), method, path, status, bytes, milliseconds. The
+path is logged without its query, and no path of the node holds patient data;
+health checks, metrics scrapes and the stylesheet are logged at DEBUG only.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 
@@ -19,6 +25,43 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute
 
 log = logging.getLogger("pacs_node.web")
+access = logging.getLogger("pacs_node.web.access")
+#: Paths asked so often (by machines) that their lines are DEBUG.
+QUIET_PATHS = ("/healthz", "/readyz", "/metrics", "/console/static/")
+
+
+class AccessLog:
+    """ASGI middleware writing one access-log line per HTTP request (see the module)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, answer = time.perf_counter(), {"status": 0, "bytes": 0}
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                answer["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:           # answered 500 by Starlette's outermost middleware
+            answer["status"] = answer["status"] or 500
+            raise
+        finally:
+            path = scope.get("path", "")[:200]
+            who = (scope.get("state") or {}).get("principal")
+            level = logging.DEBUG if path.startswith(QUIET_PATHS) else logging.INFO
+            access.log(level, "%s %s %s %s %d %d %.0f ms",
+                       (scope.get("client") or ("?",))[0], who.name if who else "-",
+                       scope.get("method", "?"), path, answer["status"], answer["bytes"],
+                       (time.perf_counter() - started) * 1000)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -40,5 +83,7 @@ async def _failure(request: Request, exc: Exception) -> JSONResponse:
 
 def make_app(routes: list[BaseRoute]) -> Starlette:
     """An application of these routes, answering errors as JSON."""
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
-                                                        Exception: _failure})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
+                                                       Exception: _failure})
+    app.add_middleware(AccessLog)
+    return app

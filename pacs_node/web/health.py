@@ -4,7 +4,8 @@
 - ``GET /readyz``: 200 when the node can take and process studies: the job
   store answers, the free disk is above ``[node] min_free_disk_mb``, the worker
   is alive and its model loaded; 503 with the reasons otherwise;
-- ``GET /metrics``: Prometheus' text format (:mod:`pacs_node.web.metrics`).
+- ``GET /metrics``: Prometheus' text format (:mod:`pacs_node.web.metrics`), for a
+  token of the viewer role or above unless ``[http] metrics_anonymous``.
 
 The checks run in a worker thread (the job store may be slow to answer): the
 event loop keeps serving STOW-RS meanwhile.
@@ -20,11 +21,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from store.accounts import Role
+
 if TYPE_CHECKING:
     from pacs_node.node import Node
+    from pacs_node.web.auth import Doorkeeper
 
 
-def health_routes(node: "Node") -> list[Route]:
+def health_routes(node: "Node", door: "Doorkeeper") -> list[Route]:
+    """The three routes; /metrics needs a token of the viewer role or above (or a signed-in
+    user) unless ``[http] metrics_anonymous``."""
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -35,6 +41,8 @@ def health_routes(node: "Node") -> list[Route]:
         return JSONResponse({"ready": True})
 
     async def metrics(request: Request) -> Response:
+        if (refusal := await door.api(request, Role.viewer, door.metrics_anonymous)):
+            return refusal
         body = await anyio.to_thread.run_sync(node.metrics.exposition)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

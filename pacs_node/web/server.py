@@ -61,6 +61,9 @@ class HttpServer:
             self.app, http=guarded(self.gate, self.header_seconds, self.idle_seconds),
             lifespan="off",
             log_config=None, access_log=False, server_header=False, date_header=True,
+            # the peer is the socket's: a client's X-Forwarded-For must not choose the
+            # address the sign-in limit, the logs and the peer gate see
+            proxy_headers=False,
             timeout_keep_alive=int(max(1, self.idle_seconds)), backlog=BACKLOG,
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             timeout_graceful_shutdown=int(STOP_SECONDS))
