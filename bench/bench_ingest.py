@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pacs_node.receiver import Receiver
-from pacs_node.worker import NICENESS
+from pacs_node.worker_process import NICENESS
 from store.api import JobStore
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -143,6 +143,15 @@ class ResultsSection:
 
 
 @dataclass(frozen=True)
+class WorkerSection:
+    """``[worker]``: who runs the jobs, and how a job whose worker went away is taken back."""
+
+    local: bool = True
+    lease_seconds: float = field(default=60.0, metadata=value_range(2))
+    max_attempts: int = field(default=3, metadata=value_range(1))
+
+
+@dataclass(frozen=True)
 class DeliverySection:
     """``[delivery]``: retries of deliveries."""
 
@@ -160,7 +169,8 @@ class RetentionSection:
 
 SECTIONS = {"node": NodeSection, "tls": TlsSection, "http": HttpSection,
             "store": StoreSection, "assembly": AssemblySection, "model": ModelSection,
-            "results": ResultsSection, "delivery": DeliverySection, "retention": RetentionSection}
+            "results": ResultsSection, "delivery": DeliverySection, "retention": RetentionSection,
+            "worker": WorkerSection}
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,7 @@ class NodeConfig:
     destinations: tuple[Destination, ...] = ()
     results: ResultsSection = ResultsSection()
     notifications: tuple[Notification, ...] = ()
+    worker: WorkerSection = WorkerSection()
 
     @property
     def data_dir(self) -> Path:

@@ -1,5 +1,5 @@
-"""lungsys commands for the node and its admins: serve, jobs, deliveries, incidents,
-echo."""
+"""lungsys commands for the node and its admins: serve, worker, jobs, deliveries,
+incidents, echo."""
 
 from __future__ import annotations
 
@@ -67,14 +67,17 @@ def serve_command(
         node.start()        # the worker process loads the model (fails here if it cannot)
         state["running"] = True
         web = "https" if cfg.http.tls_certificate else "http"
+        model = node.model
         logger.info(
-            "lungsys %s: %s listening on %s:%d%s (console and STOW-RS: %s), model %s on %s, "
+            "lungsys %s: %s listening on %s:%d%s (console and STOW-RS: %s), %s, "
             "%d destination(s)", software_version(), cfg.node.ae_title, cfg.node.host,
             node.port, " with DICOM TLS" if cfg.tls.enabled else "",
             f"{web}://{cfg.http.host}:{node.stow_port}/console/" if node.stow_port else "off",
-            node.model.version, node.model.device, len(cfg.destinations))
-        if node.model.intended_use:
-            logger.info("model: %s", node.model.intended_use)
+            f"model {model.version} on {model.device}" if model is not None
+            else "no local worker (jobs run by `lungsys worker` processes)",
+            len(cfg.destinations))
+        if model is not None and model.intended_use:
+            logger.info("model: %s", model.intended_use)
         if node.stow_port and not cfg.http.tls_certificate and not _loopback(cfg.http.host):
             logger.warning("the console and STOW-RS listen on %s in plain HTTP: passwords "
                            "and tokens cross the network in clear (set [http] "
@@ -93,6 +96,25 @@ def serve_command(
         if state["running"]:
             logger.info("lungsys stopped")
     _leave(code)
+
+
+def worker_command(
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="The node's configuration: its job store ([store] url) and "
+        "data folder ([node] data_dir, shared), [model] and [worker].")] = None,
+) -> None:
+    """Run jobs of a node from another machine (a GPU server): claims queued jobs from the
+    shared job store, writes results into the shared data folder; Ctrl-C or SIGTERM stops
+    it after the job in progress."""
+    from config import load_config
+    from pacs_node import configure_logging
+    from pacs_node.remote import WorkerError, run_worker
+
+    configure_logging(min(logging.getLogger().level, logging.INFO))
+    try:
+        run_worker(load_config(config_file))
+    except (WorkerError, ValueError, OSError) as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _loopback(host: str) -> bool:
@@ -139,7 +161,7 @@ def _job_dict(job) -> dict:
     return {"id": job.id, "state": job.state.value, "series_instance_uid":
             job.series.series_instance_uid, "study_instance_uid": job.series.study_instance_uid,
             "series_state": job.series.state.value, "series_reason": job.series.reason,
-            "version": job.version, "attempts": job.attempts,
+            "version": job.version, "attempts": job.attempts, "worker": job.worker,
             "created_at": _when(job.created_at), "started_at": _when(job.started_at),
             "finished_at": _when(job.finished_at), "model_version": job.model_version,
             "diagnosis": job.diagnosis, "probabilities": job.probabilities,
@@ -189,7 +211,7 @@ def jobs_list(
         return
     table = Table()
     for col in ("job", "state", "series", "diagnosis", "deliveries (id, to, state, attempts)",
-                "finished", "error"):
+                "finished", "worker", "error"):
         table.add_column(col)
     for j in jobs:
         # delivery id, destination, state and attempts: "3 pacs failed (20)"
@@ -199,7 +221,7 @@ def jobs_list(
                                             if d.state.value == "failed" and d.last_error]
         table.add_row(str(j.id), _state(j), j.series.series_instance_uid[-24:],
                       j.diagnosis or "-", deliveries, _when(j.finished_at) or "-",
-                      (errors[0] if errors else "")[:80])
+                      j.worker or "-", (errors[0] if errors else "")[:80])
     out.print(table)
 
 
@@ -282,6 +304,7 @@ def echo_command(
         raise CLIError(str(exc)) from None
 
 
-COMMANDS = [("serve", serve_command), ("incidents", incidents_command),
+COMMANDS = [("serve", serve_command), ("worker", worker_command),
+            ("incidents", incidents_command),
             ("echo", echo_command)]
 GROUPS = [("jobs", jobs_app), ("deliveries", deliveries_app)]

@@ -5,7 +5,7 @@ the store; an assembly sweep (APScheduler) completes quiet series (or those
 whose Images in Acquisition all arrived), filters them (CT, axial, no
 localizer, at least ``min_slices``) and queues a job; one worker, holding
 the model loaded once, runs queued jobs (loading, the engine, SR and SC
-files) and queues a delivery per destination (:mod:`pacs_node.worker`: a
+files) and queues a delivery per destination (:mod:`pacs_node.worker_process`: a
 process of lower CPU priority, or a thread for an engine handed in); a
 delivery sweep sends due deliveries and schedules retries with backoff; a
 retention sweep deletes old, delivered data. Receiving never waits for the
@@ -44,7 +44,8 @@ from pacs_node.web.console import console_routes
 from pacs_node.web.health import health_routes
 from pacs_node.web.metrics import NodeMetrics
 from pacs_node.web.server import HttpServer
-from pacs_node.worker import STOP_SECONDS, JobRunner
+from pacs_node.worker import JobRunner
+from pacs_node.worker_process import STOP_SECONDS
 from store.api import JobStore
 from store.accounts import Role
 from store.models import utcnow
@@ -171,7 +172,9 @@ class Node:
         requeued = self.store.requeue_interrupted(self.node_id)
         if requeued:
             log.warning("%d job(s) interrupted by a restart will run again", requeued)
-        if self.engine is None:
+        if self.engine is None and not self.config.worker.local:
+            log.info("no local worker: jobs are run by `lungsys worker` processes")
+        elif self.engine is None:
             self.supervisor = WorkerSupervisor(self.config, self.store)
             self.supervisor.start()
         else:
@@ -245,6 +248,11 @@ class Node:
         if not self.receiver.storage.has_room():
             reasons.append(f"free disk below the minimum of "
                            f"{self.config.node.min_free_disk_mb} MB")
+        if self.engine is None and not self.config.worker.local:
+            if not self.live_workers():
+                reasons.append("no worker has been heard from within the lease "
+                               f"({self.config.worker.lease_seconds:.0f} s)")
+            return reasons
         if self.supervisor is not None:
             worker = self.supervisor.worker
             if self.supervisor.state != "ready" or worker is None or not worker.alive:
@@ -255,6 +263,14 @@ class Node:
         if self.model is None:
             reasons.append("no model loaded")
         return reasons
+
+    def live_workers(self) -> list:
+        """The workers of this node's series heard from within their lease."""
+        cutoff = utcnow() - dt.timedelta(seconds=self.config.worker.lease_seconds)
+        try:
+            return [w for w in self.store.workers(self.node_id) if w.seen_at >= cutoff]
+        except Exception:
+            return []
 
     # --- assembly ------------------------------------------------------------
     def assembly_sweep(self) -> None:

@@ -11,13 +11,13 @@ which the worker says which job it runs. When the worker dies:
 - the death is logged, with the signal that ended it, and recorded as an
   incident;
 - its job goes back to the queue with the attempt counted (the claim counted
-  it); a job that has killed the worker ``max_attempts`` times fails, with
+  it); a job that has killed the worker ``[worker] max_attempts`` times fails, with
   that reason, instead of killing it for ever;
 - a new worker is started after a backoff (1, 2, 4 ... 60 s; back to 1 s
   once a worker has lived ``STABLE_SECONDS``).
 
 Every worker is started from the supervisor's thread, so that the kernel's
-parent-death signal (:func:`pacs_node.worker._die_with`) ties each worker to
+parent-death signal (:func:`pacs_node.worker_process._die_with`) ties each worker to
 that thread, which ends only once the worker has.
 """
 
@@ -29,14 +29,12 @@ import time
 from multiprocessing.connection import wait
 
 from config import NodeConfig
-from pacs_node.worker import LOAD_SECONDS, STOP_SECONDS, WorkerProcess
+from pacs_node.worker_process import LOAD_SECONDS, STOP_SECONDS, WorkerProcess
 from store.api import JobStore
 from store.models import IncidentKind, JobState
 
 log = logging.getLogger(__name__)
 
-#: A job that killed the worker this many times fails.
-MAX_ATTEMPTS = 3
 #: A worker that lived this long resets the restart backoff.
 STABLE_SECONDS = 600.0
 MAX_BACKOFF_SECONDS = 60.0
@@ -162,8 +160,9 @@ class WorkerSupervisor:
         outcome = ""
         try:
             if job is not None:
-                state = self.store.abandon_job(job, f"the worker died ({why})", MAX_ATTEMPTS)
-                outcome = (f"; job {job} failed after {MAX_ATTEMPTS} attempts"
+                most = self.config.worker.max_attempts
+                state = self.store.abandon_job(job, f"the worker died ({why})", most)
+                outcome = (f"; job {job} failed after {most} attempts"
                            if state == JobState.failed else f"; job {job} queued again")
             self.store.record_incident(IncidentKind.worker_died,
                                        f"the worker process {worker.pid} died ({why})"

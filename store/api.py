@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store.accounts import Accounts
 from store.console import Console
+from store.fleet import Fleet
 from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
                           Series, SeriesState, settle, utcnow)
 from store.notices import Notices
@@ -65,6 +66,10 @@ class StoreUnavailable(RuntimeError):
     """The job store cannot record anything now (its file is gone or was replaced)."""
 
 
+class LeaseLost(RuntimeError):
+    """A worker's claim on a job ended (its lease expired and another took it over)."""
+
+
 class Recorded(enum.Enum):
     """What record_instance made of an instance (true only when it is new)."""
 
@@ -93,7 +98,7 @@ class ReceivedInstance:
     node: str = ""
 
 
-class JobStore(Upkeep, Notices, Stats, Accounts, Console):
+class JobStore(Upkeep, Notices, Stats, Accounts, Console, Fleet):
     """The job store at ``url`` (SQLite file or server database).
 
     A SQLite file that disappears or is replaced under a running node (an
@@ -254,18 +259,22 @@ class JobStore(Upkeep, Notices, Stats, Accounts, Console):
             return job
 
     # --- jobs ----------------------------------------------------------------
-    def claim_job(self, node: str = "") -> Job | None:
-        """Take the oldest queued job of a series this node holds: it becomes
-        running, by this node, with one more attempt."""
+    def claim_job(self, node: str = "", worker: str = "",
+                  lease_seconds: float = 3600.0) -> Job | None:
+        """Take the oldest queued job of a series this node holds (``FOR UPDATE SKIP
+        LOCKED``: claimers never wait on each other): it becomes running, by ``worker``,
+        with one more attempt, held for ``lease_seconds`` unless its worker's heartbeat
+        (:meth:`store.fleet.Fleet.heartbeat`) extends it."""
         with self.session() as s, s.begin():
             job = s.scalar(select(Job).join(Series).where(
                 Job.state == JobState.queued, Series.node.in_((node, "")))
                 .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
             if job is None:
                 return None
-            job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, \
-                utcnow()
-            job.node = node
+            now = utcnow()
+            job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, now
+            job.node, job.worker = node, worker
+            job.lease_until = now + dt.timedelta(seconds=lease_seconds)
             if job.version == job.series.version:     # (an older version's retry: not the
                 job.series.state = SeriesState.running    # series' state)
             return job
@@ -301,21 +310,27 @@ class JobStore(Upkeep, Notices, Stats, Accounts, Console):
 
     def finish_job(self, job_id: int, *, diagnosis: str, probabilities: dict,
                    infected_fraction: float, timings: dict, model_version: str,
-                   device_uid: str, results: Iterable[dict]) -> None:
+                   device_uid: str, results: Iterable[dict], worker: str | None = None,
+                   deliveries: Iterable[tuple[str, str]] = ()) -> None:
+        """Record a job's outcome and queue its deliveries (destination name and kind), in
+        one transaction; with ``worker``, only while that worker still holds the job
+        (LeaseLost otherwise: another took it over, and only one may record results)."""
         with self.session() as s, s.begin():
-            job = s.get(Job, job_id)
+            job = _held(s, job_id, worker)
             job.state, job.finished_at, job.error = JobState.done, utcnow(), ""
             job.diagnosis, job.probabilities = diagnosis, probabilities
             job.infected_fraction, job.timings = infected_fraction, timings
             job.model_version, job.device_uid = model_version, device_uid
             for r in results:
                 s.add(Result(job_id=job_id, **r))
+            for name, kind in deliveries:
+                s.add(Delivery(job_id=job_id, destination=name, kind=kind))
             if job.series.state == SeriesState.running and job.version == job.series.version:
                 job.series.state = SeriesState.done
 
-    def fail_job(self, job_id: int, error: str) -> None:
+    def fail_job(self, job_id: int, error: str, worker: str | None = None) -> None:
         with self.session() as s, s.begin():
-            job = s.get(Job, job_id)
+            job = _held(s, job_id, worker)
             job.state, job.finished_at, job.error = JobState.failed, utcnow(), error
             if job.version == job.series.version:
                 job.series.state, job.series.reason = SeriesState.failed, error
@@ -367,41 +382,6 @@ class JobStore(Upkeep, Notices, Stats, Accounts, Console):
             return list(s.scalars(select(Result.path).where(Result.job_id == job_id)
                                   .order_by(Result.id)))
 
-    # --- retention -----------------------------------------------------------
-    def expired_series(self, cutoff: dt.datetime, node: str = "") -> list[Series]:
-        """This node's finished series last touched before ``cutoff`` whose deliveries
-        all succeeded."""
-        with self.read_session() as s:
-            candidates = s.scalars(select(Series).where(
-                Series.purged.is_(False), Series.last_received < cutoff,
-                Series.node.in_((node, "")),
-                Series.state.in_([SeriesState.done, SeriesState.skipped, SeriesState.failed])))
-            out = []
-            for series in candidates:
-                pending = [d for j in series.jobs for d in j.deliveries
-                           if d.state != DeliveryState.done]
-                if not pending:
-                    out.append(series)
-            return out
-
-    def forget_series(self, series_id: int, cutoff: dt.datetime) -> bool:
-        """Retention: drop the instance and result rows of a series that is still
-        expired (nothing arrived since ``cutoff``), keep the history. False when it
-        is not expired any more (the caller then leaves its files alone)."""
-        with self.session() as s, s.begin():
-            series = s.get(Series, series_id)
-            if series is None or series.purged or series.last_received >= cutoff \
-                    or series.state not in (SeriesState.done, SeriesState.skipped,
-                                            SeriesState.failed):
-                return False
-            for instance in list(series.instances):
-                s.delete(instance)
-            for job in series.jobs:
-                for result in list(job.results):
-                    s.delete(result)
-            series.purged = True
-            return True
-
     def instance_path_of(self, sop_instance_uid: str) -> str | None:
         with self.read_session() as s:
             return s.scalar(select(Instance.path).where(
@@ -438,6 +418,15 @@ class JobStore(Upkeep, Notices, Stats, Accounts, Console):
                     "series": s.scalar(select(func.count(Series.id))),
                     "jobs": s.scalar(select(func.count(Job.id))),
                     "deliveries": s.scalar(select(func.count(Delivery.id)))}
+
+
+def _held(s: Session, job_id: int, worker: str | None) -> Job:
+    """The job, locked; LeaseLost when ``worker`` is given and no longer holds it."""
+    job = s.get(Job, job_id, with_for_update=worker is not None)
+    if worker is not None and (job.state != JobState.running or job.worker != worker):
+        raise LeaseLost(f"job {job_id} is no longer held by {worker} (its lease expired "
+                        f"and it was taken over)")
+    return job
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

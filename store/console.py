@@ -224,10 +224,12 @@ class Console:
                 .order_by(Attempt.id.desc()).limit(limit))]
 
     # --- what the console and the worker write --------------------------------
-    def set_job_log(self, job_id: int, text: str) -> None:
+    def set_job_log(self, job_id: int, text: str, worker: str | None = None) -> None:
+        """Keep a run's log with its job (with ``worker``: only if the job is still that
+        worker's, not taken over by another since)."""
         with self.session() as s, s.begin():
             job = s.get(Job, job_id)
-            if job is not None:
+            if job is not None and (worker is None or job.worker == worker):
                 job.log = text[-MAX_LOG_CHARS:]
 
     def rerun_job(self, job_id: int, checkpoint: str = "", method: str = "") -> Job:

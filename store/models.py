@@ -29,6 +29,10 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+#: "Never" for a time column that must not be empty (a job's lease before any claim).
+EPOCH = dt.datetime(1970, 1, 1)
+
+
 class Base(DeclarativeBase):
     """The declarative base of the job store's tables."""
 
@@ -149,6 +153,11 @@ class Job(Base):
     checkpoint: Mapped[str] = mapped_column(Text, default="", server_default="")
     method: Mapped[str] = mapped_column(String(16), default="", server_default="")
     log: Mapped[str] = mapped_column(Text, default="", server_default="")  # its analysis
+    # the worker running it (or that ran it) and until when its claim holds without a
+    # heartbeat (store.fleet)
+    worker: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    lease_until: Mapped[dt.datetime] = mapped_column(DateTime, default=EPOCH,
+                                                     server_default="1970-01-01 00:00:00")
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job", order_by="Result.id")

@@ -1,7 +1,8 @@
-"""The job store's upkeep: incidents for admins, start-up reconciliation, schema upgrades.
+"""The job store's upkeep: incidents for admins, start-up reconciliation, schema upgrades,
+retention.
 
 Kept apart from :mod:`store.api`'s hot path (receiving, jobs, deliveries):
-what is here runs at start-up, on rare events, or for the admin commands.
+what is here runs at start-up, hourly, on rare events, or for the admin commands.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import TYPE_CHECKING, Iterable
 from sqlalchemy import delete, inspect, select, text, update
 from sqlalchemy.engine import Engine
 
-from store.models import Base, Incident, IncidentKind, Instance, Series, utcnow
+from store.models import (Base, DeliveryState, Incident, IncidentKind, Instance, Series,
+                          SeriesState, utcnow)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -104,3 +106,38 @@ class Upkeep:
                                       f"start-up; send it again"))
                 s.delete(instance)
         return lost
+
+    # --- retention -----------------------------------------------------------
+    def expired_series(self, cutoff: dt.datetime, node: str = "") -> list[Series]:
+        """This node's finished series last touched before ``cutoff`` whose deliveries
+        all succeeded."""
+        with self.read_session() as s:
+            candidates = s.scalars(select(Series).where(
+                Series.purged.is_(False), Series.last_received < cutoff,
+                Series.node.in_((node, "")),
+                Series.state.in_([SeriesState.done, SeriesState.skipped, SeriesState.failed])))
+            out = []
+            for series in candidates:
+                pending = [d for j in series.jobs for d in j.deliveries
+                           if d.state != DeliveryState.done]
+                if not pending:
+                    out.append(series)
+            return out
+
+    def forget_series(self, series_id: int, cutoff: dt.datetime) -> bool:
+        """Retention: drop the instance and result rows of a series that is still
+        expired (nothing arrived since ``cutoff``), keep the history. False when it
+        is not expired any more (the caller then leaves its files alone)."""
+        with self.session() as s, s.begin():
+            series = s.get(Series, series_id)
+            if series is None or series.purged or series.last_received >= cutoff \
+                    or series.state not in (SeriesState.done, SeriesState.skipped,
+                                            SeriesState.failed):
+                return False
+            for instance in list(series.instances):
+                s.delete(instance)
+            for job in series.jobs:
+                for result in list(job.results):
+                    s.delete(result)
+            series.purged = True
+            return True

@@ -48,7 +48,7 @@ def samples(port: int, token: str) -> dict[tuple[str, tuple], float]:
 
 
 def test_health_readiness_and_metrics_of_a_running_node(tmp_path, study_factory):
-    from pacs_node.worker import NICENESS
+    from pacs_node.worker_process import NICENESS
     from store.api import JobStore
 
     study = study_factory("covid", 8, 24)

@@ -228,7 +228,7 @@ def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_fac
     import sys
     from pathlib import Path
 
-    from pacs_node.worker import NICENESS
+    from pacs_node.worker_process import NICENESS
     from store.api import JobStore
 
     study = study_factory("covid", 1, 24)

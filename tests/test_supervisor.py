@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs_node.worker import NICENESS
+from pacs_node.worker_process import NICENESS
 from store.api import JobStore
 
 from conftest import eventually, require_tool

@@ -10,7 +10,7 @@ import pytest
 
 from config import load_config
 from pacs_node.node import Node
-from pacs_node.worker import NICENESS
+from pacs_node.worker_process import NICENESS
 
 from orthanc import free_port
 

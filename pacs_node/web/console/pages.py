@@ -53,6 +53,7 @@ def _status(node: "Node") -> dict:
         "free_mb": free // (1 << 20), "min_free_mb": config.node.min_free_disk_mb,
         "problems": node.not_ready(), "queue": node.store.queue_depth(),
         "associations": node.receiver.scp.associations, "worker": _worker(node),
+        "workers": node.store.workers(node.node_id),
     }
 
 
@@ -60,7 +61,8 @@ def _worker(node: "Node") -> str:
     """The worker as the dashboard names it: its state and process."""
     supervisor = node.supervisor
     if supervisor is None:
-        return "in the node's process"
+        return ("none here ([worker] local = false): see the workers below"
+                if not node.config.worker.local else "in the node's process")
     worker = supervisor.worker
     alive = worker is not None and worker.alive
     return f"{supervisor.state}, {'process ' + str(worker.pid) if alive else 'no process'}"

@@ -1,0 +1,62 @@
+"""A worker's heartbeat: its claim on the job it runs renewed while it is alive.
+
+A thread of the worker tells the job store every third of ``[worker]
+lease_seconds`` that it is alive and which job it runs (:meth:`store.fleet.Fleet.
+heartbeat`); the job's lease is extended each time. A worker that dies, hangs in
+a native library without releasing the interpreter, or loses the job store stops
+renewing, and the job is taken back once the lease has expired. A heartbeat
+that finds the job no longer held says so: the worker's outcome will not be
+recorded (another worker took the job over).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Renews ``name``'s lease on its current job in a daemon thread."""
+
+    def __init__(self, store, name: str, lease_seconds: float) -> None:
+        self.store = store
+        self.name = name
+        self.lease_seconds = lease_seconds
+        self.job_id: int | None = None
+        self.lost = threading.Event()          # the current job was taken over
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lungsys-heartbeat",
+                                        daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def running(self, job_id: int | None) -> None:
+        """The worker took ``job_id`` (None: it is between jobs)."""
+        self.job_id = job_id
+        self.lost.clear()
+
+    def beat(self) -> None:
+        job_id = self.job_id
+        try:
+            held = self.store.heartbeat(self.name, job_id, self.lease_seconds)
+        except Exception as exc:            # the job store is away: the lease runs on
+            log.warning("heartbeat of %s not recorded: %s", self.name,
+                        str(exc).splitlines()[0][:200])
+            return
+        if not held and job_id is not None and job_id == self.job_id \
+                and not self.lost.is_set():
+            log.warning("job %d is no longer held by %s (its lease expired): its outcome "
+                        "here will not be recorded", job_id, self.name)
+            self.lost.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            self.beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

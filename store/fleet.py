@@ -1,0 +1,109 @@
+"""The workers: who runs jobs, their heartbeats and leases, and jobs whose worker went away.
+
+A worker (``lungsys serve``'s own, or ``lungsys worker`` on another machine)
+names itself in the ``workers`` table, claims a job for a lease
+(:meth:`store.api.JobStore.claim_job`) and renews it with a heartbeat while it
+runs. A worker that crashes, is killed or loses the network stops renewing:
+once its lease has expired, the next claimer puts the job back in the queue
+(the attempt counted) or, after ``max_attempts``, fails it with that reason.
+Only the worker that holds a job may record its outcome
+(:class:`store.api.LeaseLost` otherwise), so a job taken over is recorded once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+from sqlalchemy import DateTime, Integer, String, delete, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from store.models import (Base, Incident, IncidentKind, Job, JobState, Series,
+                          SeriesState, utcnow)
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+
+class Worker(Base):
+    """A worker process: where it runs, on what device, with which model, last heard."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)    # host:pid
+    device: Mapped[str] = mapped_column(String(128), default="")   # cpu, cuda:0 (H200) ...
+    node: Mapped[str] = mapped_column(String(64), default="")      # whose series it runs
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Fleet:
+    """Workers, heartbeats and expired leases (a mixin of :class:`store.api.JobStore`)."""
+
+    def session(self) -> "Session": ...          # provided by JobStore
+    def read_session(self) -> "Session": ...     # provided by JobStore
+
+    def register_worker(self, name: str, device: str, node: str, model_version: str) -> None:
+        with self.session() as s, s.begin():
+            s.execute(delete(Worker).where(Worker.name == name))
+            s.add(Worker(name=name, device=device[:128], node=node,
+                         model_version=model_version))
+
+    def forget_worker(self, name: str) -> None:
+        """A worker that stops cleanly leaves the table."""
+        with self.session() as s, s.begin():
+            s.execute(delete(Worker).where(Worker.name == name))
+
+    def heartbeat(self, name: str, job_id: int | None, lease_seconds: float) -> bool:
+        """The worker is alive (and runs ``job_id``): its job's lease is renewed. False
+        when it no longer holds that job (its lease expired and another took it)."""
+        now = utcnow()
+        with self.session() as s, s.begin():
+            s.execute(update(Worker).where(Worker.name == name)
+                      .values(seen_at=now, job_id=job_id))
+            if job_id is None:
+                return True
+            held = s.execute(update(Job).where(
+                Job.id == job_id, Job.worker == name, Job.state == JobState.running)
+                .values(lease_until=now + dt.timedelta(seconds=lease_seconds)))
+            return held.rowcount == 1
+
+    def workers(self, node: str | None = None) -> list[Worker]:
+        """The workers known, most recently heard first (of ``node``'s series, if given)."""
+        with self.read_session() as s:
+            q = select(Worker).order_by(Worker.seen_at.desc())
+            if node is not None:
+                q = q.where(Worker.node == node)
+            return list(s.scalars(q))
+
+    def reclaim_expired(self, node: str, max_attempts: int,
+                        now: dt.datetime | None = None) -> list[tuple[int, JobState]]:
+        """Running jobs of ``node``'s series whose lease expired: queued again, or failed
+        once they had ``max_attempts`` attempts; each recorded as an incident. Returns
+        the jobs and the state each was left in."""
+        now = now or utcnow()
+        out = []
+        with self.session() as s, s.begin():
+            jobs = list(s.scalars(select(Job).join(Series).where(
+                Job.state == JobState.running, Job.lease_until < now,
+                Series.node.in_((node, ""))).with_for_update(skip_locked=True)))
+            for job in jobs:
+                why = f"its worker {job.worker or '?'} stopped answering (lease expired)"
+                current = job.version == job.series.version
+                if job.attempts >= max_attempts:
+                    job.state, job.finished_at = JobState.failed, now
+                    job.error = f"{why}; attempt {job.attempts} of {max_attempts}: given up"
+                    if current:
+                        job.series.state, job.series.reason = SeriesState.failed, job.error
+                else:
+                    job.state, job.error = JobState.queued, f"{why} (attempt {job.attempts})"
+                    if current:
+                        job.series.state = SeriesState.queued
+                s.add(Incident(kind=IncidentKind.worker_died, node=node, job_id=job.id,
+                               detail=f"job {job.id}: {job.error}",
+                               series_instance_uid=job.series.series_instance_uid))
+                out.append((job.id, job.state))
+        return out
