@@ -14,6 +14,7 @@ text by nature and are parsed (:mod:`config.values` holds those checks;
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import hashlib
 import os
@@ -25,6 +26,7 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Mapping
 
+from config.rules import Priority, PriorityRule, offpeak_hours, priority_rule
 from config.targets import (Destination, DestinationKind, Notification, NotificationEvent,
                             destination, notification)
 from config.values import PORT, ConfigError, build_section, value_range
@@ -32,8 +34,9 @@ from inference.choices import (DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, Re
                                SegCompression)
 
 #: What other packages take from here (the targets and value checks live in submodules).
-__all__ = ["ConfigError", "Destination", "DestinationKind", "NodeConfig", "Notification",
-           "NotificationEvent", "TlsProfile", "UserIdentity", "load_config", "defaults"]
+__all__ = ["AssemblyTrigger", "ConfigError", "Destination", "DestinationKind", "NodeConfig", "Notification",
+           "NotificationEvent", "Priority", "PriorityRule", "TlsProfile", "UserIdentity",
+           "load_config", "defaults"]
 
 DEFAULT_FILE = "default.toml"
 #: In the data folder: the node's identity in a shared job store.
@@ -50,6 +53,13 @@ class UserIdentity(enum.StrEnum):
     none = "none"            # not asked for, ignored when sent
     optional = "optional"    # checked when sent
     required = "required"
+
+
+class AssemblyTrigger(enum.StrEnum):
+    """What is analysed once it is complete: each series, or one series per study."""
+
+    series = "series"
+    study = "study"
 
 
 class TlsProfile(enum.StrEnum):
@@ -120,6 +130,8 @@ class AssemblySection:
 
     stable_seconds: float = field(default=10.0, metadata=value_range(0.001))
     min_slices: int = field(default=20, metadata=value_range(1))
+    trigger: AssemblyTrigger = AssemblyTrigger.series
+    study_stable_seconds: float = field(default=30.0, metadata=value_range(0.001))
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,13 @@ class WorkerSection:
     local: bool = True
     lease_seconds: float = field(default=60.0, metadata=value_range(2))
     max_attempts: int = field(default=3, metadata=value_range(1))
+    offpeak_hours: str = "20:00-06:00"
+
+    def offpeak_now(self, now: dt.datetime | None = None) -> bool:
+        """Whether offpeak jobs may be claimed now (the node's local time)."""
+        start, end = offpeak_hours("worker.offpeak_hours", self.offpeak_hours)
+        at = (now or dt.datetime.now()).time()
+        return start <= at < end if start < end else at >= start or at < end
 
 
 @dataclass(frozen=True)
@@ -189,6 +208,7 @@ class NodeConfig:
     results: ResultsSection = ResultsSection()
     notifications: tuple[Notification, ...] = ()
     worker: WorkerSection = WorkerSection()
+    priorities: tuple[PriorityRule, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -237,7 +257,7 @@ def load_config(path: str | os.PathLike | None = None,
             raise ConfigError(f"{name}[{OLD_HTTP}] and [http] both given: [http] only")
         user["http"], called["http"] = user.pop(OLD_HTTP), OLD_HTTP
     for section, values in user.items():
-        if section in ("destinations", "notifications"):
+        if section in ("destinations", "notifications", "priorities"):
             continue
         if section not in SECTIONS or not isinstance(values, dict):
             raise ConfigError(f"{name}unknown section [{section}]")
@@ -273,7 +293,12 @@ def load_config(path: str | os.PathLike | None = None,
         raise ConfigError(f"{name}notifications: expected [[notifications]] tables")
     notifications = tuple(notification(f"{name}notifications[{i}]", i, n)
                           for i, n in enumerate(raw))
-    config = NodeConfig(**sections, destinations=destinations, notifications=notifications)
+    raw = user.get("priorities", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{name}priorities: expected [[priorities]] tables")
+    priorities = tuple(priority_rule(f"{name}priorities[{i}]", r) for i, r in enumerate(raw))
+    config = NodeConfig(**sections, destinations=destinations, notifications=notifications,
+                        priorities=priorities)
     _check_node(config, name)
     return config
 
@@ -292,6 +317,7 @@ def _check_node(config: NodeConfig, name: str) -> None:
     if node.user_identity != UserIdentity.none and not Path(node.users_file).is_file():
         raise ConfigError(f"{name}node.users_file: no such file {node.users_file!r} (needed "
                           f"with user_identity = {node.user_identity})")
+    offpeak_hours(f"{name}worker.offpeak_hours", config.worker.offpeak_hours)
     web = config.http
     if bool(web.tls_certificate) != bool(web.tls_private_key):
         raise ConfigError(f"{name}http.tls_certificate and http.tls_private_key: both or "

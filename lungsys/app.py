@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from inference.version import software_version
-from lungsys import accounts, data, model, node, train
+from lungsys import accounts, data, model, node, rules, train
 from lungsys.common import CLIError, err
 from pacs_node import LOG_FORMAT
 
@@ -55,7 +55,8 @@ def _root(
 # Top-level commands first, then the groups, in the order `lungsys --help` lists them.
 for _name, _command in (*data.COMMANDS, *train.COMMANDS, *model.COMMANDS, *node.COMMANDS):
     app.command(_name)(_command)
-for _name, _group in (*model.GROUPS, *train.GROUPS, *node.GROUPS, *accounts.GROUPS):
+for _name, _group in (*model.GROUPS, *train.GROUPS, *node.GROUPS, *accounts.GROUPS,
+                      *rules.GROUPS):
     app.add_typer(_group, name=_name)
 
 

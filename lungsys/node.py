@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from config.rules import Priority
 from inference.version import software_version
 from lungsys.common import CLIError, err, out, print_fields
 from store.models import IncidentKind, JobState
@@ -162,6 +163,7 @@ def _job_dict(job) -> dict:
             job.series.series_instance_uid, "study_instance_uid": job.series.study_instance_uid,
             "series_state": job.series.state.value, "series_reason": job.series.reason,
             "version": job.version, "attempts": job.attempts, "worker": job.worker,
+            "priority": Priority.of_rank(job.priority).value,
             "created_at": _when(job.created_at), "started_at": _when(job.started_at),
             "finished_at": _when(job.finished_at), "model_version": job.model_version,
             "diagnosis": job.diagnosis, "probabilities": job.probabilities,

@@ -26,14 +26,14 @@ import logging
 import threading
 from pathlib import Path
 
-import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from config import NODE_ID_FILE, NodeConfig, NotificationEvent, UserIdentity
-from inference.series import scan
+from config import NODE_ID_FILE, AssemblyTrigger, NodeConfig, NotificationEvent, UserIdentity
 from pacs_node import delivery, notify, stow
 from pacs_node.layout import DataLayout, LockFile
+from pacs_node.choice import candidate, choose, header_filter
 from pacs_node.peers import PeerGate
+from pacs_node.priority import priority_of
 from pacs_node.receiver import Receiver
 from pacs_node.reconcile import reconcile
 from pacs_node.stow import StowService, stow_routes
@@ -53,23 +53,6 @@ from store.models import utcnow
 log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 1.0
-
-
-def header_filter(paths: list[str], min_slices: int) -> str | None:
-    """Why a complete series is not analysed (from its headers), or None."""
-    groups, skipped = scan(paths)
-    if not groups:
-        reasons = sorted({s.reason for s in skipped})
-        return "; ".join(reasons) or "no CT image"
-    members = next(iter(groups.values()))
-    if len(members) < min_slices:
-        return f"{len(members)} slices, fewer than the minimum of {min_slices}"
-    orientation = members[0][1].get("ImageOrientationPatient")
-    if orientation is not None and len(orientation) == 6:
-        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
-        if abs(normal[2]) < 0.9 * np.linalg.norm(normal):
-            return "not an axial series"
-    return None
 
 
 def _bind(key: str, host: str, port: int, start) -> None:
@@ -274,17 +257,40 @@ class Node:
 
     # --- assembly ------------------------------------------------------------
     def assembly_sweep(self) -> None:
-        for series in self.store.complete_ready(self.config.assembly.stable_seconds):
+        """Queue a job for each complete series (or, in study mode, for the series chosen
+        in each complete study: :mod:`pacs_node.choice`); skip the others, saying why."""
+        assembly = self.config.assembly
+        if assembly.trigger == AssemblyTrigger.study:
+            for group in self.store.complete_studies(assembly.study_stable_seconds):
+                candidates = [candidate(series, series.series_instance_uid,
+                                        self.store.instance_paths(series.id),
+                                        assembly.min_slices) for series in group]
+                chosen, others = choose(candidates)
+                for other, reason in others:
+                    self.store.skip_series(other.key.id, reason)
+                    log.info("series %s skipped: %s", other.series_instance_uid, reason)
+                if chosen is not None:
+                    log.info("study %s: series %s chosen (%s)", chosen.key.study_instance_uid,
+                             chosen.series_instance_uid, chosen.describe())
+                    self._queue(chosen.key, self.store.instance_paths(chosen.key.id))
+            return
+        for series in self.store.complete_ready(assembly.stable_seconds):
             paths = self.store.instance_paths(series.id)
-            reason = header_filter(paths, self.config.assembly.min_slices)
+            reason = header_filter(paths, assembly.min_slices)
             if reason:
                 self.store.skip_series(series.id, reason)
                 log.info("series %s skipped: %s", series.series_instance_uid, reason)
                 continue
-            job = self.store.queue_job(series.id)
-            log.info("series %s from %s complete (%d instances): job %d queued",
-                     series.series_instance_uid, series.calling_aet, len(paths), job.id)
-            self.wake_worker()
+            self._queue(series, paths)
+
+    def _queue(self, series, paths: list[str]) -> None:
+        """Queue the job of a series to analyse, at the priority the rules give it."""
+        priority = priority_of(self.config.priorities, series.calling_aet,
+                               paths[0] if paths else None)
+        job = self.store.queue_job(series.id, priority.rank)
+        log.info("series %s from %s complete (%d instances): job %d queued (%s)",
+                 series.series_instance_uid, series.calling_aet, len(paths), job.id, priority)
+        self.wake_worker()
 
     # --- jobs ----------------------------------------------------------------
     def wake_worker(self) -> None:

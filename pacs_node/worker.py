@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 
 import pydicom
 
-from config import NodeConfig, NotificationEvent
+from config import NodeConfig, NotificationEvent, Priority
 from pacs_node import notify
 from inference.errors import SeriesError
 from inference.series import load_series
@@ -91,8 +91,7 @@ class JobRunner:
                         self.node_id, self.config.worker.max_attempts):
                     log.warning("job %d: its worker stopped answering; %s", job_id,
                                 "queued again" if state == JobState.queued else "failed")
-                job = self.store.claim_job(self.node_id, self.name,
-                                           self.config.worker.lease_seconds)
+                job = self.claim()
             except Exception as exc:     # the job store is away: try again later
                 log.error("the worker cannot take a job: %s", str(exc).splitlines()[0][:300])
                 job = None
@@ -116,6 +115,13 @@ class JobRunner:
                     self.store.set_job_log(job.id, journal.text(), job.worker)
                 except Exception:        # the job store is away: the log line is enough
                     log.debug("job %d: its log could not be recorded", job.id)
+
+    def claim(self) -> Job | None:
+        """The next job for this worker: urgent before normal, offpeak only within
+        ``[worker] offpeak_hours``, oldest first within a priority."""
+        most = Priority.offpeak if self.config.worker.offpeak_now() else Priority.normal
+        return self.store.claim_job(self.node_id, self.name, self.config.worker.lease_seconds,
+                                    max_priority=most.rank)
 
     def _failed(self, job_id: int, exc: Exception, worker: str | None = None) -> None:
         """Fail a job. The message may quote a value of the source (a patient's name or

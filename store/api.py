@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.accounts import Accounts
+from store.assembly import Assembly
 from store.console import Console
 from store.fleet import Fleet
 from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
@@ -98,7 +99,7 @@ class ReceivedInstance:
     node: str = ""
 
 
-class JobStore(Upkeep, Notices, Stats, Accounts, Console, Fleet):
+class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
     """The job store at ``url`` (SQLite file or server database).
 
     A SQLite file that disappears or is replaced under a running node (an
@@ -223,29 +224,15 @@ class JobStore(Upkeep, Notices, Stats, Accounts, Console, Fleet):
             return list(s.scalars(select(Instance.path).where(Instance.series_id == series_id)
                                   .order_by(Instance.id)))
 
-    # --- assembly ------------------------------------------------------------
-    def complete_ready(self, stable_seconds: float, now: dt.datetime | None = None
-                       ) -> list[Series]:
-        """Mark receiving series complete: quiet for ``stable_seconds``, or all
-        Images in Acquisition arrived. Returns them."""
-        now = now or utcnow()
-        quiet = now - dt.timedelta(seconds=stable_seconds)
-        with self.session() as s, s.begin():
-            ready = list(s.scalars(select(Series).where(
-                Series.state == SeriesState.receiving,
-                (Series.last_received <= quiet)
-                | ((Series.expected_instances.is_not(None))
-                   & (Series.instance_count >= Series.expected_instances)))))
-            for series in ready:
-                series.state = SeriesState.complete
-        return ready
-
+    # --- assembly (complete_ready, complete_studies: store.assembly) --------
     def skip_series(self, series_id: int, reason: str) -> None:
         with self.session() as s, s.begin():
             series = s.get(Series, series_id)
             series.state, series.reason = SeriesState.skipped, reason
 
-    def queue_job(self, series_id: int) -> Job:
+    def queue_job(self, series_id: int, priority: int = 1) -> Job:
+        """Queue the job of a complete series' current version, at ``priority`` (a rank:
+        lower is claimed first)."""
         with self.session() as s, s.begin():
             series = s.get(Series, series_id)
             job = s.scalar(select(Job).where(Job.series_id == series_id,
@@ -253,22 +240,26 @@ class JobStore(Upkeep, Notices, Stats, Accounts, Console, Fleet):
             if job is None:
                 job = Job(series_id=series_id, version=series.version)
                 s.add(job)
-            job.state, job.error = JobState.queued, ""
+            job.state, job.error, job.priority = JobState.queued, "", priority
             series.state = SeriesState.queued
             s.flush()
             return job
 
     # --- jobs ----------------------------------------------------------------
-    def claim_job(self, node: str = "", worker: str = "",
-                  lease_seconds: float = 3600.0) -> Job | None:
-        """Take the oldest queued job of a series this node holds (``FOR UPDATE SKIP
-        LOCKED``: claimers never wait on each other): it becomes running, by ``worker``,
-        with one more attempt, held for ``lease_seconds`` unless its worker's heartbeat
+    def claim_job(self, node: str = "", worker: str = "", lease_seconds: float = 3600.0,
+                  max_priority: int | None = None) -> Job | None:
+        """Take the first queued job of a series this node holds, by priority (lower rank
+        first; none above ``max_priority``) and then age (``FOR UPDATE SKIP LOCKED``:
+        claimers never wait on each other): it becomes running, by ``worker``, with one
+        more attempt, held for ``lease_seconds`` unless its worker's heartbeat
         (:meth:`store.fleet.Fleet.heartbeat`) extends it."""
+        q = select(Job).join(Series).where(Job.state == JobState.queued,
+                                           Series.node.in_((node, "")))
+        if max_priority is not None:
+            q = q.where(Job.priority <= max_priority)
         with self.session() as s, s.begin():
-            job = s.scalar(select(Job).join(Series).where(
-                Job.state == JobState.queued, Series.node.in_((node, "")))
-                .order_by(Job.id).limit(1).with_for_update(skip_locked=True))
+            job = s.scalar(q.order_by(Job.priority, Job.id).limit(1)
+                           .with_for_update(skip_locked=True))
             if job is None:
                 return None
             now = utcnow()

@@ -138,6 +138,13 @@ class Console:
         with self.read_session() as s:
             return s.scalar(select(func.count(Job.id)).where(Job.state == JobState.queued))
 
+    def queue_by_priority(self) -> dict[int, int]:
+        """Queued jobs by priority rank."""
+        with self.read_session() as s:
+            return dict(s.execute(select(Job.priority, func.count(Job.id))
+                                  .where(Job.state == JobState.queued)
+                                  .group_by(Job.priority)).all())
+
     # --- jobs ----------------------------------------------------------------
     def job_page(self, where: JobFilter, page: int = 1, per_page: int = 25
                  ) -> tuple[list[Job], int]:
@@ -250,7 +257,7 @@ class Console:
                                  f"re-run it once that is over")
             series.version += 1
             new = Job(series_id=series.id, version=series.version, checkpoint=checkpoint,
-                      method=method)
+                      method=method, priority=job.priority)
             s.add(new)
             series.state = SeriesState.queued
             s.flush()

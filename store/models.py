@@ -158,6 +158,8 @@ class Job(Base):
     worker: Mapped[str] = mapped_column(String(128), default="", server_default="")
     lease_until: Mapped[dt.datetime] = mapped_column(DateTime, default=EPOCH,
                                                      server_default="1970-01-01 00:00:00")
+    # claimed lower first (config.Priority's rank: 0 urgent, 1 normal, 2 offpeak)
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1", index=True)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job", order_by="Result.id")

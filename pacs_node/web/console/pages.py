@@ -52,6 +52,7 @@ def _status(node: "Node") -> dict:
         "model": model, "checkpoint": config.model.checkpoint or "the shipped model",
         "free_mb": free // (1 << 20), "min_free_mb": config.node.min_free_disk_mb,
         "problems": node.not_ready(), "queue": node.store.queue_depth(),
+        "queue_by": sorted(node.store.queue_by_priority().items()),
         "associations": node.receiver.scp.associations, "worker": _worker(node),
         "workers": node.store.workers(node.node_id),
     }

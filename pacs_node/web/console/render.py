@@ -21,6 +21,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from config import Priority
 from store.accounts import Principal, Role
 
 #: The most a console form may send.
@@ -50,7 +51,8 @@ def _seconds(value: float | None) -> str:
 ENV = Environment(loader=PackageLoader("pacs_node.web.console", "templates"),
                   autoescape=select_autoescape(default=True), trim_blocks=True,
                   lstrip_blocks=True)
-ENV.filters.update(when=_when, seconds=_seconds)
+ENV.filters.update(when=_when, seconds=_seconds,
+                   priority=lambda rank: Priority.of_rank(rank).value)
 STYLESHEET = files("pacs_node.web.console").joinpath("static/console.css").read_bytes()
 
 

@@ -1,0 +1,66 @@
+"""When received series are complete: each by itself, or a study as a whole.
+
+A series is complete when no instance of it arrived for ``stable_seconds``, or
+once as many instances arrived as its Images in Acquisition said. In study mode
+a study is complete when no instance of any of its series arrived for
+``study_stable_seconds``: all its receiving series then become complete
+together, for one of them to be chosen (:mod:`pacs_node.choice`). A series that
+arrives after its study was complete starts a new group of its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select
+
+from store.models import Series, SeriesState, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+
+class Assembly:
+    """Completion of series and studies (a mixin of :class:`store.api.JobStore`)."""
+
+    def session(self) -> "Session": ...          # provided by JobStore
+    def read_session(self) -> "Session": ...     # provided by JobStore
+
+    def complete_ready(self, stable_seconds: float, now: dt.datetime | None = None
+                       ) -> list[Series]:
+        """Mark receiving series complete: quiet for ``stable_seconds``, or all
+        Images in Acquisition arrived. Returns them."""
+        now = now or utcnow()
+        quiet = now - dt.timedelta(seconds=stable_seconds)
+        with self.session() as s, s.begin():
+            ready = list(s.scalars(select(Series).where(
+                Series.state == SeriesState.receiving,
+                (Series.last_received <= quiet)
+                | ((Series.expected_instances.is_not(None))
+                   & (Series.instance_count >= Series.expected_instances)))))
+            for series in ready:
+                series.state = SeriesState.complete
+        return ready
+
+    def complete_studies(self, stable_seconds: float, now: dt.datetime | None = None
+                         ) -> list[list[Series]]:
+        """Mark complete the receiving series of each study quiet for ``stable_seconds``
+        (no instance of any of its series since); returns them by study, each study's in
+        the order they began to arrive."""
+        now = now or utcnow()
+        quiet = now - dt.timedelta(seconds=stable_seconds)
+        with self.session() as s, s.begin():
+            studies = list(s.scalars(
+                select(Series.study_instance_uid).where(Series.state == SeriesState.receiving)
+                .group_by(Series.study_instance_uid)
+                .having(func.max(Series.last_received) <= quiet)))
+            out = []
+            for study in studies:
+                group = list(s.scalars(select(Series).where(
+                    Series.study_instance_uid == study, Series.state == SeriesState.receiving)
+                    .order_by(Series.first_received, Series.id)))
+                for series in group:
+                    series.state = SeriesState.complete
+                out.append(group)
+        return out
