@@ -258,8 +258,8 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
         if max_priority is not None:
             q = q.where(Job.priority <= max_priority)
         with self.session() as s, s.begin():
-            job = s.scalar(q.order_by(Job.priority, Job.id).limit(1)
-                           .with_for_update(skip_locked=True))
+            job = s.scalar(q.order_by(Job.priority, Job.id).limit(1)   # (the job's row only)
+                           .with_for_update(skip_locked=True, of=Job))
             if job is None:
                 return None
             now = utcnow()

@@ -24,7 +24,9 @@ class Postgres:
     """initdb + pg_ctl in a temp folder; as root, the server runs as the postgres
     user (PostgreSQL refuses to run as root)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsync: bool = False) -> None:
+        """``fsync``: as a production server (tests leave it off: faster, nothing to keep)."""
+        self.fsync = fsync
         self.folder = Path(tempfile.mkdtemp(prefix="lungsys-pg-"))
         self.port = free_port()
         self.data = self.folder / "data"
@@ -54,7 +56,8 @@ class Postgres:
         self._run(_binary("initdb"), "-D", str(self.data), "-U", "lungsys", "-A", "trust",
                   "-E", "UTF8", "--no-sync")
         self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "log"),
-                  "-w", "-o", f"-h 127.0.0.1 -p {self.port} -k {self.folder} -F", "start")
+                  "-w", "-o", f"-h 127.0.0.1 -p {self.port} -k {self.folder}"
+                  f"{'' if self.fsync else ' -F'}", "start")
         return self
 
     def stop(self) -> None:
