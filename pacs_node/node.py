@@ -261,7 +261,8 @@ class Node:
         in each complete study: :mod:`pacs_node.choice`); skip the others, saying why."""
         assembly = self.config.assembly
         if assembly.trigger == AssemblyTrigger.study:
-            for group in self.store.complete_studies(assembly.study_stable_seconds):
+            for group in self.store.complete_studies(assembly.study_stable_seconds,
+                                                     node=self.node_id):
                 candidates = [candidate(series, series.series_instance_uid,
                                         self.store.instance_paths(series.id),
                                         assembly.min_slices) for series in group]
@@ -274,7 +275,7 @@ class Node:
                              chosen.series_instance_uid, chosen.describe())
                     self._queue(chosen.key, self.store.instance_paths(chosen.key.id))
             return
-        for series in self.store.complete_ready(assembly.stable_seconds):
+        for series in self.store.complete_ready(assembly.stable_seconds, node=self.node_id):
             paths = self.store.instance_paths(series.id)
             reason = header_filter(paths, assembly.min_slices)
             if reason:
@@ -303,7 +304,7 @@ class Node:
     def delivery_sweep(self) -> None:
         destinations = {d.name: d for d in self.config.destinations}
         cfg = self.config.delivery
-        for d in self.store.due_deliveries():
+        for d in self.store.due_deliveries(node=self.node_id):
             dest = destinations.get(d.destination)
             if dest is None:
                 self.store.record_attempt(d.id, ok=False, give_up=True,
@@ -346,7 +347,7 @@ class Node:
     def notification_sweep(self) -> None:
         """POST the due webhook notifications; retried as deliveries are."""
         targets = {t.name: t for t in self.config.notifications}
-        for n in self.store.due_notifications():
+        for n in self.store.due_notifications(node=self.node_id):
             target = targets.get(n.target)
             if target is None:
                 self.store.record_notice_attempt(n.id, ok=False, give_up=True,

@@ -344,12 +344,17 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
             for name, kind in destinations:
                 s.add(Delivery(job_id=job_id, destination=name, kind=kind))
 
-    def due_deliveries(self, now: dt.datetime | None = None) -> list[Delivery]:
+    def due_deliveries(self, now: dt.datetime | None = None, node: str | None = None
+                       ) -> list[Delivery]:
+        """Deliveries due now (of ``node``'s series, when given: it holds their files)."""
         now = now or utcnow()
+        q = select(Delivery).where(Delivery.state == DeliveryState.pending,
+                                   Delivery.next_attempt_at <= now)
+        if node is not None:
+            q = q.join(Job, Delivery.job_id == Job.id).join(Series, Job.series_id == Series.id) \
+                .where(Series.node.in_((node, "")))
         with self.read_session() as s:
-            return list(s.scalars(select(Delivery).where(
-                Delivery.state == DeliveryState.pending, Delivery.next_attempt_at <= now)
-                .order_by(Delivery.id)))
+            return list(s.scalars(q.order_by(Delivery.id)))
 
     def record_attempt(self, delivery_id: int, ok: bool, error: str = "",
                        retry_at: dt.datetime | None = None, give_up: bool = False) -> None:

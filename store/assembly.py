@@ -21,21 +21,27 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 
+def _of(node: str | None) -> tuple:
+    """The condition "a series of ``node``" (none when ``node`` is None: every node's)."""
+    return () if node is None else (Series.node.in_((node, "")),)
+
+
 class Assembly:
     """Completion of series and studies (a mixin of :class:`store.api.JobStore`)."""
 
     def session(self) -> "Session": ...          # provided by JobStore
     def read_session(self) -> "Session": ...     # provided by JobStore
 
-    def complete_ready(self, stable_seconds: float, now: dt.datetime | None = None
-                       ) -> list[Series]:
-        """Mark receiving series complete: quiet for ``stable_seconds``, or all
-        Images in Acquisition arrived. Returns them."""
+    def complete_ready(self, stable_seconds: float, now: dt.datetime | None = None,
+                       node: str | None = None) -> list[Series]:
+        """Mark receiving series complete (of ``node``, when given: only the node holding
+        a series' files can judge them): quiet for ``stable_seconds``, or all Images in
+        Acquisition arrived. Returns them."""
         now = now or utcnow()
         quiet = now - dt.timedelta(seconds=stable_seconds)
         with self.session() as s, s.begin():
             ready = list(s.scalars(select(Series).where(
-                Series.state == SeriesState.receiving,
+                Series.state == SeriesState.receiving, *_of(node),
                 (Series.last_received <= quiet)
                 | ((Series.expected_instances.is_not(None))
                    & (Series.instance_count >= Series.expected_instances)))))
@@ -43,8 +49,8 @@ class Assembly:
                 series.state = SeriesState.complete
         return ready
 
-    def complete_studies(self, stable_seconds: float, now: dt.datetime | None = None
-                         ) -> list[list[Series]]:
+    def complete_studies(self, stable_seconds: float, now: dt.datetime | None = None,
+                         node: str | None = None) -> list[list[Series]]:
         """Mark complete the receiving series of each study quiet for ``stable_seconds``
         (no instance of any of its series since); returns them by study, each study's in
         the order they began to arrive."""
@@ -52,13 +58,15 @@ class Assembly:
         quiet = now - dt.timedelta(seconds=stable_seconds)
         with self.session() as s, s.begin():
             studies = list(s.scalars(
-                select(Series.study_instance_uid).where(Series.state == SeriesState.receiving)
+                select(Series.study_instance_uid).where(Series.state == SeriesState.receiving,
+                                                        *_of(node))
                 .group_by(Series.study_instance_uid)
                 .having(func.max(Series.last_received) <= quiet)))
             out = []
             for study in studies:
                 group = list(s.scalars(select(Series).where(
-                    Series.study_instance_uid == study, Series.state == SeriesState.receiving)
+                    Series.study_instance_uid == study, Series.state == SeriesState.receiving,
+                    *_of(node))
                     .order_by(Series.first_received, Series.id)))
                 for series in group:
                     series.state = SeriesState.complete

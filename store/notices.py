@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from sqlalchemy import select
 
-from store.models import (DeliveryState, Job, Notification, NotificationAttempt, settle,
+from store.models import (DeliveryState, Job, Notification, NotificationAttempt, Series, settle,
                           utcnow)
 
 if TYPE_CHECKING:
@@ -44,12 +44,17 @@ class Notices:
             _ = job.series.series_instance_uid, list(job.deliveries)
             return job
 
-    def due_notifications(self, now: dt.datetime | None = None) -> list[Notification]:
+    def due_notifications(self, now: dt.datetime | None = None, node: str | None = None
+                          ) -> list[Notification]:
+        """Notifications due now (of ``node``'s series, when given: one node sends each)."""
         now = now or utcnow()
+        q = select(Notification).where(Notification.state == DeliveryState.pending,
+                                       Notification.next_attempt_at <= now)
+        if node is not None:
+            q = q.join(Job, Notification.job_id == Job.id) \
+                .join(Series, Job.series_id == Series.id).where(Series.node.in_((node, "")))
         with self.read_session() as s:
-            return list(s.scalars(select(Notification).where(
-                Notification.state == DeliveryState.pending,
-                Notification.next_attempt_at <= now).order_by(Notification.id)))
+            return list(s.scalars(q.order_by(Notification.id)))
 
     def record_notice_attempt(self, notification_id: int, ok: bool, status: int | None = None,
                               error: str = "", retry_at: dt.datetime | None = None,

@@ -154,7 +154,11 @@ def test_nodes_sharing_a_job_store_keep_to_their_own_series(store):
 
     store.record_instance(replace(_item(1, "1.2.10"), node="host-a:1"))
     store.record_instance(replace(_item(1, "1.2.20"), node="host-b:2"))
-    for series in store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1)):
+    soon = utcnow() + dt.timedelta(seconds=1)
+    [a] = store.complete_ready(0, now=soon, node="host-a:1")  # A judges only its own
+    assert a.series_instance_uid == "1.2.10"
+    [b] = store.complete_ready(0, now=soon, node="host-b:2")
+    for series in (a, b):
         store.queue_job(series.id)
     claimed_by_a = store.claim_job("host-a:1")
     assert claimed_by_a.series.series_instance_uid == "1.2.10"
@@ -170,6 +174,12 @@ def test_nodes_sharing_a_job_store_keep_to_their_own_series(store):
     assert [s.series_instance_uid for s in store.expired_series(later, "host-a:1")] == [
         "1.2.10"]
     assert store.expired_series(later, "host-b:2") == []     # retention keeps to its own
+    store.create_deliveries(claimed_by_a.id, [("pacs", "dimse")])  # A delivers A's results
+    assert [d.job_id for d in store.due_deliveries(node="host-a:1")] == [claimed_by_a.id]
+    assert store.due_deliveries(node="host-b:2") == []
+    store.queue_notifications(claimed_by_a.id, "job_failed", [("ris", {"job": 1})])
+    assert len(store.due_notifications(node="host-a:1")) == 1
+    assert store.due_notifications(node="host-b:2") == []
 
 
 def _finish(store, job_id: int) -> None:
