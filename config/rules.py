@@ -3,9 +3,9 @@
 ``[[priorities]]`` tables, tried in order; the first that matches a complete
 series gives its job's priority, and none gives ``normal``. A rule matches on
 the calling AE title, on a DICOM attribute of the series' first instance (a
-keyword and a shell-style pattern, e.g. ``RequestedProcedurePriority`` and
-``STAT``, or ``StudyDescription`` and ``*RESEARCH*``; case does not count), or
-on both::
+keyword and a shell-style pattern, e.g. ``StudyDescription`` and ``*STAT*`` or
+``*RESEARCH*``; case does not count; only attributes of the data set itself, not
+inside a sequence), or on both::
 
     [[priorities]]
     priority = "urgent"

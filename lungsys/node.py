@@ -101,8 +101,8 @@ def serve_command(
 
 def worker_command(
     config_file: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="The node's configuration: its job store ([store] url) and "
-        "data folder ([node] data_dir, shared), [model] and [worker].")] = None,
+        "--config", "-c", help="The node's own configuration file (the same file: its job "
+        "store, shared data folder, model, destinations and webhooks).")] = None,
 ) -> None:
     """Run jobs of a node from another machine (a GPU server): claims queued jobs from the
     shared job store, writes results into the shared data folder; Ctrl-C or SIGTERM stops

@@ -34,7 +34,10 @@ LUNG_KERNEL = re.compile(r"LUNG|^(B|I|BR)[6-9]\d", re.IGNORECASE)
 
 def header_filter(paths: list[str], min_slices: int) -> str | None:
     """Why a complete series is not analysed (from its headers), or None."""
-    groups, skipped = scan(paths)
+    return _reason(*scan(paths), min_slices)
+
+
+def _reason(groups, skipped, min_slices: int) -> str | None:
     if not groups:
         reasons = sorted({s.reason for s in skipped})
         return "; ".join(reasons) or "no CT image"
@@ -71,7 +74,7 @@ class Candidate:
 
 def candidate(key, series_instance_uid: str, paths: list[str], min_slices: int) -> Candidate:
     """What the rule needs to know of a series, from its headers."""
-    groups, _ = scan(paths)
+    groups, skipped = scan(paths)
     members = next(iter(groups.values()), [])
     header = members[0][1] if members else None
 
@@ -86,7 +89,7 @@ def candidate(key, series_instance_uid: str, paths: list[str], min_slices: int) 
     if not isinstance(kernel, str):
         kernel = "\\".join(str(k) for k in kernel)
     return Candidate(key, series_instance_uid, len(members), thickness, str(kernel).strip(),
-                     header_filter(paths, min_slices))
+                     _reason(groups, skipped, min_slices))
 
 
 def choose(candidates: list[Candidate]) -> tuple[Candidate | None, list[tuple[Candidate, str]]]:

@@ -30,8 +30,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from config import NODE_ID_FILE, AssemblyTrigger, NodeConfig, NotificationEvent, UserIdentity
 from pacs_node import delivery, notify, stow
-from pacs_node.layout import DataLayout, LockFile
 from pacs_node.choice import candidate, choose, header_filter
+from pacs_node.layout import DataLayout, LockFile
 from pacs_node.peers import PeerGate
 from pacs_node.priority import priority_of
 from pacs_node.receiver import Receiver
@@ -44,7 +44,7 @@ from pacs_node.web.console import console_routes
 from pacs_node.web.health import health_routes
 from pacs_node.web.metrics import NodeMetrics
 from pacs_node.web.server import HttpServer
-from pacs_node.worker import JobRunner
+from pacs_node.worker import JobRunner, worker_gone
 from pacs_node.worker_process import STOP_SECONDS
 from store.api import JobStore
 from store.accounts import Role
@@ -152,7 +152,7 @@ class Node:
         if removed:
             log.info("%d partly received instance(s) removed (never acknowledged)", removed)
         reconcile(self.layout, self.store, self.node_id)
-        requeued = self.store.requeue_interrupted(self.node_id)
+        requeued = self.store.requeue_interrupted(self.node_id, worker_gone)
         if requeued:
             log.warning("%d job(s) interrupted by a restart will run again", requeued)
         if self.engine is None and not self.config.worker.local:
@@ -266,7 +266,13 @@ class Node:
                 candidates = [candidate(series, series.series_instance_uid,
                                         self.store.instance_paths(series.id),
                                         assembly.min_slices) for series in group]
-                chosen, others = choose(candidates)
+                earlier = self.store.analysed_series(group[0].study_instance_uid,
+                                                     self.node_id)
+                if earlier is not None:     # one result per study: it has one already
+                    chosen, others = None, [(c, f"another series of the study was analysed: "
+                                                f"{earlier}") for c in candidates]
+                else:
+                    chosen, others = choose(candidates)
                 for other, reason in others:
                     self.store.skip_series(other.key.id, reason)
                     log.info("series %s skipped: %s", other.series_instance_uid, reason)

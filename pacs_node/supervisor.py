@@ -29,6 +29,7 @@ import time
 from multiprocessing.connection import wait
 
 from config import NodeConfig
+from pacs_node.worker import worker_name
 from pacs_node.worker_process import LOAD_SECONDS, STOP_SECONDS, WorkerProcess
 from store.api import JobStore
 from store.models import IncidentKind, JobState
@@ -161,7 +162,8 @@ class WorkerSupervisor:
         try:
             if job is not None:
                 most = self.config.worker.max_attempts
-                state = self.store.abandon_job(job, f"the worker died ({why})", most)
+                state = self.store.abandon_job(job, f"the worker died ({why})", most,
+                                               worker=worker_name(worker.pid))
                 outcome = (f"; job {job} failed after {most} attempts"
                            if state == JobState.failed else f"; job {job} queued again")
             self.store.record_incident(IncidentKind.worker_died,

@@ -59,7 +59,7 @@ class JobRunner:
         self.layout = DataLayout(config.data_dir)
         self.node_id = config.node_id       # read once (config.node_id reads data_dir/node-id)
         self.on_job = on_job or (lambda job_id: None)
-        self.name = name or f"{socket.gethostname()[:100]}:{os.getpid()}"
+        self.name = name or worker_name(os.getpid())
         self._other = None      # (checkpoint, method) and the engine of the last re-run
 
     def loop(self, stop: _Event, wake: _Event) -> None:
@@ -91,6 +91,9 @@ class JobRunner:
                         self.node_id, self.config.worker.max_attempts):
                     log.warning("job %d: its worker stopped answering; %s", job_id,
                                 "queued again" if state == JobState.queued else "failed")
+                    if state == JobState.failed:
+                        notify.queue(self.store, self.config, job_id,
+                                     NotificationEvent.job_failed)
                 job = self.claim()
             except Exception as exc:     # the job store is away: try again later
                 log.error("the worker cannot take a job: %s", str(exc).splitlines()[0][:300])
@@ -228,6 +231,26 @@ class JobRunner:
                  float(result.probabilities[result.diagnosis_index]),
                  len(result.lesion_slices), len(records), result.model.version,
                  getattr(result.method, "value", result.method))
+
+
+def worker_name(pid: int) -> str:
+    """A worker's name in the job store: its host and process."""
+    return f"{socket.gethostname()[:100]}:{pid}"
+
+
+def worker_gone(name: str) -> bool:
+    """Whether the worker of that name is not running: its process, when on this host, has
+    ended (a worker on another host is judged by its lease instead)."""
+    host, _, pid = name.rpartition(":")
+    if host != socket.gethostname()[:100] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:             # a process of another user: alive
+        return False
+    return False
 
 
 def _device_label(device: str) -> str:

@@ -258,8 +258,10 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
         if max_priority is not None:
             q = q.where(Job.priority <= max_priority)
         with self.session() as s, s.begin():
-            job = s.scalar(q.order_by(Job.priority, Job.id).limit(1)   # (the job's row only)
-                           .with_for_update(skip_locked=True, of=Job))
+            # the series' row is locked too: a new instance reopening it meanwhile would
+            # otherwise see its state overwritten with "running"
+            job = s.scalar(q.order_by(Job.priority, Job.id).limit(1)
+                           .with_for_update(skip_locked=True))
             if job is None:
                 return None
             now = utcnow()
@@ -270,23 +272,30 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
                 job.series.state = SeriesState.running    # series' state)
             return job
 
-    def requeue_interrupted(self, node: str = "") -> int:
-        """At start-up: this node's jobs left running by a crash run again."""
+    def requeue_interrupted(self, node: str = "",
+                            gone: Callable[[str], bool] = lambda worker: True) -> int:
+        """At start-up: this node's jobs left running by a crash run again, those of
+        workers that are ``gone`` (a worker elsewhere still running one keeps it: its
+        lease says when it has gone)."""
         with self.session() as s, s.begin():
-            jobs = list(s.scalars(select(Job).where(Job.state == JobState.running,
-                                                    Job.node.in_((node, "")))))
+            jobs = [job for job in s.scalars(select(Job).where(
+                Job.state == JobState.running, Job.node.in_((node, ""))))
+                if not job.worker or gone(job.worker)]
             for job in jobs:
                 job.state = JobState.queued
                 if job.version == job.series.version:
                     job.series.state = SeriesState.queued
             return len(jobs)
 
-    def abandon_job(self, job_id: int, reason: str, max_attempts: int) -> JobState:
+    def abandon_job(self, job_id: int, reason: str, max_attempts: int,
+                    worker: str | None = None) -> JobState:
         """A job whose worker died: queued again, or failed once it has had
-        ``max_attempts`` attempts. Returns the state it was left in."""
+        ``max_attempts`` attempts (with ``worker``: only while that worker holds it).
+        Returns the state it was left in."""
         with self.session() as s, s.begin():
             job = s.get(Job, job_id)
-            if job is None or job.state != JobState.running:
+            if job is None or job.state != JobState.running or (
+                    worker is not None and job.worker != worker):
                 return job.state if job is not None else JobState.failed
             if job.attempts >= max_attempts:
                 job.state, job.finished_at = JobState.failed, utcnow()

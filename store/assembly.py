@@ -5,7 +5,8 @@ once as many instances arrived as its Images in Acquisition said. In study mode
 a study is complete when no instance of any of its series arrived for
 ``study_stable_seconds``: all its receiving series then become complete
 together, for one of them to be chosen (:mod:`pacs_node.choice`). A series that
-arrives after its study was complete starts a new group of its own.
+arrives after its study was complete starts a new group of its own, which is not
+analysed when a series of the study already was (:meth:`Assembly.analysed_series`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ class Assembly:
             for series in ready:
                 series.state = SeriesState.complete
         return ready
+
+    def analysed_series(self, study_instance_uid: str, node: str | None = None) -> str | None:
+        """A series of the study that was chosen before (queued, running or done), if any:
+        in study mode a series arriving later does not make a second result."""
+        with self.read_session() as s:
+            return s.scalar(select(Series.series_instance_uid).where(
+                Series.study_instance_uid == study_instance_uid, *_of(node),
+                Series.state.in_((SeriesState.queued, SeriesState.running,
+                                  SeriesState.done))).limit(1))
 
     def complete_studies(self, stable_seconds: float, now: dt.datetime | None = None,
                          node: str | None = None) -> list[list[Series]]:

@@ -212,3 +212,19 @@ def test_a_rerun_is_a_new_version_and_retrying_an_older_job_leaves_the_series_al
     assert store.rerun_job(first.id).version == 3               # the series is free again
     with pytest.raises(LookupError):
         store.rerun_job(999)
+
+
+def test_a_restart_or_a_dead_local_worker_leaves_other_workers_jobs_alone(store):
+    store.record_instance(_item(1, "1.2.30"))
+    store.record_instance(_item(1, "1.2.31"))
+    for series in store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1)):
+        store.queue_job(series.id)
+    remote = store.claim_job("", "gpu-1:77")
+    local = store.claim_job("", "node-host:12")
+    # the node restarts: its own dead worker's job runs again, the GPU server's does not
+    assert store.requeue_interrupted("", gone=lambda w: w == "node-host:12") == 1
+    assert {j.id: j.state for j in store.jobs()} == {remote.id: JobState.running,
+                                                      local.id: JobState.queued}
+    # a dead local worker process abandons only a job it holds
+    assert store.abandon_job(remote.id, "died", 3, worker="node-host:99") == JobState.running
+    assert store.abandon_job(remote.id, "died", 3, worker="gpu-1:77") == JobState.queued

@@ -97,6 +97,20 @@ def test_a_study_of_three_series_gets_one_sr_on_the_thin_lung_series(tmp_path, s
                     for study_ref in sr.CurrentRequestedProcedureEvidenceSequence
                     for s in study_ref.ReferencedSeriesSequence}
         assert thin in evidence and thick not in evidence and scout not in evidence
+
+        # a series of the study sent later makes no second result
+        late, late_files = variant(study.files, sent / "late", SliceThickness=0.6,
+                                   ConvolutionKernel="LUNG")
+        proc = subprocess.run([require_tool("storescu"), "-aet", "CT1", "-aec", "LUNGSYS",
+                               "127.0.0.1", str(node.port), *map(str, late_files)],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "TCP_NODELAY": "1"})
+        assert proc.returncode == 0, proc.stderr
+        eventually(lambda: {s.series_instance_uid: s.state.value for s in node.store.series()}
+                   .get(late) == "skipped", timeout=60)
+        [later] = [s for s in node.store.series() if s.series_instance_uid == late]
+        assert later.reason == f"another series of the study was analysed: {thin}"
+        assert len(node.store.jobs()) == 1
     finally:
         node.stop()
         pacs.stop()
