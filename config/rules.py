@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from config.values import ConfigError, build_section
+from config.values import ConfigError, build_section, check_table
 
 
 class Priority(enum.StrEnum):
@@ -59,11 +59,7 @@ class PriorityRule:
 def priority_rule(where: str, raw: Any) -> PriorityRule:
     from pydicom.datadict import tag_for_keyword
 
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table")
-    unknown = set(raw) - {f.name for f in fields(PriorityRule)}
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    check_table(where, raw, PriorityRule)
     if "priority" not in raw:
         raise ConfigError(f"{where}.priority: expected one of {', '.join(Priority)}")
     rule = build_section(PriorityRule, raw, where, {})

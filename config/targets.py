@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from config.values import PORT, ConfigError, build_section
+from config.values import PORT, ConfigError, build_section, check_table
 
 
 class DestinationKind(enum.StrEnum):
@@ -57,12 +57,7 @@ class Notification:
 
 
 def destination(where: str, i: int, raw: Any) -> Destination:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table")
-    known = {f.name for f in fields(Destination)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    check_table(where, raw, Destination)
     values = {**raw, "name": raw.get("name") or f"destination-{i + 1}"}
     if "kind" not in raw:
         raise ConfigError(f"{where}.kind: expected one of {', '.join(DestinationKind)}")
@@ -79,11 +74,7 @@ def destination(where: str, i: int, raw: Any) -> Destination:
 
 
 def notification(where: str, i: int, raw: Any) -> Notification:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a table")
-    unknown = set(raw) - {f.name for f in fields(Notification)}
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    check_table(where, raw, Notification)
     target = build_section(Notification, {**raw, "name": raw.get("name") or
                                           f"notification-{i + 1}"}, where, {})
     parts = urlsplit(target.url)

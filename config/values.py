@@ -89,3 +89,12 @@ def build_section(cls, values: Mapping[str, Any], where: str, origin: Mapping[st
             raise ConfigError(f"{named}: {span}, got {value}")
         out[f.name] = value
     return cls(**out)
+
+
+def check_table(where: str, raw: Any, cls) -> None:
+    """A ``[[...]]`` table of the configuration: a table, with none but ``cls``'s keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = set(raw) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
