@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import DateTime, Integer, String, delete, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from store.models import (Base, Incident, IncidentKind, Job, JobState, Series,
+from store.models import (EPOCH, Base, Incident, IncidentKind, Job, JobState, Series,
                           SeriesState, utcnow)
 
 if TYPE_CHECKING:
@@ -88,7 +88,9 @@ class Fleet:
         out = []
         with self.session() as s, s.begin():
             jobs = list(s.scalars(select(Job).join(Series).where(
-                Job.state == JobState.running, Job.lease_until < now,
+                # (a job claimed before leases existed has none: its node's restart
+                # requeues it, as it always did)
+                Job.state == JobState.running, Job.lease_until < now, Job.lease_until > EPOCH,
                 Series.node.in_((node, ""))).with_for_update(skip_locked=True)))
             for job in jobs:
                 why = f"its worker {job.worker or '?'} stopped answering (lease expired)"

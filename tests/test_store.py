@@ -228,3 +228,29 @@ def test_a_restart_or_a_dead_local_worker_leaves_other_workers_jobs_alone(store)
     # a dead local worker process abandons only a job it holds
     assert store.abandon_job(remote.id, "died", 3, worker="node-host:99") == JobState.running
     assert store.abandon_job(remote.id, "died", 3, worker="gpu-1:77") == JobState.queued
+
+
+def test_an_expired_lease_is_taken_back_once_and_a_job_claimed_before_leases_is_not(store):
+    from sqlalchemy import update
+
+    from store.api import LeaseLost
+    from store.models import EPOCH, Job
+
+    for n in (40, 41):
+        store.record_instance(_item(1, f"1.2.{n}"))
+    for series in store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1)):
+        store.queue_job(series.id)
+    leased = store.claim_job("", "gpu-1:5", lease_seconds=2)
+    old = store.claim_job("", "old-node:9")
+    with store.session() as s, s.begin():                     # as an upgraded database has it
+        s.execute(update(Job).where(Job.id == old.id).values(lease_until=EPOCH))
+    assert store.heartbeat("gpu-1:5", leased.id, 2) is True
+    later = utcnow() + dt.timedelta(seconds=3)
+    assert store.reclaim_expired("", 3, now=later) == [(leased.id, JobState.queued)]
+    assert store.reclaim_expired("", 3, now=later) == []       # once
+    assert store.heartbeat("gpu-1:5", leased.id, 2) is False   # the worker learns it
+    with pytest.raises(LeaseLost):
+        store.finish_job(leased.id, diagnosis="CAP", probabilities={}, infected_fraction=0.0,
+                         timings={}, model_version="v", device_uid="2.25.1", results=[],
+                         worker="gpu-1:5")
+    assert {j.id: j.state for j in store.jobs()}[old.id] == JobState.running
