@@ -28,7 +28,8 @@ from store.assembly import Assembly
 from store.console import Console
 from store.fleet import Fleet
 from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
-                          Series, SeriesState, settle, utcnow)
+                          Series, SeriesState, give_back, lead_series, of_node, settle,
+                          utcnow)
 from store.notices import Notices
 from store.stats import Stats
 from store.upkeep import Upkeep, upgrade_schema
@@ -253,8 +254,7 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
         claimers never wait on each other): it becomes running, by ``worker``, with one
         more attempt, held for ``lease_seconds`` unless its worker's heartbeat
         (:meth:`store.fleet.Fleet.heartbeat`) extends it."""
-        q = select(Job).join(Series).where(Job.state == JobState.queued,
-                                           Series.node.in_((node, "")))
+        q = select(Job).join(Series).where(Job.state == JobState.queued, of_node(node))
         if max_priority is not None:
             q = q.where(Job.priority <= max_priority)
         with self.session() as s, s.begin():
@@ -268,8 +268,7 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
             job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, now
             job.node, job.worker = node, worker
             job.lease_until = now + dt.timedelta(seconds=lease_seconds)
-            if job.version == job.series.version:     # (an older version's retry: not the
-                job.series.state = SeriesState.running    # series' state)
+            lead_series(job, SeriesState.running)
             return job
 
     def requeue_interrupted(self, node: str = "",
@@ -283,8 +282,7 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
                 if not job.worker or gone(job.worker)]
             for job in jobs:
                 job.state = JobState.queued
-                if job.version == job.series.version:
-                    job.series.state = SeriesState.queued
+                lead_series(job, SeriesState.queued)
             return len(jobs)
 
     def abandon_job(self, job_id: int, reason: str, max_attempts: int,
@@ -297,15 +295,7 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
             if job is None or job.state != JobState.running or (
                     worker is not None and job.worker != worker):
                 return job.state if job is not None else JobState.failed
-            if job.attempts >= max_attempts:
-                job.state, job.finished_at = JobState.failed, utcnow()
-                job.error = f"{reason} (attempt {job.attempts} of {max_attempts}: given up)"
-                if job.version == job.series.version:
-                    job.series.state, job.series.reason = SeriesState.failed, job.error
-            else:
-                job.state, job.error = JobState.queued, f"{reason} (attempt {job.attempts})"
-                if job.version == job.series.version:
-                    job.series.state = SeriesState.queued
+            give_back(job, reason, max_attempts, utcnow())
             return job.state
 
     def finish_job(self, job_id: int, *, diagnosis: str, probabilities: dict,
@@ -325,15 +315,14 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
                 s.add(Result(job_id=job_id, **r))
             for name, kind in deliveries:
                 s.add(Delivery(job_id=job_id, destination=name, kind=kind))
-            if job.series.state == SeriesState.running and job.version == job.series.version:
-                job.series.state = SeriesState.done
+            if job.series.state == SeriesState.running:
+                lead_series(job, SeriesState.done)
 
     def fail_job(self, job_id: int, error: str, worker: str | None = None) -> None:
         with self.session() as s, s.begin():
             job = _held(s, job_id, worker)
             job.state, job.finished_at, job.error = JobState.failed, utcnow(), error
-            if job.version == job.series.version:
-                job.series.state, job.series.reason = SeriesState.failed, error
+            lead_series(job, SeriesState.failed, error)
 
     def retry_job(self, job_id: int) -> Job:
         with self.session() as s, s.begin():
@@ -343,8 +332,7 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
             if job.state == JobState.running:
                 raise ValueError(f"job {job_id} is running")
             job.state, job.error = JobState.queued, ""
-            if job.version == job.series.version:
-                job.series.state = SeriesState.queued
+            lead_series(job, SeriesState.queued)
             return job
 
     # --- deliveries ----------------------------------------------------------
@@ -361,7 +349,7 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
                                    Delivery.next_attempt_at <= now)
         if node is not None:
             q = q.join(Job, Delivery.job_id == Job.id).join(Series, Job.series_id == Series.id) \
-                .where(Series.node.in_((node, "")))
+                .where(of_node(node))
         with self.read_session() as s:
             return list(s.scalars(q.order_by(Delivery.id)))
 

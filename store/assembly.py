@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
-from store.models import Series, SeriesState, utcnow
+from store.models import Series, SeriesState, of_node, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def _of(node: str | None) -> tuple:
     """The condition "a series of ``node``" (none when ``node`` is None: every node's)."""
-    return () if node is None else (Series.node.in_((node, "")),)
+    return () if node is None else (of_node(node),)
 
 
 class Assembly:

@@ -19,7 +19,7 @@ from sqlalchemy import DateTime, Integer, String, delete, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from store.models import (EPOCH, Base, Incident, IncidentKind, Job, JobState, Series,
-                          SeriesState, utcnow)
+                          give_back, of_node, utcnow)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -91,19 +91,10 @@ class Fleet:
                 # (a job claimed before leases existed has none: its node's restart
                 # requeues it, as it always did)
                 Job.state == JobState.running, Job.lease_until < now, Job.lease_until > EPOCH,
-                Series.node.in_((node, ""))).with_for_update(skip_locked=True)))
+                of_node(node)).with_for_update(skip_locked=True)))
             for job in jobs:
-                why = f"its worker {job.worker or '?'} stopped answering (lease expired)"
-                current = job.version == job.series.version
-                if job.attempts >= max_attempts:
-                    job.state, job.finished_at = JobState.failed, now
-                    job.error = f"{why}; attempt {job.attempts} of {max_attempts}: given up"
-                    if current:
-                        job.series.state, job.series.reason = SeriesState.failed, job.error
-                else:
-                    job.state, job.error = JobState.queued, f"{why} (attempt {job.attempts})"
-                    if current:
-                        job.series.state = SeriesState.queued
+                give_back(job, f"its worker {job.worker or '?'} stopped answering (lease "
+                               f"expired)", max_attempts, now)
                 s.add(Incident(kind=IncidentKind.worker_died, node=node, job_id=job.id,
                                detail=f"job {job.id}: {job.error}",
                                series_instance_uid=job.series.series_instance_uid))

@@ -169,6 +169,33 @@ class Job(Base):
                                                                order_by="Notification.id")
 
 
+def of_node(node: str):
+    """The condition "a series ``node`` holds" (or no node: one recorded before nodes were
+    named): what a node completes, runs, delivers, notifies and keeps."""
+    return Series.node.in_((node, ""))
+
+
+def lead_series(job: "Job", state: SeriesState, reason: str | None = None) -> None:
+    """The series takes the job's state (and reason) when the job is of its current version:
+    an older version's retry or re-run leaves the series alone."""
+    if job.version == job.series.version:
+        job.series.state = state
+        if reason is not None:
+            job.series.reason = reason
+
+
+def give_back(job: "Job", why: str, max_attempts: int, now: dt.datetime) -> None:
+    """A running job whose worker went away (died, or stopped renewing its lease): queued
+    again, or failed once it has had ``max_attempts`` attempts, saying why."""
+    if job.attempts >= max_attempts:
+        job.state, job.finished_at = JobState.failed, now
+        job.error = f"{why} (attempt {job.attempts} of {max_attempts}: given up)"
+        lead_series(job, SeriesState.failed, job.error)
+    else:
+        job.state, job.error = JobState.queued, f"{why} (attempt {job.attempts})"
+        lead_series(job, SeriesState.queued)
+
+
 class Result(Base):
     """A DICOM object a job produced (SR, SC)."""
 

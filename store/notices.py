@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Iterable
 
 from sqlalchemy import select
 
-from store.models import (DeliveryState, Job, Notification, NotificationAttempt, Series, settle,
-                          utcnow)
+from store.models import (DeliveryState, Job, Notification, NotificationAttempt, Series,
+                          of_node, settle, utcnow)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -52,7 +52,7 @@ class Notices:
                                        Notification.next_attempt_at <= now)
         if node is not None:
             q = q.join(Job, Notification.job_id == Job.id) \
-                .join(Series, Job.series_id == Series.id).where(Series.node.in_((node, "")))
+                .join(Series, Job.series_id == Series.id).where(of_node(node))
         with self.read_session() as s:
             return list(s.scalars(q.order_by(Notification.id)))
 

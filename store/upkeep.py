@@ -14,7 +14,7 @@ from sqlalchemy import delete, inspect, select, text, update
 from sqlalchemy.engine import Engine
 
 from store.models import (Base, DeliveryState, Incident, IncidentKind, Instance, Series,
-                          SeriesState, utcnow)
+                          SeriesState, of_node, utcnow)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -82,7 +82,7 @@ class Upkeep:
         """Path -> instance id of every instance this node holds (series not purged)."""
         with self.read_session() as s:
             rows = s.execute(select(Instance.path, Instance.id).join(Series).where(
-                Series.purged.is_(False), Series.node.in_((node, ""))))
+                Series.purged.is_(False), of_node(node)))
             return {path: id_ for path, id_ in rows}
 
     def forget_lost(self, instance_ids: Iterable[int], node: str) -> list[tuple[str, str]]:
@@ -114,7 +114,7 @@ class Upkeep:
         with self.read_session() as s:
             candidates = s.scalars(select(Series).where(
                 Series.purged.is_(False), Series.last_received < cutoff,
-                Series.node.in_((node, "")),
+                of_node(node),
                 Series.state.in_([SeriesState.done, SeriesState.skipped, SeriesState.failed])))
             out = []
             for series in candidates:
