@@ -102,12 +102,16 @@ class DataLayout:
         return (self.series_folder(study_uid, series_uid)
                 / f"{uid_name(sop_uid, 'SOP Instance UID')}.dcm")
 
-    def results_folder(self, study_uid: str, series_uid: str, version: int | None = None
-                       ) -> Path:
-        """Where the results of a series (of one version of it) are written."""
+    def results_folder(self, study_uid: str, series_uid: str, version: int | None = None,
+                       attempt: int | None = None) -> Path:
+        """Where the results of a series are written (of one version of it; of one claim
+        of that version's job: a job taken over from a worker still writing never shares
+        its files)."""
         folder = self.results / uid_name(study_uid, "Study Instance UID") / uid_name(
             series_uid, "Series Instance UID")
-        return folder if version is None else folder / f"v{int(version)}"
+        if version is not None:
+            folder = folder / f"v{int(version)}"
+        return folder if attempt is None else folder / f"a{int(attempt)}"
 
     @staticmethod
     def series_guard(series_uid: str) -> threading.Lock:

@@ -40,7 +40,6 @@ from store.models import Job, JobState, Series, utcnow
 log = logging.getLogger(__name__)
 
 
-
 class _Event(Protocol):
     def is_set(self) -> bool: ...
     def set(self) -> None: ...
@@ -191,9 +190,8 @@ class JobRunner:
             log.info("job %d: %d slices loaded", job.id, len(data))
             result = engine.analyze(data)
             out = self.layout.inside(self.layout.results_folder(
-                series.study_instance_uid, series.series_instance_uid, job.version)
-                / f"a{job.attempts}")     # one folder per claim: a job taken over from a
-                                          # worker still writing never shares its files
+                series.study_instance_uid, series.series_instance_uid, job.version,
+                job.attempts))
             files = write_results(result, data, out, heatmaps=self.config.model.heatmaps,
                                   objects=self.config.results.objects,
                                   seg_compression=self.config.results.seg_compression)
