@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lungsys.common import CLIError, out
+from lungsys.common import CLIError, out, when
 from lungsys.node import ConfigOption, store_of
 
 users_app = typer.Typer(help="Console users (in the job store), and the users file of DICOM "
@@ -33,10 +33,6 @@ def _secret(prompt: str) -> str:
     if not secret:
         raise CLIError("an empty secret is not accepted")
     return secret
-
-
-def _when(value) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
 @users_app.command("add")
@@ -90,8 +86,8 @@ def users_list(config_file: ConfigOption = None) -> None:
     """The console users: name, role, when added, last sign-in."""
     table = Table("name", "role", "added (UTC)", "last sign-in", box=None)
     for user in store_of(config_file).users():
-        table.add_row(user.name, user.role.value, _when(user.created_at),
-                      _when(user.last_sign_in))
+        table.add_row(user.name, user.role.value, when(user.created_at),
+                      when(user.last_sign_in) or "-")
     out.print(table)
 
 
@@ -135,8 +131,8 @@ def tokens_list(config_file: ConfigOption = None) -> None:
     """The tokens: label, role, created, last used (never the tokens themselves)."""
     table = Table("label", "role", "created (UTC)", "last used", box=None)
     for token in store_of(config_file).tokens():
-        table.add_row(token.label, token.role.value, _when(token.created_at),
-                      _when(token.last_used))
+        table.add_row(token.label, token.role.value, when(token.created_at),
+                      when(token.last_used) or "-")
     out.print(table)
 
 

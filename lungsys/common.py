@@ -1,4 +1,5 @@
-"""What every command group shares: the consoles, the one-line error, the progress bar.
+"""What every command group shares: the consoles, the one-line error, the progress bar,
+how a time of the job store is printed.
 
 Exit status of every command: 0 on success, 1 when the input is bad or an
 operation failed (one line on stderr, no traceback), 2 on a usage error.
@@ -41,3 +42,8 @@ def print_fields(values: dict, prefix: str = "") -> None:
             text = ", ".join(map(str, value)) if isinstance(value, list) else value
             out.print(f"{name}: {'-' if text in (None, '') else text}", markup=False,
                       highlight=False)
+
+
+def when(value) -> str:
+    """A time of the job store (UTC) with its time zone: 2026-11-29T09:17:18Z."""
+    return value.isoformat(timespec="seconds") + "Z" if value is not None else ""

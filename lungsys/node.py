@@ -14,7 +14,7 @@ from rich.table import Table
 
 from config.rules import Priority
 from inference.version import software_version
-from lungsys.common import CLIError, err, out, print_fields
+from lungsys.common import CLIError, err, out, print_fields, when
 from store.models import IncidentKind, JobState
 
 
@@ -153,19 +153,14 @@ jobs_app = typer.Typer(help="Inspect and retry the node's jobs (the job store na
 deliveries_app = typer.Typer(help="Retry deliveries of results to PACS.", no_args_is_help=True)
 
 
-def _when(value) -> str:
-    """A time of the job store (UTC) with its time zone: 2026-11-29T09:17:18Z."""
-    return value.isoformat(timespec="seconds") + "Z" if value is not None else ""
-
-
 def _job_dict(job) -> dict:
     return {"id": job.id, "state": job.state.value, "series_instance_uid":
             job.series.series_instance_uid, "study_instance_uid": job.series.study_instance_uid,
             "series_state": job.series.state.value, "series_reason": job.series.reason,
             "version": job.version, "attempts": job.attempts, "worker": job.worker,
             "priority": Priority.of_rank(job.priority).value,
-            "created_at": _when(job.created_at), "started_at": _when(job.started_at),
-            "finished_at": _when(job.finished_at), "model_version": job.model_version,
+            "created_at": when(job.created_at), "started_at": when(job.started_at),
+            "finished_at": when(job.finished_at), "model_version": job.model_version,
             "diagnosis": job.diagnosis, "probabilities": job.probabilities,
             "infected_fraction": job.infected_fraction, "timings": job.timings,
             "error": job.error,
@@ -173,18 +168,18 @@ def _job_dict(job) -> dict:
                          "path": r.path} for r in job.results],
             "deliveries": [{"id": d.id, "destination": d.destination, "kind": d.kind,
                             "state": d.state.value, "attempts": d.attempts,
-                            "next_attempt_at": _when(d.next_attempt_at),
-                            "delivered_at": _when(d.delivered_at),
+                            "next_attempt_at": when(d.next_attempt_at),
+                            "delivered_at": when(d.delivered_at),
                             "last_error": d.last_error,
-                            "attempt_history": [{"started_at": _when(a.started_at),
-                                                 "finished_at": _when(a.finished_at),
+                            "attempt_history": [{"started_at": when(a.started_at),
+                                                 "finished_at": when(a.finished_at),
                                                  "ok": a.ok, "error": a.error}
                                                 for a in d.attempt_log]}
                            for d in job.deliveries],
             "notifications": [{"id": n.id, "target": n.target, "event": n.event,
                                "state": n.state.value, "attempts": n.attempts,
                                "last_error": n.last_error,
-                               "attempt_history": [{"at": _when(a.at), "ok": a.ok,
+                               "attempt_history": [{"at": when(a.at), "ok": a.ok,
                                                     "status": a.status, "error": a.error}
                                                    for a in n.attempt_log]}
                               for n in job.notifications]}
@@ -222,7 +217,7 @@ def jobs_list(
         errors = [j.error] if j.error else [d.last_error for d in j.deliveries
                                             if d.state.value == "failed" and d.last_error]
         table.add_row(str(j.id), _state(j), j.series.series_instance_uid[-24:],
-                      j.diagnosis or "-", deliveries, _when(j.finished_at) or "-",
+                      j.diagnosis or "-", deliveries, when(j.finished_at) or "-",
                       j.worker or "-", (errors[0] if errors else "")[:80])
     out.print(table)
 
@@ -276,7 +271,7 @@ def incidents_command(
     unrecorded at start-up, workers that died."""
     rows = store_of(config_file).incidents(kind, limit)
     if json_:
-        print(json.dumps([{"id": i.id, "at": _when(i.at), "kind": i.kind.value, "node": i.node,
+        print(json.dumps([{"id": i.id, "at": when(i.at), "kind": i.kind.value, "node": i.node,
                            "origin": i.origin, "series_instance_uid": i.series_instance_uid,
                            "sop_instance_uid": i.sop_instance_uid, "job": i.job_id,
                            "detail": i.detail} for i in rows]))
@@ -285,7 +280,7 @@ def incidents_command(
     for col in ("id", "at", "kind", "origin", "SOP instance", "detail"):
         table.add_column(col)
     for i in rows:
-        table.add_row(str(i.id), _when(i.at), i.kind.value, i.origin or "-",
+        table.add_row(str(i.id), when(i.at), i.kind.value, i.origin or "-",
                       i.sop_instance_uid[-24:] or "-", i.detail[:100])
     out.print(table)
 
