@@ -27,7 +27,7 @@ from starlette.routing import Route
 from inference.choices import PatientMethod
 from pacs_node.layout import OutsideDataDir
 from pacs_node.web.auth import Doorkeeper
-from pacs_node.web.console.render import forbidden, page, read_form
+from pacs_node.web.console.render import page
 from store.accounts import Role
 from store.console import JobFilter
 from store.models import DeliveryState, JobState
@@ -176,14 +176,10 @@ def job_routes(node: "Node", door: Doorkeeper) -> list[Route]:
     async def operate(request: Request, what: str, work) -> Response:
         """An operator's POST: role, CSRF, then ``work(form)`` -> where to go back; logged
         (who did ``what``) as an audit line."""
-        me = await door.page(request, Role.operator)
-        if isinstance(me, Response):
-            return me
-        form = await read_form(request)
-        if form is None or not door.csrf_ok(me, form):
-            return forbidden(request, me, "The form was not sent from this console "
-                                          "(its CSRF token is missing or stale): reload the "
-                                          "page and try again.")
+        posted = await door.posted(request, Role.operator)
+        if isinstance(posted, Response):
+            return posted
+        me, form = posted
         try:
             target = await anyio.to_thread.run_sync(work, form)
             log.info("console: %s %s", me.name, what)

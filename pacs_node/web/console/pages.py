@@ -208,12 +208,10 @@ def page_routes(node: "Node", door: Doorkeeper) -> list[Route]:
     async def test_destination(request: Request) -> Response:
         from pacs_node.probe import ProbeError, probe
 
-        me = await door.page(request, Role.operator)
-        if isinstance(me, Response):
-            return me
-        form = await read_form(request)
-        if form is None or not door.csrf_ok(me, form):
-            return forbidden(request, me, "The form was not sent from this console.")
+        posted = await door.posted(request, Role.operator)
+        if isinstance(posted, Response):
+            return posted
+        me = posted[0]
         name = request.path_params["name"]
         target = next((d for d in node.config.destinations if d.name == name), None)
         if target is None:
