@@ -27,7 +27,7 @@ from starlette.routing import Route
 from inference.choices import PatientMethod
 from pacs_node.layout import OutsideDataDir
 from pacs_node.web.auth import Doorkeeper
-from pacs_node.web.console.render import page
+from pacs_node.web.console.render import PER_PAGE, page, page_number
 from store.accounts import Role
 from store.console import JobFilter
 from store.models import DeliveryState, JobState
@@ -36,8 +36,6 @@ log = logging.getLogger("pacs_node.web.console")
 
 if TYPE_CHECKING:
     from pacs_node.node import Node
-
-PER_PAGE = 25
 
 
 class RowId(Convertor):
@@ -101,13 +99,6 @@ def _filter(request: Request) -> tuple[JobFilter, list[str]]:
                      since=date("since"), until=date("until")), problems
 
 
-def _page_number(request: Request) -> int:
-    try:
-        return max(1, min(100_000, int(request.query_params.get("page", "1"))))
-    except ValueError:
-        return 1
-
-
 def _zip_job(node: "Node", job_id: int):
     """A job's result files (only those inside the data folder) as a ZIP in a spooled
     temporary file, at its start; None when there is none."""
@@ -141,7 +132,7 @@ def job_routes(node: "Node", door: Doorkeeper) -> list[Route]:
         if isinstance(me, Response):
             return me
         where, problems = _filter(request)
-        number = _page_number(request)
+        number = page_number(request)
         rows, total = await anyio.to_thread.run_sync(store.job_page, where, number, PER_PAGE)
         patients = {}
         if me.role.allows(Role.operator):

@@ -26,7 +26,8 @@ from starlette.routing import Route
 from pacs_node.delivery import redact
 from pacs_node.web.auth import COOKIE, Doorkeeper, local_path
 from pacs_node.web.console.charts import bar_chart
-from pacs_node.web.console.render import forbidden, page, read_form, stylesheet
+from pacs_node.web.console.render import (PER_PAGE, forbidden, page, page_number, read_form,
+                                          stylesheet)
 from store.accounts import Role
 
 if TYPE_CHECKING:
@@ -186,13 +187,10 @@ def page_routes(node: "Node", door: Doorkeeper) -> list[Route]:
         me = await door.page(request, Role.viewer)
         if isinstance(me, Response):
             return me
-        try:
-            number = max(1, min(100_000, int(request.query_params.get("page", "1"))))
-        except ValueError:
-            number = 1
-        rows, total = await anyio.to_thread.run_sync(store.skipped_series, number)
+        number = page_number(request)
+        rows, total = await anyio.to_thread.run_sync(store.skipped_series, number, PER_PAGE)
         return page(request, me, "skipped.html", rows=rows, total=total, number=number,
-                    pages=max(1, -(-total // 25)))
+                    pages=max(1, -(-total // PER_PAGE)))
 
     async def destinations(request: Request, tested: tuple[str, bool, str] | None = None
                            ) -> Response:

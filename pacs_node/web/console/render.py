@@ -24,6 +24,8 @@ from starlette.responses import HTMLResponse, Response
 from config import Priority
 from store.accounts import Principal, Role
 
+#: Rows on a page of a list (jobs, skipped series).
+PER_PAGE = 25
 #: The most a console form may send.
 MAX_FORM_BYTES = 64 * 1024
 HEADERS = {
@@ -76,6 +78,14 @@ def stylesheet(request: Request) -> Response:
     return Response(STYLESHEET, media_type="text/css",
                     headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options":
                              "nosniff"})
+
+
+def page_number(request: Request) -> int:
+    """The ``page`` of a paged list's query: 1 to 100,000 (anything else: 1 or the bound)."""
+    try:
+        return max(1, min(100_000, int(request.query_params.get("page", "1"))))
+    except ValueError:
+        return 1
 
 
 async def read_form(request: Request) -> dict[str, str] | None:
