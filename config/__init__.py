@@ -36,6 +36,7 @@ from inference.choices import (DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, Re
 #: What other packages take from here (the targets and value checks live in submodules).
 __all__ = ["AssemblyTrigger", "ConfigError", "Destination", "DestinationKind", "NodeConfig", "Notification",
            "NotificationEvent", "Priority", "PriorityRule", "TlsProfile", "UserIdentity",
+           "WorkerInstances",
            "load_config", "defaults"]
 
 DEFAULT_FILE = "default.toml"
@@ -60,6 +61,13 @@ class AssemblyTrigger(enum.StrEnum):
 
     series = "series"
     study = "study"
+
+
+class WorkerInstances(enum.StrEnum):
+    """Where ``lungsys worker`` reads a job's instances and leaves its results."""
+
+    shared = "shared"        # the node's data folder, mounted at the same path
+    wado = "wado"            # WADO-RS from the node; results handed back over HTTP
 
 
 class TlsProfile(enum.StrEnum):
@@ -162,6 +170,10 @@ class WorkerSection:
     lease_seconds: float = field(default=60.0, metadata=value_range(2))
     max_attempts: int = field(default=3, metadata=value_range(1))
     offpeak_hours: str = "20:00-06:00"
+    instances: WorkerInstances = WorkerInstances.shared
+    node_url: str = ""
+    token: str = ""
+    ca_certificates: str = ""
 
     def offpeak_now(self, now: dt.datetime | None = None) -> bool:
         """Whether offpeak jobs may be claimed now (the node's local time)."""
@@ -318,6 +330,7 @@ def _check_node(config: NodeConfig, name: str) -> None:
         raise ConfigError(f"{name}node.users_file: no such file {node.users_file!r} (needed "
                           f"with user_identity = {node.user_identity})")
     offpeak_hours(f"{name}worker.offpeak_hours", config.worker.offpeak_hours)
+    _check_worker(config.worker, name)
     web = config.http
     if bool(web.tls_certificate) != bool(web.tls_private_key):
         raise ConfigError(f"{name}http.tls_certificate and http.tls_private_key: both or "
@@ -340,3 +353,18 @@ def _check_node(config: NodeConfig, name: str) -> None:
             if value and not Path(value).is_file():
                 raise ConfigError(f"{name}tls.{key}: no such file {value}")
 
+
+
+def _check_worker(worker: WorkerSection, name: str) -> None:
+    """A worker over WADO-RS needs the node's address and a token of the worker role."""
+    if worker.instances != WorkerInstances.wado:
+        return
+    if not worker.node_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{name}worker.node_url: the node's HTTP service (http://HOST:PORT "
+                          f"or https://...) is needed with instances = \"wado\"")
+    if not worker.token:
+        raise ConfigError(f"{name}worker.token: a token of the worker role is needed with "
+                          f"instances = \"wado\" (lungsys tokens create LABEL --role worker)")
+    if worker.ca_certificates and not Path(worker.ca_certificates).is_file():
+        raise ConfigError(f"{name}worker.ca_certificates: no such file "
+                          f"{worker.ca_certificates}")

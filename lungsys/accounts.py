@@ -108,15 +108,16 @@ def users_remove(name: Annotated[str, typer.Argument(help="User name.")],
 def tokens_create(
     label: Annotated[str, typer.Argument(help="What the token is for (e.g. ct-scanner-2, "
                                          "prometheus).")],
-    role: Annotated[str, typer.Option("--role", help="sender (STOW-RS only), viewer (also "
-                                      "/metrics), operator or admin.")] = "sender",
+    role: Annotated[str, typer.Option("--role", help="sender (STOW-RS only), worker (lungsys "
+                                      "worker over WADO-RS), viewer (also /metrics), operator "
+                                      "or admin.")] = "sender",
     config_file: ConfigOption = None,
 ) -> None:
     """Create a token and print it (once: only its digest is kept)."""
     from store.accounts import AccountError, Role
 
     if role not in {r.value for r in Role}:
-        raise CLIError("--role: sender, viewer, operator or admin")
+        raise CLIError("--role: sender, worker, viewer, operator or admin")
     try:
         token = store_of(config_file).create_token(label, role)
     except AccountError as exc:

@@ -101,12 +101,14 @@ def serve_command(
 
 def worker_command(
     config_file: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="The node's own configuration file (the same file: its job "
-        "store, shared data folder, model, destinations and webhooks).")] = None,
+        "--config", "-c", help="The worker's configuration: the node's job store, the model, "
+        "and [worker] instances: \"shared\" (the node's data folder at the same path) or "
+        "\"wado\" (node_url, a token of the worker role, a data folder of its own).")] = None,
 ) -> None:
     """Run jobs of a node from another machine (a GPU server): claims queued jobs from the
-    shared job store, writes results into the shared data folder; Ctrl-C or SIGTERM stops
-    it after the job in progress."""
+    shared job store, reads their series from the shared data folder or over WADO-RS, and
+    leaves the results for the node to deliver; Ctrl-C or SIGTERM stops it after the job
+    in progress."""
     from config import load_config
     from pacs_node import configure_logging
     from pacs_node.remote import WorkerError, run_worker

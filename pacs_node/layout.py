@@ -29,8 +29,10 @@ The folder holds::
     .lock                     held by the running node (one node per data folder)
     incoming/.partial/        instances being received (removed at start-up)
     incoming/STUDY/SERIES/    received instances, SOP.dcm
-    results/STUDY/SERIES/vN/  what a job wrote
+    results/STUDY/SERIES/vN/aK/  what a job wrote (version N of the series, claim K)
     quarantine/               files found at start-up that cannot be recorded
+    work/job-J-aK/            a worker over WADO-RS (its own folder): claim K of job J's
+                              instances and results while it runs (removed after)
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class DataLayout:
         self.partial = self.incoming / ".partial"
         self.results = self.root / "results"
         self.quarantine = self.root / "quarantine"
+        self.work = self.root / "work"
         self._lock: LockFile | None = None
 
     # --- UIDs to paths ---------------------------------------------------------
@@ -113,6 +116,10 @@ class DataLayout:
             folder = folder / f"v{int(version)}"
         return folder if attempt is None else folder / f"a{int(attempt)}"
 
+    def work_folder(self, job_id: int, attempt: int) -> Path:
+        """Where a worker over WADO-RS keeps one claim of a job while it runs it."""
+        return self.work / f"job-{int(job_id)}-a{int(attempt)}"
+
     @staticmethod
     def series_guard(series_uid: str) -> threading.Lock:
         """The lock that storing into a series and removing it take in turn, so that
@@ -134,7 +141,7 @@ class DataLayout:
             self.remove_tree(folder)
 
     def remove_tree(self, folder: str | os.PathLike) -> None:
-        """Delete a folder below incoming/ or results/ (never one of those two);
+        """Delete a folder below incoming/, results/ or work/ (never one of those);
         OSError when something in it could not be removed."""
         path = Path(folder).absolute()
         if path.is_symlink():               # a link is removed, never what it points to
@@ -142,8 +149,10 @@ class DataLayout:
             path.unlink()
             return
         resolved = self.inside(path)
-        if not any(top in resolved.parents for top in (self.incoming, self.results)):
-            raise OutsideDataDir(f"{folder} is not below {self.incoming} or {self.results}")
+        if not any(top in resolved.parents for top in (self.incoming, self.results,
+                                                       self.work)):
+            raise OutsideDataDir(f"{folder} is not below {self.incoming}, {self.results} "
+                                 f"or {self.work}")
         if resolved.exists():
             shutil.rmtree(resolved)
 

@@ -38,6 +38,7 @@ from pacs_node.receiver import Receiver
 from pacs_node.reconcile import reconcile
 from pacs_node.stow import StowService, stow_routes
 from pacs_node.supervisor import WorkerSupervisor
+from pacs_node.wado import wado_routes
 from pacs_node.web.app import make_app
 from pacs_node.web.auth import Doorkeeper
 from pacs_node.web.console import console_routes
@@ -48,7 +49,7 @@ from pacs_node.worker import JobRunner, worker_gone
 from pacs_node.worker_process import STOP_SECONDS
 from store.api import JobStore
 from store.accounts import Role
-from store.models import utcnow
+from store.models import JobState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,11 @@ class Node:
         self.door = Doorkeeper(self.store, https=bool(web.tls_certificate),
                                stow_anonymous=web.stow_anonymous,
                                metrics_anonymous=web.metrics_anonymous)
+        stow_service = StowService(self.receiver.storage, web.max_request_mb)
         self.http = (HttpServer(make_app([
-            *stow_routes(StowService(self.receiver.storage, web.max_request_mb),
-                         lambda request: self.door.api(request, Role.sender,
-                                                       self.door.stow_anonymous)),
+            *stow_routes(stow_service, lambda request: self.door.api(
+                request, Role.sender, self.door.stow_anonymous)),
+            *wado_routes(self, self.door, stow_service),
             *health_routes(self, self.door), *console_routes(self, self.door)]),
             self.http_gate, header_seconds=stow.HEADER_SECONDS,
             idle_seconds=stow.IDLE_SECONDS,
@@ -310,6 +312,10 @@ class Node:
     def delivery_sweep(self) -> None:
         destinations = {d.name: d for d in self.config.destinations}
         cfg = self.config.delivery
+        for job_id, state in self.store.route_outcomes(       # from lungsys worker processes
+                self.node_id, [(d.name, d.kind) for d in self.config.destinations]):
+            notify.queue(self.store, self.config, job_id, NotificationEvent.job_done
+                         if state == JobState.done else NotificationEvent.job_failed)
         for d in self.store.due_deliveries(node=self.node_id):
             dest = destinations.get(d.destination)
             if dest is None:

@@ -73,7 +73,7 @@ class StowError(Exception):
         self.status = status
 
 
-def _content_type(value: str) -> tuple[str, dict[str, str]]:
+def media_type(value: str) -> tuple[str, dict[str, str]]:
     """A Content-Type's media type (lower case) and parameters (quotes removed)."""
     msg = Message()
     msg["content-type"] = value
@@ -140,7 +140,7 @@ class StowService:
     def boundary(self, content_type: str, length: int | None) -> bytes:
         """Check a request before its body is read: its multipart boundary, or StowError.
         ``length``: the Content-Length, or None for a chunked body."""
-        media, params = _content_type(content_type)
+        media, params = media_type(content_type)
         if media != "multipart/related":
             raise StowError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                             f"expected multipart/related, got {media}")
@@ -176,7 +176,7 @@ class StowService:
         outcomes: list[Outcome] = []
         try:
             for headers, start, end in split_parts(body, boundary):
-                part_type = _content_type(headers.get("content-type", "application/dicom"))[0]
+                part_type = media_type(headers.get("content-type", "application/dicom"))[0]
                 if part_type != "application/dicom":
                     outcomes.append(Outcome(CANNOT_UNDERSTAND,
                                             reason=f"{part_type}, not application/dicom"))
@@ -204,7 +204,7 @@ class StowService:
         return self.storage.store_file(tmp, ORIGIN, expected_study=expected_study)
 
 
-class _Reservation:
+class Reservation:
     """Disk reserved for one request in flight (see InstanceStorage.reserve)."""
 
     def __init__(self, storage: InstanceStorage) -> None:
@@ -228,8 +228,8 @@ def _error(status: HTTPStatus, message: str) -> JSONResponse:
                         headers={"Connection": "close"})
 
 
-async def _spool(request: Request, chunked: bool, spool, service: StowService,
-                 reservation: _Reservation) -> int:
+async def spool_body(request: Request, chunked: bool, spool, service: StowService,
+                     reservation: Reservation) -> int:
     """Copy the body into ``spool`` as it arrives; its size. Every piece must come within
     ``IDLE_SECONDS``, and the whole at ``MIN_RATE`` on average after the first
     ``IDLE_SECONDS``; a chunked body reserves disk as it grows and stops at the limit.
@@ -265,6 +265,25 @@ async def _spool(request: Request, chunked: bool, spool, service: StowService,
             return size
 
 
+async def receive_multipart(request: Request, spool, service: StowService,
+                            reservation: Reservation) -> tuple[int, bytes]:
+    """Check a ``multipart/related; type="application/dicom"`` request and spool its body
+    (disk reserved for it and its parts): its size and boundary. StowError, ClientGone."""
+    chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+    if "content-length" not in request.headers and not chunked:
+        raise StowError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked transfer needed")
+    try:
+        length = None if chunked else int(request.headers["content-length"])
+        if length is not None and length < 0:
+            raise ValueError("negative Content-Length")
+    except ValueError:
+        raise StowError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
+    boundary = service.boundary(request.headers.get("content-type", ""), length)
+    if length is not None:
+        reservation.add(2 * length)       # the spool, then the stored parts
+    return await spool_body(request, length is None, spool, service, reservation), boundary
+
+
 def stow_routes(service: StowService, authorize=None) -> list[Route]:
     """``POST /dicom-web/studies[/{study}]`` on ``service``, for the node's HTTP app;
     ``authorize(request)`` (async) answers a request that may not store (401, 403) before
@@ -280,23 +299,10 @@ def stow_routes(service: StowService, authorize=None) -> list[Route]:
                 uid_name(study, "the Study Instance UID in the URL")
             except UIDRefused as exc:
                 return _error(HTTPStatus.BAD_REQUEST, str(exc))
-        chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
-        if "content-length" not in request.headers and not chunked:
-            return _error(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked transfer "
-                                                     "needed")
+        reservation = Reservation(service.storage)
         try:
-            length = None if chunked else int(request.headers["content-length"])
-            if length is not None and length < 0:
-                raise ValueError("negative Content-Length")
-        except ValueError:
-            return _error(HTTPStatus.BAD_REQUEST, "bad Content-Length")
-        reservation = _Reservation(service.storage)
-        try:
-            boundary = service.boundary(request.headers.get("content-type", ""), length)
-            if length is not None:
-                reservation.add(2 * length)       # the spool, then the stored parts
             with tempfile.TemporaryFile(dir=service.storage.partial, prefix="stow-") as spool:
-                size = await _spool(request, length is None, spool, service, reservation)
+                size, boundary = await receive_multipart(request, spool, service, reservation)
                 status, response = await anyio.to_thread.run_sync(
                     service.store_spooled, spool, size, boundary, study)
         except StowError as exc:

@@ -4,7 +4,9 @@ A job is a complete series: it is loaded from its received instances,
 analysed by the engine, written as the result objects under
 ``data_dir/results/STUDY/SERIES/vN/aK`` (version N of the series, its K-th
 claim), recorded with its timings, and a delivery is queued for each
-destination, in one transaction.
+destination, in one transaction. Where the instances are read and the results
+left is the runner's :mod:`pacs_node.exchange`: the node's data folder, or the
+node over HTTP for a worker with a folder of its own.
 
 :class:`JobRunner` is the loop of every worker: in ``lungsys serve``'s own
 process (:mod:`pacs_node.worker_process`), in a thread for an engine handed in
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import traceback
 from pathlib import Path
@@ -31,6 +32,7 @@ from config import NodeConfig, NotificationEvent, Priority
 from pacs_node import notify
 from inference.errors import SeriesError
 from inference.series import load_series
+from pacs_node.exchange import HandOverError, SharedFolder
 from pacs_node.joblog import JobLog
 from pacs_node.lease import Heartbeat
 from pacs_node.layout import DataLayout
@@ -51,14 +53,23 @@ class JobRunner:
     """Takes queued jobs from the store and runs them with ``engine``."""
 
     def __init__(self, config: NodeConfig, store: JobStore, engine,
-                 on_job: Callable[[int | None], None] | None = None, name: str = "") -> None:
+                 on_job: Callable[[int | None], None] | None = None, name: str = "",
+                 node_id: str = "", exchange=None, remote: bool = False) -> None:
+        """``node_id``: whose jobs (default: the node of ``config``'s data folder);
+        ``exchange``: where instances and results are (default: that data folder,
+        :class:`~pacs_node.exchange.SharedFolder`); ``remote``: a worker beside the node
+        (``lungsys worker``), whose outcomes the node routes by its own configuration
+        (deliveries, notifications) rather than by this one's."""
         self.config = config
         self.store = store
         self.engine = engine
         self.layout = DataLayout(config.data_dir)
-        self.node_id = config.node_id       # read once (config.node_id reads data_dir/node-id)
+        # read once (config.node_id reads data_dir/node-id)
+        self.node_id = node_id or config.node_id
         self.on_job = on_job or (lambda job_id: None)
         self.name = name or worker_name(os.getpid())
+        self.exchange = exchange or SharedFolder(store, self.layout)
+        self.remote = remote
         self._other = None      # (checkpoint, method) and the engine of the last re-run
 
     def loop(self, stop: _Event, wake: _Event) -> None:
@@ -91,8 +102,7 @@ class JobRunner:
                     log.warning("job %d: its worker stopped answering; %s", job_id,
                                 "queued again" if state == JobState.queued else "failed")
                     if state == JobState.failed:
-                        notify.queue(self.store, self.config, job_id,
-                                     NotificationEvent.job_failed)
+                        self._failure_told(job_id)
                 job = self.claim()
             except Exception as exc:     # the job store is away: try again later
                 log.error("the worker cannot take a job: %s", str(exc).splitlines()[0][:300])
@@ -108,8 +118,12 @@ class JobRunner:
                 with journal:
                     try:
                         self.run_job(job)
+                    except HandOverError as exc:    # the node away: the job runs again
+                        self._give_back(job, exc)
                     except Exception as exc:  # a file gone, the job store away: the job
                         self._failed(job.id, exc, job.worker)   # fails, the worker goes on
+                    finally:
+                        self._clean(job)
             finally:
                 heart.running(None)
                 self.on_job(None)
@@ -134,14 +148,45 @@ class JobRunner:
         log.error("job %d failed: %s", job_id, error)
         log.debug("job %d: %s", job_id, exc, exc_info=True)
         try:
-            self.store.fail_job(job_id, error, worker=worker)
+            self.store.fail_job(job_id, error, worker=worker, to_route=self.remote)
         except LeaseLost as exc:
             log.warning("%s", exc)
             return
         except Exception as again:
             log.error("job %d could not be marked failed: %s", job_id, type(again).__name__)
             return
-        notify.queue(self.store, self.config, job_id, NotificationEvent.job_failed)
+        if not self.remote:
+            notify.queue(self.store, self.config, job_id, NotificationEvent.job_failed)
+
+    def _failure_told(self, job_id: int) -> None:
+        """A job failed without its worker (given up): its node notifies (see __init__)."""
+        if not self.remote:
+            notify.queue(self.store, self.config, job_id, NotificationEvent.job_failed)
+            return
+        try:
+            self.store.route_later(job_id)
+        except Exception as exc:         # the job store is away: the failure itself stands
+            log.error("job %d: its failure is not told: %s", job_id, type(exc).__name__)
+
+    def _give_back(self, job: Job, exc: HandOverError) -> None:
+        """Instances or results could not cross to or from the node: the job is queued again
+        (its attempt counted; failed after ``[worker] max_attempts``)."""
+        log.error("job %d: %s", job.id, exc)
+        try:
+            state = self.store.abandon_job(job.id, f"the worker {job.worker} could not reach "
+                                                   f"the node: {exc}",
+                                           self.config.worker.max_attempts, worker=job.worker)
+        except Exception as again:
+            log.error("job %d could not be given back: %s", job.id, type(again).__name__)
+            return
+        if state == JobState.failed:
+            self._failure_told(job.id)
+
+    def _clean(self, job: Job) -> None:
+        try:
+            self.exchange.finished(job)
+        except OSError as exc:
+            log.warning("job %d: its work folder stays: %s", job.id, exc.strerror or exc)
 
     def _skip(self, job: Job, exc: SeriesError) -> None:
         """A series the model cannot take (too few slices, no CT): skipped, with why."""
@@ -178,7 +223,7 @@ class JobRunner:
                  series.series_instance_uid, job.version, series.instance_count,
                  series.calling_aet or "STOW-RS")
         try:
-            data = load_series(self.store.instance_paths(series.id))
+            data = load_series(self.exchange.instances(job))
         except SeriesError as exc:
             self._skip(job, exc)
             return
@@ -189,9 +234,7 @@ class JobRunner:
             engine = self._engine_for(job)
             log.info("job %d: %d slices loaded", job.id, len(data))
             result = engine.analyze(data)
-            out = self.layout.inside(self.layout.results_folder(
-                series.study_instance_uid, series.series_instance_uid, job.version,
-                job.attempts))
+            out = self.exchange.results_folder(job)
             files = write_results(result, data, out, heatmaps=self.config.model.heatmaps,
                                   objects=self.config.results.objects,
                                   seg_compression=self.config.results.seg_compression)
@@ -210,20 +253,24 @@ class JobRunner:
                             "series_instance_uid": str(ds.SeriesInstanceUID),
                             "path": str(path)})
         timings = dict(result.timings)
-        timings["total"] = (utcnow() - started).total_seconds()
         try:
+            records = self.exchange.publish(job, records)
+            timings["total"] = (utcnow() - started).total_seconds()
             self.store.finish_job(
                 job.id, diagnosis=result.diagnosis,
                 probabilities={c: float(p) for c, p in zip(CLASSES, result.probabilities)},
                 infected_fraction=float(result.infected_fraction), timings=timings,
                 model_version=result.model.version, device_uid=result.model.device_uid,
                 results=records, worker=job.worker,   # the claim this run holds
-                deliveries=[(d.name, d.kind) for d in self.config.destinations])
+                deliveries=[] if self.remote else [(d.name, d.kind)
+                                                   for d in self.config.destinations],
+                to_route=self.remote)
         except LeaseLost as exc:            # another worker runs it now: ours are void
             log.warning("%s; its results here are removed", exc)
-            shutil.rmtree(out, ignore_errors=True)
+            self.exchange.discard(job)
             return
-        notify.queue(self.store, self.config, job.id, NotificationEvent.job_done)
+        if not self.remote:
+            notify.queue(self.store, self.config, job.id, NotificationEvent.job_done)
         log.info("job %d done in %.1f s: %s (p=%.2f), %d lesion slice(s), %d result object(s); "
                  "model %s, method %s", job.id, timings["total"], result.diagnosis,
                  float(result.probabilities[result.diagnosis_index]),

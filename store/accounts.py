@@ -10,7 +10,10 @@ Roles, each with what the ones before it may do: ``viewer`` reads the console
 (no patient names or IDs) and the metrics; ``operator`` also sees patient data,
 retries and re-runs jobs and deliveries, tests destinations, downloads results
 and stores over STOW-RS; ``admin`` also reads the configuration and the users.
-``sender`` (tokens only) stores over STOW-RS and nothing else.
+``sender`` (tokens only) stores over STOW-RS and nothing else; ``worker`` (tokens
+only, for ``lungsys worker`` with ``[worker] instances = "wado"``) retrieves the
+series of the node's jobs over WADO-RS and hands their results back, and
+nothing else (no other role may retrieve instances).
 
 A token has 256 random bits, so a fast digest suffices to keep it out of the
 job store and to look it up by; a password has not, so it is hashed with
@@ -49,17 +52,22 @@ SESSION_IDLE_MINUTES = 60
 
 
 class Role(str, enum.Enum):
-    """What a user or token may do (see the module); ``sender`` is for tokens only."""
+    """What a user or token may do (see the module); ``sender`` and ``worker`` are for
+    tokens only."""
 
     sender = "sender"
+    worker = "worker"
     viewer = "viewer"
     operator = "operator"
     admin = "admin"
 
     def allows(self, needed: "Role") -> bool:
-        """True when this role may do what ``needed`` may (sender: only sender's)."""
+        """True when this role may do what ``needed`` may (sender: only sender's; worker:
+        only worker's)."""
         if needed == Role.sender:
             return self in (Role.sender, Role.operator, Role.admin)
+        if needed == Role.worker or self == Role.worker:
+            return self == needed
         return self != Role.sender and _RANK[self] >= _RANK[needed]
 
 
@@ -149,9 +157,9 @@ class Accounts:
     # --- users ---------------------------------------------------------------
     def add_user(self, name: str, role: Role | str, password_hash: str) -> None:
         role = Role(role)
-        if role == Role.sender:
-            raise AccountError("sender is a role for tokens; a user is viewer, operator "
-                               "or admin")
+        if role in (Role.sender, Role.worker):
+            raise AccountError(f"{role.value} is a role for tokens; a user is viewer, "
+                               f"operator or admin")
         with self.session() as s, s.begin():
             if s.scalar(select(User.id).where(User.name == _name(name, "user name"))):
                 raise AccountError(f"user {name} exists already")

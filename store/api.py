@@ -301,13 +301,15 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
     def finish_job(self, job_id: int, *, diagnosis: str, probabilities: dict,
                    infected_fraction: float, timings: dict, model_version: str,
                    device_uid: str, results: Iterable[dict], worker: str | None = None,
-                   deliveries: Iterable[tuple[str, str]] = ()) -> None:
+                   deliveries: Iterable[tuple[str, str]] = (), to_route: bool = False) -> None:
         """Record a job's outcome and queue its deliveries (destination name and kind), in
         one transaction; with ``worker``, only while that worker still holds the job
-        (LeaseLost otherwise: another took it over, and only one may record results)."""
+        (LeaseLost otherwise: another took it over, and only one may record results);
+        ``to_route``: the node queues the deliveries instead (a worker elsewhere)."""
         with self.session() as s, s.begin():
             job = _held(s, job_id, worker)
             job.state, job.finished_at, job.error = JobState.done, utcnow(), ""
+            job.to_route = to_route
             job.diagnosis, job.probabilities = diagnosis, probabilities
             job.infected_fraction, job.timings = infected_fraction, timings
             job.model_version, job.device_uid = model_version, device_uid
@@ -318,10 +320,12 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
             if job.series.state == SeriesState.running:
                 lead_series(job, SeriesState.done)
 
-    def fail_job(self, job_id: int, error: str, worker: str | None = None) -> None:
+    def fail_job(self, job_id: int, error: str, worker: str | None = None,
+                 to_route: bool = False) -> None:
         with self.session() as s, s.begin():
             job = _held(s, job_id, worker)
             job.state, job.finished_at, job.error = JobState.failed, utcnow(), error
+            job.to_route = to_route
             lead_series(job, SeriesState.failed, error)
 
     def retry_job(self, job_id: int) -> Job:

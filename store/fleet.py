@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import DateTime, Integer, String, delete, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from store.models import (EPOCH, Base, Incident, IncidentKind, Job, JobState, Series,
-                          give_back, of_node, utcnow)
+from store.models import (EPOCH, Base, Delivery, Incident, IncidentKind, Instance, Job,
+                          JobState, Result, Series, give_back, of_node, utcnow)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -98,5 +98,59 @@ class Fleet:
                 s.add(Incident(kind=IncidentKind.worker_died, node=node, job_id=job.id,
                                detail=f"job {job.id}: {job.error}",
                                series_instance_uid=job.series.series_instance_uid))
+                out.append((job.id, job.state))
+        return out
+
+    # --- for workers over WADO-RS (pacs_node.wado) -----------------------------------
+    def held_series(self, node: str, study_uid: str, series_uid: str
+                    ) -> list[tuple[str, str, str]] | None:
+        """The instances of a series ``node`` holds (SOP Instance UID, path, transfer
+        syntax), or None when it holds no such series (or retention removed its files)."""
+        with self.read_session() as s:
+            series = s.scalar(select(Series).where(
+                Series.series_instance_uid == series_uid,
+                Series.study_instance_uid == study_uid, Series.purged.is_(False),
+                of_node(node)))
+            if series is None:
+                return None
+            return [tuple(row) for row in s.execute(
+                select(Instance.sop_instance_uid, Instance.path, Instance.transfer_syntax_uid)
+                .where(Instance.series_id == series.id).order_by(Instance.id))]
+
+    def claim_of(self, node: str, job_id: int) -> dict | None:
+        """A job of ``node``'s series as a worker handing back results needs it: its state,
+        worker, attempt, version, series and the paths of the results recorded for it."""
+        with self.read_session() as s:
+            job = s.scalar(select(Job).join(Series).where(Job.id == job_id, of_node(node)))
+            if job is None:
+                return None
+            return {"state": job.state, "worker": job.worker, "attempt": job.attempts,
+                    "version": job.version,
+                    "study": job.series.study_instance_uid,
+                    "series": job.series.series_instance_uid,
+                    "results": list(s.scalars(select(Result.path)
+                                              .where(Result.job_id == job.id)))}
+
+    # --- outcomes recorded elsewhere ---------------------------------------------------
+    def route_later(self, job_id: int) -> None:
+        """A worker elsewhere saw a job fail (given up): its node says so by its own
+        configuration."""
+        with self.session() as s, s.begin():
+            s.execute(update(Job).where(Job.id == job_id).values(to_route=True))
+
+    def route_outcomes(self, node: str, destinations: list[tuple[str, str]]
+                       ) -> list[tuple[int, JobState]]:
+        """Outcomes of ``node``'s jobs recorded by workers elsewhere: the deliveries of each
+        one done queued (destination name and kind), in the transaction that marks it
+        routed (once, whichever node process routes). Returns the jobs and their states,
+        for the notifications."""
+        out = []
+        with self.session() as s, s.begin():
+            for job in s.scalars(select(Job).join(Series).where(
+                    Job.to_route.is_(True), of_node(node)).with_for_update(skip_locked=True)):
+                job.to_route = False
+                if job.state == JobState.done:
+                    for name, kind in destinations:
+                        s.add(Delivery(job_id=job.id, destination=name, kind=kind))
                 out.append((job.id, job.state))
         return out

@@ -160,6 +160,9 @@ class Job(Base):
                                                      server_default="1970-01-01 00:00:00")
     # claimed lower first (config.Priority's rank: 0 urgent, 1 normal, 2 offpeak)
     priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1", index=True)
+    # recorded by a worker elsewhere (lungsys worker): the node that holds the series queues
+    # the deliveries and notifications of its outcome, by its own configuration (store.fleet)
+    to_route: Mapped[bool] = mapped_column(default=False, server_default="0", index=True)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job", order_by="Result.id")

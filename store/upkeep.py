@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Iterable
 
-from sqlalchemy import delete, inspect, select, text, update
+from sqlalchemy import Enum as SqlEnum, delete, inspect, select, text, update
 from sqlalchemy.engine import Engine
 
 from store.models import (Base, DeliveryState, Incident, IncidentKind, Instance, Series,
@@ -42,6 +42,24 @@ def upgrade_schema(engine: Engine) -> None:
                                   f"{kind} NOT NULL DEFAULT '{default}'"))
             for index in table.indexes:        # those of the columns just added
                 index.create(conn, checkfirst=True)
+    if engine.dialect.name == "postgresql":    # values a newer lungsys added to an Enum
+        _add_enum_values(engine)
+
+
+def _add_enum_values(engine: Engine) -> None:
+    """PostgreSQL keeps an Enum column's values in a type of its own: add those missing."""
+    wanted = {column.type.name: column.type.enums for table in Base.metadata.sorted_tables
+              for column in table.columns if isinstance(column.type, SqlEnum)}
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        have: dict[str, set[str]] = {}
+        for name, label in conn.execute(text(
+                "SELECT t.typname, e.enumlabel FROM pg_type t JOIN pg_enum e "
+                "ON e.enumtypid = t.oid")):
+            have.setdefault(name, set()).add(label)
+        for name, values in wanted.items():
+            for value in values:
+                if name in have and value not in have[name]:
+                    conn.execute(text(f"ALTER TYPE {name} ADD VALUE IF NOT EXISTS '{value}'"))
 
 
 def _fit(value: str, size: int = 64) -> str:

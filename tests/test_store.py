@@ -254,3 +254,36 @@ def test_an_expired_lease_is_taken_back_once_and_a_job_claimed_before_leases_is_
                          timings={}, model_version="v", device_uid="2.25.1", results=[],
                          worker="gpu-1:5")
     assert {j.id: j.state for j in store.jobs()}[old.id] == JobState.running
+
+
+def test_an_outcome_recorded_by_a_worker_elsewhere_is_routed_by_its_node_once(store):
+    for n in (50, 51):
+        store.record_instance(_item(1, f"1.2.{n}"))
+    for series in store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1)):
+        store.queue_job(series.id)
+    done, failed = (store.claim_job("", f"gpu-{n}:1") for n in (1, 2))
+    store.finish_job(done.id, diagnosis="CAP", probabilities={}, infected_fraction=0.0,
+                     timings={}, model_version="v", device_uid="2.25.1", results=[],
+                     worker="gpu-1:1", to_route=True)          # deliveries: the node's
+    store.fail_job(failed.id, "ValueError", worker="gpu-2:1", to_route=True)
+    assert not [d for j in store.jobs() for d in j.deliveries]
+    routed = store.route_outcomes("", [("pacs", "dimse"), ("ohif", "dicomweb")])
+    assert sorted(routed) == sorted([(done.id, JobState.done), (failed.id, JobState.failed)])
+    assert store.route_outcomes("", [("pacs", "dimse")]) == []          # once
+    jobs = {j.id: j for j in store.jobs()}
+    assert sorted(d.destination for d in jobs[done.id].deliveries) == ["ohif", "pacs"]
+    assert not jobs[failed.id].deliveries
+
+
+def test_a_postgresql_job_store_of_an_older_version_learns_the_new_roles(postgres):
+    from sqlalchemy import create_engine, text
+
+    from store.accounts import Role
+    from store.api import JobStore
+
+    url = postgres.new_database()
+    with create_engine(url).begin() as conn:      # the role type as lungsys 0.x created it
+        conn.execute(text("CREATE TYPE role AS ENUM ('sender', 'viewer', 'operator', 'admin')"))
+    store = JobStore(url)
+    assert store.create_token("gpu-worker", Role.worker).startswith("lsy_")
+    assert [t.role for t in store.tokens()] == [Role.worker]

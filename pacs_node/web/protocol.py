@@ -19,7 +19,7 @@ connection, before a byte is parsed:
   answer instead of a reset. At most ``MAX_LINGERING`` linger at once.
 
 Body reads have their own deadlines in the application (each piece within
-``IDLE_SECONDS``, at a minimum rate: see :func:`pacs_node.stow._spool`).
+``IDLE_SECONDS``, at a minimum rate: see :func:`pacs_node.stow.spool_body`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ import pydicom
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
-from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Route
 
 from inference.choices import PatientMethod
@@ -38,20 +37,6 @@ if TYPE_CHECKING:
     from pacs_node.node import Node
 
 
-class RowId(Convertor):
-    """A row number in a URL: digits that fit the job store's integers (a longer one is
-    404, not an overflow in the database)."""
-
-    regex = "[0-9]{1,15}"
-
-    def convert(self, value: str) -> int:
-        return int(value)
-
-    def to_string(self, value: int) -> str:
-        return str(value)
-
-
-register_url_convertor("id", RowId())
 #: What the flash line of a job's page says after an operation (its code is in the URL).
 DONE = {"retried": "The job is queued again.", "delivery": "The delivery will be tried now.",
         "rerun": "A re-run is queued: it is the newest job of this series."}

@@ -38,7 +38,7 @@ log = logging.getLogger("pacs_node.web.console")
 #: The sign-in form's own CSRF cookie (double submit: there is no session yet).
 SIGNIN_COOKIE = "lungsys_signin"
 #: Configuration keys whose values are never shown.
-SECRET_KEYS = {"secret", "password"}
+SECRET_KEYS = {"secret", "password", "token"}
 
 
 def _status(node: "Node") -> dict:

@@ -1,0 +1,240 @@
+"""What the node serves to ``lungsys worker`` processes without its data folder.
+
+A worker with ``[worker] instances = "wado"`` has a data folder of its own and
+reaches the node only over HTTP (and the job store). It needs three things,
+each for a token of the ``worker`` role alone (:class:`store.accounts.Role`):
+
+``GET /worker/node``
+    which node this is (its id in the shared job store): the worker claims
+    this node's jobs.
+``GET /dicom-web/studies/{study}/series/{series}``
+    WADO-RS Retrieve Series (PS3.18 10.4): the instances of a series the node
+    holds, as ``multipart/related; type="application/dicom"``, each part the
+    file as received (its transfer syntax named in the part's Content-Type:
+    the node never transcodes, so it answers ``transfer-syntax=*`` requests
+    and those without one; another is 406). Streamed from disk a megabyte at
+    a time.
+``PUT /worker/jobs/{job}/attempts/{attempt}/results``
+    the result objects of that claim of a job, as a STOW-RS body (one Part-10
+    file a part), written into ``results/STUDY/SERIES/vN/aK``: only while the
+    caller (``X-Lungsys-Worker``: its name in the job store) holds that claim,
+    only objects of the job's study. The answer maps each SOP Instance UID to
+    its path here; the worker records the job's outcome with those paths in
+    the same transaction as its deliveries (:meth:`store.api.JobStore.
+    finish_job`), so the node delivers each object exactly once, as for its own
+    worker. ``DELETE`` on the same resource removes the claim's folder when no
+    result of the job is recorded in it (the worker lost its lease meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import tempfile
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Iterator
+
+import anyio
+import pydicom
+from pydicom.errors import InvalidDicomError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import pacs_node.web  # noqa: F401  (registers {name:id} for the routes below)
+from pacs_node.layout import OutsideDataDir, UIDRefused, uid_name
+from pacs_node.stow import (ClientGone, Reservation, StowError, StowService, media_type,
+                            receive_multipart, split_parts)
+from store.accounts import Role
+from store.models import JobState
+
+if TYPE_CHECKING:
+    from pacs_node.node import Node
+    from pacs_node.web.auth import Doorkeeper
+
+log = logging.getLogger(__name__)
+
+#: The header naming the worker (as in the job store) that hands back a claim's results.
+WORKER_HEADER = "X-Lungsys-Worker"
+_CHUNK = 1 << 20
+_BOUNDARY = "lungsys-wado-rs-boundary"
+
+
+class Refused(Exception):
+    """A request the node answers with an HTTP error status."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _answer(status: HTTPStatus, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def acceptable(accept: str) -> bool:
+    """Whether an Accept header takes the files as received (PS3.18 8.7.3.5)."""
+    if not accept.strip():
+        return True
+    for item in accept.split(","):
+        media, params = media_type(item.strip())
+        if media in ("*/*", "multipart/*") or (
+                media == "multipart/related"
+                and params.get("type", "application/dicom").lower() == "application/dicom"
+                and params.get("transfer-syntax", "*") == "*"):
+            return True
+    return False
+
+
+def _parts(files: list[tuple[str, str, str]], layout) -> Iterator[bytes]:
+    """The multipart body of a series: each file as it lies on disk."""
+    for sop, path, syntax in files:
+        try:
+            with open(layout.inside(path), "rb") as f:
+                head = (f"--{_BOUNDARY}\r\nContent-Type: application/dicom; "
+                        f"transfer-syntax={syntax}\r\n\r\n").encode("ascii", "replace")
+                yield head
+                while chunk := f.read(_CHUNK):
+                    yield chunk
+                yield b"\r\n"
+        except (OSError, OutsideDataDir) as exc:   # removed meanwhile: the worker counts
+            log.warning("WADO-RS: an instance of the series could not be read: %s",
+                        type(exc).__name__)
+    yield f"--{_BOUNDARY}--\r\n".encode("ascii")
+
+
+def store_results(node: "Node", job_id: int, attempt: int, worker: str, spool, size: int,
+                  boundary: bytes) -> dict[str, str]:
+    """Write a claim's result objects into its results folder (see the module)."""
+    claim = node.store.claim_of(node.node_id, job_id)
+    if claim is None:
+        raise Refused(HTTPStatus.NOT_FOUND, f"no job {job_id} of this node")
+    if (claim["state"] != JobState.running or claim["worker"] != worker
+            or claim["attempt"] != attempt):
+        raise Refused(HTTPStatus.CONFLICT, f"job {job_id}: claim {attempt} is not held by "
+                                           f"{worker[:128]!r} (its lease expired?)")
+    if size == 0:
+        raise Refused(HTTPStatus.BAD_REQUEST, "empty body")
+    folder = node.layout.results_folder(claim["study"], claim["series"], claim["version"],
+                                        attempt)
+    folder.mkdir(parents=True, exist_ok=True)
+    folder = node.layout.inside(folder)
+    stored: dict[str, str] = {}
+    spool.flush()
+    with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as body:
+        for headers, start, end in split_parts(body, boundary):
+            if media_type(headers.get("content-type", "application/dicom"))[0] != \
+                    "application/dicom":
+                raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "a part is not "
+                                                                 "application/dicom")
+            tmp = folder / f".part-{len(stored)}"
+            with open(tmp, "wb") as f:
+                for pos in range(start, end, _CHUNK):
+                    f.write(body[pos:min(pos + _CHUNK, end)])
+            try:
+                ds = pydicom.dcmread(tmp, stop_before_pixels=True,
+                                     specific_tags=["SOPInstanceUID", "StudyInstanceUID"])
+                sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+                if study != claim["study"]:
+                    raise Refused(HTTPStatus.CONFLICT, "an object of another study than the "
+                                                      "job's")
+                target = folder / f"{uid_name(sop, 'SOP Instance UID')}.dcm"
+            except (InvalidDicomError, AttributeError, UIDRefused, ValueError) as exc:
+                tmp.unlink(missing_ok=True)
+                raise Refused(HTTPStatus.BAD_REQUEST, f"a part is not a DICOM object the "
+                                                      f"node can file: {exc}") from None
+            except Refused:
+                tmp.unlink(missing_ok=True)
+                raise
+            os.replace(tmp, target)
+            stored[sop] = str(target)
+    if not stored:
+        raise Refused(HTTPStatus.BAD_REQUEST, "the body holds no part")
+    log.info("job %d: %d result object(s) of claim %d received from worker %s", job_id,
+             len(stored), attempt, worker[:128])
+    return stored
+
+
+def discard_results(node: "Node", job_id: int, attempt: int) -> None:
+    """Remove a claim's results folder, unless results recorded for the job lie in it."""
+    claim = node.store.claim_of(node.node_id, job_id)
+    if claim is None:
+        raise Refused(HTTPStatus.NOT_FOUND, f"no job {job_id} of this node")
+    folder = node.layout.results_folder(claim["study"], claim["series"], claim["version"],
+                                        attempt)
+    if any(os.path.dirname(path) == str(folder) for path in claim["results"]):
+        raise Refused(HTTPStatus.CONFLICT, f"job {job_id}: the results of claim {attempt} "
+                                           f"are recorded; they stay")
+    node.layout.remove_tree(folder)
+    log.info("job %d: results of claim %d removed (its worker lost the job)", job_id, attempt)
+
+
+def wado_routes(node: "Node", door: "Doorkeeper", service: StowService) -> list[Route]:
+    """The routes of the module, each for a token of the worker role."""
+
+    async def hello(request: Request) -> Response:
+        if (refusal := await door.api(request, Role.worker)):
+            return refusal
+        return JSONResponse({"node": node.node_id, "ae_title": node.config.node.ae_title})
+
+    async def retrieve_series(request: Request) -> Response:
+        if (refusal := await door.api(request, Role.worker)):
+            return refusal
+        try:
+            study = request.path_params["study"]
+            series = request.path_params["series"]
+            uid_name(study, "Study Instance UID")
+            uid_name(series, "Series Instance UID")
+        except UIDRefused as exc:
+            return _answer(HTTPStatus.BAD_REQUEST, str(exc))
+        if not acceptable(request.headers.get("accept", "")):
+            return _answer(HTTPStatus.NOT_ACCEPTABLE, 'only multipart/related; type='
+                           '"application/dicom" in the transfer syntax received')
+        files = await anyio.to_thread.run_sync(node.store.held_series, node.node_id, study,
+                                               series)
+        if not files:
+            return _answer(HTTPStatus.NOT_FOUND, "no such series on this node")
+        log.info("WADO-RS: %d instance(s) of a series to worker %s", len(files),
+                 request.headers.get(WORKER_HEADER, "?")[:128])
+        return StreamingResponse(_parts(files, node.layout), media_type=(
+            f'multipart/related; type="application/dicom"; boundary={_BOUNDARY}'))
+
+    async def results(request: Request) -> Response:
+        if (refusal := await door.api(request, Role.worker)):
+            return refusal
+        job_id, attempt = request.path_params["job"], request.path_params["attempt"]
+        worker = request.headers.get(WORKER_HEADER, "")
+        try:
+            if request.method == "DELETE":
+                await anyio.to_thread.run_sync(discard_results, node, job_id, attempt)
+                return JSONResponse({"removed": True})
+            if not worker:
+                raise Refused(HTTPStatus.BAD_REQUEST, f"{WORKER_HEADER} is needed")
+            reservation = Reservation(service.storage)
+            try:
+                with tempfile.TemporaryFile(dir=service.storage.partial,
+                                            prefix="results-") as spool:
+                    size, boundary = await receive_multipart(request, spool, service,
+                                                             reservation)
+                    stored = await anyio.to_thread.run_sync(
+                        store_results, node, job_id, attempt, worker, spool, size, boundary)
+            finally:
+                reservation.release()
+        except (Refused, StowError) as exc:
+            log.warning("job %d: results of claim %d refused (%d): %s", job_id, attempt,
+                        exc.status, exc)
+            return _answer(exc.status, str(exc))
+        except ClientGone as exc:
+            return _answer(HTTPStatus.REQUEST_TIMEOUT, f"request ended: {exc}")
+        except OSError as exc:
+            log.error("job %d: results of claim %d not stored: %s", job_id, attempt,
+                      exc.strerror or exc)
+            return _answer(HTTPStatus.INSUFFICIENT_STORAGE, "the results could not be written")
+        return JSONResponse({"stored": stored})
+
+    return [Route("/worker/node", hello, methods=["GET"]),
+            Route("/dicom-web/studies/{study}/series/{series}", retrieve_series,
+                  methods=["GET"]),
+            Route("/worker/jobs/{job:id}/attempts/{attempt:id}/results", results,
+                  methods=["PUT", "DELETE"])]
