@@ -32,7 +32,7 @@ import requests
 
 from pacs_node.layout import DataLayout
 from pacs_node.stow import StowError, media_type, split_parts
-from pacs_node.wado import WORKER_HEADER
+from pacs_node.wado import CLAIM_HEADER
 from store.api import LeaseLost
 from store.models import Job
 
@@ -93,25 +93,39 @@ class NodeClient:
         if answer.status_code >= 400:
             try:
                 why = answer.json().get("error", "")
-            except ValueError:
+            except (ValueError, AttributeError):
                 why = answer.reason
             answer.close()
+            if answer.status_code == 410:           # the claim is no longer this worker's
+                raise LeaseLost(f"{path}: {str(why)[:200]}")
             raise HandOverError(f"{method} {self.url}{path}: HTTP {answer.status_code} "
                                 f"{str(why)[:200]}")
         return answer
 
+    def _json(self, answer: requests.Response, key: str):
+        try:
+            return answer.json()[key]
+        except (ValueError, KeyError, TypeError):
+            raise HandOverError(f"{answer.url}: an answer without {key!r}") from None
+
     def node_id(self) -> str:
         """The node's id in the job store (and a check of the token)."""
-        return str(self._call("GET", "/worker/node").json()["node"])
+        return str(self._json(self._call("GET", "/worker/node"), "node"))[:64]
 
-    def retrieve_series(self, study: str, series: str, folder: Path, worker: str
-                        ) -> list[Path]:
+    def retrieve_series(self, study: str, series: str, folder: Path, key: str) -> list[Path]:
         """WADO-RS: the series' instances as files in ``folder`` (created)."""
+        try:
+            return self._retrieve(study, series, folder, key)
+        except OSError as exc:                      # this worker's disk: the job runs again
+            raise HandOverError(f"the series could not be written here: "
+                                f"{exc.strerror or exc}") from None
+
+    def _retrieve(self, study: str, series: str, folder: Path, key: str) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         spool = folder / ".retrieved"
         answer = self._call("GET", f"/dicom-web/studies/{study}/series/{series}", stream=True,
                             headers={"Accept": 'multipart/related; type="application/dicom"; '
-                                               'transfer-syntax=*', WORKER_HEADER: worker})
+                                               'transfer-syntax=*', CLAIM_HEADER: key})
         with answer:
             media, params = media_type(answer.headers.get("content-type", ""))
             if media != "multipart/related" or not params.get("boundary"):
@@ -139,7 +153,7 @@ class NodeClient:
             spool.unlink(missing_ok=True)
         return files
 
-    def hand_back(self, job_id: int, attempt: int, worker: str, paths: list[Path]
+    def hand_back(self, job_id: int, attempt: int, key: str, paths: list[Path]
                   ) -> dict[str, str]:
         """Results to the node: SOP Instance UID -> the path the node filed it at. LeaseLost
         when the node says the claim is no longer this worker's."""
@@ -153,36 +167,33 @@ class NodeClient:
                 yield b"\r\n"
             yield f"--{_BOUNDARY}--\r\n".encode("ascii")
 
-        try:
-            answer = self._call(
-                "PUT", f"/worker/jobs/{job_id}/attempts/{attempt}/results", data=body(),
-                headers={"Content-Type": f'multipart/related; type="application/dicom"; '
-                                         f'boundary={_BOUNDARY}', WORKER_HEADER: worker})
-        except HandOverError as exc:
-            if " HTTP 409 " in str(exc):
-                raise LeaseLost(f"job {job_id}: the node says claim {attempt} is no longer "
-                                f"this worker's") from None
-            raise
-        return answer.json()["stored"]
+        answer = self._call(
+            "PUT", f"/worker/jobs/{job_id}/attempts/{attempt}/results", data=body(),
+            headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                                     f'boundary={_BOUNDARY}', CLAIM_HEADER: key})
+        stored = self._json(answer, "stored")
+        if not isinstance(stored, dict):
+            raise HandOverError("the node's answer lists no results")
+        return stored
 
-    def discard(self, job_id: int, attempt: int) -> None:
-        self._call("DELETE", f"/worker/jobs/{job_id}/attempts/{attempt}/results")
+    def discard(self, job_id: int, attempt: int, key: str) -> None:
+        self._call("DELETE", f"/worker/jobs/{job_id}/attempts/{attempt}/results",
+                   headers={CLAIM_HEADER: key})
 
 
 class OverHttp:
     """The node over HTTP, with the worker's own data folder (see the module)."""
 
-    def __init__(self, client: NodeClient, layout: DataLayout, worker: str) -> None:
+    def __init__(self, client: NodeClient, layout: DataLayout) -> None:
         self.client = client
         self.layout = layout
-        self.worker = worker
 
     def instances(self, job: Job) -> list[str]:
         series = job.series
         started = time.perf_counter()
         files = self.client.retrieve_series(
             series.study_instance_uid, series.series_instance_uid,
-            self.layout.work_folder(job.id, job.attempts) / "instances", self.worker)
+            self.layout.work_folder(job.id, job.attempts) / "instances", job.claim_key)
         seconds = time.perf_counter() - started
         size = sum(f.stat().st_size for f in files)
         log.info("job %d: %d instance(s), %.1f MB retrieved over WADO-RS in %.1f s "
@@ -197,18 +208,20 @@ class OverHttp:
         return self.layout.inside(self.layout.work_folder(job.id, job.attempts)) / "results"
 
     def publish(self, job: Job, records: list[dict]) -> list[dict]:
-        filed = self.client.hand_back(job.id, job.attempts, self.worker,
+        filed = self.client.hand_back(job.id, job.attempts, job.claim_key,
                                       [Path(r["path"]) for r in records])
-        missing = [r["sop_instance_uid"] for r in records if r["sop_instance_uid"] not in filed]
-        if missing:
+        if any(r["sop_instance_uid"] not in filed for r in records):
             raise HandOverError(f"the node filed {len(filed)} of {len(records)} results")
-        return [{**r, "path": filed[r["sop_instance_uid"]]} for r in records]
+        return [{**r, "path": str(filed[r["sop_instance_uid"]])} for r in records]
 
     def discard(self, job: Job) -> None:
+        """What this claim handed back is removed from the node (best effort: what stays
+        is not recorded, and retention removes it with its series)."""
         try:
-            self.client.discard(job.id, job.attempts)
-        except HandOverError as exc:
-            log.warning("job %d: the node kept the results of a lost claim: %s", job.id, exc)
+            self.client.discard(job.id, job.attempts, job.claim_key)
+        except (HandOverError, LeaseLost) as exc:
+            log.warning("job %d: the node kept the results of claim %d: %s", job.id,
+                        job.attempts, exc)
 
     def finished(self, job: Job) -> None:
         self.layout.remove_tree(self.layout.work_folder(job.id, job.attempts))
@@ -216,5 +229,8 @@ class OverHttp:
     def clean(self) -> None:
         """At start: what a killed worker left in its work folder."""
         if self.layout.work.is_dir():
-            for folder in self.layout.work.iterdir():
-                self.layout.remove_tree(folder)
+            for entry in self.layout.work.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    self.layout.remove_tree(entry)
+                else:
+                    entry.unlink()

@@ -80,7 +80,7 @@ def run_worker(config: NodeConfig) -> None:
     name = worker_name(os.getpid())
     exchange = None
     if over_http:
-        exchange = OverHttp(client, layout, name)
+        exchange = OverHttp(client, layout)
         exchange.clean()
     runner = JobRunner(config, store, engine, name=name, node_id=node_id, exchange=exchange,
                        remote=True)

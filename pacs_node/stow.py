@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 BASE_PATH = "/dicom-web"
 ORIGIN = "STOW-RS"
 _CHUNK = 1 << 20
+#: A part's headers end within this many bytes.
+MAX_PART_HEAD = 8192
 #: The request line and headers must arrive within this many seconds.
 HEADER_SECONDS = 30.0
 #: No read of a body may wait longer than this.
@@ -95,9 +97,10 @@ def split_parts(body: mmap.mmap | bytes, boundary: bytes):
         pos += len(delimiter)
         if body[pos:pos + 2] == b"--":
             return  # the close delimiter
-        head_end = body.find(b"\r\n\r\n", pos)
+        head_end = body.find(b"\r\n\r\n", pos, pos + MAX_PART_HEAD)
         if head_end < 0:
-            raise StowError(HTTPStatus.BAD_REQUEST, "a part has no end of headers")
+            raise StowError(HTTPStatus.BAD_REQUEST, f"a part has no end of headers within "
+                                                    f"{MAX_PART_HEAD} bytes")
         headers = {}
         for line in bytes(body[pos:head_end]).decode("latin-1").split("\r\n"):
             if ":" in line:

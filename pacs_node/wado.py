@@ -8,41 +8,51 @@ each for a token of the ``worker`` role alone (:class:`store.accounts.Role`):
     which node this is (its id in the shared job store): the worker claims
     this node's jobs.
 ``GET /dicom-web/studies/{study}/series/{series}``
-    WADO-RS Retrieve Series (PS3.18 10.4): the instances of a series the node
-    holds, as ``multipart/related; type="application/dicom"``, each part the
-    file as received (its transfer syntax named in the part's Content-Type:
-    the node never transcodes, so it answers ``transfer-syntax=*`` requests
-    and those without one; another is 406). Streamed from disk a megabyte at
-    a time.
+    WADO-RS Retrieve Series (PS3.18 10.4): the instances of a series whose
+    job the caller runs, as ``multipart/related; type="application/dicom"``,
+    each part the file as received (its transfer syntax named in the part's
+    Content-Type: the node never transcodes, so it answers
+    ``transfer-syntax=*`` requests and those without one; another is 406).
+    Streamed from disk a megabyte at a time.
 ``PUT /worker/jobs/{job}/attempts/{attempt}/results``
     the result objects of that claim of a job, as a STOW-RS body (one Part-10
-    file a part), written into ``results/STUDY/SERIES/vN/aK``: only while the
-    caller (``X-Lungsys-Worker``: its name in the job store) holds that claim,
-    only objects of the job's study. The answer maps each SOP Instance UID to
-    its path here; the worker records the job's outcome with those paths in
-    the same transaction as its deliveries (:meth:`store.api.JobStore.
-    finish_job`), so the node delivers each object exactly once, as for its own
-    worker. ``DELETE`` on the same resource removes the claim's folder when no
-    result of the job is recorded in it (the worker lost its lease meanwhile).
+    file a part, in a transfer syntax lungsys writes), once: written into
+    ``results/STUDY/SERIES/vN/aK`` all or none, only objects of the job's
+    study. The answer maps each SOP Instance UID to its path here; the worker
+    records the job's outcome with those paths in the same transaction as its
+    deliveries (:meth:`store.api.JobStore.finish_job`), so the node delivers
+    each object exactly once, as for its own worker. ``DELETE`` on the same
+    resource removes the claim's folder when no result of the job is recorded
+    in it (the worker lost its lease, or could not finish).
+
+A token proves a worker; the claim's key (``X-Lungsys-Claim``: a secret the job
+store gives the worker that claims a job, a new one at each claim) proves which
+job it runs: a worker token alone retrieves no series and hands back nothing,
+and a worker whose lease expired is answered 410 Gone.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import mmap
 import os
+import shutil
 import tempfile
+import uuid
 from http import HTTPStatus
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import anyio
-import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import pacs_node.web  # noqa: F401  (registers {name:id} for the routes below)
+from pacs_node.header import read_file_header
 from pacs_node.layout import OutsideDataDir, UIDRefused, uid_name
 from pacs_node.stow import (ClientGone, Reservation, StowError, StowService, media_type,
                             receive_multipart, split_parts)
@@ -55,8 +65,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The header naming the worker (as in the job store) that hands back a claim's results.
-WORKER_HEADER = "X-Lungsys-Worker"
+#: The header carrying the claim's key (:attr:`store.models.Job.claim_key`).
+CLAIM_HEADER = "X-Lungsys-Claim"
+#: What result objects come in: the transfer syntaxes lungsys writes (never deflated).
+RESULT_SYNTAXES = frozenset({ExplicitVRLittleEndian, JPEG2000Lossless})
 _CHUNK = 1 << 20
 _BOUNDARY = "lungsys-wado-rs-boundary"
 
@@ -104,70 +116,96 @@ def _parts(files: list[tuple[str, str, str]], layout) -> Iterator[bytes]:
     yield f"--{_BOUNDARY}--\r\n".encode("ascii")
 
 
-def store_results(node: "Node", job_id: int, attempt: int, worker: str, spool, size: int,
-                  boundary: bytes) -> dict[str, str]:
-    """Write a claim's result objects into its results folder (see the module)."""
+def held_claim(node: "Node", job_id: int, attempt: int, key: str) -> dict:
+    """The job, when ``key`` holds its claim ``attempt`` now; Refused (404, 410) otherwise."""
     claim = node.store.claim_of(node.node_id, job_id)
     if claim is None:
         raise Refused(HTTPStatus.NOT_FOUND, f"no job {job_id} of this node")
-    if (claim["state"] != JobState.running or claim["worker"] != worker
-            or claim["attempt"] != attempt):
-        raise Refused(HTTPStatus.CONFLICT, f"job {job_id}: claim {attempt} is not held by "
-                                           f"{worker[:128]!r} (its lease expired?)")
-    if size == 0:
-        raise Refused(HTTPStatus.BAD_REQUEST, "empty body")
+    if (claim["state"] != JobState.running or claim["attempt"] != attempt or not key
+            or not hmac.compare_digest(claim["key"], key)):
+        raise Refused(HTTPStatus.GONE, f"job {job_id}: claim {attempt} is not held with this "
+                                       f"key (its lease expired?)")
+    return claim
+
+
+def _result_part(body, start: int, end: int, folder: Path, study: str) -> tuple[str, Path]:
+    """One part written to a file of ``folder``: its SOP Instance UID and the file."""
+    tmp = folder / f"part-{start}"
+    with open(tmp, "wb") as f:
+        for pos in range(start, end, _CHUNK):
+            f.write(body[pos:min(pos + _CHUNK, end)])
+    try:
+        syntax = str(read_file_meta_info(tmp).get("TransferSyntaxUID", ""))
+        if syntax not in RESULT_SYNTAXES:
+            raise ValueError(f"transfer syntax {syntax[:64]!r} is not one lungsys writes")
+        header = read_file_header(tmp)              # hardened: zeros, sizes (pacs_node.header)
+        uid_name(header.sop_instance_uid, "SOP Instance UID")
+    except Exception as exc:
+        raise Refused(HTTPStatus.BAD_REQUEST, f"a part is not a result object the node can "
+                                              f"file: {str(exc)[:200]}") from None
+    if header.study_instance_uid != study:
+        raise Refused(HTTPStatus.CONFLICT, "an object of another study than the job's")
+    return header.sop_instance_uid, tmp
+
+
+def store_results(node: "Node", job_id: int, attempt: int, key: str, spool, size: int,
+                  boundary: bytes) -> dict[str, str]:
+    """File a claim's result objects, all or none (see the module)."""
+    claim = held_claim(node, job_id, attempt, key)
     folder = node.layout.results_folder(claim["study"], claim["series"], claim["version"],
                                         attempt)
-    folder.mkdir(parents=True, exist_ok=True)
-    folder = node.layout.inside(folder)
-    stored: dict[str, str] = {}
-    spool.flush()
-    with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as body:
-        for headers, start, end in split_parts(body, boundary):
-            if media_type(headers.get("content-type", "application/dicom"))[0] != \
-                    "application/dicom":
-                raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "a part is not "
-                                                                 "application/dicom")
-            tmp = folder / f".part-{len(stored)}"
-            with open(tmp, "wb") as f:
-                for pos in range(start, end, _CHUNK):
-                    f.write(body[pos:min(pos + _CHUNK, end)])
-            try:
-                ds = pydicom.dcmread(tmp, stop_before_pixels=True,
-                                     specific_tags=["SOPInstanceUID", "StudyInstanceUID"])
-                sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
-                if study != claim["study"]:
-                    raise Refused(HTTPStatus.CONFLICT, "an object of another study than the "
-                                                      "job's")
-                target = folder / f"{uid_name(sop, 'SOP Instance UID')}.dcm"
-            except (InvalidDicomError, AttributeError, UIDRefused, ValueError) as exc:
-                tmp.unlink(missing_ok=True)
-                raise Refused(HTTPStatus.BAD_REQUEST, f"a part is not a DICOM object the "
-                                                      f"node can file: {exc}") from None
-            except Refused:
-                tmp.unlink(missing_ok=True)
-                raise
-            os.replace(tmp, target)
+    if folder.exists() and any(folder.iterdir()):
+        raise Refused(HTTPStatus.CONFLICT, f"job {job_id}: the results of claim {attempt} "
+                                           f"were handed back already")
+    if size == 0:
+        raise Refused(HTTPStatus.BAD_REQUEST, "empty body")
+    incoming = node.layout.inside(folder) / f".incoming-{uuid.uuid4().hex}"
+    incoming.mkdir(parents=True)
+    try:
+        parts: dict[str, Path] = {}
+        spool.flush()
+        with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as body:
+            for headers, start, end in split_parts(body, boundary):
+                if media_type(headers.get("content-type", "application/dicom"))[0] != \
+                        "application/dicom":
+                    raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                  "a part is not application/dicom")
+                sop, path = _result_part(body, start, end, incoming, claim["study"])
+                if sop in parts:
+                    raise Refused(HTTPStatus.BAD_REQUEST, "one SOP Instance UID twice")
+                parts[sop] = path
+        if not parts:
+            raise Refused(HTTPStatus.BAD_REQUEST, "the body holds no part")
+        held_claim(node, job_id, attempt, key)       # still the caller's, as it is filed
+        stored = {}
+        for sop, path in parts.items():
+            target = folder / f"{uid_name(sop, 'SOP Instance UID')}.dcm"
+            os.replace(path, target)
             stored[sop] = str(target)
-    if not stored:
-        raise Refused(HTTPStatus.BAD_REQUEST, "the body holds no part")
-    log.info("job %d: %d result object(s) of claim %d received from worker %s", job_id,
-             len(stored), attempt, worker[:128])
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)
+    log.info("job %d: %d result object(s) of claim %d handed back", job_id, len(stored),
+             attempt)
     return stored
 
 
-def discard_results(node: "Node", job_id: int, attempt: int) -> None:
-    """Remove a claim's results folder, unless results recorded for the job lie in it."""
+def discard_results(node: "Node", job_id: int, attempt: int, key: str) -> None:
+    """Remove a claim's results folder, unless results recorded for the job lie in it or
+    another worker holds that claim now."""
     claim = node.store.claim_of(node.node_id, job_id)
     if claim is None:
         raise Refused(HTTPStatus.NOT_FOUND, f"no job {job_id} of this node")
+    current = claim["state"] == JobState.running and claim["attempt"] == attempt
+    if current and not (key and hmac.compare_digest(claim["key"], key)):
+        raise Refused(HTTPStatus.GONE, f"job {job_id}: claim {attempt} is not held with this "
+                                       f"key")
     folder = node.layout.results_folder(claim["study"], claim["series"], claim["version"],
                                         attempt)
     if any(os.path.dirname(path) == str(folder) for path in claim["results"]):
         raise Refused(HTTPStatus.CONFLICT, f"job {job_id}: the results of claim {attempt} "
                                            f"are recorded; they stay")
     node.layout.remove_tree(folder)
-    log.info("job %d: results of claim %d removed (its worker lost the job)", job_id, attempt)
+    log.info("job %d: results of claim %d removed (not recorded)", job_id, attempt)
 
 
 def wado_routes(node: "Node", door: "Doorkeeper", service: StowService) -> list[Route]:
@@ -191,12 +229,14 @@ def wado_routes(node: "Node", door: "Doorkeeper", service: StowService) -> list[
         if not acceptable(request.headers.get("accept", "")):
             return _answer(HTTPStatus.NOT_ACCEPTABLE, 'only multipart/related; type='
                            '"application/dicom" in the transfer syntax received')
-        files = await anyio.to_thread.run_sync(node.store.held_series, node.node_id, study,
-                                               series)
+        files = await anyio.to_thread.run_sync(
+            node.store.claimed_series, node.node_id, study, series,
+            request.headers.get(CLAIM_HEADER, ""))
         if not files:
-            return _answer(HTTPStatus.NOT_FOUND, "no such series on this node")
-        log.info("WADO-RS: %d instance(s) of a series to worker %s", len(files),
-                 request.headers.get(WORKER_HEADER, "?")[:128])
+            return _answer(HTTPStatus.NOT_FOUND, f"no series of this node whose job runs "
+                                                 f"under the claim in {CLAIM_HEADER}")
+        log.info("WADO-RS: %d instance(s) of a series to %s", len(files),
+                 request.state.principal.name)
         return StreamingResponse(_parts(files, node.layout), media_type=(
             f'multipart/related; type="application/dicom"; boundary={_BOUNDARY}'))
 
@@ -204,13 +244,13 @@ def wado_routes(node: "Node", door: "Doorkeeper", service: StowService) -> list[
         if (refusal := await door.api(request, Role.worker)):
             return refusal
         job_id, attempt = request.path_params["job"], request.path_params["attempt"]
-        worker = request.headers.get(WORKER_HEADER, "")
+        key = request.headers.get(CLAIM_HEADER, "")
         try:
             if request.method == "DELETE":
-                await anyio.to_thread.run_sync(discard_results, node, job_id, attempt)
+                await anyio.to_thread.run_sync(discard_results, node, job_id, attempt, key)
                 return JSONResponse({"removed": True})
-            if not worker:
-                raise Refused(HTTPStatus.BAD_REQUEST, f"{WORKER_HEADER} is needed")
+            # the claim is checked before a byte of the body is read, and again at the end
+            await anyio.to_thread.run_sync(held_claim, node, job_id, attempt, key)
             reservation = Reservation(service.storage)
             try:
                 with tempfile.TemporaryFile(dir=service.storage.partial,
@@ -218,7 +258,7 @@ def wado_routes(node: "Node", door: "Doorkeeper", service: StowService) -> list[
                     size, boundary = await receive_multipart(request, spool, service,
                                                              reservation)
                     stored = await anyio.to_thread.run_sync(
-                        store_results, node, job_id, attempt, worker, spool, size, boundary)
+                        store_results, node, job_id, attempt, key, spool, size, boundary)
             finally:
                 reservation.release()
         except (Refused, StowError) as exc:

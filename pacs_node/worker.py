@@ -169,9 +169,11 @@ class JobRunner:
             log.error("job %d: its failure is not told: %s", job_id, type(exc).__name__)
 
     def _give_back(self, job: Job, exc: HandOverError) -> None:
-        """Instances or results could not cross to or from the node: the job is queued again
-        (its attempt counted; failed after ``[worker] max_attempts``)."""
+        """Instances or results could not cross to or from the node: what reached the node
+        is removed, and the job is queued again (its attempt counted; failed after
+        ``[worker] max_attempts``)."""
         log.error("job %d: %s", job.id, exc)
+        self.exchange.discard(job)
         try:
             state = self.store.abandon_job(job.id, f"the worker {job.worker} could not reach "
                                                    f"the node: {exc}",
@@ -185,8 +187,8 @@ class JobRunner:
     def _clean(self, job: Job) -> None:
         try:
             self.exchange.finished(job)
-        except OSError as exc:
-            log.warning("job %d: its work folder stays: %s", job.id, exc.strerror or exc)
+        except Exception as exc:           # (OSError; OutsideDataDir: a link out of it)
+            log.warning("job %d: its work folder stays: %s", job.id, exc)
 
     def _skip(self, job: Job, exc: SeriesError) -> None:
         """A series the model cannot take (too few slices, no CT): skipped, with why."""

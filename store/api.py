@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -266,7 +267,7 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
                 return None
             now = utcnow()
             job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, now
-            job.node, job.worker = node, worker
+            job.node, job.worker, job.claim_key = node, worker, secrets.token_hex(16)
             job.lease_until = now + dt.timedelta(seconds=lease_seconds)
             lead_series(job, SeriesState.running)
             return job
@@ -335,7 +336,7 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
                 raise LookupError(f"no job {job_id}")
             if job.state == JobState.running:
                 raise ValueError(f"job {job_id} is running")
-            job.state, job.error = JobState.queued, ""
+            job.state, job.error, job.to_route = JobState.queued, "", False
             lead_series(job, SeriesState.queued)
             return job
 

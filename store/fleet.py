@@ -102,15 +102,17 @@ class Fleet:
         return out
 
     # --- for workers over WADO-RS (pacs_node.wado) -----------------------------------
-    def held_series(self, node: str, study_uid: str, series_uid: str
-                    ) -> list[tuple[str, str, str]] | None:
-        """The instances of a series ``node`` holds (SOP Instance UID, path, transfer
-        syntax), or None when it holds no such series (or retention removed its files)."""
+    def claimed_series(self, node: str, study_uid: str, series_uid: str, claim_key: str
+                       ) -> list[tuple[str, str, str]] | None:
+        """The instances (SOP Instance UID, path, transfer syntax) of a series ``node`` holds
+        whose job is running under the claim of ``claim_key``; None when there is none."""
+        if not claim_key:
+            return None
         with self.read_session() as s:
-            series = s.scalar(select(Series).where(
+            series = s.scalar(select(Series).join(Job).where(
                 Series.series_instance_uid == series_uid,
                 Series.study_instance_uid == study_uid, Series.purged.is_(False),
-                of_node(node)))
+                Job.state == JobState.running, Job.claim_key == claim_key, of_node(node)))
             if series is None:
                 return None
             return [tuple(row) for row in s.execute(
@@ -119,12 +121,12 @@ class Fleet:
 
     def claim_of(self, node: str, job_id: int) -> dict | None:
         """A job of ``node``'s series as a worker handing back results needs it: its state,
-        worker, attempt, version, series and the paths of the results recorded for it."""
+        claim (attempt, key), version, series and the paths of its recorded results."""
         with self.read_session() as s:
             job = s.scalar(select(Job).join(Series).where(Job.id == job_id, of_node(node)))
             if job is None:
                 return None
-            return {"state": job.state, "worker": job.worker, "attempt": job.attempts,
+            return {"state": job.state, "attempt": job.attempts, "key": job.claim_key,
                     "version": job.version,
                     "study": job.series.study_instance_uid,
                     "series": job.series.series_instance_uid,
@@ -147,7 +149,8 @@ class Fleet:
         out = []
         with self.session() as s, s.begin():
             for job in s.scalars(select(Job).join(Series).where(
-                    Job.to_route.is_(True), of_node(node)).with_for_update(skip_locked=True)):
+                    Job.to_route.is_(True), Job.state.in_((JobState.done, JobState.failed)),
+                    of_node(node)).with_for_update(of=Job, skip_locked=True)):
                 job.to_route = False
                 if job.state == JobState.done:
                     for name, kind in destinations:

@@ -163,6 +163,9 @@ class Job(Base):
     # recorded by a worker elsewhere (lungsys worker): the node that holds the series queues
     # the deliveries and notifications of its outcome, by its own configuration (store.fleet)
     to_route: Mapped[bool] = mapped_column(default=False, server_default="0", index=True)
+    # a secret of the claim (a new one each claim): what a worker over HTTP shows the node
+    # with its token to retrieve the job's series and hand back its results (pacs_node.wado)
+    claim_key: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job", order_by="Result.id")

@@ -257,11 +257,13 @@ def test_an_expired_lease_is_taken_back_once_and_a_job_claimed_before_leases_is_
 
 
 def test_an_outcome_recorded_by_a_worker_elsewhere_is_routed_by_its_node_once(store):
-    for n in (50, 51):
+    for n in (50, 51, 52):
         store.record_instance(_item(1, f"1.2.{n}"))
     for series in store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1)):
         store.queue_job(series.id)
-    done, failed = (store.claim_job("", f"gpu-{n}:1") for n in (1, 2))
+    done, failed, retried = (store.claim_job("", f"gpu-{n}:1") for n in (1, 2, 3))
+    store.fail_job(retried.id, "ValueError", worker="gpu-3:1", to_route=True)
+    store.retry_job(retried.id)               # retried before its node told the failure
     store.finish_job(done.id, diagnosis="CAP", probabilities={}, infected_fraction=0.0,
                      timings={}, model_version="v", device_uid="2.25.1", results=[],
                      worker="gpu-1:1", to_route=True)          # deliveries: the node's

@@ -82,7 +82,7 @@ def test_a_worker_over_wado_rs_runs_the_job_and_the_node_files_the_results(
     assert client.node_id() == node.node_id
     config = load_config(None, environ={"LUNGSYS_NODE_DATA_DIR": str(mine.root)})
     runner = JobRunner(config, node.store, Engine(hotspot_model(), device="cpu"), name="w1",
-                       node_id=client.node_id(), exchange=OverHttp(client, mine, "w1"))
+                       node_id=client.node_id(), exchange=OverHttp(client, mine), remote=True)
     stop = threading.Event()
     thread = threading.Thread(target=runner.loop, args=(stop, threading.Event()), daemon=True)
     thread.start()
@@ -106,84 +106,114 @@ def test_a_worker_over_wado_rs_runs_the_job_and_the_node_files_the_results(
     assert not [p for p in mine.root.rglob("*") if p.is_file() and p.name != ".lock"]
 
 
-def test_wado_rs_serves_a_series_to_a_worker_token_alone_as_received(node, covid_study):
+def test_wado_rs_serves_a_series_only_to_the_worker_holding_its_job(node, covid_study):
     node, tokens, base = node
     job = queued_job(node, covid_study.files)
     study_uid, series_uid = uids(covid_study)
     url = f"{base}/dicom-web/studies/{study_uid}/series/{series_uid}"
 
-    def get(token: str | None, **headers) -> requests.Response:
+    def get(token: str | None, key: str = "", **headers) -> requests.Response:
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        return requests.get(url, headers=headers, timeout=60)
+        return requests.get(url, headers={**headers, "X-Lungsys-Claim": key}, timeout=60)
 
-    assert get(None).status_code == 401
-    assert get(tokens["sender"]).status_code == 403
-    assert get(tokens["operator"]).status_code == 403          # no role but worker's
-    answer = get(tokens["worker"])
+    assert get(tokens["worker"]).status_code == 404          # a token alone: no series
+    key = node.store.claim_job(node.node_id, "w1", 60).claim_key
+    assert len(key) == 32
+    assert get(None, key).status_code == 401
+    assert get(tokens["sender"], key).status_code == 403
+    assert get(tokens["operator"], key).status_code == 403     # no role but worker's
+    assert get(tokens["worker"], "0" * 32).status_code == 404   # another claim's key
+    answer = get(tokens["worker"], key)
     assert answer.status_code == 200
     got = parts(answer)           # the files as the node stored them, each instance once
     assert sorted(got) == sorted(Path(p).read_bytes()
                                  for p in node.store.instance_paths(job.series_id))
     assert sorted(pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID for b in got) == sorted(
         pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in covid_study.files)
-    assert get(tokens["worker"], Accept='multipart/related; type="application/dicom"; '
-                                        'transfer-syntax=*').status_code == 200
-    assert get(tokens["worker"], Accept='multipart/related; type="application/dicom"; '
+    assert get(tokens["worker"], key, Accept='multipart/related; type="application/dicom"; '
+                                             'transfer-syntax=*').status_code == 200
+    assert get(tokens["worker"], key, Accept='multipart/related; type="application/dicom"; '
                'transfer-syntax=1.2.840.10008.1.2.4.50').status_code == 406
+    worker = {"Authorization": f"Bearer {tokens['worker']}", "X-Lungsys-Claim": key}
     other = f"{base}/dicom-web/studies/{study_uid}/series/1.2.3.4"
-    assert requests.get(other, headers={"Authorization": f"Bearer {tokens['worker']}"},
-                        timeout=30).status_code == 404
+    assert requests.get(other, headers=worker, timeout=30).status_code == 404
     long = f"{base}/dicom-web/studies/{'1.' * 40}1/series/{series_uid}"
-    assert requests.get(long, headers={"Authorization": f"Bearer {tokens['worker']}"},
-                        timeout=30).status_code == 400
+    assert requests.get(long, headers=worker, timeout=30).status_code == 400
+    node.store.fail_job(job.id, "stopped", worker="w1")        # the claim ends: so does it
+    assert get(tokens["worker"], key).status_code == 404
 
 
-def _put(base: str, token: str, job: int, attempt: int, worker: str, payloads: list[bytes]
+def _put(base: str, token: str, job: int, attempt: int, key: str, payloads: list[bytes]
          ) -> requests.Response:
     boundary = uuid.uuid4().hex
     body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p
                     + b"\r\n" for p in payloads) + f"--{boundary}--\r\n".encode()
     return requests.put(f"{base}/worker/jobs/{job}/attempts/{attempt}/results", data=body,
                         timeout=60, headers={
-                            "Authorization": f"Bearer {token}", "X-Lungsys-Worker": worker,
+                            "Authorization": f"Bearer {token}", "X-Lungsys-Claim": key,
                             "Content-Type": f'multipart/related; type="application/dicom"; '
                                             f'boundary={boundary}'})
 
 
-def test_results_are_taken_only_from_the_worker_holding_the_claim(
-        node, covid_study, study_factory):
+def _object(source, syntax=None, **changes) -> bytes:
+    """A result object as a worker writes one (here: a copy of a source slice)."""
     from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = generate_uid()
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_results_are_taken_once_all_or_none_and_only_under_the_claim(
+        node, covid_study, study_factory):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     node, tokens, base = node
     job = queued_job(node, covid_study.files)
     claimed = node.store.claim_job(node.node_id, "w1", 60)
     assert claimed.id == job.id and claimed.attempts == 1
-    ours = pydicom.dcmread(covid_study.files[0])
-    ours.SOPInstanceUID = generate_uid()              # stands for a result object
-    buffer = io.BytesIO()
-    ours.save_as(buffer)
-    result = buffer.getvalue()
+    key, w = claimed.claim_key, tokens["worker"]
+    result, second = (_object(covid_study.files[i]) for i in (0, 1))
     foreign = study_factory("cap", 77, 24).files[0].read_bytes()
     folder = node.layout.results_folder(*uids(covid_study), 1, 1)
-    w = tokens["worker"]
 
-    assert _put(base, tokens["operator"], job.id, 1, "w1", [result]).status_code == 403
-    assert _put(base, w, job.id, 1, "w2", [result]).status_code == 409     # not its claim
-    assert _put(base, w, job.id, 2, "w1", [result]).status_code == 409     # not this claim
-    assert _put(base, w, 99999, 1, "w1", [result]).status_code == 404
-    assert _put(base, w, job.id, 1, "w1", [foreign]).status_code == 409    # another study
-    assert _put(base, w, job.id, 1, "w1", [b"not DICOM at all"]).status_code == 400
-    assert not folder.exists() or not list(folder.iterdir())      # nothing was left
-    answer = _put(base, w, job.id, 1, "w1", [result])
+    def nothing_filed() -> bool:
+        return not folder.exists() or not list(folder.iterdir())
+
+    assert _put(base, tokens["operator"], job.id, 1, key, [result]).status_code == 403
+    assert _put(base, w, job.id, 1, "", [result]).status_code == 410       # no claim shown
+    assert _put(base, w, job.id, 1, "0" * 32, [result]).status_code == 410  # not its claim
+    assert _put(base, w, job.id, 2, key, [result]).status_code == 410      # not this claim
+    assert _put(base, w, 99999, 1, key, [result]).status_code == 404
+    assert _put(base, w, job.id, 1, key, [foreign]).status_code == 409     # another study
+    assert _put(base, w, job.id, 1, key, [result, b"not DICOM"]).status_code == 400
+    deflated = _object(covid_study.files[2], DeflatedExplicitVRLittleEndian)
+    assert _put(base, w, job.id, 1, key, [deflated]).status_code == 400    # never inflated
+    assert _put(base, w, job.id, 1, key, [result, result]).status_code == 400
+    assert nothing_filed()                    # all or none: no part of those was kept
+    answer = _put(base, w, job.id, 1, key, [result, second])
     assert answer.status_code == 200
-    [(sop, path)] = answer.json()["stored"].items()
-    assert sop == ours.SOPInstanceUID and Path(path).parent == folder
-    assert Path(path).read_bytes() == result
-    # the claim lost: its worker asks the node to remove what it handed back
-    gone = requests.delete(f"{base}/worker/jobs/{job.id}/attempts/1/results", timeout=30,
-                           headers={"Authorization": f"Bearer {w}"})
-    assert gone.status_code == 200 and not folder.exists()
+    stored = answer.json()["stored"]
+    assert len(stored) == 2 and {Path(p).parent for p in stored.values()} == {folder}
+    assert sorted(Path(p).read_bytes() for p in stored.values()) == sorted([result, second])
+    # once: a second hand-back (another object under a SOP UID) changes nothing
+    assert _put(base, w, job.id, 1, key, [_object(covid_study.files[3])]).status_code == 409
+    assert sorted(Path(p).read_bytes() for p in folder.iterdir()) == sorted([result, second])
+
+    def delete(key: str) -> int:
+        return requests.delete(f"{base}/worker/jobs/{job.id}/attempts/1/results", timeout=30,
+                               headers={"Authorization": f"Bearer {w}",
+                                        "X-Lungsys-Claim": key}).status_code
+
+    assert delete("0" * 32) == 410 and delete("") == 410 and folder.exists()
+    assert delete(key) == 200 and not folder.exists()     # its own claim: removed
 
 
 def test_a_worker_with_a_wrong_token_or_no_node_url_says_so_in_one_line(node, tmp_path):
