@@ -196,7 +196,7 @@ class OverHttp:
             self.layout.work_folder(job.id, job.attempts) / "instances", job.claim_key)
         seconds = time.perf_counter() - started
         size = sum(f.stat().st_size for f in files)
-        log.info("job %d: %d instance(s), %.1f MB retrieved over WADO-RS in %.1f s "
+        log.info("job %d: %d instance(s), %.1f MB retrieved over WADO-RS in %.2f s "
                  "(%.0f MB/s)", job.id, len(files), size / 1e6, seconds,
                  size / 1e6 / max(seconds, 1e-6))
         if len(files) < series.instance_count:

@@ -307,6 +307,10 @@ class Node:
         if self.supervisor is not None:
             self.supervisor.wake()
         self._wake.set()
+        try:
+            self.store.announce_jobs()          # workers elsewhere (PostgreSQL)
+        except Exception as exc:                # they look every few seconds anyway
+            log.debug("jobs not announced: %s", type(exc).__name__)
 
     # --- delivery ------------------------------------------------------------
     def delivery_sweep(self) -> None:

@@ -12,7 +12,9 @@ Either way the node delivers them, and notifies, by its own configuration
 (the worker's file needs no destinations). Several workers, on one machine or many,
 and ``lungsys serve``'s own (``[worker] local``) claim from the same queue;
 none waits on another, and a job whose worker went away is taken back by the
-next claimer.
+next claimer. An idle worker on PostgreSQL hears of a queued job at once
+(``LISTEN``/``NOTIFY``: :class:`pacs_node.lease.JobBell`); it looks every 5 s
+besides.
 
 SIGTERM or Ctrl-C lets the job in progress finish, then the worker leaves the
 job store; a second signal ends it at once (its job is taken back when its
@@ -29,6 +31,7 @@ import threading
 from config import NODE_ID_FILE, NodeConfig, WorkerInstances
 from pacs_node.exchange import HandOverError, NodeClient, OverHttp
 from pacs_node.layout import DataDirInUse, DataLayout
+from pacs_node.lease import JobBell
 from pacs_node.worker import JobRunner, load_engine, worker_name
 from store.api import JobStore
 
@@ -88,9 +91,13 @@ def run_worker(config: NodeConfig) -> None:
              runner.name, engine.model_info.version, engine.model_info.device, runner.node_id,
              f"instances over WADO-RS from {config.worker.node_url}" if over_http
              else "shared data folder", config.worker.lease_seconds)
+    bell = JobBell(config.store.url, wake).start() if store.engine.dialect.name == \
+        "postgresql" else None
     try:
         runner.loop(stop, wake)
     finally:
+        if bell is not None:
+            bell.stop()
         if over_http:
             layout.unlock()
     log.info("lungsys worker %s stopped", runner.name)

@@ -81,8 +81,10 @@ class Refused(Exception):
         self.status = status
 
 
-def _answer(status: HTTPStatus, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _answer(status: HTTPStatus, message: str, close: bool = False) -> JSONResponse:
+    """An error; ``close``: the connection closes after it (a body may be left unread)."""
+    return JSONResponse({"error": message}, status_code=status,
+                        headers={"Connection": "close"} if close else None)
 
 
 def acceptable(accept: str) -> bool:
@@ -264,13 +266,14 @@ def wado_routes(node: "Node", door: "Doorkeeper", service: StowService) -> list[
         except (Refused, StowError) as exc:
             log.warning("job %d: results of claim %d refused (%d): %s", job_id, attempt,
                         exc.status, exc)
-            return _answer(exc.status, str(exc))
+            return _answer(exc.status, str(exc), close=True)
         except ClientGone as exc:
-            return _answer(HTTPStatus.REQUEST_TIMEOUT, f"request ended: {exc}")
+            return _answer(HTTPStatus.REQUEST_TIMEOUT, f"request ended: {exc}", close=True)
         except OSError as exc:
             log.error("job %d: results of claim %d not stored: %s", job_id, attempt,
                       exc.strerror or exc)
-            return _answer(HTTPStatus.INSUFFICIENT_STORAGE, "the results could not be written")
+            return _answer(HTTPStatus.INSUFFICIENT_STORAGE, "the results could not be written",
+                           close=True)
         return JSONResponse({"stored": stored})
 
     return [Route("/worker/node", hello, methods=["GET"]),

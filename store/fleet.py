@@ -15,13 +15,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING
 
-from sqlalchemy import DateTime, Integer, String, delete, select, update
+from sqlalchemy import DateTime, Integer, String, delete, select, text, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from store.models import (EPOCH, Base, Delivery, Incident, IncidentKind, Instance, Job,
                           JobState, Result, Series, give_back, of_node, utcnow)
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session
 
 
@@ -40,11 +41,24 @@ class Worker(Base):
     job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
+#: PostgreSQL's channel on which a node announces queued jobs to idle workers.
+JOBS_CHANNEL = "lungsys_jobs"
+
+
 class Fleet:
     """Workers, heartbeats and expired leases (a mixin of :class:`store.api.JobStore`)."""
 
+    engine: "Engine"                             # provided by JobStore
     def session(self) -> "Session": ...          # provided by JobStore
     def read_session(self) -> "Session": ...     # provided by JobStore
+
+    def announce_jobs(self) -> None:
+        """Jobs were queued: PostgreSQL tells the workers listening (``NOTIFY``, sent when
+        the transaction ends, so a worker never looks before the job is there); other
+        stores have no listeners, and their workers look every few seconds."""
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as conn:
+                conn.execute(text(f"NOTIFY {JOBS_CHANNEL}"))
 
     def register_worker(self, name: str, device: str, node: str, model_version: str) -> None:
         with self.session() as s, s.begin():

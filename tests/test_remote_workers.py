@@ -160,3 +160,23 @@ def test_workers_with_folders_of_their_own_take_series_over_wado_rs(
                 assert not (folder / "incoming").exists()
     finally:
         pacs.stop()
+
+
+def test_an_idle_worker_hears_of_a_queued_job_at_once(postgres):
+    """PostgreSQL's NOTIFY wakes a worker listening (it need not wait for its next look)."""
+    import threading
+
+    from pacs_node.lease import JobBell
+    from store.api import JobStore
+
+    store = JobStore(postgres.new_database())
+    wake = threading.Event()
+    bell = JobBell(store.url, wake).start()
+    try:
+        store.announce_jobs()                   # before it listens: not heard, no harm
+        eventually(lambda: (store.announce_jobs(), wake.is_set())[1], timeout=10, every=0.2)
+        wake.clear()
+        store.announce_jobs()
+        assert wake.wait(3)
+    finally:
+        bell.stop()
