@@ -13,6 +13,9 @@ from inference.model_info import ModelInfo
 from inference.profiles import CLASSES
 
 
+#: Below this highest class probability a result is flagged low confidence.
+LOW_CONFIDENCE = 0.5
+
 @dataclass
 class SliceResult:
     """What the model says about one slice (in the series' order)."""
@@ -94,10 +97,18 @@ class AnalysisResult:
     def lesion_slices(self) -> list[SliceResult]:
         return [s for s in self.slices if s.has_lesion]
 
+    @property
+    def low_confidence(self) -> bool:
+        """No class is more likely than the three others together (the highest probability
+        is below :data:`LOW_CONFIDENCE`): the four are too near uniform for the diagnosis
+        to mean much, and the report says so."""
+        return float(max(self.probabilities)) < LOW_CONFIDENCE
+
     def to_json(self) -> dict:
         """The result as JSON-ready types (the ``--json`` output of ``lungsys analyze``)."""
         return {
             "diagnosis": self.diagnosis,
+            "low_confidence": self.low_confidence,
             "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, self.probabilities)},
             "method": self.method,
             "network_probabilities": {c: round(float(p), 6)

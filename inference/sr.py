@@ -26,7 +26,8 @@ The layout follows what OHIF 3.13's ``cornerstone-dicom-sr`` extension and
   whole report): the diagnosis as a coded evaluation (SCT 439401001
   "Diagnosis"), each class as a Finding with its probability in %, the
   infected-lung fraction in %, a comment that the result is not for primary
-  diagnosis, and the algorithm identification (TID 4019), once for the whole
+  diagnosis (and, when no class is more likely than the others together, that
+  its confidence is low), and the algorithm identification (TID 4019), once for the whole
   report. TID 1500 is extensible; the NUM items here are such an extension.
 
 Every container is SEPARATE, so text renderers (``dsr2html``, OHIF's text
@@ -268,9 +269,12 @@ def _evaluations(result: AnalysisResult, identity: AlgorithmIdentity) -> Contain
     items.append(NumContentItem(name=INFECTED_FRACTION,
                                 value=round(100.0 * result.infected_fraction, 4),
                                 unit=UNIT_PERCENT, relationship_type="CONTAINS"))
+    caution = (f"Low confidence: no class is more likely than the others together (highest "
+               f"probability {100 * float(max(result.probabilities)):.0f} %). "
+               if result.low_confidence else "")
     items.append(TextContentItem(
         name=COMMENT, relationship_type="CONTAINS",
-        value=f"{DISCLAIMER}. Produced by {ALGORITHM_NAME} {identity.model_version} "
+        value=f"{caution}{DISCLAIMER}. Produced by {ALGORITHM_NAME} {identity.model_version} "
               f"({identity.method})."[:1024]))
     items.extend(AlgorithmIdentification(name=ALGORITHM_NAME, version=identity.model_version,
                                          parameters=identity.parameters,

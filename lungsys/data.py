@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lungsys.common import CLIError, out, progress
+from lungsys.common import CLIError, err, out, progress
 
 
 def phantom_command(
@@ -66,8 +66,15 @@ def phantom_set_command(
     manifest; every study carries truth.json and masks.npz, which the manifest
     names as annotations and masks.
     """
-    from training.phantom_set import generate_phantom_set
+    from training.phantom_set import generate_phantom_set, split_sizes
 
+    sizes = split_sizes(per_class)
+    if not all(sizes.values()):
+        err.print(f"lungsys: warning: with {per_class} studies per class the splits hold "
+                  + ", ".join(f"{name} {n}" for name, n in sizes.items())
+                  + " per class; the empty ones cannot be trained on or evaluated "
+                    "(--per-class 5 or more fills every split)", markup=False,
+                  highlight=False)
     with progress() as bar:
         task = bar.add_task("generating phantom studies", total=4 * per_class)
         manifest = generate_phantom_set(out_dir, per_class, seed, tuple(slices_range), workers,

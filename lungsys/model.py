@@ -141,6 +141,9 @@ def analyze_command(
               f", {result.model.device})")
     for name, p in zip(CLASSES, result.probabilities):
         out.print(f"  {name:<9} {p:6.3f}")
+    if result.low_confidence:
+        out.print(f"low confidence: no class is more likely than the others together "
+                  f"(highest probability {max(result.probabilities):.3f})")
     out.print(f"infected fraction of the lung: {100 * result.infected_fraction:.2f}%")
     lesion = result.lesion_slices
     out.print(f"slices with lesions: {len(lesion)} of {len(result.slices)}")

@@ -4,12 +4,13 @@ dataset, and the paper's metrics (computed and formatted by :mod:`training.evalu
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from lungsys.common import out, progress
+from lungsys.common import err, out, progress
 
 
 # Options both training commands share (their defaults differ, so they stay at the call).
@@ -23,6 +24,19 @@ CacheDir = Annotated[Optional[Path], typer.Option(help="Cache of preprocessed sl
                                                   "features); default DATA/.lungsys-cache.")]
 RunDir = Annotated[Optional[Path], typer.Option(help="Run folder (config, log, metrics, "
                                                 "resume state); default OUT.run.")]
+
+
+@contextmanager
+def stopped_by_ctrl_c():
+    """Ctrl-C in training: one line saying what was kept and how to go on; exit status 130
+    (interrupted, as a shell reports SIGINT)."""
+    from training.clock import TrainingStopped
+
+    try:
+        yield
+    except TrainingStopped as exc:
+        err.print(f"lungsys: {exc}", markup=False, highlight=False)
+        raise typer.Exit(130) from None
 
 
 train_app = typer.Typer(help="Train the two networks on a dataset (a folder with "
@@ -62,8 +76,9 @@ def train_slice_command(
 ) -> None:
     """Train the slice network: lesion/no-lesion and four-class heads together.
 
-    An interrupted run continues from its last finished epoch when started
-    again with the same settings.
+    Prints a line each epoch (losses, validation accuracy, time left). An
+    interrupted run (Ctrl-C: exit status 130) continues from its last finished
+    epoch when started again with the same settings.
     """
     from training.train_slice import SliceTrainConfig, train_slice
 
@@ -75,7 +90,7 @@ def train_slice_command(
         backbone_weights=str(backbone_weights) if backbone_weights else None, focal=focal,
         size_balanced=size_balanced, flips=flips, affine=affine,
         cache_dir=str(cache_dir) if cache_dir else None)
-    with progress(transient=False) as bar:
+    with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_slice(cfg, bar)
     out.print(f"wrote {out_path} (version {meta['model_version']}); run folder "
               f"{meta['provenance']['run_dir']}")
@@ -100,7 +115,10 @@ def train_patient_command(
     run_dir: RunDir = None,
     cache_dir: CacheDir = None,
 ) -> None:
-    """Train the patient network on the frozen slice network's features."""
+    """Train the patient network on the frozen slice network's features.
+
+    Prints a line each epoch (loss, validation accuracy, time left); Ctrl-C keeps
+    the finished epochs, and the same command continues from there."""
     from training.train_patient import PatientTrainConfig, train_patient
 
     cfg = PatientTrainConfig(
@@ -109,7 +127,7 @@ def train_patient_command(
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         batch_size=batch_size, seed=seed, device=device,
         cache_dir=str(cache_dir) if cache_dir else None)
-    with progress(transient=False) as bar:
+    with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_patient(cfg, bar)
     out.print(f"wrote {out_path} (version {meta['model_version']})")
 

@@ -60,3 +60,17 @@ def test_scan_of_a_folder_without_ct_fails(tmp_path):
 
 def test_usage_error_is_status_2():
     assert lungsys("phantom", "--label", "covid").returncode == 2
+
+
+def test_a_phantom_set_too_small_for_its_splits_is_warned_of(tmp_path):
+    """3 studies a class leave the test split empty: phantom-set says so when it writes the
+    set, and evaluating the empty split is a one-line error that says why."""
+    proc = lungsys("phantom-set", "--out", str(tmp_path / "set"), "--per-class", "3",
+                   "--seed", "5", "--slices-range", "4", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: with 3 studies per class the splits hold train 2, val 1, test 0" in \
+        proc.stderr
+    proc = lungsys("evaluate", "--model", "unused.safetensors", "--data",
+                   str(tmp_path / "set"), "--split", "test")
+    assert proc.returncode == 1 and "no test studies in the manifest" in proc.stderr
+    assert "fewer than 5" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

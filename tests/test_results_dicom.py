@@ -305,3 +305,28 @@ def test_the_seg_overlays_the_lesion_region_on_its_ct_slices(written):
     assert sorted(referenced) == sorted(with_region) and len(referenced) > 0
     pixels = seg.pixel_array
     assert pixels.shape[0] == len(with_region) and pixels.any()
+
+
+def test_a_near_uniform_result_is_flagged_low_confidence_in_json_and_sr(written, tmp_path):
+    """The untrained patient network of the test double gives the four classes nearly
+    the same probability: the result, its JSON and its SR say the confidence is low;
+    the slices' own (non-parametric) assessment is sure, and nothing is said."""
+    _, series, result, files = written
+    assert max(result.probabilities) < 0.5 and result.low_confidence
+    assert result.to_json()["low_confidence"] is True
+
+    def comment(sr) -> str:
+        proc = subprocess.run([require_tool("dsrdump"), "+Pl", str(sr)], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return next(line for line in proc.stdout.splitlines()
+                    if '"Comment")=' in line and "primary" in line)
+
+    assert "Low confidence: no class is more likely than the others together" in \
+        comment(files.sr)
+    sure = Engine(hotspot_model(), device="cpu", method="nonparametric").analyze(series)
+    assert max(sure.probabilities) >= 0.5 and not sure.low_confidence
+    assert sure.to_json()["low_confidence"] is False
+    sure_files = write_results(sure, series, tmp_path)
+    assert "Low confidence" not in comment(sure_files.sr)
+    assert dciodvfy_errors(sure_files.sr) == [] and dciodvfy_errors(files.sr) == []

@@ -59,7 +59,8 @@ def test_resume_continues_from_the_saved_epoch_and_matches(tiny, tmp_path):
     resumed = train_slice(cfg)
     rows = _metrics(tmp_path / "split" / "m.run")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert "resumed after epoch 1" in (tmp_path / "split" / "m.run" / "train.log").read_text()
+    assert "1 of 3 epochs done; continuing with epoch 2" in (
+        tmp_path / "split" / "m.run" / "train.log").read_text()
     assert resumed["content_sha256"] == whole["content_sha256"]  # deterministic with a seed
     cfg.lr = 0.5  # other settings on a run that has state: refused
     with pytest.raises(ValueError, match="other settings"):
@@ -93,6 +94,7 @@ def test_patient_training_and_evaluation(tiny, tmp_path):
                 "infected_fraction_mae"):
         assert key in report, key
     assert report["patients"] == 4
+    assert report["small_sample"] is True and report["patients_per_class"]["CAP"] == 1
     assert set(report["per_class"]) == {"Healthy", "COVID-19", "H1N1", "CAP"}
     assert {"sensitivity", "specificity", "auc"} <= set(report["per_class"]["CAP"])
     assert report["nonparametric"]["patient_accuracy"] is not None
@@ -100,3 +102,39 @@ def test_patient_training_and_evaluation(tiny, tmp_path):
     assert all(Path(p).is_file() for p in report["roc_png"])
     recorded = load_checkpoint(out).metadata["metrics"]
     assert recorded["patient_accuracy"] == report["patient_accuracy"]
+
+
+def test_training_says_each_epoch_stops_on_ctrl_c_and_goes_on(tiny, tmp_path):
+    """What a data scientist sees in a log: a line per epoch with the time left; Ctrl-C
+    says which epochs were kept and how to continue; the same command continues."""
+    import signal
+    import time
+
+    exe = Path(sys.executable).with_name("lungsys")
+    command = [str(exe), "train", "slice", "--data", str(tiny), "--out",
+               str(tmp_path / "s.safetensors"), "--epochs", "40", "--lr", "0.001",
+               "--optimizer", "adamw", "--batch-size", "16", "--device", "cpu"]
+    metrics = tmp_path / "s.run" / "metrics.csv"
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3) \
+            and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    kept = len(metrics.read_text().splitlines()) - 1          # rows after the header
+    assert 2 <= kept < 40
+    assert "epoch 1/40: lesion loss" in err and "validation class accuracy" in err
+    assert "left" in err.split("epoch 2/40:")[1].splitlines()[0]      # the time left
+    assert f"stopped in epoch {kept + 1} of 40" in err
+    assert f"run the same command again to continue with epoch {kept + 1}" in err
+    assert "Traceback" not in err and not (tmp_path / "s.safetensors").exists()
+
+    command[command.index("--epochs") + 1] = str(kept + 1)       # now: one more epoch
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"{kept} of {kept + 1} epochs done; continuing with epoch {kept + 1}" in done.stderr
+    assert f"epoch {kept + 1}/{kept + 1}:" in done.stderr
+    assert (tmp_path / "s.safetensors").is_file()

@@ -27,6 +27,11 @@ from training import metrics as M
 from training.dataset import read_manifest
 
 METHODS = tuple(PatientMethod)
+#: Fewer patients of a class than this: the report says its figures are rough.
+SMALL_SAMPLE = 20
+#: What the paper's error rates count, as the table says it.
+ERRORS = {"fpe": "FPE: healthy called diseased", "fne": "FNE: diseased called healthy",
+          "fdpe": "FDPE: diseased, wrong disease"}
 
 
 @dataclass
@@ -61,7 +66,9 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
     """Evaluate; returns the report (and writes ROC PNGs into ``out_dir``)."""
     entries = read_manifest(data, None if split == "all" else split)
     if not entries:
-        raise ValueError(f"no {split} studies in the manifest")
+        raise ValueError(f"no {split} studies in the manifest (a phantom set of fewer than 5 "
+                         f"studies per class leaves a split empty; --split all evaluates "
+                         f"every study)")
     engine = Engine(model, device=device)
     c = _Collected()
     task = progress.add_task(f"evaluating {split}", total=len(entries)) if progress else None
@@ -84,7 +91,10 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
         if task is not None:
             progress.advance(task)
 
+    per_class = {name: int(np.sum(np.asarray(c.labels) == k)) for k, name in enumerate(CLASSES)}
     report: dict = {"split": split, "patients": len(c.labels),
+                    "patients_per_class": per_class,
+                    "small_sample": min(per_class.values()) < SMALL_SAMPLE,
                     "model": engine.model_info.to_json(), "data": str(Path(data).resolve())}
     for method in METHODS:
         report[str(method)] = _method_report(c.labels, c.preds[method], c.scores[method], seed)
@@ -185,8 +195,8 @@ def report_table(report: dict, split: str):
     n, p = report[PatientMethod.network], report[PatientMethod.nonparametric]
     table.add_row("accuracy", _percent(n["patient_accuracy"], n["patient_accuracy_ci95"]),
                   _percent(p["patient_accuracy"], p["patient_accuracy_ci95"]))
-    for key in ("fpe", "fne", "fdpe"):
-        table.add_row(key.upper(), _percent(n[key], n[f"{key}_ci95"]),
+    for key, label in ERRORS.items():
+        table.add_row(label, _percent(n[key], n[f"{key}_ci95"]),
                       _percent(p[key], p[f"{key}_ci95"]))
     for name in CLASSES:
         for key in ("sensitivity", "specificity", "auc"):
@@ -199,6 +209,11 @@ def report_lines(report: dict) -> list[str]:
     """What follows the table: the p-value, localisation, infected fraction, ROC files."""
     lines = [f"p-value (accuracy, network vs non-parametric): "
              f"{report['p_value_accuracy_network_vs_nonparametric']:.3f}"]
+    if report.get("small_sample"):
+        counts = report["patients_per_class"]
+        lines.append(f"small sample: {min(counts.values())} to {max(counts.values())} patients "
+                     f"a class (fewer than {SMALL_SAMPLE}): the 95% intervals are wide, read "
+                     f"the figures as rough")
     for key in ("pointing_game", "dice"):
         if report.get(key) is not None:
             lines.append(f"{key.replace('_', ' ')}: {100 * report[key]:.1f}% "

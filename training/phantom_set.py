@@ -32,6 +32,15 @@ def _split_of(position: int, n: int) -> str:
     return SPLIT_FRACTIONS[-1][0]
 
 
+def split_sizes(per_class: int) -> dict[str, int]:
+    """How many studies of each class each split gets with ``per_class`` studies a class
+    (fewer than 5 leave a split empty: 3 give 2/1/0)."""
+    sizes = {name: 0 for name, _ in SPLIT_FRACTIONS}
+    for position in range(per_class):
+        sizes[_split_of(position, per_class)] += 1
+    return sizes
+
+
 def _make(args: tuple) -> dict:
     out, label, seed, slices, split = args
     folder = f"{label}-{seed:07d}"

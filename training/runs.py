@@ -112,8 +112,21 @@ class Run:
             if key.startswith("opt."):
                 _, state_key, name = key.split(".", 2)
                 optimizer.state[params[name]][state_key] = value.to(device)
-        self.log.info(f"resumed after epoch {epoch}")
         return epoch
+
+    def tell(self, text: str, progress=None) -> None:
+        """A line for the person waiting (on ``progress``'s console, above its bars) and for
+        the run's log."""
+        self.log.info(text)
+        if progress is not None:
+            progress.console.print(text, markup=False, highlight=False)
+
+    def resuming(self, done: int, epochs: int, progress=None) -> None:
+        """Say that a run goes on from where it stopped (nothing when it starts afresh)."""
+        if done:
+            self.tell(f"resuming the run in {self.dir}: {done} of {epochs} epochs done; "
+                      + (f"continuing with epoch {done + 1}" if done < epochs
+                         else "writing the checkpoint"), progress)
 
 
 def begin_epoch(cfg: TrainingSettings, optimizer: torch.optim.Optimizer,

@@ -21,6 +21,7 @@ from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.engine import run_slices, select_device
 from training.cache import load_study
 from training.dataset import StudyEntry, intended_use, read_manifest
+from training.clock import EpochClock, TrainingStopped
 from training.runs import Run, TrainingSettings, begin_epoch, make_optimizer
 from training.train_slice import default_cache_dir
 
@@ -90,30 +91,38 @@ def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
                                    completed=start_epoch) if progress is not None else None
     started = time.time()
     n = len(feats["train"])
-    for epoch in range(start_epoch, cfg.epochs):
-        lr, rng = begin_epoch(cfg, optimizer, epoch)
-        order = rng.permutation(n)
-        net.train()
-        total, seen = 0.0, 0
-        for b in range(0, n, cfg.batch_size):
-            rows = order[b:b + cfg.batch_size]
-            x, lengths = _batch(feats["train"], rows)
-            y = torch.from_numpy(labels["train"][rows]).to(device)
-            loss = F.cross_entropy(net(x.to(device), lengths), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            optimizer.step()
-            total += loss.item() * len(rows)
-            seen += len(rows)
-        row = {"epoch": epoch + 1, "lr": lr, "loss": round(total / seen, 5)}
-        if feats["val"]:
-            row["val_acc"] = round(patient_accuracy(net, feats["val"], labels["val"], device), 4)
-        run.record(row)
-        run.save_state(net, optimizer, epoch + 1)
-        if epoch_task is not None:
-            progress.update(epoch_task, advance=1,
-                            description=f"patient training loss {row['loss']:.3f}")
+    run.resuming(start_epoch, cfg.epochs, progress)
+    clock, finished = EpochClock(cfg.epochs, start_epoch), start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            lr, rng = begin_epoch(cfg, optimizer, epoch)
+            order = rng.permutation(n)
+            net.train()
+            total, seen = 0.0, 0
+            for b in range(0, n, cfg.batch_size):
+                rows = order[b:b + cfg.batch_size]
+                x, lengths = _batch(feats["train"], rows)
+                y = torch.from_numpy(labels["train"][rows]).to(device)
+                loss = F.cross_entropy(net(x.to(device), lengths), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+                optimizer.step()
+                total += loss.item() * len(rows)
+                seen += len(rows)
+            row = {"epoch": epoch + 1, "lr": lr, "loss": round(total / seen, 5)}
+            if feats["val"]:
+                row["val_acc"] = round(patient_accuracy(net, feats["val"], labels["val"],
+                                                        device), 4)
+            run.record(row)
+            run.save_state(net, optimizer, epoch + 1)
+            finished = epoch + 1
+            run.tell(clock.line(row), progress)
+            if epoch_task is not None:
+                progress.update(epoch_task, advance=1,
+                                description=f"patient training loss {row['loss']:.3f}")
+    except KeyboardInterrupt:         # Ctrl-C: what was kept, and how to go on
+        raise TrainingStopped(run.dir, finished, cfg.epochs) from None
     net.cpu()
     model.slice_net.cpu()
     model.metadata["provenance"] = {

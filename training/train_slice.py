@@ -31,6 +31,7 @@ from inference.profiles import get_profile
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import class_balanced_weights, focal_loss
+from training.clock import EpochClock, TrainingStopped
 from training.runs import Run, TrainingSettings, begin_epoch, make_optimizer
 
 FLIPS = ("horizontal", "both", "none")
@@ -199,46 +200,54 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     if progress is not None and epoch_task is not None:
         progress.update(epoch_task, completed=start_epoch)
     started = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
-        lr, rng = begin_epoch(cfg, optimizer, epoch)
-        order = (rng.choice(len(train), size=len(train), p=sampling) if sampling is not None
-                 else rng.permutation(len(train)))
-        net.train()
-        totals = np.zeros(2)
-        seen = 0
-        t0 = time.time()
-        batch_task = task(f"epoch {epoch + 1}", steps)
-        for b in range(steps):
-            rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            if len(rows) < 2:
-                continue  # batch norm needs two samples
-            x = train.batch(rows, rng, cfg.flips, affine=cfg.affine).to(device)
-            lesion = torch.from_numpy(train.lesion[rows]).to(device)
-            label = torch.from_numpy(train.label[rows]).to(device)
-            out = net(x)
-            if cfg.focal:
-                l1 = focal_loss(out.lesion_logits, lesion, lesion_w)
-                l2 = focal_loss(out.class_logits, label, class_w)
-            else:
-                l1 = F.cross_entropy(out.lesion_logits, lesion)
-                l2 = F.cross_entropy(out.class_logits, label)
-            optimizer.zero_grad(set_to_none=True)
-            (l1 + l2).backward()
-            optimizer.step()
-            totals += [l1.item() * len(rows), l2.item() * len(rows)]
-            seen += len(rows)
-            advance(batch_task, description=f"epoch {epoch + 1} loss "
-                                            f"{(totals.sum() / seen):.3f}")
-        if progress is not None and batch_task is not None:
-            progress.remove_task(batch_task)
-        row = {"epoch": epoch + 1, "lr": lr, "lesion_loss": round(totals[0] / max(seen, 1), 5),
-               "class_loss": round(totals[1] / max(seen, 1), 5),
-               "slices_per_s": round(seen / max(time.time() - t0, 1e-9), 1)}
-        if val is not None:
-            row.update(evaluate_slices(net, val, device, cfg.batch_size))
-        run.record(row)
-        run.save_state(net, optimizer, epoch + 1)
-        advance(epoch_task)
+    run.resuming(start_epoch, cfg.epochs, progress)
+    clock, finished = EpochClock(cfg.epochs, start_epoch), start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            lr, rng = begin_epoch(cfg, optimizer, epoch)
+            order = (rng.choice(len(train), size=len(train), p=sampling)
+                     if sampling is not None else rng.permutation(len(train)))
+            net.train()
+            totals = np.zeros(2)
+            seen = 0
+            t0 = time.time()
+            batch_task = task(f"epoch {epoch + 1}", steps)
+            for b in range(steps):
+                rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                if len(rows) < 2:
+                    continue  # batch norm needs two samples
+                x = train.batch(rows, rng, cfg.flips, affine=cfg.affine).to(device)
+                lesion = torch.from_numpy(train.lesion[rows]).to(device)
+                label = torch.from_numpy(train.label[rows]).to(device)
+                out = net(x)
+                if cfg.focal:
+                    l1 = focal_loss(out.lesion_logits, lesion, lesion_w)
+                    l2 = focal_loss(out.class_logits, label, class_w)
+                else:
+                    l1 = F.cross_entropy(out.lesion_logits, lesion)
+                    l2 = F.cross_entropy(out.class_logits, label)
+                optimizer.zero_grad(set_to_none=True)
+                (l1 + l2).backward()
+                optimizer.step()
+                totals += [l1.item() * len(rows), l2.item() * len(rows)]
+                seen += len(rows)
+                advance(batch_task, description=f"epoch {epoch + 1} loss "
+                                                f"{(totals.sum() / seen):.3f}")
+            if progress is not None and batch_task is not None:
+                progress.remove_task(batch_task)
+            row = {"epoch": epoch + 1, "lr": lr,
+                   "lesion_loss": round(totals[0] / max(seen, 1), 5),
+                   "class_loss": round(totals[1] / max(seen, 1), 5),
+                   "slices_per_s": round(seen / max(time.time() - t0, 1e-9), 1)}
+            if val is not None:
+                row.update(evaluate_slices(net, val, device, cfg.batch_size))
+            run.record(row)
+            run.save_state(net, optimizer, epoch + 1)
+            finished = epoch + 1
+            run.tell(clock.line(row), progress)
+            advance(epoch_task)
+    except KeyboardInterrupt:         # Ctrl-C: what was kept, and how to go on
+        raise TrainingStopped(run.dir, finished, cfg.epochs) from None
     model.metadata["provenance"] = {
         "kind": "slice-trained", "data": str(Path(cfg.data).resolve()),
         "profile": profile.name, "epochs": cfg.epochs, "lr": cfg.lr, "seed": cfg.seed,
