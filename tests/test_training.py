@@ -138,3 +138,32 @@ def test_training_says_each_epoch_stops_on_ctrl_c_and_goes_on(tiny, tmp_path):
     assert f"{kept} of {kept + 1} epochs done; continuing with epoch {kept + 1}" in done.stderr
     assert f"epoch {kept + 1}/{kept + 1}:" in done.stderr
     assert (tmp_path / "s.safetensors").is_file()
+
+
+def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
+    """Two models side by side: one table (a column each, the errors named, the time per
+    300-slice study), and the bootstrap p-value of the pair."""
+    from inference.checkpoint import default_model
+
+    other = tmp_path / "other.safetensors"
+    train_slice(SliceTrainConfig(data=str(tiny), out=str(other), epochs=1, batch_size=16,
+                                 device="cpu"))
+    exe = Path(sys.executable).with_name("lungsys")
+    command = [str(exe), "evaluate", "--model", str(default_model()), "--model", str(other),
+               "--data", str(tiny), "--device", "cpu"]
+    proc = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    comparison = json.loads(proc.stdout)
+    names = list(comparison["models"])
+    assert len(names) == 2 and names[1].startswith("other (")
+    [pair] = comparison["pairs"]
+    assert (pair["a"], pair["b"]) == tuple(names) and 0 <= pair["p_value_accuracy"] <= 1
+    for report in comparison["models"].values():
+        assert report["patients"] == comparison["patients"] == 4
+        assert report["seconds_per_300_slices"] > 0
+    table = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert table.returncode == 0, table.stderr
+    for words in ("FPE: healthy called diseased", "FDPE: diseased, wrong disease",
+                  "seconds per 300-slice study", f"p-value (accuracy, {names[0]} vs",
+                  "small sample: 1 to 1 patients a class"):
+        assert words in table.stdout, words

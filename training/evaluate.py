@@ -13,6 +13,7 @@ error of the infected-lung fraction. ROC curves go to PNG files.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,9 +73,12 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
     engine = Engine(model, device=device)
     c = _Collected()
     task = progress.add_task(f"evaluating {split}", total=len(entries)) if progress else None
+    seconds = slices = 0
     for entry in entries:
         series = load_series(entry.path)
+        started = time.perf_counter()
         result = engine.analyze(series)
+        seconds, slices = seconds + time.perf_counter() - started, slices + len(series)
         c.labels.append(entry.label)
         network, nonparametric = PatientMethod.network, PatientMethod.nonparametric
         c.scores[network].append(result.network_probabilities)
@@ -93,6 +97,8 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
 
     per_class = {name: int(np.sum(np.asarray(c.labels) == k)) for k, name in enumerate(CLASSES)}
     report: dict = {"split": split, "patients": len(c.labels),
+                    "studies": [e.path.name for e in entries],
+                    "seconds_per_300_slices": round(seconds / max(slices, 1) * 300, 2),
                     "patients_per_class": per_class,
                     "small_sample": min(per_class.values()) < SMALL_SAMPLE,
                     "model": engine.model_info.to_json(), "data": str(Path(data).resolve())}
@@ -101,6 +107,8 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
     report.update({k: report[PatientMethod.network][k] for k in
                    ("patient_accuracy", "patient_accuracy_ci95", "per_class", "fpe", "fne",
                     "fdpe", "confusion")})
+    report["labels"] = [int(v) for v in c.labels]
+    report["predictions"] = {str(m): [int(v) for v in c.preds[m]] for m in METHODS}
     report["p_value_accuracy_network_vs_nonparametric"] = M.bootstrap_p_value(
         c.labels, c.preds[PatientMethod.network], c.preds[PatientMethod.nonparametric],
         M.accuracy, seed=seed)
@@ -178,7 +186,7 @@ def recorded_metrics(report: dict) -> dict:
         "nonparametric_accuracy": report[PatientMethod.nonparametric]["patient_accuracy"]}
 
 
-def _percent(v, ci=None) -> str:
+def percent(v, ci=None) -> str:
     text = "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}%"
     return text + (f" [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]" if ci and text != "-" else "")
 
@@ -193,27 +201,33 @@ def report_table(report: dict, split: str):
     for method in METHODS:
         table.add_column(str(method), justify="right")
     n, p = report[PatientMethod.network], report[PatientMethod.nonparametric]
-    table.add_row("accuracy", _percent(n["patient_accuracy"], n["patient_accuracy_ci95"]),
-                  _percent(p["patient_accuracy"], p["patient_accuracy_ci95"]))
+    table.add_row("accuracy", percent(n["patient_accuracy"], n["patient_accuracy_ci95"]),
+                  percent(p["patient_accuracy"], p["patient_accuracy_ci95"]))
     for key, label in ERRORS.items():
-        table.add_row(label, _percent(n[key], n[f"{key}_ci95"]),
-                      _percent(p[key], p[f"{key}_ci95"]))
+        table.add_row(label, percent(n[key], n[f"{key}_ci95"]),
+                      percent(p[key], p[f"{key}_ci95"]))
     for name in CLASSES:
         for key in ("sensitivity", "specificity", "auc"):
-            table.add_row(f"{name} {key}", _percent(n["per_class"][name][key]),
-                          _percent(p["per_class"][name][key]))
+            table.add_row(f"{name} {key}", percent(n["per_class"][name][key]),
+                          percent(p["per_class"][name][key]))
     return table
+
+
+def small_sample_lines(report: dict) -> list[str]:
+    """A line of caution when a class had fewer than :data:`SMALL_SAMPLE` patients."""
+    if not report.get("small_sample"):
+        return []
+    counts = report["patients_per_class"]
+    return [f"small sample: {min(counts.values())} to {max(counts.values())} patients a "
+            f"class (fewer than {SMALL_SAMPLE}): the 95% intervals are wide, read the "
+            f"figures as rough"]
 
 
 def report_lines(report: dict) -> list[str]:
     """What follows the table: the p-value, localisation, infected fraction, ROC files."""
     lines = [f"p-value (accuracy, network vs non-parametric): "
              f"{report['p_value_accuracy_network_vs_nonparametric']:.3f}"]
-    if report.get("small_sample"):
-        counts = report["patients_per_class"]
-        lines.append(f"small sample: {min(counts.values())} to {max(counts.values())} patients "
-                     f"a class (fewer than {SMALL_SAMPLE}): the 95% intervals are wide, read "
-                     f"the figures as rough")
+    lines += small_sample_lines(report)
     for key in ("pointing_game", "dice"):
         if report.get(key) is not None:
             lines.append(f"{key.replace('_', ' ')}: {100 * report[key]:.1f}% "

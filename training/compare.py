@@ -1,0 +1,82 @@
+"""Models side by side: one table like the papers', and whether their accuracies differ.
+
+``lungsys evaluate --model A --model B ...`` evaluates each model on the same
+studies (:func:`training.evaluate.evaluate`), then compares them here: a
+column per model (its own patient-level method, the one its node would use),
+a row per metric, and the paired bootstrap p-value of the difference in
+accuracy for every pair of models (the same resampled patients score both).
+A model's column header is its file name and version; the report of each is
+kept whole beside the comparison (``--json``).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+
+from inference.choices import PatientMethod
+from inference.profiles import CLASSES
+from training import metrics as M
+from training.evaluate import ERRORS, percent, small_sample_lines
+
+NETWORK = str(PatientMethod.network)
+
+#: Rows of the table beyond the per-class ones: (report key, label, a share shown x100).
+_ROWS = (("pointing_game", "pointing game", True), ("dice", "Dice", True),
+         ("infected_fraction_mae", "infected-fraction error (points)", True),
+         ("seconds_per_300_slices", "seconds per 300-slice study", False))
+
+
+def compare(reports: list[dict], names: list[str], seed: int = 0) -> dict:
+    """The comparison of reports made on the same studies: each pair's p-value (accuracy)."""
+    studies = reports[0]["studies"]
+    for name, report in zip(names, reports):
+        if report["studies"] != studies:
+            raise ValueError(f"{name} was evaluated on other studies than {names[0]}")
+    labels = reports[0]["labels"]
+    p_values = [{"a": a, "b": b, "p_value_accuracy": M.bootstrap_p_value(
+                    labels, reports[i]["predictions"][NETWORK],
+                    reports[j]["predictions"][NETWORK], M.accuracy, seed=seed)}
+                for (i, a), (j, b) in combinations(enumerate(names), 2)]
+    return {"models": dict(zip(names, reports)), "pairs": p_values,
+            "patients": len(labels), "split": reports[0]["split"]}
+
+
+def model_name(path: str | Path, report: dict) -> str:
+    """A column's header: the checkpoint's file name and the model's version."""
+    return f"{Path(path).stem} ({report['model']['version']})"
+
+
+def comparison_table(comparison: dict):
+    """One rich Table: a column per model, a row per metric."""
+    from rich.table import Table
+
+
+    names = list(comparison["models"])
+    table = Table(title=f"{comparison['patients']} {comparison['split']} patients, "
+                        f"{len(names)} models (patient network)")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    chosen = [r[NETWORK] for r in comparison["models"].values()]
+    table.add_row("accuracy", *(percent(c["patient_accuracy"], c["patient_accuracy_ci95"])
+                                for c in chosen))
+    for key, label in ERRORS.items():
+        table.add_row(label, *(percent(c[key], c[f"{key}_ci95"]) for c in chosen))
+    for name in CLASSES:
+        for key in ("sensitivity", "specificity", "auc"):
+            table.add_row(f"{name} {key}", *(percent(c["per_class"][name][key])
+                                             for c in chosen))
+    for key, label, share in _ROWS:
+        values = [r.get(key) for r in comparison["models"].values()]
+        if any(v is not None for v in values):
+            table.add_row(label, *("-" if v is None else f"{100 * v:.1f}" if share
+                                   else f"{v:.1f}" for v in values))
+    return table
+
+
+def comparison_lines(comparison: dict) -> list[str]:
+    """What follows the table: the p-value of every pair, and a small sample's caution."""
+    lines = [f"p-value (accuracy, {p['a']} vs {p['b']}): {p['p_value_accuracy']:.3f}"
+             for p in comparison["pairs"]]
+    return lines + small_sample_lines(next(iter(comparison["models"].values())))
