@@ -113,7 +113,7 @@ _WIDENED = ("layer4.0.conv1.weight", "layer4.0.downsample.0.weight")
 
 
 class WeightsError(ValueError):
-    """A backbone weights file that is not a torchvision ResNet-50 state dict."""
+    """A backbone weights file that is not the torchvision state dict expected."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -134,18 +134,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return obj
 
 
-def load_torchvision_weights(model: ResNet50, state: dict[str, Tensor],
-                             skip_fc: bool = True) -> None:
-    """Load a torchvision ResNet-50 state dict into ``model``, strictly.
-
-    Every key torchvision's resnet50 has must be present with torchvision's
-    shape for this width, and no other key. Where ``layer4_extra_in`` widened
-    layer4's first block, the extra input channels start at zero, so the
-    network initially computes what the pretrained one did. ``fc`` (ImageNet's
-    1000 classes) is checked but not loaded when ``skip_fc``.
-    """
-    reference = ResNet50(width=model.width).state_dict()
-    missing = sorted(set(reference) - set(state))
+def load_strict(model: nn.Module, reference: dict[str, Tensor], state: dict[str, Tensor],
+                what: str, skip: tuple[str, ...] = (), widened: tuple[str, ...] = ()) -> None:
+    """Load a torchvision state dict into ``model``, strictly: every key of ``reference``
+    (the torchvision network's state dict at this width) with its shape, and no other
+    (WeightsError naming ``what`` otherwise). Keys starting with a prefix of ``skip`` (the
+    ImageNet classifier) are checked, not loaded; where a key of ``widened`` has more input
+    channels in ``model``, the extra ones start at zero, so that the network first
+    computes what the pretrained one did."""
+    # files written before PyTorch 0.4.1 (torchvision's first ImageNet weights among them)
+    # have no batch-norm counters: those start at zero, as PyTorch's own loader has them
+    missing = sorted(k for k in set(reference) - set(state)
+                     if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(reference))
     if missing or unexpected:
         parts = []
@@ -153,19 +153,30 @@ def load_torchvision_weights(model: ResNet50, state: dict[str, Tensor],
             parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise WeightsError("not a torchvision resnet50 state dict: " + ", ".join(parts))
+        raise WeightsError(f"not a torchvision {what} state dict: " + ", ".join(parts))
     for key, ref in reference.items():
-        if tuple(state[key].shape) != tuple(ref.shape):
+        if key in state and tuple(state[key].shape) != tuple(ref.shape):
             raise WeightsError(f"{key} has shape {tuple(state[key].shape)}, expected "
-                               f"{tuple(ref.shape)} for width {model.width}")
+                               f"{tuple(ref.shape)} for this {what}")
     own = model.state_dict()
     with torch.no_grad():
         for key, value in state.items():
-            if skip_fc and key.startswith("fc."):
+            if key.startswith(skip):
                 continue
             target = own[key]
-            if key in _WIDENED and target.shape[1] != value.shape[1]:
+            if key in widened and target.shape[1] != value.shape[1]:
                 target.zero_()
                 target[:, : value.shape[1]] = value
             else:
                 target.copy_(value)
+
+
+def load_torchvision_weights(model: ResNet50, state: dict[str, Tensor],
+                             skip_fc: bool = True) -> None:
+    """Load a torchvision ResNet-50 state dict into ``model``, strictly (:func:`load_strict`):
+    layer4's first block may be widened (``layer4_extra_in``); ``fc`` (ImageNet's 1000
+    classes) is checked but not loaded when ``skip_fc``."""
+    with torch.device("meta"):                  # the shapes only, no memory
+        reference = ResNet50(width=model.width).state_dict()
+    load_strict(model, reference, state,
+                f"resnet50 (width {model.width})", ("fc.",) if skip_fc else (), _WIDENED)
