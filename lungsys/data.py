@@ -42,8 +42,8 @@ def phantom_command(
                        severity=severity)
     with progress() as bar:
         task = bar.add_task(f"rendering {label} seed {seed}", total=slices)
-        hu, lung, lesion, types = ph.render(lambda: bar.advance(task))
-    study = write_study(ph, out_dir, hu, lung, lesion, types)
+        hu, lung, lesion, types, type_map = ph.render(lambda: bar.advance(task))
+    study = write_study(ph, out_dir, hu, lung, lesion, types, type_map)
     t = study.truth
     lesion_slices = sum(s["has_lesion"] for s in t["slices"])
     out.print(f"wrote {len(study.files)} CT slices to {out_dir} ({t['label']}, seed {seed}, "

@@ -149,8 +149,39 @@ def test_healthy_has_no_lesion(study_factory):
 def test_severity_sets_the_extent():
     mild = build_phantom("covid", 8, 24, severity=0.05)
     severe = build_phantom("covid", 8, 24, severity=0.95)
-    _, lung_m, les_m, _ = mild.render()
-    _, lung_s, les_s, _ = severe.render()
+    _, lung_m, les_m, _, _ = mild.render()
+    _, lung_s, les_s, _, _ = severe.render()
     assert les_m.sum() / lung_m.sum() < 0.03
     assert les_s.sum() / lung_s.sum() > 2 * les_m.sum() / lung_m.sum()
     assert sum(s.any() for s in les_m) < len(les_m) / 2
+
+
+@pytest.mark.parametrize("label, seed", [("covid", 8), ("h1n1", 5), ("cap", 5)])
+def test_lesion_type_truth_matches_the_masks_pixel_by_pixel(study_factory, label, seed):
+    """masks.npz ``types`` holds each lesion pixel's types as bits: every lesion pixel has
+    one, no other pixel has any, each slice's truth lists the types its pixels show, and
+    every lesion of truth.json names its types."""
+    from training.phantom.lesions import LESION_TYPES, TYPE_BITS, type_names
+
+    study = study_factory(label, seed, 32, severity=0.8)
+    masks = np.load(study.directory / "masks.npz")
+    types, lesion, lung = masks["types"], masks["lesion"], masks["lung"]
+    truth = study.truth
+    assert types.dtype == np.uint8 and types.shape == lesion.shape
+    assert np.array_equal(types > 0, lesion) and not types[~lung].any()
+    assert truth["lesion_type_bits"] == TYPE_BITS
+    for i, s in enumerate(truth["slices"]):
+        assert s["lesion_types"] == type_names(int(np.bitwise_or.reduce(types[i], axis=None)))
+    shown = set().union(*(s["lesion_types"] for s in truth["slices"]))
+    assert shown <= set().union(*(les["types"] for les in truth["lesions"]))
+    assert all(set(les["types"]) <= set(LESION_TYPES) and les["types"]
+               for les in truth["lesions"])
+    consolidation = (types & TYPE_BITS["consolidation"]) > 0
+    ggo_only = types == TYPE_BITS["ground_glass_opacity"]
+    stacked = np.load(study.directory / "masks.npz")["lesion"]
+    assert consolidation.any() and stacked[consolidation].all()
+    if label == "cap":       # air bronchograms: the bronchi's air inside the consolidation
+        air = (types & TYPE_BITS["air_bronchogram"]) > 0
+        assert air.any() and consolidation[air].all()
+    if label == "covid":
+        assert ggo_only.any()

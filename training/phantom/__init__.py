@@ -28,6 +28,6 @@ def generate_study(out: str | Path, label: str, seed: int, slices: int = 64, *,
     """Draw, render and write one phantom study into ``out``."""
     ph = build_phantom(label, seed, slices, patient_position=patient_position,
                        severity=severity, rows=rows)
-    hu, lung, lesion, types = ph.render(progress)
-    return write_study(ph, Path(out), hu, lung, lesion, types, patient_name=patient_name,
-                       character_set=character_set)
+    hu, lung, lesion, types, type_map = ph.render(progress)
+    return write_study(ph, Path(out), hu, lung, lesion, types, type_map,
+                       patient_name=patient_name, character_set=character_set)

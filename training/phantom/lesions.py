@@ -32,6 +32,13 @@ SEPTAL = "interlobular_septal_thickening"
 AIR_BRONCHOGRAM = "air_bronchogram"
 NODULE = "centrilobular_nodule"
 LESION_TYPES = (GGO, CONSOLIDATION, CRAZY_PAVING, AIR_BRONCHOGRAM, SEPTAL, NODULE)
+#: A pixel's lesion types as bits (``masks.npz`` ``types``): bit k is LESION_TYPES[k].
+TYPE_BITS = {name: 1 << k for k, name in enumerate(LESION_TYPES)}
+
+
+def type_names(bits: int) -> list[str]:
+    """The lesion types of a pixel's (or a slice's) bits, in LESION_TYPES order."""
+    return [name for name in LESION_TYPES if bits & TYPE_BITS[name]]
 
 LABELS = ("healthy", "covid", "h1n1", "cap")
 
@@ -158,6 +165,13 @@ class Lesion:
     septa_seed: int = 0           # where the secondary lobules' centres lie
     air_bronchogram: bool = False
     truth: dict = field(default_factory=dict)
+
+    def all_types(self) -> list[str]:
+        """Every lesion type this lesion can show (its own, and the signs drawn inside it:
+        septal lines, air bronchograms), in LESION_TYPES order."""
+        kinds = set(self.types) | ({CRAZY_PAVING, SEPTAL} if self.septa else set()) | (
+            {AIR_BRONCHOGRAM} if self.air_bronchogram else set())
+        return [name for name in LESION_TYPES if name in kinds]
 
 
 def _rotation_with_normal(normal: np.ndarray, rng: np.random.Generator) -> np.ndarray:

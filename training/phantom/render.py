@@ -20,8 +20,9 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from training.phantom.anatomy import Anatomy, ellipse_radius
-from training.phantom.lesions import AIR_BRONCHOGRAM, CONSOLIDATION, CRAZY_PAVING, GGO, \
-    NODULE, SEPTAL, Lesion, capsule_distance
+from training.phantom.lesions import (AIR_BRONCHOGRAM, CONSOLIDATION, CRAZY_PAVING, GGO,
+                                      NODULE, SEPTAL, TYPE_BITS, Lesion, capsule_distance,
+                                      type_names)
 from training.phantom.tree import BRONCHUS, Segments
 
 HU_AIR = -1000.0
@@ -65,11 +66,13 @@ def _index_range(coords: np.ndarray, lo: float, hi: float) -> slice:
 
 @dataclass
 class SliceTruth:
-    """What one rendered slice truly holds: lung and lesion masks, lesion types."""
+    """What one rendered slice truly holds: lung and lesion masks, lesion types (each
+    pixel's, as TYPE_BITS, and the slice's)."""
 
     lung: np.ndarray     # bool (rows, cols)
     lesion: np.ndarray   # bool (rows, cols)
     types: set[str]
+    type_map: np.ndarray  # uint8 (rows, cols): the types each lesion pixel shows
 
 
 class Renderer:
@@ -135,15 +138,14 @@ class Renderer:
                           < 0.6)
         hu[fissure] = -560.0
 
-        lesion_mask = np.zeros(shape, dtype=bool)
-        types: set[str] = set()
+        type_map = np.zeros(shape, dtype=np.uint8)
         solid = [les for les in self.lesions if les.layer == "solid"]
         for les in self.lesions:
             if les.layer == "ggo":
-                self._lesion(hu, lung, lesion_mask, types, les, z)
+                self._lesion(hu, lung, type_map, les, z)
         self._trees(hu, z, interior)
         for les in solid:
-            self._lesion(hu, lung, lesion_mask, types, les, z)
+            self._lesion(hu, lung, type_map, les, z)
         if self.pulsation > 0:
             self._pulsation(hu, X, Y, z, lung)
 
@@ -151,7 +153,10 @@ class Renderer:
         noise = self.rng.standard_normal(shape, dtype=np.float32)
         noise = ndimage.gaussian_filter(noise, sigma=0.7)
         hu += noise * (self.noise_sd / 0.403)  # white noise filtered so has sd 0.403
-        return hu, SliceTruth(lung=lung, lesion=lesion_mask & lung, types=types)
+        type_map[~lung] = 0
+        present = int(np.bitwise_or.reduce(type_map, axis=None))
+        return hu, SliceTruth(lung=lung, lesion=type_map > 0, types=set(type_names(present)),
+                              type_map=type_map)
 
     # --- structures ----------------------------------------------------------
     def _table(self, hu, X, Y) -> None:
@@ -266,7 +271,11 @@ class Renderer:
         hu[inside] += ((HU_AIR - hu) * lumens)[inside]
 
     # --- lesions -------------------------------------------------------------
-    def _lesion(self, hu, lung, lesion_mask, types, les: Lesion, z: float) -> None:
+    def _lesion(self, hu, lung, type_map, les: Lesion, z: float) -> None:
+        """Draw a lesion on the slice; mark the types each of its pixels shows: its own
+        opacity (GGO, consolidation, nodule) where it is, crazy paving and thickened
+        septa where it has septal lines, an air bronchogram on the bronchi's air inside
+        it."""
         lo, hi = les.shape.bounds()
         if not lo[2] <= z <= hi[2]:
             return
@@ -281,17 +290,18 @@ class Renderer:
             return
         block = hu[rows, cols]
         block += (les.hu - block) * alpha * les.opacity
-        lesion_mask[rows, cols] |= inside
-        types.update(t for t in les.types if t in (GGO, CONSOLIDATION, NODULE))
+        marks = type_map[rows, cols]
+        marks[inside] |= sum(TYPE_BITS[t] for t in les.types if t in (GGO, CONSOLIDATION,
+                                                                     NODULE))
         if les.septa:
             if self._septa(block, x, y, z, inside, les):
-                types.update((CRAZY_PAVING, SEPTAL))
+                marks[inside] |= TYPE_BITS[CRAZY_PAVING] | TYPE_BITS[SEPTAL]
         if les.air_bronchogram:
             lumen = self._tree_alpha_window(z, rows, cols)
             air = inside & (lumen > 0.3)
             if air.any():
                 block[air] += ((HU_AIR + 60.0 - block) * lumen)[air]
-                types.add(AIR_BRONCHOGRAM)
+                marks[air] |= TYPE_BITS[AIR_BRONCHOGRAM]
 
     def _tree_alpha_window(self, z, rows: slice, cols: slice) -> np.ndarray:
         """Bronchus lumens inside a window, for air bronchograms."""

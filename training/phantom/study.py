@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.phantom.anatomy import Anatomy
-from training.phantom.lesions import LABELS, Lesion, draw_lesions
+from training.phantom.lesions import LABELS, Lesion, draw_lesions, type_names
 from training.phantom.lungmap import LungMap
 from training.phantom.render import Grid, Renderer
 from training.phantom.tree import Segments, grow_trees
@@ -72,8 +72,10 @@ class Phantom:
         dx, dy = g.x[None, :] - self.recon_centre[0], g.y[:, None] - self.recon_centre[1]
         return dx * dx + dy * dy <= (self.rows * self.spacing / 2.0) ** 2
 
-    def render(self, progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[set[str]]]:
-        """Draw every slice: (hu, lung masks, lesion masks, lesion types per slice).
+    def render(self, progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                             list[set[str]], np.ndarray]:
+        """Draw every slice: (hu, lung masks, lesion masks, lesion types per slice, lesion
+        types per pixel as TYPE_BITS).
 
         ``hu`` is float32 (slices, rows, rows), clipped to what 12-bit CT stores;
         outside the reconstruction circle it is -1024 HU.
@@ -85,6 +87,7 @@ class Phantom:
         hu = np.empty((n, self.rows, self.rows), dtype=np.float32)
         lung = np.empty_like(hu, dtype=bool)
         lesion = np.empty_like(hu, dtype=bool)
+        type_map = np.zeros(hu.shape, dtype=np.uint8)
         types: list[set[str]] = []
         fov = self.fov_mask()
         for i, z in enumerate(self.z_rel):
@@ -92,10 +95,11 @@ class Phantom:
             np.clip(img, HU_MIN, HU_MAX, out=img)
             img[~fov] = HU_MIN
             hu[i], lung[i], lesion[i] = img, truth.lung & fov, truth.lesion & fov
-            types.append(truth.types)
+            type_map[i] = np.where(fov, truth.type_map, 0)
+            types.append(set(type_names(int(np.bitwise_or.reduce(type_map[i], axis=None)))))
             if progress is not None:
                 progress()
-        return hu, lung, lesion, types
+        return hu, lung, lesion, types, type_map
 
 
 def build_phantom(label: str, seed: int, slices: int = 64, *, patient_position: str = "HFS",

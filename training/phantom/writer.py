@@ -10,7 +10,10 @@ ORIGINAL\\PRIMARY\\AXIAL, BodyPartExamined CHEST, Images in Acquisition,
   the SOP Instance UID, whether it has a lesion, the lesion types and the
   lesion fraction of the lung;
 - ``masks.npz``: ``lung`` and ``lesion``, bool (slices, rows, cols) in the
-  slice order of truth.json.
+  slice order of truth.json, and ``types``, uint8: the lesion types each pixel
+  shows as bits (``lesion_type_bits`` in truth.json: bit 0 ground-glass
+  opacity, 1 consolidation, 2 crazy paving, 3 air bronchogram, 4 interlobular
+  septal thickening, 5 centrilobular nodule).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from inference.version import software_version
-from training.phantom.lesions import LABELS, LESION_TYPES
+from training.phantom.lesions import LABELS, LESION_TYPES, TYPE_BITS
 from training.phantom.study import Phantom
 
 TRUTH_FORMAT = "lungsys-phantom-truth/1"
@@ -116,9 +119,11 @@ def study_header(ph: Phantom, patient_name: str | None = None,
 
 
 def write_study(ph: Phantom, out: Path, hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray,
-                types: list[set[str]], *, patient_name: str | None = None,
+                types: list[set[str]], type_map: np.ndarray | None = None, *,
+                patient_name: str | None = None,
                 character_set: str | None = None) -> WrittenStudy:
-    """Write the DICOM files, truth.json and masks.npz into ``out``."""
+    """Write the DICOM files, truth.json and masks.npz into ``out`` (``type_map``: each
+    pixel's lesion types as TYPE_BITS, kept as masks.npz ``types``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header = study_header(ph, patient_name, character_set)
@@ -183,9 +188,11 @@ def write_study(ph: Phantom, out: Path, hu: np.ndarray, lung: np.ndarray, lesion
         "lung_base_z_mm": round(float(ph.offset[2]), 3),
         "pulsation_artefact": ph.pulsation > 0,
         "infected_fraction": round(lesion_total / lung_total, 6) if lung_total else 0.0,
-        "lesions": [les.truth for les in ph.lesions],
+        "lesions": [{**les.truth, "types": les.all_types()} for les in ph.lesions],
+        "lesion_type_bits": {name: bit for name, bit in TYPE_BITS.items()},
         "slices": slices_truth,
     }
     (out / "truth.json").write_text(json.dumps(truth, indent=1))
-    np.savez_compressed(out / "masks.npz", lung=lung, lesion=lesion)
+    extra = {} if type_map is None else {"types": type_map}
+    np.savez_compressed(out / "masks.npz", lung=lung, lesion=lesion, **extra)
     return WrittenStudy(out, [f for f in files if f is not None], truth)
