@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from inference import preprocess
 from inference.profiles import CLASSES, Profile, get_profile
@@ -35,6 +35,33 @@ FORMAT = "lungsys-model/1"
 SHIPPED_MODEL = Path(__file__).parent / "models" / "lungsys-small-phantom.safetensors"
 METADATA_KEY = "lungsys"
 _DEVICE_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:lungsys:model")
+
+
+def slice_net_for(profile: Profile) -> nn.Module:
+    """The slice network of the profile's architecture."""
+    if profile.arch == "ladnn":
+        from inference.ladnn import LaDnnSliceNet
+        return LaDnnSliceNet(profile)
+    if profile.arch != "m3":
+        raise CheckpointError(f"unknown architecture {profile.arch!r}")
+    return SliceNet(profile)
+
+
+def load_backbone_weights(model: "LungSysModel", path: str | Path) -> None:
+    """Start the slice network's backbone from a torchvision ImageNet weights file of its
+    kind (ResNet-50, DenseNet-169 or VGG-16: key names checked strictly)."""
+    from inference.backbone import load_torchvision_weights, read_state_dict
+
+    state = read_state_dict(path)
+    backbone = model.slice_net.backbone
+    if model.profile.backbone == "densenet169":
+        from inference.densenet import load_torchvision_densenet169
+        load_torchvision_densenet169(backbone, state)
+    elif model.profile.backbone == "vgg16":
+        from inference.vgg import load_torchvision_vgg16
+        load_torchvision_vgg16(backbone, state)
+    else:
+        load_torchvision_weights(backbone, state)
 
 
 class CheckpointError(ValueError):
@@ -58,7 +85,7 @@ class LungSysModel:
     """Both networks of one model and what is known about them."""
 
     profile: Profile
-    slice_net: SliceNet
+    slice_net: nn.Module       # SliceNet (M3) or another architecture's (slice_net_for)
     patient_net: PatientNet
     metadata: dict = field(default_factory=dict)
 
@@ -68,7 +95,7 @@ class LungSysModel:
         if isinstance(profile, str):
             profile = get_profile(profile)
         torch.manual_seed(seed)
-        model = cls(profile, SliceNet(profile), PatientNet(profile))
+        model = cls(profile, slice_net_for(profile), PatientNet(profile))
         model.metadata = {"provenance": {"kind": "init", "seed": seed}, "metrics": None,
                           "model_version": None}
         return model
@@ -215,7 +242,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Lun
         profile = Profile.from_dict(meta["profile"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: metadata has no usable profile") from None
-    model = LungSysModel(profile, SliceNet(profile), PatientNet(profile), meta)
+    model = LungSysModel(profile, slice_net_for(profile), PatientNet(profile), meta)
     model.load_state_dict(state)
     return model.to(device).eval()
 

@@ -1,9 +1,12 @@
-"""Model profiles: the paper's sizes for GPUs, and a small one for CPUs.
+"""Model profiles: an architecture and its sizes, the paper's for GPUs, small ones for CPUs.
 
-Both are the same architecture; ``small`` is narrower (ResNet width 8
-instead of 64), reads 256x256 crops instead of 512x512, and has a smaller
-patient head (D' = 64, h = 4), so that it trains and runs on a 2-core CPU
-(about 150 slice-forwards per second there) and ships in a few MB.
+``paper`` and ``small`` are M3 Lung-Sys (``arch = "m3"``); ``small`` is
+narrower (ResNet width 8 instead of 64), reads 256x256 crops instead of
+512x512, and has a smaller patient head (D' = 64, h = 4), so that it trains
+and runs on a 2-core CPU (about 150 slice-forwards per second there) and ships
+in a few MB. The seeds' other architectures (docs/models.md) have profiles of
+their own, named ``ARCH-paper`` and ``ARCH-small`` (:func:`profile_for`); every
+one ends in the same patient network over its slices' features.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class Profile:
     d_prime: int               # D': per-head width of the patient head
     heads: int                 # h: heads of the refinement module
     scales: tuple[int, ...]    # S: multi-scale splits of the slices
+    arch: str = "m3"           # m3 | ladnn (docs/models.md)
+    backbone: str = "resnet50"  # resnet50 | densenet169 | vgg16; ``width`` scales it
 
     @property
     def layer3_channels(self) -> int:
@@ -36,7 +41,11 @@ class Profile:
 
     @property
     def slice_feature_dim(self) -> int:
-        """D: GAP of ResBlock3 concatenated with GAP of ResBlock4."""
+        """D: M3's GAP of ResBlock3 concatenated with GAP of ResBlock4; LA-DNN's GAP of the
+        backbone's last features and its five lesion-type probabilities."""
+        if self.arch == "ladnn":
+            from inference.ladnn import feature_dim
+            return feature_dim(self)
         return self.layer3_channels + self.layer4_channels
 
     def to_dict(self) -> dict:
@@ -48,7 +57,9 @@ class Profile:
     def from_dict(cls, d: dict) -> "Profile":
         return cls(name=str(d["name"]), width=int(d["width"]), input_size=int(d["input_size"]),
                    d_prime=int(d["d_prime"]), heads=int(d["heads"]),
-                   scales=tuple(int(s) for s in d["scales"]))
+                   scales=tuple(int(s) for s in d["scales"]),
+                   arch=str(d.get("arch", "m3")),      # (checkpoints before architectures)
+                   backbone=str(d.get("backbone", "resnet50")))
 
 
 PROFILES = {
@@ -56,7 +67,22 @@ PROFILES = {
                      scales=(1, 2, 3, 4)),
     "small": Profile("small", width=8, input_size=256, d_prime=64, heads=4,
                      scales=(1, 2, 3, 4)),
+    # LA-DNN (Liu et al.): DenseNet-169, the paper's best backbone, at ImageNet's 224
+    "ladnn-paper": Profile("ladnn-paper", width=32, input_size=224, d_prime=512, heads=12,
+                           scales=(1, 2, 3, 4), arch="ladnn", backbone="densenet169"),
+    "ladnn-small": Profile("ladnn-small", width=8, input_size=128, d_prime=64, heads=4,
+                           scales=(1, 2, 3, 4), arch="ladnn", backbone="densenet169"),
 }
+#: The architectures a model can have (``--arch``).
+ARCHITECTURES = ("m3", "ladnn")
+
+
+def profile_for(arch: str, size: str) -> Profile:
+    """The profile of an architecture at a size (``paper`` or ``small``)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of "
+                         f"{', '.join(ARCHITECTURES)}")
+    return get_profile(size if arch == "m3" else f"{arch}-{size}")
 
 
 def get_profile(name: str) -> Profile:

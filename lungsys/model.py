@@ -20,27 +20,31 @@ model_app = typer.Typer(help="Create and inspect model checkpoints (.safetensors
 @model_app.command("init")
 def model_init_command(
     profile: Annotated[str, typer.Option(help="small (CPU, tests, demo) or paper (the paper's "
-                                         "ResNet-50, 512x512, for GPUs).")] = "small",
+                                         "sizes, for GPUs).")] = "small",
+    arch: Annotated[str, typer.Option(help="m3 (M3 Lung-Sys: ResNet-50, the shipped model's) "
+                                      "or ladnn (LA-DNN: DenseNet-169 with a lesion-type "
+                                      "head); docs/models.md.")] = "m3",
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random initialisation.")] = 0,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write "
                                            "(.safetensors).")] = Path("model.safetensors"),
     backbone_weights: Annotated[Optional[Path], typer.Option(
-        "--backbone-weights", help="A torchvision ResNet-50 state dict (e.g. ImageNet "
-        "resnet50-*.pth) to start the slice network's backbone from.")] = None,
+        "--backbone-weights", help="A torchvision state dict of the architecture's backbone "
+        "(ImageNet resnet50-*.pth, densenet169-*.pth) to start the slice network from.")]
+    = None,
 ) -> None:
     """Write a randomly initialised model: the start of training, and a model for tests.
 
     It is NOT a diagnostic model: its outputs are meaningless until trained.
     """
-    from inference.backbone import load_torchvision_weights, read_state_dict
-    from inference.checkpoint import LungSysModel, save_checkpoint
+    from inference.checkpoint import LungSysModel, load_backbone_weights, save_checkpoint
+    from inference.profiles import profile_for
 
-    model = LungSysModel.create(profile, seed)
+    model = LungSysModel.create(profile_for(arch, profile), seed)
     if backbone_weights is not None:
-        load_torchvision_weights(model.slice_net.backbone, read_state_dict(backbone_weights))
+        load_backbone_weights(model, backbone_weights)
         model.metadata["provenance"]["backbone_weights"] = backbone_weights.name
     meta = save_checkpoint(model, out_path)
-    out.print(f"wrote {out_path}: profile {profile}, version {meta['model_version']}, "
+    out.print(f"wrote {out_path}: profile {model.profile.name}, version {meta['model_version']}, "
               f"{meta['parameters']:,} parameters (untrained)")
 
 

@@ -48,6 +48,9 @@ def train_slice_command(
     data: DataOption,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
     profile: Annotated[str, typer.Option(help="small or paper.")] = "small",
+    arch: Annotated[str, typer.Option(help="m3 (M3 Lung-Sys) or ladnn (LA-DNN, trained with "
+                                      "its lesion-type task from the annotations' "
+                                      "lesion_types); docs/models.md.")] = "m3",
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 110).")] = 110,
     lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.01).")] = 0.01,
     lr_step: LrStep = 40,
@@ -61,7 +64,8 @@ def train_slice_command(
                                       "give the same model on the same device.")] = 0,
     device: DeviceOption = "auto",
     backbone_weights: Annotated[Optional[Path], typer.Option(
-        help="torchvision ResNet-50 state dict (ImageNet) to start from.")] = None,
+        help="torchvision state dict (ImageNet) of the architecture's backbone to start "
+        "from (ResNet-50 for m3, DenseNet-169 for ladnn).")] = None,
     focal: Annotated[bool, typer.Option(help="Class-balanced focal loss (Hu 2020) instead "
                                         "of cross-entropy.")] = False,
     size_balanced: Annotated[bool, typer.Option(help="Infection-size-balanced sampling "
@@ -83,7 +87,7 @@ def train_slice_command(
     from training.train_slice import SliceTrainConfig, train_slice
 
     cfg = SliceTrainConfig(
-        data=str(data), profile=profile, out=str(out_path),
+        data=str(data), profile=profile, arch=arch, out=str(out_path),
         run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         batch_size=batch_size, seed=seed, device=device,

@@ -2,8 +2,9 @@
 
 For each study and input size: the paper's lung crops resized to the input
 size (HU, float16), the crop boxes, the slices' SOP Instance UIDs in series
-order, and from the annotations each slice's lesion flag and lesion fraction
-(-1 where unknown). The cache file is rebuilt when the study's files change.
+order, and from the annotations each slice's lesion flag, lesion fraction and
+lesion types (LA-DNN's five; -1 where unknown). The cache file is rebuilt when
+the study's files change.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.ladnn import LESION_TYPES
 from inference.preprocess import prepare
 from inference.series import load_series
 from training.dataset import StudyEntry
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 @dataclass
@@ -31,6 +33,7 @@ class CachedStudy:
     sop_uids: list[str]
     has_lesion: np.ndarray   # (n,) int8: 1 lesion, 0 none, -1 unknown
     lesion_fraction: np.ndarray  # (n,) float32, -1 unknown
+    lesion_types: np.ndarray     # (n, 5) int8: 1 shown, 0 not, -1 unknown (inference.ladnn)
 
     def __len__(self) -> int:
         return len(self.sop_uids)
@@ -58,24 +61,30 @@ def load_study(entry: StudyEntry, size: int, cache_dir: Path) -> CachedStudy:
         with np.load(path, allow_pickle=False) as npz:
             if str(npz["signature"]) == signature:
                 return CachedStudy(entry, npz["crops"], npz["boxes"], list(npz["sop_uids"]),
-                                   npz["has_lesion"], npz["lesion_fraction"])
+                                   npz["has_lesion"], npz["lesion_fraction"],
+                                   npz["lesion_types"])
     series = load_series(entry.path)
     prepared = prepare(series.hu, size)
     annotations = entry.slice_annotations()
     has_lesion = np.full(len(series), -1, dtype=np.int8)
     fraction = np.full(len(series), -1.0, dtype=np.float32)
+    types = np.full((len(series), len(LESION_TYPES)), -1, dtype=np.int8)
     for i, uid in enumerate(series.sop_instance_uids):
         note = annotations.get(uid)
         if note is not None:
             has_lesion[i] = int(bool(note.get("has_lesion")))
             fraction[i] = float(note.get("lesion_fraction", -1.0))
+            if "lesion_types" in note:
+                types[i] = [int(t in note["lesion_types"]) for t in LESION_TYPES]
         elif entry.label == 0:
             has_lesion[i], fraction[i] = 0, 0.0  # a healthy patient's slices have no lesion
+            types[i] = 0
     study = CachedStudy(entry, prepared.crops.astype(np.float16), prepared.boxes,
-                        series.sop_instance_uids, has_lesion, fraction)
+                        series.sop_instance_uids, has_lesion, fraction, types)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, crops=study.crops, boxes=study.boxes, sop_uids=np.array(study.sop_uids),
-             has_lesion=has_lesion, lesion_fraction=fraction, signature=np.array(signature))
+             has_lesion=has_lesion, lesion_fraction=fraction, lesion_types=types,
+             signature=np.array(signature))
     tmp.replace(path)
     return study

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.backbone import load_torchvision_weights, read_state_dict
-from inference.checkpoint import LungSysModel, save_checkpoint
+from inference.checkpoint import load_backbone_weights, LungSysModel, save_checkpoint
 from inference.engine import select_device
 from inference.preprocess import TRAINING_CENTRE_RANGE, WINDOW_WIDTH
-from inference.profiles import get_profile
+from inference.profiles import profile_for
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import class_balanced_weights, focal_loss
@@ -46,6 +45,7 @@ class SliceTrainConfig(TrainingSettings):
     """Slice training; defaults are the paper's (110 epochs, lr 0.01 x0.1 every 40)."""
 
     profile: str = "small"
+    arch: str = "m3"              # m3 | ladnn (inference.profiles.ARCHITECTURES)
     out: str = "slice.safetensors"
     epochs: int = 110
     lr: float = 0.01
@@ -84,6 +84,7 @@ class SliceSet:
     lesion: np.ndarray     # (n,) 0/1
     label: np.ndarray      # (n,) class
     fraction: np.ndarray   # (n,) lesion fraction (0 for no lesion)
+    types: np.ndarray      # (n, 5) LA-DNN's lesion types: 1, 0, or -1 unknown
 
     def __len__(self) -> int:
         return len(self.lesion)
@@ -111,7 +112,7 @@ class SliceSet:
 
 def build_slice_set(studies: list[CachedStudy], drop_lesion_free_diseased: bool = True
                     ) -> SliceSet:
-    index, lesion, label, fraction = [], [], [], []
+    index, lesion, label, fraction, types = [], [], [], [], []
     for s, study in enumerate(studies):
         cls = study.entry.label
         if cls != 0 and (study.has_lesion < 0).any():
@@ -125,10 +126,11 @@ def build_slice_set(studies: list[CachedStudy], drop_lesion_free_diseased: bool 
             lesion.append(has)
             label.append(cls)
             fraction.append(max(float(study.lesion_fraction[i]), 0.0) if has else 0.0)
+            types.append(study.lesion_types[i] if cls != 0 else np.zeros(5, np.int8))
     if not index:
         raise ValueError("no training slices")
     return SliceSet(studies, np.array(index), np.array(lesion), np.array(label),
-                    np.array(fraction, dtype=np.float32))
+                    np.array(fraction, dtype=np.float32), np.array(types, dtype=np.int8))
 
 
 def size_balanced_weights(fraction: np.ndarray) -> np.ndarray:
@@ -165,14 +167,14 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     """
     if cfg.flips not in FLIPS:
         raise ValueError(f"flips must be one of {', '.join(FLIPS)}")
-    profile = get_profile(cfg.profile)
+    profile = profile_for(cfg.arch, cfg.profile)
     device = select_device(cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
     run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg))
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)
     if cfg.backbone_weights:
-        load_torchvision_weights(model.slice_net.backbone, read_state_dict(cfg.backbone_weights))
+        load_backbone_weights(model, cfg.backbone_weights)
     net = model.slice_net.to(device)
 
     def task(name: str, total: int):
@@ -208,7 +210,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
             order = (rng.choice(len(train), size=len(train), p=sampling)
                      if sampling is not None else rng.permutation(len(train)))
             net.train()
-            totals = np.zeros(2)
+            totals = np.zeros(3)
             seen = 0
             t0 = time.time()
             batch_task = task(f"epoch {epoch + 1}", steps)
@@ -226,10 +228,11 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
                 else:
                     l1 = F.cross_entropy(out.lesion_logits, lesion)
                     l2 = F.cross_entropy(out.class_logits, label)
+                l3 = type_loss(out.lesion_type_logits, train.types[rows], device)
                 optimizer.zero_grad(set_to_none=True)
-                (l1 + l2).backward()
+                (l1 + l2 + l3).backward()
                 optimizer.step()
-                totals += [l1.item() * len(rows), l2.item() * len(rows)]
+                totals += [l1.item() * len(rows), l2.item() * len(rows), l3.item() * len(rows)]
                 seen += len(rows)
                 advance(batch_task, description=f"epoch {epoch + 1} loss "
                                                 f"{(totals.sum() / seen):.3f}")
@@ -238,6 +241,8 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
             row = {"epoch": epoch + 1, "lr": lr,
                    "lesion_loss": round(totals[0] / max(seen, 1), 5),
                    "class_loss": round(totals[1] / max(seen, 1), 5),
+                   **({"type_loss": round(totals[2] / max(seen, 1), 5)}
+                      if profile.arch == "ladnn" else {}),
                    "slices_per_s": round(seen / max(time.time() - t0, 1e-9), 1)}
             if val is not None:
                 row.update(evaluate_slices(net, val, device, cfg.batch_size))
@@ -250,7 +255,8 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
         raise TrainingStopped(run.dir, finished, cfg.epochs) from None
     model.metadata["provenance"] = {
         "kind": "slice-trained", "data": str(Path(cfg.data).resolve()),
-        "profile": profile.name, "epochs": cfg.epochs, "lr": cfg.lr, "seed": cfg.seed,
+        "profile": profile.name, "arch": profile.arch, "epochs": cfg.epochs, "lr": cfg.lr,
+        "seed": cfg.seed,
         "focal": cfg.focal, "size_balanced": cfg.size_balanced, "flips": cfg.flips,
         "affine": cfg.affine,
         "backbone_weights": Path(cfg.backbone_weights).name if cfg.backbone_weights else None,
@@ -260,6 +266,18 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     model.metadata["created"] = None
     net.cpu()
     return save_checkpoint(model, cfg.out)
+
+
+def type_loss(logits: torch.Tensor | None, types: np.ndarray, device) -> torch.Tensor:
+    """LA-DNN's auxiliary task: binary cross-entropy of each lesion type, over the slices
+    whose types are known (zero for a model without the head)."""
+    if logits is None:
+        return torch.zeros((), device=device)
+    known = torch.from_numpy((types >= 0).all(axis=1)).to(device)
+    if not known.any():
+        return logits.sum() * 0.0
+    target = torch.from_numpy(types.clip(0)).float().to(device)
+    return F.binary_cross_entropy_with_logits(logits[known], target[known])
 
 
 @torch.no_grad()

@@ -1,0 +1,84 @@
+"""LA-DNN as a lungsys model: it builds, trains its lesion-type task from the phantom's
+truth, round-trips through its checkpoint (which names the architecture), analyses a
+series with the engine, and starts from torchvision DenseNet-169 weights."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.checkpoint import LungSysModel, load_checkpoint, read_metadata
+from inference.ladnn import LESION_TYPES
+from training.phantom_set import generate_phantom_set
+from training.train_slice import SliceTrainConfig, train_slice
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-ladnn")
+    generate_phantom_set(out, per_class=5, seed=6, slices_range=(5, 6), workers=2)
+    return out
+
+
+def test_the_lesion_score_is_the_chance_of_any_lesion_type():
+    model = LungSysModel.create("ladnn-small", seed=1).eval()
+    with torch.no_grad():
+        out = model.slice_net(torch.rand(3, 3, 128, 128))
+    types = torch.sigmoid(out.lesion_type_logits)
+    assert out.lesion_type_logits.shape == (3, len(LESION_TYPES)) == (3, 5)
+    lesion = torch.softmax(out.lesion_logits, dim=1)[:, 1]
+    assert torch.allclose(lesion, 1 - torch.prod(1 - types, dim=1), atol=1e-5)
+    assert out.feature.shape == (3, model.profile.slice_feature_dim)
+    assert out.lesion_map.min() >= 0 and out.lesion_map.max() <= 1
+
+
+def test_ladnn_trains_its_lesion_types_round_trips_and_analyses(tiny, tmp_path, study_factory):
+    from inference.engine import Engine
+    from inference.series import load_series
+
+    out = tmp_path / "ladnn.safetensors"
+    meta = train_slice(SliceTrainConfig(data=str(tiny), out=str(out), arch="ladnn", epochs=3,
+                                        lr=0.002, optimizer="adamw", batch_size=16,
+                                        device="cpu"))
+    with (tmp_path / "ladnn.run" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["type_loss"]) < float(rows[0]["type_loss"])   # it learns them
+    assert read_metadata(out)["profile"]["arch"] == "ladnn"
+    model = load_checkpoint(out)
+    assert model.profile.name == "ladnn-small" and model.version.startswith("ladnn-small-")
+    assert model.content_sha256 == meta["content_sha256"]
+
+    series = load_series(study_factory("covid", 2, 24).directory)
+    result = Engine(model, device="cpu").analyze(series)
+    assert result.model.profile == "ladnn-small" and len(result.slices) == 24
+    grid = result.maps.on_grid(0)
+    assert grid.shape == series.hu.shape[1:] and 0 <= grid.min() and grid.max() <= 1
+
+
+def test_model_init_ladnn_from_torchvision_densenet169_weights(tmp_path):
+    from inference.densenet import DenseNet169
+
+    torch.manual_seed(0)
+    state = {k: torch.randn(v.shape) if v.dtype.is_floating_point else v
+             for k, v in DenseNet169().state_dict().items()}
+    torch.save(state, tmp_path / "densenet169-imagenet.pth")
+    exe = Path(sys.executable).with_name("lungsys")
+    proc = subprocess.run([str(exe), "model", "init", "--arch", "ladnn", "--profile", "paper",
+                           "--backbone-weights", str(tmp_path / "densenet169-imagenet.pth"),
+                           "--out", str(tmp_path / "m.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "profile ladnn-paper" in proc.stdout
+    model = load_checkpoint(tmp_path / "m.safetensors")
+    own = model.slice_net.backbone.state_dict()
+    assert torch.equal(own["features.denseblock3.denselayer7.conv1.weight"],
+                       state["features.denseblock3.denselayer7.conv1.weight"])
+    bad = subprocess.run([str(exe), "model", "init", "--arch", "hu1999", "--out",
+                          str(tmp_path / "x.safetensors")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown architecture 'hu1999'" in bad.stderr
