@@ -27,6 +27,7 @@ import torch
 from inference import localize, nonparametric
 from inference.checkpoint import LungSysModel, load_checkpoint
 from inference.choices import PatientMethod
+from inference.ladnn import LESION_TYPES
 from inference.model_info import ModelInfo
 from inference.preprocess import INFERENCE_CENTRES, prepare, to_channels, window
 from inference.results import AnalysisResult, LesionMaps, SliceResult
@@ -126,7 +127,9 @@ class Engine:
                 index=i, sop_instance_uid=info.sop_instance_uid, frame=info.frame,
                 lesion_probability=float(lesion[i, 1]), class_probabilities=classes[i],
                 boxes=boxes, infected_fraction=lesion_px / lung_px if lung_px else 0.0,
-                instance_number=info.instance_number, z_mm=float(info.position[2])))
+                instance_number=info.instance_number, z_mm=float(info.position[2]),
+                lesion_types=None if outputs.types is None else {
+                    name: float(p) for name, p in zip(LESION_TYPES, outputs.types[i])}))
         timings["localisation"] = time.perf_counter() - t0
 
         if self.method == PatientMethod.network:
@@ -155,6 +158,7 @@ class SliceOutputs:
     classes: np.ndarray    # (n, 4) probabilities of the four-class head
     features: np.ndarray   # (n, D) slice features
     evidence: np.ndarray | None = None  # (n, h, w) lesion evidence at ResBlock1, if asked
+    types: np.ndarray | None = None     # (n, 5) lesion-type probabilities (LA-DNN), if any
 
 
 @torch.no_grad()
@@ -175,6 +179,7 @@ def run_slices(slice_net: torch.nn.Module, crops: np.ndarray, batch_size: int,
     classes = np.zeros((n, 4), dtype=np.float64)
     maps: np.ndarray | None = None
     features: np.ndarray | None = None
+    types: np.ndarray | None = None
     lesion_map = None
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
@@ -195,6 +200,10 @@ def run_slices(slice_net: torch.nn.Module, crops: np.ndarray, batch_size: int,
         if features is None:
             features = np.zeros((n, batch_features.shape[1]), dtype=np.float32)
         features[start:stop] = batch_features
+        if out.lesion_type_logits is not None:
+            if types is None:
+                types = np.zeros((n, out.lesion_type_logits.shape[1]), dtype=np.float64)
+            types[start:stop] = _mean_windows(torch.sigmoid(out.lesion_type_logits.float()), w, k)
         if lesion_map is not None:
             batch_maps = _mean_windows(lesion_map.float(), w, k)
             if maps is None:
@@ -203,7 +212,7 @@ def run_slices(slice_net: torch.nn.Module, crops: np.ndarray, batch_size: int,
         if progress is not None:
             progress(stop, n)
     assert features is not None
-    return SliceOutputs(lesion, classes, features, maps)
+    return SliceOutputs(lesion, classes, features, maps, types)
 
 
 def _mean_windows(t: torch.Tensor, windows: int, k: int) -> np.ndarray:

@@ -32,7 +32,7 @@ from inference.localize import smooth
 from inference.results import AnalysisResult
 from inference.series import CTSeries
 from inference.seg import build_seg
-from inference.sr import build_sr
+from inference.sr import build_sr, lesion_type_words
 
 #: Series Number of each kind of result object (distinct, so PACS lists keep them apart).
 SERIES_NUMBERS = {ResultObject.sc: 990, ResultObject.sr: 991, ResultObject.seg: 992,
@@ -168,6 +168,7 @@ def _heatmaps(result: AnalysisResult, series: CTSeries, out: Path, identity: Alg
                  f"Diagnosis: {result.diagnosis} (p={top:.2f})",
                  f"{s.label[0].upper()}{s.label[1:]}: lesion probability "
                  f"{s.lesion_probability:.2f}",
+                 *([f"Lesion types: {lesion_type_words(s)}"] if s.shown_types else []),
                  DISCLAIMER]
         pixels = render_overlay(series.hu[s.index], _shown(result, series, s.index), lines,
                                 [b.as_tuple() for b in s.boxes],

@@ -29,6 +29,13 @@ class SliceResult:
     infected_fraction: float          # lesion region / lung, this slice
     instance_number: int | None = None   # the CT's, as PACS and viewers show it
     z_mm: float | None = None            # Image Position (Patient) z of the slice
+    #: a lesion-typing model's (LA-DNN) probability of each lesion type on the slice
+    lesion_types: dict[str, float] | None = None
+
+    @property
+    def shown_types(self) -> list[str]:
+        """The lesion types the model finds on the slice (probability 0.5 or more)."""
+        return [name for name, p in (self.lesion_types or {}).items() if p >= 0.5]
 
     @property
     def has_lesion(self) -> bool:
@@ -128,6 +135,8 @@ class AnalysisResult:
                 "class_probabilities": {c: round(float(p), 6)
                                         for c, p in zip(CLASSES, s.class_probabilities)},
                 "infected_fraction": round(s.infected_fraction, 6),
+                **({"lesion_types": {t: round(p, 6) for t, p in s.lesion_types.items()}}
+                   if s.lesion_types is not None else {}),
                 "boxes": [{"row0": b.row0, "col0": b.col0, "row1": b.row1, "col1": b.col1,
                            "score": round(b.score, 4)} for b in s.boxes],
             } for s in self.slices],

@@ -47,7 +47,8 @@ from highdicom.sr import (AlgorithmIdentification, CodeContentItem, Comprehensiv
                           Measurement, MeasurementReport, MeasurementsAndQualitativeEvaluations,
                           NumContentItem, ObservationContext,
                           ObserverContext, PlanarROIMeasurementsAndQualitativeEvaluations,
-                          ImageContentItem, SourceImageForRegion, TextContentItem,
+                          ImageContentItem, QualitativeEvaluation, SourceImageForRegion,
+                          TextContentItem,
                           TrackingIdentifier, UIDRefContentItem)
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -80,6 +81,18 @@ RIGHT = Code("24028007", "SCT", "Right")     # CID 244 Laterality
 LEFT = Code("7771000", "SCT", "Left")
 UNIT_HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 UNIT_PERCENT = Code("%", "UCUM", "percent")
+#: The five CT lesion types of LA-DNN's auxiliary task as findings. Ground-glass opacity:
+#: SNOMED CT 1217294009 (in HL7's lung imaging value sets); consolidation: RadLex RID43255.
+#: Crazy paving, air bronchogram and interlobular septal thickening have no code confirmed
+#: here yet (docs/models.md): they are lungsys local codes until they do.
+LESION_TYPE_CODES = {
+    "ground_glass_opacity": Code("1217294009", "SCT", "Ground glass opacity"),
+    "consolidation": Code("RID43255", "RADLEX", "consolidation"),
+    "crazy_paving": Code("CRAZY-PAVING", LOCAL_SCHEME, "Crazy paving pattern"),
+    "air_bronchogram": Code("AIR-BRONCHOGRAM", LOCAL_SCHEME, "Air bronchogram"),
+    "interlobular_septal_thickening": Code("SEPTAL-THICKENING", LOCAL_SCHEME,
+                                           "Interlobular septal thickening"),
+}
 UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")
 
 
@@ -162,6 +175,9 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
                 uid=hd.UID(), identifier=f"lesion {n} on {s.label}"[:64]),
             referenced_region=region, finding_type=LESION,
             finding_sites=[FindingSite(LUNG, laterality=side)],
+            qualitative_evaluations=[
+                QualitativeEvaluation(name=codes.DCM.Finding, value=LESION_TYPE_CODES[name])
+                for name in s.shown_types] or None,
             measurements=[
                 Measurement(name=codes.SCT.Area, value=round(box.area_px * pixel_mm2, 2),
                             unit=UNIT_MM2),
@@ -176,9 +192,11 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
         for item in group[0].ContentSequence:
             if item.ValueType == "NUM":
                 item.ContentSequence = [*item.get("ContentSequence", []), *inferred_from()]
+        typed = lesion_type_words(s)
         group[0].ContentSequence.append(TextContentItem(
             name=COMMENT, relationship_type="CONTAINS",
-            value=f"AI lesion {100 * s.lesion_probability:.1f}%"))
+            value=f"AI lesion {100 * s.lesion_probability:.1f}%"
+                  + (f": {typed}" if typed else "")))
         groups.append(group)
 
     report = MeasurementReport(
@@ -215,6 +233,11 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
     scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
     sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
+
+
+def lesion_type_words(s) -> str:
+    """The lesion types a model finds on a slice, as a reader reads them ("" for none)."""
+    return ", ".join(LESION_TYPE_CODES[t].meaning.lower() for t in s.shown_types)
 
 
 def _image_library(images: list[Dataset], frames: list[int | None],

@@ -40,3 +40,21 @@ def hotspot_model(seed: int = 2) -> LungSysModel:
     model = LungSysModel.create("small", seed=seed)
     model.slice_net = HotSpot(model.profile)
     return model
+
+
+class TypedHotSpot(HotSpot):
+    """The hot spot of :class:`HotSpot`, with a lesion-typing head's outputs (LA-DNN's):
+    ground-glass opacity, crazy paving and septal thickening sure, the other two not."""
+
+    TYPES = torch.tensor([5.0, -5.0, 5.0, -5.0, 5.0])
+
+    def forward(self, x):
+        out = super().forward(x)
+        out.lesion_type_logits = self.TYPES.repeat(x.shape[0], 1)
+        return out
+
+
+def typed_hotspot_model(seed: int = 2) -> LungSysModel:
+    model = LungSysModel.create("small", seed=seed)
+    model.slice_net = TypedHotSpot(model.profile)
+    return model

@@ -330,3 +330,30 @@ def test_a_near_uniform_result_is_flagged_low_confidence_in_json_and_sr(written,
     sure_files = write_results(sure, series, tmp_path)
     assert "Low confidence" not in comment(sure_files.sr)
     assert dciodvfy_errors(sure_files.sr) == [] and dciodvfy_errors(files.sr) == []
+
+
+def test_an_sr_from_a_lesion_typing_model_carries_the_types_with_their_codes(
+        study_factory, tmp_path):
+    """Each lesion of a lesion-typing model's SR names the types found on its slice as
+    coded findings (SNOMED CT, RadLex, lungsys local codes for those not yet confirmed),
+    and passes dciodvfy; the JSON gives every slice's type probabilities."""
+    from doubles import typed_hotspot_model
+
+    series = load_series(study_factory("covid", 1, 24).directory)
+    result = Engine(typed_hotspot_model(), device="cpu").analyze(series)
+    shown = result.lesion_slices[0].shown_types
+    assert shown == ["ground_glass_opacity", "crazy_paving", "interlobular_septal_thickening"]
+    assert result.to_json()["slices"][0]["lesion_types"]["consolidation"] < 0.01
+    files = write_results(result, series, tmp_path)
+    assert dciodvfy_errors(files.sr) == []
+    proc = subprocess.run([require_tool("dsrdump"), "+Pl", str(files.sr)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lesions = sum(len(s.boxes) for s in result.lesion_slices)
+    for coded in ('(1217294009,SCT,"Ground glass opacity")',
+                  '(CRAZY-PAVING,99LUNGSYS,"Crazy paving pattern")',
+                  '(SEPTAL-THICKENING,99LUNGSYS,"Interlobular septal thickening")'):
+        assert proc.stdout.count(coded) == lesions, coded
+    assert "RID43255" not in proc.stdout and "AIR-BRONCHOGRAM" not in proc.stdout
+    assert "AI lesion" in proc.stdout and ": ground glass opacity, crazy paving pattern" in \
+        proc.stdout

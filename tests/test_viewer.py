@@ -23,7 +23,7 @@ from inference.export import write_results
 from inference.seg import lesion_mask
 from inference.series import load_series
 
-from doubles import hotspot_model
+from doubles import typed_hotspot_model
 from orthanc import Orthanc
 from viewer import harness
 
@@ -36,10 +36,11 @@ def require_viewer() -> None:
         pytest.fail(problem, pytrace=False)
 
 
-#: Two analyses: a double that finds a lesion on every slice (as the other result tests), and
+#: Two analyses: a double that finds a lesion on every slice, typed (lesion types coded in the
+#: SR, as a lesion-typing model writes them), and
 #: the shipped model on a study where it finds lesions on a few slices only, so that "exactly
 #: the images with a lesion" and "the most probable lesion first" can fail.
-ANALYSES = {"hotspot-every-slice": ("covid", 1, 24, hotspot_model),
+ANALYSES = {"hotspot-every-slice": ("covid", 1, 24, typed_hotspot_model),
             "shipped-model": ("covid", 7, 48, default_model)}
 
 
