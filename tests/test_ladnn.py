@@ -54,6 +54,14 @@ def test_ladnn_trains_its_lesion_types_round_trips_and_analyses(tiny, tmp_path, 
     assert model.profile.name == "ladnn-small" and model.version.startswith("ladnn-small-")
     assert model.content_sha256 == meta["content_sha256"]
 
+    from training.evaluate import evaluate, report_lines
+
+    report = evaluate(out, tiny, "all", "cpu")           # its types scored on every slice
+    assert set(report["lesion_type_auc"]) == set(LESION_TYPES)
+    assert report["lesion_type_auc"]["ground_glass_opacity"] is not None
+    assert any(line.startswith("lesion-type AUC (slices): ground glass opacity ")
+               for line in report_lines(report))
+
     series = load_series(study_factory("covid", 2, 24).directory)
     result = Engine(model, device="cpu").analyze(series)
     assert result.model.profile == "ladnn-small" and len(result.slices) == 24

@@ -15,6 +15,7 @@ from itertools import combinations
 from pathlib import Path
 
 from inference.choices import PatientMethod
+from inference.ladnn import LESION_TYPES
 from inference.profiles import CLASSES
 from training import metrics as M
 from training.evaluate import ERRORS, percent, small_sample_lines
@@ -67,6 +68,10 @@ def comparison_table(comparison: dict):
         for key in ("sensitivity", "specificity", "auc"):
             table.add_row(f"{name} {key}", *(percent(c["per_class"][name][key])
                                              for c in chosen))
+    typed = [r.get("lesion_type_auc") or {} for r in comparison["models"].values()]
+    for name in LESION_TYPES if any(typed) else ():
+        table.add_row(f"{name.replace('_', ' ')} AUC", *(
+            "-" if t.get(name) is None else f"{100 * t[name]:.1f}" for t in typed))
     for key, label, share in _ROWS:
         values = [r.get(key) for r in comparison["models"].values()]
         if any(v is not None for v in values):

@@ -22,6 +22,7 @@ import numpy as np
 from inference import localize
 from inference.choices import PatientMethod
 from inference.engine import Engine
+from inference.ladnn import LESION_TYPES
 from inference.profiles import CLASSES
 from inference.series import load_series
 from training import metrics as M
@@ -45,6 +46,9 @@ class _Collected:
     hits: list[bool] = field(default_factory=list)
     dices: list[float] = field(default_factory=list)
     fraction_errors: list[float] = field(default_factory=list)
+    #: a lesion-typing model's slices: the annotated types (0/1) and the predicted chances
+    type_truth: list[list[int]] = field(default_factory=list)
+    type_scores: list[list[float]] = field(default_factory=list)
 
 
 def _method_report(y, pred, scores, seed: int) -> dict:
@@ -91,6 +95,9 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
             if note is not None:
                 c.slice_labels.append(entry.label if note.get("has_lesion") else 0)
                 c.slice_scores.append(s.class_probabilities)
+                if s.lesion_types is not None and "lesion_types" in note:
+                    c.type_truth.append([int(t in note["lesion_types"]) for t in LESION_TYPES])
+                    c.type_scores.append([s.lesion_types[t] for t in LESION_TYPES])
         _localisation(entry, series, result, c)
         if task is not None:
             progress.advance(task)
@@ -117,6 +124,12 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
         report["slice_auc"] = {name: M.roc_auc(sl == k, ss[:, k])
                                for k, name in enumerate(CLASSES)}
         report["slices"] = int(len(sl))
+    if c.type_truth:
+        truth, scores = np.array(c.type_truth), np.array(c.type_scores)
+        report["lesion_type_auc"] = {
+            name: (M.roc_auc(truth[:, k] == 1, scores[:, k])
+                   if 0 < truth[:, k].sum() < len(truth) else None)
+            for k, name in enumerate(LESION_TYPES)}
     report["pointing_game"] = float(np.mean(c.hits)) if c.hits else None
     report["lesion_slices_scored"] = len(c.hits)
     report["dice"] = float(np.mean(c.dices)) if c.dices else None
@@ -235,5 +248,9 @@ def report_lines(report: dict) -> list[str]:
     if report.get("infected_fraction_mae") is not None:
         lines.append(f"infected fraction error (mean absolute): "
                      f"{100 * report['infected_fraction_mae']:.2f} percentage points")
+    if report.get("lesion_type_auc"):
+        lines.append("lesion-type AUC (slices): " + ", ".join(
+            f"{name.replace('_', ' ')} {'-' if auc is None else f'{auc:.3f}'}"
+            for name, auc in report["lesion_type_auc"].items()))
     lines += [f"ROC curves: {path}" for path in report.get("roc_png", [])]
     return lines
