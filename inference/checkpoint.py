@@ -42,6 +42,9 @@ def slice_net_for(profile: Profile) -> nn.Module:
     if profile.arch == "ladnn":
         from inference.ladnn import LaDnnSliceNet
         return LaDnnSliceNet(profile)
+    if profile.arch == "hu2020":
+        from inference.hu2020 import HuSliceNet
+        return HuSliceNet(profile)
     if profile.arch != "m3":
         raise CheckpointError(f"unknown architecture {profile.arch!r}")
     return SliceNet(profile)
@@ -52,6 +55,9 @@ def load_backbone_weights(model: "LungSysModel", path: str | Path) -> None:
     kind (ResNet-50, DenseNet-169 or VGG-16: key names checked strictly)."""
     from inference.backbone import load_torchvision_weights, read_state_dict
 
+    if model.profile.backbone == "hu2020":
+        raise CheckpointError("Hu et al. 2020 train their network from scratch: it has no "
+                              "ImageNet weights to start from")
     state = read_state_dict(path)
     backbone = model.slice_net.backbone
     if model.profile.backbone == "densenet169":

@@ -28,8 +28,8 @@ class Profile:
     d_prime: int               # D': per-head width of the patient head
     heads: int                 # h: heads of the refinement module
     scales: tuple[int, ...]    # S: multi-scale splits of the slices
-    arch: str = "m3"           # m3 | ladnn (docs/models.md)
-    backbone: str = "resnet50"  # resnet50 | densenet169 | vgg16; ``width`` scales it
+    arch: str = "m3"           # m3 | hu2020 | ladnn (docs/models.md)
+    backbone: str = "resnet50"  # resnet50 | densenet169 | vgg16 | hu2020; ``width`` scales it
 
     @property
     def layer3_channels(self) -> int:
@@ -46,6 +46,9 @@ class Profile:
         if self.arch == "ladnn":
             from inference.ladnn import feature_dim
             return feature_dim(self)
+        if self.arch == "hu2020":
+            from inference.hu2020 import feature_dim as hu_dim
+            return hu_dim(self)
         return self.layer3_channels + self.layer4_channels
 
     def to_dict(self) -> dict:
@@ -72,9 +75,14 @@ PROFILES = {
                            scales=(1, 2, 3, 4), arch="ladnn", backbone="densenet169"),
     "ladnn-small": Profile("ladnn-small", width=8, input_size=128, d_prime=64, heads=4,
                            scales=(1, 2, 3, 4), arch="ladnn", backbone="densenet169"),
+    # Hu et al. 2020: its own five-block network (32-256 channels at width 64), 224 inputs
+    "hu2020-paper": Profile("hu2020-paper", width=64, input_size=224, d_prime=512, heads=12,
+                            scales=(1, 2, 3, 4), arch="hu2020", backbone="hu2020"),
+    "hu2020-small": Profile("hu2020-small", width=16, input_size=128, d_prime=64, heads=4,
+                            scales=(1, 2, 3, 4), arch="hu2020", backbone="hu2020"),
 }
 #: The architectures a model can have (``--arch``).
-ARCHITECTURES = ("m3", "ladnn")
+ARCHITECTURES = ("m3", "hu2020", "ladnn")
 
 
 def profile_for(arch: str, size: str) -> Profile:

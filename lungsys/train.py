@@ -48,9 +48,10 @@ def train_slice_command(
     data: DataOption,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
     profile: Annotated[str, typer.Option(help="small or paper.")] = "small",
-    arch: Annotated[str, typer.Option(help="m3 (M3 Lung-Sys) or ladnn (LA-DNN, trained with "
-                                      "its lesion-type task from the annotations' "
-                                      "lesion_types); docs/models.md.")] = "m3",
+    arch: Annotated[str, typer.Option(help="m3 (M3 Lung-Sys), hu2020 (Hu et al.: multi-scale "
+                                      "CAMs) or ladnn (LA-DNN, trained with its lesion-type "
+                                      "task from the annotations' lesion_types); "
+                                      "docs/models.md.")] = "m3",
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 110).")] = 110,
     lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.01).")] = 0.01,
     lr_step: LrStep = 40,

@@ -1,0 +1,69 @@
+"""Hu et al. 2020 as a lungsys model: three class activation maps max-pooled and summed into
+the four classes, task 1 as "not Healthy", integrated-gradient lesion evidence; it trains,
+round-trips through its checkpoint and analyses a series with the engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.checkpoint import LungSysModel, load_checkpoint
+from training.phantom_set import generate_phantom_set
+from training.train_slice import SliceTrainConfig, train_slice
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-hu")
+    generate_phantom_set(out, per_class=5, seed=7, slices_range=(5, 6), workers=2)
+    return out
+
+
+def test_the_scores_are_the_summed_multi_scale_cams_and_task_1_is_not_healthy():
+    model = LungSysModel.create("hu2020-small", seed=1).eval()
+    net = model.slice_net
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        out = net(x)
+        maps, scores = net.scores(net.levels(x))
+    assert [m.shape[-1] for m in maps] == [32, 16, 8]                 # blocks 3, 4, 5
+    assert torch.allclose(out.class_logits, sum(m.amax(dim=(2, 3)) for m in maps))
+    healthy = torch.softmax(out.class_logits, dim=1)[:, 0]
+    assert torch.allclose(torch.softmax(out.lesion_logits, dim=1)[:, 1], 1 - healthy, atol=1e-5)
+    assert out.feature.shape == (2, model.profile.slice_feature_dim)
+    _, evidence = net.lesion_evidence(x)
+    assert evidence.shape == (2, 128, 128) and (evidence >= 0).all()
+    assert sum(p.numel() for p in LungSysModel.create("hu2020-paper").slice_net.parameters()) \
+        == 3_684_844                       # the paper's 32-256 channels, 13 convolutions
+
+
+def test_hu2020_trains_round_trips_and_analyses(tiny, tmp_path, study_factory):
+    from inference.engine import Engine
+    from inference.series import load_series
+
+    out = tmp_path / "hu.safetensors"
+    meta = train_slice(SliceTrainConfig(data=str(tiny), out=str(out), arch="hu2020", epochs=2,
+                                        lr=0.002, optimizer="adamw", batch_size=16,
+                                        device="cpu"))
+    model = load_checkpoint(out)
+    assert model.profile.arch == "hu2020" and model.version.startswith("hu2020-small-")
+    assert model.content_sha256 == meta["content_sha256"]
+    series = load_series(study_factory("cap", 3, 24).directory)
+    result = Engine(model, device="cpu").analyze(series)
+    assert len(result.slices) == 24 and result.model.profile == "hu2020-small"
+    grid = result.maps.on_grid(0)
+    assert grid.shape == series.hu.shape[1:] and 0 <= grid.min() and grid.max() <= 1
+
+
+def test_hu2020_has_no_imagenet_weights_to_start_from(tmp_path):
+    exe = Path(sys.executable).with_name("lungsys")
+    (tmp_path / "w.pth").write_bytes(b"")
+    proc = subprocess.run([str(exe), "model", "init", "--arch", "hu2020", "--backbone-weights",
+                           str(tmp_path / "w.pth"), "--out", str(tmp_path / "m.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "train their network from scratch" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
