@@ -35,6 +35,17 @@ def covid_study(study_factory) -> WrittenStudy:
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A phantom dataset of 5 patients a class, 5-6 slices each: what training tests train on
+    (its preprocessed slices cached beside it, once per input size)."""
+    from training.phantom_set import generate_phantom_set
+
+    out = tmp_path_factory.mktemp("tiny")
+    generate_phantom_set(out, per_class=5, seed=4, slices_range=(5, 6), workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
 def postgres():
     """A private PostgreSQL server for the session (``.new_database()`` gives a URL)."""
     from postgres import Postgres

@@ -8,19 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from inference.checkpoint import LungSysModel, load_checkpoint
-from training.phantom_set import generate_phantom_set
 from training.train_slice import SliceTrainConfig, train_slice
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-hu")
-    generate_phantom_set(out, per_class=5, seed=7, slices_range=(5, 6), workers=2)
-    return out
 
 
 def test_the_scores_are_the_summed_multi_scale_cams_and_task_1_is_not_healthy():

@@ -9,20 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from inference.checkpoint import LungSysModel, load_checkpoint, read_metadata
 from inference.ladnn import LESION_TYPES
-from training.phantom_set import generate_phantom_set
 from training.train_slice import SliceTrainConfig, train_slice
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-ladnn")
-    generate_phantom_set(out, per_class=5, seed=6, slices_range=(5, 6), workers=2)
-    return out
 
 
 def test_the_lesion_score_is_the_chance_of_any_lesion_type():

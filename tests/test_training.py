@@ -11,16 +11,8 @@ from pathlib import Path
 import pytest
 
 from inference.checkpoint import load_checkpoint
-from training.phantom_set import generate_phantom_set
 from training.train_patient import PatientTrainConfig, train_patient
 from training.train_slice import SliceTrainConfig, train_slice
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    generate_phantom_set(out, per_class=5, seed=4, slices_range=(5, 6), workers=2)
-    return out
 
 
 def _metrics(run_dir: Path) -> list[dict]:
