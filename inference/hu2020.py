@@ -18,7 +18,7 @@ score, the three maps multiplied pixel by pixel. lungsys reads it so
   paper classifies slices; M3's patient network decides for the patient);
 - the lesion map is the most likely disease's activation map at block 3, the
   evidence the product of the three levels' integrated gradients of that
-  disease's score.
+  disease's score, each smoothed first (the paper blurs after the product).
 """
 
 from __future__ import annotations
@@ -118,7 +118,19 @@ class HuSliceNet(nn.Module):
                     (grad,) = torch.autograd.grad(score[rows, disease].sum(), scaled,
                                                   retain_graph=level < len(scores) - 1)
                     totals[level] += grad
-        evidence = torch.ones(x.shape[0], *x.shape[2:], device=x.device)
-        for total in totals:                      # IG = input x mean gradient, per level
-            evidence = evidence * (x * total / steps).sum(dim=1).abs()
+        # IG = input x mean gradient, per level; each level's map smoothed over a sixteenth of
+        # the slice (a max-pooled score's gradient runs through one position's receptive
+        # field, so the raw maps of the three levels rarely meet) and scaled to its maximum,
+        # then multiplied: where all three levels find the disease
+        # (where they never meet on a slice, their mean stands in: a map is never empty
+        # while a level found something)
+        size = max(3, x.shape[-1] // 16) | 1
+        levels = []
+        for total in totals:
+            level = (x * total / steps).sum(dim=1, keepdim=True).abs()
+            level = F.avg_pool2d(level, size, stride=1, padding=size // 2)[:, 0]
+            levels.append(level / level.flatten(1).amax(1).clamp_min(1e-12)[:, None, None])
+        product = torch.stack(levels).prod(dim=0)
+        met = product.flatten(1).amax(1) > 0
+        evidence = torch.where(met[:, None, None], product, torch.stack(levels).mean(dim=0))
         return out, evidence.detach()

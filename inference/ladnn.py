@@ -34,7 +34,7 @@ from inference.vgg import VGG16
 #: The auxiliary task's labels, in the order of its head (the phantom's names).
 LESION_TYPES = ("ground_glass_opacity", "consolidation", "crazy_paving", "air_bronchogram",
                 "interlobular_septal_thickening")
-_EPS = 1e-6
+_EPS = 1e-6   # (the lesion map's normalisation)
 
 
 def backbone_channels(profile: Profile) -> int:
@@ -47,6 +47,15 @@ def backbone_channels(profile: Profile) -> int:
         if i != len(BLOCKS) - 1:
             channels //= 2
     return channels
+
+
+def lesion_log_odds(type_logits: Tensor) -> Tensor:
+    """Task 1's two logits, ``[log P(no type), log P(some type)]`` under independent types
+    (noisy-OR), in log space and fp32: the chance of "no type" can be far below what
+    ``1 - p`` keeps (bf16 rounds it to zero at 0.998), and its gradient must not vanish
+    on the surest slices."""
+    none = F.logsigmoid(-type_logits.float()).sum(dim=1).clamp(max=-1e-7)
+    return torch.stack([none, torch.log(-torch.expm1(none))], dim=1)
 
 
 def feature_dim(profile: Profile) -> int:
@@ -85,13 +94,10 @@ class LaDnnSliceNet(nn.Module):
         pooled = fmap.mean(dim=(2, 3))
         type_logits = self.type_fc(pooled)
         types = torch.sigmoid(type_logits)
-        lesion = 1.0 - torch.prod(1.0 - types, dim=1).clamp(_EPS, 1.0 - _EPS)
-        lesion = lesion.clamp(_EPS, 1.0 - _EPS)
         cam = F.relu(torch.einsum("bchw,kc->bkhw", fmap, self.type_fc.weight.to(fmap.dtype)))
         cam = (cam * types[:, :, None, None]).sum(1)
         cam = cam / cam.flatten(1).amax(1).clamp_min(_EPS)[:, None, None]
-        return SliceOutput(lesion_logits=torch.stack([torch.log1p(-lesion), torch.log(lesion)],
-                                                     dim=1),
+        return SliceOutput(lesion_logits=lesion_log_odds(type_logits),
                            class_logits=self.class_fc(pooled), lesion_map=cam,
                            feature=torch.cat([pooled, types], dim=1),
                            lesion_type_logits=type_logits)
@@ -102,11 +108,11 @@ class LaDnnSliceNet(nn.Module):
         with torch.no_grad():
             fmap = self.features(x)
         with torch.enable_grad():
-            a = fmap.detach().requires_grad_(True)
+            a = fmap.detach().float().requires_grad_(True)     # (fp32 under bf16 autocast)
             out = self.heads(a)
             score = out.lesion_logits[:, 1] - out.lesion_logits[:, 0]
             (g,) = torch.autograd.grad(score.sum(), a)
-        a = a.detach()
+        a, g = a.detach(), g.float()
         g2, g3 = g * g, g * g * g
         denominator = 2 * g2 + (a * g3).sum(dim=(2, 3), keepdim=True)
         alpha = g2 / torch.where(denominator != 0, denominator, torch.ones_like(denominator))

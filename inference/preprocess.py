@@ -71,6 +71,8 @@ def lung_masks(hu: np.ndarray) -> np.ndarray:
     """
     vol = _as_volume(hu)
     inside = np.empty(vol.shape, dtype=bool)     # air inside the body: the result's room
+    if not vol.shape[0]:
+        return inside
     slabs = range(0, vol.shape[0], SLAB)
     offsets, touched, starts, ends, count = [], [], [], [], 0
     for a in slabs:              # each slab's labels numbered after the slab's before it

@@ -16,6 +16,7 @@ is reported with its reason in :attr:`CTSeries.skipped`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -256,12 +257,13 @@ def _assemble(members: list[tuple[Path, Dataset]], skipped: list[SkippedFile]) -
     in int16 when the stored values and rescale make whole HU that fit (CT's usual
     case: half the memory of float32, and exact), else in float32."""
     accepted: list[tuple[Path, list[_Frame]]] = []
+    spares: dict[str, list[Path]] = defaultdict(list)   # more files of a SOP Instance UID
     seen_uids: set[str] = set()
     header: Dataset | None = None
     for path, hdr in members:
         uid = str(hdr.SOPInstanceUID)
         if uid in seen_uids:
-            skipped.append(SkippedFile(path, f"duplicate of SOP Instance UID {uid}"))
+            spares[uid].append(path)       # a stand-in, should the first not decode
             continue
         try:
             file_frames = _frames_of(path, hdr)
@@ -302,19 +304,26 @@ def _assemble(members: list[tuple[Path, Dataset]], skipped: list[SkippedFile]) -
     for path, file_frames in accepted:
         span = range(first, first + len(file_frames))
         first += len(file_frames)
-        try:
-            data = pydicom.dcmread(path).pixel_array
-            data = data[np.newaxis] if data.ndim == 2 else data
-            if data.shape != (len(file_frames), rows, cols):
-                raise ValueError(f"pixels of shape {data.shape}, not "
-                                 f"{(len(file_frames), rows, cols)}")
-        except Exception as exc:
-            skipped.append(SkippedFile(path, f"pixel data cannot be decoded ({_short(exc)})"))
+        data = None
+        for candidate in (path, *spares.pop(file_frames[0].sop_instance_uid, [])):
+            if data is not None:            # decoded already: the others are duplicates
+                skipped.append(SkippedFile(candidate, f"duplicate of SOP Instance UID "
+                                                      f"{file_frames[0].sop_instance_uid}"))
+                continue
+            try:
+                data = _pixels(candidate, len(file_frames), rows, cols)
+            except Exception as exc:
+                skipped.append(SkippedFile(candidate, f"pixel data cannot be decoded "
+                                                      f"({_short(exc)})"))
+        if data is None:
             decoded[list(span)] = False
             continue
         for k, i in enumerate(span):              # (a slice's float64 HU, then cast)
             np.copyto(hu[place[i]], data[k] * frames[i].slope + frames[i].intercept,
                       casting="unsafe")
+    for uid, paths in spares.items():         # (not reached: their first had no frames)
+        skipped.extend(SkippedFile(path, f"duplicate of SOP Instance UID {uid}")
+                       for path in paths)
     if not decoded.all():                     # rare: files whose pixels could not be read
         if not decoded.any():
             raise NoCTSeriesError(f"no decodable CT image in the series "
@@ -333,6 +342,15 @@ def _assemble(members: list[tuple[Path, Dataset]], skipped: list[SkippedFile]) -
         series_instance_uid=str(header.SeriesInstanceUID),
         study_instance_uid=str(header.get("StudyInstanceUID", "")),
         sop_class_uid=str(header.SOPClassUID), header=header, skipped=skipped)
+
+
+def _pixels(path: Path, frames: int, rows: int, cols: int) -> np.ndarray:
+    """A file's pixels as (frames, rows, cols); ValueError when they are not that."""
+    data = pydicom.dcmread(path).pixel_array
+    data = data[np.newaxis] if data.ndim == 2 else data
+    if data.shape != (frames, rows, cols):
+        raise ValueError(f"pixels of shape {data.shape}, not {(frames, rows, cols)}")
+    return data
 
 
 def _hu_type(members: list[tuple[Path, Dataset]], frames: list[_Frame]) -> type:
@@ -377,8 +395,8 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
             raise MissingPositionError(f"{path.name}: no Image Position/Orientation (Patient)")
         return [_Frame(path, uid, None, number, _floats3(ipp), tuple(float(v) for v in iop),
                        _spacing(ds.get("PixelSpacing")), rows, cols,
-                       float(ds.get("RescaleSlope", 1) or 1),
-                       float(ds.get("RescaleIntercept", 0) or 0))]
+                       _finite(ds.get("RescaleSlope", 1) or 1, "Rescale Slope"),
+                       _finite(ds.get("RescaleIntercept", 0) or 0, "Rescale Intercept"))]
 
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     out = []
@@ -399,8 +417,9 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
             path, uid, i, number, _floats3(pos.ImagePositionPatient),
             tuple(float(v) for v in ori.ImageOrientationPatient),
             _spacing(measures.get("PixelSpacing") if measures else None), rows, cols,
-            float(transform.get("RescaleSlope", 1)) if transform else 1.0,
-            float(transform.get("RescaleIntercept", 0)) if transform else 0.0))
+            _finite(transform.get("RescaleSlope", 1), "Rescale Slope") if transform else 1.0,
+            _finite(transform.get("RescaleIntercept", 0), "Rescale Intercept") if transform
+            else 0.0))
     return out
 
 
@@ -427,6 +446,14 @@ def _common_geometry(frames: list[_Frame]
     if first.pixel_spacing is None:
         raise InconsistentGeometryError(f"{_frame_name(first)}: no Pixel Spacing")
     return first.orientation, first.pixel_spacing, first.rows, first.columns
+
+
+def _finite(value, name: str) -> float:
+    """A number of the header that must be finite (NaN or infinity: ValueError)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} is {value}")
+    return number
 
 
 def _floats3(value: Sequence) -> tuple[float, float, float]:

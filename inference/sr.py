@@ -90,7 +90,7 @@ LESION_TYPE_CODES = {
     "consolidation": Code("RID43255", "RADLEX", "consolidation"),
     "crazy_paving": Code("CRAZY-PAVING", LOCAL_SCHEME, "Crazy paving pattern"),
     "air_bronchogram": Code("AIR-BRONCHOGRAM", LOCAL_SCHEME, "Air bronchogram"),
-    "interlobular_septal_thickening": Code("SEPTAL-THICKENING", LOCAL_SCHEME,
+    "interlobular_septal_thickening": Code("SEPTAL-THICK", LOCAL_SCHEME,
                                            "Interlobular septal thickening"),
 }
 UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")

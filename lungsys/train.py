@@ -37,6 +37,10 @@ def stopped_by_ctrl_c():
     except TrainingStopped as exc:
         err.print(f"lungsys: {exc}", markup=False, highlight=False)
         raise typer.Exit(130) from None
+    except KeyboardInterrupt:             # before the first epoch (caching, features)
+        err.print("lungsys: stopped before the first epoch: nothing is kept but the cached "
+                  "slices; the same command starts again", markup=False, highlight=False)
+        raise typer.Exit(130) from None
 
 
 train_app = typer.Typer(help="Train the two networks on a dataset (a folder with "
@@ -148,7 +152,8 @@ def evaluate_command(
                                         "object.")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write report.json "
                                                     "and ROC curves (PNG) here (a folder "
-                                                    "per model when several).")] = None,
+                                                    "N-NAME per model when several).")]
+    = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
     record: Annotated[bool, typer.Option(help="Store the metrics in the checkpoint's "
@@ -168,9 +173,9 @@ def evaluate_command(
     from training.evaluate import evaluate, recorded_metrics, report_lines, report_table
 
     reports = []
-    for model_path in model_paths:
-        where = out_dir / model_path.stem if out_dir is not None and len(model_paths) > 1 \
-            else out_dir
+    for number, model_path in enumerate(model_paths, start=1):
+        where = out_dir / f"{number}-{model_path.stem}" \
+            if out_dir is not None and len(model_paths) > 1 else out_dir
         with progress() as bar:
             report = evaluate(model_path, data, split, device, where, seed, bar)
         if where is not None:

@@ -119,3 +119,26 @@ def test_fast_opening_equals_scipy_binary_opening():
     mask = rng.random((3, 40, 60)) < 0.7
     expected = ndimage.binary_opening(mask, structure=np.ones((1, 1, 8), dtype=bool))
     np.testing.assert_array_equal(preprocess._opening(mask), expected)
+
+
+@pytest.mark.parametrize("slices", [1, 31, 32, 33, 70])
+def test_lung_masks_on_slabs_equal_one_labelling_of_the_whole_volume(slices):
+    """The masks are made 32 slices at a time, components crossing slabs joined after:
+    exactly what labelling the whole volume at once gives, including components that wind
+    through several slab boundaries."""
+    from scipy import ndimage
+
+    from inference import preprocess as P
+
+    rng = np.random.default_rng(slices)
+    vol = np.full((slices, 48, 48), 40, dtype=np.int16)              # a body ...
+    vol[:, 4:44, 4:44] = np.where(rng.random((slices, 40, 40)) < 0.55, -850, 40)  # ... of air
+    vol[:, 0, :] = vol[:, :, 0] = -1000                               # air around it
+    low = vol < P.LUNG_THRESHOLD_HU
+    opened = P._opening(P._drop_background(P._opening(low)))         # as before the slabs
+    labels, count = ndimage.label(P._drop_background(low, min_px=1), structure=P._RECONSTRUCT)
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[np.unique(labels[opened])] = True
+    keep[0] = False
+    assert np.array_equal(P.lung_masks(vol), keep[labels])
+    assert P.lung_masks(vol[0]).shape == (48, 48)

@@ -352,7 +352,7 @@ def test_an_sr_from_a_lesion_typing_model_carries_the_types_with_their_codes(
     lesions = sum(len(s.boxes) for s in result.lesion_slices)
     for coded in ('(1217294009,SCT,"Ground glass opacity")',
                   '(CRAZY-PAVING,99LUNGSYS,"Crazy paving pattern")',
-                  '(SEPTAL-THICKENING,99LUNGSYS,"Interlobular septal thickening")'):
+                  '(SEPTAL-THICK,99LUNGSYS,"Interlobular septal thickening")'):
         assert proc.stdout.count(coded) == lesions, coded
     assert "RID43255" not in proc.stdout and "AIR-BRONCHOGRAM" not in proc.stdout
     assert "AI lesion" in proc.stdout and ": ground glass opacity, crazy paving pattern" in \

@@ -206,3 +206,28 @@ def test_header_keeps_patient_and_study(covid_study):
     assert "PixelData" not in series.header
     assert series.study_instance_uid == covid_study.truth["study_instance_uid"]
     assert series.pixel_spacing == (covid_study.truth["pixel_spacing_mm"],) * 2
+
+
+def test_a_broken_first_copy_of_an_instance_gives_way_to_a_good_one(study_factory, tmp_path):
+    """Two files of one SOP Instance UID, the first (by name) with broken pixels: the good
+    copy is loaded and the slice kept; a NaN Rescale Slope skips its file with the reason."""
+    import shutil
+
+    import pydicom
+
+    study = study_factory("covid", 3, 8)
+    reference = load_series(study.directory)
+    for f in study.files:
+        shutil.copy(f, tmp_path / f.name)
+    broken = pydicom.dcmread(study.files[0])
+    broken.PixelData = b"\0" * 10
+    broken.save_as(tmp_path / "A0000.dcm")
+    nan = pydicom.dcmread(study.files[1])
+    nan.SOPInstanceUID, nan.RescaleSlope = "1.2.3.4.5", "NaN"
+    nan.ImagePositionPatient = [0, 0, 999]
+    nan.save_as(tmp_path / "Z9999.dcm")
+    series = load_series(tmp_path)
+    assert len(series) == len(reference) and np.array_equal(series.hu, reference.hu)
+    reasons = {s.path.name: s.reason for s in series.skipped}
+    assert reasons["A0000.dcm"].startswith("pixel data cannot be decoded")
+    assert "Rescale Slope is NaN" in reasons["Z9999.dcm"]

@@ -74,8 +74,9 @@ def load_study(entry: StudyEntry, size: int, cache_dir: Path) -> CachedStudy:
         if note is not None:
             has_lesion[i] = int(bool(note.get("has_lesion")))
             fraction[i] = float(note.get("lesion_fraction", -1.0))
-            if "lesion_types" in note:
-                types[i] = [int(t in note["lesion_types"]) for t in LESION_TYPES]
+            named = [int(t in note.get("lesion_types", ())) for t in LESION_TYPES]
+            if "lesion_types" in note and (any(named) or not has_lesion[i]):
+                types[i] = named      # (a lesion of none of the five, a nodule: unknown)
         elif entry.label == 0:
             has_lesion[i], fraction[i] = 0, 0.0  # a healthy patient's slices have no lesion
             types[i] = 0

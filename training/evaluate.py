@@ -12,6 +12,7 @@ error of the infected-lung fraction. ROC curves go to PNG files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -104,7 +105,10 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
 
     per_class = {name: int(np.sum(np.asarray(c.labels) == k)) for k, name in enumerate(CLASSES)}
     report: dict = {"split": split, "patients": len(c.labels),
-                    "studies": [e.path.name for e in entries],
+                    # the studies, to pair models' reports: digests, as folder names may
+                    # be patient IDs
+                    "studies": [hashlib.sha256(e.path.name.encode()).hexdigest()[:16]
+                                for e in entries],
                     "seconds_per_300_slices": round(seconds / max(slices, 1) * 300, 2),
                     "patients_per_class": per_class,
                     "small_sample": min(per_class.values()) < SMALL_SAMPLE,

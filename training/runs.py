@@ -10,6 +10,7 @@ No pickle: the state is safetensors with JSON metadata.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -41,10 +42,19 @@ class TrainingSettings:
     cache_dir: str | None = None
 
 
+def defaults_of(cfg) -> dict:
+    """A training config's settings that have defaults, at their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(cfg)
+            if f.default is not dataclasses.MISSING}
+
+
 class Run:
     """A training run's folder: its configuration, log, metrics and resume state."""
 
-    def __init__(self, directory: str | Path, config: dict) -> None:
+    def __init__(self, directory: str | Path, config: dict,
+                 defaults: dict | None = None) -> None:
+        """``defaults``: what a setting was before it existed (an older run's config.json
+        lacks it), so that such a run still resumes."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -59,8 +69,10 @@ class Run:
         previous = self.dir / "config.json"
         if previous.is_file():
             old = json.loads(previous.read_text())
+            known = defaults or {}
             changed = {k for k in set(old) | set(config)
-                       if k not in ("epochs", "device", "out") and old.get(k) != config.get(k)}
+                       if k not in ("epochs", "device", "out")
+                       and old.get(k, known.get(k)) != config.get(k, known.get(k))}
             if changed and self.resume_path.is_file():
                 raise ValueError(f"run {self.dir} was started with other settings "
                                  f"({', '.join(sorted(changed))}); use another --run-dir")

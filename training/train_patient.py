@@ -22,7 +22,8 @@ from inference.engine import run_slices, select_device
 from training.cache import load_study
 from training.dataset import StudyEntry, intended_use, read_manifest
 from training.clock import EpochClock, TrainingStopped
-from training.runs import Run, TrainingSettings, begin_epoch, make_optimizer
+from training.runs import (Run, TrainingSettings, begin_epoch, defaults_of,
+                           make_optimizer)
 from training.train_slice import default_cache_dir
 
 
@@ -65,7 +66,8 @@ def _batch(features: list[np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, 
 def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
     device = select_device(cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
-    run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg))
+    run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg),
+              defaults_of(cfg))
     model = load_checkpoint(cfg.slice_model, device)
     slice_provenance = model.metadata.get("provenance")
     entries = {split: read_manifest(cfg.data, split) for split in ("train", "val")}

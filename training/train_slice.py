@@ -31,7 +31,8 @@ from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import class_balanced_weights, focal_loss
 from training.clock import EpochClock, TrainingStopped
-from training.runs import Run, TrainingSettings, begin_epoch, make_optimizer
+from training.runs import (Run, TrainingSettings, begin_epoch, defaults_of,
+                           make_optimizer)
 
 FLIPS = ("horizontal", "both", "none")
 #: Infection-size bins for balanced sampling: lesion fraction of the slice's lung.
@@ -170,15 +171,17 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     profile = profile_for(cfg.arch, cfg.profile)
     device = select_device(cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
-    run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg))
+    run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg),
+              defaults_of(cfg))
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)
     if cfg.backbone_weights:
         load_backbone_weights(model, cfg.backbone_weights)
     net = model.slice_net.to(device)
 
-    def task(name: str, total: int):
-        return progress.add_task(name, total=total) if progress is not None else None
+    def task(name: str, total: int, done: int = 0):
+        return progress.add_task(name, total=total, completed=done) \
+            if progress is not None else None
 
     def advance(t, **kw):
         if progress is not None and t is not None:
@@ -198,9 +201,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     class_w = class_balanced_weights(np.bincount(train.label, minlength=4))
     sampling = size_balanced_weights(train.fraction) if cfg.size_balanced else None
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    epoch_task = task("slice training", cfg.epochs)
-    if progress is not None and epoch_task is not None:
-        progress.update(epoch_task, completed=start_epoch)
+    epoch_task = task("slice training", cfg.epochs, start_epoch)
     started = time.time()
     run.resuming(start_epoch, cfg.epochs, progress)
     clock, finished = EpochClock(cfg.epochs, start_epoch), start_epoch
