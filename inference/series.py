@@ -16,12 +16,11 @@ is reported with its reason in :attr:`CTSeries.skipped`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import pydicom
@@ -30,11 +29,11 @@ from pydicom.errors import InvalidDicomError
 
 from inference.errors import (
     DuplicatePositionError,
-    InconsistentGeometryError,
     MissingPositionError,
     MultipleSeriesError,
     NoCTSeriesError,
 )
+from inference.frames import Frame, common_geometry, frame_name, frames_of, slice_normal
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,6 @@ CT_SOP_CLASSES = frozenset(
     {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
 )
 
-#: Two orientation or spacing values closer than this are the same.
-GEOMETRY_TOLERANCE = 1e-3
 #: Slices closer than this along the normal (mm) are at the same position.
 DUPLICATE_POSITION_MM = 1e-2
 
@@ -127,34 +124,6 @@ class CTSeries:
 
     def __len__(self) -> int:
         return len(self.slices)
-
-
-@dataclass
-class _Frame:
-    """One slice before pixel decoding: where it is and how to read it."""
-
-    path: Path
-    sop_instance_uid: str
-    frame: int | None
-    instance_number: int | None
-    position: tuple[float, float, float] | None
-    orientation: tuple[float, ...] | None
-    pixel_spacing: tuple[float, float] | None
-    rows: int
-    columns: int
-    slope: float
-    intercept: float
-
-
-def slice_normal(orientation: Sequence[float]) -> np.ndarray:
-    """Unit normal of a plane given as Image Orientation (Patient)."""
-    row = np.asarray(orientation[:3], dtype=np.float64)
-    col = np.asarray(orientation[3:6], dtype=np.float64)
-    n = np.cross(row, col)
-    norm = np.linalg.norm(n)
-    if norm == 0:
-        raise InconsistentGeometryError(f"degenerate Image Orientation (Patient) {list(orientation)}")
-    return n / norm
 
 
 def iter_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -256,7 +225,7 @@ def _assemble(members: list[tuple[Path, Dataset]], skipped: list[SkippedFile]) -
     pixels straight into its place in the volume: one copy of the pixels is ever held,
     in int16 when the stored values and rescale make whole HU that fit (CT's usual
     case: half the memory of float32, and exact), else in float32."""
-    accepted: list[tuple[Path, list[_Frame]]] = []
+    accepted: list[tuple[Path, list[Frame]]] = []
     spares: dict[str, list[Path]] = defaultdict(list)   # more files of a SOP Instance UID
     seen_uids: set[str] = set()
     header: Dataset | None = None
@@ -266,7 +235,7 @@ def _assemble(members: list[tuple[Path, Dataset]], skipped: list[SkippedFile]) -
             spares[uid].append(path)       # a stand-in, should the first not decode
             continue
         try:
-            file_frames = _frames_of(path, hdr)
+            file_frames = frames_of(path, hdr)
             described = int(hdr.get("NumberOfFrames", 1) or 1)
         except MissingPositionError:
             raise
@@ -284,7 +253,7 @@ def _assemble(members: list[tuple[Path, Dataset]], skipped: list[SkippedFile]) -
     if not frames:
         raise NoCTSeriesError(f"no decodable CT image in the series ({_skip_summary(skipped)})")
 
-    orientation, spacing, rows, cols = _common_geometry(frames)
+    orientation, spacing, rows, cols = common_geometry(frames)
     normal = slice_normal(orientation)
     along = np.array([np.dot(f.position, normal) for f in frames])  # type: ignore[arg-type]
     order = np.argsort(along, kind="stable")
@@ -293,8 +262,8 @@ def _assemble(members: list[tuple[Path, Dataset]], skipped: list[SkippedFile]) -
     if dup.size:
         a, b = frames[order[dup[0]]], frames[order[dup[0] + 1]]
         raise DuplicatePositionError(
-            f"{dup.size + 1} slices share a position; e.g. {_frame_name(a)} and "
-            f"{_frame_name(b)} both at {along[order[dup[0]]]:.3f} mm along the normal")
+            f"{dup.size + 1} slices share a position; e.g. {frame_name(a)} and "
+            f"{frame_name(b)} both at {along[order[dup[0]]]:.3f} mm along the normal")
 
     place = np.empty(len(frames), dtype=np.int64)
     place[order] = np.arange(len(frames))
@@ -353,7 +322,7 @@ def _pixels(path: Path, frames: int, rows: int, cols: int) -> np.ndarray:
     return data
 
 
-def _hu_type(members: list[tuple[Path, Dataset]], frames: list[_Frame]) -> type:
+def _hu_type(members: list[tuple[Path, Dataset]], frames: list[Frame]) -> type:
     """int16 when every stored value, rescaled, is a whole HU within int16; else float32."""
     ranges = []
     for _, hdr in members:
@@ -379,97 +348,6 @@ def _header_of(ds: Dataset) -> Dataset:
         if elem.keyword not in _HEADER_EXCLUDE:
             header.add(elem)
     return header
-
-
-def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
-    """Describe every frame of an instance (one for single-frame CT)."""
-    uid = str(ds.SOPInstanceUID)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    try:                      # not needed by the model: a bad one is no reason to fail
-        number = int(ds.get("InstanceNumber"))
-    except (TypeError, ValueError):
-        number = None
-    if "PerFrameFunctionalGroupsSequence" not in ds:
-        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-        if not ipp or not iop:
-            raise MissingPositionError(f"{path.name}: no Image Position/Orientation (Patient)")
-        return [_Frame(path, uid, None, number, _floats3(ipp), tuple(float(v) for v in iop),
-                       _spacing(ds.get("PixelSpacing")), rows, cols,
-                       _finite(ds.get("RescaleSlope", 1) or 1, "Rescale Slope"),
-                       _finite(ds.get("RescaleIntercept", 0) or 0, "Rescale Intercept"))]
-
-    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
-    out = []
-    for i, per in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
-        def group(keyword: str) -> Dataset | None:
-            for source in (per, shared):
-                seq = source.get(keyword)
-                if seq:
-                    return seq[0]
-            return None
-
-        pos, ori = group("PlanePositionSequence"), group("PlaneOrientationSequence")
-        if pos is None or ori is None or "ImagePositionPatient" not in pos:
-            raise MissingPositionError(f"{path.name} frame {i}: no Plane Position/Orientation")
-        measures = group("PixelMeasuresSequence")
-        transform = group("PixelValueTransformationSequence")
-        out.append(_Frame(
-            path, uid, i, number, _floats3(pos.ImagePositionPatient),
-            tuple(float(v) for v in ori.ImageOrientationPatient),
-            _spacing(measures.get("PixelSpacing") if measures else None), rows, cols,
-            _finite(transform.get("RescaleSlope", 1), "Rescale Slope") if transform else 1.0,
-            _finite(transform.get("RescaleIntercept", 0), "Rescale Intercept") if transform
-            else 0.0))
-    return out
-
-
-def _common_geometry(frames: list[_Frame]
-                     ) -> tuple[tuple[float, ...], tuple[float, float], int, int]:
-    """The orientation, spacing and size every frame must share."""
-    first = frames[0]
-    if first.orientation is None or len(first.orientation) != 6:
-        raise MissingPositionError(f"{_frame_name(first)}: no usable Image Orientation (Patient)")
-    for f in frames[1:]:
-        if (f.rows, f.columns) != (first.rows, first.columns):
-            raise InconsistentGeometryError(
-                f"slices differ in size: {first.rows}x{first.columns} ({_frame_name(first)}) "
-                f"vs {f.rows}x{f.columns} ({_frame_name(f)})")
-        if f.orientation is None or not np.allclose(f.orientation, first.orientation,
-                                                    atol=GEOMETRY_TOLERANCE):
-            raise InconsistentGeometryError(
-                f"slices differ in orientation: {_frame_name(first)} vs {_frame_name(f)}")
-        if (f.pixel_spacing is None) != (first.pixel_spacing is None) or (
-                f.pixel_spacing and not np.allclose(f.pixel_spacing, first.pixel_spacing,
-                                                    atol=GEOMETRY_TOLERANCE)):
-            raise InconsistentGeometryError(
-                f"slices differ in pixel spacing: {_frame_name(first)} vs {_frame_name(f)}")
-    if first.pixel_spacing is None:
-        raise InconsistentGeometryError(f"{_frame_name(first)}: no Pixel Spacing")
-    return first.orientation, first.pixel_spacing, first.rows, first.columns
-
-
-def _finite(value, name: str) -> float:
-    """A number of the header that must be finite (NaN or infinity: ValueError)."""
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} is {value}")
-    return number
-
-
-def _floats3(value: Sequence) -> tuple[float, float, float]:
-    if len(value) != 3:
-        raise MissingPositionError(f"Image Position (Patient) has {len(value)} values, not 3")
-    return float(value[0]), float(value[1]), float(value[2])
-
-
-def _spacing(value: Sequence | None) -> tuple[float, float] | None:
-    if not value or len(value) != 2:
-        return None
-    return float(value[0]), float(value[1])
-
-
-def _frame_name(f: _Frame) -> str:
-    return f.path.name if f.frame is None else f"{f.path.name} frame {f.frame}"
 
 
 def _short(exc: Exception) -> str:
