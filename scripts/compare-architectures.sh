@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Train the seeds' other architectures as the shipped model was trained, and compare them
+# with it on the same fresh test set: the README's comparison table.
+#
+#   scripts/compare-architectures.sh [WORK_DIR]      (default: work/compare)
+#
+# The datasets are the shipped model's (scripts/train-shipped-model.sh: training set seed
+# 5, fresh test set seed 2, studies of 32-48 slices); Hu 2020 and LA-DNN are trained on it
+# with the shipped model's settings (their small profiles), then `lungsys evaluate` compares
+# all three on every study of the fresh set and writes WORK_DIR/comparison.txt. About 4-5
+# hours on a 2-core CPU (a GPU is used when there is one); an interrupted run resumes.
+# PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS and PATIENT_EPOCHS shrink it; ARCHS names the
+# architectures trained (default "hu2020 ladnn"; "m3 hu2020 ladnn" trains M3 the same way
+# too) and SHIPPED=0 leaves the shipped model out of the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W="${1:-work/compare}"
+L=.venv/bin/lungsys
+PER_CLASS="${PER_CLASS:-120}"
+TEST_PER_CLASS="${TEST_PER_CLASS:-25}"
+SLICE_EPOCHS="${SLICE_EPOCHS:-36}"
+PATIENT_EPOCHS="${PATIENT_EPOCHS:-40}"
+ARCHS="${ARCHS:-hu2020 ladnn}"
+mkdir -p "$W"
+SECONDS=0
+
+[ -f "$W/train/manifest.csv" ] || \
+    $L phantom-set --out "$W/train" --per-class "$PER_CLASS" --seed 5 --slices-range 32 48
+[ -f "$W/fresh-test/manifest.csv" ] || \
+    $L phantom-set --out "$W/fresh-test" --per-class "$TEST_PER_CLASS" --seed 2 \
+        --slices-range 32 48
+
+models=()
+[ "${SHIPPED:-1}" = 0 ] || models+=(inference/models/lungsys-small-phantom.safetensors)
+for arch in $ARCHS; do
+    [ -f "$W/$arch.safetensors" ] || {
+        $L train slice --arch "$arch" --data "$W/train" --out "$W/$arch-slice.safetensors" \
+            --profile small --epochs "$SLICE_EPOCHS" --optimizer adamw --lr 0.001 \
+            --lr-step 24 --batch-size 32 --seed 0 --affine
+        $L train patient --data "$W/train" --slice-model "$W/$arch-slice.safetensors" \
+            --out "$W/$arch.safetensors" --epochs "$PATIENT_EPOCHS" --optimizer adamw \
+            --lr 0.0005 --lr-step 30 --seed 0
+    }
+    models+=("$W/$arch.safetensors")
+done
+
+args=()
+for m in "${models[@]}"; do args+=(--model "$m"); done
+$L evaluate "${args[@]}" --data "$W/fresh-test" --split all --out "$W/eval" \
+    | tee "$W/comparison.txt"
+echo "architectures trained and compared in $((SECONDS / 60)) minutes: $W/comparison.txt"
