@@ -34,14 +34,6 @@ EXE = str(Path(sys.executable).with_name("lungsys"))
 RATE = re.compile(r"retrieved over WADO-RS in [\d.]+ s \((\d+) MB/s\)")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -53,9 +45,10 @@ def _wait(predicate, timeout: float, what: str):
 
 def run(folder: Path, url: str, workers: int, studies: list[list[Path]]) -> list:
     """The node and ``workers`` workers on these studies; the jobs, once all are done."""
+    from orthanc import free_port         # tests/orthanc.py
     from store.api import JobStore
 
-    port, http = _free_port(), _free_port()
+    port, http = free_port(), free_port()
     node_toml = folder / "node.toml"
     common = f'min_free_disk_mb = 1\n[store]\nurl = "{url}"\n[model]\ndevice = "cpu"\n'
     node_toml.write_text(

@@ -26,19 +26,17 @@ import mmap
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
 
 import requests
 
 from pacs_node.layout import DataLayout
-from pacs_node.stow import StowError, media_type, split_parts
+from pacs_node.stow import CHUNK, StowError, media_type, multipart_files, split_parts, write_part
 from pacs_node.wado import CLAIM_HEADER
 from store.api import LeaseLost
 from store.models import Job
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 _BOUNDARY = "lungsys-results-boundary"
 #: Seconds to connect, and to wait for each piece of an answer.
 TIMEOUTS = (10.0, 120.0)
@@ -133,7 +131,7 @@ class NodeClient:
                                     f"multipart/related")
             try:
                 with open(spool, "wb") as f:
-                    for chunk in answer.iter_content(_CHUNK):
+                    for chunk in answer.iter_content(CHUNK):
                         f.write(chunk)
             except requests.RequestException as exc:
                 raise HandOverError(f"WADO-RS ended early: {type(exc).__name__}") from None
@@ -143,9 +141,7 @@ class NodeClient:
                     as body:
                 for headers, start, end in split_parts(body, params["boundary"].encode()):
                     path = folder / f"{len(files) + 1:05d}.dcm"
-                    with open(path, "wb") as out:
-                        for pos in range(start, end, _CHUNK):
-                            out.write(body[pos:min(pos + _CHUNK, end)])
+                    write_part(body, start, end, path)
                     files.append(path)
         except (StowError, ValueError) as exc:      # ValueError: an empty answer
             raise HandOverError(f"WADO-RS answer not understood: {exc}") from None
@@ -157,18 +153,9 @@ class NodeClient:
                   ) -> dict[str, str]:
         """Results to the node: SOP Instance UID -> the path the node filed it at. LeaseLost
         when the node says the claim is no longer this worker's."""
-        def body() -> Iterator[bytes]:
-            for path in paths:
-                yield (f"--{_BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n"
-                       ).encode("ascii")
-                with open(path, "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        yield chunk
-                yield b"\r\n"
-            yield f"--{_BOUNDARY}--\r\n".encode("ascii")
-
+        body = multipart_files(((path, "application/dicom") for path in paths), _BOUNDARY)
         answer = self._call(
-            "PUT", f"/worker/jobs/{job_id}/attempts/{attempt}/results", data=body(),
+            "PUT", f"/worker/jobs/{job_id}/attempts/{attempt}/results", data=body,
             headers={"Content-Type": f'multipart/related; type="application/dicom"; '
                                      f'boundary={_BOUNDARY}', CLAIM_HEADER: key})
         stored = self._json(answer, "stored")

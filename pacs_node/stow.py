@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 BASE_PATH = "/dicom-web"
 ORIGIN = "STOW-RS"
-_CHUNK = 1 << 20
+#: Bytes copied at a time between a file, a body and the network.
+CHUNK = 1 << 20
 #: A part's headers end within this many bytes.
 MAX_PART_HEAD = 8192
 #: The request line and headers must arrive within this many seconds.
@@ -197,9 +198,7 @@ class StowService:
                     expected_study: str | None) -> Outcome:
         tmp = self.storage.temp_file()
         try:
-            with open(tmp, "wb") as f:
-                for pos in range(start, end, _CHUNK):
-                    f.write(body[pos:min(pos + _CHUNK, end)])
+            write_part(body, start, end, tmp)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             log.error("a STOW-RS part was not stored: %s", exc)
@@ -224,11 +223,40 @@ class Reservation:
         self.size = 0
 
 
-def _error(status: HTTPStatus, message: str) -> JSONResponse:
-    """A refusal; the connection closes (lingering, see :mod:`pacs_node.web.protocol`),
-    since the body may be unread."""
+def close_with(status: HTTPStatus, message: str) -> JSONResponse:
+    """A refusal of a request with a body; the connection closes (lingering, see
+    :mod:`pacs_node.web.protocol`), since the body may be unread."""
     return JSONResponse({"error": message}, status_code=status,
                         headers={"Connection": "close"})
+
+
+def write_part(body: mmap.mmap | bytes, start: int, end: int, path) -> None:
+    """Write ``body[start:end]`` (a part, from :func:`split_parts`) to the file ``path``,
+    a megabyte at a time."""
+    with open(path, "wb") as f:
+        for pos in range(start, end, CHUNK):
+            f.write(body[pos:min(pos + CHUNK, end)])
+
+
+def multipart_files(parts, boundary: str, unreadable=None):
+    """A multipart body of files, streamed: ``parts`` gives (path, the part's
+    Content-Type). A file that cannot be opened raises OSError, or, with ``unreadable``,
+    is left out and ``unreadable(exc)`` told."""
+    for path, content_type in parts:
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            if unreadable is None:
+                raise
+            unreadable(exc)
+            continue
+        with f:
+            yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode(
+                "ascii", "replace")
+            while chunk := f.read(CHUNK):
+                yield chunk
+            yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode("ascii")
 
 
 async def spool_body(request: Request, chunked: bool, spool, service: StowService,
@@ -261,7 +289,7 @@ async def spool_body(request: Request, chunked: bool, spool, service: StowServic
         late = time.monotonic() - started - IDLE_SECONDS
         if more and late > 0 and size < MIN_RATE * late:
             raise ClientGone(f"body slower than {MIN_RATE // 1024} KiB/s")
-        if held >= _CHUNK or (not more and pending):    # one write a megabyte
+        if held >= CHUNK or (not more and pending):    # one write a megabyte
             spool.write(b"".join(pending))
             pending, held = [], 0
         if not more:
@@ -301,7 +329,7 @@ def stow_routes(service: StowService, authorize=None) -> list[Route]:
             try:
                 uid_name(study, "the Study Instance UID in the URL")
             except UIDRefused as exc:
-                return _error(HTTPStatus.BAD_REQUEST, str(exc))
+                return close_with(HTTPStatus.BAD_REQUEST, str(exc))
         reservation = Reservation(service.storage)
         try:
             with tempfile.TemporaryFile(dir=service.storage.partial, prefix="stow-") as spool:
@@ -310,13 +338,13 @@ def stow_routes(service: StowService, authorize=None) -> list[Route]:
                     service.store_spooled, spool, size, boundary, study)
         except StowError as exc:
             log.warning("STOW-RS from %s refused (%d): %s", peer, exc.status, exc)
-            return _error(exc.status, str(exc))
+            return close_with(exc.status, str(exc))
         except ClientGone as exc:                   # the client went quiet or away
             log.warning("STOW-RS from %s ended: %s", peer, exc)
-            return _error(HTTPStatus.REQUEST_TIMEOUT, f"request ended: {exc}")
+            return close_with(HTTPStatus.REQUEST_TIMEOUT, f"request ended: {exc}")
         except OSError as exc:                      # the spool could not be written
             log.error("STOW-RS from %s not stored: %s", peer, exc.strerror or exc)
-            return _error(HTTPStatus.INSUFFICIENT_STORAGE, "the body could not be spooled")
+            return close_with(HTTPStatus.INSUFFICIENT_STORAGE, "the body could not be spooled")
         finally:
             reservation.release()
         failed = len(response.FailedSOPSequence)

@@ -55,7 +55,8 @@ import pacs_node.web  # noqa: F401  (registers {name:id} for the routes below)
 from pacs_node.header import read_file_header
 from pacs_node.layout import OutsideDataDir, UIDRefused, uid_name
 from pacs_node.stow import (ClientGone, Reservation, StowError, StowService, media_type,
-                            receive_multipart, split_parts)
+                            multipart_files, receive_multipart, close_with, split_parts,
+                            write_part)
 from store.accounts import Role
 from store.models import JobState
 
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 CLAIM_HEADER = "X-Lungsys-Claim"
 #: What result objects come in: the transfer syntaxes lungsys writes (never deflated).
 RESULT_SYNTAXES = frozenset({ExplicitVRLittleEndian, JPEG2000Lossless})
-_CHUNK = 1 << 20
 _BOUNDARY = "lungsys-wado-rs-boundary"
 
 
@@ -81,10 +81,8 @@ class Refused(Exception):
         self.status = status
 
 
-def _answer(status: HTTPStatus, message: str, close: bool = False) -> JSONResponse:
-    """An error; ``close``: the connection closes after it (a body may be left unread)."""
-    return JSONResponse({"error": message}, status_code=status,
-                        headers={"Connection": "close"} if close else None)
+def _answer(status: HTTPStatus, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
 
 def acceptable(accept: str) -> bool:
@@ -102,20 +100,22 @@ def acceptable(accept: str) -> bool:
 
 
 def _parts(files: list[tuple[str, str, str]], layout) -> Iterator[bytes]:
-    """The multipart body of a series: each file as it lies on disk."""
-    for sop, path, syntax in files:
+    """The multipart body of a series: each file as it lies on disk (one removed meanwhile,
+    or not in the data folder, is left out: the worker counts)."""
+    def inside(path: str) -> Path | None:
         try:
-            with open(layout.inside(path), "rb") as f:
-                head = (f"--{_BOUNDARY}\r\nContent-Type: application/dicom; "
-                        f"transfer-syntax={syntax}\r\n\r\n").encode("ascii", "replace")
-                yield head
-                while chunk := f.read(_CHUNK):
-                    yield chunk
-                yield b"\r\n"
-        except (OSError, OutsideDataDir) as exc:   # removed meanwhile: the worker counts
-            log.warning("WADO-RS: an instance of the series could not be read: %s",
-                        type(exc).__name__)
-    yield f"--{_BOUNDARY}--\r\n".encode("ascii")
+            return layout.inside(path)
+        except OutsideDataDir:
+            log.warning("WADO-RS: an instance of the series lies outside the data folder")
+            return None
+
+    def unreadable(exc: OSError) -> None:
+        log.warning("WADO-RS: an instance of the series could not be read: %s",
+                    type(exc).__name__)
+
+    parts = ((where, f"application/dicom; transfer-syntax={syntax}")
+             for _, path, syntax in files if (where := inside(path)) is not None)
+    return multipart_files(parts, _BOUNDARY, unreadable)
 
 
 def held_claim(node: "Node", job_id: int, attempt: int, key: str) -> dict:
@@ -133,9 +133,7 @@ def held_claim(node: "Node", job_id: int, attempt: int, key: str) -> dict:
 def _result_part(body, start: int, end: int, folder: Path, study: str) -> tuple[str, Path]:
     """One part written to a file of ``folder``: its SOP Instance UID and the file."""
     tmp = folder / f"part-{start}"
-    with open(tmp, "wb") as f:
-        for pos in range(start, end, _CHUNK):
-            f.write(body[pos:min(pos + _CHUNK, end)])
+    write_part(body, start, end, tmp)
     try:
         syntax = str(read_file_meta_info(tmp).get("TransferSyntaxUID", ""))
         if syntax not in RESULT_SYNTAXES:
@@ -266,14 +264,13 @@ def wado_routes(node: "Node", door: "Doorkeeper", service: StowService) -> list[
         except (Refused, StowError) as exc:
             log.warning("job %d: results of claim %d refused (%d): %s", job_id, attempt,
                         exc.status, exc)
-            return _answer(exc.status, str(exc), close=True)
+            return close_with(exc.status, str(exc))
         except ClientGone as exc:
-            return _answer(HTTPStatus.REQUEST_TIMEOUT, f"request ended: {exc}", close=True)
+            return close_with(HTTPStatus.REQUEST_TIMEOUT, f"request ended: {exc}")
         except OSError as exc:
             log.error("job %d: results of claim %d not stored: %s", job_id, attempt,
                       exc.strerror or exc)
-            return _answer(HTTPStatus.INSUFFICIENT_STORAGE, "the results could not be written",
-                           close=True)
+            return close_with(HTTPStatus.INSUFFICIENT_STORAGE, "the results could not be written")
         return JSONResponse({"stored": stored})
 
     return [Route("/worker/node", hello, methods=["GET"]),
