@@ -1,7 +1,12 @@
 """The lesion region as a DICOM Segmentation: what viewers overlay on the CT.
 
 One binary segment, "lesion" (SCT Lesion, category Morphologically abnormal
-structure, site lung), algorithm type AUTOMATIC with the model's algorithm
+structure, site lung); from a lesion-typing model (LA-DNN) one segment per
+lesion type found instead, named and coded as the SR codes it
+(:data:`inference.sr.LESION_TYPE_CODES`): the model types a slice, not a
+pixel, so each slice's region goes to the most probable of the types shown on
+that slice ("lesion" where none is), and the segments never overlap, which
+every viewer reads (overlapping binary segments are not). Algorithm type AUTOMATIC with the model's algorithm
 identification, in the CT's Frame of Reference; one frame per CT slice whose
 region is not empty (highdicom leaves the empty ones out), each referencing
 its source slice; bit-packed, or JPEG 2000 Lossless with ``[results]
@@ -26,7 +31,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from inference.choices import SegCompression
 from inference.identity import ALGORITHM_NAME, MANUFACTURER, SEG_DESCRIPTION, \
     AlgorithmIdentity, stamp_series
-from inference.results import AnalysisResult
+from inference.results import AnalysisResult, SliceResult
+from inference.sr import LESION_TYPE_CODES, LOCAL_SCHEME, local_scheme
 from inference.series import CTSeries
 from inference.version import software_version
 
@@ -35,11 +41,34 @@ log = logging.getLogger(__name__)
 #: The segment's Recommended Display CIELab Value: the heatmaps' red (viewers otherwise pick
 #: one and OHIF says so in a warning).
 LESION_COLOUR = hd.color.CIELabColor(53.2, 80.1, 67.2)
+#: The lesion types' colours, told apart from each other and from the lesion red: yellow,
+#: blue, green, magenta, cyan (CIELab of the sRGB primaries and secondaries).
+TYPE_COLOURS = {
+    "ground_glass_opacity": hd.color.CIELabColor(97.1, -21.6, 94.5),
+    "consolidation": hd.color.CIELabColor(32.3, 79.2, -107.9),
+    "crazy_paving": hd.color.CIELabColor(87.7, -86.2, 83.2),
+    "air_bronchogram": hd.color.CIELabColor(60.3, 98.2, -60.8),
+    "interlobular_septal_thickening": hd.color.CIELabColor(91.1, -48.1, -14.1),
+}
 
 #: The SEG's transfer syntax by ``[results] seg_compression``: bit-packed native pixels, or
 #: JPEG 2000 Lossless, the one compressed syntax highdicom writes binary segments in.
 TRANSFER_SYNTAXES = {SegCompression.none: ExplicitVRLittleEndian,
                      SegCompression.jpeg2000: JPEG2000Lossless}
+
+
+def segment_of(s: SliceResult) -> str | None:
+    """The segment a slice's region goes to: the most probable of the lesion types shown on
+    it (the first of equals, in LA-DNN's order), or None for "lesion"."""
+    shown = s.shown_types
+    return max(shown, key=lambda t: s.lesion_types[t]) if shown else None
+
+
+def segments(result: AnalysisResult) -> list[str | None]:
+    """The SEG's segments in order (numbers 1, 2, ...): the lesion types the regions go to,
+    in LA-DNN's order, then None ("lesion") when some lesion slice has no type."""
+    used = {segment_of(s) for s in result.lesion_slices}
+    return [t for t in LESION_TYPE_CODES if t in used] + ([None] if None in used else [])
 
 
 def lesion_mask(result: AnalysisResult, series: CTSeries) -> np.ndarray:
@@ -66,17 +95,23 @@ def build_seg(result: AnalysisResult, series: CTSeries, sources: list[Dataset],
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME, family=codes.DCM.ArtificialIntelligence,
         version=identity.model_version, parameters={"parameters": "; ".join(identity.parameters)})
-    segment = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="lesion",
+    order = segments(result)
+    labels = np.zeros(mask.shape, dtype=np.uint8)     # 0 background, k segment k
+    for s in result.lesion_slices:
+        labels[s.index][mask[s.index]] = order.index(segment_of(s)) + 1
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=LESION_TYPE_CODES[t].meaning.lower() if t else "lesion",
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion,
+        segmented_property_type=LESION_TYPE_CODES[t] if t else codes.SCT.Lesion,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm, anatomic_regions=[codes.SCT.Lung],
-        display_color=LESION_COLOUR)
+        display_color=TYPE_COLOURS[t] if t else LESION_COLOUR)
+        for number, t in enumerate(order, start=1)]
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=mask,
+        source_images=sources, pixel_array=labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment], series_instance_uid=series_instance_uid,
+        segment_descriptions=descriptions, series_instance_uid=series_instance_uid,
         series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name=identity.model_name,
         software_versions=[software_version(), identity.model_version],
@@ -84,4 +119,6 @@ def build_seg(result: AnalysisResult, series: CTSeries, sources: list[Dataset],
         contributing_equipment=[identity.contributing_equipment()],
         transfer_syntax_uid=TRANSFER_SYNTAXES[SegCompression(compression)])
     stamp_series(seg)
+    if any(t and LESION_TYPE_CODES[t].scheme_designator == LOCAL_SCHEME for t in order):
+        seg.CodingSchemeIdentificationSequence = [local_scheme()]
     return seg

@@ -227,12 +227,17 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
         series_description=SR_DESCRIPTION,
         contributing_equipment=[identity.contributing_equipment()])
     stamp_series(sr)
+    sr.CodingSchemeIdentificationSequence = [local_scheme()]
+    return sr
+
+
+def local_scheme() -> Dataset:
+    """The Coding Scheme Identification item that declares lungsys's local codes."""
     scheme = Dataset()
     scheme.CodingSchemeDesignator = LOCAL_SCHEME
     scheme.CodingSchemeName = "lungsys local codes"
     scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
-    sr.CodingSchemeIdentificationSequence = [scheme]
-    return sr
+    return scheme
 
 
 def lesion_type_words(s) -> str:

@@ -357,3 +357,44 @@ def test_an_sr_from_a_lesion_typing_model_carries_the_types_with_their_codes(
     assert "RID43255" not in proc.stdout and "AIR-BRONCHOGRAM" not in proc.stdout
     assert "AI lesion" in proc.stdout and ": ground glass opacity, crazy paving pattern" in \
         proc.stdout
+
+
+def test_the_seg_of_a_lesion_typing_model_names_each_region_by_its_type(
+        study_factory, tmp_path):
+    """A lesion-typing model's SEG has one segment per lesion type found, labelled and coded
+    as the SR codes it, each slice's region in the segment of its most probable type shown
+    ("lesion" where none is shown); no pixel is in two segments; dciodvfy finds no error."""
+    from doubles import typed_hotspot_model
+    from inference.seg import lesion_mask
+
+    series = load_series(study_factory("covid", 1, 24).directory)
+    result = Engine(typed_hotspot_model(), device="cpu").analyze(series)
+    lesion = result.lesion_slices
+    assert len(lesion) >= 4
+    # the double types every slice alike: make three slices differ, as a real model's do
+    lesion[1].lesion_types = {**lesion[1].lesion_types, "consolidation": 0.999}
+    lesion[2].lesion_types = {t: 0.1 for t in lesion[2].lesion_types}
+    lesion[3].lesion_types = {**lesion[3].lesion_types, "crazy_paving": 0.999}
+    files = write_results(result, series, tmp_path)
+    assert dciodvfy_errors(files.seg) == []
+    seg = hd.seg.segread(files.seg)
+    labels = [d.SegmentLabel for d in seg.SegmentSequence]
+    assert labels == ["ground glass opacity", "consolidation", "crazy paving pattern", "lesion"]
+    types = [(d.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+              d.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator)
+             for d in seg.SegmentSequence]
+    assert types == [("1217294009", "SCT"), ("RID43255", "RADLEX"),
+                     ("CRAZY-PAVING", "99LUNGSYS"), ("52988006", "SCT")]
+    assert [s.CodingSchemeDesignator for s in seg.CodingSchemeIdentificationSequence] \
+        == ["99LUNGSYS"]
+    mask = lesion_mask(result, series)
+    by_source = {series.slices[i].sop_instance_uid: i for i in range(len(series))}
+    expected = {i: 1 for i in range(len(series)) if mask[i].any()}
+    expected[lesion[1].index], expected[lesion[2].index], expected[lesion[3].index] = 2, 4, 3
+    got = {}
+    for f, frame in zip(seg.PerFrameFunctionalGroupsSequence, seg.pixel_array):
+        source = f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        number = f.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        got.setdefault(by_source[source], set()).add(number)
+        assert (frame.astype(bool) == mask[by_source[source]]).all()
+    assert got == {i: {n} for i, n in expected.items()}     # one segment per slice

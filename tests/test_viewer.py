@@ -5,7 +5,8 @@ the published OHIF SR extension and Cornerstone adapters (in Node), and by the r
 What is checked, for a phantom study and its results uploaded to Orthanc: opening the SR does
 not fail; it has one measurement per lesion box, each on the CT image the box was found on,
 each a RectangleROI once tracked; the report opens on the most probable lesion's image; the SEG
-has one frame per CT image with a lesion region, on exactly those images, segment "lesion";
+has one frame per CT image with a lesion region, on exactly those images, in the segment of its
+lesion type ("lesion" from an untyped model);
 OHIF shows all that without an error and without a request off 127.0.0.1.
 
 Needs node, the npm packages of tests/viewer/*/ and Debian's chromium: scripts/setup.sh --test.
@@ -37,32 +38,35 @@ def require_viewer() -> None:
 
 
 #: Two analyses: a double that finds a lesion on every slice, typed (lesion types coded in the
-#: SR, as a lesion-typing model writes them), and
+#: SR and named in the SEG, as a lesion-typing model writes them: ground-glass opacity the
+#: most probable), and
 #: the shipped model on a study where it finds lesions on a few slices only, so that "exactly
-#: the images with a lesion" and "the most probable lesion first" can fail.
-ANALYSES = {"hotspot-every-slice": ("covid", 1, 24, typed_hotspot_model),
-            "shipped-model": ("covid", 7, 48, default_model)}
+#: the images with a lesion" and "the most probable lesion first" can fail. With each, the one
+#: segment a reader should see.
+ANALYSES = {"hotspot-every-slice": ("covid", 1, 24, typed_hotspot_model, "ground glass opacity"),
+            "shipped-model": ("covid", 7, 48, default_model, "lesion")}
 
 
 @pytest.fixture(scope="module", params=list(ANALYSES))
 def analysed(request, study_factory, tmp_path_factory):
-    label, seed, slices, model = ANALYSES[request.param]
+    label, seed, slices, model, segment = ANALYSES[request.param]
     study = study_factory(label, seed, slices)
     series = load_series(study.directory)
     result = Engine(model(), device="cpu").analyze(series)
     files = write_results(result, series, tmp_path_factory.mktemp("viewer-results"))
-    return study, series, result, files
+    return study, series, result, files, segment
 
 
 @pytest.fixture(scope="module")
 def expected(analysed):
     """What a reader should find, from the analysis itself."""
-    _, series, result, files = analysed
+    _, series, result, files, segment = analysed
     boxes = [s.sop_instance_uid for s in result.lesion_slices for _ in s.boxes]
     mask = lesion_mask(result, series)
     top = max((s.lesion_probability for s in result.lesion_slices if s.boxes), default=None)
     assert boxes and files.sr and files.seg, "the analysis should find lesions"
     return {
+        "segments": [{"number": 1, "label": segment}],
         "boxes": Counter(boxes),
         "region_images": {series.slices[i].sop_instance_uid for i in range(len(mask))
                           if mask[i].any()},
@@ -78,7 +82,7 @@ def pacs(analysed, tmp_path_factory):
     if harness.missing():
         yield None
         return
-    study, _, _, files = analysed
+    study, _, _, files, _ = analysed
     orthanc = Orthanc(tmp_path_factory.mktemp("viewer-orthanc")).start()
     try:
         harness.upload(orthanc.url, [*study.files, *files.all])
@@ -155,12 +159,12 @@ def test_the_seg_marks_exactly_the_images_with_a_lesion_region(node_read, expect
     require_viewer()
     seg = node_read["seg"]
     assert seg is not None, "no SEG series in the study"
-    assert seg["segments"] == [{"number": 1, "label": "lesion"}]
+    assert seg["segments"] == expected["segments"]
     assert seg["framesNotInCT"] == 0
     assert seg["framesBySource"] == {uid: 1 for uid in expected["region_images"]}
     read = seg["adapters"]
     assert not read["threw"], read["error"]
-    assert read["segments"] == [{"number": 1, "label": "lesion"}]
+    assert read["segments"] == expected["segments"]
     assert read["segmentsOnImage"] == {uid: [1] for uid in expected["region_images"]}
     assert read["nonZeroPixels"] > 0
 
@@ -200,7 +204,8 @@ def test_ohif_overlays_the_lesion_segmentation_on_its_slices(ohif, expected):
     require_viewer()
     assert len(ohif["segmentations"]) == 1, (ohif["segmentations"], ohif["error"])
     (segmentation,) = ohif["segmentations"]
-    assert [s["label"] for s in segmentation["segments"]] == ["lesion"]
+    assert [s["label"] for s in segmentation["segments"]] \
+        == [s["label"] for s in expected["segments"]]
     assert "Labelmap" in segmentation["representations"]
     labelled = {x["sopInstanceUID"] for x in segmentation["labelled"]}
     assert labelled == expected["region_images"]
