@@ -1,7 +1,7 @@
 """Model checkpoints: safetensors weights with JSON metadata, no pickle.
 
 One ``.safetensors`` file holds both networks (keys ``slice.*`` and
-``patient.*``) and, in its header, a JSON document under the key
+``patient.*``; a volume model's one network ``volume.*``) and, in its header, a JSON document under the key
 ``lungsys``: the profile, the class names and order, the preprocessing
 parameters, the model version, a SHA-256 of the weights (``content_sha256``,
 the model's identity: the Device UID of results derives from it), training
@@ -45,6 +45,9 @@ def slice_net_for(profile: Profile) -> nn.Module:
     if profile.arch == "hu2020":
         from inference.hu2020 import HuSliceNet
         return HuSliceNet(profile)
+    if profile.volume:
+        from inference.dualsampling import DualSamplingNet
+        return DualSamplingNet(profile)
     if profile.arch != "m3":
         raise CheckpointError(f"unknown architecture {profile.arch!r}")
     return SliceNet(profile)
@@ -58,6 +61,9 @@ def load_backbone_weights(model: "LungSysModel", path: str | Path) -> None:
     if model.profile.backbone == "hu2020":
         raise CheckpointError("Hu et al. 2020 train their network from scratch: it has no "
                               "ImageNet weights to start from")
+    if model.profile.volume:
+        raise CheckpointError("the dual-sampling network is 3D and trained from scratch: "
+                              "there are no ImageNet weights of it to start from")
     state = read_state_dict(path)
     backbone = model.slice_net.backbone
     if model.profile.backbone == "densenet169":
@@ -91,8 +97,9 @@ class LungSysModel:
     """Both networks of one model and what is known about them."""
 
     profile: Profile
-    slice_net: nn.Module       # SliceNet (M3) or another architecture's (slice_net_for)
-    patient_net: PatientNet
+    #: SliceNet (M3) or another architecture's (slice_net_for); a volume model's only network
+    slice_net: nn.Module
+    patient_net: PatientNet | None    # None for a volume model: it decides for the patient
     metadata: dict = field(default_factory=dict)
 
     @classmethod
@@ -101,26 +108,32 @@ class LungSysModel:
         if isinstance(profile, str):
             profile = get_profile(profile)
         torch.manual_seed(seed)
-        model = cls(profile, slice_net_for(profile), PatientNet(profile))
+        model = cls(profile, slice_net_for(profile), patient_net_for(profile))
         model.metadata = {"provenance": {"kind": "init", "seed": seed}, "metrics": None,
                           "model_version": None}
         return model
 
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks by their key prefix in the checkpoint."""
+        if self.patient_net is None:
+            return {"volume": self.slice_net}
+        return {"slice": self.slice_net, "patient": self.patient_net}
+
     def state_dict(self) -> dict[str, Tensor]:
-        out = {f"slice.{k}": v for k, v in self.slice_net.state_dict().items()}
-        out.update({f"patient.{k}": v for k, v in self.patient_net.state_dict().items()})
-        return out
+        return {f"{prefix}.{k}": v for prefix, net in self.networks.items()
+                for k, v in net.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        parts: dict[str, dict[str, Tensor]] = {"slice": {}, "patient": {}}
+        parts: dict[str, dict[str, Tensor]] = {prefix: {} for prefix in self.networks}
         for key, value in state.items():
             part, _, name = key.partition(".")
             if part not in parts:
                 raise CheckpointError(f"unexpected tensor {key!r}")
             parts[part][name] = value
         try:
-            self.slice_net.load_state_dict(parts["slice"], strict=True)
-            self.patient_net.load_state_dict(parts["patient"], strict=True)
+            for prefix, net in self.networks.items():
+                net.load_state_dict(parts[prefix], strict=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()
             raise CheckpointError(f"weights do not fit profile {self.profile.name!r}: "
@@ -142,14 +155,19 @@ class LungSysModel:
             f"{self.content_sha256[:12]}"
 
     def to(self, device: torch.device | str) -> "LungSysModel":
-        self.slice_net.to(device)
-        self.patient_net.to(device)
+        for net in self.networks.values():
+            net.to(device)
         return self
 
     def eval(self) -> "LungSysModel":
-        self.slice_net.eval()
-        self.patient_net.eval()
+        for net in self.networks.values():
+            net.eval()
         return self
+
+
+def patient_net_for(profile: Profile) -> PatientNet | None:
+    """The patient network over slice features; a volume model has none."""
+    return None if profile.volume else PatientNet(profile)
 
 
 def tensors_sha256(state: dict[str, Tensor]) -> str:
@@ -248,7 +266,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Lun
         profile = Profile.from_dict(meta["profile"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: metadata has no usable profile") from None
-    model = LungSysModel(profile, slice_net_for(profile), PatientNet(profile), meta)
+    model = LungSysModel(profile, slice_net_for(profile), patient_net_for(profile), meta)
     model.load_state_dict(state)
     return model.to(device).eval()
 

@@ -62,7 +62,7 @@ class Engine:
             model = load_checkpoint(model)
         self.model = model.to(self.device).eval()
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
+        if self.cuda and not self.model.profile.volume:
             self.model.slice_net.to(memory_format=torch.channels_last)
         self.batch_size = batch_size
         self.method = method
@@ -82,45 +82,31 @@ class Engine:
                 progress: Callable[[int, int], None] | None = None) -> AnalysisResult:
         """Analyse one series; ``progress(done, total)`` is told after each batch."""
         timings: dict[str, float] = {}
+        if self.model.profile.volume:
+            lesion, classes, types, lesion_maps, lung, network_probs = \
+                self._volume(series, timings)
+            if progress is not None:
+                progress(len(series), len(series))
+        else:
+            lesion, classes, types, lesion_maps, lung, network_probs = \
+                self._slices(series, timings, progress)
         t0 = time.perf_counter()
-        profile = self.model.profile
-        prepared = prepare(series.hu, profile.input_size)
-        timings["preprocess"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        n = len(series)
-        outputs = run_slices(self.model.slice_net, prepared.crops, self.batch_size, self.device,
-                             progress, evidence=True)
-        lesion, classes = outputs.lesion, outputs.classes
-        assert outputs.evidence is not None
-        maps = localize.evidence_maps(outputs.evidence, lesion[:, 1])
-        features = torch.from_numpy(outputs.features)
-        timings["slice_network"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        with self._autocast():
-            logits = self.model.patient_net(features.to(self.device)[None],
-                                            torch.tensor([n]))
-        network_probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float64)
         assessment = nonparametric.assess(lesion, classes, self.t)
-        timings["patient"] = time.perf_counter() - t0
+        timings["patient"] = timings.get("patient", 0.0) + time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        lesion_maps = LesionMaps(maps, prepared.boxes, prepared.source_shape)
         spacing = float(np.mean(series.pixel_spacing))
         slices: list[SliceResult] = []
         total_lesion = total_lung = 0
         for i, info in enumerate(series.slices):
-            lung = prepared.lung[i] if prepared.lung is not None else np.zeros(
-                prepared.source_shape, dtype=bool)
             boxes: list[localize.LesionBox] = []
-            region = np.zeros(prepared.source_shape, dtype=bool)
+            region = np.zeros(lesion_maps.shape, dtype=bool)
             if lesion[i, 1] >= 0.5:
                 grid_map = lesion_maps.on_grid(i)
                 region = localize.lesion_region(grid_map, spacing)
                 boxes = localize.boxes_from_region(region, grid_map, spacing)
                 lesion_maps.keep_region(i, region)
-            lesion_px, lung_px = localize.infected_pixels(region, lung)
+            lesion_px, lung_px = localize.infected_pixels(region, lung[i])
             total_lesion += lesion_px
             total_lung += lung_px
             slices.append(SliceResult(
@@ -128,8 +114,8 @@ class Engine:
                 lesion_probability=float(lesion[i, 1]), class_probabilities=classes[i],
                 boxes=boxes, infected_fraction=lesion_px / lung_px if lung_px else 0.0,
                 instance_number=info.instance_number, z_mm=float(info.position[2]),
-                lesion_types=None if outputs.types is None else {
-                    name: float(p) for name, p in zip(LESION_TYPES, outputs.types[i])}))
+                lesion_types=None if types is None else {
+                    name: float(p) for name, p in zip(LESION_TYPES, types[i])}))
         timings["localisation"] = time.perf_counter() - t0
 
         if self.method == PatientMethod.network:
@@ -142,6 +128,43 @@ class Engine:
             nonparametric_diagnosis_index=assessment.diagnosis,
             infected_fraction=total_lesion / total_lung if total_lung else 0.0,
             slices=slices, maps=lesion_maps, timings=timings, model=self.model_info)
+
+    def _slices(self, series: CTSeries, timings: dict, progress):
+        """A slice model: the slice network over every slice at the three window centres,
+        then the patient network over their features."""
+        t0 = time.perf_counter()
+        prepared = prepare(series.hu, self.model.profile.input_size)
+        timings["preprocess"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = len(series)
+        outputs = run_slices(self.model.slice_net, prepared.crops, self.batch_size, self.device,
+                             progress, evidence=True)
+        assert outputs.evidence is not None
+        maps = localize.evidence_maps(outputs.evidence, outputs.lesion[:, 1])
+        features = torch.from_numpy(outputs.features)
+        timings["slice_network"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with self._autocast():
+            logits = self.model.patient_net(features.to(self.device)[None], torch.tensor([n]))
+        network_probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy().astype(np.float64)
+        timings["patient"] = time.perf_counter() - t0
+        return (outputs.lesion, outputs.classes, outputs.types,
+                LesionMaps(maps, prepared.boxes, prepared.source_shape), prepared.lung,
+                network_probs)
+
+    def _volume(self, series: CTSeries, timings: dict):
+        """A volume model (dual sampling): one pass over the lungs' volume; its attention on
+        each slice's depth is that slice's lesion map."""
+        from inference.dualsampling import analyse_volume
+
+        t0 = time.perf_counter()
+        with self._autocast():
+            out = analyse_volume(self.model.slice_net, series.hu, self.device)
+        timings["volume_network"] = time.perf_counter() - t0
+        maps = localize.evidence_maps(out.maps, out.lesion[:, 1])
+        return (out.lesion, out.classes, None,
+                LesionMaps(maps, out.boxes, tuple(out.lung.shape[1:])), out.lung,
+                out.probabilities)
 
 
 def _autocast(device: torch.device):

@@ -28,8 +28,14 @@ class Profile:
     d_prime: int               # D': per-head width of the patient head
     heads: int                 # h: heads of the refinement module
     scales: tuple[int, ...]    # S: multi-scale splits of the slices
-    arch: str = "m3"           # m3 | hu2020 | ladnn (docs/models.md)
-    backbone: str = "resnet50"  # resnet50 | densenet169 | vgg16 | hu2020; ``width`` scales it
+    arch: str = "m3"           # m3 | hu2020 | ladnn | dualsampling (docs/models.md)
+    backbone: str = "resnet50"  # resnet50 | densenet169 | vgg16 | hu2020 | resnet34-3d
+    depth: int = 0             # slices of the resampled volume (a volume model's; else 0)
+
+    @property
+    def volume(self) -> bool:
+        """Whether the model reads the whole volume (dual sampling), not slices."""
+        return self.arch == "dualsampling"
 
     @property
     def layer3_channels(self) -> int:
@@ -49,6 +55,8 @@ class Profile:
         if self.arch == "hu2020":
             from inference.hu2020 import feature_dim as hu_dim
             return hu_dim(self)
+        if self.volume:
+            return 0          # no slice features: the volume model decides for the patient
         return self.layer3_channels + self.layer4_channels
 
     def to_dict(self) -> dict:
@@ -62,7 +70,7 @@ class Profile:
                    d_prime=int(d["d_prime"]), heads=int(d["heads"]),
                    scales=tuple(int(s) for s in d["scales"]),
                    arch=str(d.get("arch", "m3")),      # (checkpoints before architectures)
-                   backbone=str(d.get("backbone", "resnet50")))
+                   backbone=str(d.get("backbone", "resnet50")), depth=int(d.get("depth", 0)))
 
 
 PROFILES = {
@@ -80,9 +88,17 @@ PROFILES = {
                             scales=(1, 2, 3, 4), arch="hu2020", backbone="hu2020"),
     "hu2020-small": Profile("hu2020-small", width=16, input_size=128, d_prime=64, heads=4,
                             scales=(1, 2, 3, 4), arch="hu2020", backbone="hu2020"),
+    # the dual-sampling attention network (Ouyang et al.): two 3D ResNet-34s over the lungs'
+    # volume, 138 x 256 x 256 as the paper's; the small one 32 x 64 x 64 at width 8
+    "dualsampling-paper": Profile("dualsampling-paper", width=64, input_size=256, d_prime=64,
+                                  heads=4, scales=(1,), arch="dualsampling",
+                                  backbone="resnet34-3d", depth=138),
+    "dualsampling-small": Profile("dualsampling-small", width=8, input_size=64, d_prime=64,
+                                  heads=4, scales=(1,), arch="dualsampling",
+                                  backbone="resnet34-3d", depth=32),
 }
 #: The architectures a model can have (``--arch``).
-ARCHITECTURES = ("m3", "hu2020", "ladnn")
+ARCHITECTURES = ("m3", "hu2020", "ladnn", "dualsampling")
 
 
 def profile_for(arch: str, size: str) -> Profile:

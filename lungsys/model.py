@@ -22,8 +22,9 @@ def model_init_command(
     profile: Annotated[str, typer.Option(help="small (CPU, tests, demo) or paper (the paper's "
                                          "sizes, for GPUs).")] = "small",
     arch: Annotated[str, typer.Option(help="m3 (M3 Lung-Sys: ResNet-50, the shipped model's), "
-                                      "hu2020 (Hu et al.: multi-scale CAMs) or ladnn (LA-DNN: "
-                                      "DenseNet-169 with a lesion-type head); "
+                                      "hu2020 (Hu et al.: multi-scale CAMs), ladnn (LA-DNN: "
+                                      "DenseNet-169 with a lesion-type head) or dualsampling "
+                                      "(two 3D ResNet-34s over the volume); "
                                       "docs/models.md.")] = "m3",
     seed: Annotated[int, typer.Option(min=0, help="Seed of the random initialisation.")] = 0,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write "

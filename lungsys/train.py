@@ -43,8 +43,9 @@ def stopped_by_ctrl_c():
         raise typer.Exit(130) from None
 
 
-train_app = typer.Typer(help="Train the two networks on a dataset (a folder with "
-                        "manifest.csv): first 'slice', then 'patient'.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model on a dataset (a folder with manifest.csv): "
+                        "a slice model's two networks first 'slice', then 'patient'; a volume "
+                        "model (dual sampling) with 'volume'.", no_args_is_help=True)
 
 
 @train_app.command("slice")
@@ -55,6 +56,7 @@ def train_slice_command(
     arch: Annotated[str, typer.Option(help="m3 (M3 Lung-Sys), hu2020 (Hu et al.: multi-scale "
                                       "CAMs) or ladnn (LA-DNN, trained with its lesion-type "
                                       "task from the annotations' lesion_types); "
+                                      "dualsampling is a volume model: 'train volume'; "
                                       "docs/models.md.")] = "m3",
     epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 110).")] = 110,
     lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.01).")] = 0.01,
@@ -139,6 +141,48 @@ def train_patient_command(
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_patient(cfg, bar)
     out.print(f"wrote {out_path} (version {meta['model_version']})")
+
+
+@train_app.command("volume")
+def train_volume_command(
+    data: DataOption,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
+    profile: Annotated[str, typer.Option(help="small or paper.")] = "small",
+    arch: Annotated[str, typer.Option(help="dualsampling (the dual-sampling attention "
+                                      "network: two 3D ResNet-34s over the lungs' volume, "
+                                      "their attention trained against the annotations' "
+                                      "infection masks); docs/models.md.")] = "dualsampling",
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 20).")] = 20,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 2e-4).")] = 2e-4,
+    lr_step: Annotated[int, typer.Option(min=1, help="Epochs between x lr-gamma steps "
+                                         "(paper: 5).")] = 5,
+    lr_gamma: LrGamma = 0.1,
+    weight_decay: WeightDecay = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=2, help="Volumes per batch and branch "
+                                            "(paper: 20).")] = 20,
+    flips: Annotated[bool, typer.Option(help="Random left-right flips (not in the "
+                                        "paper).")] = True,
+    seed: Annotated[int, typer.Option(min=0, help="Seed.")] = 0,
+    device: DeviceOption = "auto",
+    run_dir: RunDir = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Train a volume model (dual sampling): both branches, uniform and size-balanced
+    sampling, the epoch with the best validation accuracy kept.
+
+    Prints a line each epoch (losses, validation accuracy, time left); Ctrl-C keeps
+    the finished epochs, and the same command continues from there."""
+    from training.train_volume import VolumeTrainConfig, train_volume
+
+    cfg = VolumeTrainConfig(
+        data=str(data), profile=profile, arch=arch, out=str(out_path),
+        run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
+        lr_gamma=lr_gamma, weight_decay=weight_decay, batch_size=batch_size, flips=flips,
+        seed=seed, device=device, cache_dir=str(cache_dir) if cache_dir else None)
+    with progress(transient=False) as bar, stopped_by_ctrl_c():
+        meta = train_volume(cfg, bar)
+    out.print(f"wrote {out_path} (version {meta['model_version']}, epoch "
+              f"{meta['provenance']['kept_epoch']} kept)")
 
 
 def evaluate_command(

@@ -3,13 +3,15 @@
 For each study and input size: the paper's lung crops resized to the input
 size (HU, float16), the crop boxes, the slices' SOP Instance UIDs in series
 order, and from the annotations each slice's lesion flag, lesion fraction and
-lesion types (LA-DNN's five; -1 where unknown). The cache file is rebuilt when
+lesion types (LA-DNN's five; -1 where unknown); for a volume model (dual sampling) the
+resampled lung volume with its infection mask and infected ratio. The cache file is rebuilt when
 the study's files change.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +49,9 @@ def _signature(folder: Path, extra: list[Path]) -> str:
     return h.hexdigest()
 
 
-def cache_path(cache_dir: Path, entry: StudyEntry, size: int) -> Path:
+def cache_path(cache_dir: Path, entry: StudyEntry, size: int | str, kind: str = "crops") -> Path:
     key = hashlib.sha256(str(entry.path).encode()).hexdigest()[:24]
-    return Path(cache_dir) / f"crops-{size}" / f"{entry.path.name}-{key}.npz"
+    return Path(cache_dir) / f"{kind}-{size}" / f"{entry.path.name}-{key}.npz"
 
 
 def load_study(entry: StudyEntry, size: int, cache_dir: Path) -> CachedStudy:
@@ -86,6 +88,58 @@ def load_study(entry: StudyEntry, size: int, cache_dir: Path) -> CachedStudy:
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, crops=study.crops, boxes=study.boxes, sop_uids=np.array(study.sop_uids),
              has_lesion=has_lesion, lesion_fraction=fraction, lesion_types=types,
+             signature=np.array(signature))
+    tmp.replace(path)
+    return study
+
+
+@dataclass
+class CachedVolume:
+    """One study as a volume model reads it (inference.dualsampling), with its truth."""
+
+    entry: StudyEntry
+    volume: np.ndarray       # (D, H, W) float16 in [0, 1]
+    lung: np.ndarray         # (D, H, W) bool
+    infection: np.ndarray | None   # (D, H, W) bool, the lesion mask resampled; None unknown
+    ratio: float             # infected share of the lungs (the truth's); -1 unknown
+
+
+def load_volume(entry: StudyEntry, shape: tuple[int, int, int], cache_dir: Path) -> CachedVolume:
+    """The study's resampled volume, from the cache or made (and cached) now."""
+    from inference.dualsampling import prepare_volume, resample_mask
+
+    extra = [p for p in (entry.annotations, entry.masks) if p is not None]
+    signature = _signature(entry.path, extra)
+    path = cache_path(cache_dir, entry, "x".join(map(str, shape)), kind="volumes")
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as npz:
+            if str(npz["signature"]) == signature:
+                infection = npz["infection"] if bool(npz["has_infection"]) else None
+                return CachedVolume(entry, npz["volume"], npz["lung"], infection,
+                                    float(npz["ratio"]))
+    series = load_series(entry.path)
+    prepared = prepare_volume(series.hu, shape)
+    infection, ratio = None, -1.0
+    if entry.label == 0:
+        infection, ratio = np.zeros(shape, dtype=bool), 0.0
+    masks = entry.lesion_masks()
+    if masks is not None:
+        uids, lesion = masks
+        order = {uid: i for i, uid in enumerate(uids)}
+        aligned = np.zeros((len(series), *lesion.shape[1:]), dtype=bool)
+        for i, uid in enumerate(series.sop_instance_uids):
+            if uid in order:
+                aligned[i] = lesion[order[uid]]
+        infection = resample_mask(aligned, prepared)
+    if entry.annotations is not None:
+        ratio = float(json.loads(entry.annotations.read_text()).get("infected_fraction", ratio))
+    study = CachedVolume(entry, prepared.volume.astype(np.float16), prepared.lung, infection,
+                         ratio)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, volume=study.volume, lung=study.lung,
+             infection=infection if infection is not None else np.zeros(1, dtype=bool),
+             has_infection=np.array(infection is not None), ratio=np.array(ratio),
              signature=np.array(signature))
     tmp.replace(path)
     return study

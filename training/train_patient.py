@@ -69,6 +69,9 @@ def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
     run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg),
               defaults_of(cfg))
     model = load_checkpoint(cfg.slice_model, device)
+    if model.patient_net is None:
+        raise ValueError(f"{cfg.slice_model} is a volume model ({model.profile.arch}): it has "
+                         f"no patient network to train")
     slice_provenance = model.metadata.get("provenance")
     entries = {split: read_manifest(cfg.data, split) for split in ("train", "val")}
     if not entries["train"]:

@@ -169,6 +169,8 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     if cfg.flips not in FLIPS:
         raise ValueError(f"flips must be one of {', '.join(FLIPS)}")
     profile = profile_for(cfg.arch, cfg.profile)
+    if profile.volume:
+        raise ValueError(f"--arch {cfg.arch} is a volume model: lungsys train volume")
     device = select_device(cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
     run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg),

@@ -1,0 +1,147 @@
+"""The dual-sampling attention network as a lungsys model: its online attention and
+ensemble as the paper's equations, size-balanced sampling by the paper's rule, training
+from the phantom's infection masks, its checkpoint (which names the architecture), and the
+engine, SR and SEG from a volume model."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference import dualsampling as ds
+from inference.checkpoint import LungSysModel, load_checkpoint, read_metadata
+from training.train_volume import VolumeTrainConfig, size_groups, train_volume
+
+from conftest import dciodvfy_errors
+
+
+def test_attention_is_the_class_row_over_the_features_through_the_steep_sigmoid():
+    """Eq. 1-2: A = ReLU(sum_c f_c w_kc) with the linear layer's row k of each volume's
+    class, upsampled, over its maximum, sigmoid(100 (A - 0.4)); the row is not trained
+    through the attention (Eq. 3 moves the features only)."""
+    torch.manual_seed(0)
+    branch = ds.AttentionResNet34(width=4, max_pool=False)
+    x = torch.rand(2, 1, 16, 32, 32)
+    _, f = branch(x)
+    classes = torch.tensor([1, 3])
+    a = branch.attention(f, classes)
+    w = branch.fc.weight
+    expected = torch.relu((f * w[classes][:, :, None, None, None]).sum(1))
+    assert torch.allclose(a, expected, atol=1e-5)
+    t = ds.soft_mask(a, (16, 32, 32))
+    assert t.shape == (2, 16, 32, 32)
+    assert t.flatten(1).amax(1).min() > 0.99           # the peak is A/max = 1
+    assert float(t.detach().min()) < 0.01               # below 0.4 of the peak: near 0
+    ds.attention_loss(t, torch.zeros_like(t)).backward()
+    assert branch.fc.weight.grad is None and branch.layer4[0].conv1.weight.grad is not None
+
+
+def test_the_ensemble_weighs_the_branches_by_the_infected_ratio():
+    """Eq. 5: P = w P_US + (1 - w) P_SS with w = 0.96 for a ratio in [0.001, 0.030], 0.35
+    outside; the ensembled map is weighed alike."""
+    torch.manual_seed(1)
+    net = ds.DualSamplingNet(LungSysModel.create("dualsampling-small").profile).eval()
+    x = torch.rand(2, 1, 32, 64, 64)
+    with torch.no_grad():
+        out = net(x)
+        pu = torch.softmax(net.us(x)[0], 1)
+        ps = torch.softmax(net.ss(x)[0], 1)
+    for i in range(2):
+        inside = ds.RATIO_LOW <= float(out.ratio[i]) <= ds.RATIO_HIGH
+        w = ds.W_US_INSIDE if inside else ds.W_US_OUTSIDE
+        assert float(out.us_weight[i]) == pytest.approx(w)
+        assert torch.allclose(out.probabilities[i], w * pu[i] + (1 - w) * ps[i], atol=1e-5)
+    assert out.attention.shape == (2, 32, 64, 64)
+    assert 0 <= float(out.attention.min()) and float(out.attention.max()) <= 1
+
+
+def test_size_balanced_sampling_favours_the_rarer_infection_size_of_each_disease():
+    """§III-C: COVID-19 small below 0.030, CAP large above 0.001; the rarer group of each
+    weighs N_common / N_rare; a group is drawn by weight, then a study uniformly."""
+    labels = np.array([0] * 4 + [1] * 6 + [3] * 6)
+    ratios = np.array([0] * 4 + [0.01, 0.01, 0.1, 0.1, 0.1, 0.1]       # 2 small, 4 large
+                      + [0.0005] * 4 + [0.01] * 2)                      # 4 small, 2 large
+    p = size_groups(labels, ratios)
+    assert p.sum() == pytest.approx(1)
+    # groups: healthy 1, covid small 2, covid large 1, cap small 1, cap large 2 (sum 7)
+    assert p[:4] == pytest.approx([1 / 7 / 4] * 4)
+    assert p[4:6] == pytest.approx([2 / 7 / 2] * 2) and p[6:10] == pytest.approx([1 / 7 / 4] * 4)
+    assert p[10:14] == pytest.approx([1 / 7 / 4] * 4) and p[14:] == pytest.approx([2 / 7 / 2] * 2)
+
+
+def test_the_volume_is_the_lungs_box_over_all_slices(study_factory):
+    from inference.series import load_series
+
+    series = load_series(study_factory("covid", 3, 24).directory)
+    prepared = ds.prepare_volume(series.hu, (16, 48, 48))
+    lung = prepared.source_lung
+    r0, c0, r1, c1 = prepared.box
+    rows, cols = np.flatnonzero(lung.any(axis=(0, 2))), np.flatnonzero(lung.any(axis=(0, 1)))
+    assert r0 <= rows[0] and r1 > rows[-1] and c0 <= cols[0] and c1 > cols[-1]
+    assert prepared.volume.shape == (16, 48, 48) and 0 <= prepared.volume.min()
+    assert prepared.volume.max() <= 1
+    depth = prepared.depth_of(len(series))
+    z0, z1 = prepared.z
+    assert (depth[:z0] == -1).all() and (depth[z1:] == -1).all()
+    assert (np.diff(depth[z0:z1]) >= 0).all() and depth[z0] == 0 and depth[z1 - 1] == 15
+
+
+def test_dualsampling_trains_round_trips_and_writes_results(tiny, tmp_path, study_factory):
+    """A few epochs on the tiny phantom set: both losses recorded, the attention learnt
+    from the masks; the checkpoint names the architecture and holds no patient network;
+    the engine gives the patient's probabilities and each slice's map from its depth; SR
+    and SEG pass dciodvfy."""
+    from inference.engine import Engine
+    from inference.export import write_results
+    from inference.series import load_series
+
+    out = tmp_path / "ds.safetensors"
+    meta = train_volume(VolumeTrainConfig(data=str(tiny), out=str(out), epochs=3, lr=2e-3,
+                                          batch_size=4, device="cpu"))
+    with (tmp_path / "ds.run" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["attention_loss"]) > 0 for r in rows)
+    assert float(rows[-1]["attention_loss"]) < float(rows[0]["attention_loss"])
+    assert 1 <= meta["provenance"]["kept_epoch"] <= 3
+    assert read_metadata(out)["profile"]["arch"] == "dualsampling"
+    model = load_checkpoint(out)
+    assert model.patient_net is None and model.version.startswith("dualsampling-small-")
+    assert all(k.startswith("volume.") for k in model.state_dict())
+    assert model.content_sha256 == meta["content_sha256"]
+
+    series = load_series(study_factory("cap", 2, 24).directory)
+    result = Engine(model, device="cpu").analyze(series)
+    assert result.model.profile == "dualsampling-small" and len(result.slices) == 24
+    assert result.probabilities.sum() == pytest.approx(1)
+    for s in result.slices:       # a volume model's slices carry the patient's classes
+        assert np.allclose(s.class_probabilities, result.network_probabilities)
+        assert s.lesion_probability <= 1 - result.network_probabilities[0] + 1e-6
+    files = write_results(result, series, tmp_path / "results")
+    assert dciodvfy_errors(files.sr) == []
+    if files.seg is not None:
+        assert dciodvfy_errors(files.seg) == []
+
+
+def test_the_slice_commands_refuse_a_volume_model_and_say_which_to_use(tiny, tmp_path):
+    exe = str(Path(sys.executable).with_name("lungsys"))
+    proc = subprocess.run([exe, "train", "slice", "--arch", "dualsampling", "--data", str(tiny),
+                           "--out", str(tmp_path / "s.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "dualsampling is a volume model: lungsys train volume" in proc.stderr
+    proc = subprocess.run([exe, "model", "init", "--arch", "dualsampling",
+                           "--out", str(tmp_path / "v.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "profile dualsampling-small" in proc.stdout, proc.stderr
+    proc = subprocess.run([exe, "train", "patient", "--data", str(tiny), "--slice-model",
+                           str(tmp_path / "v.safetensors"), "--out",
+                           str(tmp_path / "p.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "is a volume model (dualsampling)" in proc.stderr
