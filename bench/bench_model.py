@@ -4,10 +4,12 @@
 
 Prints one table. On the CPU: the small profile analysing a whole phantom
 study (three windows per slice: preprocessing, slice network, patient
-network, localisation) and raw slice-forward rates of both profiles. On a
-CUDA device: the paper profile's slice-forward rate in bf16, with the GPU
-named. Targets (not tests): small, 300 slices, three windows, <= 30 s on 2
-CPU cores; paper, >= 3000 slice-forwards/s on one H100.
+network, localisation), raw slice-forward rates of both profiles, and each
+architecture's small profile on the same study (``--archs``). On a CUDA
+device: the paper profile's slice-forward rate in bf16, with the GPU named,
+and each architecture's paper profile on the study. Targets (not tests):
+small, 300 slices, three windows, <= 30 s on 2 CPU cores; paper, >= 3000
+slice-forwards/s on one H100.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from rich.table import Table
 
 from inference.checkpoint import LungSysModel
 from inference.engine import Engine, select_device
-from inference.profiles import PROFILES
+from inference.profiles import ARCHITECTURES, PROFILES, profile_for
 from inference.series import load_series
 from training.phantom import generate_study
 
@@ -52,11 +54,28 @@ def forward_rate(profile_name: str, device: torch.device, batch: int, seconds: f
         return done / (time.perf_counter() - start)
 
 
+def study_row(arch: str, size: str, series, device: torch.device, name: str) -> tuple:
+    """One architecture's profile analysing the whole study (on a GPU after a warm-up)."""
+    profile = profile_for(arch, size)
+    engine = Engine(LungSysModel.create(profile, 0), device=str(device), batch_size=16)
+    if device.type == "cuda":
+        engine.analyze(series)
+    start = time.perf_counter()
+    engine.analyze(series)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    rate = None if profile.volume else 3 * len(series) / total
+    return (f"{profile.name}, {len(series)}-slice study: total", name, total, rate)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--archs", nargs="*", default=list(ARCHITECTURES),
+                        help="architectures timed on the whole study (none: skip)")
     args = parser.parse_args()
     device = select_device(args.device)
     cpu = torch.device("cpu")
@@ -78,10 +97,14 @@ def main() -> None:
                  forward_rate("small", cpu, 48, args.seconds)))
     rows.append(("paper: slice network forwards", "cpu", None,
                  forward_rate("paper", cpu, 4, args.seconds)))
+    for arch in args.archs:
+        rows.append(study_row(arch, "small", series, cpu, "cpu"))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         rows.append(("paper: slice network forwards, bf16", name, None,
                      forward_rate("paper", device, 256, args.seconds)))
+        for arch in args.archs:
+            rows.append(study_row(arch, "paper", series, device, name))
 
     table = Table(title=f"lungsys model speed ({torch.get_num_threads()} CPU threads, "
                         f"{os.cpu_count()} CPUs)")

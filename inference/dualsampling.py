@@ -27,7 +27,9 @@ where it is silent is in docs/models.md, section 3; in short:
   row (training.train_volume);
 - ensemble (§III-E, Eq. 5): ``P = w P_US + (1 - w) P_SS``, w = 0.35 where
   the infected ratio is below 0.001 or above 0.030, else 0.96; the ratio is
-  the US attention above 0.5 within the lungs, where the paper used VB-Net.
+  the US attention above 0.5 over the lungs (holes filled, the attention
+  counted as lung, as the engine's infected fraction), where the paper used
+  VB-Net's segmentation.
 
 For the engine it yields what a slice model yields, derived from the volume:
 each slice's lesion map is the ensembled attention on its depth; its lesion
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor, nn
 
 from inference.preprocess import MARGIN_PX, lung_masks
@@ -54,6 +57,8 @@ ALPHA, BETA = 100.0, 0.4
 RATIO_LOW, RATIO_HIGH = 0.001, 0.030
 W_US_OUTSIDE, W_US_INSIDE = 0.35, 0.96
 BLOCKS = (3, 4, 6, 3)           # ResNet-34
+SLAB = 64                       # slices resampled in-plane at a time
+MASK_CUT = 0.25                 # a resampled infection mask's voxel is lesion from here
 STRIDES = (1, 2, 2, 1)          # the last stage at stride 1 (§III-A)
 
 
@@ -68,7 +73,7 @@ class PreparedVolume:
     """A series as the network reads it, and what puts its maps back on the slices."""
 
     volume: np.ndarray          # (D, H, W) float32 in [0, 1]
-    lung: np.ndarray            # (D, H, W) bool, the lung mask resampled
+    lung: np.ndarray            # (D, H, W) bool, the lung mask (holes filled) resampled
     box: tuple[int, int, int, int]   # rows/cols of the crop on the source grid
     z: tuple[int, int]          # the source slices the volume covers, end-exclusive
     source_lung: np.ndarray     # (n, rows, cols) bool, the source slices' lung masks
@@ -97,24 +102,38 @@ def prepare_volume(hu: np.ndarray, shape: tuple[int, int, int]) -> PreparedVolum
         box, z = (0, 0, rows, cols), (0, n)
     (r0, c0, r1, c1), (z0, z1) = box, z
     low, high = WINDOW_HU
-    crop = torch.from_numpy(np.ascontiguousarray(hu[z0:z1, r0:r1, c0:c1], dtype=np.float32))
+    volume = _resample(hu[z0:z1, r0:r1, c0:c1], shape)
+    filled = np.stack([ndimage.binary_fill_holes(m) for m in lung[z0:z1, r0:r1, c0:c1]]) \
+        if z1 > z0 else lung[:0, r0:r1, c0:c1]
+    resampled = _resample(filled, shape) >= 0.5
+    volume = np.clip((volume - low) / (high - low), 0, 1)
+    return PreparedVolume(volume, resampled, box, z, lung)
+
+
+def _resample(block: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Resample a (n, h, w) block to ``shape`` as float32: in-plane bilinear with
+    antialiasing (as the slice models' crops), a slab of slices at a time, then along the
+    slices by area averaging when there are fewer (no aliasing), linearly when more. The
+    float copy is of the in-plane result, not of the source block."""
+    depth, rows, cols = shape
+    planes = np.empty((len(block), rows, cols), dtype=np.float32)
     with torch.no_grad():
-        volume = F.interpolate(crop[None, None], size=shape, mode="trilinear",
-                               align_corners=False)[0, 0]
-        mask = torch.from_numpy(lung[z0:z1, r0:r1, c0:c1]).float()
-        resampled = F.interpolate(mask[None, None], size=shape, mode="trilinear",
-                                  align_corners=False)[0, 0] >= 0.5
-    volume = ((volume - low) / (high - low)).clamp(0, 1).numpy()
-    return PreparedVolume(volume, resampled.numpy(), box, z, lung)
+        for a in range(0, len(block), SLAB):
+            slab = torch.from_numpy(np.ascontiguousarray(block[a:a + SLAB], dtype=np.float32))
+            planes[a:a + SLAB] = F.interpolate(slab[:, None], size=(rows, cols),
+                                               mode="bilinear", align_corners=False,
+                                               antialias=True)[:, 0]
+        flat = torch.from_numpy(planes).reshape(len(block), -1).T[:, None]   # (hw, 1, n)
+        along = F.interpolate(flat, size=depth, mode="area") if len(block) > depth else \
+            F.interpolate(flat, size=depth, mode="linear", align_corners=False)
+    return along[:, 0].T.reshape(depth, rows, cols).contiguous().numpy()
 
 
 def resample_mask(mask: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
     """A (n, rows, cols) mask of the source (the infection truth) on the volume's grid."""
     (r0, c0, r1, c1), (z0, z1) = prepared.box, prepared.z
-    m = torch.from_numpy(np.ascontiguousarray(mask[z0:z1, r0:r1, c0:c1])).float()
-    with torch.no_grad():
-        return (F.interpolate(m[None, None], size=prepared.volume.shape, mode="trilinear",
-                              align_corners=False)[0, 0] >= 0.5).numpy()
+    # a lower cut than 0.5: a lesion of a few voxels' width still leaves a mark
+    return _resample(mask[z0:z1, r0:r1, c0:c1], prepared.volume.shape) >= MASK_CUT
 
 
 # ------------------------------------------------------------------ the network
@@ -210,8 +229,9 @@ class DualSamplingNet(nn.Module):
         disease = 1 + ((pu + ps)[:, 1:]).argmax(1)      # the maps show the likeliest disease
         tu = soft_mask(self.us.attention(fu, disease), shape)
         ts = soft_mask(self.ss.attention(fs, disease), shape)
-        room = torch.ones_like(tu, dtype=torch.bool) if lung is None else lung.bool()
-        ratio = ((tu > 0.5) & room).flatten(1).sum(1) / room.flatten(1).sum(1).clamp_min(1)
+        hot = tu > 0.5
+        room = torch.ones_like(hot) if lung is None else (lung.bool() | hot)
+        ratio = (hot & room).flatten(1).sum(1) / room.flatten(1).sum(1).clamp_min(1)
         inside = (ratio >= RATIO_LOW) & (ratio <= RATIO_HIGH)
         w = torch.where(inside, W_US_INSIDE, W_US_OUTSIDE).to(pu)
         return VolumeOutput(w[:, None] * pu + (1 - w[:, None]) * ps,

@@ -6,12 +6,14 @@
 #
 # The datasets are the shipped model's (scripts/train-shipped-model.sh: training set seed
 # 5, fresh test set seed 2, studies of 32-48 slices); Hu 2020 and LA-DNN are trained on it
-# with the shipped model's settings (their small profiles), then `lungsys evaluate` compares
-# all three on every study of the fresh set and writes WORK_DIR/comparison.txt. About 4-5
-# hours on a 2-core CPU (a GPU is used when there is one); an interrupted run resumes.
-# PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS and PATIENT_EPOCHS shrink it; ARCHS names the
-# architectures trained (default "hu2020 ladnn"; "m3 hu2020 ladnn" trains M3 the same way
-# too) and SHIPPED=0 leaves the shipped model out of the table.
+# with the shipped model's settings (their small profiles), the dual-sampling network with
+# `lungsys train volume` (VOLUME_EPOCHS, lr 1e-3 x0.1 every 8 epochs, 8 volumes a batch),
+# then `lungsys evaluate` compares them all on every study of the fresh set and writes
+# WORK_DIR/comparison.txt. About 5 hours on a 2-core CPU (a GPU is used when there is one);
+# an interrupted run resumes. PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS, PATIENT_EPOCHS and
+# VOLUME_EPOCHS shrink it; ARCHS names the architectures trained (default "hu2020 ladnn
+# dualsampling"; add m3 to train M3 the same way too) and SHIPPED=0 leaves the shipped
+# model out of the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${1:-work/compare}"
@@ -20,7 +22,8 @@ PER_CLASS="${PER_CLASS:-120}"
 TEST_PER_CLASS="${TEST_PER_CLASS:-25}"
 SLICE_EPOCHS="${SLICE_EPOCHS:-36}"
 PATIENT_EPOCHS="${PATIENT_EPOCHS:-40}"
-ARCHS="${ARCHS:-hu2020 ladnn}"
+VOLUME_EPOCHS="${VOLUME_EPOCHS:-24}"
+ARCHS="${ARCHS:-hu2020 ladnn dualsampling}"
 mkdir -p "$W"
 SECONDS=0
 
@@ -33,6 +36,14 @@ SECONDS=0
 models=()
 [ "${SHIPPED:-1}" = 0 ] || models+=(inference/models/lungsys-small-phantom.safetensors)
 for arch in $ARCHS; do
+    if [ "$arch" = dualsampling ]; then
+        [ -f "$W/$arch.safetensors" ] || \
+            $L train volume --arch "$arch" --data "$W/train" --out "$W/$arch.safetensors" \
+                --profile small --epochs "$VOLUME_EPOCHS" --lr 0.001 --lr-step 8 \
+                --batch-size 8 --seed 0
+        models+=("$W/$arch.safetensors")
+        continue
+    fi
     [ -f "$W/$arch.safetensors" ] || {
         $L train slice --arch "$arch" --data "$W/train" --out "$W/$arch-slice.safetensors" \
             --profile small --epochs "$SLICE_EPOCHS" --optimizer adamw --lr 0.001 \

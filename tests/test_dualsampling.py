@@ -63,16 +63,23 @@ def test_the_ensemble_weighs_the_branches_by_the_infected_ratio():
 
 def test_size_balanced_sampling_favours_the_rarer_infection_size_of_each_disease():
     """§III-C: COVID-19 small below 0.030, CAP large above 0.001; the rarer group of each
-    weighs N_common / N_rare; a group is drawn by weight, then a study uniformly."""
+    weighs N_common / N_rare; Healthy, and H1N1 when all its studies are on one side of its
+    median, weigh 2; a group is drawn by weight, then a study uniformly; an unknown ratio is
+    never boosted."""
     labels = np.array([0] * 4 + [1] * 6 + [3] * 6)
     ratios = np.array([0] * 4 + [0.01, 0.01, 0.1, 0.1, 0.1, 0.1]       # 2 small, 4 large
                       + [0.0005] * 4 + [0.01] * 2)                      # 4 small, 2 large
     p = size_groups(labels, ratios)
     assert p.sum() == pytest.approx(1)
-    # groups: healthy 1, covid small 2, covid large 1, cap small 1, cap large 2 (sum 7)
-    assert p[:4] == pytest.approx([1 / 7 / 4] * 4)
-    assert p[4:6] == pytest.approx([2 / 7 / 2] * 2) and p[6:10] == pytest.approx([1 / 7 / 4] * 4)
-    assert p[10:14] == pytest.approx([1 / 7 / 4] * 4) and p[14:] == pytest.approx([2 / 7 / 2] * 2)
+    # groups: healthy 2, covid small 2, covid large 1, cap small 1, cap large 2 (sum 8)
+    assert p[:4] == pytest.approx([2 / 8 / 4] * 4)
+    assert p[4:6] == pytest.approx([2 / 8 / 2] * 2) and p[6:10] == pytest.approx([1 / 8 / 4] * 4)
+    assert p[10:14] == pytest.approx([1 / 8 / 4] * 4) and p[14:] == pytest.approx([2 / 8 / 2] * 2)
+    unknown = ratios.copy()
+    unknown[4] = -1.0              # one small COVID-19 study's ratio unknown: counted large
+    q = size_groups(labels, unknown)
+    # covid small {5} weighs 5/1, covid large {4, 6..9} 1; healthy 2, cap 1 and 2: sum 11
+    assert q[5] == pytest.approx(5 / 11) and q[4] == pytest.approx(1 / 11 / 5) == q[6]
 
 
 def test_the_volume_is_the_lungs_box_over_all_slices(study_factory):
@@ -145,3 +152,19 @@ def test_the_slice_commands_refuse_a_volume_model_and_say_which_to_use(tiny, tmp
                            str(tmp_path / "p.safetensors")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "is a volume model (dualsampling)" in proc.stderr
+
+
+def test_resampling_keeps_the_mean_and_a_small_lesion():
+    """In-plane antialiasing, 64 slices at a time, and area averaging along the slices: a
+    constant stays constant, a 150-slice block's mean is kept, and a lesion 6 voxels wide
+    in a 300 x 300 plane still marks the 64 x 64 infection mask."""
+    block = np.random.default_rng(0).normal(size=(150, 90, 110)).astype(np.float32)
+    out = ds._resample(block, (32, 64, 64))
+    assert out.shape == (32, 64, 64) and abs(out.mean() - block.mean()) < 0.01
+    assert np.allclose(ds._resample(np.full((150, 90, 110), 7.0), (32, 64, 64)), 7.0)
+    mask = np.zeros((40, 300, 300), dtype=bool)
+    mask[18:24, 100:106, 200:206] = True
+    prepared = ds.PreparedVolume(np.zeros((32, 64, 64)), np.ones((32, 64, 64), bool),
+                                 (0, 0, 300, 300), (0, 40), np.ones((40, 300, 300), bool))
+    resampled = ds.resample_mask(mask, prepared)
+    assert resampled.any() and resampled.sum() < 20

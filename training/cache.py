@@ -23,6 +23,8 @@ from inference.series import load_series
 from training.dataset import StudyEntry
 
 CACHE_VERSION = "2"
+#: The volumes' own (dual sampling): their lung masks with holes filled since "2".
+VOLUME_CACHE_VERSION = "2"
 
 
 @dataclass
@@ -41,8 +43,8 @@ class CachedStudy:
         return len(self.sop_uids)
 
 
-def _signature(folder: Path, extra: list[Path]) -> str:
-    h = hashlib.sha256(CACHE_VERSION.encode())
+def _signature(folder: Path, extra: list[Path], version: str = CACHE_VERSION) -> str:
+    h = hashlib.sha256(version.encode())
     for p in sorted(q for q in folder.rglob("*") if q.is_file()) + extra:
         st = p.stat()
         h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -109,7 +111,7 @@ def load_volume(entry: StudyEntry, shape: tuple[int, int, int], cache_dir: Path)
     from inference.dualsampling import prepare_volume, resample_mask
 
     extra = [p for p in (entry.annotations, entry.masks) if p is not None]
-    signature = _signature(entry.path, extra)
+    signature = _signature(entry.path, extra, "volume-" + VOLUME_CACHE_VERSION)
     path = cache_path(cache_dir, entry, "x".join(map(str, shape)), kind="volumes")
     if path.is_file():
         with np.load(path, allow_pickle=False) as npz:
@@ -125,14 +127,23 @@ def load_volume(entry: StudyEntry, shape: tuple[int, int, int], cache_dir: Path)
     masks = entry.lesion_masks()
     if masks is not None:
         uids, lesion = masks
+        if len(lesion) != len(uids) or lesion.shape[1:] != series.hu.shape[1:]:
+            raise ValueError(f"{entry.masks}: lesion masks of shape {lesion.shape} do not "
+                             f"fit {len(uids)} annotated slices of "
+                             f"{series.hu.shape[1]} x {series.hu.shape[2]}")
         order = {uid: i for i, uid in enumerate(uids)}
-        aligned = np.zeros((len(series), *lesion.shape[1:]), dtype=bool)
-        for i, uid in enumerate(series.sop_instance_uids):
-            if uid in order:
-                aligned[i] = lesion[order[uid]]
-        infection = resample_mask(aligned, prepared)
+        z0, z1 = prepared.z
+        if all(uid in order for uid in series.sop_instance_uids[z0:z1]):
+            aligned = np.zeros((len(series), *lesion.shape[1:]), dtype=bool)
+            for i, uid in enumerate(series.sop_instance_uids):
+                if uid in order:
+                    aligned[i] = lesion[order[uid]]
+            infection = resample_mask(aligned, prepared)
+        # (a lung slice without its mask: the infection is unknown, not absent)
     if entry.annotations is not None:
         ratio = float(json.loads(entry.annotations.read_text()).get("infected_fraction", ratio))
+    if ratio < 0 and infection is not None:      # no truth given: the mask's share
+        ratio = float(infection.sum() / max((prepared.lung | infection).sum(), 1))
     study = CachedVolume(entry, prepared.volume.astype(np.float16), prepared.lung, infection,
                          ratio)
     path.parent.mkdir(parents=True, exist_ok=True)

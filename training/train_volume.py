@@ -63,23 +63,30 @@ def size_groups(labels: np.ndarray, ratios: np.ndarray) -> np.ndarray:
     """The size-balanced sampling probability of each study (§III-C, four classes).
 
     Each disease is split at its ratio (:data:`SIZE_SPLIT`); the smaller of its two groups
-    weighs N_larger / N_smaller, the larger 1, Healthy is one group of weight 1 (restricted
-    to COVID-19 and CAP this is the paper's rule). A group is drawn by its weight, then a
-    study of it uniformly: the result is each study's probability of being drawn.
+    weighs N_larger / N_smaller, the larger 1 (restricted to COVID-19 and CAP this is the
+    paper's rule); Healthy, and a disease whose studies all fall on one side, is one group
+    of weight 2, as a disease of two equal groups (with weight 1 the branch would hardly
+    see a healthy lung). A ratio below 0 (unknown) counts as large: never boosted. A group
+    is drawn by its weight, then a study of it uniformly: the result is each study's
+    probability of being drawn.
     """
     group = np.zeros(len(labels), dtype=int)      # 0 Healthy; 2k-1 / 2k small / large
     for k in (1, 2, 3):
         members = labels == k
         if not members.any():
             continue
-        split = SIZE_SPLIT.get(k, float(np.median(ratios[members])))
-        group[members] = np.where(ratios[members] < split, 2 * k - 1, 2 * k)
-    weight = {}
+        known = members & (ratios >= 0)
+        split = SIZE_SPLIT.get(k, float(np.median(ratios[known])) if known.any() else 0.0)
+        group[members] = np.where((ratios[members] >= 0) & (ratios[members] < split),
+                                  2 * k - 1, 2 * k)
+    weight = {0: 2.0}
     for k in (1, 2, 3):
         small, large = (group == 2 * k - 1).sum(), (group == 2 * k).sum()
         if small and large:
             weight[2 * k - 1] = max(large / small, 1.0)
             weight[2 * k] = max(small / large, 1.0)
+        else:
+            weight[2 * k - 1] = weight[2 * k] = 2.0
     present = np.unique(group)
     total = sum(weight.get(g, 1.0) for g in present)
     p = np.zeros(len(labels))
@@ -95,7 +102,7 @@ class VolumeSet:
     def __init__(self, studies: list[CachedVolume]) -> None:
         self.studies = studies
         self.labels = np.array([s.entry.label for s in studies])
-        self.ratios = np.array([max(s.ratio, 0.0) for s in studies])
+        self.ratios = np.array([s.ratio for s in studies])
 
     def __len__(self) -> int:
         return len(self.studies)
@@ -118,14 +125,15 @@ class VolumeSet:
 
 def branch_loss(branch, x, label, infection, known) -> tuple[torch.Tensor, torch.Tensor]:
     """One branch's Eq. 4: cross-entropy, and the attention loss of the diseased studies
-    with a mask (their true class's map against the mask)."""
+    with a mask (their true class's map against the mask), as a mean over the batch (zero
+    for the others, as the paper's CAP cases)."""
     logits, f = branch(x)
     ce = F.cross_entropy(logits, label)
     use = known & (label > 0)
     if not use.any():
         return ce, ce * 0.0
     t = soft_mask(branch.attention(f[use], label[use]), tuple(x.shape[2:]))
-    return ce, attention_loss(t, infection[use])
+    return ce, attention_loss(t, infection[use]) * (use.sum() / len(label))
 
 
 @torch.no_grad()
@@ -145,6 +153,8 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
     profile = profile_for(cfg.arch, cfg.profile)
     if not profile.volume:
         raise ValueError(f"--arch {cfg.arch} is a slice model: lungsys train slice")
+    if cfg.batch_size < 2:
+        raise ValueError("batch size must be at least 2 (batch norm)")
     device = select_device(cfg.device)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
     run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg),
@@ -172,6 +182,8 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
     optimizer = make_optimizer(cfg, net)
     start_epoch = run.load_state(net, optimizer)
     best_path = run.dir / "best.safetensors"
+    if start_epoch == 0:
+        best_path.unlink(missing_ok=True)         # an earlier run's, not this one's
     best = _best_accuracy(best_path)
     sampling = size_groups(train.labels, train.ratios)
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
@@ -188,7 +200,8 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
             net.train()
             totals, seen, t0 = np.zeros(2), 0, time.time()
             for b in range(steps):
-                losses = []
+                optimizer.zero_grad(set_to_none=True)
+                stepped = False
                 for branch, order in ((net.us, uniform), (net.ss, balanced)):
                     rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                     if len(rows) < 2:
@@ -196,12 +209,11 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
                     x, _, infection, known, label = train.batch(rows, rng, cfg.flips)
                     ce, ex = branch_loss(branch, x.to(device), label.to(device),
                                          infection.to(device), known.to(device))
-                    losses.append(ce + LAMBDA_EX * ex)
+                    (ce + LAMBDA_EX * ex).backward()     # one branch's graph at a time
                     totals += [ce.item() * len(rows), ex.item() * len(rows)]
                     seen += len(rows)
-                if losses:
-                    optimizer.zero_grad(set_to_none=True)
-                    sum(losses).backward()
+                    stepped = True
+                if stepped:
                     optimizer.step()
             row = {"epoch": epoch + 1, "lr": lr,
                    "class_loss": round(totals[0] / max(seen, 1), 5),
@@ -222,8 +234,13 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
                 progress.advance(epoch_task)
     except KeyboardInterrupt:
         raise TrainingStopped(run.dir, finished, cfg.epochs) from None
-    kept = _kept_epoch(best_path)
-    net.load_state_dict(load_file(str(best_path)))
+    if best_path.is_file():
+        kept = _kept_epoch(best_path)
+        net.load_state_dict(load_file(str(best_path)))
+    else:                                     # (removed by hand): the last epoch's
+        kept = finished
+        run.tell(f"no best epoch kept in {run.dir}: the last epoch's weights are written",
+                 progress)
     model.metadata["provenance"] = {
         "kind": "volume-trained", "data": str(Path(cfg.data).resolve()),
         "profile": profile.name, "arch": profile.arch, "epochs": cfg.epochs, "lr": cfg.lr,
