@@ -83,6 +83,11 @@ PROFILES = {
                            scales=(1, 2, 3, 4), arch="ladnn", backbone="densenet169"),
     "ladnn-small": Profile("ladnn-small", width=8, input_size=128, d_prime=64, heads=4,
                            scales=(1, 2, 3, 4), arch="ladnn", backbone="densenet169"),
+    # LA-DNN on VGG-16, the paper's other backbone (--arch ladnn --profile vgg16-small)
+    "ladnn-vgg16-paper": Profile("ladnn-vgg16-paper", width=64, input_size=224, d_prime=512,
+                                 heads=12, scales=(1, 2, 3, 4), arch="ladnn", backbone="vgg16"),
+    "ladnn-vgg16-small": Profile("ladnn-vgg16-small", width=8, input_size=128, d_prime=64,
+                                 heads=4, scales=(1, 2, 3, 4), arch="ladnn", backbone="vgg16"),
     # Hu et al. 2020: its own five-block network (32-256 channels at width 64), 224 inputs
     "hu2020-paper": Profile("hu2020-paper", width=64, input_size=224, d_prime=512, heads=12,
                             scales=(1, 2, 3, 4), arch="hu2020", backbone="hu2020"),
@@ -102,7 +107,8 @@ ARCHITECTURES = ("m3", "hu2020", "ladnn", "dualsampling")
 
 
 def profile_for(arch: str, size: str) -> Profile:
-    """The profile of an architecture at a size (``paper`` or ``small``)."""
+    """The profile of an architecture at a size (``paper`` or ``small``; LA-DNN also
+    ``vgg16-paper`` and ``vgg16-small``)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of "
                          f"{', '.join(ARCHITECTURES)}")

@@ -52,7 +52,8 @@ train_app = typer.Typer(help="Train a model on a dataset (a folder with manifest
 def train_slice_command(
     data: DataOption,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
-    profile: Annotated[str, typer.Option(help="small or paper.")] = "small",
+    profile: Annotated[str, typer.Option(help="small or paper (LA-DNN on VGG-16: "
+                                         "vgg16-small, vgg16-paper).")] = "small",
     arch: Annotated[str, typer.Option(help="m3 (M3 Lung-Sys), hu2020 (Hu et al.: multi-scale "
                                       "CAMs) or ladnn (LA-DNN, trained with its lesion-type "
                                       "task from the annotations' lesion_types); "
@@ -73,8 +74,10 @@ def train_slice_command(
     backbone_weights: Annotated[Optional[Path], typer.Option(
         help="torchvision state dict (ImageNet) of the architecture's backbone to start "
         "from (ResNet-50 for m3, DenseNet-169 for ladnn).")] = None,
-    focal: Annotated[bool, typer.Option(help="Class-balanced focal loss (Hu 2020) instead "
-                                        "of cross-entropy.")] = False,
+    focal: Annotated[bool, typer.Option(help="Class-weighted focal loss instead of "
+                                        "cross-entropy: Hu 2020's (gamma 1, inverse class "
+                                        "frequencies) for --arch hu2020, else gamma 2 with "
+                                        "effective-number weights.")] = False,
     size_balanced: Annotated[bool, typer.Option(help="Infection-size-balanced sampling "
                                                 "(dual-sampling paper).")] = False,
     flips: Annotated[str, typer.Option(help="Random flips: horizontal, both or none.")]

@@ -59,3 +59,18 @@ def test_hu2020_has_no_imagenet_weights_to_start_from(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "train their network from scratch" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_hu2020s_focal_loss_weighs_classes_by_inverse_frequency_with_gamma_one():
+    """Eq. 1 of Hu et al. 2020: -w_c (1 - p_c)^gamma log p_c, w_c the inverse of class c's
+    frequency (normalised to mean 1), gamma = 1."""
+    from training.losses import HU2020_GAMMA, focal_loss, inverse_frequency_weights
+
+    w = inverse_frequency_weights([10, 30, 30, 30])
+    assert torch.allclose(w, torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3]))
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    target = torch.tensor([0, 2])
+    p = torch.softmax(logits, 1)[[0, 1], target]
+    expected = (-w[target] * (1 - p) * torch.log(p)).mean()
+    assert HU2020_GAMMA == 1.0
+    assert torch.allclose(focal_loss(logits, target, w, HU2020_GAMMA), expected)

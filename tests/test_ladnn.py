@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from inference.checkpoint import LungSysModel, load_checkpoint, read_metadata
@@ -82,3 +83,29 @@ def test_model_init_ladnn_from_torchvision_densenet169_weights(tmp_path):
     bad = subprocess.run([str(exe), "model", "init", "--arch", "hu1999", "--out",
                           str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown architecture 'hu1999'" in bad.stderr
+
+
+def test_ladnn_on_vgg16_starts_from_torchvision_vgg16_weights(tmp_path):
+    """The paper's other backbone: ``--arch ladnn --profile vgg16-small`` builds LA-DNN on
+    VGG-16 (torchvision's names), whose backbone loads a VGG-16 state dict strictly."""
+    from inference.checkpoint import load_backbone_weights
+    from inference.profiles import profile_for
+    from inference.vgg import VGG16
+
+    profile = profile_for("ladnn", "vgg16-small")
+    assert profile.backbone == "vgg16" and profile.name == "ladnn-vgg16-small"
+    model = LungSysModel.create(profile, seed=0).eval()
+    torch.manual_seed(1)
+    state = {k: torch.randn(v.shape) for k, v in VGG16(width=8).state_dict().items()}
+    torch.save(state, tmp_path / "vgg16.pth")
+    load_backbone_weights(model, tmp_path / "vgg16.pth")
+    assert torch.equal(model.slice_net.backbone.state_dict()["features.28.weight"],
+                       state["features.28.weight"])
+    with torch.no_grad():
+        out = model.slice_net(torch.rand(2, 3, 128, 128))
+    assert out.lesion_type_logits.shape == (2, 5)
+    assert out.feature.shape == (2, profile.slice_feature_dim)
+    del state["features.0.bias"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="features.0.bias"):
+        load_backbone_weights(model, tmp_path / "broken.pth")

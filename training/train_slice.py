@@ -29,7 +29,8 @@ from inference.preprocess import TRAINING_CENTRE_RANGE, WINDOW_WIDTH
 from inference.profiles import profile_for
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
-from training.losses import class_balanced_weights, focal_loss
+from training.losses import (HU2020_GAMMA, class_balanced_weights, focal_loss,
+                             inverse_frequency_weights)
 from training.clock import EpochClock, TrainingStopped
 from training.runs import (Run, TrainingSettings, begin_epoch, defaults_of,
                            make_optimizer)
@@ -199,8 +200,11 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
 
     optimizer = make_optimizer(cfg, net)
     start_epoch = run.load_state(net, optimizer)
-    lesion_w = class_balanced_weights(np.bincount(train.lesion, minlength=2))
-    class_w = class_balanced_weights(np.bincount(train.label, minlength=4))
+    # the focal loss: Hu 2020's own (inverse frequencies, gamma 1) for its network
+    weigh, gamma = (inverse_frequency_weights, HU2020_GAMMA) if profile.arch == "hu2020" \
+        else (class_balanced_weights, 2.0)
+    lesion_w = weigh(np.bincount(train.lesion, minlength=2))
+    class_w = weigh(np.bincount(train.label, minlength=4))
     sampling = size_balanced_weights(train.fraction) if cfg.size_balanced else None
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     epoch_task = task("slice training", cfg.epochs, start_epoch)
@@ -226,8 +230,8 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
                 label = torch.from_numpy(train.label[rows]).to(device)
                 out = net(x)
                 if cfg.focal:
-                    l1 = focal_loss(out.lesion_logits, lesion, lesion_w)
-                    l2 = focal_loss(out.class_logits, label, class_w)
+                    l1 = focal_loss(out.lesion_logits, lesion, lesion_w, gamma)
+                    l2 = focal_loss(out.class_logits, label, class_w, gamma)
                 else:
                     l1 = F.cross_entropy(out.lesion_logits, lesion)
                     l2 = F.cross_entropy(out.class_logits, label)
