@@ -139,6 +139,8 @@ def resample_mask(mask: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
 # ------------------------------------------------------------------ the network
 
 class BasicBlock3d(nn.Module):
+    """ResNet-34's two-convolution block in 3D (torchvision's BasicBlock, Conv3d)."""
+
     def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(inplanes, planes, 3, stride, 1, bias=False)
