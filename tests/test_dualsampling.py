@@ -168,3 +168,75 @@ def test_resampling_keeps_the_mean_and_a_small_lesion():
                                  (0, 0, 300, 300), (0, 40), np.ones((40, 300, 300), bool))
     resampled = ds.resample_mask(mask, prepared)
     assert resampled.any() and resampled.sum() < 20
+
+
+def test_the_infection_mask_lies_on_the_lesions_of_the_volume(study_factory, tmp_path):
+    """The cached volume's infection mask is the phantom's lesion mask in the volume's
+    place: inside it the CT is denser than the lung around it (lesions raise attenuation),
+    and its share of the lungs is near the truth's infected fraction."""
+    import json
+
+    from training.cache import load_volume
+    from training.dataset import StudyEntry
+
+    study = study_factory("cap", 5, 40)
+    folder = study.directory
+    entry = StudyEntry(folder, 3, "train", folder / "truth.json", folder / "masks.npz", 2)
+    cached = load_volume(entry, (32, 64, 64), tmp_path)
+    assert cached.infection is not None and cached.infection.any()
+    inside = cached.volume[cached.infection].astype(np.float32).mean()
+    around = cached.volume[cached.lung & ~cached.infection].astype(np.float32).mean()
+    assert inside > around + 0.1
+    truth = json.loads((folder / "truth.json").read_text())["infected_fraction"]
+    assert cached.ratio == pytest.approx(truth)
+    share = cached.infection.sum() / (cached.lung | cached.infection).sum()
+    assert share == pytest.approx(truth, abs=0.05)
+    again = load_volume(entry, (32, 64, 64), tmp_path)          # from the cache
+    assert np.array_equal(again.infection, cached.infection)
+
+
+def test_each_slice_shows_the_attention_of_its_depth(study_factory):
+    """The engine's map of a slice is the ensembled attention at the slice's depth; slices
+    beyond the lungs' first and last have none."""
+    from inference.engine import Engine
+    from inference.series import load_series
+
+    series = load_series(study_factory("covid", 1, 24).directory)
+    model = LungSysModel.create("dualsampling-small", seed=3)
+    result = Engine(model, device="cpu").analyze(series)
+    prepared = ds.prepare_volume(series.hu, ds.volume_shape(model.profile))
+    with torch.no_grad():
+        out = model.eval().slice_net(torch.from_numpy(prepared.volume)[None, None],
+                                     torch.from_numpy(prepared.lung)[None])
+    depth = prepared.depth_of(len(series))
+    attention = out.attention[0].numpy()
+    for s in result.slices:
+        shown = result.maps.maps[s.index]
+        if depth[s.index] < 0:
+            assert shown.max() == 0 and s.lesion_probability == 0
+        else:
+            expected = attention[depth[s.index]]
+            scale = s.lesion_probability / expected.max()
+            assert np.allclose(shown, expected * scale, atol=1e-5)
+
+
+def test_an_interrupted_volume_training_resumes_and_never_keeps_an_older_best(tiny, tmp_path):
+    out = tmp_path / "ds.safetensors"
+    cfg = dict(data=str(tiny), out=str(out), lr=2e-3, batch_size=4, device="cpu")
+    train_volume(VolumeTrainConfig(epochs=1, **cfg))
+    first = load_checkpoint(out).content_sha256
+    meta = train_volume(VolumeTrainConfig(epochs=2, **cfg))       # resumes after epoch 1
+    with (tmp_path / "ds.run" / "metrics.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
+    assert "resuming the run" in (tmp_path / "ds.run" / "train.log").read_text()
+    assert meta["provenance"]["kept_epoch"] in (1, 2)
+    # a new run in the same folder (its resume state removed) forgets the old best epoch,
+    # even one no epoch of the new run can beat
+    from safetensors.torch import load_file, save_file
+
+    best = tmp_path / "ds.run" / "best.safetensors"
+    save_file(load_file(str(best)), str(best), metadata={"epoch": "2", "val_acc": "1.0"})
+    (tmp_path / "ds.run" / "resume.safetensors").unlink()
+    again = train_volume(VolumeTrainConfig(epochs=1, **cfg))
+    assert again["provenance"]["kept_epoch"] == 1
+    assert again["content_sha256"] == first       # epoch 1 again, not the older run's best

@@ -42,6 +42,35 @@ class TrainingSettings:
     cache_dir: str | None = None
 
 
+def default_cache_dir(data: str) -> Path:
+    """DATA/.lungsys-cache: where a dataset's preprocessed slices and volumes are kept."""
+    root = Path(data)
+    return (root if root.is_dir() else root.parent) / ".lungsys-cache"
+
+
+def open_run(cfg: TrainingSettings) -> tuple["Run", torch.device, Path]:
+    """What every training command starts with: its run folder (OUT.run unless given;
+    refused when an unfinished run there had other settings), the device and the cache."""
+    from inference.engine import select_device
+
+    run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg),
+              defaults_of(cfg))
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
+    return run, select_device(cfg.device), cache_dir
+
+
+def write_trained(model, provenance: dict, out: str) -> dict:
+    """Write a trained model's checkpoint (on the CPU) with its provenance, under a new
+    version and date; returns its metadata."""
+    from inference.checkpoint import save_checkpoint
+
+    model.to("cpu")
+    model.metadata["provenance"] = provenance
+    model.metadata["model_version"] = None
+    model.metadata["created"] = None
+    return save_checkpoint(model, out)
+
+
 def defaults_of(cfg) -> dict:
     """A training config's settings that have defaults, at their defaults."""
     return {f.name: f.default for f in dataclasses.fields(cfg)

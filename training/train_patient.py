@@ -8,7 +8,6 @@ padded batches: SGD, lr 0.001 x0.1 every 30 epochs, 90 epochs by default.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.checkpoint import load_checkpoint, save_checkpoint
-from inference.engine import run_slices, select_device
+from inference.checkpoint import load_checkpoint
+from inference.engine import run_slices
 from training.cache import load_study
 from training.dataset import StudyEntry, intended_use, read_manifest
 from training.clock import EpochClock, TrainingStopped
-from training.runs import (Run, TrainingSettings, begin_epoch, defaults_of,
-                           make_optimizer)
-from training.train_slice import default_cache_dir
+from training.runs import (begin_epoch, make_optimizer, open_run,
+                           TrainingSettings, write_trained)
 
 
 @dataclass(kw_only=True)
@@ -64,10 +62,7 @@ def _batch(features: list[np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, 
 
 
 def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
-    device = select_device(cfg.device)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
-    run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg),
-              defaults_of(cfg))
+    run, device, cache_dir = open_run(cfg)
     model = load_checkpoint(cfg.slice_model, device)
     if model.patient_net is None:
         raise ValueError(f"{cfg.slice_model} is a volume model ({model.profile.arch}): it has "
@@ -128,17 +123,13 @@ def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
                                 description=f"patient training loss {row['loss']:.3f}")
     except KeyboardInterrupt:         # Ctrl-C: what was kept, and how to go on
         raise TrainingStopped(run.dir, finished, cfg.epochs) from None
-    net.cpu()
-    model.slice_net.cpu()
-    model.metadata["provenance"] = {
+    model.metadata["intended_use"] = intended_use(read_manifest(cfg.data, "train"))
+    return write_trained(model, {
         "kind": "trained", "slice": slice_provenance,
         "patient": {"data": str(Path(cfg.data).resolve()), "epochs": cfg.epochs, "lr": cfg.lr,
                     "seed": cfg.seed, "train_patients": n,
-                    "seconds": round(time.time() - started, 1), "run_dir": str(run.dir)}}
-    model.metadata["intended_use"] = intended_use(read_manifest(cfg.data, "train"))
-    model.metadata["model_version"] = None
-    model.metadata["created"] = None
-    return save_checkpoint(model, cfg.out)
+                    "seconds": round(time.time() - started, 1), "run_dir": str(run.dir)}},
+        cfg.out)
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ there are few patients and no ImageNet weights).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.checkpoint import load_backbone_weights, LungSysModel, save_checkpoint
-from inference.engine import select_device
+from inference.checkpoint import load_backbone_weights, LungSysModel
 from inference.preprocess import TRAINING_CENTRE_RANGE, WINDOW_WIDTH
 from inference.profiles import profile_for
 from training.cache import CachedStudy, load_study
@@ -32,8 +30,8 @@ from training.dataset import read_manifest
 from training.losses import (HU2020_GAMMA, class_balanced_weights, focal_loss,
                              inverse_frequency_weights)
 from training.clock import EpochClock, TrainingStopped
-from training.runs import (Run, TrainingSettings, begin_epoch, defaults_of,
-                           make_optimizer)
+from training.runs import (begin_epoch, make_optimizer, open_run,
+                           TrainingSettings, write_trained)
 
 FLIPS = ("horizontal", "both", "none")
 #: Infection-size bins for balanced sampling: lesion fraction of the slice's lung.
@@ -157,11 +155,6 @@ def load_split(data: str, split: str, size: int, cache_dir: Path,
     return studies
 
 
-def default_cache_dir(data: str) -> Path:
-    root = Path(data)
-    return (root if root.is_dir() else root.parent) / ".lungsys-cache"
-
-
 def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     """Train the slice network; writes the checkpoint and returns its metadata.
 
@@ -172,10 +165,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     profile = profile_for(cfg.arch, cfg.profile)
     if profile.volume:
         raise ValueError(f"--arch {cfg.arch} is a volume model: lungsys train volume")
-    device = select_device(cfg.device)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
-    run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg),
-              defaults_of(cfg))
+    run, device, cache_dir = open_run(cfg)
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)
     if cfg.backbone_weights:
@@ -260,7 +250,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
             advance(epoch_task)
     except KeyboardInterrupt:         # Ctrl-C: what was kept, and how to go on
         raise TrainingStopped(run.dir, finished, cfg.epochs) from None
-    model.metadata["provenance"] = {
+    return write_trained(model, {
         "kind": "slice-trained", "data": str(Path(cfg.data).resolve()),
         "profile": profile.name, "arch": profile.arch, "epochs": cfg.epochs, "lr": cfg.lr,
         "seed": cfg.seed,
@@ -268,11 +258,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
         "affine": cfg.affine,
         "backbone_weights": Path(cfg.backbone_weights).name if cfg.backbone_weights else None,
         "train_slices": len(train), "seconds": round(time.time() - started, 1),
-        "device": str(device), "run_dir": str(run.dir)}
-    model.metadata["model_version"] = None
-    model.metadata["created"] = None
-    net.cpu()
-    return save_checkpoint(model, cfg.out)
+        "device": str(device), "run_dir": str(run.dir)}, cfg.out)
 
 
 def type_loss(logits: torch.Tensor | None, types: np.ndarray, device) -> torch.Tensor:

@@ -14,7 +14,6 @@ Runs, resume, Ctrl-C and the epoch lines are those of slice training.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -26,15 +25,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from inference.checkpoint import LungSysModel, save_checkpoint
+from inference.checkpoint import LungSysModel
 from inference.dualsampling import attention_loss, soft_mask, volume_shape
-from inference.engine import select_device
 from inference.profiles import profile_for
 from training.cache import CachedVolume, load_volume
 from training.clock import EpochClock, TrainingStopped
 from training.dataset import read_manifest
-from training.runs import Run, TrainingSettings, begin_epoch, defaults_of, make_optimizer
-from training.train_slice import default_cache_dir
+from training.runs import (begin_epoch, make_optimizer, open_run,
+                           TrainingSettings, write_trained)
 
 #: Eq. 4's weight of the attention loss.
 LAMBDA_EX = 0.5
@@ -155,10 +153,7 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
         raise ValueError(f"--arch {cfg.arch} is a slice model: lungsys train slice")
     if cfg.batch_size < 2:
         raise ValueError("batch size must be at least 2 (batch norm)")
-    device = select_device(cfg.device)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(cfg.data)
-    run = Run(cfg.run_dir or Path(cfg.out).with_suffix(".run"), dataclasses.asdict(cfg),
-              defaults_of(cfg))
+    run, device, cache_dir = open_run(cfg)
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)
     net = model.slice_net.to(device)
@@ -241,16 +236,12 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
         kept = finished
         run.tell(f"no best epoch kept in {run.dir}: the last epoch's weights are written",
                  progress)
-    model.metadata["provenance"] = {
+    return write_trained(model, {
         "kind": "volume-trained", "data": str(Path(cfg.data).resolve()),
         "profile": profile.name, "arch": profile.arch, "epochs": cfg.epochs, "lr": cfg.lr,
         "seed": cfg.seed, "kept_epoch": kept, "train_volumes": len(train),
         "seconds": round(time.time() - started, 1), "device": str(device),
-        "run_dir": str(run.dir)}
-    model.metadata["model_version"] = None
-    model.metadata["created"] = None
-    net.cpu()
-    return save_checkpoint(model, cfg.out)
+        "run_dir": str(run.dir)}, cfg.out)
 
 
 def _best_accuracy(path: Path) -> float:
