@@ -89,6 +89,7 @@ def preprocessing_parameters(profile: Profile) -> dict:
         "inference_centres": list(preprocess.INFERENCE_CENTRES),
         "training_centre_range": list(preprocess.TRAINING_CENTRE_RANGE),
         "input_size": profile.input_size,
+        "crop": profile.crop,
     }
 
 

@@ -133,7 +133,7 @@ class Engine:
         """A slice model: the slice network over every slice at the three window centres,
         then the patient network over their features."""
         t0 = time.perf_counter()
-        prepared = prepare(series.hu, self.model.profile.input_size)
+        prepared = prepare(series.hu, self.model.profile.input_size, self.model.profile.crop)
         timings["preprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         n = len(series)

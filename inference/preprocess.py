@@ -7,7 +7,10 @@
    the model's input size. One refinement: the openings choose the lung
    components, but the rectangle is taken over those components as they were
    before opening, so thin lung (the costophrenic recesses) stays inside. A slice with no lung keeps the body's bounding
-   box, and a slice with no body the whole image.
+   box, and a slice with no body the whole image. A model may choose the
+   ``mirrored`` crop instead (its profile's ``crop``): the lung box joined
+   with its mirror image about the body's midline, so that a lung filled
+   with consolidation (no air: outside the paper's box) stays in the crop.
 2. Window levelling: width 1200; training draws the centre uniformly from
    [-700, -500]; inference runs the centres -700, -600 and -500.
 
@@ -172,19 +175,33 @@ def body_bounding_box(hu_slice: np.ndarray) -> Box | None:
     return _bounding_box(labels == int(np.argmax(sizes)), 0)
 
 
-def crop_boxes(hu: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+#: The crops a model may be trained with (``Profile.crop``): the paper's lung box, or that
+#: box joined with its mirror image about the body's midline.
+CROPS = ("lungs", "mirrored")
+
+
+def crop_boxes(hu: np.ndarray, masks: np.ndarray | None = None,
+               crop: str = "lungs") -> np.ndarray:
     """Crop box of every slice of a volume, shape (n, 4), int64.
 
-    The lung box where there is lung; else the body box; else the whole slice.
+    The lung box where there is lung (``mirrored``: joined with its mirror image about the
+    middle column of the body's box); else the body box; else the whole slice.
     ``masks`` are the volume's :func:`lung_masks`, when already computed.
     """
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r}; expected one of {', '.join(CROPS)}")
     vol = _as_volume(hu)
     masks = lung_masks(vol) if masks is None else masks
     n, h, w = vol.shape
     boxes = np.empty((n, 4), dtype=np.int64)
     for i in range(n):
-        box = _bounding_box(masks[i], MARGIN_PX) or body_bounding_box(vol[i]) or (0, 0, h, w)
-        boxes[i] = box
+        lung = _bounding_box(masks[i], MARGIN_PX)
+        body = body_bounding_box(vol[i]) if lung is None or crop == "mirrored" else None
+        if lung is not None and body is not None:      # mirrored: both sides of the body
+            r0, c0, r1, c1 = lung
+            twice_mid = body[1] + body[3]                # (col0 + col1) of the body
+            lung = (r0, max(min(c0, twice_mid - c1), 0), r1, min(max(c1, twice_mid - c0), w))
+        boxes[i] = lung or body or (0, 0, h, w)
     return boxes
 
 
@@ -236,11 +253,12 @@ class PreparedSlices:
         return to_channels(window(self.crops, centre, width))
 
 
-def prepare(hu: np.ndarray, size: int) -> PreparedSlices:
-    """Lung crop every slice of a volume and resize it to the input size."""
+def prepare(hu: np.ndarray, size: int, crop: str = "lungs") -> PreparedSlices:
+    """Lung crop every slice of a volume (``crop``: :data:`CROPS`) and resize it to the
+    input size."""
     vol = _as_volume(hu)
     masks = lung_masks(vol)
-    boxes = crop_boxes(vol, masks)
+    boxes = crop_boxes(vol, masks, crop)
     return PreparedSlices(crop_and_resize(vol, boxes, size), boxes, (vol.shape[1], vol.shape[2]),
                           masks)
 

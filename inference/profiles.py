@@ -31,6 +31,7 @@ class Profile:
     arch: str = "m3"           # m3 | hu2020 | ladnn | dualsampling (docs/models.md)
     backbone: str = "resnet50"  # resnet50 | densenet169 | vgg16 | hu2020 | resnet34-3d
     depth: int = 0             # slices of the resampled volume (a volume model's; else 0)
+    crop: str = "lungs"        # lungs (the paper's box) | mirrored (preprocess.CROPS)
 
     @property
     def volume(self) -> bool:
@@ -70,7 +71,8 @@ class Profile:
                    d_prime=int(d["d_prime"]), heads=int(d["heads"]),
                    scales=tuple(int(s) for s in d["scales"]),
                    arch=str(d.get("arch", "m3")),      # (checkpoints before architectures)
-                   backbone=str(d.get("backbone", "resnet50")), depth=int(d.get("depth", 0)))
+                   backbone=str(d.get("backbone", "resnet50")), depth=int(d.get("depth", 0)),
+                   crop=str(d.get("crop", "lungs")))
 
 
 PROFILES = {

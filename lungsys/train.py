@@ -85,6 +85,10 @@ def train_slice_command(
     affine: Annotated[bool, typer.Option(help="Small random rotations (+-12 deg), scalings "
                                          "(0.9-1.1) and shifts (6%); not in the paper.")]
     = False,
+    crop: Annotated[str, typer.Option(help="lungs (the paper's lung box) or mirrored (the box "
+                                      "joined with its mirror image about the body's midline: "
+                                      "a consolidated lung stays in); the model keeps it.")]
+    = "lungs",
     run_dir: RunDir = None,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -102,7 +106,7 @@ def train_slice_command(
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         batch_size=batch_size, seed=seed, device=device,
         backbone_weights=str(backbone_weights) if backbone_weights else None, focal=focal,
-        size_balanced=size_balanced, flips=flips, affine=affine,
+        size_balanced=size_balanced, flips=flips, affine=affine, crop=crop,
         cache_dir=str(cache_dir) if cache_dir else None)
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_slice(cfg, bar)

@@ -142,3 +142,35 @@ def test_lung_masks_on_slabs_equal_one_labelling_of_the_whole_volume(slices):
     keep[0] = False
     assert np.array_equal(P.lung_masks(vol), keep[labels])
     assert P.lung_masks(vol[0]).shape == (48, 48)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_the_mirrored_crop_keeps_a_consolidated_lung(study_factory, seed):
+    """Where consolidation fills much of one lung, the paper's box (air below -300 HU)
+    leaves up to half of that lung out; the mirrored crop (the box joined with its mirror
+    image about the body's midline) keeps all of it, and still holds the paper's box."""
+    study = study_factory("cap", seed, 40)
+    series = load_series(study.directory)
+    lung = np.load(study.directory / "masks.npz")["lung"]
+    paper, mirrored = crop_boxes(series.hu), crop_boxes(series.hu, crop="mirrored")
+
+    def inside(box, i):
+        r0, c0, r1, c1 = box
+        return lung[i][r0:r1, c0:c1].sum() / lung[i].sum()
+
+    slices = [i for i in range(len(series)) if lung[i].sum() >= 200]
+    assert min(inside(paper[i], i) for i in slices) < 0.6
+    assert min(inside(mirrored[i], i) for i in slices) >= 0.98
+    for i in slices:
+        (a0, b0, a1, b1), (m0, n0, m1, n1) = paper[i], mirrored[i]
+        assert m0 == a0 and m1 == a1 and n0 <= b0 and b1 <= n1
+
+
+def test_the_mirrored_crop_of_healthy_lungs_is_about_the_papers(study_factory):
+    """Two healthy lungs are about symmetric: mirroring adds little to their box."""
+    series = load_series(study_factory("healthy", 1, 40).directory)
+    paper, mirrored = crop_boxes(series.hu), crop_boxes(series.hu, crop="mirrored")
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])       # noqa: E731
+    assert (area(mirrored) <= 1.25 * area(paper)).mean() >= 0.9
+    with pytest.raises(ValueError, match="unknown crop 'both'"):
+        crop_boxes(series.hu, crop="both")

@@ -163,3 +163,31 @@ def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
                   "seconds per 300-slice study", f"p-value (accuracy, {names[0]} vs",
                   "small sample: 1 to 1 patients a class"):
         assert words in table.stdout, words
+
+
+def test_a_model_trained_on_the_mirrored_crop_keeps_it(tiny, tmp_path, study_factory):
+    """``--crop mirrored``: the slices are cached and trained on that crop, the checkpoint's
+    profile and preprocessing record it, patient training and the engine crop the same
+    way; a checkpoint without it reads the paper's crop."""
+    from inference.engine import Engine
+    from inference.preprocess import crop_boxes
+    from inference.profiles import Profile
+    from inference.series import load_series
+
+    slice_model, out = tmp_path / "s.safetensors", tmp_path / "m.safetensors"
+    train_slice(SliceTrainConfig(data=str(tiny), out=str(slice_model), epochs=1,
+                                 batch_size=16, device="cpu", crop="mirrored",
+                                 cache_dir=str(tmp_path / "cache")))
+    train_patient(PatientTrainConfig(data=str(tiny), slice_model=str(slice_model),
+                                     out=str(out), epochs=2, batch_size=4, device="cpu",
+                                     cache_dir=str(tmp_path / "cache")))
+    assert [p.name for p in (tmp_path / "cache").glob("crops*")] == ["crops-mirrored-256"]
+    model = load_checkpoint(out)
+    assert model.profile.crop == "mirrored"
+    assert model.metadata["preprocessing"]["crop"] == "mirrored"
+    series = load_series(study_factory("cap", 6, 40).directory)
+    result = Engine(model, device="cpu").analyze(series)
+    assert (result.maps.boxes == crop_boxes(series.hu, crop="mirrored")).all()
+    assert (result.maps.boxes != crop_boxes(series.hu)).any()
+    old = {k: v for k, v in model.profile.to_dict().items() if k != "crop"}
+    assert Profile.from_dict(old).crop == "lungs"

@@ -56,11 +56,12 @@ def cache_path(cache_dir: Path, entry: StudyEntry, size: int | str, kind: str = 
     return Path(cache_dir) / f"{kind}-{size}" / f"{entry.path.name}-{key}.npz"
 
 
-def load_study(entry: StudyEntry, size: int, cache_dir: Path) -> CachedStudy:
+def load_study(entry: StudyEntry, size: int, cache_dir: Path,
+               crop: str = "lungs") -> CachedStudy:
     """The study's preprocessed slices, from the cache or made (and cached) now."""
     extra = [p for p in (entry.annotations,) if p is not None]
     signature = _signature(entry.path, extra)
-    path = cache_path(cache_dir, entry, size)
+    path = cache_path(cache_dir, entry, size, "crops" if crop == "lungs" else f"crops-{crop}")
     if path.is_file():
         with np.load(path, allow_pickle=False) as npz:
             if str(npz["signature"]) == signature:
@@ -68,7 +69,7 @@ def load_study(entry: StudyEntry, size: int, cache_dir: Path) -> CachedStudy:
                                    npz["has_lesion"], npz["lesion_fraction"],
                                    npz["lesion_types"])
     series = load_series(entry.path)
-    prepared = prepare(series.hu, size)
+    prepared = prepare(series.hu, size, crop)
     annotations = entry.slice_annotations()
     has_lesion = np.full(len(series), -1, dtype=np.int8)
     fraction = np.full(len(series), -1.0, dtype=np.float32)

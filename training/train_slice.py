@@ -13,6 +13,7 @@ there are few patients and no ImageNet weights).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.checkpoint import load_backbone_weights, LungSysModel
-from inference.preprocess import TRAINING_CENTRE_RANGE, WINDOW_WIDTH
+from inference.preprocess import CROPS, TRAINING_CENTRE_RANGE, WINDOW_WIDTH
 from inference.profiles import profile_for
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
@@ -56,6 +57,7 @@ class SliceTrainConfig(TrainingSettings):
     size_balanced: bool = False
     flips: str = "horizontal"
     affine: bool = False
+    crop: str = "lungs"           # inference.preprocess.CROPS, recorded in the profile
 
 
 def random_affine(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -146,10 +148,11 @@ def size_balanced_weights(fraction: np.ndarray) -> np.ndarray:
 
 
 def load_split(data: str, split: str, size: int, cache_dir: Path,
-               progress: Callable[[], None] | None = None) -> list[CachedStudy]:
+               progress: Callable[[], None] | None = None,
+               crop: str = "lungs") -> list[CachedStudy]:
     studies = []
     for entry in read_manifest(data, split):
-        studies.append(load_study(entry, size, cache_dir))
+        studies.append(load_study(entry, size, cache_dir, crop))
         if progress is not None:
             progress()
     return studies
@@ -162,7 +165,9 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     """
     if cfg.flips not in FLIPS:
         raise ValueError(f"flips must be one of {', '.join(FLIPS)}")
-    profile = profile_for(cfg.arch, cfg.profile)
+    if cfg.crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}")
+    profile = dataclasses.replace(profile_for(cfg.arch, cfg.profile), crop=cfg.crop)
     if profile.volume:
         raise ValueError(f"--arch {cfg.arch} is a volume model: lungsys train volume")
     run, device, cache_dir = open_run(cfg)
@@ -183,8 +188,9 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     entries = read_manifest(cfg.data, "train")
     t = task("caching train slices", len(entries))
     train = build_slice_set(load_split(cfg.data, "train", profile.input_size, cache_dir,
-                                       lambda: advance(t)))
-    val_studies = load_split(cfg.data, "val", profile.input_size, cache_dir)
+                                       lambda: advance(t), profile.crop))
+    val_studies = load_split(cfg.data, "val", profile.input_size, cache_dir,
+                             crop=profile.crop)
     val = build_slice_set(val_studies) if val_studies else None
     run.log.info(f"{len(train)} training slices, {len(val) if val else 0} validation slices")
 
@@ -255,7 +261,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
         "profile": profile.name, "arch": profile.arch, "epochs": cfg.epochs, "lr": cfg.lr,
         "seed": cfg.seed,
         "focal": cfg.focal, "size_balanced": cfg.size_balanced, "flips": cfg.flips,
-        "affine": cfg.affine,
+        "affine": cfg.affine, "crop": cfg.crop,
         "backbone_weights": Path(cfg.backbone_weights).name if cfg.backbone_weights else None,
         "train_slices": len(train), "seconds": round(time.time() - started, 1),
         "device": str(device), "run_dir": str(run.dir)}, cfg.out)
