@@ -74,6 +74,9 @@ def train_slice_command(
     backbone_weights: Annotated[Optional[Path], typer.Option(
         help="torchvision state dict (ImageNet) of the architecture's backbone to start "
         "from (ResNet-50 for m3, DenseNet-169 for ladnn).")] = None,
+    from_model: Annotated[Optional[Path], typer.Option(
+        help="Start from this checkpoint's slice network (same architecture and sizes): "
+        "fine-tune the shipped model on your own studies.")] = None,
     focal: Annotated[bool, typer.Option(help="Class-weighted focal loss instead of "
                                         "cross-entropy: Hu 2020's (gamma 1, inverse class "
                                         "frequencies) for --arch hu2020, else gamma 2 with "
@@ -105,7 +108,8 @@ def train_slice_command(
         run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         batch_size=batch_size, seed=seed, device=device,
-        backbone_weights=str(backbone_weights) if backbone_weights else None, focal=focal,
+        backbone_weights=str(backbone_weights) if backbone_weights else None,
+        from_model=str(from_model) if from_model else None, focal=focal,
         size_balanced=size_balanced, flips=flips, affine=affine, crop=crop,
         cache_dir=str(cache_dir) if cache_dir else None)
     with progress(transient=False) as bar, stopped_by_ctrl_c():

@@ -191,3 +191,32 @@ def test_a_model_trained_on_the_mirrored_crop_keeps_it(tiny, tmp_path, study_fac
     assert (result.maps.boxes != crop_boxes(series.hu)).any()
     old = {k: v for k, v in model.profile.to_dict().items() if k != "crop"}
     assert Profile.from_dict(old).crop == "lungs"
+
+
+def test_fine_tuning_starts_from_a_models_slice_network(tiny, tmp_path):
+    """``--from-model``: the slice network starts from another checkpoint's (the shipped
+    model's, retrained on one's own studies), which the provenance names; a model of
+    other sizes or a volume model is refused in one line."""
+    import torch
+
+    from inference.checkpoint import LungSysModel, save_checkpoint
+
+    start = tmp_path / "start.safetensors"
+    save_checkpoint(LungSysModel.create("small", seed=9), start)
+    meta = train_slice(SliceTrainConfig(data=str(tiny), out=str(tmp_path / "ft.safetensors"),
+                                        epochs=1, lr=1e-9, optimizer="adamw", batch_size=16,
+                                        device="cpu", from_model=str(start)))
+    assert meta["provenance"]["from_model"] == load_checkpoint(start).version
+    tuned, original = load_checkpoint(tmp_path / "ft.safetensors"), load_checkpoint(start)
+    weight = "backbone.conv1.weight"
+    assert torch.allclose(tuned.slice_net.state_dict()[weight],
+                          original.slice_net.state_dict()[weight], atol=1e-6)
+    fresh = LungSysModel.create("small", seed=0).slice_net.state_dict()[weight]
+    assert not torch.allclose(tuned.slice_net.state_dict()[weight], fresh)
+    for other in ("ladnn-small", "dualsampling-small"):
+        save_checkpoint(LungSysModel.create(other), tmp_path / f"{other}.safetensors")
+        with pytest.raises(ValueError, match="does not fit 'small'"):
+            train_slice(SliceTrainConfig(data=str(tiny), out=str(tmp_path / "x.safetensors"),
+                                         run_dir=str(tmp_path / f"{other}.run"), epochs=1,
+                                         batch_size=16, device="cpu",
+                                         from_model=str(tmp_path / f"{other}.safetensors")))

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.checkpoint import load_backbone_weights, LungSysModel
+from inference.checkpoint import (load_backbone_weights, load_checkpoint, LungSysModel,
+                                  read_metadata)
 from inference.preprocess import CROPS, TRAINING_CENTRE_RANGE, WINDOW_WIDTH
 from inference.profiles import profile_for
 from training.cache import CachedStudy, load_study
@@ -53,6 +54,7 @@ class SliceTrainConfig(TrainingSettings):
     lr_step: int = 40
     batch_size: int = 32
     backbone_weights: str | None = None
+    from_model: str | None = None  # a checkpoint whose slice network to start from (fine-tuning)
     focal: bool = False
     size_balanced: bool = False
     flips: str = "horizontal"
@@ -173,8 +175,12 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     run, device, cache_dir = open_run(cfg)
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)
+    if cfg.backbone_weights and cfg.from_model:
+        raise ValueError("start from backbone weights or from a model, not both")
     if cfg.backbone_weights:
         load_backbone_weights(model, cfg.backbone_weights)
+    if cfg.from_model:
+        start_from(model, cfg.from_model)
     net = model.slice_net.to(device)
 
     def task(name: str, total: int, done: int = 0):
@@ -263,8 +269,25 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
         "focal": cfg.focal, "size_balanced": cfg.size_balanced, "flips": cfg.flips,
         "affine": cfg.affine, "crop": cfg.crop,
         "backbone_weights": Path(cfg.backbone_weights).name if cfg.backbone_weights else None,
+        "from_model": from_version(cfg.from_model),
         "train_slices": len(train), "seconds": round(time.time() - started, 1),
         "device": str(device), "run_dir": str(run.dir)}, cfg.out)
+
+
+def start_from(model: LungSysModel, path: str) -> None:
+    """Fine-tuning: the slice network's weights from another checkpoint of the same
+    architecture and sizes (the shipped model's, to retrain it on one's own studies)."""
+    other = load_checkpoint(path)
+    mine, theirs = model.profile.to_dict(), other.profile.to_dict()
+    differ = sorted(k for k in mine if k not in ("name", "crop") and mine[k] != theirs.get(k))
+    if differ or other.patient_net is None:
+        raise ValueError(f"{path}: profile {other.profile.name!r} does not fit "
+                         f"{model.profile.name!r} ({', '.join(differ) or 'a volume model'})")
+    model.slice_net.load_state_dict(other.slice_net.state_dict())
+
+
+def from_version(path: str | None) -> str | None:
+    return None if path is None else read_metadata(path).get("model_version")
 
 
 def type_loss(logits: torch.Tensor | None, types: np.ndarray, device) -> torch.Tensor:
