@@ -1,14 +1,15 @@
 """Model checkpoints: safetensors weights with JSON metadata, no pickle.
 
 One ``.safetensors`` file holds both networks (keys ``slice.*`` and
-``patient.*``; a volume model's one network ``volume.*``) and, in its header, a JSON document under the key
-``lungsys``: the profile, the class names and order, the preprocessing
-parameters, the model version, a SHA-256 of the weights (``content_sha256``,
-the model's identity: the Device UID of results derives from it), training
-provenance and evaluation metrics when known, and an ``integrity`` hash over
-weights and metadata together. Loading recomputes both hashes, builds the
-networks from the profile and loads the weights strictly; a truncated,
-mismatched or tampered file is refused with a one-line
+``patient.*``; a volume model's one network ``volume.*``) and, in its
+header, a JSON document under the key ``lungsys``: the profile, the class
+names and order, the preprocessing parameters, the model version, a SHA-256
+of the weights (``content_sha256``, the model's identity: the Device UID of
+results derives from it), training provenance and evaluation metrics when
+known, and an ``integrity`` hash over weights and metadata together. Loading
+recomputes both hashes, builds the networks from the profile and loads the
+weights strictly; a truncated, mismatched or tampered file is refused with a
+one-line
 :class:`CheckpointError`.
 """
 

@@ -6,8 +6,8 @@ lesion type found instead, named and coded as the SR codes it
 (:data:`inference.sr.LESION_TYPE_CODES`): the model types a slice, not a
 pixel, so each slice's region goes to the most probable of the types shown on
 that slice ("lesion" where none is), and the segments never overlap, which
-every viewer reads (overlapping binary segments are not). Algorithm type AUTOMATIC with the model's algorithm
-identification, in the CT's Frame of Reference; one frame per CT slice whose
+every viewer reads (overlapping binary segments are not). Algorithm type
+AUTOMATIC with the model's algorithm identification, in the CT's Frame of Reference; one frame per CT slice whose
 region is not empty (highdicom leaves the empty ones out), each referencing
 its source slice; bit-packed, or JPEG 2000 Lossless with ``[results]
 seg_compression = "jpeg2000"`` (about 8 times smaller; OHIF 3.13 shows it, but
