@@ -9,8 +9,7 @@ results derives from it), training provenance and evaluation metrics when
 known, and an ``integrity`` hash over weights and metadata together. Loading
 recomputes both hashes, builds the networks from the profile and loads the
 weights strictly; a truncated, mismatched or tampered file is refused with a
-one-line
-:class:`CheckpointError`.
+one-line :class:`CheckpointError`.
 """
 
 from __future__ import annotations
