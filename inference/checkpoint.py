@@ -267,6 +267,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Lun
         profile = Profile.from_dict(meta["profile"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: metadata has no usable profile") from None
+    if profile.crop not in preprocess.CROPS:
+        raise CheckpointError(f"{path}: crop {profile.crop!r} is not one this lungsys knows "
+                              f"({', '.join(preprocess.CROPS)}): a newer lungsys made it")
     model = LungSysModel(profile, slice_net_for(profile), patient_net_for(profile), meta)
     model.load_state_dict(state)
     return model.to(device).eval()

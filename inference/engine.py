@@ -72,7 +72,8 @@ class Engine:
             version=self.model.version, content_sha256=content,
             device_uid=self.model.metadata.get("device_uid") or self.model.device_uid,
             profile=self.model.profile.name, device=str(self.device),
-            intended_use=self.model.metadata.get("intended_use", ""))
+            intended_use=self.model.metadata.get("intended_use", ""),
+            arch=self.model.profile.arch, crop=self.model.profile.crop)
 
     def _autocast(self):
         return _autocast(self.device)

@@ -30,6 +30,9 @@ KO_DESCRIPTION = "AI key images (lungsys)"
 PM_DESCRIPTION = "AI lesion map (lungsys)"
 GSPS_DESCRIPTION = "AI lesion outlines (lungsys)"
 PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
+#: What result objects call each architecture (the Manufacturer's Model Name).
+ARCHITECTURE_NAMES = {"m3": "M3 Lung-Sys", "hu2020": "Hu 2020 multi-scale CNN",
+                      "ladnn": "LA-DNN", "dualsampling": "Dual-sampling attention network"}
 
 
 def stamp_series(ds) -> None:
@@ -47,22 +50,28 @@ class AlgorithmIdentity:
     profile: str
     method: str
     content_sha256: str
+    arch: str = "m3"
+    crop: str = "lungs"
 
     @classmethod
     def from_model_info(cls, info: ModelInfo, method: str) -> "AlgorithmIdentity":
         return cls(model_version=info.version, device_uid=info.device_uid,
                    profile=info.profile, method=str(method),
-                   content_sha256=info.content_sha256 or "")
+                   content_sha256=info.content_sha256 or "", arch=info.arch, crop=info.crop)
 
     @property
     def model_name(self) -> str:
-        return f"M3 Lung-Sys ({self.profile} profile)"
+        """The architecture and its profile, e.g. "LA-DNN (ladnn-small profile)"."""
+        return f"{ARCHITECTURE_NAMES.get(self.arch, self.arch)} ({self.profile} profile)"
 
     @property
     def parameters(self) -> list[str]:
         """TID 4019 Algorithm Parameters: what a reader needs to reproduce the result."""
+        sha = f"weights sha256={self.content_sha256[:16]}"
+        if self.arch == "dualsampling":
+            return ["patient-level method=volume ensemble", "volume window=-1350,150", sha]
         return [f"patient-level method={self.method}", "window width=1200",
-                "window centres=-700,-600,-500", f"weights sha256={self.content_sha256[:16]}"]
+                "window centres=-700,-600,-500", f"crop={self.crop}", sha]
 
     def contributing_equipment(self) -> ContributingEquipment:
         """The Contributing Equipment item naming this algorithm (IHE AIR)."""

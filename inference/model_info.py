@@ -20,8 +20,11 @@ class ModelInfo:
     content_sha256: str
     device: str = ""
     intended_use: str = ""       # e.g. a phantom-trained model: "demonstration model ..."
+    arch: str = "m3"             # inference.profiles.ARCHITECTURES
+    crop: str = "lungs"          # the slices' crop (inference.preprocess.CROPS)
 
     def to_json(self) -> dict:
         """As ``lungsys analyze --json`` prints it."""
         return {"version": self.version, "content_sha256": self.content_sha256,
-                "device_uid": self.device_uid, "profile": self.profile, "device": self.device}
+                "device_uid": self.device_uid, "profile": self.profile, "arch": self.arch,
+                "crop": self.crop, "device": self.device}

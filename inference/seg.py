@@ -66,8 +66,10 @@ def segment_of(s: SliceResult) -> str | None:
 
 def segments(result: AnalysisResult) -> list[str | None]:
     """The SEG's segments in order (numbers 1, 2, ...): the lesion types the regions go to,
-    in LA-DNN's order, then None ("lesion") when some lesion slice has no type."""
-    used = {segment_of(s) for s in result.lesion_slices}
+    in LA-DNN's order, then None ("lesion") when some region has no type. Only slices with
+    a region count: a segment is never described without pixels."""
+    used = {segment_of(s) for s in result.lesion_slices if s.index in result.maps.regions
+            and result.maps.region(s.index).any()}
     return [t for t in LESION_TYPE_CODES if t in used] + ([None] if None in used else [])
 
 
@@ -98,7 +100,8 @@ def build_seg(result: AnalysisResult, series: CTSeries, sources: list[Dataset],
     order = segments(result)
     labels = np.zeros(mask.shape, dtype=np.uint8)     # 0 background, k segment k
     for s in result.lesion_slices:
-        labels[s.index][mask[s.index]] = order.index(segment_of(s)) + 1
+        if mask[s.index].any():
+            labels[s.index][mask[s.index]] = order.index(segment_of(s)) + 1
     descriptions = [hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=LESION_TYPE_CODES[t].meaning.lower() if t else "lesion",

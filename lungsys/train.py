@@ -88,10 +88,10 @@ def train_slice_command(
     affine: Annotated[bool, typer.Option(help="Small random rotations (+-12 deg), scalings "
                                          "(0.9-1.1) and shifts (6%); not in the paper.")]
     = False,
-    crop: Annotated[str, typer.Option(help="lungs (the paper's lung box) or mirrored (the box "
-                                      "joined with its mirror image about the body's midline: "
-                                      "a consolidated lung stays in); the model keeps it.")]
-    = "lungs",
+    crop: Annotated[Optional[str], typer.Option(
+        help="lungs (the paper's lung box) or mirrored (the box joined with its mirror image "
+        "about the body's midline: a consolidated lung stays in); the model keeps it. "
+        "Default: the --from-model's crop, else lungs.")] = None,
     run_dir: RunDir = None,
     cache_dir: CacheDir = None,
 ) -> None:

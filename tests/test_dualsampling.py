@@ -132,6 +132,11 @@ def test_dualsampling_trains_round_trips_and_writes_results(tiny, tmp_path, stud
         assert s.lesion_probability <= 1 - result.network_probabilities[0] + 1e-6
     files = write_results(result, series, tmp_path / "results")
     assert dciodvfy_errors(files.sr) == []
+    import pydicom
+
+    sr = pydicom.dcmread(files.sr)        # the SR names the architecture, not M3
+    assert "Dual-sampling attention network (dualsampling-small profile)" in \
+        [e.ManufacturerModelName for e in sr.ContributingEquipmentSequence]
     if files.seg is not None:
         assert dciodvfy_errors(files.seg) == []
 

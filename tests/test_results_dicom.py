@@ -398,3 +398,10 @@ def test_the_seg_of_a_lesion_typing_model_names_each_region_by_its_type(
         got.setdefault(by_source[source], set()).add(number)
         assert (frame.astype(bool) == mask[by_source[source]]).all()
     assert got == {i: {n} for i, n in expected.items()}     # one segment per slice
+    # the crazy-paving slice's region cut to nothing: no segment without pixels, and no
+    # local scheme declared where no local code is left
+    result.maps.regions.pop(lesion[3].index)
+    again = hd.seg.segread(write_results(result, series, tmp_path / "again").seg)
+    assert [d.SegmentLabel for d in again.SegmentSequence] == \
+        ["ground glass opacity", "consolidation", "lesion"]
+    assert "CodingSchemeIdentificationSequence" not in again

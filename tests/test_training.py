@@ -189,6 +189,9 @@ def test_a_model_trained_on_the_mirrored_crop_keeps_it(tiny, tmp_path, study_fac
     result = Engine(model, device="cpu").analyze(series)
     assert (result.maps.boxes == crop_boxes(series.hu, crop="mirrored")).all()
     assert (result.maps.boxes != crop_boxes(series.hu)).any()
+    from inference.identity import AlgorithmIdentity      # the results say which crop
+
+    assert "crop=mirrored" in AlgorithmIdentity.from_model_info(result.model, "network").parameters
     old = {k: v for k, v in model.profile.to_dict().items() if k != "crop"}
     assert Profile.from_dict(old).crop == "lungs"
 

@@ -1,7 +1,7 @@
 """Preprocessed slices cached on disk, so that epochs never re-decode DICOM.
 
-For each study and input size: the paper's lung crops resized to the input
-size (HU, float16), the crop boxes, the slices' SOP Instance UIDs in series
+For each study, input size and crop: the lung crops (the paper's, or the
+mirrored ones of ``--crop mirrored``) resized to the input size (HU, float16), the crop boxes, the slices' SOP Instance UIDs in series
 order, and from the annotations each slice's lesion flag, lesion fraction and
 lesion types (LA-DNN's five; -1 where unknown); for a volume model (dual sampling) the
 resampled lung volume with its infection mask and infected ratio. The cache file is rebuilt when

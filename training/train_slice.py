@@ -59,7 +59,7 @@ class SliceTrainConfig(TrainingSettings):
     size_balanced: bool = False
     flips: str = "horizontal"
     affine: bool = False
-    crop: str = "lungs"           # inference.preprocess.CROPS, recorded in the profile
+    crop: str | None = None       # preprocess.CROPS; None: the --from-model's, else lungs
 
 
 def random_affine(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -167,20 +167,25 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     """
     if cfg.flips not in FLIPS:
         raise ValueError(f"flips must be one of {', '.join(FLIPS)}")
-    if cfg.crop not in CROPS:
+    if cfg.backbone_weights and cfg.from_model:
+        raise ValueError("start from backbone weights or from a model, not both")
+    start = read_metadata(cfg.from_model) if cfg.from_model else {}
+    crop = cfg.crop or start.get("profile", {}).get("crop", "lungs")
+    if crop not in CROPS:
         raise ValueError(f"crop must be one of {', '.join(CROPS)}")
-    profile = dataclasses.replace(profile_for(cfg.arch, cfg.profile), crop=cfg.crop)
+    profile = dataclasses.replace(profile_for(cfg.arch, cfg.profile), crop=crop)
     if profile.volume:
         raise ValueError(f"--arch {cfg.arch} is a volume model: lungsys train volume")
     run, device, cache_dir = open_run(cfg)
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)
-    if cfg.backbone_weights and cfg.from_model:
-        raise ValueError("start from backbone weights or from a model, not both")
     if cfg.backbone_weights:
         load_backbone_weights(model, cfg.backbone_weights)
     if cfg.from_model:
         start_from(model, cfg.from_model)
+        run.tell(f"starting from {start.get('model_version')} (crop "
+                 f"{start.get('profile', {}).get('crop', 'lungs')}), trained on the {crop} "
+                 f"crop", progress)
     net = model.slice_net.to(device)
 
     def task(name: str, total: int, done: int = 0):
@@ -267,9 +272,10 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
         "profile": profile.name, "arch": profile.arch, "epochs": cfg.epochs, "lr": cfg.lr,
         "seed": cfg.seed,
         "focal": cfg.focal, "size_balanced": cfg.size_balanced, "flips": cfg.flips,
-        "affine": cfg.affine, "crop": cfg.crop,
+        "affine": cfg.affine, "crop": crop,
         "backbone_weights": Path(cfg.backbone_weights).name if cfg.backbone_weights else None,
-        "from_model": from_version(cfg.from_model),
+        "from_model": start.get("model_version"),
+        "from_model_sha256": start.get("content_sha256"),
         "train_slices": len(train), "seconds": round(time.time() - started, 1),
         "device": str(device), "run_dir": str(run.dir)}, cfg.out)
 
@@ -284,10 +290,6 @@ def start_from(model: LungSysModel, path: str) -> None:
         raise ValueError(f"{path}: profile {other.profile.name!r} does not fit "
                          f"{model.profile.name!r} ({', '.join(differ) or 'a volume model'})")
     model.slice_net.load_state_dict(other.slice_net.state_dict())
-
-
-def from_version(path: str | None) -> str | None:
-    return None if path is None else read_metadata(path).get("model_version")
 
 
 def type_loss(logits: torch.Tensor | None, types: np.ndarray, device) -> torch.Tensor:
