@@ -26,7 +26,7 @@ from pydicom.valuerep import format_number_as_ds
 from inference.choices import DEFAULT_OBJECTS, HeatmapChoice, ResultObject, SegCompression
 from inference.conformance import conformant_header
 from inference.heatmap import build_sc, edge_markers, render_overlay
-from inference.identity import ALGORITHM_NAME, DISCLAIMER, AlgorithmIdentity
+from inference.identity import DISCLAIMER, AlgorithmIdentity
 from inference.ko import build_ko
 from inference.localize import smooth
 from inference.results import AnalysisResult
@@ -164,7 +164,7 @@ def _heatmaps(result: AnalysisResult, series: CTSeries, out: Path, identity: Alg
     if None in numbers or len(set(numbers)) < len(numbers):
         numbers = list(range(1, len(chosen) + 1))
     for number, s in zip(numbers, chosen):
-        lines = [f"{ALGORITHM_NAME} {identity.model_version}",
+        lines = [f"{identity.algorithm_name} {identity.model_version}",
                  f"Diagnosis: {result.diagnosis} (p={top:.2f})",
                  f"{s.label[0].upper()}{s.label[1:]}: lesion probability "
                  f"{s.lesion_probability:.2f}",

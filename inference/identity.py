@@ -20,7 +20,6 @@ from inference.model_info import ModelInfo
 from inference.version import software_version
 
 MANUFACTURER = "lungsys"
-ALGORITHM_NAME = "lungsys M3 Lung-Sys"
 DISCLAIMER = "AI result - not for primary diagnosis"
 #: Series Descriptions of the result series: short, starting with "AI" (PACS lists cut them).
 SR_DESCRIPTION = "AI lung report (lungsys)"
@@ -58,6 +57,11 @@ class AlgorithmIdentity:
         return cls(model_version=info.version, device_uid=info.device_uid,
                    profile=info.profile, method=str(method),
                    content_sha256=info.content_sha256 or "", arch=info.arch, crop=info.crop)
+
+    @property
+    def algorithm_name(self) -> str:
+        """TID 4019 Algorithm Name: "lungsys M3 Lung-Sys", "lungsys LA-DNN", ..."""
+        return f"{MANUFACTURER} {ARCHITECTURE_NAMES.get(self.arch, self.arch)}"
 
     @property
     def model_name(self) -> str:

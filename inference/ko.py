@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from inference.identity import (ALGORITHM_NAME, DISCLAIMER, KO_DESCRIPTION, MANUFACTURER,
+from inference.identity import (DISCLAIMER, KO_DESCRIPTION, MANUFACTURER,
                                 AlgorithmIdentity, stamp_series)
 from inference.results import AnalysisResult
 
@@ -45,13 +45,13 @@ def build_ko(result: AnalysisResult, sources: list[Dataset], report: Dataset | N
     chosen = [sources[s.index] for s in flagged]
     labels = ", ".join(s.label.split(" (")[0] for s in flagged[:12])
     more = f" and {len(flagged) - 12} more" if len(flagged) > 12 else ""
-    description = (f"{len(flagged)} CT slice(s) with lesions found by {ALGORITHM_NAME} "
+    description = (f"{len(flagged)} CT slice(s) with lesions found by {identity.algorithm_name} "
                    f"{identity.model_version}: {labels}{more}. "
                    f"{'The AI report lists them. ' if report is not None else ''}{DISCLAIMER}.")
     device = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=identity.device_uid, name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER,
+            uid=identity.device_uid, name=identity.algorithm_name, manufacturer_name=MANUFACTURER,
             model_name=identity.model_name))
     referenced = [*chosen, *([report] if report is not None else [])]
     content = KeyObjectSelection(document_title=OF_INTEREST, referenced_objects=referenced,

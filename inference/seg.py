@@ -7,15 +7,16 @@ lesion type found instead, named and coded as the SR codes it
 pixel, so each slice's region goes to the most probable of the types shown on
 that slice ("lesion" where none is), and the segments never overlap, which
 every viewer reads (overlapping binary segments are not). Algorithm type
-AUTOMATIC with the model's algorithm identification, in the CT's Frame of Reference; one frame per CT slice whose
-region is not empty (highdicom leaves the empty ones out), each referencing
-its source slice; bit-packed, or JPEG 2000 Lossless with ``[results]
-seg_compression = "jpeg2000"`` (about 8 times smaller; OHIF 3.13 shows it, but
-``@cornerstonejs/adapters``' file reader and some PACS do not, so it is not
-the default). The region is the one the engine measured (kept with the
-lesion maps): the lesion map of each lesion-bearing slice cut by
-:func:`inference.localize.lesion_region`. No SEG is made when no slice has a lesion region (an empty
-segmentation is not sent), nor for multi-frame (enhanced) CT sources yet.
+AUTOMATIC with the model's algorithm identification, in the CT's Frame of
+Reference; one frame per CT slice whose region is not empty (highdicom leaves
+the empty ones out), each referencing its source slice; bit-packed, or JPEG
+2000 Lossless with ``[results] seg_compression = "jpeg2000"`` (about 8 times
+smaller; OHIF 3.13 shows it, but ``@cornerstonejs/adapters``' file reader and
+some PACS do not, so it is not the default). The region is the one the engine
+measured (kept with the lesion maps): the lesion map of each lesion-bearing
+slice cut by :func:`inference.localize.lesion_region`. No SEG is made when no
+slice has a lesion region (an empty segmentation is not sent), nor for
+multi-frame (enhanced) CT sources yet.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from inference.choices import SegCompression
-from inference.identity import ALGORITHM_NAME, MANUFACTURER, SEG_DESCRIPTION, \
+from inference.identity import MANUFACTURER, SEG_DESCRIPTION, \
     AlgorithmIdentity, stamp_series
 from inference.results import AnalysisResult, SliceResult
 from inference.sr import LESION_TYPE_CODES, LOCAL_SCHEME, local_scheme
@@ -95,7 +96,7 @@ def build_seg(result: AnalysisResult, series: CTSeries, sources: list[Dataset],
     if not mask.any():
         return None
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=ALGORITHM_NAME, family=codes.DCM.ArtificialIntelligence,
+        name=identity.algorithm_name, family=codes.DCM.ArtificialIntelligence,
         version=identity.model_version, parameters={"parameters": "; ".join(identity.parameters)})
     order = segments(result)
     labels = np.zeros(mask.shape, dtype=np.uint8)     # 0 background, k segment k

@@ -54,7 +54,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from inference.identity import (ALGORITHM_NAME, DISCLAIMER, MANUFACTURER, SR_DESCRIPTION,
+from inference.identity import (DISCLAIMER, MANUFACTURER, SR_DESCRIPTION,
                                 AlgorithmIdentity, stamp_series)
 from inference.results import AnalysisResult
 
@@ -148,7 +148,7 @@ def build_sr(result: AnalysisResult, sources: list[Dataset], frames: list[int | 
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=identity.device_uid, name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER,
+            uid=identity.device_uid, name=identity.algorithm_name, manufacturer_name=MANUFACTURER,
             model_name=identity.model_name))
     pixel_mm2 = float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
     lesions = sorted(((s, n, box) for s in result.lesion_slices
@@ -302,9 +302,10 @@ def _evaluations(result: AnalysisResult, identity: AlgorithmIdentity) -> Contain
                if result.low_confidence else "")
     items.append(TextContentItem(
         name=COMMENT, relationship_type="CONTAINS",
-        value=f"{caution}{DISCLAIMER}. Produced by {ALGORITHM_NAME} {identity.model_version} "
-              f"({identity.method})."[:1024]))
-    items.extend(AlgorithmIdentification(name=ALGORITHM_NAME, version=identity.model_version,
+        value=f"{caution}{DISCLAIMER}. Produced by {identity.algorithm_name} "
+              f"{identity.model_version} ({identity.method})."[:1024]))
+    items.extend(AlgorithmIdentification(name=identity.algorithm_name,
+                                         version=identity.model_version,
                                          parameters=identity.parameters,
                                          manufacturer=MANUFACTURER))
     container.ContentSequence = items

@@ -137,6 +137,10 @@ def test_dualsampling_trains_round_trips_and_writes_results(tiny, tmp_path, stud
     sr = pydicom.dcmread(files.sr)        # the SR names the architecture, not M3
     assert "Dual-sampling attention network (dualsampling-small profile)" in \
         [e.ManufacturerModelName for e in sr.ContributingEquipmentSequence]
+    texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+    assert any("Produced by lungsys Dual-sampling attention network dualsampling-small-" in t
+               for t in texts)
+    assert "volume window=-1350,150" in texts
     if files.seg is not None:
         assert dciodvfy_errors(files.seg) == []
 
