@@ -7,7 +7,9 @@ lesion evidence and features are averaged as the paper does; then the patient
 network (or the paper's non-parametric assessment, selectable) on the slice
 features; then lesion maps (the evidence scaled by each slice's lesion
 probability) back on the original slice grid, boxes and infected fractions.
-Batches keep memory bounded for series of 1000 slices.
+Batches keep memory bounded for series of 1000 slices. A volume model (the
+dual-sampling network) runs once over the lungs' volume instead
+(:mod:`inference.dualsampling`); localisation and results are the same.
 
 CUDA is used when present (``device="auto"``), with bf16 autocast and
 channels_last; otherwise the CPU.
