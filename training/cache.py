@@ -1,11 +1,12 @@
 """Preprocessed slices cached on disk, so that epochs never re-decode DICOM.
 
 For each study, input size and crop: the lung crops (the paper's, or the
-mirrored ones of ``--crop mirrored``) resized to the input size (HU, float16), the crop boxes, the slices' SOP Instance UIDs in series
-order, and from the annotations each slice's lesion flag, lesion fraction and
-lesion types (LA-DNN's five; -1 where unknown); for a volume model (dual sampling) the
-resampled lung volume with its infection mask and infected ratio. The cache file is rebuilt when
-the study's files change.
+mirrored ones of ``--crop mirrored``) resized to the input size (HU,
+float16), the crop boxes, the slices' SOP Instance UIDs in series order, and
+from the annotations each slice's lesion flag, lesion fraction and lesion
+types (LA-DNN's five; -1 where unknown); for a volume model (dual sampling)
+the resampled lung volume with its infection mask and infected ratio. The
+cache file is rebuilt when the study's files change.
 """
 
 from __future__ import annotations
@@ -56,18 +57,32 @@ def cache_path(cache_dir: Path, entry: StudyEntry, size: int | str, kind: str = 
     return Path(cache_dir) / f"{kind}-{size}" / f"{entry.path.name}-{key}.npz"
 
 
+def _cached(path: Path, signature: str) -> dict[str, np.ndarray] | None:
+    """A cache file's arrays, when it was made from the study's files as they are now."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        return dict(npz) if str(npz["signature"]) == signature else None
+
+
+def _store(path: Path, signature: str, **arrays: np.ndarray) -> None:
+    """Write a cache file whole (a temporary file renamed), with its signature."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, signature=np.array(signature), **arrays)
+    tmp.replace(path)
+
+
 def load_study(entry: StudyEntry, size: int, cache_dir: Path,
                crop: str = "lungs") -> CachedStudy:
     """The study's preprocessed slices, from the cache or made (and cached) now."""
     extra = [p for p in (entry.annotations,) if p is not None]
     signature = _signature(entry.path, extra)
     path = cache_path(cache_dir, entry, size, "crops" if crop == "lungs" else f"crops-{crop}")
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as npz:
-            if str(npz["signature"]) == signature:
-                return CachedStudy(entry, npz["crops"], npz["boxes"], list(npz["sop_uids"]),
-                                   npz["has_lesion"], npz["lesion_fraction"],
-                                   npz["lesion_types"])
+    npz = _cached(path, signature)
+    if npz is not None:
+        return CachedStudy(entry, npz["crops"], npz["boxes"], list(npz["sop_uids"]),
+                           npz["has_lesion"], npz["lesion_fraction"], npz["lesion_types"])
     series = load_series(entry.path)
     prepared = prepare(series.hu, size, crop)
     annotations = entry.slice_annotations()
@@ -87,12 +102,9 @@ def load_study(entry: StudyEntry, size: int, cache_dir: Path,
             types[i] = 0
     study = CachedStudy(entry, prepared.crops.astype(np.float16), prepared.boxes,
                         series.sop_instance_uids, has_lesion, fraction, types)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, crops=study.crops, boxes=study.boxes, sop_uids=np.array(study.sop_uids),
-             has_lesion=has_lesion, lesion_fraction=fraction, lesion_types=types,
-             signature=np.array(signature))
-    tmp.replace(path)
+    _store(path, signature, crops=study.crops, boxes=study.boxes,
+           sop_uids=np.array(study.sop_uids), has_lesion=has_lesion, lesion_fraction=fraction,
+           lesion_types=types)
     return study
 
 
@@ -114,12 +126,10 @@ def load_volume(entry: StudyEntry, shape: tuple[int, int, int], cache_dir: Path)
     extra = [p for p in (entry.annotations, entry.masks) if p is not None]
     signature = _signature(entry.path, extra, "volume-" + VOLUME_CACHE_VERSION)
     path = cache_path(cache_dir, entry, "x".join(map(str, shape)), kind="volumes")
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as npz:
-            if str(npz["signature"]) == signature:
-                infection = npz["infection"] if bool(npz["has_infection"]) else None
-                return CachedVolume(entry, npz["volume"], npz["lung"], infection,
-                                    float(npz["ratio"]))
+    npz = _cached(path, signature)
+    if npz is not None:
+        infection = npz["infection"] if bool(npz["has_infection"]) else None
+        return CachedVolume(entry, npz["volume"], npz["lung"], infection, float(npz["ratio"]))
     series = load_series(entry.path)
     prepared = prepare_volume(series.hu, shape)
     infection, ratio = None, -1.0
@@ -147,11 +157,7 @@ def load_volume(entry: StudyEntry, shape: tuple[int, int, int], cache_dir: Path)
         ratio = float(infection.sum() / max((prepared.lung | infection).sum(), 1))
     study = CachedVolume(entry, prepared.volume.astype(np.float16), prepared.lung, infection,
                          ratio)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, volume=study.volume, lung=study.lung,
-             infection=infection if infection is not None else np.zeros(1, dtype=bool),
-             has_infection=np.array(infection is not None), ratio=np.array(ratio),
-             signature=np.array(signature))
-    tmp.replace(path)
+    _store(path, signature, volume=study.volume, lung=study.lung,
+           infection=infection if infection is not None else np.zeros(1, dtype=bool),
+           has_infection=np.array(infection is not None), ratio=np.array(ratio))
     return study

@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from training.clock import EpochClock, TrainingStopped
+
 
 @dataclass(kw_only=True)
 class TrainingSettings:
@@ -168,6 +170,44 @@ class Run:
             self.tell(f"resuming the run in {self.dir}: {done} of {epochs} epochs done; "
                       + (f"continuing with epoch {done + 1}" if done < epochs
                          else "writing the checkpoint"), progress)
+
+
+class Epochs:
+    """The epochs a run has still to train, and what each finished one leaves behind.
+
+    Made after the optimiser: it restores the last finished epoch (``finished``). Entered,
+    it says when the run resumes; iterated, it gives ``(epoch, lr, rng)`` from the first
+    unfinished epoch (:func:`begin_epoch`); :meth:`done` records an epoch's row, saves the
+    resume state and prints the epoch's line; Ctrl-C inside the ``with`` becomes
+    :class:`~training.clock.TrainingStopped`, which says what was kept and how to go on.
+    """
+
+    def __init__(self, run: Run, cfg: TrainingSettings, net: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, progress=None) -> None:
+        self.run, self.cfg, self.net, self.optimizer = run, cfg, net, optimizer
+        self.progress = progress
+        self.finished = run.load_state(net, optimizer)
+
+    def __enter__(self) -> "Epochs":
+        self.run.resuming(self.finished, self.cfg.epochs, self.progress)
+        self.clock = EpochClock(self.cfg.epochs, self.finished)
+        return self
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            raise TrainingStopped(self.run.dir, self.finished, self.cfg.epochs) from None
+        return False
+
+    def __iter__(self):
+        for epoch in range(self.finished, self.cfg.epochs):
+            yield (epoch, *begin_epoch(self.cfg, self.optimizer, epoch))
+
+    def done(self, row: dict) -> None:
+        """The epoch ``row["epoch"]`` finished: its metrics, resume state and line."""
+        self.run.record(row)
+        self.run.save_state(self.net, self.optimizer, row["epoch"])
+        self.finished = row["epoch"]
+        self.run.tell(self.clock.line(row), self.progress)
 
 
 def begin_epoch(cfg: TrainingSettings, optimizer: torch.optim.Optimizer,

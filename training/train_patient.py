@@ -20,8 +20,7 @@ from inference.checkpoint import load_checkpoint
 from inference.engine import run_slices
 from training.cache import load_study
 from training.dataset import StudyEntry, intended_use, read_manifest
-from training.clock import EpochClock, TrainingStopped
-from training.runs import (begin_epoch, make_optimizer, open_run,
+from training.runs import (Epochs, make_optimizer, open_run,
                            TrainingSettings, write_trained)
 
 
@@ -86,16 +85,13 @@ def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     net = model.patient_net.to(device)
     optimizer = make_optimizer(cfg, net)
-    start_epoch = run.load_state(net, optimizer)
+    epochs = Epochs(run, cfg, net, optimizer, progress)
     epoch_task = progress.add_task("patient training", total=cfg.epochs,
-                                   completed=start_epoch) if progress is not None else None
+                                   completed=epochs.finished) if progress is not None else None
     started = time.time()
     n = len(feats["train"])
-    run.resuming(start_epoch, cfg.epochs, progress)
-    clock, finished = EpochClock(cfg.epochs, start_epoch), start_epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            lr, rng = begin_epoch(cfg, optimizer, epoch)
+    with epochs:
+        for epoch, lr, rng in epochs:
             order = rng.permutation(n)
             net.train()
             total, seen = 0.0, 0
@@ -114,15 +110,10 @@ def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
             if feats["val"]:
                 row["val_acc"] = round(patient_accuracy(net, feats["val"], labels["val"],
                                                         device), 4)
-            run.record(row)
-            run.save_state(net, optimizer, epoch + 1)
-            finished = epoch + 1
-            run.tell(clock.line(row), progress)
+            epochs.done(row)
             if epoch_task is not None:
                 progress.update(epoch_task, advance=1,
                                 description=f"patient training loss {row['loss']:.3f}")
-    except KeyboardInterrupt:         # Ctrl-C: what was kept, and how to go on
-        raise TrainingStopped(run.dir, finished, cfg.epochs) from None
     model.metadata["intended_use"] = intended_use(read_manifest(cfg.data, "train"))
     return write_trained(model, {
         "kind": "trained", "slice": slice_provenance,

@@ -31,8 +31,7 @@ from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import (HU2020_GAMMA, class_balanced_weights, focal_loss,
                              inverse_frequency_weights)
-from training.clock import EpochClock, TrainingStopped
-from training.runs import (begin_epoch, make_optimizer, open_run,
+from training.runs import (Epochs, make_optimizer, open_run,
                            TrainingSettings, write_trained)
 
 FLIPS = ("horizontal", "both", "none")
@@ -206,7 +205,7 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     run.log.info(f"{len(train)} training slices, {len(val) if val else 0} validation slices")
 
     optimizer = make_optimizer(cfg, net)
-    start_epoch = run.load_state(net, optimizer)
+    epochs = Epochs(run, cfg, net, optimizer, progress)
     # the focal loss: Hu 2020's own (inverse frequencies, gamma 1) for its network
     weigh, gamma = (inverse_frequency_weights, HU2020_GAMMA) if profile.arch == "hu2020" \
         else (class_balanced_weights, 2.0)
@@ -214,13 +213,10 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     class_w = weigh(np.bincount(train.label, minlength=4))
     sampling = size_balanced_weights(train.fraction) if cfg.size_balanced else None
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    epoch_task = task("slice training", cfg.epochs, start_epoch)
+    epoch_task = task("slice training", cfg.epochs, epochs.finished)
     started = time.time()
-    run.resuming(start_epoch, cfg.epochs, progress)
-    clock, finished = EpochClock(cfg.epochs, start_epoch), start_epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            lr, rng = begin_epoch(cfg, optimizer, epoch)
+    with epochs:
+        for epoch, lr, rng in epochs:
             order = (rng.choice(len(train), size=len(train), p=sampling)
                      if sampling is not None else rng.permutation(len(train)))
             net.train()
@@ -260,13 +256,8 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
                    "slices_per_s": round(seen / max(time.time() - t0, 1e-9), 1)}
             if val is not None:
                 row.update(evaluate_slices(net, val, device, cfg.batch_size))
-            run.record(row)
-            run.save_state(net, optimizer, epoch + 1)
-            finished = epoch + 1
-            run.tell(clock.line(row), progress)
+            epochs.done(row)
             advance(epoch_task)
-    except KeyboardInterrupt:         # Ctrl-C: what was kept, and how to go on
-        raise TrainingStopped(run.dir, finished, cfg.epochs) from None
     return write_trained(model, {
         "kind": "slice-trained", "data": str(Path(cfg.data).resolve()),
         "profile": profile.name, "arch": profile.arch, "epochs": cfg.epochs, "lr": cfg.lr,

@@ -14,7 +14,6 @@ Runs, resume, Ctrl-C and the epoch lines are those of slice training.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,8 @@ from inference.checkpoint import LungSysModel
 from inference.dualsampling import attention_loss, soft_mask, volume_shape
 from inference.profiles import profile_for
 from training.cache import CachedVolume, load_volume
-from training.clock import EpochClock, TrainingStopped
 from training.dataset import read_manifest
-from training.runs import (begin_epoch, make_optimizer, open_run,
+from training.runs import (Epochs, make_optimizer, open_run,
                            TrainingSettings, write_trained)
 
 #: Eq. 4's weight of the attention loss.
@@ -175,21 +173,18 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
         raise ValueError("volume training needs at least 2 train studies")
     run.log.info(f"{len(train)} training volumes, {len(val)} validation volumes")
     optimizer = make_optimizer(cfg, net)
-    start_epoch = run.load_state(net, optimizer)
+    epochs = Epochs(run, cfg, net, optimizer, progress)
     best_path = run.dir / "best.safetensors"
-    if start_epoch == 0:
+    if epochs.finished == 0:
         best_path.unlink(missing_ok=True)         # an earlier run's, not this one's
-    best = _best_accuracy(best_path)
+    best = _best(best_path)[1]
     sampling = size_groups(train.labels, train.ratios)
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     epoch_task = progress.add_task("volume training", total=cfg.epochs,
-                                   completed=start_epoch) if progress is not None else None
+                                   completed=epochs.finished) if progress is not None else None
     started = time.time()
-    run.resuming(start_epoch, cfg.epochs, progress)
-    clock, finished = EpochClock(cfg.epochs, start_epoch), start_epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            lr, rng = begin_epoch(cfg, optimizer, epoch)
+    with epochs:
+        for epoch, lr, rng in epochs:
             uniform = rng.permutation(len(train))
             balanced = rng.choice(len(train), size=len(train), p=sampling)
             net.train()
@@ -221,19 +216,14 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
                 tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
                 save_file(tensors, str(best_path), metadata={"epoch": str(epoch + 1),
                                                             "val_acc": str(best)})
-            run.record(row)
-            run.save_state(net, optimizer, epoch + 1)
-            finished = epoch + 1
-            run.tell(clock.line(row), progress)
+            epochs.done(row)
             if epoch_task is not None:
                 progress.advance(epoch_task)
-    except KeyboardInterrupt:
-        raise TrainingStopped(run.dir, finished, cfg.epochs) from None
     if best_path.is_file():
-        kept = _kept_epoch(best_path)
+        kept = _best(best_path)[0]
         net.load_state_dict(load_file(str(best_path)))
     else:                                     # (removed by hand): the last epoch's
-        kept = finished
+        kept = epochs.finished
         run.tell(f"no best epoch kept in {run.dir}: the last epoch's weights are written",
                  progress)
     return write_trained(model, {
@@ -244,13 +234,10 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
         "run_dir": str(run.dir)}, cfg.out)
 
 
-def _best_accuracy(path: Path) -> float:
+def _best(path: Path) -> tuple[int, float]:
+    """The best epoch kept so far and its validation accuracy ((0, -1) when none is)."""
     if not path.is_file():
-        return -1.0
+        return 0, -1.0
     with safe_open(str(path), framework="pt") as f:
-        return float((f.metadata() or {}).get("val_acc", -1.0))
-
-
-def _kept_epoch(path: Path) -> int:
-    with safe_open(str(path), framework="pt") as f:
-        return int(json.loads((f.metadata() or {}).get("epoch", "0")))
+        meta = f.metadata() or {}
+    return int(meta.get("epoch", 0)), float(meta.get("val_acc", -1.0))
