@@ -13,6 +13,9 @@ import csv
 import dataclasses
 import json
 import logging
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,11 +206,31 @@ class Epochs:
             yield (epoch, *begin_epoch(self.cfg, self.optimizer, epoch))
 
     def done(self, row: dict) -> None:
-        """The epoch ``row["epoch"]`` finished: its metrics, resume state and line."""
-        self.run.record(row)
-        self.run.save_state(self.net, self.optimizer, row["epoch"])
-        self.finished = row["epoch"]
-        self.run.tell(self.clock.line(row), self.progress)
+        """The epoch ``row["epoch"]`` finished: its resume state, metrics and line, kept
+        together (a Ctrl-C meanwhile waits for them: never a metrics row without its state,
+        nor a stop message that counts one epoch fewer than was kept)."""
+        with _uninterrupted():
+            self.run.save_state(self.net, self.optimizer, row["epoch"])
+            self.run.record(row)
+            self.finished = row["epoch"]
+            self.run.tell(self.clock.line(row), self.progress)
+
+
+@contextmanager
+def _uninterrupted():
+    """Hold back Ctrl-C (SIGINT) until the block is done, then raise it; only in the main
+    thread, where Python delivers it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def begin_epoch(cfg: TrainingSettings, optimizer: torch.optim.Optimizer,
