@@ -3,10 +3,12 @@
 The model is loaded once and reused. For a series: the paper's preprocessing
 (lung crop, resize), then the slice network over batches of slices, each
 slice at the three window centres (-700, -600, -500) whose probabilities,
-lesion evidence and features are averaged as the paper does; then the patient
-network (or the paper's non-parametric assessment, selectable) on the slice
-features; then lesion maps (the evidence scaled by each slice's lesion
-probability) back on the original slice grid, boxes and infected fractions.
+lesion evidence and features are averaged as the paper does (and, lungsys's
+addition, over the slice's mirror image); then the patient network (or the
+paper's non-parametric assessment, selectable) on the slice features; then
+lesion maps (the evidence scaled by each slice's lesion probability, averaged
+with the neighbouring slices') back on the original slice grid, boxes and
+infected fractions.
 Batches keep memory bounded for series of 1000 slices. A volume model (the
 dual-sampling network) runs once over the lungs' volume instead
 (:mod:`inference.dualsampling`); localisation and results are the same.
@@ -53,7 +55,7 @@ class Engine:
 
     def __init__(self, model: LungSysModel | str | Path, device: str = "auto",
                  batch_size: int = 16, method: str = PatientMethod.network,
-                 t: float = nonparametric.DEFAULT_T) -> None:
+                 t: float = nonparametric.DEFAULT_T, mirror: bool = True) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         method = PatientMethod(method)
@@ -69,13 +71,15 @@ class Engine:
         self.batch_size = batch_size
         self.method = method
         self.t = t
+        self.mirror = mirror  # False: half the slice network's time, a less reliable map
         content = self.model.metadata.get("content_sha256") or self.model.content_sha256
         self.model_info = ModelInfo(
             version=self.model.version, content_sha256=content,
             device_uid=self.model.metadata.get("device_uid") or self.model.device_uid,
             profile=self.model.profile.name, device=str(self.device),
             intended_use=self.model.metadata.get("intended_use", ""),
-            arch=self.model.profile.arch, crop=self.model.profile.crop)
+            arch=self.model.profile.arch, crop=self.model.profile.crop,
+            mirror=mirror and not self.model.profile.volume)
 
     def _autocast(self):
         return _autocast(self.device)
@@ -141,9 +145,11 @@ class Engine:
         t0 = time.perf_counter()
         n = len(series)
         outputs = run_slices(self.model.slice_net, prepared.crops, self.batch_size, self.device,
-                             progress, evidence=True)
+                             progress, evidence=True, mirror=self.mirror)
         assert outputs.evidence is not None
-        maps = localize.evidence_maps(outputs.evidence, outputs.lesion[:, 1])
+        maps = localize.through_plane(
+            localize.evidence_maps(outputs.evidence, outputs.lesion[:, 1]), prepared.boxes,
+            series.positions @ series.normal)
         features = torch.from_numpy(outputs.features)
         timings["slice_network"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -191,12 +197,16 @@ class SliceOutputs:
 def run_slices(slice_net: torch.nn.Module, crops: np.ndarray, batch_size: int,
                device: torch.device, progress: Callable[[int, int], None] | None = None,
                centres: tuple[float, ...] = INFERENCE_CENTRES,
-               evidence: bool = False) -> SliceOutputs:
+               evidence: bool = False, mirror: bool = True) -> SliceOutputs:
     """Run the slice network over cropped HU slices (n, size, size) in batches.
 
     Each batch holds every slice at every window centre; probabilities,
     features and (with ``evidence``) the lesion evidence maps are averaged over
-    the centres, as the paper does at inference. Evidence costs a backward
+    the centres, as the paper does at inference, and (``mirror``) over the
+    slice and its left-right mirror image, a second pass with the evidence
+    mirrored back. Training draws mirror images, so both views are the
+    network's own; averaging them took the pointing game from 85.7% to 87.5%
+    on a validation split (docs/localisation.md). Evidence costs a backward
     pass through ResBlock2-3 (not inference mode, so that autograd can run).
     """
     n = crops.shape[0]
@@ -207,34 +217,42 @@ def run_slices(slice_net: torch.nn.Module, crops: np.ndarray, batch_size: int,
     features: np.ndarray | None = None
     types: np.ndarray | None = None
     lesion_map = None
+    views = (False, True) if mirror else (False,)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        batch = np.asarray(crops[start:stop], dtype=np.float32)
-        x = torch.from_numpy(np.concatenate([to_channels(window(batch, c)) for c in centres]))
-        x = x.to(device)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
-            if evidence:
-                out, lesion_map = slice_net.lesion_evidence(x)
-            else:
-                out = slice_net(x)
-        k, w = stop - start, len(centres)
-        lesion[start:stop] = _mean_windows(torch.softmax(out.lesion_logits.float(), 1), w, k)
-        classes[start:stop] = _mean_windows(torch.softmax(out.class_logits.float(), 1), w, k)
-        batch_features = _mean_windows(out.feature.float(), w, k)
-        if features is None:
-            features = np.zeros((n, batch_features.shape[1]), dtype=np.float32)
-        features[start:stop] = batch_features
-        if out.lesion_type_logits is not None:
-            if types is None:
-                types = np.zeros((n, out.lesion_type_logits.shape[1]), dtype=np.float64)
-            types[start:stop] = _mean_windows(torch.sigmoid(out.lesion_type_logits.float()), w, k)
-        if lesion_map is not None:
-            batch_maps = _mean_windows(lesion_map.float(), w, k)
-            if maps is None:
-                maps = np.zeros((n, *batch_maps.shape[1:]), dtype=np.float32)
-            maps[start:stop] = batch_maps
+        for mirrored in views:
+            batch = np.asarray(crops[start:stop], dtype=np.float32)
+            if mirrored:
+                batch = np.ascontiguousarray(batch[:, :, ::-1])
+            x = torch.from_numpy(np.concatenate([to_channels(window(batch, c)) for c in centres]))
+            x = x.to(device)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                if evidence:
+                    out, lesion_map = slice_net.lesion_evidence(x)
+                    lesion_map = lesion_map.flip(-1) if mirrored else lesion_map
+                else:
+                    out = slice_net(x)
+            k, w, share = stop - start, len(centres), 1.0 / len(views)
+            lesion[start:stop] += share * _mean_windows(
+                torch.softmax(out.lesion_logits.float(), 1), w, k)
+            classes[start:stop] += share * _mean_windows(
+                torch.softmax(out.class_logits.float(), 1), w, k)
+            batch_features = _mean_windows(out.feature.float(), w, k)
+            if features is None:
+                features = np.zeros((n, batch_features.shape[1]), dtype=np.float32)
+            features[start:stop] += share * batch_features
+            if out.lesion_type_logits is not None:
+                if types is None:
+                    types = np.zeros((n, out.lesion_type_logits.shape[1]), dtype=np.float64)
+                types[start:stop] += share * _mean_windows(
+                    torch.sigmoid(out.lesion_type_logits.float()), w, k)
+            if lesion_map is not None:
+                batch_maps = _mean_windows(lesion_map.float(), w, k)
+                if maps is None:
+                    maps = np.zeros((n, *batch_maps.shape[1:]), dtype=np.float32)
+                maps[start:stop] += share * batch_maps
         if progress is not None:
             progress(stop, n)
     assert features is not None

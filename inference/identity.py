@@ -16,6 +16,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from inference.localize import THROUGH_PLANE_MM
 from inference.model_info import ModelInfo
 from inference.version import software_version
 
@@ -51,12 +52,14 @@ class AlgorithmIdentity:
     content_sha256: str
     arch: str = "m3"
     crop: str = "lungs"
+    mirror: bool = True
 
     @classmethod
     def from_model_info(cls, info: ModelInfo, method: str) -> "AlgorithmIdentity":
         return cls(model_version=info.version, device_uid=info.device_uid,
                    profile=info.profile, method=str(method),
-                   content_sha256=info.content_sha256 or "", arch=info.arch, crop=info.crop)
+                   content_sha256=info.content_sha256 or "", arch=info.arch, crop=info.crop,
+                   mirror=info.mirror)
 
     @property
     def algorithm_name(self) -> str:
@@ -75,7 +78,9 @@ class AlgorithmIdentity:
         if self.arch == "dualsampling":
             return ["patient-level method=volume ensemble", "volume window=-1350,150", sha]
         return [f"patient-level method={self.method}", "window width=1200",
-                "window centres=-700,-600,-500", f"crop={self.crop}", sha]
+                "window centres=-700,-600,-500",
+                "views=as acquired and mirrored" if self.mirror else "views=as acquired",
+                f"crop={self.crop}", f"lesion maps through-plane={THROUGH_PLANE_MM:g} mm", sha]
 
     def contributing_equipment(self) -> ContributingEquipment:
         """The Contributing Equipment item naming this algorithm (IHE AIR)."""

@@ -22,9 +22,10 @@ class ModelInfo:
     intended_use: str = ""       # e.g. a phantom-trained model: "demonstration model ..."
     arch: str = "m3"             # inference.profiles.ARCHITECTURES
     crop: str = "lungs"          # the slices' crop (inference.preprocess.CROPS)
+    mirror: bool = True          # slices averaged with their mirror image (Engine's mirror)
 
     def to_json(self) -> dict:
         """As ``lungsys analyze --json`` prints it."""
         return {"version": self.version, "content_sha256": self.content_sha256,
                 "device_uid": self.device_uid, "profile": self.profile, "arch": self.arch,
-                "crop": self.crop, "device": self.device}
+                "crop": self.crop, "mirror": self.mirror, "device": self.device}

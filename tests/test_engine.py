@@ -59,7 +59,9 @@ def test_batch_size_and_method_do_not_change_slice_results(checkpoint, series):
 
 
 def test_maps_and_boxes_land_on_the_original_grid(checkpoint, series):
-    result = Engine(hotspot_model(), device="cpu").analyze(series)
+    # the double's hot spot ignores the slice, so its mirror view would put a second
+    # spot on the other side: the mirror image is proved in test_localize.py
+    result = Engine(hotspot_model(), device="cpu", mirror=False).analyze(series)
     checked = 0
     for s in result.slices:
         r0, c0, r1, c1 = result.maps.boxes[s.index]

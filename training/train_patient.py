@@ -40,7 +40,9 @@ def study_features(model, entry: StudyEntry, cache_dir: Path, device, batch_size
                    ) -> np.ndarray:
     """(slices, D) features of a study under a model's frozen slice network, cached."""
     key = model.metadata.get("content_sha256") or model.content_sha256
-    path = Path(cache_dir) / f"features-{key[:16]}" / f"{entry.path.name}.npy"
+    # the features of the engine's views: the slice and its mirror image, on the model's crop
+    path = Path(cache_dir) / f"features-{key[:16]}-{model.profile.crop}-mirrored" \
+        / f"{entry.path.name}.npy"
     study = load_study(entry, model.profile.input_size, cache_dir, model.profile.crop)
     if path.is_file():
         feats = np.load(path, allow_pickle=False)
