@@ -152,6 +152,7 @@ class ModelSection:
     method: PatientMethod = PatientMethod.network
     heatmaps: HeatmapChoice = HeatmapChoice.lesion
     choices: tuple[str, ...] = ()
+    mirror: bool = True
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from scipy.sparse.csgraph import connected_components
 
 LUNG_THRESHOLD_HU = -300.0
 BODY_THRESHOLD_HU = -500.0
+#: :func:`lung_envelope` stays this far inside the lungs' outline (the chest wall).
+ENVELOPE_MARGIN_MM = 3.0
 OPENING_KERNEL = (1, 8)
 MARGIN_PX = 10
 #: Components of fewer pixels than this are noise, not lung.
@@ -173,6 +175,29 @@ def body_bounding_box(hu_slice: np.ndarray) -> Box | None:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return _bounding_box(labels == int(np.argmax(sizes)), 0)
+
+
+def lung_envelope(hu_slice: np.ndarray, lung: np.ndarray, spacing_mm: float = 1.0,
+                  margin_mm: float = ENVELOPE_MARGIN_MM) -> np.ndarray:
+    """Where lung can be on a slice, aerated or not: the filled lung mask joined with its
+    mirror image about the body's midline, holes filled, ``margin_mm`` in from its edge.
+
+    A consolidated lobe is not air, so the lung mask leaves it out; the other lung's
+    mirror image covers it. The margin keeps the chest wall out.
+    """
+    filled = ndimage.binary_fill_holes(np.asarray(lung, dtype=bool))
+    body = body_bounding_box(hu_slice)
+    if body is None or not filled.any():
+        return filled
+    twice_mid = body[1] + body[3]
+    cols = twice_mid - 1 - np.arange(filled.shape[1])
+    inside = (cols >= 0) & (cols < filled.shape[1])
+    mirrored = np.zeros_like(filled)
+    mirrored[:, inside] = filled[:, cols[inside]]
+    envelope = ndimage.binary_fill_holes(filled | mirrored)
+    radius = max(int(round(margin_mm / spacing_mm)), 1)
+    yy, xx = np.ogrid[-radius:radius + 1, -radius:radius + 1]
+    return ndimage.binary_erosion(envelope, structure=(xx * xx + yy * yy) <= radius * radius)
 
 
 #: The crops a model may be trained with (``Profile.crop``): the paper's lung box, or that

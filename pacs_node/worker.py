@@ -212,7 +212,7 @@ class JobRunner:
             self._other = (key, Engine(
                 job.checkpoint or self.engine.model, device=self.config.model.device,
                 batch_size=self.config.model.batch_size,
-                method=job.method or self.engine.method))
+                method=job.method or self.engine.method, mirror=self.config.model.mirror))
         return self._other[1]
 
     def run_job(self, job: Job) -> None:
@@ -319,4 +319,4 @@ def load_engine(config: NodeConfig):
 
     model = config.model
     return Engine(model.checkpoint or default_model(), device=model.device,
-                  batch_size=model.batch_size, method=model.method)
+                  batch_size=model.batch_size, method=model.method, mirror=model.mirror)

@@ -1,17 +1,23 @@
-"""The lesion map's two averages: over a slice's mirror image, and along the slice normal."""
+"""The lesion map's two averages (over a slice's mirror image, and along the slice normal)
+and the region's extent (the non-aerated lung it touches)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from inference.checkpoint import LungSysModel
 from inference.engine import Engine, run_slices
-from inference.localize import MIN_NEIGHBOUR_WEIGHT, THROUGH_PLANE_MM, through_plane
-from inference.preprocess import uncrop
+from inference.localize import (MIN_NEIGHBOUR_WEIGHT, THROUGH_PLANE_MM, extend_by_density,
+                                through_plane)
+from inference.preprocess import lung_envelope, lung_masks, uncrop
 from inference.identity import AlgorithmIdentity
 from inference.series import load_series
+from training.metrics import dice
 
 CPU = torch.device("cpu")
 
@@ -73,3 +79,47 @@ def test_the_engine_says_it_mirrored(study_factory):
         AlgorithmIdentity.from_model_info(both.model, "network").parameters
     assert "views=as acquired" in AlgorithmIdentity.from_model_info(one.model, "network").parameters
     assert not np.allclose(both.maps.maps, one.maps.maps)
+
+
+def _slice_of(study, pick):
+    """(HU, lesion mask, lung mask, spacing) of the slice ``pick`` chooses by lesion area."""
+    series = load_series(study.directory)
+    truth = json.loads((study.directory / "truth.json").read_text())
+    lesion = np.load(study.directory / "masks.npz")["lesion"]
+    row = {s["sop_instance_uid"]: i for i, s in enumerate(truth["slices"])}
+    masks = np.stack([lesion[row[uid]] for uid in series.sop_instance_uids])
+    i = pick(masks.sum(axis=(1, 2)))
+    lung = lung_masks(np.asarray(series.hu))[i]          # the volume's: as the engine cuts it
+    spacing = float(np.mean(series.pixel_spacing))
+    return np.asarray(series.hu[i], np.float32), masks[i], lung, spacing
+
+
+def test_a_consolidation_is_measured_whole_from_the_part_the_map_marks(study_factory):
+    """A lobar consolidation (the CAP phantom's largest, not air, so outside the lung mask):
+    a spot the map would mark inside it grows to the consolidation, not to the chest wall
+    or the heart next to it."""
+    def middle(areas):                                  # the consolidation's middle slice
+        large = np.flatnonzero(areas > 0.5 * areas.max())
+        return large[len(large) // 2]
+
+    hu, lesion, lung, spacing = _slice_of(study_factory("cap", 2, 24), middle)
+    assert (lesion & ~ndimage.binary_fill_holes(lung)).sum() > 0.5 * lesion.sum()
+    depth = ndimage.distance_transform_edt(lesion)
+    spot = depth >= depth.max() - 3                     # deep inside: a few pixels
+    region = extend_by_density(spot, hu, lung_envelope(hu, lung, spacing))
+    assert spot.sum() < 0.05 * lesion.sum()
+    assert dice(region, lesion) > 0.65, dice(region, lesion)
+    assert region.sum() < 1.4 * lesion.sum() and (region & (hu < -500)).sum() == 0
+
+
+def test_a_spot_on_aerated_lung_stays_small(study_factory):
+    """Where there is no consolidation, the region gains at most the vessels it touches."""
+    hu, lesion, lung, spacing = _slice_of(study_factory("healthy", 2, 24), lambda a: len(a) // 2)
+    assert not lesion.any()
+    rows, cols = np.nonzero(lung & (hu < -800))
+    spot = np.zeros(hu.shape, dtype=bool)
+    r, c = rows[len(rows) // 2], cols[len(cols) // 2]
+    spot[r - 3:r + 4, c - 3:c + 4] = True
+    region = extend_by_density(spot, hu, lung_envelope(hu, lung, spacing))
+    assert region.sum() < 3 * spot.sum() + 400 * (1 / spacing) ** 2   # vessels: < 4 cm^2
+    assert not extend_by_density(np.zeros_like(spot), hu, lung).any()

@@ -13,6 +13,7 @@ from pydicom.sr.codedict import codes
 
 from inference.engine import Engine
 from inference.export import write_results
+from inference.preprocess import lung_envelope, lung_masks
 from inference.series import load_series
 from inference.sr import CLASS_CODES, DIAGNOSIS, INFECTED_FRACTION, PROBABILITY
 
@@ -296,9 +297,13 @@ def test_the_seg_overlays_the_lesion_region_on_its_ct_slices(written):
     assert description.SegmentLabel == "lesion" and description.SegmentAlgorithmType == "AUTOMATIC"
     mask = lesion_mask(result, series)
     spacing = float(np.mean(series.pixel_spacing))
+    lung = lung_masks(np.asarray(series.hu))
     for s in result.lesion_slices:        # the region the engine cut, kept, not cut again
-        assert (mask[s.index] == localize.lesion_region(result.maps.on_grid(s.index),
-                                                        spacing)).all()
+        hu = np.asarray(series.hu[s.index])
+        region = localize.extend_by_density(
+            localize.lesion_region(result.maps.on_grid(s.index), spacing), hu,
+            lung_envelope(hu, lung[s.index], spacing))
+        assert (mask[s.index] == region).all()
     with_region = [series.slices[i].sop_instance_uid for i in range(len(series)) if mask[i].any()]
     referenced = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
                   for f in seg.PerFrameFunctionalGroupsSequence]

@@ -24,6 +24,7 @@ from inference import localize
 from inference.choices import PatientMethod
 from inference.engine import Engine
 from inference.ladnn import LESION_TYPES
+from inference.preprocess import lung_envelope, lung_masks
 from inference.profiles import CLASSES
 from inference.series import load_series
 from training import metrics as M
@@ -151,13 +152,21 @@ def _localisation(entry, series, result, c: _Collected) -> None:
     uids, lesion = masks
     position = {uid: i for i, uid in enumerate(uids)}
     spacing = float(np.mean(series.pixel_spacing))
+    lung = None
     for s in result.slices:
         i = position.get(s.sop_instance_uid)
         if i is None or not lesion[i].any():
             continue
         grid = result.maps.on_grid(s.index)
         c.hits.append(M.pointing_hit(grid, lesion[i]))
-        c.dices.append(M.dice(localize.lesion_region(grid, spacing), lesion[i]))
+        if s.index in result.maps.regions:                 # the region the engine cut
+            region = result.maps.region(s.index)
+        else:                                              # task 1 said no lesion: cut it here
+            lung = lung_masks(series.hu) if lung is None else lung
+            region = localize.extend_by_density(
+                localize.lesion_region(grid, spacing), series.hu[s.index],
+                lung_envelope(series.hu[s.index], lung[s.index], spacing))
+        c.dices.append(M.dice(region, lesion[i]))
     truth = json.loads(entry.annotations.read_text()).get("infected_fraction")
     if truth is not None:
         c.fraction_errors.append(abs(result.infected_fraction - float(truth)))
