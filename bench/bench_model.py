@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.bench_model [--slices 300] [--device auto]
 
 Prints one table. On the CPU: the small profile analysing a whole phantom
-study (three windows per slice: preprocessing, slice network, patient
+study (three windows per slice and its mirror image, then one view only as
+``[model] mirror = false`` runs it: preprocessing, slice network, patient
 network, localisation), raw slice-forward rates of both profiles, and each
 architecture's small profile on the same study (``--archs``). On a CUDA
 device: the paper profile's slice-forward rate in bf16, with the GPU named,
@@ -84,14 +85,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         generate_study(tmp, "covid", 1, args.slices)
         series = load_series(tmp)
-    engine = Engine(LungSysModel.create("small", 0), device=str(cpu), batch_size=16)
-    start = time.perf_counter()
-    result = engine.analyze(series)
-    total = time.perf_counter() - start
-    for stage, sec in result.timings.items():
-        rows.append((f"small, {args.slices}-slice study: {stage}", "cpu", sec, None))
-    rows.append((f"small, {args.slices}-slice study: total (3 windows)", "cpu", total,
-                 3 * args.slices / total))
+    for mirror in (True, False):                # the default, and [model] mirror = false
+        views = 2 if mirror else 1
+        engine = Engine(LungSysModel.create("small", 0), device=str(cpu), batch_size=16,
+                        mirror=mirror)
+        start = time.perf_counter()
+        result = engine.analyze(series)
+        total = time.perf_counter() - start
+        what = f"small, {args.slices}-slice study, 3 windows x {views} view{'s' * (views > 1)}"
+        for stage, sec in result.timings.items():
+            rows.append((f"{what}: {stage}", "cpu", sec, None))
+        rows.append((f"{what}: total", "cpu", total, 3 * views * args.slices / total))
 
     rows.append(("small: slice network forwards", "cpu", None,
                  forward_rate("small", cpu, 48, args.seconds)))

@@ -14,9 +14,10 @@ slice is the lesion region's share of the lung (the filled lung mask of the
 preprocessing, with the lesion region counted as lung: consolidation is lung
 even though it is not air).
 
-The blur, the floor and the through-plane weight were chosen on the validation split of the shipped
-model's training set (Dice and infected-fraction error against the phantom's
-masks), never on a test set: docs/localisation.md.
+The blur, the floor, the through-plane weight and the density threshold were
+chosen on the validation split of the shipped model's training set (pointing
+game, Dice and infected-fraction error against the phantom's masks), never on
+a test set: docs/localisation.md.
 """
 
 from __future__ import annotations
