@@ -180,10 +180,12 @@ def body_bounding_box(hu_slice: np.ndarray) -> Box | None:
 def lung_envelope(hu_slice: np.ndarray, lung: np.ndarray, spacing_mm: float = 1.0,
                   margin_mm: float = ENVELOPE_MARGIN_MM) -> np.ndarray:
     """Where lung can be on a slice, aerated or not: the filled lung mask joined with its
-    mirror image about the body's midline, holes filled, ``margin_mm`` in from its edge.
+    mirror image about the body's midline, ``margin_mm`` in from its edge.
 
     A consolidated lobe is not air, so the lung mask leaves it out; the other lung's
-    mirror image covers it. The margin keeps the chest wall out.
+    mirror image covers it. The margin keeps the chest wall out. The union's holes are
+    not filled: where a lung and the other's mirror image meet in front of and behind
+    the mediastinum, that would take in the mediastinum whole.
     """
     filled = ndimage.binary_fill_holes(np.asarray(lung, dtype=bool))
     body = body_bounding_box(hu_slice)
@@ -194,7 +196,7 @@ def lung_envelope(hu_slice: np.ndarray, lung: np.ndarray, spacing_mm: float = 1.
     inside = (cols >= 0) & (cols < filled.shape[1])
     mirrored = np.zeros_like(filled)
     mirrored[:, inside] = filled[:, cols[inside]]
-    envelope = ndimage.binary_fill_holes(filled | mirrored)
+    envelope = filled | mirrored
     radius = max(int(round(margin_mm / spacing_mm)), 1)
     yy, xx = np.ogrid[-radius:radius + 1, -radius:radius + 1]
     return ndimage.binary_erosion(envelope, structure=(xx * xx + yy * yy) <= radius * radius)

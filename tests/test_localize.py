@@ -122,4 +122,24 @@ def test_a_spot_on_aerated_lung_stays_small(study_factory):
     spot[r - 3:r + 4, c - 3:c + 4] = True
     region = extend_by_density(spot, hu, lung_envelope(hu, lung, spacing))
     assert region.sum() < 3 * spot.sum() + 400 * (1 / spacing) ** 2   # vessels: < 4 cm^2
-    assert not extend_by_density(np.zeros_like(spot), hu, lung).any()
+
+
+def test_a_consolidation_by_the_mediastinum_does_not_take_it_in():
+    """A lung wrapping round the mediastinum past the midline, in front and behind: with
+    its mirror image it encloses the mediastinum, which must stay out of the envelope and
+    out of a consolidation touching it (the heart and vessels are as dense)."""
+    yy, xx = np.mgrid[:200, :200]
+    hu = np.full((200, 200), -1000.0, dtype=np.float32)
+    hu[((yy - 100) / 80) ** 2 + ((xx - 100) / 90) ** 2 < 1] = 40.0     # body, soft tissue
+    radius2 = (yy - 100) ** 2 + (xx - 100) ** 2
+    ring = (radius2 < 60 ** 2) & (radius2 > 25 ** 2)
+    lung = ring & ((xx < 108) | (xx > 120))     # one lung past the midline (col 100)
+    consolidation = lung & (xx < 80) & (abs(yy - 100) < 10)             # touches the centre
+    hu[lung & ~consolidation] = -850.0
+    envelope = lung_envelope(hu, lung & ~consolidation, 1.0)
+    assert not envelope[100, 100] and envelope[45, 100] and envelope[100, 60]
+    spot = np.zeros(hu.shape, dtype=bool)
+    spot[98:102, 50:54] = True
+    region = extend_by_density(spot, hu, envelope)
+    assert region[100, 60] and not region[100, 100]
+    assert region.sum() < 1.2 * consolidation.sum()
