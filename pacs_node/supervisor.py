@@ -79,8 +79,9 @@ class WorkerSupervisor:
         worker = self.worker
         if worker is not None:
             worker.ask_to_stop()
-        if self._thread is not None:
-            self._thread.join(timeout=seconds + 15)
+        thread = self._thread
+        if thread is not None and thread.ident is not None:  # a signal can come mid-start
+            thread.join(timeout=seconds + 15)
 
     def kill(self) -> None:
         """End the worker at once (a node forced to stop)."""
