@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from inference import localize, nonparametric
 from inference.checkpoint import LungSysModel, load_checkpoint
@@ -114,14 +115,15 @@ class Engine:
         for i, info in enumerate(series.slices):
             boxes: list[localize.LesionBox] = []
             region = np.zeros(lesion_maps.shape, dtype=bool)
+            filled = ndimage.binary_fill_holes(lung[i])
             if lesion[i, 1] >= 0.5:
                 grid_map = lesion_maps.on_grid(i)
                 region = localize.extend_by_density(
                     localize.lesion_region(grid_map, spacing), series.hu[i],
-                    lung_envelope(series.hu[i], lung[i], spacing))
+                    lung_envelope(series.hu[i], filled, spacing, filled=True))
                 boxes = localize.boxes_from_region(region, grid_map, spacing)
                 lesion_maps.keep_region(i, region)
-            lesion_px, lung_px = localize.infected_pixels(region, lung[i])
+            lesion_px, lung_px = localize.infected_pixels(region, filled)
             total_lesion += lesion_px
             total_lung += lung_px
             slices.append(SliceResult(

@@ -167,6 +167,9 @@ def boxes_from_region(region: np.ndarray, lesion_map: np.ndarray, spacing_mm: fl
     return sorted(out, key=lambda b: -b.area_px)
 
 
-def infected_pixels(region: np.ndarray, lung: np.ndarray) -> tuple[int, int]:
-    """(lesion pixels, lung pixels) of a slice; the lesion region counts as lung."""
-    return int(region.sum()), int((ndimage.binary_fill_holes(lung) | region).sum())
+def infected_pixels(region: np.ndarray, filled_lung: np.ndarray) -> tuple[int, int]:
+    """(lesion pixels, lung pixels) of a slice; the lesion region counts as lung.
+
+    ``filled_lung``: the lung mask with its holes (vessels, airways) filled.
+    """
+    return int(region.sum()), int((filled_lung | region).sum())
