@@ -90,6 +90,7 @@ def test_patient_training_and_evaluation(tiny, tmp_path):
                 "infected_fraction_mae"):
         assert key in report, key
     assert report["patients"] == 4
+    assert 0 <= report["lesion_slices_flagged"] <= report["lesion_slices_scored"]
     assert report["small_sample"] is True and report["patients_per_class"]["CAP"] == 1
     assert set(report["per_class"]) == {"Healthy", "COVID-19", "H1N1", "CAP"}
     assert {"sensitivity", "specificity", "auc"} <= set(report["per_class"]["CAP"])

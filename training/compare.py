@@ -23,7 +23,8 @@ from training.evaluate import ERRORS, percent, small_sample_lines
 NETWORK = str(PatientMethod.network)
 
 #: Rows of the table beyond the per-class ones: (report key, label, a share shown x100).
-_ROWS = (("pointing_game", "pointing game", True), ("dice", "Dice", True),
+_ROWS = (("pointing_game", "pointing game", True),
+         ("pointing_game_flagged", "pointing game, slices it flags", True), ("dice", "Dice", True),
          ("infected_fraction_mae", "infected-fraction error (points)", True),
          ("seconds_per_300_slices", "seconds per 300-slice study", False))
 

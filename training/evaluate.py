@@ -46,6 +46,8 @@ class _Collected:
     slice_labels: list[int] = field(default_factory=list)
     slice_scores: list[np.ndarray] = field(default_factory=list)
     hits: list[bool] = field(default_factory=list)
+    #: the hits on the lesion slices the model flags (task 1 says lesion: a region, a box)
+    flagged_hits: list[bool] = field(default_factory=list)
     dices: list[float] = field(default_factory=list)
     fraction_errors: list[float] = field(default_factory=list)
     #: a lesion-typing model's slices: the annotated types (0/1) and the predicted chances
@@ -137,6 +139,10 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
             for k, name in enumerate(LESION_TYPES)}
     report["pointing_game"] = float(np.mean(c.hits)) if c.hits else None
     report["lesion_slices_scored"] = len(c.hits)
+    # what a reader checks: where the model shows a lesion, is it on one
+    report["pointing_game_flagged"] = float(np.mean(c.flagged_hits)) if c.flagged_hits \
+        else None
+    report["lesion_slices_flagged"] = len(c.flagged_hits)
     report["dice"] = float(np.mean(c.dices)) if c.dices else None
     report["infected_fraction_mae"] = float(np.mean(c.fraction_errors)) \
         if c.fraction_errors else None
@@ -159,6 +165,8 @@ def _localisation(entry, series, result, c: _Collected) -> None:
             continue
         grid = result.maps.on_grid(s.index)
         c.hits.append(M.pointing_hit(grid, lesion[i]))
+        if s.has_lesion:
+            c.flagged_hits.append(c.hits[-1])
         if s.index in result.maps.regions:                 # the region the engine cut
             region = result.maps.region(s.index)
         else:                                              # task 1 said no lesion: cut it here
@@ -258,6 +266,10 @@ def report_lines(report: dict) -> list[str]:
         if report.get(key) is not None:
             lines.append(f"{key.replace('_', ' ')}: {100 * report[key]:.1f}% "
                          f"({report['lesion_slices_scored']} lesion slices)")
+        if key == "pointing_game" and report.get("pointing_game_flagged") is not None:
+            lines.append(f"pointing game on the lesion slices the model flags: "
+                         f"{100 * report['pointing_game_flagged']:.1f}% "
+                         f"({report['lesion_slices_flagged']} slices)")
     if report.get("infected_fraction_mae") is not None:
         lines.append(f"infected fraction error (mean absolute): "
                      f"{100 * report['infected_fraction_mae']:.2f} percentage points")
