@@ -5,9 +5,11 @@
 #   scripts/compare-architectures.sh [WORK_DIR]      (default: work/compare)
 #
 # The datasets are the shipped model's (scripts/train-shipped-model.sh: training set seed
-# 5, fresh test set seed 2, studies of 32-48 slices); Hu 2020 and LA-DNN are trained on it
-# with the shipped model's settings (their small profiles), the dual-sampling network with
-# `lungsys train volume` (VOLUME_EPOCHS, lr 1e-3 x0.1 every 8 epochs, 8 volumes a batch),
+# 5, 120 patients a class more for the patient networks (seed 7), fresh test set seed 2,
+# studies of 32-48 slices); Hu 2020 and LA-DNN are trained on them with the shipped
+# model's settings (their small profiles), the dual-sampling network (no patient network of
+# its own) on the training set with `lungsys train volume` (VOLUME_EPOCHS, lr 1e-3 x0.1
+# every 8 epochs, 8 volumes a batch),
 # then `lungsys evaluate` compares them all on every study of the fresh set and writes
 # WORK_DIR/comparison.txt. About 5 hours on a 2-core CPU (a GPU is used when there is one);
 # an interrupted run resumes. PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS, PATIENT_EPOCHS and
@@ -32,6 +34,11 @@ SECONDS=0
 [ -f "$W/fresh-test/manifest.csv" ] || \
     $L phantom-set --out "$W/fresh-test" --per-class "$TEST_PER_CLASS" --seed 2 \
         --slices-range 32 48
+# the patient networks learn from these patients and as many more (seed 7), as the
+# shipped model's did
+[ -f "$W/more/manifest.csv" ] || \
+    $L phantom-set --out "$W/more" --per-class "$PER_CLASS" --seed 7 --slices-range 32 48
+[ -f "$W/patients.csv" ] || .venv/bin/python scripts/patients-manifest.py "$W"
 
 models=()
 [ "${SHIPPED:-1}" = 0 ] || models+=(inference/models/lungsys-small-phantom.safetensors)
@@ -48,9 +55,9 @@ for arch in $ARCHS; do
         $L train slice --arch "$arch" --data "$W/train" --out "$W/$arch-slice.safetensors" \
             --profile small --epochs "$SLICE_EPOCHS" --optimizer adamw --lr 0.001 \
             --lr-step 24 --batch-size 32 --seed 0 --affine
-        $L train patient --data "$W/train" --slice-model "$W/$arch-slice.safetensors" \
+        $L train patient --data "$W/patients.csv" --slice-model "$W/$arch-slice.safetensors" \
             --out "$W/$arch.safetensors" --epochs "$PATIENT_EPOCHS" --optimizer adamw \
-            --lr 0.0005 --lr-step 30 --seed 0
+            --lr 0.0005 --lr-step 30 --seed 0 --cache-dir "$W/train/.lungsys-cache"
     }
     models+=("$W/$arch.safetensors")
 done

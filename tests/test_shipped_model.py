@@ -27,7 +27,9 @@ def test_the_shipped_model_loads_verified_and_says_what_it_is():
     assert meta["provenance"]["kind"] == "trained"
     metrics = meta["metrics"]                          # recorded by 'lungsys evaluate --record'
     assert metrics["split"] == "all" and metrics["patients"] >= 100
-    assert metrics["patient_accuracy"] >= 0.9
+    # the goals of issue 17 it meets on 100 fresh patients (the pointing game's 90% not yet)
+    assert metrics["patient_accuracy"] >= 0.95
+    assert metrics["infected_fraction_mae"] <= 0.02
     assert metrics["pointing_game"] >= 0.8
 
 
