@@ -120,7 +120,7 @@ class Engine:
                 grid_map = lesion_maps.on_grid(i)
                 region = localize.extend_by_density(
                     localize.lesion_region(grid_map, spacing), series.hu[i],
-                    lung_envelope(series.hu[i], filled, spacing, filled=True))
+                    lung_envelope(series.hu[i], filled, spacing, holes_filled=True))
                 boxes = localize.boxes_from_region(region, grid_map, spacing)
                 lesion_maps.keep_region(i, region)
             lesion_px, lung_px = localize.infected_pixels(region, filled)

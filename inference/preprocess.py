@@ -178,18 +178,19 @@ def body_bounding_box(hu_slice: np.ndarray) -> Box | None:
 
 
 def lung_envelope(hu_slice: np.ndarray, lung: np.ndarray, spacing_mm: float = 1.0,
-                  margin_mm: float = ENVELOPE_MARGIN_MM, *, filled: bool = False) -> np.ndarray:
+                  margin_mm: float = ENVELOPE_MARGIN_MM, *,
+                  holes_filled: bool = False) -> np.ndarray:
     """Where lung can be on a slice, aerated or not: the filled lung mask joined with its
     mirror image about the body's midline, ``margin_mm`` in from its edge.
 
     A consolidated lobe is not air, so the lung mask leaves it out; the other lung's
     mirror image covers it. The margin keeps the chest wall out. The union's holes are
     not filled: where a lung and the other's mirror image meet in front of and behind
-    the mediastinum, that would take in the mediastinum whole. ``filled``: the lung
+    the mediastinum, that would take in the mediastinum whole. ``holes_filled``: the lung
     mask's own holes are filled already (the engine fills them once a slice).
     """
     lung = np.asarray(lung, dtype=bool)
-    filled = lung if filled else ndimage.binary_fill_holes(lung)
+    filled = lung if holes_filled else ndimage.binary_fill_holes(lung)
     body = body_bounding_box(hu_slice)
     if body is None or not filled.any():
         return filled

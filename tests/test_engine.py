@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from inference.checkpoint import LungSysModel, save_checkpoint
 from inference import localize
 from inference.engine import Engine
+from inference.preprocess import lung_masks
 from inference.profiles import CLASSES
 from inference.series import load_series
 
@@ -89,6 +91,15 @@ def test_maps_and_boxes_land_on_the_original_grid(checkpoint, series):
         checked += 1
     assert checked >= 10
     assert result.infected_fraction > 0
+    # the infected fraction: the regions over the lungs joined with them, the vessels and
+    # airways inside a lung counted as lung (its mask's holes filled)
+    lung = lung_masks(series.hu)
+    regions = [result.maps.region(s.index) for s in result.slices]
+    lesion_px = sum(int(r.sum()) for r in regions)
+    lung_px = sum(int((ndimage.binary_fill_holes(lung[i]) | r).sum())
+                  for i, r in enumerate(regions))
+    assert (lung_px > sum(int(m.sum()) for m in lung)) and lesion_px > 0
+    assert result.infected_fraction == pytest.approx(lesion_px / lung_px)
 
 
 def lungsys(*args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from training.metrics import pointing_hit
 from training.phantom import LABELS, generate_study
 
 #: Phantom seeds of this test's patients: base seed 9 in phantom-set's scheme,
-#: which the shipped model's training (base seed 5) never used.
+#: which the shipped model's training (base seeds 5 and 7) never used.
 FRESH_SEEDS = range(90_000, 90_002)
 
 
