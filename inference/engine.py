@@ -34,13 +34,7 @@ from inference.checkpoint import LungSysModel, load_checkpoint
 from inference.choices import PatientMethod
 from inference.ladnn import LESION_TYPES
 from inference.model_info import ModelInfo
-from inference.preprocess import (
-    INFERENCE_CENTRES,
-    lung_envelope,
-    prepare,
-    to_channels,
-    window,
-)
+from inference.preprocess import INFERENCE_CENTRES, prepare, to_channels, window
 from inference.results import AnalysisResult, LesionMaps, SliceResult
 from inference.series import CTSeries
 
@@ -118,9 +112,8 @@ class Engine:
             filled = ndimage.binary_fill_holes(lung[i])
             if lesion[i, 1] >= 0.5:
                 grid_map = lesion_maps.on_grid(i)
-                region = localize.extend_by_density(
-                    localize.lesion_region(grid_map, spacing), series.hu[i],
-                    lung_envelope(series.hu[i], filled, spacing, holes_filled=True))
+                region = localize.slice_region(grid_map, series.hu[i], filled, spacing,
+                                               holes_filled=True)
                 boxes = localize.boxes_from_region(region, grid_map, spacing)
                 lesion_maps.keep_region(i, region)
             lesion_px, lung_px = localize.infected_pixels(region, filled)

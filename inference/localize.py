@@ -28,6 +28,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_isodata
 
+from inference.preprocess import lung_envelope
+
 #: Map values below this are never lesion, whatever Isodata says.
 MAP_FLOOR = 0.1
 BLUR_MM = 4.0
@@ -129,6 +131,16 @@ def lesion_region(lesion_map: np.ndarray, spacing_mm: float = 1.0,
     radius = max(int(round(CLOSING_MM / spacing_mm)), 1)
     yy, xx = np.ogrid[-radius:radius + 1, -radius:radius + 1]
     return ndimage.binary_closing(region, structure=(xx * xx + yy * yy) <= radius * radius)
+
+
+def slice_region(lesion_map: np.ndarray, hu_slice: np.ndarray, lung: np.ndarray,
+                 spacing_mm: float = 1.0, *, holes_filled: bool = False) -> np.ndarray:
+    """A slice's lesion region as users get it: the map's region (:func:`lesion_region`)
+    joined with the non-aerated lung it touches (:func:`extend_by_density`) inside the
+    lungs' envelope made from ``lung`` (``holes_filled``: its holes are filled already)."""
+    return extend_by_density(
+        lesion_region(lesion_map, spacing_mm), hu_slice,
+        lung_envelope(hu_slice, lung, spacing_mm, holes_filled=holes_filled))
 
 
 def extend_by_density(region: np.ndarray, hu_slice: np.ndarray,

@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 
 from inference.engine import Engine
 from inference.export import write_results
-from inference.preprocess import lung_envelope, lung_masks
+from inference.preprocess import lung_masks
 from inference.series import load_series
 from inference.sr import CLASS_CODES, DIAGNOSIS, INFECTED_FRACTION, PROBABILITY
 
@@ -300,9 +300,8 @@ def test_the_seg_overlays_the_lesion_region_on_its_ct_slices(written):
     lung = lung_masks(np.asarray(series.hu))
     for s in result.lesion_slices:        # the region the engine cut, kept, not cut again
         hu = np.asarray(series.hu[s.index])
-        region = localize.extend_by_density(
-            localize.lesion_region(result.maps.on_grid(s.index), spacing), hu,
-            lung_envelope(hu, lung[s.index], spacing))
+        region = localize.slice_region(result.maps.on_grid(s.index), hu, lung[s.index],
+                                       spacing)
         assert (mask[s.index] == region).all()
     with_region = [series.slices[i].sop_instance_uid for i in range(len(series)) if mask[i].any()]
     referenced = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID

@@ -24,7 +24,7 @@ from inference import localize
 from inference.choices import PatientMethod
 from inference.engine import Engine
 from inference.ladnn import LESION_TYPES
-from inference.preprocess import lung_envelope, lung_masks
+from inference.preprocess import lung_masks
 from inference.profiles import CLASSES
 from inference.series import load_series
 from training import metrics as M
@@ -171,9 +171,7 @@ def _localisation(entry, series, result, c: _Collected) -> None:
             region = result.maps.region(s.index)
         else:                                              # task 1 said no lesion: cut it here
             lung = lung_masks(series.hu) if lung is None else lung
-            region = localize.extend_by_density(
-                localize.lesion_region(grid, spacing), series.hu[s.index],
-                lung_envelope(series.hu[s.index], lung[s.index], spacing))
+            region = localize.slice_region(grid, series.hu[s.index], lung[s.index], spacing)
         c.dices.append(M.dice(region, lesion[i]))
     truth = json.loads(entry.annotations.read_text()).get("infected_fraction")
     if truth is not None:
