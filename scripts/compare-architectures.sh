@@ -14,8 +14,9 @@
 # WORK_DIR/comparison.txt. About 5 hours on a 2-core CPU (a GPU is used when there is one);
 # an interrupted run resumes. PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS, PATIENT_EPOCHS and
 # VOLUME_EPOCHS shrink it; ARCHS names the architectures trained (default "hu2020 ladnn
-# dualsampling"; add m3 to train M3 the same way too) and SHIPPED=0 leaves the shipped
-# model out of the table.
+# dualsampling"; add m3 to train M3 the same way too), SHIPPED=0 leaves the shipped
+# model out of the table, and TRAIN_ONLY=1 stops before the evaluation (two runs with
+# different ARCHS may then train side by side; a last run without it compares them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${1:-work/compare}"
@@ -62,6 +63,7 @@ for arch in $ARCHS; do
     models+=("$W/$arch.safetensors")
 done
 
+[ "${TRAIN_ONLY:-0}" = 0 ] || { echo "trained in $((SECONDS / 60)) minutes: ${models[*]}"; exit 0; }
 args=()
 for m in "${models[@]}"; do args+=(--model "$m"); done
 $L evaluate "${args[@]}" --data "$W/fresh-test" --split all --out "$W/eval" \

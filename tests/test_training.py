@@ -99,6 +99,7 @@ def test_patient_training_and_evaluation(tiny, tmp_path):
     assert all(Path(p).is_file() for p in report["roc_png"])
     recorded = load_checkpoint(out).metadata["metrics"]
     assert recorded["patient_accuracy"] == report["patient_accuracy"]
+    assert recorded["pointing_game_flagged"] == report["pointing_game_flagged"]
 
 
 def test_training_says_each_epoch_stops_on_ctrl_c_and_goes_on(tiny, tmp_path):

@@ -208,7 +208,8 @@ def write_roc(c: _Collected, out_dir: Path) -> list[str]:
 
 #: What `lungsys evaluate --record` keeps in a checkpoint's metadata.
 RECORDED = ("split", "patients", "patient_accuracy", "patient_accuracy_ci95", "per_class",
-            "fpe", "fne", "fdpe", "pointing_game", "dice", "infected_fraction_mae")
+            "fpe", "fne", "fdpe", "pointing_game", "pointing_game_flagged",
+            "lesion_slices_flagged", "dice", "infected_fraction_mae")
 
 
 def recorded_metrics(report: dict) -> dict:
