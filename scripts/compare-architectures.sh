@@ -15,8 +15,9 @@
 # an interrupted run resumes. PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS, PATIENT_EPOCHS and
 # VOLUME_EPOCHS shrink it; ARCHS names the architectures trained (default "hu2020 ladnn
 # dualsampling"; add m3 to train M3 the same way too), SHIPPED=0 leaves the shipped
-# model out of the table, and TRAIN_ONLY=1 stops before the evaluation (two runs with
-# different ARCHS may then train side by side; a last run without it compares them all).
+# model out of the table, and TRAIN_ONLY=1 stops before the evaluation (with cores to
+# spare, two runs with different ARCHS may then train side by side; on 2 cores they only
+# slow each other down; a last run without it compares them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${1:-work/compare}"
