@@ -207,7 +207,9 @@ def evaluate_command(
                                         "object.")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write report.json "
                                                     "and ROC curves (PNG) here (a folder "
-                                                    "N-NAME per model when several).")]
+                                                    "N-NAME per model when several, and "
+                                                    "comparison.json and .md, the table "
+                                                    "in Markdown).")]
     = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
@@ -224,7 +226,8 @@ def evaluate_command(
     lesion masks; seconds per 300-slice study on this machine.
     """
     from inference.checkpoint import load_checkpoint, save_checkpoint
-    from training.compare import compare, comparison_lines, comparison_table, model_name
+    from training.compare import (compare, comparison_lines, comparison_markdown,
+                                   comparison_table, model_name)
     from training.evaluate import evaluate, recorded_metrics, report_lines, report_table
 
     reports = []
@@ -245,6 +248,9 @@ def evaluate_command(
         names = [model_name(path, r) for path, r in zip(model_paths, reports)]
         names = [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]
         comparison = compare(reports, names, seed)
+        if out_dir is not None:
+            (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
+            (out_dir / "comparison.md").write_text(comparison_markdown(comparison) + "\n")
         if json_:
             print(json.dumps(comparison))
             return

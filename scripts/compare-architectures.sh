@@ -11,7 +11,7 @@
 # its own) on the training set with `lungsys train volume` (VOLUME_EPOCHS, lr 1e-3 x0.1
 # every 8 epochs, 8 volumes a batch),
 # then `lungsys evaluate` compares them all on every study of the fresh set and writes
-# WORK_DIR/comparison.txt. About 5 hours on a 2-core CPU (a GPU is used when there is one);
+# WORK_DIR/comparison.txt and WORK_DIR/eval/comparison.md (the README's table). About 5 hours on a 2-core CPU (a GPU is used when there is one);
 # an interrupted run resumes. PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS, PATIENT_EPOCHS and
 # VOLUME_EPOCHS shrink it; ARCHS names the architectures trained (default "hu2020 ladnn
 # dualsampling"; add m3 to train M3 the same way too), SHIPPED=0 leaves the shipped

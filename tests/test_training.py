@@ -149,9 +149,11 @@ def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
     exe = Path(sys.executable).with_name("lungsys")
     command = [str(exe), "evaluate", "--model", str(default_model()), "--model", str(other),
                "--data", str(tiny), "--device", "cpu"]
-    proc = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*command, "--json", "--out", str(tmp_path / "eval")],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     comparison = json.loads(proc.stdout)
+    assert json.loads((tmp_path / "eval" / "comparison.json").read_text()) == comparison
     names = list(comparison["models"])
     assert len(names) == 2 and names[1].startswith("other (")
     [pair] = comparison["pairs"]
@@ -165,6 +167,22 @@ def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
                   "seconds per 300-slice study", f"p-value (accuracy, {names[0]} vs",
                   "small sample: 1 to 1 patients a class"):
         assert words in table.stdout, words
+    # the same table in Markdown, for a README: a row per model, a column per metric
+    markdown = (tmp_path / "eval" / "comparison.md").read_text().splitlines()
+    header = markdown[0].strip("| ").split(" | ")
+    assert header[:3] == [f"4 {comparison['split']} patients", "accuracy [95% CI]",
+                          "FPE / FNE / FDPE (%)"]
+    assert markdown[1] == "| --- |" + " ---: |" * (len(header) - 1)
+    rows = {line.strip("| ").split(" | ")[0]: dict(zip(header, line.strip("| ").split(" | ")))
+            for line in markdown[2:4]}
+    assert list(rows) == names
+    first, second = (comparison["models"][name] for name in names)
+    assert rows[names[0]]["accuracy [95% CI]"].startswith(
+        f"{100 * first['patient_accuracy']:.1f}% [")
+    assert len(rows[names[1]]["AUC Healthy / COVID-19 / H1N1 / CAP (%)"].split(" / ")) == 4
+    assert rows[names[1]]["seconds per 300-slice study"] == \
+        f"{second['seconds_per_300_slices']:.1f}"
+    assert f"{names[0]} vs {names[1]} {pair['p_value_accuracy']:.3f}." in markdown[5]
 
 
 def test_a_model_trained_on_the_mirrored_crop_keeps_it(tiny, tmp_path, study_factory):

@@ -81,6 +81,50 @@ def comparison_table(comparison: dict):
     return table
 
 
+def comparison_markdown(comparison: dict) -> str:
+    """The table in short, as Markdown (the README's), laid out as the papers lay theirs
+    out: a row per model, a column per metric (the per-class figures and the three errors
+    one column each, as A / B / C), then the p-value of every pair on one line."""
+    reports = comparison["models"]
+    typed = any(r.get("lesion_type_auc") for r in reports.values())
+    columns = [f"{comparison['patients']} {comparison['split']} patients", "accuracy [95% CI]",
+               "FPE / FNE / FDPE (%)",
+               *(f"{label} {' / '.join(CLASSES)} (%)" for label in
+                 ("sensitivity", "specificity", "AUC")),
+               *([f"lesion-type AUC {' / '.join(LESION_TYPES)} (%)".replace("_", " ")]
+                 if typed else []),
+               *(label + (" (%)" if share and "points" not in label else "")
+                 for key, label, share in _ROWS
+                 if any(r.get(key) is not None for r in reports.values()))]
+
+    def shares(values) -> str:
+        return " / ".join("-" if v is None else f"{100 * v:.1f}" for v in values)
+
+    def cells(name: str, report: dict) -> list[str]:
+        chosen = report[NETWORK]
+        row = [name, percent(chosen["patient_accuracy"], chosen["patient_accuracy_ci95"]),
+               shares(chosen[k] for k in ERRORS),
+               *(shares(chosen["per_class"][c][k] for c in CLASSES)
+                 for k in ("sensitivity", "specificity", "auc"))]
+        if typed:
+            t = report.get("lesion_type_auc") or {}
+            row.append(shares(t.get(n) for n in LESION_TYPES) if t else "-")
+        for key, _, share in _ROWS:
+            if any(r.get(key) is not None for r in reports.values()):
+                v = report.get(key)
+                row.append("-" if v is None else f"{100 * v:.1f}" if share else f"{v:.1f}")
+        return row
+
+    lines = ["| " + " | ".join(columns) + " |",
+             "| --- |" + " ---: |" * (len(columns) - 1),
+             *("| " + " | ".join(cells(n, r)) + " |" for n, r in reports.items())]
+    p_values = "; ".join(f"{p['a']} vs {p['b']} {p['p_value_accuracy']:.3f}"
+                         for p in comparison["pairs"])
+    return "\n".join(lines + ["", f"Bootstrap p-values of the accuracy differences: "
+                                   f"{p_values}.", *small_sample_lines(
+                                       next(iter(reports.values())))])
+
+
 def comparison_lines(comparison: dict) -> list[str]:
     """What follows the table: the p-value of every pair, and a small sample's caution."""
     lines = [f"p-value (accuracy, {p['a']} vs {p['b']}): {p['p_value_accuracy']:.3f}"
