@@ -28,6 +28,9 @@ _ROWS = (("pointing_game", "pointing game", True),
          ("infected_fraction_mae", "infected-fraction error (points)", True),
          ("seconds_per_300_slices", "seconds per 300-slice study", False))
 
+#: Lesion types as the Markdown table's header names them (the rich table names them whole).
+_SHORT = {"ground_glass_opacity": "GGO", "interlobular_septal_thickening": "septal thickening"}
+
 
 def compare(reports: list[dict], names: list[str], seed: int = 0) -> dict:
     """The comparison of reports made on the same studies: each pair's p-value (accuracy)."""
@@ -87,12 +90,13 @@ def comparison_markdown(comparison: dict) -> str:
     one column each, as A / B / C), then the p-value of every pair on one line."""
     reports = comparison["models"]
     typed = any(r.get("lesion_type_auc") for r in reports.values())
-    columns = [f"{comparison['patients']} {comparison['split']} patients", "accuracy [95% CI]",
+    columns = [f"model ({comparison['patients']} patients, split {comparison['split']})",
+               "accuracy [95% CI]",
                "FPE / FNE / FDPE (%)",
                *(f"{label} {' / '.join(CLASSES)} (%)" for label in
                  ("sensitivity", "specificity", "AUC")),
-               *([f"lesion-type AUC {' / '.join(LESION_TYPES)} (%)".replace("_", " ")]
-                 if typed else []),
+               *([f"lesion-type AUC {' / '.join(_SHORT.get(n, n) for n in LESION_TYPES)} (%)"
+                  .replace("_", " ")] if typed else []),
                *(label + (" (%)" if share and "points" not in label else "")
                  for key, label, share in _ROWS
                  if any(r.get(key) is not None for r in reports.values()))]
