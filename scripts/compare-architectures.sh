@@ -11,13 +11,14 @@
 # its own) on the training set with `lungsys train volume` (VOLUME_EPOCHS, lr 1e-3 x0.1
 # every 8 epochs, 8 volumes a batch),
 # then `lungsys evaluate` compares them all on every study of the fresh set and writes
-# WORK_DIR/comparison.txt and WORK_DIR/eval/comparison.md (the README's table). About 5 hours on a 2-core CPU (a GPU is used when there is one);
-# an interrupted run resumes. PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS, PATIENT_EPOCHS and
-# VOLUME_EPOCHS shrink it; ARCHS names the architectures trained (default "hu2020 ladnn
-# dualsampling"; add m3 to train M3 the same way too), SHIPPED=0 leaves the shipped
-# model out of the table, and TRAIN_ONLY=1 stops before the evaluation (with cores to
-# spare, two runs with different ARCHS may then train side by side; on 2 cores they only
-# slow each other down; a last run without it compares them all).
+# WORK_DIR/comparison.txt and WORK_DIR/eval/comparison.md (the README's table). About
+# 5 hours on a 2-core CPU (a GPU is used when there is one); an interrupted run resumes.
+# PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS, PATIENT_EPOCHS and VOLUME_EPOCHS shrink it;
+# ARCHS names the architectures trained (default "hu2020 ladnn dualsampling"; add m3 to
+# train M3 the same way too), SHIPPED=0 leaves the shipped model out of the table, and
+# TRAIN_ONLY=1 stops before the evaluation (with cores to spare, two runs with different
+# ARCHS may then train side by side; on 2 cores they only slow each other down; a last
+# run without it compares them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${1:-work/compare}"

@@ -170,8 +170,8 @@ def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
     # the same table in Markdown, for a README: a row per model, a column per metric
     markdown = (tmp_path / "eval" / "comparison.md").read_text().splitlines()
     header = markdown[0].strip("| ").split(" | ")
-    assert header[:3] == [f"model (4 patients, split {comparison['split']})", "accuracy [95% CI]",
-                          "FPE / FNE / FDPE (%)"]
+    assert header[:3] == [f"model (4 patients, split {comparison['split']})",
+                          "accuracy [95% CI]", "FPE / FNE / FDPE (%)"]
     assert markdown[1] == "| --- |" + " ---: |" * (len(header) - 1)
     rows = {line.strip("| ").split(" | ")[0]: dict(zip(header, line.strip("| ").split(" | ")))
             for line in markdown[2:4]}

@@ -6,7 +6,8 @@ column per model (its own patient-level method, the one its node would use),
 a row per metric, and the paired bootstrap p-value of the difference in
 accuracy for every pair of models (the same resampled patients score both).
 A model's column header is its file name and version; the report of each is
-kept whole beside the comparison (``--json``).
+kept whole beside the comparison (``--json``). :func:`comparison_markdown` lays
+the same figures out as the papers do, a row per model, for a README.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def comparison_markdown(comparison: dict) -> str:
                  if any(r.get(key) is not None for r in reports.values()))]
 
     def shares(values) -> str:
-        return " / ".join("-" if v is None else f"{100 * v:.1f}" for v in values)
+        return " / ".join("-" if v is None or v != v else f"{100 * v:.1f}" for v in values)
 
     def cells(name: str, report: dict) -> list[str]:
         chosen = report[NETWORK]
