@@ -88,7 +88,8 @@ def comparison_table(comparison: dict):
 def comparison_markdown(comparison: dict) -> str:
     """The table in short, as Markdown (the README's), laid out as the papers lay theirs
     out: a row per model, a column per metric (the per-class figures and the three errors
-    one column each, as A / B / C), then the p-value of every pair on one line."""
+    one column each, as A / B / C), then the p-value of every pair on one line (the pairs
+    named by file name alone where that tells the models apart)."""
     reports = comparison["models"]
     typed = any(r.get("lesion_type_auc") for r in reports.values())
     columns = [f"model ({comparison['patients']} patients, split {comparison['split']})",
@@ -123,7 +124,9 @@ def comparison_markdown(comparison: dict) -> str:
     lines = ["| " + " | ".join(columns) + " |",
              "| --- |" + " ---: |" * (len(columns) - 1),
              *("| " + " | ".join(cells(n, r)) + " |" for n, r in reports.items())]
-    p_values = "; ".join(f"{p['a']} vs {p['b']} {p['p_value_accuracy']:.3f}"
+    stems = {name: name.split(" (")[0] for name in reports}   # the file names, when unique
+    short = stems if len(set(stems.values())) == len(stems) else {n: n for n in reports}
+    p_values = "; ".join(f"{short[p['a']]} vs {short[p['b']]} {p['p_value_accuracy']:.3f}"
                          for p in comparison["pairs"])
     return "\n".join(lines + ["", f"Bootstrap p-values of the accuracy differences: "
                                    f"{p_values}.", *small_sample_lines(
