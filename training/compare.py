@@ -29,6 +29,16 @@ _ROWS = (("pointing_game", "pointing game", True),
          ("infected_fraction_mae", "infected-fraction error (points)", True),
          ("seconds_per_300_slices", "seconds per 300-slice study", False))
 
+def _figure(value, share: bool = True) -> str:
+    """A figure as both tables show it: a share x100 or a number, one decimal; - for none."""
+    return "-" if value is None else f"{100 * value:.1f}" if share else f"{value:.1f}"
+
+
+def _present_rows(reports) -> list[tuple[str, str, bool]]:
+    """The rows of :data:`_ROWS` that at least one of the reports has a figure for."""
+    return [row for row in _ROWS if any(r.get(row[0]) is not None for r in reports)]
+
+
 #: Lesion types as the Markdown table's header names them (the rich table names them whole).
 _SHORT = {"ground_glass_opacity": "GGO", "interlobular_septal_thickening": "septal thickening"}
 
@@ -75,13 +85,10 @@ def comparison_table(comparison: dict):
                                              for c in chosen))
     typed = [r.get("lesion_type_auc") or {} for r in comparison["models"].values()]
     for name in LESION_TYPES if any(typed) else ():
-        table.add_row(f"{name.replace('_', ' ')} AUC", *(
-            "-" if t.get(name) is None else f"{100 * t[name]:.1f}" for t in typed))
-    for key, label, share in _ROWS:
-        values = [r.get(key) for r in comparison["models"].values()]
-        if any(v is not None for v in values):
-            table.add_row(label, *("-" if v is None else f"{100 * v:.1f}" if share
-                                   else f"{v:.1f}" for v in values))
+        table.add_row(f"{name.replace('_', ' ')} AUC", *(_figure(t.get(name)) for t in typed))
+    for key, label, share in _present_rows(comparison["models"].values()):
+        table.add_row(label, *(_figure(r.get(key), share)
+                               for r in comparison["models"].values()))
     return table
 
 
@@ -92,6 +99,7 @@ def comparison_markdown(comparison: dict) -> str:
     named by file name alone where that tells the models apart)."""
     reports = comparison["models"]
     typed = any(r.get("lesion_type_auc") for r in reports.values())
+    rows = _present_rows(reports.values())
     columns = [f"model ({comparison['patients']} patients, split {comparison['split']})",
                "accuracy [95% CI]",
                "FPE / FNE / FDPE (%)",
@@ -100,11 +108,10 @@ def comparison_markdown(comparison: dict) -> str:
                *([f"lesion-type AUC {' / '.join(_SHORT.get(n, n) for n in LESION_TYPES)} (%)"
                   .replace("_", " ")] if typed else []),
                *(label + (" (%)" if share and "points" not in label else "")
-                 for key, label, share in _ROWS
-                 if any(r.get(key) is not None for r in reports.values()))]
+                 for _, label, share in rows)]
 
     def shares(values) -> str:
-        return " / ".join("-" if v is None or v != v else f"{100 * v:.1f}" for v in values)
+        return " / ".join("-" if v != v else _figure(v) for v in values)   # NaN: -
 
     def cells(name: str, report: dict) -> list[str]:
         chosen = report[NETWORK]
@@ -115,11 +122,7 @@ def comparison_markdown(comparison: dict) -> str:
         if typed:
             t = report.get("lesion_type_auc") or {}
             row.append(shares(t.get(n) for n in LESION_TYPES) if t else "-")
-        for key, _, share in _ROWS:
-            if any(r.get(key) is not None for r in reports.values()):
-                v = report.get(key)
-                row.append("-" if v is None else f"{100 * v:.1f}" if share else f"{v:.1f}")
-        return row
+        return row + [_figure(report.get(key), share) for key, _, share in rows]
 
     lines = ["| " + " | ".join(columns) + " |",
              "| --- |" + " ---: |" * (len(columns) - 1),
