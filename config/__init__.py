@@ -153,6 +153,7 @@ class ModelSection:
     heatmaps: HeatmapChoice = HeatmapChoice.lesion
     choices: tuple[str, ...] = ()
     mirror: bool = True
+    threads: int = field(default=0, metadata=value_range(0))
 
 
 @dataclass(frozen=True)

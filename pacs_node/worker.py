@@ -313,10 +313,17 @@ def _device_label(device: str) -> str:
 
 
 def load_engine(config: NodeConfig):
-    """The engine the configuration names (the shipped model when none is given)."""
+    """The engine the configuration names (the shipped model when none is given), with
+    this process's CPU threads set as ``[model] threads`` says (0: PyTorch's default, one
+    per core; several workers on one machine each want their share, or they slow each
+    other down: docs/scale.md)."""
+    import torch
+
     from inference.checkpoint import default_model
     from inference.engine import Engine
 
     model = config.model
+    if model.threads:
+        torch.set_num_threads(model.threads)
     return Engine(model.checkpoint or default_model(), device=model.device,
                   batch_size=model.batch_size, method=model.method, mirror=model.mirror)

@@ -69,3 +69,23 @@ def test_the_systemd_unit_is_valid_and_runs_the_node(tmp_path):
     proc = subprocess.run([analyze, "verify", str(here)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr  # warnings too
+
+
+def test_the_model_threads_setting_limits_the_process(tmp_path):
+    """``[model] threads``: several workers on one machine each take their share of the
+    cores instead of all of them; 0 leaves PyTorch's default."""
+    import torch
+
+    from pacs_node.worker import load_engine
+
+    before = torch.get_num_threads()
+    try:
+        load_engine(_config(tmp_path, "threads = 1\n"))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        load_engine(_config(tmp_path))
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads"):
+        _config(tmp_path, "threads = -1\n")
