@@ -38,7 +38,7 @@ def running(tmp_path, study_factory):
         f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
         f'min_free_disk_mb = 1\n[http]\nport = {http}\n'
         f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
-        f'[assembly]\nstable_seconds = 8\n[model]\ndevice = "cpu"\n'
+        f'[assembly]\nstable_seconds = 8\n[model]\ndevice = "cpu"\nmirror = false\n'
         f'[delivery]\ninitial_backoff_seconds = 3600\nmax_backoff_seconds = 3600\n'
         f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "ORTHANC"\n'
         f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n')

@@ -57,7 +57,7 @@ def test_health_readiness_and_metrics_of_a_running_node(tmp_path, study_factory)
     toml.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\n'
                     f'data_dir = "{tmp_path / "var"}"\nmin_free_disk_mb = 1\n'
                     f'[http]\nport = {http}\n[store]\nurl = "sqlite:///{tmp_path / "db"}"\n'
-                    f'[assembly]\nstable_seconds = 2\n[model]\ndevice = "cpu"\n')
+                    f'[assembly]\nstable_seconds = 2\n[model]\ndevice = "cpu"\nmirror = false\n')
     prometheus, sender = token(toml, "viewer"), token(toml, "sender")
     node = subprocess.Popen([EXE, "serve", "--config", str(toml)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

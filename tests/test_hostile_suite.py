@@ -53,7 +53,7 @@ def test_a_node_under_hostile_senders_stays_up_bounded_and_faithful(tmp_path, st
         f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
         f'min_free_disk_mb = 1\ntimeout_seconds = 5\n'
         f'[dicomweb]\nport = {web}\n[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
-        f'[assembly]\nstable_seconds = 3\n[model]\ndevice = "cpu"\n'
+        f'[assembly]\nstable_seconds = 3\n[model]\ndevice = "cpu"\nmirror = false\n'
         f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "ORTHANC"\n'
         f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n')
     sender = subprocess.run([EXE, "tokens", "create", "hostile", "--config", str(toml)],

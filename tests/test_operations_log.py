@@ -38,7 +38,7 @@ def test_the_log_says_what_happened_and_failed_deliveries_are_listed(tmp_path,
         f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
         f'min_free_disk_mb = 1\n[dicomweb]\nport = 0\n'
         f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
-        f'[assembly]\nstable_seconds = 2\n[model]\ndevice = "cpu"\n'
+        f'[assembly]\nstable_seconds = 2\n[model]\ndevice = "cpu"\nmirror = false\n'
         f'[delivery]\ninitial_backoff_seconds = 1\nmax_backoff_seconds = 1\nmax_attempts = 2\n'
         f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "PACS"\n'
         f'host = "127.0.0.1"\nport = {nobody}\n')

@@ -36,7 +36,9 @@ def fleet(tmp_path, url: str, pacs: Orthanc, workers: int, wado: bool):
     ``lungsys worker`` processes: the node, its port and the workers."""
     port, http = free_port(), free_port()
     node_toml = tmp_path / "node.toml"
-    common = (f'min_free_disk_mb = 1\n[store]\nurl = "{url}"\n[model]\ndevice = "cpu"\n'
+    # one view of each slice: half the model's time; these tests are about the workers
+    common = (f'min_free_disk_mb = 1\n[store]\nurl = "{url}"\n'
+              f'[model]\ndevice = "cpu"\nmirror = false\n'
               f'[worker]\nlocal = false\nlease_seconds = 3\nmax_attempts = 3\n')
     node_toml.write_text(
         f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "node"}"\n'

@@ -38,7 +38,7 @@ class Served:
             f'[node]\nhost = "127.0.0.1"\nport = {self.port}\ndata_dir = "{tmp_path / "var"}"\n'
             f'min_free_disk_mb = 1\n[dicomweb]\nport = 0\n'
             f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
-            f'[assembly]\nstable_seconds = 2\n[model]\ndevice = "cpu"\n')
+            f'[assembly]\nstable_seconds = 2\n[model]\ndevice = "cpu"\nmirror = false\n')
         self.log = tmp_path / f"serve-{time.monotonic_ns()}.log"
         self.store = JobStore(f"sqlite:///{tmp_path / 'var' / 'db'}")
         self.proc: subprocess.Popen | None = None

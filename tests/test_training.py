@@ -113,8 +113,13 @@ def test_training_says_each_epoch_stops_on_ctrl_c_and_goes_on(tiny, tmp_path):
                str(tmp_path / "s.safetensors"), "--epochs", "40", "--lr", "0.001",
                "--optimizer", "adamw", "--batch-size", "16", "--device", "cpu"]
     metrics = tmp_path / "s.run" / "metrics.csv"
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    # as from a terminal: Ctrl-C not ignored, even when the suite itself was started in the
+    # background (a shell's background job inherits SIGINT ignored, and so would this one)
+    as_from_a_terminal = [sys.executable, "-c", "import os, signal, sys; "
+                          "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                          "os.execv(sys.argv[1], sys.argv[1:])"]
+    proc = subprocess.Popen(as_from_a_terminal + command, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3) \
             and time.monotonic() < deadline and proc.poll() is None:
