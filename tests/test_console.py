@@ -38,7 +38,7 @@ def running(tmp_path, study_factory):
         f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
         f'min_free_disk_mb = 1\n[http]\nport = {http}\n'
         f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
-        f'[assembly]\nstable_seconds = 8\n[model]\ndevice = "cpu"\nmirror = false\n'
+        f'[assembly]\nstable_seconds = 20\n[model]\ndevice = "cpu"\nmirror = false\n'
         f'[delivery]\ninitial_backoff_seconds = 3600\nmax_backoff_seconds = 3600\n'
         f'[[destinations]]\nname = "pacs"\nkind = "dimse"\nae_title = "ORTHANC"\n'
         f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n')
@@ -89,7 +89,8 @@ def test_an_operator_follows_a_study_and_retries_its_delivery(running):
 
         # receiving, then done, as the dashboard and the job list show it
         storescu(running["port"], study.files)
-        reloaded_until(olga, "#receiving", re.escape(ct.SeriesInstanceUID[-16:]), timeout=8)
+        reloaded_until(olga, "#receiving", re.escape(ct.SeriesInstanceUID[-16:]),
+                       timeout=20)    # within [assembly] stable_seconds, even under load
         olga.click("text=All jobs")
         reloaded_until(olga, "#jobs tbody tr", r"\bdone\b")
         row = olga.inner_text("#jobs tbody tr")
@@ -101,7 +102,7 @@ def test_an_operator_follows_a_study_and_retries_its_delivery(running):
         assert olga.inner_text("#patient").startswith(patient)
         # the analysis log of the job: the worker records it as the job ends, just after
         # the job's state turns done
-        reloaded_until(olga, "#job-log", r"job 1 done", timeout=30)
+        reloaded_until(olga, "#job-log", r"job 1 done", timeout=60)
 
         # the PACS is down: the first attempt failed; up again, the operator retries
         attempts = reloaded_until(olga, ".delivery", r"1 attempt", timeout=60)
@@ -153,7 +154,7 @@ def test_an_operator_follows_a_study_and_retries_its_delivery(running):
         assert "A re-run is queued" in olga.inner_text("[role=status]")
         assert olga.url != job_url
         reloaded_until(olga, "#job-state", "done")   # as long as the first job
-        reloaded_until(olga, "#job-log", "method nonparametric", timeout=30)
+        reloaded_until(olga, "#job-log", "method nonparametric", timeout=60)
 
         # a viewer: no patient name anywhere, no retry, and a retry posted anyway is 403
         victor = sign_in(browser, base, "victor")
