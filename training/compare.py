@@ -29,6 +29,7 @@ _ROWS = (("pointing_game", "pointing game", True),
          ("infected_fraction_mae", "infected-fraction error (points)", True),
          ("seconds_per_300_slices", "seconds per 300-slice study", False))
 
+
 def _figure(value, share: bool = True) -> str:
     """A figure as both tables show it: a share x100 or a number, one decimal; - for none."""
     return "-" if value is None else f"{100 * value:.1f}" if share else f"{value:.1f}"
