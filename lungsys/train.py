@@ -247,7 +247,7 @@ def evaluate_command(
     if len(reports) > 1:
         names = [model_name(path, r) for path, r in zip(model_paths, reports)]
         names = [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]
-        comparison = compare(reports, names, seed)
+        comparison = compare(reports, names, seed, [path.stem for path in model_paths])
         if out_dir is not None:
             (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
             (out_dir / "comparison.md").write_text(comparison_markdown(comparison) + "\n")

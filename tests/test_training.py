@@ -187,7 +187,8 @@ def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
     assert len(rows[names[1]]["AUC Healthy / COVID-19 / H1N1 / CAP (%)"].split(" / ")) == 4
     assert rows[names[1]]["seconds per 300-slice study"] == \
         f"{second['seconds_per_300_slices']:.1f}"
-    stems = [name.split(" (")[0] for name in names]     # the pair named by file name
+    stems = [default_model().stem, "other"]             # the pair named by file name
+    assert comparison["files"] == dict(zip(names, stems))
     assert f": {stems[0]} vs {stems[1]} {pair['p_value_accuracy']:.3f}." in markdown[5]
 
 

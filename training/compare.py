@@ -44,8 +44,12 @@ def _present_rows(reports) -> list[tuple[str, str, bool]]:
 _SHORT = {"ground_glass_opacity": "GGO", "interlobular_septal_thickening": "septal thickening"}
 
 
-def compare(reports: list[dict], names: list[str], seed: int = 0) -> dict:
-    """The comparison of reports made on the same studies: each pair's p-value (accuracy)."""
+def compare(reports: list[dict], names: list[str], seed: int = 0,
+            files: list[str] | None = None) -> dict:
+    """The comparison of reports made on the same studies: each pair's p-value (accuracy).
+
+    ``files``: each model's file name, by which the Markdown names the pairs where that
+    tells the models apart (the column names otherwise)."""
     studies = reports[0]["studies"]
     for name, report in zip(names, reports):
         if report["studies"] != studies:
@@ -56,6 +60,7 @@ def compare(reports: list[dict], names: list[str], seed: int = 0) -> dict:
                     reports[j]["predictions"][NETWORK], M.accuracy, seed=seed)}
                 for (i, a), (j, b) in combinations(enumerate(names), 2)]
     return {"models": dict(zip(names, reports)), "pairs": p_values,
+            "files": dict(zip(names, files or names)),
             "patients": len(labels), "split": reports[0]["split"]}
 
 
@@ -67,7 +72,6 @@ def model_name(path: str | Path, report: dict) -> str:
 def comparison_table(comparison: dict):
     """One rich Table: a column per model, a row per metric."""
     from rich.table import Table
-
 
     names = list(comparison["models"])
     table = Table(title=f"{comparison['patients']} {comparison['split']} patients, "
@@ -128,8 +132,8 @@ def comparison_markdown(comparison: dict) -> str:
     lines = ["| " + " | ".join(columns) + " |",
              "| --- |" + " ---: |" * (len(columns) - 1),
              *("| " + " | ".join(cells(n, r)) + " |" for n, r in reports.items())]
-    stems = {name: name.split(" (")[0] for name in reports}   # the file names, when unique
-    short = stems if len(set(stems.values())) == len(stems) else {n: n for n in reports}
+    files = comparison.get("files") or {n: n for n in reports}
+    short = files if len(set(files.values())) == len(files) else {n: n for n in reports}
     p_values = "; ".join(f"{short[p['a']]} vs {short[p['b']]} {p['p_value_accuracy']:.3f}"
                          for p in comparison["pairs"])
     return "\n".join(lines + ["", f"Bootstrap p-values of the accuracy differences: "
