@@ -43,6 +43,32 @@ def stopped_by_ctrl_c():
         raise typer.Exit(130) from None
 
 
+def warn_about_splits(data: Path) -> None:
+    """A warning on stderr for each training split of the dataset that is empty, or lacks a
+    class: training goes on, but without validation there is no validation accuracy to
+    follow, and a class the training split lacks is never learnt."""
+    from collections import Counter
+
+    from inference.profiles import CLASSES
+    from training.dataset import ManifestError, read_manifest
+
+    try:
+        entries = read_manifest(data)
+    except ManifestError:             # the command itself says what is wrong
+        return
+    for split, empty in (("train", "there is nothing to train on"),
+                         ("val", "no validation accuracy will be measured")):
+        counts = Counter(e.label for e in entries if e.split == split)
+        missing = [name for label, name in enumerate(CLASSES) if not counts[label]]
+        if not counts:
+            line = f"the {split} split of {data} is empty: {empty}"
+        elif missing:
+            line = f"the {split} split of {data} has no {', '.join(missing)} study"
+        else:
+            continue
+        err.print(f"lungsys: warning: {line}", markup=False, highlight=False)
+
+
 train_app = typer.Typer(help="Train a model on a dataset (a folder with manifest.csv): "
                         "a slice model's two networks first 'slice', then 'patient'; a volume "
                         "model (dual sampling) with 'volume'.", no_args_is_help=True)
@@ -112,6 +138,7 @@ def train_slice_command(
         from_model=str(from_model) if from_model else None, focal=focal,
         size_balanced=size_balanced, flips=flips, affine=affine, crop=crop,
         cache_dir=str(cache_dir) if cache_dir else None)
+    warn_about_splits(data)
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_slice(cfg, bar)
     out.print(f"wrote {out_path} (version {meta['model_version']}); run folder "
@@ -149,6 +176,7 @@ def train_patient_command(
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         batch_size=batch_size, seed=seed, device=device,
         cache_dir=str(cache_dir) if cache_dir else None)
+    warn_about_splits(data)
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_patient(cfg, bar)
     out.print(f"wrote {out_path} (version {meta['model_version']})")
@@ -190,6 +218,7 @@ def train_volume_command(
         run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
         lr_gamma=lr_gamma, weight_decay=weight_decay, batch_size=batch_size, flips=flips,
         seed=seed, device=device, cache_dir=str(cache_dir) if cache_dir else None)
+    warn_about_splits(data)
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_volume(cfg, bar)
     out.print(f"wrote {out_path} (version {meta['model_version']}, epoch "

@@ -74,3 +74,30 @@ def test_a_phantom_set_too_small_for_its_splits_is_warned_of(tmp_path):
                    str(tmp_path / "set"), "--split", "test")
     assert proc.returncode == 1 and "no test studies in the manifest" in proc.stderr
     assert "fewer than 5" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_training_warns_of_an_empty_or_incomplete_split(tmp_path):
+    """A set whose validation split is empty and whose training split lacks a class still
+    trains, but each training command says so first (nothing to follow, a class never
+    learnt)."""
+    import csv
+
+    assert lungsys("phantom-set", "--out", str(tmp_path / "set"), "--per-class", "3",
+                   "--seed", "5", "--slices-range", "4", "5").returncode == 0
+    manifest = tmp_path / "set" / "manifest.csv"
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows = [dict(r, split="test" if r["split"] == "val" else r["split"]) for r in rows
+            if not (r["split"] == "train" and r["label"] == "cap")]
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    proc = lungsys("train", "slice", "--data", str(tmp_path / "set"), "--out",
+                   str(tmp_path / "s.safetensors"), "--epochs", "1", "--batch-size", "8",
+                   "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: the train split of {tmp_path / 'set'} has no CAP study" in proc.stderr
+    assert f"warning: the val split of {tmp_path / 'set'} is empty: no validation accuracy " \
+        "will be measured" in proc.stderr
+    assert (tmp_path / "s.safetensors").is_file()
