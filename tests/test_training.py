@@ -189,6 +189,7 @@ def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
         f"{second['seconds_per_300_slices']:.1f}"
     stems = [default_model().stem, "other"]             # the pair named by file name
     assert comparison["files"] == dict(zip(names, stems))
+    assert markdown[5].startswith("FPE: the share of healthy patients called diseased;")
     assert f": {stems[0]} vs {stems[1]} {pair['p_value_accuracy']:.3f}." in markdown[5]
 
 

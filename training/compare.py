@@ -40,6 +40,10 @@ def _present_rows(reports) -> list[tuple[str, str, bool]]:
     return [row for row in _ROWS if any(r.get(row[0]) is not None for r in reports)]
 
 
+#: What the Markdown table's error column counts (the rich table names each on its row).
+LEGEND = ("FPE: the share of healthy patients called diseased; FNE: of diseased patients "
+          "called healthy; FDPE: of diseased patients given the wrong disease.")
+
 #: Lesion types as the Markdown table's header names them (the rich table names them whole).
 _SHORT = {"ground_glass_opacity": "GGO", "interlobular_septal_thickening": "septal thickening"}
 
@@ -136,8 +140,8 @@ def comparison_markdown(comparison: dict) -> str:
     short = files if len(set(files.values())) == len(files) else {n: n for n in reports}
     p_values = "; ".join(f"{short[p['a']]} vs {short[p['b']]} {p['p_value_accuracy']:.3f}"
                          for p in comparison["pairs"])
-    return "\n".join(lines + ["", f"Bootstrap p-values of the accuracy differences: "
-                                   f"{p_values}.", *small_sample_lines(
+    return "\n".join(lines + ["", f"{LEGEND} Bootstrap p-values of the accuracy "
+                                   f"differences: {p_values}.", *small_sample_lines(
                                        next(iter(reports.values())))])
 
 
