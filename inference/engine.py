@@ -99,7 +99,8 @@ class Engine:
             lesion, classes, types, lesion_maps, lung, network_probs = \
                 self._slices(series, timings, progress)
         t0 = time.perf_counter()
-        assessment = nonparametric.assess(lesion, classes, self.t)
+        assessment = nonparametric.assess(        # Hu 2020's task 1 is 1 - P(Healthy)
+            lesion, classes, self.t, task1_from_classes=self.model.profile.arch == "hu2020")
         timings["patient"] = timings.get("patient", 0.0) + time.perf_counter() - t0
 
         t0 = time.perf_counter()

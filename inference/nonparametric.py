@@ -9,6 +9,11 @@ four-class head's. N_k counts the slices whose largest p is class k. The
 patient is Healthy when N_0 / N > T (T = 0.99: "all or most slices are
 normal"), otherwise the disease with the most slices (Eq. 5); a tie between
 diseases goes to the one with the larger summed probability.
+
+Where task 1 is not a head of its own but derived from the class scores (Hu et al.
+2020: P(lesion) = 1 - Pm0), Eq. 4 would count Healthy twice (p0 = Pm0 + (1 - Pm0) Pm0)
+and tilt every slice towards it; there the class head's probabilities are the slice's
+(``task1_from_classes``).
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ def slice_class_probabilities(lesion_probs: np.ndarray, class_probs: np.ndarray)
     return p
 
 
-def assess(lesion_probs: np.ndarray, class_probs: np.ndarray, t: float = DEFAULT_T
-           ) -> Assessment:
-    """Eq. 5: the patient's class from its slices' probabilities."""
-    p = slice_class_probabilities(lesion_probs, class_probs)
+def assess(lesion_probs: np.ndarray, class_probs: np.ndarray, t: float = DEFAULT_T, *,
+           task1_from_classes: bool = False) -> Assessment:
+    """Eq. 5: the patient's class from its slices' probabilities (Eq. 4's, or the class
+    head's alone when ``task1_from_classes``)."""
+    p = np.asarray(class_probs, dtype=np.float64) if task1_from_classes \
+        else slice_class_probabilities(lesion_probs, class_probs)
     if p.shape[0] == 0:
         raise ValueError("a patient needs at least one slice")
     counts = np.bincount(p.argmax(axis=1), minlength=4)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from inference.checkpoint import LungSysModel, load_checkpoint
@@ -49,6 +50,11 @@ def test_hu2020_trains_round_trips_and_analyses(tiny, tmp_path, study_factory):
     surest = max(result.slices, key=lambda s: s.lesion_probability).index
     grid = result.maps.on_grid(surest)          # the surest slice has a map, not zeros
     assert grid.shape == series.hu.shape[1:] and 0 < grid.max() <= 1 and grid.min() >= 0
+    # the parameter-free vote counts each slice's likeliest class (Eq. 4 would count
+    # Healthy twice: task 1 is 1 - P(Healthy))
+    votes = np.bincount([int(np.argmax(s.class_probabilities)) for s in result.slices],
+                        minlength=4)
+    np.testing.assert_allclose(result.nonparametric_scores, votes / len(result.slices))
 
 
 def test_hu2020_has_no_imagenet_weights_to_start_from(tmp_path):

@@ -100,3 +100,14 @@ def test_nonparametric_rule_by_hand():
     assert assess(healthy, hc).diagnosis == 0          # 199/200 = 0.995 > 0.99
     healthy[1], hc[1] = [0.0, 1.0], [0.0, 0.0, 0.0, 1.0]
     assert assess(healthy, hc).diagnosis == 3          # 198/200 = 0.99, not > 0.99: CAP
+
+
+def test_a_task_1_made_from_the_class_scores_is_not_counted_twice():
+    """Hu 2020's task 1 is 1 - P(Healthy): Eq. 4 would add P(Healthy) to Healthy again and
+    call a slice whose classes say COVID-19 (0.3 / 0.5 / 0.1 / 0.1) Healthy (0.51 against
+    0.35); with ``task1_from_classes`` the class head decides."""
+    classes = np.tile([[0.3, 0.5, 0.1, 0.1]], (10, 1))
+    lesion = np.stack([classes[:, 0], 1 - classes[:, 0]], axis=1)
+    assert assess(lesion, classes).diagnosis == 0
+    result = assess(lesion, classes, task1_from_classes=True)
+    assert result.diagnosis == 1 and result.slice_counts.tolist() == [0, 10, 0, 0]
