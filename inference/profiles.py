@@ -110,11 +110,16 @@ ARCHITECTURES = ("m3", "hu2020", "ladnn", "dualsampling")
 
 def profile_for(arch: str, size: str) -> Profile:
     """The profile of an architecture at a size (``paper`` or ``small``; LA-DNN also
-    ``vgg16-paper`` and ``vgg16-small``)."""
+    ``vgg16-paper`` and ``vgg16-small``), or by the profile's whole name (``ladnn-small``)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of "
                          f"{', '.join(ARCHITECTURES)}")
-    return get_profile(size if arch == "m3" else f"{arch}-{size}")
+    names = [name for name, profile in PROFILES.items() if profile.arch == arch]
+    for name in (f"{arch}-{size}", size):
+        if name in names:
+            return PROFILES[name]
+    sizes = [name.removeprefix(f"{arch}-") for name in names]
+    raise ValueError(f"{arch} has no profile {size!r}; expected one of {', '.join(sizes)}")
 
 
 def get_profile(name: str) -> Profile:

@@ -20,7 +20,8 @@ model_app = typer.Typer(help="Create and inspect model checkpoints (.safetensors
 @model_app.command("init")
 def model_init_command(
     profile: Annotated[str, typer.Option(help="small (CPU, tests, demo) or paper (the paper's "
-                                         "sizes, for GPUs).")] = "small",
+                                         "sizes, for GPUs); LA-DNN on VGG-16: vgg16-small, "
+                                         "vgg16-paper.")] = "small",
     arch: Annotated[str, typer.Option(help="m3 (M3 Lung-Sys: ResNet-50, the shipped model's), "
                                       "hu2020 (Hu et al.: multi-scale CAMs), ladnn (LA-DNN: "
                                       "DenseNet-169 with a lesion-type head) or dualsampling "
@@ -31,7 +32,8 @@ def model_init_command(
                                            "(.safetensors).")] = Path("model.safetensors"),
     backbone_weights: Annotated[Optional[Path], typer.Option(
         "--backbone-weights", help="A torchvision state dict of the architecture's backbone "
-        "(ImageNet resnet50-*.pth, densenet169-*.pth) to start the slice network from.")]
+        "(ImageNet resnet50-*.pth, densenet169-*.pth, vgg16-*.pth) to start the slice "
+        "network from.")]
     = None,
 ) -> None:
     """Write a randomly initialised model: the start of training, and a model for tests.

@@ -85,13 +85,14 @@ def train_slice_command(
                                       "task from the annotations' lesion_types); "
                                       "dualsampling is a volume model: 'train volume'; "
                                       "docs/models.md.")] = "m3",
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs (paper: 110).")] = 110,
-    lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.01).")] = 0.01,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs (M3's paper: 110).")] = 110,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (M3's paper: 0.01).")]
+    = 0.01,
     lr_step: LrStep = 40,
     lr_gamma: LrGamma = 0.1,
     momentum: Momentum = 0.9,
     weight_decay: WeightDecay = 1e-4,
-    optimizer: Annotated[str, typer.Option(help="sgd (the paper's, with momentum) or adamw "
+    optimizer: Annotated[str, typer.Option(help="sgd (M3's paper's, with momentum) or adamw "
                                            "(faster from scratch).")] = "sgd",
     batch_size: Annotated[int, typer.Option(min=2, help="Slices per batch.")] = 32,
     seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed, data and settings "
@@ -99,7 +100,8 @@ def train_slice_command(
     device: DeviceOption = "auto",
     backbone_weights: Annotated[Optional[Path], typer.Option(
         help="torchvision state dict (ImageNet) of the architecture's backbone to start "
-        "from (ResNet-50 for m3, DenseNet-169 for ladnn).")] = None,
+        "from (ResNet-50 for m3, DenseNet-169 for ladnn, VGG-16 for ladnn's vgg16 "
+        "profiles).")] = None,
     from_model: Annotated[Optional[Path], typer.Option(
         help="Start from this checkpoint's slice network (same architecture and sizes): "
         "fine-tune the shipped model on your own studies.")] = None,

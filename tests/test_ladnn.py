@@ -83,6 +83,17 @@ def test_model_init_ladnn_from_torchvision_densenet169_weights(tmp_path):
     bad = subprocess.run([str(exe), "model", "init", "--arch", "hu1999", "--out",
                           str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown architecture 'hu1999'" in bad.stderr
+    # a profile by its whole name, as `model info` prints it, is the same profile; one of
+    # another architecture is refused with the sizes this one has
+    whole = subprocess.run([str(exe), "model", "init", "--arch", "ladnn", "--profile",
+                            "ladnn-small", "--out", str(tmp_path / "s.safetensors")],
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0 and "profile ladnn-small" in whole.stdout, whole.stderr
+    other = subprocess.run([str(exe), "model", "init", "--arch", "ladnn", "--profile",
+                            "hu2020-small", "--out", str(tmp_path / "h.safetensors")],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "ladnn has no profile 'hu2020-small'; expected one " \
+        "of paper, small, vgg16-paper, vgg16-small" in other.stderr
 
 
 def test_ladnn_on_vgg16_starts_from_torchvision_vgg16_weights(tmp_path):
