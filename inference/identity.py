@@ -17,7 +17,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from inference.localize import THROUGH_PLANE_MM
-from inference.model_info import ModelInfo
+from inference.model_info import ARCHITECTURE_NAMES, ModelInfo
 from inference.version import software_version
 
 MANUFACTURER = "lungsys"
@@ -30,9 +30,6 @@ KO_DESCRIPTION = "AI key images (lungsys)"
 PM_DESCRIPTION = "AI lesion map (lungsys)"
 GSPS_DESCRIPTION = "AI lesion outlines (lungsys)"
 PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
-#: What result objects call each architecture (the Manufacturer's Model Name).
-ARCHITECTURE_NAMES = {"m3": "M3 Lung-Sys", "hu2020": "Hu 2020 multi-scale CNN",
-                      "ladnn": "LA-DNN", "dualsampling": "Dual-sampling attention network"}
 
 
 def stamp_series(ds) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: What result objects and logs call each architecture (the Manufacturer's Model Name).
+ARCHITECTURE_NAMES = {"m3": "M3 Lung-Sys", "hu2020": "Hu 2020 multi-scale CNN",
+                      "ladnn": "LA-DNN", "dualsampling": "Dual-sampling attention network"}
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -23,6 +27,12 @@ class ModelInfo:
     arch: str = "m3"             # inference.profiles.ARCHITECTURES
     crop: str = "lungs"          # the slices' crop (inference.preprocess.CROPS)
     mirror: bool = True          # slices averaged with their mirror image (Engine's mirror)
+
+    @property
+    def architecture(self) -> str:
+        """The architecture's name, e.g. "M3 Lung-Sys" (a version like "small-..." does not
+        say it)."""
+        return ARCHITECTURE_NAMES.get(self.arch, self.arch)
 
     def to_json(self) -> dict:
         """As ``lungsys analyze --json`` prints it."""

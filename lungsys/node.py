@@ -74,7 +74,8 @@ def serve_command(
             "%d destination(s)", software_version(), cfg.node.ae_title, cfg.node.host,
             node.port, " with DICOM TLS" if cfg.tls.enabled else "",
             f"{web}://{cfg.http.host}:{node.stow_port}/console/" if node.stow_port else "off",
-            f"model {model.version} on {model.device}" if model is not None
+            f"model {model.version} ({model.architecture}) on {model.device}"
+            if model is not None
             else "no local worker (jobs run by `lungsys worker` processes)",
             len(cfg.destinations))
         if model is not None and model.intended_use:

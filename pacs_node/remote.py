@@ -87,8 +87,9 @@ def run_worker(config: NodeConfig) -> None:
         exchange.clean()
     runner = JobRunner(config, store, engine, name=name, node_id=node_id, exchange=exchange,
                        remote=True)
-    log.info("lungsys worker %s: model %s on %s, jobs of node %s (%s), lease %.0f s",
-             runner.name, engine.model_info.version, engine.model_info.device, runner.node_id,
+    log.info("lungsys worker %s: model %s (%s) on %s, jobs of node %s (%s), lease %.0f s",
+             runner.name, engine.model_info.version, engine.model_info.architecture,
+             engine.model_info.device, runner.node_id,
              f"instances over WADO-RS from {config.worker.node_url}" if over_http
              else "shared data folder", config.worker.lease_seconds)
     bell = JobBell(config.store.url, wake).start() if store.engine.dialect.name == \

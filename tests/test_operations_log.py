@@ -66,7 +66,8 @@ def test_the_log_says_what_happened_and_failed_deliveries_are_listed(tmp_path,
         assert f" {level} " in found[0], found[0]
         return found[0]
 
-    one(r"LUNGSYS listening on 127\.0\.0\.1:\d+", "INFO")
+    started = one(r"LUNGSYS listening on 127\.0\.0\.1:\d+", "INFO")
+    assert re.search(r"model small-[0-9a-f]+ \(M3 Lung-Sys\) on cpu", started), started
     one(r"series [0-9.]+ from CT1 complete \(24 instances\): job 1 queued", "INFO")
     done = one(r"job 1 done in [0-9.]+ s: (Healthy|COVID-19|H1N1|CAP) \(p=", "INFO")
     one(r"delivery 1 of job 1 to pacs failed \(attempt 1 of 2, next in \d+ s\): .*connection "
