@@ -166,11 +166,13 @@ def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
     for report in comparison["models"].values():
         assert report["patients"] == comparison["patients"] == 4
         assert report["seconds_per_300_slices"] > 0
+        assert report["timed_on"].endswith(" threads") and " cores, " in report["timed_on"]
     table = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert table.returncode == 0, table.stderr
     for words in ("FPE: healthy called diseased", "FDPE: diseased, wrong disease",
                   "seconds per 300-slice study", f"p-value (accuracy, {names[0]} vs",
-                  "small sample: 1 to 1 patients a class"):
+                  "small sample: 1 to 1 patients a class",
+                  f"seconds per 300-slice study timed on {report['timed_on']}"):
         assert words in table.stdout, words
     # the same table in Markdown, for a README: a row per model, a column per metric
     markdown = (tmp_path / "eval" / "comparison.md").read_text().splitlines()

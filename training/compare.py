@@ -149,4 +149,6 @@ def comparison_lines(comparison: dict) -> list[str]:
     """What follows the table: the p-value of every pair, and a small sample's caution."""
     lines = [f"p-value (accuracy, {p['a']} vs {p['b']}): {p['p_value_accuracy']:.3f}"
              for p in comparison["pairs"]]
-    return lines + small_sample_lines(next(iter(comparison["models"].values())))
+    machines = {r.get("timed_on") for r in comparison["models"].values()} - {None}
+    return lines + small_sample_lines(next(iter(comparison["models"].values()))) + [
+        f"seconds per 300-slice study timed on {machine}" for machine in sorted(machines)]

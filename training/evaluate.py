@@ -70,6 +70,26 @@ def _method_report(y, pred, scores, seed: int) -> dict:
     return out
 
 
+def timed_on(device) -> str:
+    """What the seconds per study were measured on: the GPU, or the processor, its cores
+    and the threads PyTorch used (the column means little without it)."""
+    import os
+    import platform
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
 def evaluate(model: str | Path, data: str | Path, split: str = "test", device: str = "auto",
              out_dir: str | Path | None = None, seed: int = 0, progress=None) -> dict:
     """Evaluate; returns the report (and writes ROC PNGs into ``out_dir``)."""
@@ -113,6 +133,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
                     "studies": [hashlib.sha256(e.path.name.encode()).hexdigest()[:16]
                                 for e in entries],
                     "seconds_per_300_slices": round(seconds / max(slices, 1) * 300, 2),
+                    "timed_on": timed_on(engine.device),
                     "patients_per_class": per_class,
                     "small_sample": min(per_class.values()) < SMALL_SAMPLE,
                     "model": engine.model_info.to_json(), "data": str(Path(data).resolve())}
@@ -277,4 +298,6 @@ def report_lines(report: dict) -> list[str]:
             f"{name.replace('_', ' ')} {'-' if auc is None else f'{auc:.3f}'}"
             for name, auc in report["lesion_type_auc"].items()))
     lines += [f"ROC curves: {path}" for path in report.get("roc_png", [])]
+    if report.get("timed_on"):
+        lines.append(f"seconds per 300-slice study timed on {report['timed_on']}")
     return lines
