@@ -56,6 +56,18 @@ def test_hu2020_trains_round_trips_and_analyses(tiny, tmp_path, study_factory):
                         minlength=4)
     np.testing.assert_allclose(result.nonparametric_scores, votes / len(result.slices))
 
+    # the patient network learns from its features (GAP of blocks 4 and 5)
+    from training.train_patient import PatientTrainConfig, train_patient
+
+    both = tmp_path / "hu-both.safetensors"
+    train_patient(PatientTrainConfig(data=str(tiny), slice_model=str(out), out=str(both),
+                                     epochs=2, batch_size=4, device="cpu"))
+    whole = load_checkpoint(both)
+    assert whole.profile.arch == "hu2020" and whole.metadata["provenance"]["patient"]
+    again = Engine(whole, device="cpu").analyze(series)
+    assert not np.allclose(again.network_probabilities, result.network_probabilities)
+    assert abs(float(np.sum(again.network_probabilities)) - 1) < 1e-5
+
 
 def test_hu2020_has_no_imagenet_weights_to_start_from(tmp_path):
     exe = Path(sys.executable).with_name("lungsys")

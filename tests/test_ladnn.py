@@ -61,6 +61,26 @@ def test_ladnn_trains_its_lesion_types_round_trips_and_analyses(tiny, tmp_path, 
     grid = result.maps.on_grid(surest)          # the surest slice has a map, not zeros
     assert grid.shape == series.hu.shape[1:] and 0 < grid.max() <= 1 and grid.min() >= 0
 
+    # the patient network learns from its features, and the whole model's SR names it
+    from conftest import dciodvfy_errors, require_tool
+    from inference.export import write_results
+    from training.train_patient import PatientTrainConfig, train_patient
+
+    both = tmp_path / "ladnn-both.safetensors"
+    train_patient(PatientTrainConfig(data=str(tiny), slice_model=str(out), out=str(both),
+                                     epochs=2, batch_size=4, device="cpu"))
+    whole = load_checkpoint(both)
+    assert whole.profile.name == "ladnn-small"
+    assert whole.metadata["provenance"]["patient"]["epochs"] == 2
+    assert not torch.equal(next(iter(whole.patient_net.state_dict().values())),
+                           next(iter(model.patient_net.state_dict().values())))
+    files = write_results(Engine(whole, device="cpu").analyze(series), series,
+                          tmp_path / "results")
+    assert dciodvfy_errors(files.sr) == []
+    shown = subprocess.run([require_tool("dsrdump"), str(files.sr)], capture_output=True,
+                           text=True, timeout=60).stdout
+    assert '"lungsys LA-DNN"' in shown and "ladnn-small" in shown
+
 
 def test_model_init_ladnn_from_torchvision_densenet169_weights(tmp_path):
     from inference.densenet import DenseNet169
