@@ -22,7 +22,8 @@ from pacs_node import LOG_FORMAT
 app = typer.Typer(
     name="lungsys",
     help=("lungsys: an AI node for chest CT. It receives CT series over DICOM, runs the M3 "
-          "Lung-Sys model (Healthy / COVID-19 / H1N1 / CAP, with lesion maps) and sends a "
+          "Lung-Sys model (Healthy / COVID-19 / H1N1 / CAP, with lesion maps; or another "
+          "architecture of the founding papers: Hu 2020, LA-DNN, dual sampling) and sends a "
           "Structured Report and heatmaps back to PACS.\n\n"
           "Start with 'lungsys phantom --out demo/study --label covid --seed 7' to make a "
           "synthetic study, and 'lungsys scan demo/study' to see how the node reads it."),

@@ -107,7 +107,8 @@ def analyze_command(
 
     Prints the diagnosis, the four class probabilities, the infected fraction
     of the lung, and the slices with lesions and their boxes (rows and columns
-    on the slice, end-exclusive). With --out, also writes the results as
+    on the slice, end-exclusive), with the lesion types a lesion-typing model
+    (LA-DNN) finds on them. With --out, also writes the results as
     DICOM in the source study: by default a Comprehensive SR (TID 1500), a
     lesion SEG, key images (KOS) and Secondary Capture heatmaps, as the node
     writes them.
@@ -146,7 +147,7 @@ def analyze_command(
         print(json.dumps(report))
         return
     out.print(f"diagnosis: {result.diagnosis} ({result.method}; model {result.model.version}"
-              f", {result.model.device})")
+              f" ({result.model.architecture}), {result.model.device})")
     for name, p in zip(CLASSES, result.probabilities):
         out.print(f"  {name:<9} {p:6.3f}")
     if result.low_confidence:
@@ -157,8 +158,10 @@ def analyze_command(
     out.print(f"slices with lesions: {len(lesion)} of {len(result.slices)}")
     for s in lesion:
         boxes = ", ".join(f"[{b.row0}:{b.row1}, {b.col0}:{b.col1}]" for b in s.boxes) or "-"
-        out.print(f"  {s.label}: p={s.lesion_probability:.3f} {s.sop_instance_uid} {boxes}",
-                  markup=False, highlight=False)
+        types = f" ({', '.join(t.replace('_', ' ') for t in s.shown_types)})" \
+            if s.shown_types else ""
+        out.print(f"  {s.label}: p={s.lesion_probability:.3f} {s.sop_instance_uid} {boxes}"
+                  f"{types}", markup=False, highlight=False)
     if series.skipped:
         out.print(f"{len(series.skipped)} files skipped (lungsys scan lists them)")
     if files is not None:

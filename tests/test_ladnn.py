@@ -140,3 +140,26 @@ def test_ladnn_on_vgg16_starts_from_torchvision_vgg16_weights(tmp_path):
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="features.0.bias"):
         load_backbone_weights(model, tmp_path / "broken.pth")
+
+
+def test_analyze_prints_each_lesion_slices_types(study_factory, tmp_path):
+    """`lungsys analyze` names the architecture and, on each lesion slice's line, the lesion
+    types the model finds there (here a checkpoint whose type head says ground glass and
+    crazy paving on every slice)."""
+    from inference.checkpoint import save_checkpoint
+
+    model = LungSysModel.create("ladnn-small", seed=0)
+    with torch.no_grad():
+        model.slice_net.type_fc.weight.zero_()
+        model.slice_net.type_fc.bias.copy_(torch.tensor([8.0, -8.0, 8.0, -8.0, -8.0]))
+    save_checkpoint(model, tmp_path / "typed.safetensors")
+    exe = Path(sys.executable).with_name("lungsys")
+    proc = subprocess.run([str(exe), "analyze", str(study_factory("covid", 1, 8).directory),
+                           "--model", str(tmp_path / "typed.safetensors"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "(LA-DNN), cpu)" in lines[0]
+    slices = [line for line in lines if line.startswith("  image ")]
+    assert len(slices) == 8
+    assert all(line.endswith(" (ground glass opacity, crazy paving)") for line in slices)

@@ -262,7 +262,7 @@ def report_table(report: dict, split: str):
                       percent(p[key], p[f"{key}_ci95"]))
     for name in CLASSES:
         for key in ("sensitivity", "specificity", "auc"):
-            table.add_row(f"{name} {key}", percent(n["per_class"][name][key]),
+            table.add_row(f"{name} {key.replace('auc', 'AUC')}", percent(n["per_class"][name][key]),
                           percent(p["per_class"][name][key]))
     return table
 

@@ -46,7 +46,7 @@ class SliceTrainConfig(TrainingSettings):
     """Slice training; defaults are the paper's (110 epochs, lr 0.01 x0.1 every 40)."""
 
     profile: str = "small"
-    arch: str = "m3"              # m3 | ladnn (inference.profiles.ARCHITECTURES)
+    arch: str = "m3"              # m3 | hu2020 | ladnn (dualsampling: train_volume)
     out: str = "slice.safetensors"
     epochs: int = 110
     lr: float = 0.01
