@@ -29,6 +29,28 @@ def test_the_lesion_score_is_the_chance_of_any_lesion_type():
     assert out.lesion_map.min() >= 0 and out.lesion_map.max() <= 1
 
 
+def test_the_lesion_evidence_is_the_score_attributed_at_an_eighth_of_the_input():
+    """The map users see: the lesion score's gradient times the activation at the end of
+    the second dense block (16 x 16 for 128 pixels), the forward pass unchanged; on VGG-16
+    the paper's Grad-CAM++ on the last features (4 x 4)."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 128, 128)
+    model = LungSysModel.create("ladnn-small", seed=1).eval()
+    net = model.slice_net
+    out, evidence = net.lesion_evidence(x)
+    with torch.no_grad():
+        plain = net(x)
+    assert evidence.shape == (2, 16, 16) and (evidence >= 0).all() and evidence.sum() > 0
+    assert torch.allclose(out.class_logits, plain.class_logits, atol=1e-4)
+    a = net.backbone.features[:7](x).requires_grad_(True)          # ... denseblock2
+    scored = net.heads(torch.relu(net.backbone.features[7:](a)))
+    score = scored.lesion_logits[:, 1] - scored.lesion_logits[:, 0]
+    (g,) = torch.autograd.grad(score.sum(), a)
+    assert torch.allclose(evidence, torch.relu((g * a).sum(dim=1)), atol=1e-5)
+    vgg = LungSysModel.create("ladnn-vgg16-small", seed=1).eval().slice_net
+    assert vgg.lesion_evidence(x)[1].shape == (2, 4, 4)
+
+
 def test_ladnn_trains_its_lesion_types_round_trips_and_analyses(tiny, tmp_path, study_factory):
     from inference.engine import Engine
     from inference.series import load_series
