@@ -90,8 +90,8 @@ def comparison_table(comparison: dict):
         table.add_row(label, *(percent(c[key], c[f"{key}_ci95"]) for c in chosen))
     for name in CLASSES:
         for key in ("sensitivity", "specificity", "auc"):
-            table.add_row(f"{name} {key.replace('auc', 'AUC')}", *(percent(c["per_class"][name][key])
-                                             for c in chosen))
+            table.add_row(f"{name} {key.replace('auc', 'AUC')}",
+                          *(percent(c["per_class"][name][key]) for c in chosen))
     typed = [r.get("lesion_type_auc") or {} for r in comparison["models"].values()]
     for name in LESION_TYPES if any(typed) else ():
         table.add_row(f"{name.replace('_', ' ')} AUC", *(_figure(t.get(name)) for t in typed))
