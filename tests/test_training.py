@@ -192,7 +192,8 @@ def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
     stems = [default_model().stem, "other"]             # the pair named by file name
     assert comparison["files"] == dict(zip(names, stems))
     assert markdown[5].startswith("FPE: the share of healthy patients called diseased;")
-    assert f": {stems[0]} vs {stems[1]} {pair['p_value_accuracy']:.3f}." in markdown[5]
+    assert f": {stems[0]} vs {stems[1]} {pair['p_value_accuracy']:.3f}. Seconds timed on " \
+        f"{first['timed_on']}." in markdown[5]
 
 
 def test_a_model_trained_on_the_mirrored_crop_keeps_it(tiny, tmp_path, study_factory):

@@ -140,8 +140,10 @@ def comparison_markdown(comparison: dict) -> str:
     short = files if len(set(files.values())) == len(files) else {n: n for n in reports}
     p_values = "; ".join(f"{short[p['a']]} vs {short[p['b']]} {p['p_value_accuracy']:.3f}"
                          for p in comparison["pairs"])
+    machines = sorted({r.get("timed_on") for r in reports.values()} - {None})
+    timed = f" Seconds timed on {'; '.join(machines)}." if machines else ""
     return "\n".join(lines + ["", f"{LEGEND} Bootstrap p-values of the accuracy "
-                                   f"differences: {p_values}.", *small_sample_lines(
+                                   f"differences: {p_values}.{timed}", *small_sample_lines(
                                        next(iter(reports.values())))])
 
 
