@@ -19,7 +19,8 @@ from inference.choices import PatientMethod
 from inference.ladnn import LESION_TYPES
 from inference.profiles import CLASSES
 from training import metrics as M
-from training.evaluate import ERRORS, percent, small_sample_lines
+from training.evaluate import (ERRORS, PER_CLASS, machines, percent, small_sample_lines,
+                               timing_lines)
 
 NETWORK = str(PatientMethod.network)
 
@@ -89,8 +90,8 @@ def comparison_table(comparison: dict):
     for key, label in ERRORS.items():
         table.add_row(label, *(percent(c[key], c[f"{key}_ci95"]) for c in chosen))
     for name in CLASSES:
-        for key in ("sensitivity", "specificity", "auc"):
-            table.add_row(f"{name} {key.replace('auc', 'AUC')}",
+        for key, label in PER_CLASS.items():
+            table.add_row(f"{name} {label}",
                           *(percent(c["per_class"][name][key]) for c in chosen))
     typed = [r.get("lesion_type_auc") or {} for r in comparison["models"].values()]
     for name in LESION_TYPES if any(typed) else ():
@@ -112,8 +113,7 @@ def comparison_markdown(comparison: dict) -> str:
     columns = [f"model ({comparison['patients']} patients, split {comparison['split']})",
                "accuracy [95% CI]",
                "FPE / FNE / FDPE (%)",
-               *(f"{label} {' / '.join(CLASSES)} (%)" for label in
-                 ("sensitivity", "specificity", "AUC")),
+               *(f"{label} {' / '.join(CLASSES)} (%)" for label in PER_CLASS.values()),
                *([f"lesion-type AUC {' / '.join(_SHORT.get(n, n) for n in LESION_TYPES)} (%)"
                   .replace("_", " ")] if typed else []),
                *(label + (" (%)" if share and "points" not in label else "")
@@ -126,8 +126,7 @@ def comparison_markdown(comparison: dict) -> str:
         chosen = report[NETWORK]
         row = [name, percent(chosen["patient_accuracy"], chosen["patient_accuracy_ci95"]),
                shares(chosen[k] for k in ERRORS),
-               *(shares(chosen["per_class"][c][k] for c in CLASSES)
-                 for k in ("sensitivity", "specificity", "auc"))]
+               *(shares(chosen["per_class"][c][k] for c in CLASSES) for k in PER_CLASS)]
         if typed:
             t = report.get("lesion_type_auc") or {}
             row.append(shares(t.get(n) for n in LESION_TYPES) if t else "-")
@@ -140,8 +139,8 @@ def comparison_markdown(comparison: dict) -> str:
     short = files if len(set(files.values())) == len(files) else {n: n for n in reports}
     p_values = "; ".join(f"{short[p['a']]} vs {short[p['b']]} {p['p_value_accuracy']:.3f}"
                          for p in comparison["pairs"])
-    machines = sorted({r.get("timed_on") for r in reports.values()} - {None})
-    timed = f" Seconds timed on {'; '.join(machines)}." if machines else ""
+    timed_on = machines(reports.values())
+    timed = f" Seconds timed on {'; '.join(timed_on)}." if timed_on else ""
     return "\n".join(lines + ["", f"{LEGEND} Bootstrap p-values of the accuracy "
                                    f"differences: {p_values}.{timed}", *small_sample_lines(
                                        next(iter(reports.values())))])
@@ -151,6 +150,5 @@ def comparison_lines(comparison: dict) -> list[str]:
     """What follows the table: the p-value of every pair, and a small sample's caution."""
     lines = [f"p-value (accuracy, {p['a']} vs {p['b']}): {p['p_value_accuracy']:.3f}"
              for p in comparison["pairs"]]
-    machines = {r.get("timed_on") for r in comparison["models"].values()} - {None}
-    return lines + small_sample_lines(next(iter(comparison["models"].values()))) + [
-        f"seconds per 300-slice study timed on {machine}" for machine in sorted(machines)]
+    reports = list(comparison["models"].values())
+    return lines + small_sample_lines(reports[0]) + timing_lines(reports)

@@ -36,6 +36,8 @@ SMALL_SAMPLE = 20
 #: What the paper's error rates count, as the table says it.
 ERRORS = {"fpe": "FPE: healthy called diseased", "fne": "FNE: diseased called healthy",
           "fdpe": "FDPE: diseased, wrong disease"}
+#: Each class's figures and how the tables name them.
+PER_CLASS = {"sensitivity": "sensitivity", "specificity": "specificity", "auc": "AUC"}
 
 
 @dataclass
@@ -261,8 +263,8 @@ def report_table(report: dict, split: str):
         table.add_row(label, percent(n[key], n[f"{key}_ci95"]),
                       percent(p[key], p[f"{key}_ci95"]))
     for name in CLASSES:
-        for key in ("sensitivity", "specificity", "auc"):
-            table.add_row(f"{name} {key.replace('auc', 'AUC')}", percent(n["per_class"][name][key]),
+        for key, label in PER_CLASS.items():
+            table.add_row(f"{name} {label}", percent(n["per_class"][name][key]),
                           percent(p["per_class"][name][key]))
     return table
 
@@ -298,6 +300,14 @@ def report_lines(report: dict) -> list[str]:
             f"{name.replace('_', ' ')} {'-' if auc is None else f'{auc:.3f}'}"
             for name, auc in report["lesion_type_auc"].items()))
     lines += [f"ROC curves: {path}" for path in report.get("roc_png", [])]
-    if report.get("timed_on"):
-        lines.append(f"seconds per 300-slice study timed on {report['timed_on']}")
-    return lines
+    return lines + timing_lines([report])
+
+
+def timing_lines(reports) -> list[str]:
+    """A line for each machine the reports' seconds per study were timed on."""
+    return [f"seconds per 300-slice study timed on {machine}" for machine in machines(reports)]
+
+
+def machines(reports) -> list[str]:
+    """The machines the reports were timed on (``timed_on``; reports before it have none)."""
+    return sorted({r.get("timed_on") for r in reports} - {None})
