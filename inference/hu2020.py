@@ -50,6 +50,12 @@ def feature_dim(profile: Profile) -> int:
     return widths[3] + widths[4]
 
 
+def lesion_of(scores: Tensor) -> Tensor:
+    """Task 1's logits from class scores (B, 4): [Healthy's, the diseases' log-sum-exp], so
+    that P(lesion) = 1 - P(Healthy)."""
+    return torch.stack([scores[:, 0], torch.logsumexp(scores[:, 1:], dim=1)], dim=1)
+
+
 class HuSliceNet(nn.Module):
     """Five convolution blocks and three class activation heads (see the module)."""
 
@@ -91,14 +97,13 @@ class HuSliceNet(nn.Module):
         levels = self.levels(x)
         maps, scores = self.scores(levels)
         logits = torch.stack(scores).sum(0)                      # multi-scale: summed
-        lesion_logits = torch.stack([logits[:, 0], torch.logsumexp(logits[:, 1:], dim=1)],
-                                    dim=1)
+        lesion_logits = lesion_of(logits)
         disease = logits[:, 1:].argmax(dim=1) + 1
         cam = F.relu(maps[0][torch.arange(x.shape[0], device=x.device), disease])
         cam = cam / cam.flatten(1).amax(1).clamp_min(1e-6)[:, None, None]
         feature = torch.cat([levels[3].mean(dim=(2, 3)), levels[4].mean(dim=(2, 3))], dim=1)
         return SliceOutput(lesion_logits=lesion_logits, class_logits=logits, lesion_map=cam,
-                           feature=feature)
+                           feature=feature, level_logits=tuple(scores))
 
     def lesion_evidence(self, x: Tensor) -> tuple[SliceOutput, Tensor]:
         """The forward pass, and the product of the three levels' integrated gradients (zero

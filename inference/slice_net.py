@@ -41,6 +41,7 @@ class SliceOutput:
     lesion_map: Tensor      # (B, h, w) in [0, 1]: similarity to the lesion prototype
     feature: Tensor         # (B, C3 + C4): GAP(F3) ++ GAP(F4)
     lesion_type_logits: Tensor | None = None  # (B, 5): a lesion-typing model's (LA-DNN)
+    level_logits: tuple[Tensor, ...] | None = None  # (B, 4) each: per-level scores (Hu 2020)
 
 
 def coordinate_maps(height: int, width: int, device=None, dtype=None) -> Tensor:

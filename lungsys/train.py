@@ -20,6 +20,8 @@ LrGamma = Annotated[float, typer.Option(help="Learning-rate factor per step.")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
 WeightDecay = Annotated[float, typer.Option(help="Weight decay.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
+Betas = Annotated[tuple[float, float], typer.Option(help="adam's and adamw's beta1 and beta2 "
+                                                    "(Hu 2020: 0.5 0.9).")]
 CacheDir = Annotated[Optional[Path], typer.Option(help="Cache of preprocessed slices (and "
                                                   "features); default DATA/.lungsys-cache.")]
 RunDir = Annotated[Optional[Path], typer.Option(help="Run folder (config, log, metrics, "
@@ -92,8 +94,10 @@ def train_slice_command(
     lr_gamma: LrGamma = 0.1,
     momentum: Momentum = 0.9,
     weight_decay: WeightDecay = 1e-4,
-    optimizer: Annotated[str, typer.Option(help="sgd (M3's paper's, with momentum) or adamw "
-                                           "(faster from scratch).")] = "sgd",
+    optimizer: Annotated[str, typer.Option(help="sgd (M3's paper's, with momentum), adam "
+                                           "(Hu 2020's) or adamw (faster from scratch).")]
+    = "sgd",
+    betas: Betas = (0.9, 0.999),
     batch_size: Annotated[int, typer.Option(min=2, help="Slices per batch.")] = 32,
     seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed, data and settings "
                                       "give the same model on the same device.")] = 0,
@@ -120,6 +124,15 @@ def train_slice_command(
         help="lungs (the paper's lung box) or mirrored (the box joined with its mirror image "
         "about the body's midline: a consolidated lung stays in); the model keeps it. "
         "Default: the --from-model's crop, else lungs.")] = None,
+    early_stop: Annotated[int, typer.Option(
+        min=0, help="Stop after this many epochs without a lower validation loss, and write "
+        "the epoch of the best validation accuracy (the mean of both tasks'); 0: train every "
+        "epoch and write the last. Validation is once an epoch (Hu 2020: every 500 "
+        "iterations, stopping after two without a fall).")]
+    = 0,
+    level_epochs: Annotated[int, typer.Option(
+        min=0, help="Hu 2020's first phase: train each level's classifier on its own for "
+        "this many epochs, then the joint one (--arch hu2020 only).")] = 0,
     run_dir: RunDir = None,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -135,16 +148,19 @@ def train_slice_command(
         data=str(data), profile=profile, arch=arch, out=str(out_path),
         run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
-        batch_size=batch_size, seed=seed, device=device,
+        beta1=betas[0], beta2=betas[1], batch_size=batch_size, seed=seed, device=device,
         backbone_weights=str(backbone_weights) if backbone_weights else None,
         from_model=str(from_model) if from_model else None, focal=focal,
         size_balanced=size_balanced, flips=flips, affine=affine, crop=crop,
+        early_stop=early_stop, level_epochs=level_epochs,
         cache_dir=str(cache_dir) if cache_dir else None)
     warn_about_splits(data)
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_slice(cfg, bar)
-    out.print(f"wrote {out_path} (version {meta['model_version']}); run folder "
-              f"{meta['provenance']['run_dir']}")
+    kept = meta["provenance"]["kept_epoch"]
+    out.print(f"wrote {out_path} (version {meta['model_version']}"
+              + (f", epoch {kept} kept" if early_stop else "")
+              + f"); run folder {meta['provenance']['run_dir']}")
 
 
 @train_app.command("patient")
@@ -159,7 +175,8 @@ def train_patient_command(
     lr_gamma: LrGamma = 0.1,
     momentum: Momentum = 0.9,
     weight_decay: WeightDecay = 1e-4,
-    optimizer: Annotated[str, typer.Option(help="sgd (the paper's) or adamw.")] = "sgd",
+    optimizer: Annotated[str, typer.Option(help="sgd (the paper's), adam or adamw.")] = "sgd",
+    betas: Betas = (0.9, 0.999),
     batch_size: Annotated[int, typer.Option(min=1, help="Patients per batch.")] = 8,
     seed: Annotated[int, typer.Option(min=0, help="Seed.")] = 0,
     device: DeviceOption = "auto",
@@ -176,7 +193,7 @@ def train_patient_command(
         data=str(data), slice_model=str(slice_model), out=str(out_path),
         run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
-        batch_size=batch_size, seed=seed, device=device,
+        beta1=betas[0], beta2=betas[1], batch_size=batch_size, seed=seed, device=device,
         cache_dir=str(cache_dir) if cache_dir else None)
     warn_about_splits(data)
     with progress(transient=False) as bar, stopped_by_ctrl_c():

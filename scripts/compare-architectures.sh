@@ -15,7 +15,9 @@
 # 5 hours on a 2-core CPU (a GPU is used when there is one); an interrupted run resumes.
 # PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS, PATIENT_EPOCHS and VOLUME_EPOCHS shrink it;
 # ARCHS names the architectures trained (default "hu2020 ladnn dualsampling"; add m3 to
-# train M3 the same way too), SHIPPED=0 leaves the shipped model out of the table, and
+# train M3 the same way too, hu2020-paper for Hu 2020 with its paper's own schedule: Adam
+# with beta 0.5/0.9, its focal loss, each level's classifier for the first half of the
+# epochs, early stopping), SHIPPED=0 leaves the shipped model out of the table, and
 # TRAIN_ONLY=1 stops before the evaluation (with cores to spare, two runs with different
 # ARCHS may then train side by side; on 2 cores they only slow each other down; a last
 # run without it compares them all).
@@ -54,10 +56,13 @@ for arch in $ARCHS; do
         models+=("$W/$arch.safetensors")
         continue
     fi
+    schedule=(--optimizer adamw)
+    [ "$arch" != hu2020-paper ] || schedule=(--optimizer adam --betas 0.5 0.9 --focal \
+        --level-epochs $((SLICE_EPOCHS / 2)) --early-stop 2)
     [ -f "$W/$arch.safetensors" ] || {
-        $L train slice --arch "$arch" --data "$W/train" --out "$W/$arch-slice.safetensors" \
-            --profile small --epochs "$SLICE_EPOCHS" --optimizer adamw --lr 0.001 \
-            --lr-step 24 --batch-size 32 --seed 0 --affine
+        $L train slice --arch "${arch%-paper}" --data "$W/train" \
+            --out "$W/$arch-slice.safetensors" --profile small --epochs "$SLICE_EPOCHS" \
+            "${schedule[@]}" --lr 0.001 --lr-step 24 --batch-size 32 --seed 0 --affine
         $L train patient --data "$W/patients.csv" --slice-model "$W/$arch-slice.safetensors" \
             --out "$W/$arch.safetensors" --epochs "$PATIENT_EPOCHS" --optimizer adamw \
             --lr 0.0005 --lr-step 30 --seed 0 --cache-dir "$W/train/.lungsys-cache"

@@ -92,3 +92,72 @@ def test_hu2020s_focal_loss_weighs_classes_by_inverse_frequency_with_gamma_one()
     expected = (-w[target] * (1 - p) * torch.log(p)).mean()
     assert HU2020_GAMMA == 1.0
     assert torch.allclose(focal_loss(logits, target, w, HU2020_GAMMA), expected)
+
+
+def test_hu2020s_own_schedule_levels_first_then_joint_adam_and_early_stopping(tiny, tmp_path):
+    """The paper's schedule (§Experiments Setup, §Training Configurations) as settings: Adam
+    with beta 0.5/0.9, each level's classifier trained on its own before the joint one, early
+    stopping on the validation loss, the epoch of the best validation accuracy written."""
+    import csv
+    import json
+
+    from training.runs import make_optimizer
+
+    def run(name, **kw):
+        cfg = SliceTrainConfig(data=str(tiny), out=str(tmp_path / f"{name}.safetensors"),
+                               arch="hu2020", lr=0.003, lr_step=50, batch_size=16, seed=2,
+                               device="cpu", optimizer="adam", beta1=0.5, beta2=0.9, **kw)
+        meta = train_slice(cfg)
+        with (tmp_path / f"{name}.run" / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        return cfg, meta["provenance"], rows
+
+    cfg, prov, rows = run("paper", epochs=8, level_epochs=1, early_stop=2, focal=True)
+    adam = make_optimizer(cfg, torch.nn.Linear(2, 2))
+    assert type(adam) is torch.optim.Adam and adam.defaults["betas"] == (0.5, 0.9)
+    config = json.loads((tmp_path / "paper.run" / "config.json").read_text())
+    assert (config["optimizer"], config["beta1"], config["beta2"]) == ("adam", 0.5, 0.9)
+    log = (tmp_path / "paper.run" / "train.log").read_text()
+    assert "epoch 2: each level's classifier trained, now the joint one" in log
+
+    # the first phase's losses are each level's own classifier's, summed
+    from inference.hu2020 import lesion_of
+    from training.train_slice import task_losses
+
+    net = LungSysModel.create("hu2020-small", seed=1).slice_net
+    out = net(torch.rand(4, 3, 128, 128))
+    lesion, label = torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 2, 3])
+    ce = torch.nn.functional.cross_entropy
+    alone = task_losses(out, lesion, label, ce, ce, levels_alone=True)
+    assert len(out.level_logits) == 3
+    assert torch.allclose(alone[1], sum(ce(s, label) for s in out.level_logits))
+    assert torch.allclose(alone[0], sum(ce(lesion_of(s), lesion) for s in out.level_logits))
+    joint = task_losses(out, lesion, label, ce, ce)
+    assert torch.allclose(joint[1], ce(sum(out.level_logits), label))
+
+    # early stopping: the run ends once the validation loss has not fallen for 2 epochs
+    losses = [float(r["val_loss"]) for r in rows]
+    lowest = losses.index(min(losses))
+    if len(rows) < 8:
+        assert len(rows) - 1 - lowest == 2
+        assert f"stopping early after epoch {len(rows)} of 8" in log
+    else:
+        assert len(rows) - 1 - lowest < 2 and "stopping early" not in log
+    # the epoch written is the one of the best validation accuracy (both tasks' mean)
+    accuracy = [(float(r["val_lesion_acc"]) + float(r["val_class_acc"])) / 2 for r in rows]
+    assert prov["kept_epoch"] == accuracy.index(max(accuracy)) + 1
+    assert prov["level_epochs"] == 1 and prov["early_stop"] == 2
+
+    # started again, a run that stopped early stays stopped (and writes the same model)
+    again = train_slice(cfg)
+    assert again["provenance"]["kept_epoch"] == prov["kept_epoch"]
+    assert again["content_sha256"] != "" and len(rows) == sum(
+        1 for _ in (tmp_path / "paper.run" / "metrics.csv").open()) - 1
+
+
+def test_the_first_phase_is_hu2020s_only(tiny, tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="--arch hu2020 only"):
+        train_slice(SliceTrainConfig(data=str(tiny), out=str(tmp_path / "m.safetensors"),
+                                     epochs=1, level_epochs=1, device="cpu"))

@@ -254,3 +254,37 @@ def test_fine_tuning_starts_from_a_models_slice_network(tiny, tmp_path):
                                          run_dir=str(tmp_path / f"{other}.run"), epochs=1,
                                          batch_size=16, device="cpu",
                                          from_model=str(tmp_path / f"{other}.safetensors")))
+
+
+def test_early_stopping_counts_the_epochs_since_the_lowest_validation_loss(tmp_path):
+    """The stop rule read back from metrics.csv, as a resumed run reads it: N epochs
+    without a validation loss below the lowest so far (an equal one is not lower)."""
+    import torch
+
+    from training.runs import Epochs, Run
+
+    run = Run(tmp_path / "r.run", {"x": 1})
+    for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.8, 0.85], start=1):
+        run.record({"epoch": epoch, "val_loss": loss})
+    net = torch.nn.Linear(1, 1)
+
+    def stalled(patience, finished):
+        cfg = SliceTrainConfig(data="d", out="o", epochs=10, early_stop=patience)
+        epochs = Epochs(run, cfg, net, torch.optim.SGD(net.parameters(), lr=0.1))
+        epochs.finished = finished
+        return epochs.stalled()
+
+    assert stalled(3, 5) and not stalled(4, 5)     # lowest at epoch 2; 3 epochs since
+    assert not stalled(2, 3) and stalled(1, 3)     # only the epochs finished count
+    assert not stalled(0, 5)                       # 0: never
+    assert "has not fallen since epoch 2 (0.8000) for 3 epoch(s)" in run.log_path.read_text()
+
+
+def test_metrics_gain_a_column_when_a_resumed_run_records_more(tmp_path):
+    from training.runs import Run
+
+    run = Run(tmp_path / "r.run", {"x": 1})
+    run.record({"epoch": 1, "loss": 0.5})             # as an older lungsys recorded it
+    run.record({"epoch": 2, "loss": 0.4, "val_loss": 0.6})
+    assert run.rows() == [{"epoch": "1", "loss": "0.5", "val_loss": ""},
+                          {"epoch": "2", "loss": "0.4", "val_loss": "0.6"}]

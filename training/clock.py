@@ -12,6 +12,7 @@ import time
 #: What an epoch's metrics are called in its line, in this order.
 _NAMES = {"loss": "loss", "lesion_loss": "lesion loss", "class_loss": "class loss",
           "type_loss": "lesion-type loss", "attention_loss": "attention loss",
+          "val_loss": "validation loss",
           "val_acc": "validation accuracy", "val_lesion_acc": "validation lesion accuracy",
           "val_class_acc": "validation class accuracy"}
 

@@ -41,6 +41,8 @@ class TrainingSettings:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     optimizer: str = "sgd"        # the paper's SGD; "adamw" converges faster from scratch
+    beta1: float = 0.9            # adam / adamw: the moments' decay rates (Hu 2020: 0.5, 0.9)
+    beta2: float = 0.999
     batch_size: int
     seed: int = 0
     device: str = "auto"
@@ -120,13 +122,26 @@ class Run:
     def resume_path(self) -> Path:
         return self.dir / "resume.safetensors"
 
-    def record(self, row: dict) -> None:
+    def rows(self) -> list[dict]:
+        """The metrics of the epochs recorded so far (metrics.csv; text values)."""
         path = self.dir / "metrics.csv"
-        new = not path.is_file()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
+        if not path.is_file():
+            return []
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def record(self, row: dict) -> None:
+        """Add an epoch's row to metrics.csv; when its columns are not the file's (a run
+        begun by an older lungsys, resumed), the file is written again with both's."""
+        path = self.dir / "metrics.csv"
+        rows = self.rows()
+        fields = list(dict.fromkeys([*(rows[0] if rows else {}), *row]))
+        rewrite = not rows or fields != list(rows[0])
+        with path.open("w" if rewrite else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            if rewrite:
                 writer.writeheader()
+                writer.writerows(rows)
             writer.writerow(row)
         self.log.info(json.dumps(row))
 
@@ -203,7 +218,26 @@ class Epochs:
 
     def __iter__(self):
         for epoch in range(self.finished, self.cfg.epochs):
+            if self.stalled():
+                return
             yield (epoch, *begin_epoch(self.cfg, self.optimizer, epoch))
+
+    def stalled(self) -> bool:
+        """Early stopping (the config's ``early_stop``: N epochs, 0 never): the validation
+        loss has not fallen below its lowest for N epochs. Read from metrics.csv, so that a
+        resumed run stops where the uninterrupted one would have; says so once."""
+        patience = getattr(self.cfg, "early_stop", 0)
+        losses = {int(r["epoch"]): float(r["val_loss"]) for r in self.run.rows()
+                  if r.get("val_loss") and int(r["epoch"]) <= self.finished} if patience else {}
+        if len(losses) <= patience:
+            return False
+        lowest = min(losses, key=lambda e: (losses[e], e))
+        if self.finished - lowest < patience:
+            return False
+        self.run.tell(f"stopping early after epoch {self.finished} of {self.cfg.epochs}: the "
+                      f"validation loss has not fallen since epoch {lowest} "
+                      f"({losses[lowest]:.4f}) for {patience} epoch(s)", self.progress)
+        return True
 
     def done(self, row: dict) -> None:
         """The epoch ``row["epoch"]`` finished: its resume state, metrics and line, kept
@@ -214,6 +248,48 @@ class Epochs:
             self.run.record(row)
             self.finished = row["epoch"]
             self.run.tell(self.clock.line(row), self.progress)
+
+
+class BestEpoch:
+    """The weights of the epoch with the best validation accuracy so far, kept in the run
+    folder (``best.safetensors``, the epoch and accuracy in its metadata) for a run that
+    writes its best epoch rather than its last; a resumed run goes on comparing with it."""
+
+    def __init__(self, run: Run, fresh: bool) -> None:
+        self.run = run
+        self.path = run.dir / "best.safetensors"
+        if fresh:
+            self.path.unlink(missing_ok=True)       # an earlier run's, not this one's
+        self.epoch, self.accuracy = 0, -1.0
+        if self.path.is_file():
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+            self.epoch, self.accuracy = int(meta.get("epoch", 0)), float(meta.get("val_acc", -1))
+
+    def offer(self, net: torch.nn.Module, epoch: int, accuracy: float | None) -> None:
+        """Keep the epoch's weights if its accuracy beats the best (None, no validation
+        split: every epoch is the best so far)."""
+        if accuracy is not None and accuracy <= self.accuracy:
+            return
+        self.epoch, self.accuracy = epoch, -1.0 if accuracy is None else accuracy
+        tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        tmp = self.path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"epoch": str(epoch),
+                                               "val_acc": str(self.accuracy)})
+        tmp.replace(self.path)
+
+    def restore(self, net: torch.nn.Module, last: int, progress=None) -> int:
+        """Load the best epoch's weights into ``net`` and say which; returns its number
+        (``last`` when none was kept: the last epoch's weights stay)."""
+        if not self.path.is_file():              # (removed by hand)
+            self.run.tell(f"no best epoch kept in {self.run.dir}: the last epoch's weights "
+                          f"are written", progress)
+            return last
+        net.load_state_dict(load_file(str(self.path)))
+        self.run.tell(f"writing epoch {self.epoch}'s weights, the best validation accuracy "
+                      f"({100 * self.accuracy:.1f}%)" if self.accuracy >= 0 else
+                      f"writing epoch {self.epoch}'s weights", progress)
+        return self.epoch
 
 
 @contextmanager
@@ -253,10 +329,16 @@ def step_lr(base: float, epoch: int, step: int, gamma: float) -> float:
 
 
 def make_optimizer(cfg, net: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's) or AdamW, from a training config."""
+    """SGD with momentum (M3's paper's), Adam (Hu 2020's; weight decay as an L2 term) or
+    AdamW, from a training config."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adamw")
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if cfg.optimizer not in kinds:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd, adam or adamw")
+    for beta in (cfg.beta1, cfg.beta2):
+        if not 0 <= beta < 1:
+            raise ValueError(f"the betas must be in [0, 1), not {beta}")
+    return kinds[cfg.optimizer](net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay)

@@ -8,7 +8,10 @@ momentum, lr 0.01 x0.1 every 40 epochs, 110 epochs by default; every
 hyper-parameter is a setting. Switches: the class-balanced focal loss (Hu
 2020), infection-size-balanced sampling (dual-sampling paper), and small
 random rotations, scalings and shifts (not in the paper; they help most when
-there are few patients and no ImageNet weights).
+there are few patients and no ImageNet weights). Hu 2020's own schedule is
+made of settings too: Adam with its betas, each level's classifier trained
+on its own before the joint one (``level_epochs``), and early stopping on the
+validation loss that writes the epoch of the best validation accuracy.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ import torch.nn.functional as F
 
 from inference.checkpoint import (load_backbone_weights, load_checkpoint, LungSysModel,
                                   read_metadata)
+from inference.hu2020 import lesion_of
 from inference.preprocess import CROPS, TRAINING_CENTRE_RANGE, WINDOW_WIDTH
 from inference.profiles import profile_for
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import (HU2020_GAMMA, class_balanced_weights, focal_loss,
                              inverse_frequency_weights)
-from training.runs import (Epochs, make_optimizer, open_run,
+from training.runs import (BestEpoch, Epochs, make_optimizer, open_run,
                            TrainingSettings, write_trained)
 
 FLIPS = ("horizontal", "both", "none")
@@ -59,6 +63,8 @@ class SliceTrainConfig(TrainingSettings):
     flips: str = "horizontal"
     affine: bool = False
     crop: str | None = None       # preprocess.CROPS; None: the --from-model's, else lungs
+    early_stop: int = 0           # stop after N epochs without a lower validation loss
+    level_epochs: int = 0         # Hu 2020: epochs training each level's classifier alone
 
 
 def random_affine(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -175,6 +181,9 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     profile = dataclasses.replace(profile_for(cfg.arch, cfg.profile), crop=crop)
     if profile.volume:
         raise ValueError(f"--arch {cfg.arch} is a volume model: lungsys train volume")
+    if cfg.level_epochs and profile.arch != "hu2020":
+        raise ValueError("--level-epochs is Hu 2020's first phase (each level's classifier "
+                         "on its own): --arch hu2020 only")
     run, device, cache_dir = open_run(cfg)
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)
@@ -203,20 +212,33 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
                              crop=profile.crop)
     val = build_slice_set(val_studies) if val_studies else None
     run.log.info(f"{len(train)} training slices, {len(val) if val else 0} validation slices")
+    if cfg.early_stop and val is None:
+        raise ValueError("--early-stop follows the validation loss: the dataset has no "
+                         "validation split")
 
     optimizer = make_optimizer(cfg, net)
     epochs = Epochs(run, cfg, net, optimizer, progress)
+    best = BestEpoch(run, fresh=epochs.finished == 0) if cfg.early_stop else None
     # the focal loss: Hu 2020's own (inverse frequencies, gamma 1) for its network
     weigh, gamma = (inverse_frequency_weights, HU2020_GAMMA) if profile.arch == "hu2020" \
         else (class_balanced_weights, 2.0)
     lesion_w = weigh(np.bincount(train.lesion, minlength=2))
     class_w = weigh(np.bincount(train.label, minlength=4))
+
+    def loss(logits, target, weights):
+        return focal_loss(logits, target, weights, gamma) if cfg.focal \
+            else F.cross_entropy(logits, target)
+
     sampling = size_balanced_weights(train.fraction) if cfg.size_balanced else None
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     epoch_task = task("slice training", cfg.epochs, epochs.finished)
     started = time.time()
     with epochs:
         for epoch, lr, rng in epochs:
+            alone = epoch < cfg.level_epochs        # Hu 2020's first phase
+            if epoch == cfg.level_epochs > 0:
+                run.tell(f"epoch {epoch + 1}: each level's classifier trained, now the joint "
+                         f"one (Hu 2020's second phase)", progress)
             order = (rng.choice(len(train), size=len(train), p=sampling)
                      if sampling is not None else rng.permutation(len(train)))
             net.train()
@@ -232,12 +254,8 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
                 lesion = torch.from_numpy(train.lesion[rows]).to(device)
                 label = torch.from_numpy(train.label[rows]).to(device)
                 out = net(x)
-                if cfg.focal:
-                    l1 = focal_loss(out.lesion_logits, lesion, lesion_w, gamma)
-                    l2 = focal_loss(out.class_logits, label, class_w, gamma)
-                else:
-                    l1 = F.cross_entropy(out.lesion_logits, lesion)
-                    l2 = F.cross_entropy(out.class_logits, label)
+                l1, l2 = task_losses(out, lesion, label, lambda y, t: loss(y, t, lesion_w),
+                                     lambda y, t: loss(y, t, class_w), alone)
                 l3 = type_loss(out.lesion_type_logits, train.types[rows], device)
                 optimizer.zero_grad(set_to_none=True)
                 (l1 + l2 + l3).backward()
@@ -256,14 +274,19 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
                    "slices_per_s": round(seen / max(time.time() - t0, 1e-9), 1)}
             if val is not None:
                 row.update(evaluate_slices(net, val, device, cfg.batch_size))
+            if best is not None:
+                best.offer(net, epoch + 1, (row["val_lesion_acc"] + row["val_class_acc"]) / 2)
             epochs.done(row)
             advance(epoch_task)
+    kept = best.restore(net, epochs.finished, progress) if best is not None \
+        else epochs.finished
     return write_trained(model, {
         "kind": "slice-trained", "data": str(Path(cfg.data).resolve()),
         "profile": profile.name, "arch": profile.arch, "epochs": cfg.epochs, "lr": cfg.lr,
         "seed": cfg.seed,
         "focal": cfg.focal, "size_balanced": cfg.size_balanced, "flips": cfg.flips,
-        "affine": cfg.affine, "crop": crop,
+        "affine": cfg.affine, "crop": crop, "optimizer": cfg.optimizer,
+        "level_epochs": cfg.level_epochs, "early_stop": cfg.early_stop, "kept_epoch": kept,
         "backbone_weights": Path(cfg.backbone_weights).name if cfg.backbone_weights else None,
         "from_model": start.get("model_version"),
         "from_model_sha256": start.get("content_sha256"),
@@ -283,6 +306,16 @@ def start_from(model: LungSysModel, path: str) -> None:
     model.slice_net.load_state_dict(other.slice_net.state_dict())
 
 
+def task_losses(out, lesion: torch.Tensor, label: torch.Tensor, lesion_loss, class_loss,
+                levels_alone: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task 1's and task 2's losses of a batch: the joint classifier's, or in Hu 2020's
+    first phase (``levels_alone``) each level's own classifier's, summed over the levels."""
+    if not levels_alone:
+        return lesion_loss(out.lesion_logits, lesion), class_loss(out.class_logits, label)
+    return (sum(lesion_loss(lesion_of(s), lesion) for s in out.level_logits),
+            sum(class_loss(s, label) for s in out.level_logits))
+
+
 def type_loss(logits: torch.Tensor | None, types: np.ndarray, device) -> torch.Tensor:
     """LA-DNN's auxiliary task: binary cross-entropy of each lesion type, over the slices
     whose types are known (zero for a model without the head)."""
@@ -297,13 +330,20 @@ def type_loss(logits: torch.Tensor | None, types: np.ndarray, device) -> torch.T
 
 @torch.no_grad()
 def evaluate_slices(net, data: SliceSet, device, batch_size: int) -> dict:
-    """Validation accuracy of both tasks at the middle window centre."""
+    """Validation loss (both tasks' cross-entropies, and the lesion types' where the
+    model has them) and the accuracy of both tasks, at the middle window centre."""
     net.eval()
-    correct = np.zeros(2)
+    correct, loss = np.zeros(2), 0.0
     for start in range(0, len(data), batch_size):
         rows = np.arange(start, min(start + batch_size, len(data)))
         out = net(data.batch(rows, np.random.default_rng(0), "none", train=False).to(device))
+        lesion = torch.from_numpy(data.lesion[rows]).to(device)
+        label = torch.from_numpy(data.label[rows]).to(device)
+        loss += len(rows) * float(F.cross_entropy(out.lesion_logits, lesion)
+                                  + F.cross_entropy(out.class_logits, label)
+                                  + type_loss(out.lesion_type_logits, data.types[rows], device))
         correct[0] += (out.lesion_logits.argmax(1).cpu().numpy() == data.lesion[rows]).sum()
         correct[1] += (out.class_logits.argmax(1).cpu().numpy() == data.label[rows]).sum()
-    return {"val_lesion_acc": round(correct[0] / len(data), 4),
+    return {"val_loss": round(loss / len(data), 5),
+            "val_lesion_acc": round(correct[0] / len(data), 4),
             "val_class_acc": round(correct[1] / len(data), 4)}

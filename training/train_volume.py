@@ -21,15 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from inference.checkpoint import LungSysModel
 from inference.dualsampling import attention_loss, soft_mask, volume_shape
 from inference.profiles import profile_for
 from training.cache import CachedVolume, load_volume
 from training.dataset import read_manifest
-from training.runs import (Epochs, make_optimizer, open_run,
+from training.runs import (BestEpoch, Epochs, make_optimizer, open_run,
                            TrainingSettings, write_trained)
 
 #: Eq. 4's weight of the attention loss.
@@ -174,10 +172,7 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
     run.log.info(f"{len(train)} training volumes, {len(val)} validation volumes")
     optimizer = make_optimizer(cfg, net)
     epochs = Epochs(run, cfg, net, optimizer, progress)
-    best_path = run.dir / "best.safetensors"
-    if epochs.finished == 0:
-        best_path.unlink(missing_ok=True)         # an earlier run's, not this one's
-    best = _best(best_path)[1]
+    best = BestEpoch(run, fresh=epochs.finished == 0)
     sampling = size_groups(train.labels, train.ratios)
     steps = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     epoch_task = progress.add_task("volume training", total=cfg.epochs,
@@ -211,21 +206,11 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
                    "volumes_per_s": round(seen / max(time.time() - t0, 1e-9), 2)}
             if len(val):
                 row["val_acc"] = round(validation_accuracy(net, val, device, cfg.batch_size), 4)
-            if not len(val) or row["val_acc"] > best:
-                best = row.get("val_acc", -1.0)
-                tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-                save_file(tensors, str(best_path), metadata={"epoch": str(epoch + 1),
-                                                            "val_acc": str(best)})
+            best.offer(net, epoch + 1, row.get("val_acc"))
             epochs.done(row)
             if epoch_task is not None:
                 progress.advance(epoch_task)
-    if best_path.is_file():
-        kept = _best(best_path)[0]
-        net.load_state_dict(load_file(str(best_path)))
-    else:                                     # (removed by hand): the last epoch's
-        kept = epochs.finished
-        run.tell(f"no best epoch kept in {run.dir}: the last epoch's weights are written",
-                 progress)
+    kept = best.restore(net, epochs.finished, progress)
     return write_trained(model, {
         "kind": "volume-trained", "data": str(Path(cfg.data).resolve()),
         "profile": profile.name, "arch": profile.arch, "epochs": cfg.epochs, "lr": cfg.lr,
@@ -233,11 +218,3 @@ def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
         "seconds": round(time.time() - started, 1), "device": str(device),
         "run_dir": str(run.dir)}, cfg.out)
 
-
-def _best(path: Path) -> tuple[int, float]:
-    """The best epoch kept so far and its validation accuracy ((0, -1) when none is)."""
-    if not path.is_file():
-        return 0, -1.0
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return int(meta.get("epoch", 0)), float(meta.get("val_acc", -1.0))
