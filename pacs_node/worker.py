@@ -71,6 +71,7 @@ class JobRunner:
         self.exchange = exchange or SharedFolder(store, self.layout)
         self.remote = remote
         self._other = None      # (checkpoint, method) and the engine of the last re-run
+        self._journal: JobLog | None = None    # the running job's log
 
     def loop(self, stop: _Event, wake: _Event) -> None:
         """Run jobs until ``stop``; sleep until ``wake`` (or 5 s) when none is queued.
@@ -113,7 +114,7 @@ class JobRunner:
                 continue
             heart.running(job.id)
             self.on_job(job.id)
-            journal = JobLog()
+            journal = self._journal = JobLog()
             try:
                 with journal:
                     try:
@@ -148,7 +149,8 @@ class JobRunner:
         log.error("job %d failed: %s", job_id, error)
         log.debug("job %d: %s", job_id, exc, exc_info=True)
         try:
-            self.store.fail_job(job_id, error, worker=worker, to_route=self.remote)
+            self.store.fail_job(job_id, error, worker=worker, to_route=self.remote,
+                                log=self._log())
         except LeaseLost as exc:
             log.warning("%s", exc)
             return
@@ -184,6 +186,11 @@ class JobRunner:
         if state == JobState.failed:
             self._failure_told(job.id)
 
+    def _log(self) -> str | None:
+        """The running job's log so far, recorded with its outcome (the lines after it, such
+        as "done", follow when the run ends)."""
+        return self._journal.text() if self._journal is not None else None
+
     def _clean(self, job: Job) -> None:
         try:
             self.exchange.finished(job)
@@ -193,7 +200,7 @@ class JobRunner:
     def _skip(self, job: Job, exc: SeriesError) -> None:
         """A series the model cannot take (too few slices, no CT): skipped, with why."""
         try:
-            self.store.fail_job(job.id, f"skipped: {exc}", worker=job.worker)
+            self.store.fail_job(job.id, f"skipped: {exc}", worker=job.worker, log=self._log())
         except LeaseLost as lost:
             log.warning("%s", lost)
             return
@@ -266,7 +273,7 @@ class JobRunner:
                 results=records, worker=job.worker,   # the claim this run holds
                 deliveries=[] if self.remote else [(d.name, d.kind)
                                                    for d in self.config.destinations],
-                to_route=self.remote)
+                to_route=self.remote, log=self._log())
         except LeaseLost as exc:            # another worker runs it now: ours are void
             log.warning("%s; its results here are removed", exc)
             self.exchange.discard(job)

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store.accounts import Accounts
 from store.assembly import Assembly
-from store.console import Console
+from store.console import MAX_LOG_CHARS, Console
 from store.fleet import Fleet
 from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
                           Series, SeriesState, give_back, lead_series, of_node, settle,
@@ -302,15 +302,19 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
     def finish_job(self, job_id: int, *, diagnosis: str, probabilities: dict,
                    infected_fraction: float, timings: dict, model_version: str,
                    device_uid: str, results: Iterable[dict], worker: str | None = None,
-                   deliveries: Iterable[tuple[str, str]] = (), to_route: bool = False) -> None:
+                   deliveries: Iterable[tuple[str, str]] = (), to_route: bool = False,
+                   log: str | None = None) -> None:
         """Record a job's outcome and queue its deliveries (destination name and kind), in
         one transaction; with ``worker``, only while that worker still holds the job
         (LeaseLost otherwise: another took it over, and only one may record results);
-        ``to_route``: the node queues the deliveries instead (a worker elsewhere)."""
+        ``to_route``: the node queues the deliveries instead (a worker elsewhere); ``log``:
+        the run's log so far, kept with the outcome (never a finished job without it)."""
         with self.session() as s, s.begin():
             job = _held(s, job_id, worker)
             job.state, job.finished_at, job.error = JobState.done, utcnow(), ""
             job.to_route = to_route
+            if log is not None:
+                job.log = log[-MAX_LOG_CHARS:]
             job.diagnosis, job.probabilities = diagnosis, probabilities
             job.infected_fraction, job.timings = infected_fraction, timings
             job.model_version, job.device_uid = model_version, device_uid
@@ -322,11 +326,13 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
                 lead_series(job, SeriesState.done)
 
     def fail_job(self, job_id: int, error: str, worker: str | None = None,
-                 to_route: bool = False) -> None:
+                 to_route: bool = False, log: str | None = None) -> None:
         with self.session() as s, s.begin():
             job = _held(s, job_id, worker)
             job.state, job.finished_at, job.error = JobState.failed, utcnow(), error
             job.to_route = to_route
+            if log is not None:
+                job.log = log[-MAX_LOG_CHARS:]
             lead_series(job, SeriesState.failed, error)
 
     def retry_job(self, job_id: int) -> Job:

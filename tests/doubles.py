@@ -1,12 +1,15 @@
-"""Test doubles with known outputs, for checking geometry and result objects."""
+"""Test doubles with known outputs, for checking geometry and result objects; a series
+recorded in the job store as the receivers record one."""
 
 from __future__ import annotations
 
+import pydicom
 import torch
 from torch import nn
 
 from inference.checkpoint import LungSysModel
 from inference.slice_net import SliceOutput
+from store.api import ReceivedInstance
 
 
 class HotSpot(nn.Module):
@@ -58,3 +61,21 @@ def typed_hotspot_model(seed: int = 2) -> LungSysModel:
     model = LungSysModel.create("small", seed=seed)
     model.slice_net = TypedHotSpot(model.profile)
     return model
+
+
+def send_series(store, files, calling: str, tmp_path, **attributes) -> None:
+    """Record a series as the receivers do, its files changed as a modality would."""
+    folder = tmp_path / f"sent-{calling}-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    series_uid = pydicom.uid.generate_uid()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        path = folder / f.name
+        ds.save_as(path)
+        store.record_instance(ReceivedInstance(
+            str(ds.SOPInstanceUID), str(ds.SOPClassUID), series_uid, str(ds.StudyInstanceUID),
+            "CT", str(path), path.stat().st_size, str(ds.file_meta.TransferSyntaxUID),
+            calling_aet=calling))

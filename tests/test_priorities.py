@@ -6,11 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-import pydicom
 import pytest
 
 from config import ConfigError, Priority, load_config
-from store.api import JobStore, ReceivedInstance
+from store.api import JobStore
+
+from doubles import send_series
 
 RULES = ('[[priorities]]\npriority = "urgent"\ncalling_aet = "ER-CT"\n'
          '[[priorities]]\npriority = "urgent"\nattribute = "RequestedProcedurePriority"\n'
@@ -54,24 +55,6 @@ def test_offpeak_hours_may_run_past_midnight(tmp_path):
         load_config(bad, environ={})
 
 
-def _send(store, files, calling: str, tmp_path, **attributes) -> None:
-    """Record a series as the receivers do, its files changed as a modality would."""
-    folder = tmp_path / f"sent-{calling}-{len(list(tmp_path.iterdir()))}"
-    folder.mkdir()
-    series_uid = pydicom.uid.generate_uid()
-    for f in files:
-        ds = pydicom.dcmread(f)
-        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
-        for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
-        path = folder / f.name
-        ds.save_as(path)
-        store.record_instance(ReceivedInstance(
-            str(ds.SOPInstanceUID), str(ds.SOPClassUID), series_uid, str(ds.StudyInstanceUID),
-            "CT", str(path), path.stat().st_size, str(ds.file_meta.TransferSyntaxUID),
-            calling_aet=calling))
-
-
 def test_urgent_before_normal_under_a_full_queue_and_offpeak_held_outside_its_window(
         tmp_path, covid_study):
     from pacs_node.node import Node
@@ -82,10 +65,10 @@ def test_urgent_before_normal_under_a_full_queue_and_offpeak_held_outside_its_wi
     config = config_for(tmp_path, f'[worker]\noffpeak_hours = "{outside}"\n')
     store = JobStore(config.store.url)
     for _ in range(4):                                        # a full queue of normal jobs
-        _send(store, covid_study.files, "CT1", tmp_path)
-    _send(store, covid_study.files, "CT1", tmp_path, StudyDescription="LUNG RESEARCH 7")
-    _send(store, covid_study.files, "CT1", tmp_path, RequestedProcedurePriority="STAT")
-    _send(store, covid_study.files, "ER-CT", tmp_path)        # the emergency room's CT
+        send_series(store, covid_study.files, "CT1", tmp_path)
+    send_series(store, covid_study.files, "CT1", tmp_path, StudyDescription="LUNG RESEARCH 7")
+    send_series(store, covid_study.files, "CT1", tmp_path, RequestedProcedurePriority="STAT")
+    send_series(store, covid_study.files, "ER-CT", tmp_path)        # the emergency room's CT
     time.sleep(0.05)                                          # all quiet: complete
     Node(config, engine=object()).assembly_sweep()            # (not started: its sweep only)
     queued = {j.id: Priority.of_rank(j.priority) for j in store.jobs("queued")}

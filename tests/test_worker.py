@@ -3,6 +3,7 @@ error before anything is received."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -89,3 +90,48 @@ def test_the_model_threads_setting_limits_the_process(tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="threads"):
         _config(tmp_path, "threads = -1\n")
+
+
+def test_a_finished_jobs_log_is_recorded_with_its_outcome(tmp_path, covid_study, caplog):
+    """The job's log goes into the job store in the same transaction as its outcome: a job
+    the console shows done or failed has its log, even when the job store refuses the write
+    after it (the lines that come later, such as "done in", are then all that is lost)."""
+    import threading
+    import time
+
+    from inference.engine import Engine
+    from pacs_node.worker import JobRunner
+    from store.api import JobStore
+
+    from doubles import hotspot_model, send_series
+
+    class Refusing(JobStore):
+        def set_job_log(self, *args, **kwargs):
+            raise RuntimeError("the job store is away")
+
+    class Exploding:
+        def analyze(self, data):
+            raise ValueError("no such thing")
+
+    caplog.set_level(logging.INFO)                  # as `lungsys serve` logs
+    config = _config(tmp_path, '[assembly]\nmin_slices = 1\nstable_seconds = 0.01\n')
+    store = Refusing(config.store.url)
+    for engine, state in ((Engine(hotspot_model(), device="cpu"), "done"),
+                          (Exploding(), "failed")):
+        send_series(store, covid_study.files, "CT1", tmp_path)
+        time.sleep(0.05)
+        Node(config, engine=object()).assembly_sweep()          # complete: a job queued
+        stop, wake = threading.Event(), threading.Event()
+        runner = threading.Thread(target=JobRunner(config, store, engine).loop,
+                                  args=(stop, wake), daemon=True)
+        runner.start()
+        deadline = time.monotonic() + 120
+        while not store.jobs(state) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        wake.set()
+        runner.join(timeout=30)
+        [job] = store.jobs(state)
+        assert f"job {job.id}: series" in job.log, (state, job.log)
+        assert ("slices loaded" if state == "done" else f"job {job.id} failed: ValueError") \
+            in job.log
