@@ -128,6 +128,7 @@ class JobRunner:
             finally:
                 heart.running(None)
                 self.on_job(None)
+                self._journal = None
                 try:
                     self.store.set_job_log(job.id, journal.text(), job.worker)
                 except Exception:        # the job store is away: the log line is enough
