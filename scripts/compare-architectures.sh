@@ -15,7 +15,7 @@
 # 5 hours on a 2-core CPU (a GPU is used when there is one); an interrupted run resumes.
 # PER_CLASS, TEST_PER_CLASS, SLICE_EPOCHS, PATIENT_EPOCHS and VOLUME_EPOCHS shrink it;
 # ARCHS names the architectures trained (default "hu2020 ladnn dualsampling"; add m3 to
-# train M3 the same way too, hu2020-paper for Hu 2020 with its paper's own schedule: Adam
+# train M3 the same way too, hu2020-schedule for Hu 2020 with its paper's own schedule: Adam
 # with beta 0.5/0.9, its focal loss, each level's classifier for the first half of the
 # epochs, early stopping), SHIPPED=0 leaves the shipped model out of the table, and
 # TRAIN_ONLY=1 stops before the evaluation (with cores to spare, two runs with different
@@ -57,10 +57,10 @@ for arch in $ARCHS; do
         continue
     fi
     schedule=(--optimizer adamw)
-    [ "$arch" != hu2020-paper ] || schedule=(--optimizer adam --betas 0.5 0.9 --focal \
+    [ "$arch" != hu2020-schedule ] || schedule=(--optimizer adam --betas 0.5 0.9 --focal \
         --level-epochs $((SLICE_EPOCHS / 2)) --early-stop 2)
     [ -f "$W/$arch.safetensors" ] || {
-        $L train slice --arch "${arch%-paper}" --data "$W/train" \
+        $L train slice --arch "${arch%-schedule}" --data "$W/train" \
             --out "$W/$arch-slice.safetensors" --profile small --epochs "$SLICE_EPOCHS" \
             "${schedule[@]}" --lr 0.001 --lr-step 24 --batch-size 32 --seed 0 --affine
         $L train patient --data "$W/patients.csv" --slice-model "$W/$arch-slice.safetensors" \
