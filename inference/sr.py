@@ -82,14 +82,15 @@ LEFT = Code("7771000", "SCT", "Left")
 UNIT_HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 UNIT_PERCENT = Code("%", "UCUM", "percent")
 #: The five CT lesion types of LA-DNN's auxiliary task as findings. Ground-glass opacity:
-#: SNOMED CT 1217294009 (in HL7's lung imaging value sets); consolidation: RadLex RID43255.
-#: Crazy paving, air bronchogram and interlobular septal thickening have no code confirmed
-#: here yet (docs/models.md): they are lungsys local codes until they do.
+#: SNOMED CT 1217294009 (in HL7's lung imaging value sets); consolidation: RadLex RID43255;
+#: air bronchogram: DICOM 112071 (PS3.16 CID 6102 Chest CAD Finding or Feature, CID 6105).
+#: Crazy paving and interlobular septal thickening have no code confirmed here yet
+#: (docs/models.md): they are lungsys local codes until they do.
 LESION_TYPE_CODES = {
     "ground_glass_opacity": Code("1217294009", "SCT", "Ground glass opacity"),
     "consolidation": Code("RID43255", "RADLEX", "consolidation"),
     "crazy_paving": Code("CRAZY-PAVING", LOCAL_SCHEME, "Crazy paving pattern"),
-    "air_bronchogram": Code("AIR-BRONCHOGRAM", LOCAL_SCHEME, "Air bronchogram"),
+    "air_bronchogram": codes.DCM.AirBronchogram,
     "interlobular_septal_thickening": Code("SEPTAL-THICK", LOCAL_SCHEME,
                                            "Interlobular septal thickening"),
 }

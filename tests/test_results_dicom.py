@@ -339,8 +339,8 @@ def test_a_near_uniform_result_is_flagged_low_confidence_in_json_and_sr(written,
 def test_an_sr_from_a_lesion_typing_model_carries_the_types_with_their_codes(
         study_factory, tmp_path):
     """Each lesion of a lesion-typing model's SR names the types found on its slice as
-    coded findings (SNOMED CT, RadLex, lungsys local codes for those not yet confirmed),
-    and passes dciodvfy; the JSON gives every slice's type probabilities."""
+    coded findings (SNOMED CT, RadLex, DICOM, lungsys local codes for those not yet
+    confirmed), and passes dciodvfy; the JSON gives every slice's type probabilities."""
     from doubles import typed_hotspot_model
 
     series = load_series(study_factory("covid", 1, 24).directory)
@@ -348,6 +348,9 @@ def test_an_sr_from_a_lesion_typing_model_carries_the_types_with_their_codes(
     shown = result.lesion_slices[0].shown_types
     assert shown == ["ground_glass_opacity", "crazy_paving", "interlobular_septal_thickening"]
     assert result.to_json()["slices"][0]["lesion_types"]["consolidation"] < 0.01
+    # the double types every slice alike: one slice shows an air bronchogram besides
+    bronchogram = result.lesion_slices[1]
+    bronchogram.lesion_types = {**bronchogram.lesion_types, "air_bronchogram": 0.9}
     files = write_results(result, series, tmp_path)
     assert dciodvfy_errors(files.sr) == []
     proc = subprocess.run([require_tool("dsrdump"), "+Pl", str(files.sr)],
@@ -358,7 +361,8 @@ def test_an_sr_from_a_lesion_typing_model_carries_the_types_with_their_codes(
                   '(CRAZY-PAVING,99LUNGSYS,"Crazy paving pattern")',
                   '(SEPTAL-THICK,99LUNGSYS,"Interlobular septal thickening")'):
         assert proc.stdout.count(coded) == lesions, coded
-    assert "RID43255" not in proc.stdout and "AIR-BRONCHOGRAM" not in proc.stdout
+    assert proc.stdout.count('(112071,DCM,"Air bronchogram")') == len(bronchogram.boxes) > 0
+    assert "RID43255" not in proc.stdout
     assert "AI lesion" in proc.stdout and ": ground glass opacity, crazy paving pattern" in \
         proc.stdout
 
