@@ -32,7 +32,7 @@ import requests
 from pacs_node.layout import DataLayout
 from pacs_node.stow import CHUNK, StowError, media_type, multipart_files, split_parts, write_part
 from pacs_node.wado import CLAIM_HEADER
-from store.api import LeaseLost
+from store.jobs import LeaseLost
 from store.models import Job
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ from pacs_node.exchange import HandOverError, SharedFolder
 from pacs_node.joblog import JobLog
 from pacs_node.lease import Heartbeat
 from pacs_node.layout import DataLayout
-from store.api import JobStore, LeaseLost
+from store.api import JobStore
+from store.jobs import LeaseLost
 from store.models import Job, JobState, Series, utcnow
 
 log = logging.getLogger(__name__)

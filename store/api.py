@@ -10,13 +10,11 @@ block the receiver; any SQLAlchemy URL (PostgreSQL) works the same.
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from sqlalchemy import (Integer, bindparam, case, create_engine, event, func, insert,
                         literal, or_, select, update)
@@ -26,11 +24,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store.accounts import Accounts
 from store.assembly import Assembly
-from store.console import MAX_LOG_CHARS, Console
+from store.console import Console
 from store.fleet import Fleet
-from store.models import (Attempt, Delivery, DeliveryState, Instance, Job, JobState, Result,
-                          Series, SeriesState, give_back, lead_series, of_node, settle,
-                          utcnow)
+from store.deliveries import Deliveries
+from store.jobs import Jobs
+from store.models import (Delivery, DeliveryState, Instance, Job, JobState, Series,
+                          SeriesState, utcnow)
 from store.notices import Notices
 from store.stats import Stats
 from store.upkeep import Upkeep, upgrade_schema
@@ -69,10 +68,6 @@ class StoreUnavailable(RuntimeError):
     """The job store cannot record anything now (its file is gone or was replaced)."""
 
 
-class LeaseLost(RuntimeError):
-    """A worker's claim on a job ended (its lease expired and another took it over)."""
-
-
 class Recorded(enum.Enum):
     """What record_instance made of an instance (true only when it is new)."""
 
@@ -101,7 +96,8 @@ class ReceivedInstance:
     node: str = ""
 
 
-class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
+class JobStore(Jobs, Deliveries, Assembly, Upkeep, Notices, Stats, Accounts, Console,
+               Fleet):
     """The job store at ``url`` (SQLite file or server database).
 
     A SQLite file that disappears or is replaced under a running node (an
@@ -232,160 +228,6 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
             series = s.get(Series, series_id)
             series.state, series.reason = SeriesState.skipped, reason
 
-    def queue_job(self, series_id: int, priority: int = 1) -> Job:
-        """Queue the job of a complete series' current version, at ``priority`` (a rank:
-        lower is claimed first)."""
-        with self.session() as s, s.begin():
-            series = s.get(Series, series_id)
-            job = s.scalar(select(Job).where(Job.series_id == series_id,
-                                             Job.version == series.version))
-            if job is None:
-                job = Job(series_id=series_id, version=series.version)
-                s.add(job)
-            job.state, job.error, job.priority = JobState.queued, "", priority
-            series.state = SeriesState.queued
-            s.flush()
-            return job
-
-    # --- jobs ----------------------------------------------------------------
-    def claim_job(self, node: str = "", worker: str = "", lease_seconds: float = 3600.0,
-                  max_priority: int | None = None) -> Job | None:
-        """Take the first queued job of a series this node holds, by priority (lower rank
-        first; none above ``max_priority``) and then age (``FOR UPDATE SKIP LOCKED``:
-        claimers never wait on each other): it becomes running, by ``worker``, with one
-        more attempt, held for ``lease_seconds`` unless its worker's heartbeat
-        (:meth:`store.fleet.Fleet.heartbeat`) extends it."""
-        q = select(Job).join(Series).where(Job.state == JobState.queued, of_node(node))
-        if max_priority is not None:
-            q = q.where(Job.priority <= max_priority)
-        with self.session() as s, s.begin():
-            # the series' row is locked too: a new instance reopening it meanwhile would
-            # otherwise see its state overwritten with "running"
-            job = s.scalar(q.order_by(Job.priority, Job.id).limit(1)
-                           .with_for_update(skip_locked=True))
-            if job is None:
-                return None
-            now = utcnow()
-            job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, now
-            job.node, job.worker, job.claim_key = node, worker, secrets.token_hex(16)
-            job.lease_until = now + dt.timedelta(seconds=lease_seconds)
-            lead_series(job, SeriesState.running)
-            return job
-
-    def requeue_interrupted(self, node: str = "",
-                            gone: Callable[[str], bool] = lambda worker: True) -> int:
-        """At start-up: this node's jobs left running by a crash run again, those of
-        workers that are ``gone`` (a worker elsewhere still running one keeps it: its
-        lease says when it has gone)."""
-        with self.session() as s, s.begin():
-            jobs = [job for job in s.scalars(select(Job).where(
-                Job.state == JobState.running, Job.node.in_((node, ""))))
-                if not job.worker or gone(job.worker)]
-            for job in jobs:
-                job.state = JobState.queued
-                lead_series(job, SeriesState.queued)
-            return len(jobs)
-
-    def abandon_job(self, job_id: int, reason: str, max_attempts: int,
-                    worker: str | None = None) -> JobState:
-        """A job whose worker died: queued again, or failed once it has had
-        ``max_attempts`` attempts (with ``worker``: only while that worker holds it).
-        Returns the state it was left in."""
-        with self.session() as s, s.begin():
-            job = s.get(Job, job_id)
-            if job is None or job.state != JobState.running or (
-                    worker is not None and job.worker != worker):
-                return job.state if job is not None else JobState.failed
-            give_back(job, reason, max_attempts, utcnow())
-            return job.state
-
-    def finish_job(self, job_id: int, *, diagnosis: str, probabilities: dict,
-                   infected_fraction: float, timings: dict, model_version: str,
-                   device_uid: str, results: Iterable[dict], worker: str | None = None,
-                   deliveries: Iterable[tuple[str, str]] = (), to_route: bool = False,
-                   log: str | None = None) -> None:
-        """Record a job's outcome and queue its deliveries (destination name and kind), in
-        one transaction; with ``worker``, only while that worker still holds the job
-        (LeaseLost otherwise: another took it over, and only one may record results);
-        ``to_route``: the node queues the deliveries instead (a worker elsewhere); ``log``:
-        the run's log so far, kept with the outcome (never a finished job without it)."""
-        with self.session() as s, s.begin():
-            job = _held(s, job_id, worker)
-            job.state, job.finished_at, job.error = JobState.done, utcnow(), ""
-            job.to_route = to_route
-            if log is not None:
-                job.log = log[-MAX_LOG_CHARS:]
-            job.diagnosis, job.probabilities = diagnosis, probabilities
-            job.infected_fraction, job.timings = infected_fraction, timings
-            job.model_version, job.device_uid = model_version, device_uid
-            for r in results:
-                s.add(Result(job_id=job_id, **r))
-            for name, kind in deliveries:
-                s.add(Delivery(job_id=job_id, destination=name, kind=kind))
-            if job.series.state == SeriesState.running:
-                lead_series(job, SeriesState.done)
-
-    def fail_job(self, job_id: int, error: str, worker: str | None = None,
-                 to_route: bool = False, log: str | None = None) -> None:
-        with self.session() as s, s.begin():
-            job = _held(s, job_id, worker)
-            job.state, job.finished_at, job.error = JobState.failed, utcnow(), error
-            job.to_route = to_route
-            if log is not None:
-                job.log = log[-MAX_LOG_CHARS:]
-            lead_series(job, SeriesState.failed, error)
-
-    def retry_job(self, job_id: int) -> Job:
-        with self.session() as s, s.begin():
-            job = s.get(Job, job_id)
-            if job is None:
-                raise LookupError(f"no job {job_id}")
-            if job.state == JobState.running:
-                raise ValueError(f"job {job_id} is running")
-            job.state, job.error, job.to_route = JobState.queued, "", False
-            lead_series(job, SeriesState.queued)
-            return job
-
-    # --- deliveries ----------------------------------------------------------
-    def create_deliveries(self, job_id: int, destinations: Iterable[tuple[str, str]]) -> None:
-        with self.session() as s, s.begin():
-            for name, kind in destinations:
-                s.add(Delivery(job_id=job_id, destination=name, kind=kind))
-
-    def due_deliveries(self, now: dt.datetime | None = None, node: str | None = None
-                       ) -> list[Delivery]:
-        """Deliveries due now (of ``node``'s series, when given: it holds their files)."""
-        now = now or utcnow()
-        q = select(Delivery).where(Delivery.state == DeliveryState.pending,
-                                   Delivery.next_attempt_at <= now)
-        if node is not None:
-            q = q.join(Job, Delivery.job_id == Job.id).join(Series, Job.series_id == Series.id) \
-                .where(of_node(node))
-        with self.read_session() as s:
-            return list(s.scalars(q.order_by(Delivery.id)))
-
-    def record_attempt(self, delivery_id: int, ok: bool, error: str = "",
-                       retry_at: dt.datetime | None = None, give_up: bool = False) -> None:
-        with self.session() as s, s.begin():
-            d = s.get(Delivery, delivery_id)
-            now = utcnow()
-            s.add(Attempt(delivery_id=delivery_id, started_at=now, finished_at=now, ok=ok,
-                          error=error))
-            settle(d, ok, error, retry_at, give_up, now, "delivered_at")
-
-    def retry_delivery(self, delivery_id: int) -> Delivery:
-        with self.session() as s, s.begin():
-            d = s.get(Delivery, delivery_id)
-            if d is None:
-                raise LookupError(f"no delivery {delivery_id}")
-            d.state, d.next_attempt_at = DeliveryState.pending, utcnow()
-            return d
-
-    def result_paths(self, job_id: int) -> list[str]:
-        with self.read_session() as s:
-            return list(s.scalars(select(Result.path).where(Result.job_id == job_id)
-                                  .order_by(Result.id)))
-
     def instance_path_of(self, sop_instance_uid: str) -> str | None:
         with self.read_session() as s:
             return s.scalar(select(Instance.path).where(
@@ -422,15 +264,6 @@ class JobStore(Assembly, Upkeep, Notices, Stats, Accounts, Console, Fleet):
                     "series": s.scalar(select(func.count(Series.id))),
                     "jobs": s.scalar(select(func.count(Job.id))),
                     "deliveries": s.scalar(select(func.count(Delivery.id)))}
-
-
-def _held(s: Session, job_id: int, worker: str | None) -> Job:
-    """The job, locked; LeaseLost when ``worker`` is given and no longer holds it."""
-    job = s.get(Job, job_id, with_for_update=worker is not None)
-    if worker is not None and (job.state != JobState.running or job.worker != worker):
-        raise LeaseLost(f"job {job_id} is no longer held by {worker} (its lease expired "
-                        f"and it was taken over)")
-    return job
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

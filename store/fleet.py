@@ -2,12 +2,12 @@
 
 A worker (``lungsys serve``'s own, or ``lungsys worker`` on another machine)
 names itself in the ``workers`` table, claims a job for a lease
-(:meth:`store.api.JobStore.claim_job`) and renews it with a heartbeat while it
+(:meth:`store.jobs.Jobs.claim_job`) and renews it with a heartbeat while it
 runs. A worker that crashes, is killed or loses the network stops renewing:
 once its lease has expired, the next claimer puts the job back in the queue
 (the attempt counted) or, after ``max_attempts``, fails it with that reason.
 Only the worker that holds a job may record its outcome
-(:class:`store.api.LeaseLost` otherwise), so a job taken over is recorded once.
+(:class:`store.jobs.LeaseLost` otherwise), so a job taken over is recorded once.
 """
 
 from __future__ import annotations

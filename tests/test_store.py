@@ -233,7 +233,7 @@ def test_a_restart_or_a_dead_local_worker_leaves_other_workers_jobs_alone(store)
 def test_an_expired_lease_is_taken_back_once_and_a_job_claimed_before_leases_is_not(store):
     from sqlalchemy import update
 
-    from store.api import LeaseLost
+    from store.jobs import LeaseLost
     from store.models import EPOCH, Job
 
     for n in (40, 41):
