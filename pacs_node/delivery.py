@@ -2,9 +2,10 @@
 
 One association (or one STOW request) per delivery carries all of a job's
 result files, over DICOM TLS when the destination says ``tls = true`` (its
-certificate checked against ``ca_certificates``, see :mod:`pacs_node.security`); every C-STORE status is checked, and any failure fails the
-attempt, which the scheduler retries with exponential backoff. Only the
-outcome and the error text are logged, never patient data.
+certificate checked against ``ca_certificates``, see :mod:`pacs_node.security`);
+every C-STORE status is checked, and any failure (a status, no response in time, an
+association aborted midway) fails the attempt, which the scheduler retries with
+exponential backoff. Only the outcome and the error text are logged, never patient data.
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
                             f"({'rejected' if assoc.is_rejected else _why_not(destination)})")
     failures, refused = [], 0
     try:
-        for ds in datasets:
+        for n, ds in enumerate(datasets):
+            if not assoc.is_established:
+                # pynetdicom aborts the association when a response does not come in time
+                # (or the peer aborts it): what is left is not sent in this attempt
+                failures += ["association aborted"] * (len(datasets) - n)
+                break
             syntax = ds.file_meta.TransferSyntaxUID
             if syntax not in UNCOMPRESSED and not any(
                     c.abstract_syntax == ds.SOPClassUID and c.transfer_syntax[0] == syntax
@@ -73,7 +79,8 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
-                failures.append("no response")
+                failures.append(f"no response within {timeout:g} s" if not assoc.is_established
+                                else "no response")
             elif code not in STORED:
                 failures.append(f"status 0x{code:04X}")
     finally:
