@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import re
 import socket
+import time
 from pathlib import Path
 
 import pydicom
@@ -63,11 +64,6 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
     failures, refused = [], 0
     try:
         for n, ds in enumerate(datasets):
-            if not assoc.is_established:
-                # pynetdicom aborts the association when a response does not come in time
-                # (or the peer aborts it): what is left is not sent in this attempt
-                failures += ["association aborted"] * (len(datasets) - n)
-                break
             syntax = ds.file_meta.TransferSyntaxUID
             if syntax not in UNCOMPRESSED and not any(
                     c.abstract_syntax == ds.SOPClassUID and c.transfer_syntax[0] == syntax
@@ -76,18 +72,32 @@ def send_dimse(destination: Destination, files: list[Path], calling_aet: str,
                                 f"peer (set [results] seg_compression = \"none\")")
                 refused += 1
                 continue
+            started = time.monotonic()
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
-                failures.append(f"no response within {timeout:g} s" if not assoc.is_established
-                                else "no response")
-            elif code not in STORED:
+                # no response in time, an invalid one, or the peer went away: pynetdicom has
+                # ended the association (or is ending it), so what is left waits for the
+                # next attempt
+                failures.append(_no_status(assoc, time.monotonic() - started, timeout))
+                failures += ["association aborted"] * (len(datasets) - n - 1)
+                break
+            if code not in STORED:
                 failures.append(f"status 0x{code:04X}")
     finally:
         assoc.release()
     if failures:
         raise DeliveryError(f"{len(failures)} of {len(datasets)} objects not stored "
                             f"({failures[0]})", permanent=refused == len(failures))
+
+
+def _no_status(assoc, waited: float, timeout: float) -> str:
+    """Why a C-STORE got no status (pynetdicom answers each case with an empty one)."""
+    if assoc.acse.is_aborted():
+        return "association aborted by the peer"
+    if waited >= timeout:
+        return f"no response within {timeout:g} s"
+    return "no valid response"
 
 
 _CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")

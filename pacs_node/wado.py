@@ -20,7 +20,7 @@ each for a token of the ``worker`` role alone (:class:`store.accounts.Role`):
     ``results/STUDY/SERIES/vN/aK`` all or none, only objects of the job's
     study. The answer maps each SOP Instance UID to its path here; the worker
     records the job's outcome with those paths in the same transaction as its
-    deliveries (:meth:`store.api.JobStore.finish_job`), so the node delivers
+    deliveries (:meth:`store.jobs.Jobs.finish_job`), so the node delivers
     each object exactly once, as for its own worker. ``DELETE`` on the same
     resource removes the claim's folder when no result of the job is recorded
     in it (the worker lost its lease, or could not finish).

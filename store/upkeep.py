@@ -1,7 +1,8 @@
 """The job store's upkeep: incidents for admins, start-up reconciliation, schema upgrades,
 retention.
 
-Kept apart from :mod:`store.api`'s hot path (receiving, jobs, deliveries):
+Kept apart from the hot path (receiving: :mod:`store.api`; jobs and deliveries:
+:mod:`store.jobs`, :mod:`store.deliveries`):
 what is here runs at start-up, hourly, on rare events, or for the admin commands.
 """
 
