@@ -24,14 +24,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from config import NODE_ID_FILE, AssemblyTrigger, NodeConfig, NotificationEvent, UserIdentity
-from pacs_node import delivery, notify, stow
+from config import NODE_ID_FILE, AssemblyTrigger, NodeConfig, UserIdentity
+from pacs_node import stow
 from pacs_node.choice import candidate, choose, header_filter
 from pacs_node.layout import DataLayout, LockFile
+from pacs_node.outbound import Outbound
 from pacs_node.peers import PeerGate
 from pacs_node.priority import priority_of
 from pacs_node.receiver import Receiver
@@ -49,7 +49,7 @@ from pacs_node.worker import JobRunner, worker_gone
 from pacs_node.worker_process import STOP_SECONDS
 from store.api import JobStore
 from store.accounts import Role
-from store.models import JobState, utcnow
+from store.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Node:
         self.node_id = config.node_id
         self.store = JobStore(config.store.url)
         self.engine = engine
+        self.outbound = Outbound(self.store, config)
         node = config.node
         authenticate = (UserDirectory(node.users_file,
                                       node.user_identity == UserIdentity.required)
@@ -173,11 +174,11 @@ class Node:
                   self.http.start)
         self.scheduler.add_job(self.assembly_sweep, "interval", seconds=SWEEP_SECONDS,
                                id="assembly")
-        self.scheduler.add_job(self.delivery_sweep, "interval", seconds=SWEEP_SECONDS,
-                               id="delivery")
+        self.scheduler.add_job(self.outbound.delivery_sweep, "interval",
+                               seconds=SWEEP_SECONDS, id="delivery")
         if self.config.notifications:
-            self.scheduler.add_job(self.notification_sweep, "interval", seconds=SWEEP_SECONDS,
-                                   id="notifications")
+            self.scheduler.add_job(self.outbound.notification_sweep, "interval",
+                                   seconds=SWEEP_SECONDS, id="notifications")
         if self.config.retention.days > 0:
             self.scheduler.add_job(self.retention_sweep, "interval", hours=1, id="retention")
         self.scheduler.start()
@@ -311,80 +312,6 @@ class Node:
             self.store.announce_jobs()          # workers elsewhere (PostgreSQL)
         except Exception as exc:                # they look every few seconds anyway
             log.debug("jobs not announced: %s", type(exc).__name__)
-
-    # --- delivery ------------------------------------------------------------
-    def delivery_sweep(self) -> None:
-        destinations = {d.name: d for d in self.config.destinations}
-        cfg = self.config.delivery
-        for job_id, state in self.store.route_outcomes(       # from lungsys worker processes
-                self.node_id, [(d.name, d.kind) for d in self.config.destinations]):
-            notify.queue(self.store, self.config, job_id, NotificationEvent.job_done
-                         if state == JobState.done else NotificationEvent.job_failed)
-        for d in self.store.due_deliveries(node=self.node_id):
-            dest = destinations.get(d.destination)
-            if dest is None:
-                self.store.record_attempt(d.id, ok=False, give_up=True,
-                                          error=f"destination {d.destination!r} is no longer "
-                                                f"configured")
-                continue
-            files = [Path(p) for p in self.store.result_paths(d.job_id)]
-            try:
-                delivery.send(dest, files, self.config.node.ae_title)
-            except Exception as exc:
-                attempts = d.attempts + 1
-                give_up, retry_at = self._after_failure(attempts)
-                give_up = give_up or getattr(exc, "permanent", False)
-                self.store.record_attempt(d.id, ok=False, error=str(exc)[:2000],
-                                          retry_at=retry_at, give_up=give_up)
-                if give_up:
-                    d.attempts, d.last_error = attempts, str(exc)[:2000]
-                    notify.queue(self.store, self.config, d.job_id,
-                                 NotificationEvent.delivery_failed, delivery=d)
-                    log.error("delivery %d of job %d to %s given up after %d attempt(s): %s "
-                              "(lungsys deliveries retry %d sends it again)", d.id, d.job_id,
-                              dest.name, attempts, exc, d.id)
-                else:
-                    log.warning("delivery %d of job %d to %s failed (attempt %d of %d, next in "
-                                "%.0f s): %s", d.id, d.job_id, dest.name, attempts,
-                                cfg.max_attempts, (retry_at - utcnow()).total_seconds(), exc)
-                continue
-            self.store.record_attempt(d.id, ok=True)
-            log.info("delivery %d of job %d to %s done (%d objects)", d.id, d.job_id, dest.name,
-                     len(files))
-
-    def _after_failure(self, attempts: int) -> tuple[bool, dt.datetime]:
-        """After ``attempts`` failed tries of a delivery or a notification: whether to give
-        up (``[delivery] max_attempts``), and when to try again (doubling backoff)."""
-        cfg = self.config.delivery
-        return attempts >= cfg.max_attempts, utcnow() + delivery.backoff(
-            attempts, cfg.initial_backoff_seconds, cfg.max_backoff_seconds)
-
-    # --- notifications -------------------------------------------------------
-    def notification_sweep(self) -> None:
-        """POST the due webhook notifications; retried as deliveries are."""
-        targets = {t.name: t for t in self.config.notifications}
-        for n in self.store.due_notifications(node=self.node_id):
-            target = targets.get(n.target)
-            if target is None:
-                self.store.record_notice_attempt(n.id, ok=False, give_up=True,
-                                                 error=f"notification target {n.target!r} is "
-                                                       f"no longer configured")
-                continue
-            try:
-                status = notify.post(target, n.payload)
-            except notify.NotifyError as exc:
-                attempts = n.attempts + 1
-                give_up, retry_at = self._after_failure(attempts)
-                self.store.record_notice_attempt(n.id, ok=False, status=exc.status,
-                                                 error=str(exc)[:2000], retry_at=retry_at,
-                                                 give_up=give_up)
-                (log.error if give_up else log.warning)(
-                    "notification %d (%s of job %d) to %s %s (attempt %d): %s", n.id, n.event,
-                    n.job_id, n.target, "given up" if give_up else "failed", attempts, exc)
-                continue
-            self.store.record_notice_attempt(n.id, ok=True, status=status)
-            log.info("notification %d (%s of job %d) to %s sent", n.id, n.event, n.job_id,
-                     n.target)
 
     # --- retention -----------------------------------------------------------
     def retention_sweep(self) -> None:

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from sqlalchemy import select
 
-from store.models import (Attempt, Delivery, DeliveryState, Job, Result, Series, of_node,
-                          settle, utcnow)
+from store.models import Attempt, Delivery, DeliveryState, Result, due, settle, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -34,14 +33,8 @@ class Deliveries:
     def due_deliveries(self, now: dt.datetime | None = None, node: str | None = None
                        ) -> list[Delivery]:
         """Deliveries due now (of ``node``'s series, when given: it holds their files)."""
-        now = now or utcnow()
-        q = select(Delivery).where(Delivery.state == DeliveryState.pending,
-                                   Delivery.next_attempt_at <= now)
-        if node is not None:
-            q = q.join(Job, Delivery.job_id == Job.id).join(Series, Job.series_id == Series.id) \
-                .where(of_node(node))
         with self.read_session() as s:
-            return list(s.scalars(q.order_by(Delivery.id)))
+            return list(s.scalars(due(Delivery, now or utcnow(), node)))
 
     def record_attempt(self, delivery_id: int, ok: bool, error: str = "",
                        retry_at: dt.datetime | None = None, give_up: bool = False) -> None:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import (JSON, DateTime, Enum, ForeignKey, Integer, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import (JSON, DateTime, Enum, ForeignKey, Integer, Select, String, Text,
+                        UniqueConstraint, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -81,6 +81,17 @@ def settle(row, ok: bool, error: str, retry_at: dt.datetime | None, give_up: boo
         row.state = DeliveryState.failed if give_up else DeliveryState.pending
         if retry_at is not None:
             row.next_attempt_at = retry_at
+
+
+def due(model: type, now: dt.datetime, node: str | None = None) -> Select:
+    """The query for the rows of ``model`` (Delivery or Notification: each of one job) that
+    are pending and due at ``now``, oldest first; of ``node``'s series when given (the node
+    that holds their files sends them)."""
+    q = select(model).where(model.state == DeliveryState.pending, model.next_attempt_at <= now)
+    if node is not None:
+        q = q.join(Job, model.job_id == Job.id).join(Series, Job.series_id == Series.id) \
+            .where(of_node(node))
+    return q.order_by(model.id)
 
 
 class Instance(Base):

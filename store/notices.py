@@ -11,10 +11,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Iterable
 
-from sqlalchemy import select
 
-from store.models import (DeliveryState, Job, Notification, NotificationAttempt, Series,
-                          of_node, settle, utcnow)
+from store.models import Job, Notification, NotificationAttempt, due, settle, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -47,14 +45,8 @@ class Notices:
     def due_notifications(self, now: dt.datetime | None = None, node: str | None = None
                           ) -> list[Notification]:
         """Notifications due now (of ``node``'s series, when given: one node sends each)."""
-        now = now or utcnow()
-        q = select(Notification).where(Notification.state == DeliveryState.pending,
-                                       Notification.next_attempt_at <= now)
-        if node is not None:
-            q = q.join(Job, Notification.job_id == Job.id) \
-                .join(Series, Job.series_id == Series.id).where(of_node(node))
         with self.read_session() as s:
-            return list(s.scalars(q.order_by(Notification.id)))
+            return list(s.scalars(due(Notification, now or utcnow(), node)))
 
     def record_notice_attempt(self, notification_id: int, ok: bool, status: int | None = None,
                               error: str = "", retry_at: dt.datetime | None = None,

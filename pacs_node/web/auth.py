@@ -50,7 +50,8 @@ VERIFICATIONS = 2
 #: Seconds a token found is believed without asking the job store again (a revoked token
 #: is refused at most this long after ``lungsys tokens revoke``).
 TOKEN_CACHE_SECONDS = 1.0
-#: Addresses whose failures (and tokens found) are remembered at most (a flood from many forgets the oldest).
+#: Addresses whose failures (and tokens found) are remembered at most (a flood from many
+#: forgets the oldest).
 MAX_TRACKED = 4096
 
 
