@@ -68,7 +68,20 @@ class DeliveryState(str, enum.Enum):
     failed = "failed"
 
 
-def settle(row, ok: bool, error: str, retry_at: dt.datetime | None, give_up: bool,
+class Scheduled:
+    """The retry schedule a delivery and a notification share (:func:`settle` and
+    :func:`due` read it): pending until done, tried again from ``next_attempt_at``,
+    failed when given up."""
+
+    state: Mapped[DeliveryState] = mapped_column(Enum(DeliveryState),
+                                                 default=DeliveryState.pending, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+def settle(row: Scheduled, ok: bool, error: str, retry_at: dt.datetime | None, give_up: bool,
            now: dt.datetime, done_at: str) -> None:
     """One try of a delivery or a notification: counted; done (its ``done_at`` column set),
     or pending again from ``retry_at``, or failed when given up."""
@@ -83,7 +96,7 @@ def settle(row, ok: bool, error: str, retry_at: dt.datetime | None, give_up: boo
             row.next_attempt_at = retry_at
 
 
-def due(model: type, now: dt.datetime, node: str | None = None) -> Select:
+def due(model: type[Scheduled], now: dt.datetime, node: str | None = None) -> Select:
     """The query for the rows of ``model`` (Delivery or Notification: each of one job) that
     are pending and due at ``now``, oldest first; of ``node``'s series when given (the node
     that holds their files sends them)."""
@@ -230,7 +243,7 @@ class Result(Base):
     job: Mapped[Job] = relationship(back_populates="results")
 
 
-class Delivery(Base):
+class Delivery(Scheduled, Base):
     """One job's results to one destination, with its retry schedule."""
 
     __tablename__ = "deliveries"
@@ -239,12 +252,6 @@ class Delivery(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
-    state: Mapped[DeliveryState] = mapped_column(Enum(DeliveryState),
-                                                 default=DeliveryState.pending, index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
@@ -294,7 +301,7 @@ class Incident(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
-class Notification(Base):
+class Notification(Scheduled, Base):
     """One event of a job sent to one webhook, with its retry schedule (as deliveries)."""
 
     __tablename__ = "notifications"
@@ -304,12 +311,6 @@ class Notification(Base):
     target: Mapped[str] = mapped_column(String(64))
     event: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict] = mapped_column(JSON)
-    state: Mapped[DeliveryState] = mapped_column(Enum(DeliveryState),
-                                                 default=DeliveryState.pending, index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="notifications")
