@@ -7,9 +7,9 @@ localizer, at least ``min_slices``) and queues a job; one worker, holding
 the model loaded once, runs queued jobs (loading, the engine, SR and SC
 files) and queues a delivery per destination (:mod:`pacs_node.worker_process`: a
 process of lower CPU priority, or a thread for an engine handed in); a
-delivery sweep sends due deliveries and schedules retries with backoff; a
-retention sweep deletes old, delivered data. Receiving never waits for the
-model.
+delivery sweep (:mod:`pacs_node.outbound`) sends due deliveries and schedules
+retries with backoff; a retention sweep deletes old, delivered data. Receiving never
+waits for the model.
 
 After a crash nothing is lost: instances are on disk and in the store before
 they are acknowledged, half-received series complete after a restart, and

@@ -96,7 +96,8 @@ def settle(row: Scheduled, ok: bool, error: str, retry_at: dt.datetime | None, g
             row.next_attempt_at = retry_at
 
 
-def due(model: type[Scheduled], now: dt.datetime, node: str | None = None) -> Select:
+def due(model: type[Delivery] | type[Notification], now: dt.datetime,
+        node: str | None = None) -> Select:
     """The query for the rows of ``model`` (Delivery or Notification: each of one job) that
     are pending and due at ``now``, oldest first; of ``node``'s series when given (the node
     that holds their files sends them)."""
@@ -252,7 +253,8 @@ class Delivery(Scheduled, Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
-    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True,
+                                                             sort_order=1)  # after Scheduled's
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
     attempt_log: Mapped[list["Attempt"]] = relationship(back_populates="delivery",
@@ -311,7 +313,8 @@ class Notification(Scheduled, Base):
     target: Mapped[str] = mapped_column(String(64))
     event: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict] = mapped_column(JSON)
-    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True,
+                                                        sort_order=1)  # after Scheduled's
 
     job: Mapped[Job] = relationship(back_populates="notifications")
     attempt_log: Mapped[list["NotificationAttempt"]] = relationship(

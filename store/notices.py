@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Iterable
 
-
 from store.models import Job, Notification, NotificationAttempt, due, settle, utcnow
 
 if TYPE_CHECKING:

@@ -243,9 +243,10 @@ def test_a_node_killed_mid_study_finishes_it_after_a_restart(tmp_path, study_fac
     def serve():
         proc = subprocess.Popen([exe, "serve", "--config", str(toml)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # it answers once its worker (at the lower priority) has loaded the model: under a
+        # busy CPU that is slow (60 s were not enough once beside another test's inference)
         eventually(lambda: subprocess.run([exe, "echo", "127.0.0.1", str(port), "--aet",
-                                         "LUNGSYS"], capture_output=True).returncode == 0,
-                 timeout=60)
+                                         "LUNGSYS"], capture_output=True).returncode == 0)
         return proc
 
     def stat(pid: int) -> list[str]:
