@@ -114,6 +114,21 @@ class LungSysModel:
                           "model_version": None}
         return model
 
+    def caution(self, network_diagnosis: bool = True) -> str:
+        """What a user must be told before reading this model's diagnosis ("" for a trained
+        model): an untrained one, or one whose patient network was never trained (only
+        ``lungsys train slice`` made it), when the ``network_diagnosis`` is read."""
+        kind = (self.metadata.get("provenance") or {}).get("kind")
+        if kind == "init":
+            return ("this model is untrained (made by 'lungsys model init'); its diagnosis "
+                    "means nothing")
+        if kind == "slice-trained" and self.patient_net is not None and network_diagnosis:
+            return ("only this model's slice network is trained ('lungsys train slice'): the "
+                    "patient network's diagnosis means nothing, the non-parametric "
+                    "assessment's holds; train one with 'lungsys train patient --slice-model "
+                    "MODEL'")
+        return ""
+
     @property
     def networks(self) -> dict[str, nn.Module]:
         """The networks by their key prefix in the checkpoint."""
@@ -224,6 +239,8 @@ def read_metadata(path: str | Path) -> dict:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file (.safetensors)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:

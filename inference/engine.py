@@ -80,7 +80,8 @@ class Engine:
             profile=self.model.profile.name, device=str(self.device),
             intended_use=self.model.metadata.get("intended_use", ""),
             arch=self.model.profile.arch, crop=self.model.profile.crop,
-            mirror=mirror and not self.model.profile.volume)
+            mirror=mirror and not self.model.profile.volume,
+            caution=self.model.caution(method == PatientMethod.network))
 
     def _autocast(self):
         return _autocast(self.device)

@@ -27,6 +27,8 @@ class ModelInfo:
     arch: str = "m3"             # inference.profiles.ARCHITECTURES
     crop: str = "lungs"          # the slices' crop (inference.preprocess.CROPS)
     mirror: bool = True          # slices averaged with their mirror image (Engine's mirror)
+    #: what a reader must know before trusting the diagnosis (LungSysModel.caution), or ""
+    caution: str = ""
 
     @property
     def architecture(self) -> str:

@@ -7,9 +7,9 @@ lesion-bearing get a frame, on a grid ``REDUCTION`` times coarser than the CT
 block's centre), stored as 16-bit integers (the smallest a Parametric Map
 allows) with a Real World Value Mapping (slope 1/1000) to the lesion evidence
 0-1 of :mod:`inference.localize`. A 300-slice study with 40 lesion slices of
-512 x 512 gives 40 frames of 128 x 128 x 2 bytes, 1.25 MiB (``bench/bench_results.py`` measures it). Off by default
-(``[results] objects`` adds ``"pm"``); none is written when no slice is
-flagged, nor for multi-frame CT sources yet.
+512 x 512 gives 40 frames of 128 x 128 x 2 bytes, 1.25 MiB (``bench/bench_results.py``
+measures it). Off by default (``[results] objects`` adds ``"pm"``); none is written when
+no slice is flagged, nor for multi-frame CT sources yet.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@
    the bounding rectangle of what is left, with a 10-pixel margin; resize to
    the model's input size. One refinement: the openings choose the lung
    components, but the rectangle is taken over those components as they were
-   before opening, so thin lung (the costophrenic recesses) stays inside. A slice with no lung keeps the body's bounding
-   box, and a slice with no body the whole image. A model may choose the
-   ``mirrored`` crop instead (its profile's ``crop``): the lung box joined
+   before opening, so thin lung (the costophrenic recesses) stays inside. A slice with no
+   lung keeps the body's bounding box, and a slice with no body the whole image. A model
+   may choose the ``mirrored`` crop instead (its profile's ``crop``): the lung box joined
    with its mirror image about the body's midline, so that a lung filled
    with consolidation (no air: outside the paper's box) stays in the crop.
 2. Window levelling: width 1200; training draws the centre uniformly from
@@ -59,7 +59,8 @@ def _as_volume(hu: np.ndarray) -> np.ndarray:
     if hu.ndim == 2:
         return hu[np.newaxis]
     if hu.ndim != 3:
-        raise ValueError(f"expected a slice (rows, cols) or a volume (n, rows, cols), got {hu.shape}")
+        raise ValueError(f"expected a slice (rows, cols) or a volume (n, rows, cols), "
+                         f"got {hu.shape}")
     return hu
 
 

@@ -124,9 +124,9 @@ def analyze_command(
                                  param_hint="--objects")
     engine = Engine(model_path or default_model(), device=device, batch_size=batch_size,
                     method=method)
-    if (engine.model.metadata.get("provenance") or {}).get("kind") == "init":
-        err.print("lungsys: warning: this model is untrained (made by 'lungsys model init'); "
-                  "its diagnosis means nothing", markup=False, highlight=False)
+    if engine.model_info.caution:
+        err.print(f"lungsys: warning: {engine.model_info.caution}", markup=False,
+                  highlight=False)
     elif engine.model.metadata.get("intended_use"):
         err.print(f"lungsys: note: {engine.model.metadata['intended_use']}", markup=False,
                   highlight=False)

@@ -78,7 +78,9 @@ def serve_command(
             if model is not None
             else "no local worker (jobs run by `lungsys worker` processes)",
             len(cfg.destinations))
-        if model is not None and model.intended_use:
+        if model is not None and model.caution:
+            logger.warning("model: %s", model.caution)
+        elif model is not None and model.intended_use:
             logger.info("model: %s", model.intended_use)
         if node.stow_port and not cfg.http.tls_certificate and not _loopback(cfg.http.host):
             logger.warning("the console and STOW-RS listen on %s in plain HTTP: passwords "

@@ -25,7 +25,8 @@ Betas = Annotated[tuple[float, float], typer.Option(help="adam's and adamw's bet
 CacheDir = Annotated[Optional[Path], typer.Option(help="Cache of preprocessed slices (and "
                                                   "features); default DATA/.lungsys-cache.")]
 RunDir = Annotated[Optional[Path], typer.Option(help="Run folder (config, log, metrics, "
-                                                "resume state); default OUT.run.")]
+                                                "resume state); default OUT with .run "
+                                                "for its suffix (a.safetensors: a.run).")]
 
 
 @contextmanager
@@ -273,11 +274,19 @@ def evaluate_command(
     AUC; pointing game, Dice and the infected-fraction error where the dataset has
     lesion masks; seconds per 300-slice study on this machine.
     """
-    from inference.checkpoint import load_checkpoint, save_checkpoint
+    from inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from training.compare import (compare, comparison_lines, comparison_markdown,
                                    comparison_table, model_name)
     from training.evaluate import evaluate, recorded_metrics, report_lines, report_table
 
+    for model_path in model_paths:                     # before minutes of evaluation
+        try:
+            caution = load_checkpoint(model_path).caution()
+        except (CheckpointError, OSError):             # evaluate says what is wrong
+            continue
+        if caution:
+            err.print(f"lungsys: warning: {model_path}: {caution}", markup=False,
+                      highlight=False)
     reports = []
     for number, model_path in enumerate(model_paths, start=1):
         where = out_dir / f"{number}-{model_path.stem}" \

@@ -64,6 +64,15 @@ def test_truncated_file_is_refused(saved, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_missing_file_or_a_folder_is_named_as_such(tmp_path):
+    for path, words in ((tmp_path / "none.safetensors", "no such checkpoint file"),
+                        (tmp_path, "a folder, not a checkpoint file")):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        assert str(err.value) == f"{path}: {words}" + (" (.safetensors)" if path == tmp_path
+                                                       else "")
+
+
 def test_altered_weights_are_refused(saved, tmp_path):
     _, path = saved
     data = bytearray(path.read_bytes())

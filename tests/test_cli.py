@@ -70,6 +70,11 @@ def test_a_phantom_set_too_small_for_its_splits_is_warned_of(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "warning: with 3 studies per class the splits hold train 2, val 1, test 0" in \
         proc.stderr
+    manifest = (tmp_path / "set" / "manifest.csv").read_text()
+    again = lungsys("phantom-set", "--out", str(tmp_path / "set"), "--per-class", "1",
+                    "--seed", "6", "--slices-range", "4", "5")    # a set is never overwritten
+    assert again.returncode == 1 and "already holds a dataset (manifest.csv)" in again.stderr
+    assert (tmp_path / "set" / "manifest.csv").read_text() == manifest
     proc = lungsys("evaluate", "--model", "unused.safetensors", "--data",
                    str(tmp_path / "set"), "--split", "test")
     assert proc.returncode == 1 and "no test studies in the manifest" in proc.stderr

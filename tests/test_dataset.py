@@ -64,6 +64,18 @@ def test_manifest_errors(tmp_path, rows, header, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_missing_set_and_a_split_say_what_they_are(tmp_path):
+    with pytest.raises(ManifestError) as err:
+        read_manifest(tmp_path / "no-such-set")
+    assert str(err.value) == f"{tmp_path / 'no-such-set'}: no such folder or file"
+    (tmp_path / "s1").mkdir()
+    folder = _write(tmp_path, [["s1", "covid", "train"]])
+    assert [e.path.name for e in read_manifest(folder, "all")] == ["s1"]   # every split
+    with pytest.raises(ManifestError) as err:
+        read_manifest(folder, "bogus")
+    assert str(err.value) == "unknown split 'bogus'; expected one of train, val, test or all"
+
+
 def test_manifest_optional_columns(tmp_path):
     (tmp_path / "s1").mkdir()
     (tmp_path / "s1" / "truth.json").write_text('{"slices": []}')

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,8 +74,16 @@ def test_ladnn_trains_its_lesion_types_round_trips_and_analyses(tiny, tmp_path, 
     report = evaluate(out, tiny, "all", "cpu")           # its types scored on every slice
     assert set(report["lesion_type_auc"]) == set(LESION_TYPES)
     assert report["lesion_type_auc"]["ground_glass_opacity"] is not None
+    lines = report_lines(report)
     assert any(line.startswith("lesion-type AUC (slices): ground glass opacity ")
-               for line in report_lines(report))
+               for line in lines)
+    # the text says what --json says: the slice-level AUCs and the seconds per study
+    covid = report["slice_auc"]["COVID-19"]
+    assert any(line.startswith(f"slice-level AUC ({report['slices']} slices; ") and
+               f"COVID-19 {'-' if np.isnan(covid) else f'{covid:.3f}'}" in line
+               for line in lines)
+    assert f"seconds per 300-slice study: {report['seconds_per_300_slices']:.1f} (timed on " \
+           f"{report['timed_on']})" in lines
 
     series = load_series(study_factory("covid", 2, 24).directory)
     result = Engine(model, device="cpu").analyze(series)

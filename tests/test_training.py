@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from inference.checkpoint import load_checkpoint
+from inference.engine import Engine
 from training.train_patient import PatientTrainConfig, train_patient
 from training.train_slice import SliceTrainConfig, train_slice
 
@@ -41,6 +42,16 @@ def test_slice_training_lowers_the_loss_and_writes_a_loadable_model(tiny, tmp_pa
     config = json.loads((tmp_path / "a.run" / "config.json").read_text())
     assert config["lr"] == 0.001 and config["seed"] == 3 and config["optimizer"] == "adamw"
     assert "val_class_acc" in rows[0]
+    # its patient network was never trained: whoever reads the network's diagnosis is told
+    assert "'lungsys train patient --slice-model MODEL'" in model.caution()
+    assert model.caution(network_diagnosis=False) == ""
+    assert Engine(model, device="cpu").model_info.caution == model.caution()
+    proc = subprocess.run([str(Path(sys.executable).with_name("lungsys")), "evaluate",
+                           "--model", str(tmp_path / "a.safetensors"), "--data",
+                           str(tmp_path / "no-such-set")], capture_output=True, text=True,
+                          timeout=300)
+    assert f"lungsys: warning: {tmp_path / 'a.safetensors'}: only this model's slice " \
+           f"network is trained" in proc.stderr and proc.returncode == 1
 
 
 def test_resume_continues_from_the_saved_epoch_and_matches(tiny, tmp_path):
@@ -171,7 +182,7 @@ def test_evaluate_compares_models_on_the_same_studies(tiny, tmp_path):
     assert table.returncode == 0, table.stderr
     for words in ("FPE: healthy called diseased", "FDPE: diseased, wrong disease",
                   "seconds per 300-slice study", f"p-value (accuracy, {names[0]} vs",
-                  "small sample: 1 to 1 patients a class",
+                  "small sample: 1 patient a class",
                   f"seconds per 300-slice study timed on {report['timed_on']}"):
         assert words in table.stdout, words
     # the same table in Markdown, for a README: a row per model, a column per metric

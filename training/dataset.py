@@ -92,14 +92,20 @@ def parse_label(text: str) -> int:
 
 
 def read_manifest(path: str | Path, split: str | None = None) -> list[StudyEntry]:
-    """Parse and check a manifest; with ``split``, only that split's studies."""
+    """Parse and check a manifest; with ``split``, only that split's studies ("all" or None:
+    every study)."""
     path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: no such folder or file")
     if path.is_dir():
         path = path / "manifest.csv"
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest (expected a manifest.csv)")
+    if split == "all":
+        split = None
     if split is not None and split not in SPLITS:
-        raise ManifestError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise ManifestError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)} "
+                            f"or all")
     root = path.parent
     entries: list[StudyEntry] = []
     seen: dict[Path, int] = {}

@@ -273,10 +273,12 @@ def small_sample_lines(report: dict) -> list[str]:
     """A line of caution when a class had fewer than :data:`SMALL_SAMPLE` patients."""
     if not report.get("small_sample"):
         return []
-    counts = report["patients_per_class"]
-    return [f"small sample: {min(counts.values())} to {max(counts.values())} patients a "
-            f"class (fewer than {SMALL_SAMPLE}): the 95% intervals are wide, read the "
-            f"figures as rough"]
+    low, high = min(report["patients_per_class"].values()), \
+        max(report["patients_per_class"].values())
+    many = f"{low} to {high} patients" if low != high else \
+        f"{low} patient{'s' if low != 1 else ''}"
+    return [f"small sample: {many} a class (fewer than {SMALL_SAMPLE}): the 95% intervals "
+            f"are wide, read the figures as rough"]
 
 
 def report_lines(report: dict) -> list[str]:
@@ -295,12 +297,23 @@ def report_lines(report: dict) -> list[str]:
     if report.get("infected_fraction_mae") is not None:
         lines.append(f"infected fraction error (mean absolute): "
                      f"{100 * report['infected_fraction_mae']:.2f} percentage points")
+    if report.get("slice_auc"):
+        lines.append(f"slice-level AUC ({report['slices']} slices; no lesion counts as "
+                     f"Healthy): " + ", ".join(f"{name} {_auc(auc)}"
+                                               for name, auc in report["slice_auc"].items()))
     if report.get("lesion_type_auc"):
         lines.append("lesion-type AUC (slices): " + ", ".join(
-            f"{name.replace('_', ' ')} {'-' if auc is None else f'{auc:.3f}'}"
+            f"{name.replace('_', ' ')} {_auc(auc)}"
             for name, auc in report["lesion_type_auc"].items()))
     lines += [f"ROC curves: {path}" for path in report.get("roc_png", [])]
-    return lines + timing_lines([report])
+    if report.get("seconds_per_300_slices") is not None:
+        lines.append(f"seconds per 300-slice study: {report['seconds_per_300_slices']:.1f}"
+                     + (f" (timed on {report['timed_on']})" if report.get("timed_on") else ""))
+    return lines
+
+
+def _auc(auc) -> str:
+    return "-" if auc is None or (isinstance(auc, float) and np.isnan(auc)) else f"{auc:.3f}"
 
 
 def timing_lines(reports) -> list[str]:

@@ -55,7 +55,8 @@ def _make(args: tuple) -> dict:
 def generate_phantom_set(out: str | Path, per_class: int, seed: int,
                          slices_range: tuple[int, int] = (32, 48), workers: int | None = None,
                          progress: Callable[[], None] | None = None) -> Path:
-    """Write ``per_class`` studies of each class and ``manifest.csv`` into ``out``.
+    """Write ``per_class`` studies of each class and ``manifest.csv`` into ``out`` (a folder
+    that holds no dataset yet).
 
     Splits are by patient, 60/20/20 within each class, in an order drawn from
     the seed. Returns the manifest's path.
@@ -66,6 +67,9 @@ def generate_phantom_set(out: str | Path, per_class: int, seed: int,
     if not 1 <= lo <= hi:
         raise ValueError(f"bad slice range {lo}-{hi}")
     out = Path(out)
+    if (out / "manifest.csv").exists():     # another set's studies would be orphaned
+        raise ValueError(f"{out} already holds a dataset (manifest.csv): choose another "
+                         f"folder, or remove that one first")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     jobs = []
