@@ -10,7 +10,7 @@ import typer
 
 from inference.choices import (DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, ResultObject,
                                SegCompression)
-from lungsys.common import err, out, print_fields, progress
+from lungsys.common import CLIError, err, out, print_fields, progress
 
 
 model_app = typer.Typer(help="Create and inspect model checkpoints (.safetensors with JSON "
@@ -116,12 +116,16 @@ def analyze_command(
     from inference.checkpoint import default_model
     from inference.engine import Engine
     from inference.profiles import CLASSES
-    from inference.series import load_series
+    from inference.series import MultipleSeriesError, load_series
 
     chosen = tuple(o.strip() for o in objects.split(",") if o.strip())
     if not chosen or any(o not in tuple(ResultObject) for o in chosen):
         raise typer.BadParameter(f"expected some of {', '.join(ResultObject)}, got {objects!r}",
                                  param_hint="--objects")
+    try:                                    # the study first: nothing to load for a typo
+        series = load_series(folder, series_uid=series_uid)
+    except MultipleSeriesError as exc:
+        raise CLIError(f"{exc}; choose one with --series-uid") from None
     engine = Engine(model_path or default_model(), device=device, batch_size=batch_size,
                     method=method)
     if engine.model_info.caution:
@@ -130,7 +134,6 @@ def analyze_command(
     elif engine.model.metadata.get("intended_use"):
         err.print(f"lungsys: note: {engine.model.metadata['intended_use']}", markup=False,
                   highlight=False)
-    series = load_series(folder, series_uid=series_uid)
     with progress() as bar:
         task = bar.add_task(f"analysing {len(series)} slices", total=len(series))
         result = engine.analyze(series, lambda done, total: bar.update(task, completed=done))

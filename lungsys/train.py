@@ -277,7 +277,8 @@ def evaluate_command(
     from inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from training.compare import (compare, comparison_lines, comparison_markdown,
                                    comparison_table, model_name)
-    from training.evaluate import evaluate, recorded_metrics, report_lines, report_table
+    from training.evaluate import (evaluate, recorded_metrics, report_lines, report_table,
+                                   studies_seen)
 
     for model_path in model_paths:                     # before minutes of evaluation
         try:
@@ -287,6 +288,14 @@ def evaluate_command(
         if caution:
             err.print(f"lungsys: warning: {model_path}: {caution}", markup=False,
                       highlight=False)
+        try:
+            seen = studies_seen(model_path, data, split)
+        except (ValueError, OSError):                 # evaluate says what is wrong
+            continue
+        if seen:
+            err.print(f"lungsys: warning: {model_path}: {seen} of the studies evaluated "
+                      f"trained it or chose its epochs (its datasets' train and val splits): "
+                      f"on them its figures are not a test", markup=False, highlight=False)
     reports = []
     for number, model_path in enumerate(model_paths, start=1):
         where = out_dir / f"{number}-{model_path.stem}" \

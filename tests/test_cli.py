@@ -71,6 +71,10 @@ def test_a_phantom_set_too_small_for_its_splits_is_warned_of(tmp_path):
     assert "warning: with 3 studies per class the splits hold train 2, val 1, test 0" in \
         proc.stderr
     manifest = (tmp_path / "set" / "manifest.csv").read_text()
+    wrong = lungsys("phantom-set", "--out", str(tmp_path / "other"), "--per-class", "3",
+                    "--seed", "6", "--slices-range", "20", "16")
+    assert wrong.returncode == 2 and "the fewest slices must be at least 1 and at most the " \
+        "most" in wrong.stderr and "warning" not in wrong.stderr
     again = lungsys("phantom-set", "--out", str(tmp_path / "set"), "--per-class", "1",
                     "--seed", "6", "--slices-range", "4", "5")    # a set is never overwritten
     assert again.returncode == 1 and "already holds a dataset (manifest.csv)" in again.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,13 @@ def test_cli_analyze_defaults_to_the_shipped_model_and_refuses_a_bad_one(study_f
     bad.write_text("x")
     proc = lungsys("analyze", str(study.directory), "--model", str(bad))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    both = tmp_path / "two"                     # a folder of two series: which one, and how
+    shutil.copytree(study.directory, both / "a")
+    shutil.copytree(study_factory("h1n1", 2, 4).directory, both / "b")
+    proc = lungsys("analyze", str(both))
+    assert proc.returncode == 1 and "2 CT series found where one was expected" in proc.stderr
+    assert proc.stderr.rstrip().endswith("; choose one with --series-uid")
+    assert "not a clinical model" not in proc.stderr    # no model loaded for a study unread
 
 
 def test_evidence_maps_peak_at_each_slices_lesion_probability():

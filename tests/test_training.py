@@ -12,6 +12,7 @@ import pytest
 
 from inference.checkpoint import load_checkpoint
 from inference.engine import Engine
+from training.evaluate import studies_seen
 from training.train_patient import PatientTrainConfig, train_patient
 from training.train_slice import SliceTrainConfig, train_slice
 
@@ -111,6 +112,13 @@ def test_patient_training_and_evaluation(tiny, tmp_path):
     recorded = load_checkpoint(out).metadata["metrics"]
     assert recorded["patient_accuracy"] == report["patient_accuracy"]
     assert recorded["pointing_game_flagged"] == report["pointing_game_flagged"]
+    # its test split is unseen; its val split chose the slice network's epochs: said so
+    assert "trained it or chose its epochs" not in proc.stderr
+    assert (studies_seen(out, tiny, "test"), studies_seen(out, tiny, "all")) == (0, 16)
+    proc = subprocess.run([str(exe), "evaluate", "--model", str(out), "--data", str(tiny),
+                           "--split", "val"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and f"lungsys: warning: {out}: 4 of the studies evaluated " \
+        f"trained it or chose its epochs" in proc.stderr
 
 
 def test_training_says_each_epoch_stops_on_ctrl_c_and_goes_on(tiny, tmp_path):

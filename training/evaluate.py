@@ -174,6 +174,23 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
     return report
 
 
+def studies_seen(model: str | Path, data: str | Path, split: str) -> int:
+    """How many of the studies to evaluate trained the model or chose its epochs (the train
+    and val splits of the datasets its provenance names, where they can still be read)."""
+    from inference.checkpoint import read_metadata
+
+    provenance = read_metadata(model).get("provenance") or {}
+    seen: set[Path] = set()
+    for source in (provenance.get("data"), (provenance.get("slice") or {}).get("data"),
+                   (provenance.get("patient") or {}).get("data")):
+        try:
+            seen |= {e.path.resolve() for e in read_manifest(source) if e.split != "test"} \
+                if source else set()
+        except (ValueError, OSError):           # moved or gone: nothing to compare with
+            continue
+    return sum(e.path.resolve() in seen for e in read_manifest(data, split))
+
+
 def _localisation(entry, series, result, c: _Collected) -> None:
     masks = entry.lesion_masks()
     if masks is None:
