@@ -102,6 +102,10 @@ def test_training_warns_of_an_empty_or_incomplete_split(tmp_path):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    typo = lungsys("train", "slice", "--data", str(tmp_path / "set"), "--out",
+                   str(tmp_path / "s.safetensors"), "--profile", "huge")
+    assert typo.returncode == 1 and typo.stderr == "lungsys: error: m3 has no profile " \
+        "'huge'; expected one of paper, small\n"                   # no warning before it
     proc = lungsys("train", "slice", "--data", str(tmp_path / "set"), "--out",
                    str(tmp_path / "s.safetensors"), "--epochs", "1", "--batch-size", "8",
                    "--device", "cpu")
