@@ -116,10 +116,14 @@ class LungSysModel:
 
     def caution(self, network_diagnosis: bool = True) -> str:
         """What a user must be told before reading this model's diagnosis ("" for a trained
-        model): an untrained one, or one whose patient network was never trained (only
-        ``lungsys train slice`` made it), when the ``network_diagnosis`` is read."""
-        kind = (self.metadata.get("provenance") or {}).get("kind")
-        if kind == "init":
+        model): an untrained one (or one whose patient network learnt from an untrained
+        slice network), or one whose patient network was never trained (only ``lungsys
+        train slice`` made it), when the ``network_diagnosis`` is read."""
+        provenance = self.metadata.get("provenance")
+        provenance = provenance if isinstance(provenance, dict) else {}
+        kind = provenance.get("kind")
+        below = provenance.get("slice")
+        if kind == "init" or (isinstance(below, dict) and below.get("kind") == "init"):
             return ("this model is untrained (made by 'lungsys model init'); its diagnosis "
                     "means nothing")
         if kind == "slice-trained" and self.patient_net is not None and network_diagnosis:

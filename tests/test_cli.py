@@ -77,7 +77,9 @@ def test_a_phantom_set_too_small_for_its_splits_is_warned_of(tmp_path):
         "most" in wrong.stderr and "warning" not in wrong.stderr
     again = lungsys("phantom-set", "--out", str(tmp_path / "set"), "--per-class", "1",
                     "--seed", "6", "--slices-range", "4", "5")    # a set is never overwritten
-    assert again.returncode == 1 and "already holds a dataset (manifest.csv)" in again.stderr
+    assert again.returncode == 1 and again.stderr == f"lungsys: error: {tmp_path / 'set'} " \
+        f"already holds a dataset (manifest.csv): choose another folder, or remove that one " \
+        f"first\n"                                     # and no split warning before it
     assert (tmp_path / "set" / "manifest.csv").read_text() == manifest
     proc = lungsys("evaluate", "--model", "unused.safetensors", "--data",
                    str(tmp_path / "set"), "--split", "test")

@@ -55,6 +55,24 @@ def test_slice_training_lowers_the_loss_and_writes_a_loadable_model(tiny, tmp_pa
            f"network is trained" in proc.stderr and proc.returncode == 1
 
 
+def test_what_a_model_learnt_from_is_found_however_deep_its_provenance(tiny, tmp_path):
+    """A patient network trained on another model's networks: the datasets of both, and an
+    untrained slice network below it, are found (evaluate and analyze warn of them)."""
+    from inference.checkpoint import LungSysModel, save_checkpoint
+
+    model = LungSysModel.create("small")
+    model.metadata["provenance"] = {
+        "kind": "trained", "patient": {"data": str(tmp_path / "gone")},  # moved: not read
+        "slice": {"kind": "trained", "slice": {"kind": "slice-trained", "data": str(tiny)},
+                  "patient": {"data": 5}}}                      # odd values are passed over
+    save_checkpoint(model, tmp_path / "deep.safetensors")
+    assert studies_seen(tmp_path / "deep.safetensors", tiny, "all") == 16
+    assert studies_seen(tmp_path / "deep.safetensors", tiny, "test") == 0
+    assert model.caution() == ""
+    model.metadata["provenance"]["slice"] = {"kind": "init"}
+    assert "untrained" in model.caution()
+
+
 def test_resume_continues_from_the_saved_epoch_and_matches(tiny, tmp_path):
     whole = train_slice(_config(tiny, tmp_path / "whole", "m", 3))
     cfg = _config(tiny, tmp_path / "split", "m", 1)

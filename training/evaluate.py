@@ -176,19 +176,26 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
 
 def studies_seen(model: str | Path, data: str | Path, split: str) -> int:
     """How many of the studies to evaluate trained the model or chose its epochs (the train
-    and val splits of the datasets its provenance names, where they can still be read)."""
+    and val splits of every dataset its provenance names, however deep: a patient network
+    trained on another model's slice network names that model's data, where they can
+    still be read)."""
     from inference.checkpoint import read_metadata
 
-    provenance = read_metadata(model).get("provenance") or {}
     seen: set[Path] = set()
-    for source in (provenance.get("data"), (provenance.get("slice") or {}).get("data"),
-                   (provenance.get("patient") or {}).get("data")):
+    for source in _datasets(read_metadata(model).get("provenance")):
         try:
-            seen |= {e.path.resolve() for e in read_manifest(source) if e.split != "test"} \
-                if source else set()
+            seen |= {e.path.resolve() for e in read_manifest(source) if e.split != "test"}
         except (ValueError, OSError):           # moved or gone: nothing to compare with
             continue
     return sum(e.path.resolve() in seen for e in read_manifest(data, split))
+
+
+def _datasets(provenance) -> list[str]:
+    """Every ``data`` a provenance (nested dicts) names."""
+    if not isinstance(provenance, dict):
+        return []
+    found = [provenance["data"]] if isinstance(provenance.get("data"), str) else []
+    return found + [d for v in provenance.values() for d in _datasets(v)]
 
 
 def _localisation(entry, series, result, c: _Collected) -> None:

@@ -52,6 +52,13 @@ def _make(args: tuple) -> dict:
             "annotations": f"{folder}/truth.json", "masks": f"{folder}/masks.npz"}
 
 
+def refuse_a_dataset(out: Path) -> None:
+    """ValueError if ``out`` holds a dataset already: its studies would be orphaned."""
+    if (out / "manifest.csv").exists():
+        raise ValueError(f"{out} already holds a dataset (manifest.csv): choose another "
+                         f"folder, or remove that one first")
+
+
 def generate_phantom_set(out: str | Path, per_class: int, seed: int,
                          slices_range: tuple[int, int] = (32, 48), workers: int | None = None,
                          progress: Callable[[], None] | None = None) -> Path:
@@ -67,9 +74,7 @@ def generate_phantom_set(out: str | Path, per_class: int, seed: int,
     if not 1 <= lo <= hi:
         raise ValueError(f"bad slice range {lo}-{hi}")
     out = Path(out)
-    if (out / "manifest.csv").exists():     # another set's studies would be orphaned
-        raise ValueError(f"{out} already holds a dataset (manifest.csv): choose another "
-                         f"folder, or remove that one first")
+    refuse_a_dataset(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     jobs = []
