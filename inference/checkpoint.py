@@ -115,23 +115,8 @@ class LungSysModel:
         return model
 
     def caution(self, network_diagnosis: bool = True) -> str:
-        """What a user must be told before reading this model's diagnosis ("" for a trained
-        model): an untrained one (or one whose patient network learnt from an untrained
-        slice network), or one whose patient network was never trained (only ``lungsys
-        train slice`` made it), when the ``network_diagnosis`` is read."""
-        provenance = self.metadata.get("provenance")
-        provenance = provenance if isinstance(provenance, dict) else {}
-        kind = provenance.get("kind")
-        below = provenance.get("slice")
-        if kind == "init" or (isinstance(below, dict) and below.get("kind") == "init"):
-            return ("this model is untrained (made by 'lungsys model init'); its diagnosis "
-                    "means nothing")
-        if kind == "slice-trained" and self.patient_net is not None and network_diagnosis:
-            return ("only this model's slice network is trained ('lungsys train slice'): the "
-                    "patient network's diagnosis means nothing, the non-parametric "
-                    "assessment's holds; train one with 'lungsys train patient --slice-model "
-                    "MODEL'")
-        return ""
+        """What a user must be told before reading this model's diagnosis (:func:`caution`)."""
+        return caution(self.metadata, self.patient_net is not None, network_diagnosis)
 
     @property
     def networks(self) -> dict[str, nn.Module]:
@@ -236,6 +221,26 @@ def save_checkpoint(model: LungSysModel, path: str | Path) -> dict:
     tmp.replace(path)
     model.metadata = meta
     return meta
+
+
+def caution(metadata: dict, patient_network: bool, network_diagnosis: bool = True) -> str:
+    """What a user must be told before reading the diagnosis of a model with this
+    ``metadata`` ("" for a trained model): an untrained one (or one whose patient network
+    learnt from an untrained slice network), or one whose ``patient_network`` was never
+    trained (only ``lungsys train slice`` made it), when the ``network_diagnosis`` is read."""
+    provenance = metadata.get("provenance")
+    provenance = provenance if isinstance(provenance, dict) else {}
+    kind = provenance.get("kind")
+    below = provenance.get("slice")
+    if kind == "init" or (isinstance(below, dict) and below.get("kind") == "init"):
+        return ("this model is untrained (made by 'lungsys model init'); its diagnosis "
+                "means nothing")
+    if kind == "slice-trained" and patient_network and network_diagnosis:
+        return ("only this model's slice network is trained ('lungsys train slice'): the "
+                "patient network's diagnosis means nothing, the non-parametric "
+                "assessment's holds; train one with 'lungsys train patient --slice-model "
+                "MODEL'")
+    return ""
 
 
 def read_metadata(path: str | Path) -> dict:

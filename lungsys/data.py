@@ -66,11 +66,13 @@ def phantom_set_command(
     manifest; every study carries truth.json and masks.npz, which the manifest
     names as annotations and masks.
     """
-    from training.phantom_set import generate_phantom_set, refuse_a_dataset, split_sizes
+    from training.phantom_set import (check_slices_range, generate_phantom_set,
+                                      refuse_a_dataset, split_sizes)
 
-    if not 1 <= slices_range[0] <= slices_range[1]:
-        raise typer.BadParameter(f"{slices_range[0]} {slices_range[1]}: the fewest slices must "
-                                 f"be at least 1 and at most the most", param_hint="--slices-range")
+    try:
+        check_slices_range(*slices_range)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--slices-range") from None
     refuse_a_dataset(out_dir)                 # before any warning
     sizes = split_sizes(per_class)
     if not all(sizes.values()):

@@ -278,22 +278,25 @@ def evaluate_command(
     AUC; pointing game, Dice and the infected-fraction error where the dataset has
     lesion masks; seconds per 300-slice study on this machine.
     """
-    from inference.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from inference.checkpoint import (CheckpointError, caution, load_checkpoint,
+                                      read_metadata, save_checkpoint)
+    from inference.profiles import Profile
     from training.compare import (compare, comparison_lines, comparison_markdown,
                                    comparison_table, model_name)
     from training.evaluate import (evaluate, recorded_metrics, report_lines, report_table,
                                    studies_seen)
 
     for model_path in model_paths:                     # before minutes of evaluation
-        try:
-            caution = load_checkpoint(model_path).caution()
-        except (CheckpointError, OSError):             # evaluate says what is wrong
-            continue
-        if caution:
-            err.print(f"lungsys: warning: {model_path}: {caution}", markup=False,
+        try:                                           # (its metadata: no weights loaded)
+            meta = read_metadata(model_path)
+            notice = caution(meta, not Profile.from_dict(meta["profile"]).volume)
+        except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+            continue                                   # evaluate says what is wrong
+        if notice:
+            err.print(f"lungsys: warning: {model_path}: {notice}", markup=False,
                       highlight=False)
         try:
-            seen = studies_seen(model_path, data, split)
+            seen = studies_seen(meta, data, split)
         except (ValueError, OSError):                 # evaluate says what is wrong
             continue
         if seen:

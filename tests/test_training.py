@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.checkpoint import load_checkpoint
+from inference.checkpoint import load_checkpoint, read_metadata
 from inference.engine import Engine
 from training.evaluate import studies_seen
 from training.train_patient import PatientTrainConfig, train_patient
@@ -66,8 +66,9 @@ def test_what_a_model_learnt_from_is_found_however_deep_its_provenance(tiny, tmp
         "slice": {"kind": "trained", "slice": {"kind": "slice-trained", "data": str(tiny)},
                   "patient": {"data": 5}}}                      # odd values are passed over
     save_checkpoint(model, tmp_path / "deep.safetensors")
-    assert studies_seen(tmp_path / "deep.safetensors", tiny, "all") == 16
-    assert studies_seen(tmp_path / "deep.safetensors", tiny, "test") == 0
+    meta = read_metadata(tmp_path / "deep.safetensors")
+    assert studies_seen(meta, tiny, "all") == 16
+    assert studies_seen(meta, tiny, "test") == 0
     assert model.caution() == ""
     model.metadata["provenance"]["slice"] = {"kind": "init"}
     assert "untrained" in model.caution()
@@ -132,7 +133,8 @@ def test_patient_training_and_evaluation(tiny, tmp_path):
     assert recorded["pointing_game_flagged"] == report["pointing_game_flagged"]
     # its test split is unseen; its val split chose the slice network's epochs: said so
     assert "trained it or chose its epochs" not in proc.stderr
-    assert (studies_seen(out, tiny, "test"), studies_seen(out, tiny, "all")) == (0, 16)
+    meta = read_metadata(out)
+    assert (studies_seen(meta, tiny, "test"), studies_seen(meta, tiny, "all")) == (0, 16)
     proc = subprocess.run([str(exe), "evaluate", "--model", str(out), "--data", str(tiny),
                            "--split", "val"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and f"lungsys: warning: {out}: 4 of the studies evaluated " \

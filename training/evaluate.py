@@ -174,15 +174,13 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
     return report
 
 
-def studies_seen(model: str | Path, data: str | Path, split: str) -> int:
-    """How many of the studies to evaluate trained the model or chose its epochs (the train
-    and val splits of every dataset its provenance names, however deep: a patient network
-    trained on another model's slice network names that model's data, where they can
-    still be read)."""
-    from inference.checkpoint import read_metadata
-
+def studies_seen(metadata: dict, data: str | Path, split: str) -> int:
+    """How many of the studies to evaluate trained the model of this checkpoint
+    ``metadata`` or chose its epochs (the train and val splits of every dataset its
+    provenance names, however deep: a patient network trained on another model's slice
+    network names that model's data, where they can still be read)."""
     seen: set[Path] = set()
-    for source in _datasets(read_metadata(model).get("provenance")):
+    for source in _datasets(metadata.get("provenance")):
         try:
             seen |= {e.path.resolve() for e in read_manifest(source) if e.split != "test"}
         except (ValueError, OSError):           # moved or gone: nothing to compare with

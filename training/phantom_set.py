@@ -52,6 +52,13 @@ def _make(args: tuple) -> dict:
             "annotations": f"{folder}/truth.json", "masks": f"{folder}/masks.npz"}
 
 
+def check_slices_range(lo: int, hi: int) -> None:
+    """ValueError unless ``lo`` and ``hi`` are a study's fewest and most slices."""
+    if not 1 <= lo <= hi:
+        raise ValueError(f"{lo} {hi}: the fewest slices must be at least 1 and at most the "
+                         f"most")
+
+
 def refuse_a_dataset(out: Path) -> None:
     """ValueError if ``out`` holds a dataset already: its studies would be orphaned."""
     if (out / "manifest.csv").exists():
@@ -70,9 +77,8 @@ def generate_phantom_set(out: str | Path, per_class: int, seed: int,
     """
     if per_class < 1:
         raise ValueError("need at least one study per class")
+    check_slices_range(*slices_range)
     lo, hi = slices_range
-    if not 1 <= lo <= hi:
-        raise ValueError(f"bad slice range {lo}-{hi}")
     out = Path(out)
     refuse_a_dataset(out)
     out.mkdir(parents=True, exist_ok=True)
