@@ -4,12 +4,12 @@
 
 Stores one phantom study into an in-process STOW-RS receiver
 (:class:`pacs_node.stow.StowServer`: the same route, service, HTTP front door and
-token check the node serves: every request carries a sender's token) over loopback, from a client in another process (so that the
-client's work does not share the receiver's interpreter): once as a single
-multipart request of every slice, once as one request per slice on a kept-alive
-connection with TCP_NODELAY set (as urllib3 and so DICOMweb clients do). Each run starts
-from an empty job store and data folder, after the earlier runs' dirty pages are written
-back (``sync``). Prints one table: the median images/s and seconds of ``--repeats`` runs.
+token check the node serves: every request carries a sender's token) over loopback,
+from a client in another process (so that the client's work does not share the
+receiver's interpreter): once as a single multipart request of every slice, once as
+one request per slice on a kept-alive connection with TCP_NODELAY set (as urllib3
+and so DICOMweb clients do). Each run starts from an empty job store and data folder,
+after the earlier runs' dirty pages are written back (``sync``). Prints one table: the median images/s and seconds of ``--repeats`` runs.
 """
 
 from __future__ import annotations

@@ -34,10 +34,9 @@ from inference.choices import (DEFAULT_OBJECTS, HeatmapChoice, PatientMethod, Re
                                SegCompression)
 
 #: What other packages take from here (the targets and value checks live in submodules).
-__all__ = ["AssemblyTrigger", "ConfigError", "Destination", "DestinationKind", "NodeConfig", "Notification",
-           "NotificationEvent", "Priority", "PriorityRule", "TlsProfile", "UserIdentity",
-           "WorkerInstances",
-           "load_config", "defaults"]
+__all__ = ["AssemblyTrigger", "ConfigError", "Destination", "DestinationKind", "NodeConfig",
+           "Notification", "NotificationEvent", "Priority", "PriorityRule", "TlsProfile",
+           "UserIdentity", "WorkerInstances", "load_config", "defaults"]
 
 DEFAULT_FILE = "default.toml"
 #: In the data folder: the node's identity in a shared job store.

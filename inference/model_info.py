@@ -40,4 +40,5 @@ class ModelInfo:
         """As ``lungsys analyze --json`` prints it."""
         return {"version": self.version, "content_sha256": self.content_sha256,
                 "device_uid": self.device_uid, "profile": self.profile, "arch": self.arch,
-                "crop": self.crop, "mirror": self.mirror, "device": self.device}
+                "crop": self.crop, "mirror": self.mirror, "device": self.device,
+                "caution": self.caution}

@@ -243,6 +243,9 @@ class JobRunner:
                 raise SeriesError(f"{len(data)} slices, fewer than the minimum of "
                                   f"{self.config.assembly.min_slices}")
             engine = self._engine_for(job)
+            info = getattr(engine, "model_info", None)
+            if info is not None and info.caution:   # a re-run's model: the node never said
+                log.warning("job %d: model %s: %s", job.id, info.version, info.caution)
             log.info("job %d: %d slices loaded", job.id, len(data))
             result = engine.analyze(data)
             out = self.exchange.results_folder(job)

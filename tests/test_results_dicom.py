@@ -81,8 +81,10 @@ def test_highdicom_reads_back_diagnosis_probabilities_fraction_boxes(written):
     _, series, result, files = written
     sr = hd.sr.srread(files.sr)
     [diagnosis] = find_content_items(sr, name=DIAGNOSIS, recursive=True)
-    assert diagnosis.ConceptCodeSequence[0].CodeMeaning == CLASS_CODES[result.diagnosis_index].meaning
-    probabilities = {f.ConceptCodeSequence[0].CodeMeaning: f.ContentSequence[0].MeasuredValueSequence[0].NumericValue
+    assert diagnosis.ConceptCodeSequence[0].CodeMeaning == \
+        CLASS_CODES[result.diagnosis_index].meaning
+    probabilities = {f.ConceptCodeSequence[0].CodeMeaning:
+                     f.ContentSequence[0].MeasuredValueSequence[0].NumericValue
                      for f in find_content_items(sr, name=codes.DCM.Finding, recursive=True)
                      if f.ConceptCodeSequence[0].CodingSchemeDesignator == "SCT"
                      and "ContentSequence" in f}
@@ -313,11 +315,14 @@ def test_the_seg_overlays_the_lesion_region_on_its_ct_slices(written):
 
 def test_a_near_uniform_result_is_flagged_low_confidence_in_json_and_sr(written, tmp_path):
     """The untrained patient network of the test double gives the four classes nearly
-    the same probability: the result, its JSON and its SR say the confidence is low;
-    the slices' own (non-parametric) assessment is sure, and nothing is said."""
+    the same probability: the result, its JSON and its SR say the confidence is low, and
+    that the model is untrained (its checkpoint says so); the slices' own
+    (non-parametric) assessment of a model trained at least that far is sure, and
+    nothing is said."""
     _, series, result, files = written
     assert max(result.probabilities) < 0.5 and result.low_confidence
     assert result.to_json()["low_confidence"] is True
+    assert "untrained" in result.to_json()["model"]["caution"]
 
     def comment(sr) -> str:
         proc = subprocess.run([require_tool("dsrdump"), "+Pl", str(sr)], capture_output=True,
@@ -326,13 +331,17 @@ def test_a_near_uniform_result_is_flagged_low_confidence_in_json_and_sr(written,
         return next(line for line in proc.stdout.splitlines()
                     if '"Comment")=' in line and "primary" in line)
 
-    assert "Low confidence: no class is more likely than the others together" in \
-        comment(files.sr)
-    sure = Engine(hotspot_model(), device="cpu", method="nonparametric").analyze(series)
+    said = comment(files.sr)
+    assert "Warning: this model is untrained" in said
+    assert "Low confidence: no class is more likely than the others together" in said
+    slice_trained = hotspot_model()
+    slice_trained.metadata["provenance"] = {"kind": "slice-trained"}
+    sure = Engine(slice_trained, device="cpu", method="nonparametric").analyze(series)
     assert max(sure.probabilities) >= 0.5 and not sure.low_confidence
-    assert sure.to_json()["low_confidence"] is False
+    assert sure.to_json()["low_confidence"] is False and sure.to_json()["model"]["caution"] == ""
     sure_files = write_results(sure, series, tmp_path)
     assert "Low confidence" not in comment(sure_files.sr)
+    assert "Warning" not in comment(sure_files.sr)
     assert dciodvfy_errors(sure_files.sr) == [] and dciodvfy_errors(files.sr) == []
 
 

@@ -15,7 +15,8 @@ from store.models import DeliveryState, JobState, SeriesState, utcnow
 
 
 def _item(n: int, series: str = "1.2.3", expected: int | None = None) -> ReceivedInstance:
-    return ReceivedInstance(sop_instance_uid=f"{series}.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+    return ReceivedInstance(sop_instance_uid=f"{series}.{n}",
+                            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                             series_instance_uid=series, study_instance_uid="1.2",
                             modality="CT", path=f"/data/{series}/{n}.dcm", size=100,
                             transfer_syntax_uid="1.2.840.10008.1.2.1", calling_aet="CT1",

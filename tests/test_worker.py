@@ -135,3 +135,64 @@ def test_a_finished_jobs_log_is_recorded_with_its_outcome(tmp_path, covid_study,
         assert f"job {job.id}: series" in job.log, (state, job.log)
         assert ("slices loaded" if state == "done" else f"job {job.id} failed: ValueError") \
             in job.log
+
+
+def test_a_rerun_with_an_untrained_model_says_so_in_its_log_and_its_sr(tmp_path, covid_study):
+    """The node's own model is checked when it starts (its log, the dashboard); a re-run
+    may choose another. Chosen untrained, the job's log (on its console page) and the SR's
+    comment a radiologist reads say so; the node's own trained model's job says nothing."""
+    import subprocess
+    import threading
+    import time
+
+    from conftest import require_tool
+    from doubles import hotspot_model, send_series
+    from inference.checkpoint import LungSysModel, save_checkpoint
+    from inference.engine import Engine
+    from pacs_node.worker import JobRunner
+    from store.api import JobStore
+
+    config = _config(tmp_path, 'mirror = false\n[assembly]\nmin_slices = 1\n'
+                               'stable_seconds = 0.01\n')
+    store = JobStore(config.store.url)
+    trained = hotspot_model()
+    trained.metadata["provenance"] = {"kind": "slice-trained"}
+    untrained = save_checkpoint(LungSysModel.create("small", seed=3),
+                                tmp_path / "untrained.safetensors")
+    assert untrained["provenance"]["kind"] == "init"
+    send_series(store, covid_study.files, "CT1", tmp_path)
+    time.sleep(0.05)
+    Node(config, engine=object()).assembly_sweep()
+    stop, wake = threading.Event(), threading.Event()
+    runner = threading.Thread(target=JobRunner(config, store, Engine(
+        trained, device="cpu", method="nonparametric", mirror=False)).loop,
+        args=(stop, wake), daemon=True)
+    runner.start()
+
+    def done(count: int) -> list:
+        deadline = time.monotonic() + 180
+        while len(store.jobs("done")) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return store.jobs("done")
+
+    def comment(job) -> str:
+        [sr] = [r.path for r in job.results if r.kind == "sr"]
+        proc = subprocess.run([require_tool("dsrdump"), "+Pl", sr], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return next(line for line in proc.stdout.splitlines() if "primary" in line)
+
+    try:
+        [first] = done(1)
+        assert "WARNING" not in first.log and "Warning" not in comment(first)
+        store.rerun_job(first.id, str(tmp_path / "untrained.safetensors"))
+        wake.set()
+        rerun = done(2)[0]
+        assert rerun.id != first.id
+    finally:
+        stop.set()
+        wake.set()
+        runner.join(timeout=60)
+    assert f"WARNING pacs_node.worker: job {rerun.id}: model small-" in rerun.log
+    assert "this model is untrained" in rerun.log
+    assert "Warning: this model is untrained" in comment(rerun)
