@@ -143,8 +143,7 @@ def train_slice_command(
     interrupted run (Ctrl-C: exit status 130) continues from its last finished
     epoch when started again with the same settings.
     """
-    from inference.profiles import profile_for
-    from training.train_slice import SliceTrainConfig, train_slice
+    from training.train_slice import SliceTrainConfig, checked_profile, train_slice
 
     cfg = SliceTrainConfig(
         data=str(data), profile=profile, arch=arch, out=str(out_path),
@@ -156,7 +155,7 @@ def train_slice_command(
         size_balanced=size_balanced, flips=flips, affine=affine, crop=crop,
         early_stop=early_stop, level_epochs=level_epochs,
         cache_dir=str(cache_dir) if cache_dir else None)
-    profile_for(arch, profile)                # a typo is said before any warning
+    checked_profile(cfg)            # a typo or the wrong command is said before any warning
     warn_about_splits(data)
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_slice(cfg, bar)
@@ -233,15 +232,14 @@ def train_volume_command(
 
     Prints a line each epoch (losses, validation accuracy, time left); Ctrl-C keeps
     the finished epochs, and the same command continues from there."""
-    from inference.profiles import profile_for
-    from training.train_volume import VolumeTrainConfig, train_volume
+    from training.train_volume import VolumeTrainConfig, checked_profile, train_volume
 
     cfg = VolumeTrainConfig(
         data=str(data), profile=profile, arch=arch, out=str(out_path),
         run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
         lr_gamma=lr_gamma, weight_decay=weight_decay, batch_size=batch_size, flips=flips,
         seed=seed, device=device, cache_dir=str(cache_dir) if cache_dir else None)
-    profile_for(arch, profile)                # a typo is said before any warning
+    checked_profile(cfg)            # a typo or the wrong command is said before any warning
     warn_about_splits(data)
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_volume(cfg, bar)

@@ -108,6 +108,13 @@ def test_training_warns_of_an_empty_or_incomplete_split(tmp_path):
                    str(tmp_path / "s.safetensors"), "--profile", "huge")
     assert typo.returncode == 1 and typo.stderr == "lungsys: error: m3 has no profile " \
         "'huge'; expected one of paper, small\n"                   # no warning before it
+    for command, arch, refusal in (("slice", "dualsampling", "is a volume model: lungsys "
+                                    "train volume"),
+                                   ("volume", "m3", "is a slice model: lungsys train slice")):
+        wrong = lungsys("train", command, "--arch", arch, "--data", str(tmp_path / "set"),
+                        "--out", str(tmp_path / "w.safetensors"))
+        assert wrong.returncode == 1 and wrong.stderr == \
+            f"lungsys: error: --arch {arch} {refusal}\n"            # nor before this
     proc = lungsys("train", "slice", "--data", str(tmp_path / "set"), "--out",
                    str(tmp_path / "s.safetensors"), "--epochs", "1", "--batch-size", "8",
                    "--device", "cpu")

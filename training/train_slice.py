@@ -30,7 +30,7 @@ from inference.checkpoint import (load_backbone_weights, load_checkpoint, LungSy
                                   read_metadata)
 from inference.hu2020 import lesion_of
 from inference.preprocess import CROPS, TRAINING_CENTRE_RANGE, WINDOW_WIDTH
-from inference.profiles import profile_for
+from inference.profiles import Profile, profile_for
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import (HU2020_GAMMA, class_balanced_weights, focal_loss,
@@ -165,11 +165,10 @@ def load_split(data: str, split: str, size: int, cache_dir: Path,
     return studies
 
 
-def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
-    """Train the slice network; writes the checkpoint and returns its metadata.
-
-    ``progress`` is a rich Progress (or None).
-    """
+def checked_profile(cfg: SliceTrainConfig) -> tuple[Profile, dict]:
+    """The profile ``cfg`` trains and the metadata of the model it starts from ({}: none);
+    ValueError for settings that cannot go together (what the command says before
+    anything else: its warnings about the data included)."""
     if cfg.flips not in FLIPS:
         raise ValueError(f"flips must be one of {', '.join(FLIPS)}")
     if cfg.backbone_weights and cfg.from_model:
@@ -184,6 +183,16 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     if cfg.level_epochs and profile.arch != "hu2020":
         raise ValueError("--level-epochs is Hu 2020's first phase (each level's classifier "
                          "on its own): --arch hu2020 only")
+    return profile, start
+
+
+def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
+    """Train the slice network; writes the checkpoint and returns its metadata.
+
+    ``progress`` is a rich Progress (or None).
+    """
+    profile, start = checked_profile(cfg)
+    crop = profile.crop
     run, device, cache_dir = open_run(cfg)
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from inference.checkpoint import LungSysModel
 from inference.dualsampling import attention_loss, soft_mask, volume_shape
-from inference.profiles import profile_for
+from inference.profiles import Profile, profile_for
 from training.cache import CachedVolume, load_volume
 from training.dataset import read_manifest
 from training.runs import (BestEpoch, Epochs, make_optimizer, open_run,
@@ -142,13 +142,20 @@ def validation_accuracy(net, data: VolumeSet, device, batch_size: int) -> float:
     return correct / max(len(data), 1)
 
 
-def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
-    """Train both branches; writes the checkpoint and returns its metadata."""
+def checked_profile(cfg: VolumeTrainConfig) -> Profile:
+    """The profile ``cfg`` trains; ValueError for settings that cannot go together (what
+    the command says before anything else: its warnings about the data included)."""
     profile = profile_for(cfg.arch, cfg.profile)
     if not profile.volume:
         raise ValueError(f"--arch {cfg.arch} is a slice model: lungsys train slice")
     if cfg.batch_size < 2:
         raise ValueError("batch size must be at least 2 (batch norm)")
+    return profile
+
+
+def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
+    """Train both branches; writes the checkpoint and returns its metadata."""
+    profile = checked_profile(cfg)
     run, device, cache_dir = open_run(cfg)
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)
