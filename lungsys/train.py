@@ -266,6 +266,11 @@ def evaluate_command(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = 0,
     record: Annotated[bool, typer.Option(help="Store the metrics in the checkpoint's "
                                          "metadata (weights unchanged).")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        help="Where each study's evaluation is kept, to be found again by the next "
+        "evaluation of the same model; default DATA/.lungsys-cache.")] = None,
+    cache: Annotated[bool, typer.Option(help="Use studies evaluated before (--no-cache: "
+                                        "analyse every study again).")] = True,
 ) -> None:
     """Evaluate a model with the paper's metrics: network and non-parametric side by side;
     or several models side by side.
@@ -306,7 +311,8 @@ def evaluate_command(
         where = out_dir / f"{number}-{model_path.stem}" \
             if out_dir is not None and len(model_paths) > 1 else out_dir
         with progress() as bar:
-            report = evaluate(model_path, data, split, device, where, seed, bar)
+            report = evaluate(model_path, data, split, device, where, seed, bar,
+                              cache_dir, cache)
         if where is not None:
             where.mkdir(parents=True, exist_ok=True)
             (where / "report.json").write_text(json.dumps(report, indent=1))

@@ -44,7 +44,9 @@ class CachedStudy:
         return len(self.sop_uids)
 
 
-def _signature(folder: Path, extra: list[Path], version: str = CACHE_VERSION) -> str:
+def files_signature(folder: Path, extra: list[Path], version: str = CACHE_VERSION) -> str:
+    """What changes when a study's files (the folder's, and ``extra``) change: their
+    names, sizes and modification times."""
     h = hashlib.sha256(version.encode())
     for p in sorted(q for q in folder.rglob("*") if q.is_file()) + extra:
         st = p.stat()
@@ -77,7 +79,7 @@ def load_study(entry: StudyEntry, size: int, cache_dir: Path,
                crop: str = "lungs") -> CachedStudy:
     """The study's preprocessed slices, from the cache or made (and cached) now."""
     extra = [p for p in (entry.annotations,) if p is not None]
-    signature = _signature(entry.path, extra)
+    signature = files_signature(entry.path, extra)
     path = cache_path(cache_dir, entry, size, "crops" if crop == "lungs" else f"crops-{crop}")
     npz = _cached(path, signature)
     if npz is not None:
@@ -124,7 +126,7 @@ def load_volume(entry: StudyEntry, shape: tuple[int, int, int], cache_dir: Path)
     from inference.dualsampling import prepare_volume, resample_mask
 
     extra = [p for p in (entry.annotations, entry.masks) if p is not None]
-    signature = _signature(entry.path, extra, "volume-" + VOLUME_CACHE_VERSION)
+    signature = files_signature(entry.path, extra, "volume-" + VOLUME_CACHE_VERSION)
     path = cache_path(cache_dir, entry, "x".join(map(str, shape)), kind="volumes")
     npz = _cached(path, signature)
     if npz is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,10 @@ from inference.preprocess import lung_masks
 from inference.profiles import CLASSES
 from inference.series import load_series
 from training import metrics as M
-from training.dataset import read_manifest
+from training.dataset import StudyEntry, read_manifest
+from training.evaluated import METHODS, Collected, EvaluationCache
+from training.runs import default_cache_dir
 
-METHODS = tuple(PatientMethod)
 #: Fewer patients of a class than this: the report says its figures are rough.
 SMALL_SAMPLE = 20
 #: What the paper's error rates count, as the table says it.
@@ -38,23 +38,6 @@ ERRORS = {"fpe": "FPE: healthy called diseased", "fne": "FNE: diseased called he
           "fdpe": "FDPE: diseased, wrong disease"}
 #: Each class's figures and how the tables name them.
 PER_CLASS = {"sensitivity": "sensitivity", "specificity": "specificity", "auc": "AUC"}
-
-
-@dataclass
-class _Collected:
-    labels: list[int] = field(default_factory=list)
-    scores: dict[str, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in METHODS})
-    preds: dict[str, list[int]] = field(default_factory=lambda: {m: [] for m in METHODS})
-    slice_labels: list[int] = field(default_factory=list)
-    slice_scores: list[np.ndarray] = field(default_factory=list)
-    hits: list[bool] = field(default_factory=list)
-    #: the hits on the lesion slices the model flags (task 1 says lesion: a region, a box)
-    flagged_hits: list[bool] = field(default_factory=list)
-    dices: list[float] = field(default_factory=list)
-    fraction_errors: list[float] = field(default_factory=list)
-    #: a lesion-typing model's slices: the annotated types (0/1) and the predicted chances
-    type_truth: list[list[int]] = field(default_factory=list)
-    type_scores: list[list[float]] = field(default_factory=list)
 
 
 def _method_report(y, pred, scores, seed: int) -> dict:
@@ -93,38 +76,31 @@ def timed_on(device) -> str:
 
 
 def evaluate(model: str | Path, data: str | Path, split: str = "test", device: str = "auto",
-             out_dir: str | Path | None = None, seed: int = 0, progress=None) -> dict:
-    """Evaluate; returns the report (and writes ROC PNGs into ``out_dir``)."""
+             out_dir: str | Path | None = None, seed: int = 0, progress=None,
+             cache_dir: str | Path | None = None, cache: bool = True) -> dict:
+    """Evaluate; returns the report (and writes ROC PNGs into ``out_dir``). Each study's
+    part is kept in ``cache_dir`` (default DATA/.lungsys-cache) and found there again
+    (:mod:`training.evaluated`), unless ``cache`` is False."""
     entries = read_manifest(data, None if split == "all" else split)
     if not entries:
         raise ValueError(f"no {split} studies in the manifest (a phantom set of fewer than 5 "
                          f"studies per class leaves a split empty; --split all evaluates "
                          f"every study)")
     engine = Engine(model, device=device)
-    c = _Collected()
+    machine = timed_on(engine.device)
+    kept = EvaluationCache(cache_dir or default_cache_dir(str(data)), engine, machine) \
+        if cache else None
+    c, reused = Collected(), 0
     task = progress.add_task(f"evaluating {split}", total=len(entries)) if progress else None
-    seconds = slices = 0
     for entry in entries:
-        series = load_series(entry.path)
-        started = time.perf_counter()
-        result = engine.analyze(series)
-        seconds, slices = seconds + time.perf_counter() - started, slices + len(series)
-        c.labels.append(entry.label)
-        network, nonparametric = PatientMethod.network, PatientMethod.nonparametric
-        c.scores[network].append(result.network_probabilities)
-        c.preds[network].append(int(np.argmax(result.network_probabilities)))
-        c.scores[nonparametric].append(result.nonparametric_scores)
-        c.preds[nonparametric].append(result.nonparametric_diagnosis_index)
-        notes = entry.slice_annotations()
-        for s in result.slices:
-            note = notes.get(s.sop_instance_uid)
-            if note is not None:
-                c.slice_labels.append(entry.label if note.get("has_lesion") else 0)
-                c.slice_scores.append(s.class_probabilities)
-                if s.lesion_types is not None and "lesion_types" in note:
-                    c.type_truth.append([int(t in note["lesion_types"]) for t in LESION_TYPES])
-                    c.type_scores.append([s.lesion_types[t] for t in LESION_TYPES])
-        _localisation(entry, series, result, c)
+        part = kept.get(entry) if kept is not None else None
+        if part is None:
+            part = _study(engine, entry)
+            if kept is not None:
+                kept.put(entry, part)
+        else:
+            reused += 1
+        c.extend(part)
         if task is not None:
             progress.advance(task)
 
@@ -134,8 +110,10 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
                     # be patient IDs
                     "studies": [hashlib.sha256(e.path.name.encode()).hexdigest()[:16]
                                 for e in entries],
-                    "seconds_per_300_slices": round(seconds / max(slices, 1) * 300, 2),
-                    "timed_on": timed_on(engine.device),
+                    "seconds_per_300_slices": round(sum(c.seconds)
+                                                    / max(sum(c.slice_counts), 1) * 300, 2),
+                    "timed_on": machine,
+                    "studies_kept_before": reused,
                     "patients_per_class": per_class,
                     "small_sample": min(per_class.values()) < SMALL_SAMPLE,
                     "model": engine.model_info.to_json(), "data": str(Path(data).resolve())}
@@ -196,7 +174,35 @@ def _datasets(provenance) -> list[str]:
     return found + [d for v in provenance.values() for d in _datasets(v)]
 
 
-def _localisation(entry, series, result, c: _Collected) -> None:
+def _study(engine: Engine, entry: StudyEntry) -> Collected:
+    """What one study adds to the report: the engine run on it, scored against its
+    label, annotations and masks."""
+    c = Collected()
+    series = load_series(entry.path)
+    started = time.perf_counter()
+    result = engine.analyze(series)
+    c.seconds.append(time.perf_counter() - started)
+    c.slice_counts.append(len(series))
+    c.labels.append(entry.label)
+    network, nonparametric = PatientMethod.network, PatientMethod.nonparametric
+    c.scores[network].append(result.network_probabilities)
+    c.preds[network].append(int(np.argmax(result.network_probabilities)))
+    c.scores[nonparametric].append(result.nonparametric_scores)
+    c.preds[nonparametric].append(result.nonparametric_diagnosis_index)
+    notes = entry.slice_annotations()
+    for s in result.slices:
+        note = notes.get(s.sop_instance_uid)
+        if note is not None:
+            c.slice_labels.append(entry.label if note.get("has_lesion") else 0)
+            c.slice_scores.append(s.class_probabilities)
+            if s.lesion_types is not None and "lesion_types" in note:
+                c.type_truth.append([int(t in note["lesion_types"]) for t in LESION_TYPES])
+                c.type_scores.append([s.lesion_types[t] for t in LESION_TYPES])
+    _localisation(entry, series, result, c)
+    return c
+
+
+def _localisation(entry, series, result, c: Collected) -> None:
     masks = entry.lesion_masks()
     if masks is None:
         return
@@ -223,7 +229,7 @@ def _localisation(entry, series, result, c: _Collected) -> None:
         c.fraction_errors.append(abs(result.infected_fraction - float(truth)))
 
 
-def write_roc(c: _Collected, out_dir: Path) -> list[str]:
+def write_roc(c: Collected, out_dir: Path) -> list[str]:
     """One PNG per method: the four one-against-the-rest ROC curves."""
     import matplotlib
     matplotlib.use("Agg")
@@ -328,6 +334,10 @@ def report_lines(report: dict) -> list[str]:
             f"{name.replace('_', ' ')} {_auc(auc)}"
             for name, auc in report["lesion_type_auc"].items()))
     lines += [f"ROC curves: {path}" for path in report.get("roc_png", [])]
+    if report.get("studies_kept_before"):
+        lines.append(f"{report['studies_kept_before']} of {report['patients']} studies as "
+                     f"evaluated before with this model, code and machine (kept in the "
+                     f"dataset's cache; --no-cache analyses every study again)")
     if report.get("seconds_per_300_slices") is not None:
         lines.append(f"seconds per 300-slice study: {report['seconds_per_300_slices']:.1f}"
                      + (f" (timed on {report['timed_on']})" if report.get("timed_on") else ""))

@@ -1,0 +1,58 @@
+"""`lungsys evaluate` run again: each study evaluated before is taken from the dataset's
+cache, not analysed again, and the report is the same; a study whose files changed, another
+model, or --no-cache analyses again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from inference.checkpoint import LungSysModel, save_checkpoint
+from inference.engine import Engine
+from training.dataset import read_manifest
+from training.evaluate import evaluate
+
+
+def _figures(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "studies_kept_before"}
+
+
+def test_an_evaluation_run_again_analyses_no_study_twice(tiny, tmp_path, monkeypatch):
+    model = tmp_path / "m.safetensors"
+    save_checkpoint(LungSysModel.create("small", seed=1), model)
+    cache = tmp_path / "cache"
+    first = evaluate(model, tiny, "test", "cpu", cache_dir=cache)
+    assert first["studies_kept_before"] == 0 and first["patients"] == 4
+
+    def refuse(self, series, progress=None):
+        raise AssertionError("a study evaluated before was analysed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(Engine, "analyze", refuse)
+        again = evaluate(model, tiny, "test", "cpu", cache_dir=cache)
+    assert again["studies_kept_before"] == 4
+    assert _figures(again) == _figures(first)
+
+    # a study whose annotations were written again is analysed again; the others are not
+    changed = read_manifest(tiny, "test")[0].annotations
+    changed.write_text(changed.read_text())
+    assert evaluate(model, tiny, "test", "cpu", cache_dir=cache)["studies_kept_before"] == 3
+    # nor is anything taken for another model, or when asked not to
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(LungSysModel.create("small", seed=2), other)
+    assert evaluate(other, tiny, "test", "cpu", cache_dir=cache)["studies_kept_before"] == 0
+    assert evaluate(model, tiny, "test", "cpu", cache_dir=cache,
+                    cache=False)["studies_kept_before"] == 0
+
+    # the command says so; --no-cache analyses every study again
+    exe = str(Path(sys.executable).with_name("lungsys"))
+    command = [exe, "evaluate", "--model", str(model), "--data", str(tiny), "--device", "cpu",
+               "--cache-dir", str(cache)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 of 4 studies as evaluated before with this model, code and machine" in \
+        proc.stdout
+    proc = subprocess.run(command + ["--no-cache"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "evaluated before" not in proc.stdout, proc.stderr

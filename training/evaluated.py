@@ -1,0 +1,145 @@
+"""Each study's part of an evaluation, kept on disk, so that no study is analysed twice.
+
+`lungsys evaluate` spends nearly all its time in the engine: about 35 s per 300-slice
+study on a 2-core CPU, ten minutes for a fresh set of 100 phantom patients. `--split
+test` followed by `--split all`, a comparison naming a model evaluated before, or an
+evaluation stopped with Ctrl-C and started again would analyse the same studies again.
+What a study adds to the report (its patient scores, its slices' scores, its
+pointing-game hits, Dice and infected-fraction error, and its seconds) is small, and is
+kept under the dataset's cache (``DATA/.lungsys-cache/evaluated-KEY``). The key names
+everything the figures depend on: the model's weights and profile, the engine's
+settings, the machine the seconds were timed on, and the source of the code that
+computed them; a study is analysed again when its files, its annotations, its masks or
+its label changed since.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference.choices import PatientMethod
+from training.cache import cache_path, files_signature
+from training.dataset import StudyEntry
+
+log = logging.getLogger(__name__)
+
+METHODS = tuple(PatientMethod)
+#: Bumped when what a study's part holds changes (older parts are then not read).
+VERSION = "1"
+
+
+@dataclass
+class Collected:
+    """What the studies of an evaluation add to its report, study after study."""
+
+    labels: list[int] = field(default_factory=list)
+    scores: dict[str, list] = field(default_factory=lambda: {m: [] for m in METHODS})
+    preds: dict[str, list[int]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    slice_labels: list[int] = field(default_factory=list)
+    slice_scores: list = field(default_factory=list)
+    hits: list[bool] = field(default_factory=list)
+    #: the hits on the lesion slices the model flags (task 1 says lesion: a region, a box)
+    flagged_hits: list[bool] = field(default_factory=list)
+    dices: list[float] = field(default_factory=list)
+    fraction_errors: list[float] = field(default_factory=list)
+    #: a lesion-typing model's slices: the annotated types (0/1) and the predicted chances
+    type_truth: list[list[int]] = field(default_factory=list)
+    type_scores: list[list[float]] = field(default_factory=list)
+    #: each study's seconds in the engine and its number of slices
+    seconds: list[float] = field(default_factory=list)
+    slice_counts: list[int] = field(default_factory=list)
+
+    def extend(self, other: "Collected") -> None:
+        """Add ``other``'s studies after these."""
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for method in METHODS:
+                    mine[method].extend(theirs[method])
+            else:
+                mine.extend(theirs)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=_plain))
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Collected":
+        found = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        found.scores = {m: data["scores"][str(m)] for m in METHODS}
+        found.preds = {m: data["preds"][str(m)] for m in METHODS}
+        return found
+
+
+def _plain(value):
+    """numpy's values as JSON's."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """The source of what computes a study's part: the inference package (the engine, the
+    maps, the series loading) and the evaluation's own modules."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "inference").glob("*.py")) + [
+        root / "training" / name for name in ("evaluate.py", "evaluated.py", "metrics.py",
+                                              "dataset.py")]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+class EvaluationCache:
+    """The studies' parts of one model's evaluation with one engine on one machine."""
+
+    def __init__(self, cache_dir: str | Path, engine, timed_on: str) -> None:
+        settings = {"version": VERSION, "model": engine.model_info.to_json(),
+                    "metadata_profile": engine.model.metadata.get("profile"),
+                    "t": engine.t, "timed_on": timed_on, "code": code_digest()}
+        self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
+                                  .encode()).hexdigest()[:16]
+        self.cache_dir = Path(cache_dir)
+        self.writable = True
+
+    def _where(self, entry: StudyEntry) -> tuple[Path, str]:
+        extra = [p for p in (entry.annotations, entry.masks) if p is not None]
+        signature = f"{files_signature(entry.path, extra, VERSION)}|label {entry.label}"
+        return cache_path(self.cache_dir, entry, self.key, "evaluated").with_suffix(".json"), \
+            signature
+
+    def get(self, entry: StudyEntry) -> Collected | None:
+        """The study's part, when it was kept for these files, this model and this code."""
+        path, signature = self._where(entry)
+        try:
+            kept = json.loads(path.read_text())
+            return Collected.from_json(kept["part"]) if kept["signature"] == signature \
+                else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None                        # not kept, or not readable: analyse again
+
+    def put(self, entry: StudyEntry, part: Collected) -> None:
+        """Keep the study's part (written whole: a file renamed into place)."""
+        if not self.writable:
+            return
+        path, signature = self._where(entry)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"signature": signature, "part": part.to_json()}))
+            tmp.replace(path)
+        except OSError as exc:                 # a read-only dataset: evaluate all the same
+            log.warning("evaluation results are not kept in %s: %s", self.cache_dir,
+                        exc.strerror or exc)
+            self.writable = False
