@@ -90,12 +90,16 @@ def _plain(value):
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
     """The source of what computes a study's part: the inference package (the engine, the
-    maps, the series loading) and the evaluation's own modules."""
+    maps, the series loading), the evaluation's own modules, and the versions of the
+    libraries whose numbers they use."""
+    from importlib.metadata import version
+
     root = Path(__file__).resolve().parents[1]
     files = sorted((root / "inference").glob("*.py")) + [
         root / "training" / name for name in ("evaluate.py", "evaluated.py", "metrics.py",
                                               "dataset.py")]
-    h = hashlib.sha256()
+    h = hashlib.sha256(" ".join(version(name) for name in (
+        "torch", "numpy", "scipy", "scikit-image", "pydicom")).encode())
     for path in files:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
