@@ -9,7 +9,8 @@ from a client in another process (so that the client's work does not share the
 receiver's interpreter): once as a single multipart request of every slice, once as
 one request per slice on a kept-alive connection with TCP_NODELAY set (as urllib3
 and so DICOMweb clients do). Each run starts from an empty job store and data folder,
-after the earlier runs' dirty pages are written back (``sync``). Prints one table: the median images/s and seconds of ``--repeats`` runs.
+after the earlier runs' dirty pages are written back (``sync``). Prints one table: the
+median images/s and seconds of ``--repeats`` runs.
 """
 
 from __future__ import annotations

@@ -114,9 +114,9 @@ class LungSysModel:
                           "model_version": None}
         return model
 
-    def caution(self, network_diagnosis: bool = True) -> str:
-        """What a user must be told before reading this model's diagnosis (:func:`caution`)."""
-        return caution(self.metadata, self.patient_net is not None, network_diagnosis)
+    def untrained(self, network_diagnosis: bool = True) -> str:
+        """What is untrained where this model's diagnosis comes from (:func:`untrained`)."""
+        return untrained(self.metadata, self.patient_net is not None, network_diagnosis)
 
     @property
     def networks(self) -> dict[str, nn.Module]:
@@ -223,23 +223,20 @@ def save_checkpoint(model: LungSysModel, path: str | Path) -> dict:
     return meta
 
 
-def caution(metadata: dict, patient_network: bool, network_diagnosis: bool = True) -> str:
-    """What a user must be told before reading the diagnosis of a model with this
-    ``metadata`` ("" for a trained model): an untrained one (or one whose patient network
-    learnt from an untrained slice network), or one whose ``patient_network`` was never
-    trained (only ``lungsys train slice`` made it), when the ``network_diagnosis`` is read."""
+def untrained(metadata: dict, patient_network: bool, network_diagnosis: bool = True) -> str:
+    """What is untrained where the diagnosis of a model with this ``metadata`` comes from
+    (:data:`inference.model_info.UNTRAINED`'s keys; "" for a trained model): "model" when
+    'lungsys model init' made it (or the slice network its patient network learnt from);
+    "patient" when only its slice network was trained ('lungsys train slice') and its
+    ``patient_network``'s diagnosis is read (``network_diagnosis``)."""
     provenance = metadata.get("provenance")
     provenance = provenance if isinstance(provenance, dict) else {}
     kind = provenance.get("kind")
     below = provenance.get("slice")
     if kind == "init" or (isinstance(below, dict) and below.get("kind") == "init"):
-        return ("this model is untrained (made by 'lungsys model init'); its diagnosis "
-                "means nothing")
+        return "model"
     if kind == "slice-trained" and patient_network and network_diagnosis:
-        return ("only this model's slice network is trained ('lungsys train slice'): the "
-                "patient network's diagnosis means nothing, the non-parametric "
-                "assessment's holds; train one with 'lungsys train patient --slice-model "
-                "MODEL'")
+        return "patient"
     return ""
 
 

@@ -81,7 +81,7 @@ class Engine:
             intended_use=self.model.metadata.get("intended_use", ""),
             arch=self.model.profile.arch, crop=self.model.profile.crop,
             mirror=mirror and not self.model.profile.volume,
-            caution=self.model.caution(method == PatientMethod.network))
+            untrained=self.model.untrained(method == PatientMethod.network))
 
     def _autocast(self):
         return _autocast(self.device)

@@ -29,7 +29,8 @@ from inference.heatmap import build_sc, edge_markers, render_overlay
 from inference.identity import DISCLAIMER, AlgorithmIdentity
 from inference.ko import build_ko
 from inference.localize import smooth
-from inference.results import AnalysisResult
+from inference.model_info import UNTRAINED
+from inference.results import AnalysisResult, SliceResult
 from inference.series import CTSeries
 from inference.seg import build_seg
 from inference.sr import build_sr, lesion_type_words
@@ -153,24 +154,35 @@ def write_results(result: AnalysisResult, series: CTSeries, out_dir: str | Path,
                       SegCompression(seg_compression))
 
 
+def overlay_lines(result: AnalysisResult, identity: AlgorithmIdentity,
+                  s: SliceResult) -> list[str]:
+    """The text burned into slice ``s``'s heatmap: the model, the diagnosis (and its low
+    confidence), an untrained model's warning, the slice's lesion probability and types,
+    and the disclaimer last."""
+    top = float(result.probabilities[result.diagnosis_index])
+    untrained = result.model.untrained if result.model is not None else ""
+    return [f"{identity.algorithm_name} {identity.model_version}",
+            f"Diagnosis: {result.diagnosis} (p={top:.2f}"
+            + (", low confidence)" if result.low_confidence else ")"),
+            *([f"WARNING: {UNTRAINED[untrained].label}"] if untrained else []),
+            f"{s.label[0].upper()}{s.label[1:]}: lesion probability "
+            f"{s.lesion_probability:.2f}",
+            *([f"Lesion types: {lesion_type_words(s)}"] if s.shown_types else []),
+            DISCLAIMER]
+
+
 def _heatmaps(result: AnalysisResult, series: CTSeries, out: Path, identity: AlgorithmIdentity,
               sources: list[Dataset], frames: list, chosen: list) -> list[tuple[Dataset, Path]]:
     sc_series = hd.UID()
     written = []
-    top = float(result.probabilities[result.diagnosis_index])
     # each heatmap numbered as its CT image, so that PACS lists "image 37" beside image 37
     # (one's own count where the CT's numbers are missing or repeated)
     numbers = [s.instance_number for s in chosen]
     if None in numbers or len(set(numbers)) < len(numbers):
         numbers = list(range(1, len(chosen) + 1))
     for number, s in zip(numbers, chosen):
-        lines = [f"{identity.algorithm_name} {identity.model_version}",
-                 f"Diagnosis: {result.diagnosis} (p={top:.2f})",
-                 f"{s.label[0].upper()}{s.label[1:]}: lesion probability "
-                 f"{s.lesion_probability:.2f}",
-                 *([f"Lesion types: {lesion_type_words(s)}"] if s.shown_types else []),
-                 DISCLAIMER]
-        pixels = render_overlay(series.hu[s.index], _shown(result, series, s.index), lines,
+        pixels = render_overlay(series.hu[s.index], _shown(result, series, s.index),
+                                overlay_lines(result, identity, s),
                                 [b.as_tuple() for b in s.boxes],
                                 edge_markers(series.orientation))
         sc = build_sc(sources[s.index], pixels, series_instance_uid=sc_series,

@@ -9,12 +9,9 @@ import numpy as np
 from inference.localize import LesionBox
 from inference.preprocess import uncrop
 from inference.choices import PatientMethod
-from inference.model_info import ModelInfo
+from inference.model_info import ModelInfo, low_confidence
 from inference.profiles import CLASSES
 
-
-#: Below this highest class probability a result is flagged low confidence.
-LOW_CONFIDENCE = 0.5
 
 @dataclass
 class SliceResult:
@@ -107,9 +104,9 @@ class AnalysisResult:
     @property
     def low_confidence(self) -> bool:
         """No class is more likely than the three others together (the highest probability
-        is below :data:`LOW_CONFIDENCE`): the four are too near uniform for the diagnosis
-        to mean much, and the report says so."""
-        return float(max(self.probabilities)) < LOW_CONFIDENCE
+        is below :data:`~inference.model_info.LOW_CONFIDENCE`): the four are too near
+        uniform for the diagnosis to mean much, and the report says so."""
+        return low_confidence(self.probabilities)
 
     def to_json(self) -> dict:
         """The result as JSON-ready types (the ``--json`` output of ``lungsys analyze``)."""

@@ -128,8 +128,8 @@ def analyze_command(
         raise CLIError(f"{exc}; choose one with --series-uid") from None
     engine = Engine(model_path or default_model(), device=device, batch_size=batch_size,
                     method=method)
-    if engine.model_info.caution:
-        err.print(f"lungsys: warning: {engine.model_info.caution}", markup=False,
+    if engine.model_info.advice:
+        err.print(f"lungsys: warning: {engine.model_info.advice}", markup=False,
                   highlight=False)
     elif engine.model.metadata.get("intended_use"):
         err.print(f"lungsys: note: {engine.model.metadata['intended_use']}", markup=False,

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from config.rules import Priority
+from inference.model_info import low_confidence
 from inference.version import software_version
 from lungsys.common import CLIError, err, out, print_fields, when
 from store.models import IncidentKind, JobState
@@ -78,8 +79,8 @@ def serve_command(
             if model is not None
             else "no local worker (jobs run by `lungsys worker` processes)",
             len(cfg.destinations))
-        if model is not None and model.caution:
-            logger.warning("model: %s", model.caution)
+        if model is not None and model.advice:
+            logger.warning("model: %s", model.advice)
         elif model is not None and model.intended_use:
             logger.info("model: %s", model.intended_use)
         if node.stow_port and not cfg.http.tls_certificate and not _loopback(cfg.http.host):
@@ -167,6 +168,8 @@ def _job_dict(job) -> dict:
             "created_at": when(job.created_at), "started_at": when(job.started_at),
             "finished_at": when(job.finished_at), "model_version": job.model_version,
             "diagnosis": job.diagnosis, "probabilities": job.probabilities,
+            "low_confidence": low_confidence(job.probabilities.values())
+            if job.probabilities else None, "caution": job.caution,
             "infected_fraction": job.infected_fraction, "timings": job.timings,
             "error": job.error,
             "results": [{"kind": r.kind, "sop_instance_uid": r.sop_instance_uid,

@@ -189,7 +189,7 @@ def train_patient_command(
 
     Prints a line each epoch (loss, validation accuracy, time left); Ctrl-C keeps
     the finished epochs, and the same command continues from there."""
-    from training.train_patient import PatientTrainConfig, train_patient
+    from training.train_patient import PatientTrainConfig, check_settings, train_patient
 
     cfg = PatientTrainConfig(
         data=str(data), slice_model=str(slice_model), out=str(out_path),
@@ -197,6 +197,7 @@ def train_patient_command(
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         beta1=betas[0], beta2=betas[1], batch_size=batch_size, seed=seed, device=device,
         cache_dir=str(cache_dir) if cache_dir else None)
+    check_settings(cfg)             # a missing or volume slice model is said before warnings
     warn_about_splits(data)
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_patient(cfg, bar)
@@ -281,8 +282,9 @@ def evaluate_command(
     AUC; pointing game, Dice and the infected-fraction error where the dataset has
     lesion masks; seconds per 300-slice study on this machine.
     """
-    from inference.checkpoint import (CheckpointError, caution, load_checkpoint,
-                                      read_metadata, save_checkpoint)
+    from inference.checkpoint import (CheckpointError, load_checkpoint, read_metadata,
+                                      save_checkpoint, untrained)
+    from inference.model_info import advice_for
     from inference.profiles import Profile
     from training.compare import (compare, comparison_lines, comparison_markdown,
                                    comparison_table, model_name)
@@ -292,7 +294,7 @@ def evaluate_command(
     for model_path in model_paths:                     # before minutes of evaluation
         try:                                           # (its metadata: no weights loaded)
             meta = read_metadata(model_path)
-            notice = caution(meta, not Profile.from_dict(meta["profile"]).volume)
+            notice = advice_for(untrained(meta, not Profile.from_dict(meta["profile"]).volume))
         except (CheckpointError, OSError, KeyError, TypeError, ValueError):
             continue                                   # evaluate says what is wrong
         if notice:

@@ -92,8 +92,8 @@ def run_worker(config: NodeConfig) -> None:
              engine.model_info.device, runner.node_id,
              f"instances over WADO-RS from {config.worker.node_url}" if over_http
              else "shared data folder", config.worker.lease_seconds)
-    if engine.model_info.caution:
-        log.warning("model: %s", engine.model_info.caution)
+    if engine.model_info.advice:
+        log.warning("model: %s", engine.model_info.advice)
     bell = JobBell(config.store.url, wake).start() if store.engine.dialect.name == \
         "postgresql" else None
     try:

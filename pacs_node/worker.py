@@ -244,8 +244,8 @@ class JobRunner:
                                   f"{self.config.assembly.min_slices}")
             engine = self._engine_for(job)
             info = getattr(engine, "model_info", None)
-            if info is not None and info.caution:   # a re-run's model: the node never said
-                log.warning("job %d: model %s: %s", job.id, info.version, info.caution)
+            if info is not None and info.advice:  # each job says it (a re-run's model too)
+                log.warning("job %d: model %s: %s", job.id, info.version, info.advice)
             log.info("job %d: %d slices loaded", job.id, len(data))
             result = engine.analyze(data)
             out = self.exchange.results_folder(job)
@@ -275,6 +275,7 @@ class JobRunner:
                 probabilities={c: float(p) for c, p in zip(CLASSES, result.probabilities)},
                 infected_fraction=float(result.infected_fraction), timings=timings,
                 model_version=result.model.version, device_uid=result.model.device_uid,
+                caution=result.model.caution,
                 results=records, worker=job.worker,   # the claim this run holds
                 deliveries=[] if self.remote else [(d.name, d.kind)
                                                    for d in self.config.destinations],

@@ -102,12 +102,13 @@ class Jobs:
                    infected_fraction: float, timings: dict, model_version: str,
                    device_uid: str, results: Iterable[dict], worker: str | None = None,
                    deliveries: Iterable[tuple[str, str]] = (), to_route: bool = False,
-                   log: str | None = None) -> None:
+                   log: str | None = None, caution: str = "") -> None:
         """Record a job's outcome and queue its deliveries (destination name and kind), in
         one transaction; with ``worker``, only while that worker still holds the job
         (LeaseLost otherwise: another took it over, and only one may record results);
         ``to_route``: the node queues the deliveries instead (a worker elsewhere); ``log``:
-        the run's log so far, kept with the outcome (never a finished job without it)."""
+        the run's log so far, kept with the outcome (never a finished job without it);
+        ``caution``: what a reader must know of the model (an untrained one)."""
         with self.session() as s, s.begin():
             job = _held(s, job_id, worker)
             job.state, job.finished_at, job.error = JobState.done, utcnow(), ""
@@ -117,6 +118,7 @@ class Jobs:
             job.diagnosis, job.probabilities = diagnosis, probabilities
             job.infected_fraction, job.timings = infected_fraction, timings
             job.model_version, job.device_uid = model_version, device_uid
+            job.caution = caution
             for r in results:
                 s.add(Result(job_id=job_id, **r))
             for name, kind in deliveries:

@@ -191,6 +191,9 @@ class Job(Base):
     # a secret of the claim (a new one each claim): what a worker over HTTP shows the node
     # with its token to retrieve the job's series and hand back its results (pacs_node.wado)
     claim_key: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # what a reader must know of the model that made its results: untrained
+    # (inference.model_info.UNTRAINED), "" for a trained one
+    caution: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     results: Mapped[list["Result"]] = relationship(back_populates="job", order_by="Result.id")

@@ -115,6 +115,14 @@ def test_training_warns_of_an_empty_or_incomplete_split(tmp_path):
                         "--out", str(tmp_path / "w.safetensors"))
         assert wrong.returncode == 1 and wrong.stderr == \
             f"lungsys: error: --arch {arch} {refusal}\n"            # nor before this
+    for command, refusal in (
+            (["slice", "--optimizer", "adamm"], "unknown optimizer 'adamm'; expected sgd, "
+                                                "adam or adamw"),
+            (["patient", "--slice-model", str(tmp_path / "gone.safetensors")],
+             f"{tmp_path / 'gone.safetensors'}: no such checkpoint file")):
+        wrong = lungsys("train", *command, "--data", str(tmp_path / "set"), "--out",
+                        str(tmp_path / "w.safetensors"))
+        assert wrong.returncode == 1 and wrong.stderr == f"lungsys: error: {refusal}\n"
     proc = lungsys("train", "slice", "--data", str(tmp_path / "set"), "--out",
                    str(tmp_path / "s.safetensors"), "--epochs", "1", "--batch-size", "8",
                    "--device", "cpu")

@@ -12,6 +12,7 @@ from inference.checkpoint import LungSysModel, save_checkpoint
 from inference.engine import Engine
 from training.dataset import read_manifest
 from training.evaluate import evaluate
+from training.evaluated import EvaluationCache
 
 
 def _figures(report: dict) -> dict:
@@ -38,12 +39,12 @@ def test_an_evaluation_run_again_analyses_no_study_twice(tiny, tmp_path, monkeyp
     changed = read_manifest(tiny, "test")[0].annotations
     changed.write_text(changed.read_text())
     assert evaluate(model, tiny, "test", "cpu", cache_dir=cache)["studies_kept_before"] == 3
-    # nor is anything taken for another model, or when asked not to
+    # nor is anything taken for another model's weights, or another machine
     other = tmp_path / "other.safetensors"
     save_checkpoint(LungSysModel.create("small", seed=2), other)
-    assert evaluate(other, tiny, "test", "cpu", cache_dir=cache)["studies_kept_before"] == 0
-    assert evaluate(model, tiny, "test", "cpu", cache_dir=cache,
-                    cache=False)["studies_kept_before"] == 0
+    keys = {EvaluationCache(cache, Engine(m, device="cpu"), machine).key
+            for m in (model, other) for machine in ("this CPU", "another CPU")}
+    assert len(keys) == 4
 
     # the command says so; --no-cache analyses every study again
     exe = str(Path(sys.executable).with_name("lungsys"))

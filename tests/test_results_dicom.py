@@ -12,7 +12,8 @@ from highdicom.sr.utils import find_content_items
 from pydicom.sr.codedict import codes
 
 from inference.engine import Engine
-from inference.export import write_results
+from inference.export import overlay_lines, write_results
+from inference.identity import AlgorithmIdentity
 from inference.preprocess import lung_masks
 from inference.series import load_series
 from inference.sr import CLASS_CODES, DIAGNOSIS, INFECTED_FRACTION, PROBABILITY
@@ -332,8 +333,12 @@ def test_a_near_uniform_result_is_flagged_low_confidence_in_json_and_sr(written,
                     if '"Comment")=' in line and "primary" in line)
 
     said = comment(files.sr)
-    assert "Warning: this model is untrained" in said
-    assert "Low confidence: no class is more likely than the others together" in said
+    assert "Warning: this model is untrained: its diagnosis means nothing. Low confidence: " \
+        "no class is more likely than the others together" in said
+    lines = overlay_lines(result, AlgorithmIdentity.from_model_info(result.model, "network"),
+                          result.slices[0])                 # burned into the heatmaps
+    assert lines[1].endswith(", low confidence)")
+    assert lines[2] == "WARNING: untrained model: the diagnosis means nothing"
     slice_trained = hotspot_model()
     slice_trained.metadata["provenance"] = {"kind": "slice-trained"}
     sure = Engine(slice_trained, device="cpu", method="nonparametric").analyze(series)
@@ -342,6 +347,10 @@ def test_a_near_uniform_result_is_flagged_low_confidence_in_json_and_sr(written,
     sure_files = write_results(sure, series, tmp_path)
     assert "Low confidence" not in comment(sure_files.sr)
     assert "Warning" not in comment(sure_files.sr)
+    lines = overlay_lines(sure, AlgorithmIdentity.from_model_info(sure.model, "nonparametric"),
+                          sure.slices[0])
+    assert lines[1].endswith(")") and "low confidence" not in lines[1]
+    assert not any(line.startswith("WARNING") for line in lines)
     assert dciodvfy_errors(sure_files.sr) == [] and dciodvfy_errors(files.sr) == []
 
 

@@ -290,3 +290,30 @@ def test_a_postgresql_job_store_of_an_older_version_learns_the_new_roles(postgre
     store = JobStore(url)
     assert store.create_token("gpu-worker", Role.worker).startswith("lsy_")
     assert [t.role for t in store.tokens()] == [Role.worker]
+
+
+def test_a_job_store_of_an_older_version_gains_the_new_columns_and_keeps_its_jobs(store):
+    """A job store an older lungsys wrote (here: without the jobs' caution, which came
+    later) is upgraded in place when a newer node opens it: its jobs stay, and a job
+    finishes with the new column filled."""
+    from sqlalchemy import text
+
+    from store.api import JobStore
+
+    store.record_instance(_item(1))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    old = store.queue_job(series.id)
+    store.claim_job()
+    _finish(store, old.id)
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN caution"))
+    store.engine.dispose()
+    newer = JobStore(store.engine.url.render_as_string(hide_password=False))
+    [kept] = newer.jobs()
+    assert (kept.id, kept.diagnosis, kept.caution) == (old.id, "CAP", "")
+    again = newer.rerun_job(old.id)
+    newer.claim_job()
+    newer.finish_job(again.id, diagnosis="CAP", probabilities={"CAP": 0.8},
+                     infected_fraction=0.1, timings={}, model_version="v",
+                     device_uid="2.25.1", results=[], caution="this model is untrained")
+    assert newer.jobs()[0].caution == "this model is untrained"

@@ -44,15 +44,18 @@ def test_slice_training_lowers_the_loss_and_writes_a_loadable_model(tiny, tmp_pa
     assert config["lr"] == 0.001 and config["seed"] == 3 and config["optimizer"] == "adamw"
     assert "val_class_acc" in rows[0]
     # its patient network was never trained: whoever reads the network's diagnosis is told
-    assert "'lungsys train patient --slice-model MODEL'" in model.caution()
-    assert model.caution(network_diagnosis=False) == ""
-    assert Engine(model, device="cpu").model_info.caution == model.caution()
+    assert model.untrained() == "patient" and model.untrained(network_diagnosis=False) == ""
+    info = Engine(model, device="cpu").model_info
+    assert info.caution == "this model's patient-level network is untrained: its diagnosis " \
+        "means nothing"                                                     # to a reader
+    assert "'lungsys train patient --slice-model MODEL'" in info.advice   # to who runs it
+    assert Engine(model, device="cpu", method="nonparametric").model_info.caution == ""
     proc = subprocess.run([str(Path(sys.executable).with_name("lungsys")), "evaluate",
                            "--model", str(tmp_path / "a.safetensors"), "--data",
                            str(tmp_path / "no-such-set")], capture_output=True, text=True,
                           timeout=300)
-    assert f"lungsys: warning: {tmp_path / 'a.safetensors'}: only this model's slice " \
-           f"network is trained" in proc.stderr and proc.returncode == 1
+    assert f"lungsys: warning: {tmp_path / 'a.safetensors'}: this model's patient-level " \
+           f"network is untrained" in proc.stderr and proc.returncode == 1
 
 
 def test_what_a_model_learnt_from_is_found_however_deep_its_provenance(tiny, tmp_path):
@@ -69,9 +72,9 @@ def test_what_a_model_learnt_from_is_found_however_deep_its_provenance(tiny, tmp
     meta = read_metadata(tmp_path / "deep.safetensors")
     assert studies_seen(meta, tiny, "all") == 16
     assert studies_seen(meta, tiny, "test") == 0
-    assert model.caution() == ""
+    assert model.untrained() == ""
     model.metadata["provenance"]["slice"] = {"kind": "init"}
-    assert "untrained" in model.caution()
+    assert model.untrained() == "model"
 
 
 def test_resume_continues_from_the_saved_epoch_and_matches(tiny, tmp_path):

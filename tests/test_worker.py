@@ -137,36 +137,43 @@ def test_a_finished_jobs_log_is_recorded_with_its_outcome(tmp_path, covid_study,
             in job.log
 
 
-def test_a_rerun_with_an_untrained_model_says_so_in_its_log_and_its_sr(tmp_path, covid_study):
+def test_a_rerun_with_an_untrained_model_says_so_wherever_its_result_is_read(
+        tmp_path, covid_study, caplog):
     """The node's own model is checked when it starts (its log, the dashboard); a re-run
-    may choose another. Chosen untrained, the job's log (on its console page) and the SR's
-    comment a radiologist reads say so; the node's own trained model's job says nothing."""
+    may choose another. Chosen untrained, the job's log (on its console page) says so and
+    what to do; its reader is told in the SR's comment, on the heatmaps, in the job's
+    record (the console, `jobs show --json`) and in the webhook's body. The node's own
+    trained model's job says nothing of the kind."""
+    import json
     import subprocess
+    import sys
     import threading
     import time
+    from pathlib import Path
 
     from conftest import require_tool
+    from config import Notification, NotificationEvent
     from doubles import hotspot_model, send_series
     from inference.checkpoint import LungSysModel, save_checkpoint
     from inference.engine import Engine
+    from inference.model_info import UNTRAINED
+    from pacs_node.notify import payload
     from pacs_node.worker import JobRunner
     from store.api import JobStore
 
+    caplog.set_level(logging.INFO)                  # as `lungsys serve` logs
     config = _config(tmp_path, 'mirror = false\n[assembly]\nmin_slices = 1\n'
                                'stable_seconds = 0.01\n')
     store = JobStore(config.store.url)
     trained = hotspot_model()
-    trained.metadata["provenance"] = {"kind": "slice-trained"}
-    untrained = save_checkpoint(LungSysModel.create("small", seed=3),
-                                tmp_path / "untrained.safetensors")
-    assert untrained["provenance"]["kind"] == "init"
+    trained.metadata["provenance"] = {"kind": "trained"}
+    save_checkpoint(LungSysModel.create("small", seed=3), tmp_path / "untrained.safetensors")
     send_series(store, covid_study.files, "CT1", tmp_path)
     time.sleep(0.05)
     Node(config, engine=object()).assembly_sweep()
     stop, wake = threading.Event(), threading.Event()
     runner = threading.Thread(target=JobRunner(config, store, Engine(
-        trained, device="cpu", method="nonparametric", mirror=False)).loop,
-        args=(stop, wake), daemon=True)
+        trained, device="cpu", mirror=False)).loop, args=(stop, wake), daemon=True)
     runner.start()
 
     def done(count: int) -> list:
@@ -180,19 +187,36 @@ def test_a_rerun_with_an_untrained_model_says_so_in_its_log_and_its_sr(tmp_path,
         proc = subprocess.run([require_tool("dsrdump"), "+Pl", sr], capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
-        return next(line for line in proc.stdout.splitlines() if "primary" in line)
+        return next(line for line in proc.stdout.splitlines()
+                    if '"Comment")=' in line and "primary" in line)
+
+    def webhook(job) -> dict:
+        return payload(NotificationEvent.job_done, job, "node",
+                       Notification(name="ris", url="http://127.0.0.1:9/hook"))
 
     try:
         [first] = done(1)
-        assert "WARNING" not in first.log and "Warning" not in comment(first)
         store.rerun_job(first.id, str(tmp_path / "untrained.safetensors"))
         wake.set()
         rerun = done(2)[0]
-        assert rerun.id != first.id
     finally:
         stop.set()
         wake.set()
         runner.join(timeout=60)
+    assert rerun.id != first.id
+    assert f"job {first.id}: " in first.log and "slices loaded" in first.log
+    assert "WARNING" not in first.log and first.caution == ""
+    assert "Warning" not in comment(first) and webhook(first)["caution"] is None
+
+    said = UNTRAINED["model"]
     assert f"WARNING pacs_node.worker: job {rerun.id}: model small-" in rerun.log
-    assert "this model is untrained" in rerun.log
-    assert "Warning: this model is untrained" in comment(rerun)
+    assert said.caution in rerun.log and "lungsys model init" in rerun.log  # what to do
+    assert rerun.caution == said.caution and webhook(rerun)["caution"] == said.caution
+    assert f"Warning: {said.caution}." in comment(rerun)
+    assert "lungsys" not in comment(rerun).split("Produced by")[0]   # no commands for a reader
+    exe = str(Path(sys.executable).with_name("lungsys"))
+    shown = subprocess.run([exe, "jobs", "show", str(rerun.id), "--config",
+                            str(tmp_path / "node.toml"), "--json"], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["caution"] == said.caution

@@ -328,17 +328,23 @@ def step_lr(base: float, epoch: int, step: int, gamma: float) -> float:
     return base * gamma ** (epoch // step)
 
 
+def check_optimizer(cfg: TrainingSettings) -> None:
+    """ValueError for an optimizer or betas :func:`make_optimizer` cannot make (checked
+    before the run starts: the commands check it before their warnings)."""
+    if cfg.optimizer not in ("sgd", "adam", "adamw"):
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd, adam or adamw")
+    for beta in (cfg.beta1, cfg.beta2):
+        if cfg.optimizer != "sgd" and not 0 <= beta < 1:
+            raise ValueError(f"the betas must be in [0, 1), not {beta}")
+
+
 def make_optimizer(cfg, net: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum (M3's paper's), Adam (Hu 2020's; weight decay as an L2 term) or
     AdamW, from a training config."""
+    check_optimizer(cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if cfg.optimizer not in kinds:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd, adam or adamw")
-    for beta in (cfg.beta1, cfg.beta2):
-        if not 0 <= beta < 1:
-            raise ValueError(f"the betas must be in [0, 1), not {beta}")
     return kinds[cfg.optimizer](net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay)

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.checkpoint import load_checkpoint
+from inference.checkpoint import load_checkpoint, read_metadata
+from inference.profiles import Profile
 from inference.engine import run_slices
 from training.cache import load_study
 from training.dataset import StudyEntry, intended_use, read_manifest
-from training.runs import (Epochs, make_optimizer, open_run,
+from training.runs import (Epochs, check_optimizer, make_optimizer, open_run,
                            TrainingSettings, write_trained)
 
 
@@ -62,12 +63,22 @@ def _batch(features: list[np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, 
     return torch.from_numpy(out), torch.tensor(lengths)
 
 
+def check_settings(cfg: PatientTrainConfig) -> None:
+    """ValueError (or CheckpointError) for settings that cannot train: an optimizer
+    :func:`make_optimizer` cannot make, a slice model that is not there or is a volume
+    model (what the command says before anything else: its warnings about the data
+    included)."""
+    check_optimizer(cfg)
+    profile = Profile.from_dict(read_metadata(cfg.slice_model)["profile"])
+    if profile.volume:
+        raise ValueError(f"{cfg.slice_model} is a volume model ({profile.arch}): it has no "
+                         f"patient network to train")
+
+
 def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
+    check_settings(cfg)
     run, device, cache_dir = open_run(cfg)
     model = load_checkpoint(cfg.slice_model, device)
-    if model.patient_net is None:
-        raise ValueError(f"{cfg.slice_model} is a volume model ({model.profile.arch}): it has "
-                         f"no patient network to train")
     slice_provenance = model.metadata.get("provenance")
     entries = {split: read_manifest(cfg.data, split) for split in ("train", "val")}
     if not entries["train"]:

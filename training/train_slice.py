@@ -35,7 +35,7 @@ from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import (HU2020_GAMMA, class_balanced_weights, focal_loss,
                              inverse_frequency_weights)
-from training.runs import (BestEpoch, Epochs, make_optimizer, open_run,
+from training.runs import (BestEpoch, Epochs, check_optimizer, make_optimizer, open_run,
                            TrainingSettings, write_trained)
 
 FLIPS = ("horizontal", "both", "none")
@@ -169,6 +169,7 @@ def checked_profile(cfg: SliceTrainConfig) -> tuple[Profile, dict]:
     """The profile ``cfg`` trains and the metadata of the model it starts from ({}: none);
     ValueError for settings that cannot go together (what the command says before
     anything else: its warnings about the data included)."""
+    check_optimizer(cfg)
     if cfg.flips not in FLIPS:
         raise ValueError(f"flips must be one of {', '.join(FLIPS)}")
     if cfg.backbone_weights and cfg.from_model:

@@ -27,7 +27,7 @@ from inference.dualsampling import attention_loss, soft_mask, volume_shape
 from inference.profiles import Profile, profile_for
 from training.cache import CachedVolume, load_volume
 from training.dataset import read_manifest
-from training.runs import (BestEpoch, Epochs, make_optimizer, open_run,
+from training.runs import (BestEpoch, Epochs, check_optimizer, make_optimizer, open_run,
                            TrainingSettings, write_trained)
 
 #: Eq. 4's weight of the attention loss.
@@ -145,6 +145,7 @@ def validation_accuracy(net, data: VolumeSet, device, batch_size: int) -> float:
 def checked_profile(cfg: VolumeTrainConfig) -> Profile:
     """The profile ``cfg`` trains; ValueError for settings that cannot go together (what
     the command says before anything else: its warnings about the data included)."""
+    check_optimizer(cfg)
     profile = profile_for(cfg.arch, cfg.profile)
     if not profile.volume:
         raise ValueError(f"--arch {cfg.arch} is a slice model: lungsys train slice")
