@@ -88,6 +88,48 @@ def phantom_set_command(
     out.print(f"wrote {4 * per_class} studies and {manifest}")
 
 
+def dataset_command(
+    labels: Annotated[Path, typer.Option(help="CSV of the studies, one row each: study (its "
+                                         "folder), label, and optionally split and "
+                                         "lesion_slices (Instance Numbers: '31-38 52').")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for manifest.csv and "
+                                          "the annotations (the studies stay where they "
+                                          "are).")],
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the splits drawn when the labels "
+                                      "give none.")] = 0,
+) -> None:
+    """Make a dataset of one's own studies: manifest.csv and each study's slice
+    annotations, from a labels file.
+
+    Each study folder must hold one CT series; it is read as the node reads it.
+    Splits are the labels' own, or drawn 60/20/20 by patient within each class.
+    The slices a radiologist found lesions on are given by Instance Number, as a
+    viewer shows them; 'lungsys train slice' uses the diseased studies that have
+    them, 'train patient' and 'evaluate' every study.
+    """
+    from training.own_studies import make_dataset
+
+    with progress() as bar:
+        task = bar.add_task("reading studies", total=None)
+        made = make_dataset(labels, out_dir, seed,
+                            lambda done, total: bar.update(task, completed=done, total=total))
+    table = Table(title=f"{made['studies']} studies")
+    for col in ("Split", *next(iter(made["splits"].values()))):
+        table.add_column(col)
+    for split, counts in made["splits"].items():
+        table.add_row(split, *map(str, counts.values()))
+    out.print(table)
+    empty = [split for split, counts in made["splits"].items() if not any(counts.values())]
+    if empty:
+        err.print(f"lungsys: warning: no studies in the {' and '.join(empty)} split(s): they "
+                  f"cannot be trained on or evaluated", markup=False, highlight=False)
+    if made["diseased_without_lesion_slices"]:
+        err.print(f"lungsys: warning: {made['diseased_without_lesion_slices']} diseased "
+                  f"studies have no lesion_slices: 'lungsys train slice' leaves them out",
+                  markup=False, highlight=False)
+    out.print(f"wrote {made['manifest']}")
+
+
 def scan_command(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched "
                                                 "recursively).")],
@@ -122,5 +164,5 @@ def scan_command(
 
 #: The top-level commands of this group, in the order `lungsys --help` lists them.
 COMMANDS = [("phantom", phantom_command), ("phantom-set", phantom_set_command),
-            ("scan", scan_command)]
+            ("dataset", dataset_command), ("scan", scan_command)]
 GROUPS: list = []

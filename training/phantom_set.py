@@ -24,7 +24,8 @@ def study_seed(base_seed: int, index: int) -> int:
     return base_seed * 10_000 + index
 
 
-def _split_of(position: int, n: int) -> str:
+def split_of(position: int, n: int) -> str:
+    """The split of the ``position``-th of ``n`` studies of a class (60/20/20)."""
     edges = np.cumsum([round(f * n) for _, f in SPLIT_FRACTIONS])
     for (name, _), edge in zip(SPLIT_FRACTIONS, edges):
         if position < edge:
@@ -37,7 +38,7 @@ def split_sizes(per_class: int) -> dict[str, int]:
     (fewer than 5 leave a split empty: 3 give 2/1/0)."""
     sizes = {name: 0 for name, _ in SPLIT_FRACTIONS}
     for position in range(per_class):
-        sizes[_split_of(position, per_class)] += 1
+        sizes[split_of(position, per_class)] += 1
     return sizes
 
 
@@ -89,7 +90,7 @@ def generate_phantom_set(out: str | Path, per_class: int, seed: int,
         for position, index in enumerate(order):
             s = study_seed(seed, int(index))
             jobs.append((str(out), label, s, int(rng.integers(lo, hi + 1)),
-                         _split_of(position, per_class)))
+                         split_of(position, per_class)))
     rows = []
     workers = workers or min(os.cpu_count() or 1, 4)
     with ProcessPoolExecutor(max_workers=workers) as pool:

@@ -94,6 +94,8 @@ class SliceSet:
     label: np.ndarray      # (n,) class
     fraction: np.ndarray   # (n,) lesion fraction (0 for no lesion)
     types: np.ndarray      # (n, 5) LA-DNN's lesion types: 1, 0, or -1 unknown
+    #: diseased studies left out: not every slice's lesion flag is known
+    left_out: int = 0
 
     def __len__(self) -> int:
         return len(self.lesion)
@@ -119,14 +121,18 @@ class SliceSet:
         return x.repeat(1, 3, 1, 1)
 
 
-def build_slice_set(studies: list[CachedStudy], drop_lesion_free_diseased: bool = True
-                    ) -> SliceSet:
+def build_slice_set(studies: list[CachedStudy], drop_lesion_free_diseased: bool = True,
+                    validation: bool = False) -> SliceSet:
+    """The slices to train on (or validate with). A diseased study without every slice's
+    lesion flag (the manifest's annotations) is left out and counted: its lesion-free
+    slices cannot be told from its lesion slices."""
     index, lesion, label, fraction, types = [], [], [], [], []
+    left_out = 0
     for s, study in enumerate(studies):
         cls = study.entry.label
         if cls != 0 and (study.has_lesion < 0).any():
-            raise ValueError(f"{study.entry.path.name}: slice training needs per-slice lesion "
-                             f"annotations for diseased patients (the manifest's annotations)")
+            left_out += 1
+            continue
         for i in range(len(study)):
             has = int(study.has_lesion[i]) if cls != 0 else 0
             if cls != 0 and not has and drop_lesion_free_diseased:
@@ -136,10 +142,16 @@ def build_slice_set(studies: list[CachedStudy], drop_lesion_free_diseased: bool 
             label.append(cls)
             fraction.append(max(float(study.lesion_fraction[i]), 0.0) if has else 0.0)
             types.append(study.lesion_types[i] if cls != 0 else np.zeros(5, np.int8))
+    if left_out and left_out == sum(study.entry.label != 0 for study in studies) \
+            and not validation:
+        raise ValueError(f"slice training needs per-slice lesion annotations for diseased "
+                         f"patients (the manifest's annotations): none of the {left_out} has "
+                         f"them")
     if not index:
         raise ValueError("no training slices")
     return SliceSet(studies, np.array(index), np.array(lesion), np.array(label),
-                    np.array(fraction, dtype=np.float32), np.array(types, dtype=np.int8))
+                    np.array(fraction, dtype=np.float32), np.array(types, dtype=np.int8),
+                    left_out)
 
 
 def size_balanced_weights(fraction: np.ndarray) -> np.ndarray:
@@ -220,8 +232,12 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
                                        lambda: advance(t), profile.crop))
     val_studies = load_split(cfg.data, "val", profile.input_size, cache_dir,
                              crop=profile.crop)
-    val = build_slice_set(val_studies) if val_studies else None
+    val = build_slice_set(val_studies, validation=True) if val_studies else None
     run.log.info(f"{len(train)} training slices, {len(val) if val else 0} validation slices")
+    for name, split in (("training", train), ("validation", val)):
+        if split is not None and split.left_out:
+            run.tell(f"{split.left_out} diseased {name} studies without every slice's lesion "
+                     f"annotation are left out of slice training", progress)
     if cfg.early_stop and val is None:
         raise ValueError("--early-stop follows the validation loss: the dataset has no "
                          "validation split")
