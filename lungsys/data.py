@@ -102,31 +102,31 @@ def dataset_command(
     annotations, from a labels file.
 
     Each study folder must hold one CT series; it is read as the node reads it.
-    Splits are the labels' own, or drawn 60/20/20 by patient within each class.
+    Splits are the labels' own, or drawn 60/20/20 by patient (Patient ID) within
+    each class. Every row that cannot be used is named, and nothing is written.
     The slices a radiologist found lesions on are given by Instance Number, as a
     viewer shows them; 'lungsys train slice' uses the diseased studies that have
     them, 'train patient' and 'evaluate' every study.
     """
-    from training.own_studies import make_dataset
+    from training.own_studies import LabelsError, make_dataset
 
-    with progress() as bar:
-        task = bar.add_task("reading studies", total=None)
-        made = make_dataset(labels, out_dir, seed,
-                            lambda done, total: bar.update(task, completed=done, total=total))
+    try:
+        with progress() as bar:
+            task = bar.add_task("reading studies", total=None)
+            made = make_dataset(labels, out_dir, seed, lambda done, total: bar.update(
+                task, completed=done, total=total))
+    except LabelsError as exc:                  # every row it cannot use, a line each
+        for problem in exc.problems:
+            err.print(f"lungsys: error: {problem}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
     table = Table(title=f"{made['studies']} studies")
     for col in ("Split", *next(iter(made["splits"].values()))):
         table.add_column(col)
     for split, counts in made["splits"].items():
         table.add_row(split, *map(str, counts.values()))
     out.print(table)
-    empty = [split for split, counts in made["splits"].items() if not any(counts.values())]
-    if empty:
-        err.print(f"lungsys: warning: no studies in the {' and '.join(empty)} split(s): they "
-                  f"cannot be trained on or evaluated", markup=False, highlight=False)
-    if made["diseased_without_lesion_slices"]:
-        err.print(f"lungsys: warning: {made['diseased_without_lesion_slices']} diseased "
-                  f"studies have no lesion_slices: 'lungsys train slice' leaves them out",
-                  markup=False, highlight=False)
+    for warning in made["warnings"]:
+        err.print(f"lungsys: warning: {warning}", markup=False, highlight=False)
     out.print(f"wrote {made['manifest']}")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def test_own_studies_become_a_dataset_that_trains(tiny, tmp_path):
     labels, truth = _labels(tiny, tmp_path, without_lesions="patient-07")
     proc = lungsys("dataset", "--labels", str(labels), "--out", str(tmp_path / "ds"))
     assert proc.returncode == 0, proc.stderr
-    assert "lungsys: warning: 1 diseased studies have no lesion_slices" in proc.stderr
+    assert "lungsys: warning: 1 diseased study without lesion_slices (line(s) 9): " \
+           "'lungsys train slice' leaves them out" in proc.stderr
     entries = read_manifest(tmp_path / "ds")
     assert len(entries) == 20 and not (tmp_path / "studies" / "patient-00" / "truth.json").exists()
     for name in range(4):                           # 60/20/20 by patient within each class
@@ -112,5 +114,104 @@ def test_a_row_it_cannot_use_is_named_and_nothing_is_written(tiny, tmp_path, row
 
 
 def test_lesion_slices_are_read_as_a_radiologist_writes_them():
-    assert parse_slices("31-33 52, 7;8") == {7, 8, 31, 32, 33, 52}
-    assert parse_slices("") == set()
+    assert parse_slices("31-33 52, 7;8 10 \u2013 12") == [(31, 33), (52, 52), (7, 7),
+                                                         (8, 8), (10, 12)]
+    assert parse_slices("") == []
+    for bad in ("\u0663", "1" * 5000, "3-"):            # Arabic-Indic three; 5000 digits
+        with pytest.raises(ValueError, match="is not an Instance Number or a range"):
+            parse_slices(bad)
+
+
+def _two_studies(tiny: Path, where: Path) -> list[Path]:
+    studies = []
+    for n, entry in enumerate(read_manifest(tiny, "train")[:2]):
+        studies.append(where / "studies" / f"s{n}")
+        shutil.copytree(entry.path, studies[-1])
+    return studies
+
+
+def test_every_row_it_cannot_use_is_named_at_once_and_a_huge_range_costs_nothing(
+        tiny, tmp_path):
+    a, b = _two_studies(tiny, tmp_path)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("study,label,lesion_slices\n"
+                      "studies/s0,covid,2-3, 5\n"                  # an unquoted comma
+                      "studies/s1,covid,1-99999999\n"              # a typo: no memory spent
+                      "studies/gone,cap,\n")
+    proc = lungsys("dataset", "--labels", str(labels), "--out", str(tmp_path / "ds"))
+    assert proc.returncode == 1 and not (tmp_path / "ds").exists()
+    assert proc.stderr.splitlines() == [
+        "lungsys: error: labels.csv line 2: more fields than the header has columns (quote a "
+        "lesion_slices that holds commas: \"31-38, 52\")",
+        "lungsys: error: labels.csv line 4: study folder 'studies/gone' does not exist"]
+    labels.write_text("study,label,lesion_slices\nstudies/s1,covid,1-99999999\n")
+    with pytest.raises(LabelsError, match=r"no slice with Instance Number 1-99999999 \(its "
+                                          r"slices are numbered 1 to \d\)"):
+        make_dataset(labels, tmp_path / "ds")
+
+
+def test_a_labels_file_as_excel_saves_it_is_read(tiny, tmp_path):
+    """UTF-8 with a byte-order mark, semicolons, CRLF, column names in capitals, an empty
+    row at the end, a split in capitals."""
+    _two_studies(tiny, tmp_path)
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("\ufeffStudy;LABEL;Split;Lesion_Slices\r\n"
+                       "studies/s0;COVID-19;Train;\"2-3, 5\"\r\n"
+                       "studies/s1;healthy;test;\r\n;;;\r\n".encode("utf-8"))
+    made = make_dataset(labels, tmp_path / "ds")
+    assert made["studies"] == 2
+    [covid, healthy] = read_manifest(tmp_path / "ds")
+    assert (covid.split, covid.class_name, healthy.split) == ("train", "COVID-19", "test")
+    flags = [n["has_lesion"] for n in json.loads(covid.annotations.read_text())["slices"]]
+    numbers = [n["instance_number"] for n in json.loads(covid.annotations.read_text())["slices"]]
+    assert sorted(n for n, f in zip(numbers, flags) if f) == [2, 3, 5]
+
+
+def test_a_patients_studies_share_a_split_and_a_series_is_taken_once(tiny, tmp_path):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    a, b = _two_studies(tiny, tmp_path)
+    follow_up = tmp_path / "studies" / "follow-up"          # patient of s0, another study
+    follow_up.mkdir()
+    study, series = generate_uid(), generate_uid()
+    for f in sorted(a.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.save_as(follow_up / f.name)
+    patient = str(pydicom.dcmread(next(a.glob("*.dcm"))).PatientID)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("study,label\nstudies/s0,covid\nstudies/follow-up,covid\n"
+                      "studies/s1,cap\n")
+    for seed in range(3):                                   # whatever the draw
+        out = tmp_path / f"ds{seed}"
+        made = make_dataset(labels, out, seed=seed)
+        splits = {e.path.name: e.split for e in read_manifest(out)}
+        assert splits["s0"] == splits["follow-up"], seed
+        assert patient not in json.dumps(made)              # rows by line, never a patient
+    copy = tmp_path / "studies" / "copy"                    # the same series twice
+    shutil.copytree(a, copy)
+    labels.write_text("study,label\nstudies/s0,covid\nstudies/copy,covid\n")
+    with pytest.raises(LabelsError, match="line 3 \\(studies/copy\\): the same series as "
+                                          "line 2"):
+        make_dataset(labels, tmp_path / "dsx")
+    labels.write_text("study,label,split\nstudies/s0,covid,train\n"
+                      "studies/follow-up,covid,test\n")
+    made = make_dataset(labels, tmp_path / "dsy")
+    assert made["warnings"][0].startswith("lines 2, 3 are one patient in the test and train "
+                                          "splits")
+
+
+def test_the_dataset_folder_is_checked_before_any_study_is_read(tiny, tmp_path):
+    a, _ = _two_studies(tiny, tmp_path)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("study,label\nstudies/s0,covid\n")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "used" / "annotations").mkdir(parents=True)
+    for out, words in ((tmp_path / "a-file", "a file, not a folder"),
+                       (a / "dataset", "lies in the study folder of line(s) 2"),
+                       (tmp_path / "used", "holds annotations/ already")):
+        with pytest.raises(LabelsError, match=re.escape(words)):
+            make_dataset(labels, out)
+    assert not (a / "dataset").exists()

@@ -4,7 +4,8 @@ Training needs a manifest (:mod:`training.dataset`) and, for the slice network, 
 diseased study's per-slice lesion flags keyed by SOP Instance UID: no one writes those by
 hand. A data scientist has CT studies in folders, each patient's class, and, from a
 radiologist, the slices that show a lesion, read off a viewer as Instance Numbers. The
-labels file says that much, one row per study (a CSV, UTF-8, one header line):
+labels file says that much, one row per study (a CSV in UTF-8, as Excel's "CSV UTF-8"
+saves it, commas or semicolons; column names in any case):
 
 =============== ============================================================ ========
 column          meaning                                                       required
@@ -13,29 +14,33 @@ study           the study's folder (one CT series), relative to the labels    ye
                 file or absolute
 label           healthy, covid, h1n1 or cap (or Healthy, COVID-19, H1N1, CAP) yes
 split           train, val or test; left out or empty on every row: drawn     no
-                60/20/20 by patient within each class
+                60/20/20 by patient (Patient ID) within each class
 lesion_slices   the Instance Numbers of the slices showing a lesion: "31-38   no
-                52" (a diseased study without them is not used by `train
-                slice`; a healthy study has none)
+                52" (quoted when it holds commas; a diseased study without
+                them is not used by `train slice`; a healthy study has none)
 =============== ============================================================ ========
 
 Each study is read as the node and training read it (one CT series, its slices in
 order); its annotations (every slice's SOP Instance UID, Instance Number and lesion
 flag) go to ``OUT/annotations/NNNN.json``, and the manifest names the study folders
-where they are.
+where they are. Every row that cannot be used is named at once, and nothing is written
+then. Messages name rows by line, never a patient.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from inference.errors import SeriesError
 from inference.profiles import CLASSES
 from inference.series import load_series
 from training.dataset import LABEL_ALIASES, SPLITS, parse_label, write_manifest
@@ -44,137 +49,251 @@ from training.phantom_set import refuse_a_dataset, split_of
 FORMAT = "lungsys-annotations/1"
 #: The manifest's label for each class (LABEL_ALIASES' short names).
 LABEL_NAMES = {index: name for name, index in LABEL_ALIASES.items() if "-" not in name}
+COLUMNS = ("study", "label", "split", "lesion_slices")
+_RANGE = re.compile(r"([0-9]{1,9})(?:-([0-9]{1,9}))?")
 
 
 class LabelsError(ValueError):
-    """A labels file or study that cannot make a dataset, with the line and the reason."""
+    """Rows of a labels file (or its studies) that cannot make a dataset: one line each,
+    naming the row."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
 
 
-def parse_slices(text: str) -> set[int]:
-    """Instance Numbers as a radiologist writes them: "31-38 52" or "31-38, 52"."""
-    found: set[int] = set()
-    for part in re.split(r"[\s,;]+", text.strip()):
+def parse_slices(text: str) -> list[tuple[int, int]]:
+    """Instance Numbers as a radiologist writes them ("31-38 52", "31 – 38, 52") as
+    ranges, first to last."""
+    ranges = []
+    for part in re.split(r"[\s,;]+", re.sub(r"\s*[-\u2013\u2014]\s*", "-", text.strip())):
         if not part:
             continue
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        match = _RANGE.fullmatch(part)
         if match is None:
-            raise ValueError(f"{part!r} is not an Instance Number or a range (31-38)")
+            raise ValueError(f"{part[:20]!r} is not an Instance Number or a range (31-38)")
         lo, hi = int(match[1]), int(match[2] or match[1])
         if hi < lo:
             raise ValueError(f"{part!r}: the range runs backwards")
-        found.update(range(lo, hi + 1))
-    return found
+        ranges.append((lo, hi))
+    return ranges
+
+
+def _records(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The labels file's columns (lower case) and its non-empty rows with their lines."""
+    if path.is_dir():
+        raise LabelsError([f"{path}: a folder, not a labels file (a .csv)"])
+    if not path.is_file():
+        raise LabelsError([f"{path}: no such labels file"])
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise LabelsError([f"{path}: not UTF-8 text; save it as CSV UTF-8"]) from None
+    first = text.split("\n", 1)[0]
+    reader = csv.reader(io.StringIO(text),
+                        delimiter=";" if first.count(";") > first.count(",") else ",")
+    records = []
+    try:
+        header = next(reader, [])
+        for fields in reader:
+            if any(f.strip() for f in fields):            # not an empty row (Excel's ",,")
+                records.append((reader.line_num, fields))
+    except csv.Error as exc:
+        raise LabelsError([f"{path.name} line {reader.line_num}: {exc}"]) from None
+    columns = [c.strip().lower() for c in header]
+    if "study" not in columns or "label" not in columns:
+        raise LabelsError([f"{path}: need the columns study and label (and optionally split, "
+                           f"lesion_slices); found {', '.join(map(repr, header)) or 'none'}"])
+    return columns, records
 
 
 def read_labels(path: Path) -> list[dict]:
-    """The labels file's rows, checked: study folder, class index, split, lesion slices."""
-    if not path.is_file():
-        raise LabelsError(f"{path}: no such labels file")
-    rows, seen = [], {}
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        if "study" not in columns or "label" not in columns:
-            raise LabelsError(f"{path}: need the columns study and label (and optionally "
-                              f"split, lesion_slices)")
-        for line, raw in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
-            where = f"{path.name} line {line}"
-            study = (path.parent / row.get("study", "")).resolve()
-            if not row.get("study") or not study.is_dir():
-                raise LabelsError(f"{where}: study folder {row.get('study', '')!r} does not "
-                                  f"exist")
-            if study in seen:
-                raise LabelsError(f"{where}: study {row['study']!r} already on line "
-                                  f"{seen[study]}")
-            seen[study] = line
-            try:
-                label = parse_label(row.get("label", ""))
-                lesions = parse_slices(row.get("lesion_slices", ""))
-            except ValueError as exc:
-                raise LabelsError(f"{where}: {exc}") from None
-            if label == 0 and lesions:
-                raise LabelsError(f"{where}: a healthy study has no lesion slices")
-            split = row.get("split", "")
-            if split and split not in SPLITS:
-                raise LabelsError(f"{where}: unknown split {split!r} (expected "
-                                  f"{', '.join(SPLITS)})")
-            rows.append({"study": study, "label": label, "split": split, "lesions": lesions,
-                         "line": line, "given": row["study"]})
+    """The labels file's rows, checked: study folder, class index, split, lesion slices.
+    LabelsError names every row that cannot be used."""
+    columns, records = _records(path)
+    rows, problems, seen = [], [], {}
+    for line, fields in records:
+        where = f"{path.name} line {line}"
+        row = {c: f.strip() for c, f in zip(columns, fields) if c in COLUMNS}
+        if any(f.strip() for f in fields[len(columns):]):
+            problems.append(f"{where}: more fields than the header has columns (quote a "
+                            f"lesion_slices that holds commas: \"31-38, 52\")")
+            continue
+        given = row.get("study", "")
+        folder = Path(os.path.abspath(path.parent / Path(given).expanduser()))
+        try:
+            label = parse_label(row.get("label", ""))
+            lesions = parse_slices(row.get("lesion_slices", ""))
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        split = row.get("split", "").lower()
+        if not given or not folder.exists():
+            problems.append(f"{where}: study folder {given!r} does not exist")
+        elif not folder.is_dir():
+            problems.append(f"{where}: {given!r} is a file, not a study folder")
+        elif folder.resolve() in seen:
+            problems.append(f"{where}: study {given!r} already on line "
+                            f"{seen[folder.resolve()]}")
+        elif label == 0 and lesions:
+            problems.append(f"{where}: a healthy study has no lesion slices")
+        elif split and split not in SPLITS:
+            problems.append(f"{where}: unknown split {split!r} (expected "
+                            f"{', '.join(SPLITS)})")
+        else:
+            seen[folder.resolve()] = line
+            rows.append({"study": folder, "label": label, "split": split, "lesions": lesions,
+                         "line": line, "given": given})
+    if problems:
+        raise LabelsError(problems)
     if not rows:
-        raise LabelsError(f"{path}: no studies")
-    given = [bool(r["split"]) for r in rows]
-    if any(given) and not all(given):
-        raise LabelsError(f"{path}: give a split on every row, or on none (then they are "
-                          f"drawn 60/20/20 by patient within each class)")
+        raise LabelsError([f"{path}: no studies"])
+    blank = [r["line"] for r in rows if not r["split"]]
+    if blank and len(blank) < len(rows):
+        raise LabelsError([f"{path.name}: give a split on every row, or on none (then they "
+                           f"are drawn); none on line(s) {_lines(blank)}"])
     return rows
 
 
-def draw_splits(rows: list[dict], seed: int) -> None:
-    """Train, val and test, 60/20/20 within each class, in an order drawn from ``seed``."""
-    rng = np.random.default_rng(seed)
-    for label in range(len(CLASSES)):
-        members = [r for r in rows if r["label"] == label]
-        for position, index in enumerate(rng.permutation(len(members))):
-            members[int(index)]["split"] = split_of(position, len(members))
+def _lines(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:10])) + (" ..." if len(numbers) > 10 else "")
 
 
 def annotate(row: dict, name: str) -> dict:
-    """The study's annotations: every slice in order, flagged where the labels say."""
+    """Read the study as the node does; its annotations (every slice in order, flagged
+    where the labels say), Patient ID and Series Instance UID. LabelsError if it cannot."""
     where = f"line {row['line']} ({row['given']})"
     try:
         series = load_series(row["study"])
-    except ValueError as exc:                           # SeriesError: one line
-        raise LabelsError(f"{where}: {exc}") from None
+    except (SeriesError, OSError) as exc:
+        raise LabelsError([f"{where}: {exc}"]) from None
     if any(s.frame is not None for s in series.slices):
-        raise LabelsError(f"{where}: a multi-frame CT; slice annotations need an image per "
-                          f"slice")
+        raise LabelsError([f"{where}: a multi-frame CT; slice annotations need an image per "
+                           f"slice"])
     numbers = [s.instance_number for s in series.slices]
     if row["lesions"] and (None in numbers or len(set(numbers)) < len(numbers)):
-        raise LabelsError(f"{where}: its slices' Instance Numbers are missing or repeated: "
-                          f"lesion slices cannot be named by them")
-    unknown = sorted(row["lesions"] - set(numbers))
-    if unknown:
-        raise LabelsError(f"{where}: no slice with Instance Number "
-                          f"{', '.join(map(str, unknown[:5]))}"
-                          f"{' ...' if len(unknown) > 5 else ''} (its slices are numbered "
-                          f"{min(numbers)} to {max(numbers)})")
+        raise LabelsError([f"{where}: its slices' Instance Numbers are missing or repeated: "
+                           f"lesion slices cannot be named by them"])
+    if row["lesions"]:
+        lo, hi = min(numbers), max(numbers)
+        missing = [f"{a}-{b}" if a != b else str(a) for a, b in row["lesions"]
+                   if a < lo or b > hi or not any(a <= n <= b for n in numbers)]
+        if missing:
+            raise LabelsError([f"{where}: no slice with Instance Number "
+                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                               f"(its slices are numbered {lo} to {hi})"])
     return {"format": FORMAT, "study": name, "label": CLASSES[row["label"]],
+            "patient": str(series.header.get("PatientID", "") or ""),
+            "series_instance_uid": series.series_instance_uid,
             "slices": [{"sop_instance_uid": s.sop_instance_uid,
                         "instance_number": s.instance_number,
-                        "has_lesion": s.instance_number in row["lesions"]}
+                        "has_lesion": any(a <= s.instance_number <= b
+                                          for a, b in row["lesions"])}
                        for s in series.slices]}
+
+
+def check_out(out: Path, rows: list[dict]) -> None:
+    """LabelsError (or ValueError) unless ``out`` can take a new dataset: a folder that
+    holds no dataset or annotations yet, and lies in none of the studies."""
+    if out.exists() and not out.is_dir():
+        raise LabelsError([f"{out}: a file, not a folder for the dataset"])
+    refuse_a_dataset(out)
+    if (out / "annotations").exists():
+        raise LabelsError([f"{out} holds annotations/ already: choose another folder"])
+    here = Path(os.path.abspath(out)).resolve()
+    inside = [r["line"] for r in rows if here == r["study"].resolve()
+              or r["study"].resolve() in here.parents]
+    if inside:
+        raise LabelsError([f"{out} lies in the study folder of line(s) {_lines(inside)}: "
+                           f"choose a folder outside the studies"])
+
+
+def draw_splits(rows: list[dict], seed: int) -> None:
+    """Train, val and test, 60/20/20 within each class, by patient (a patient's studies
+    in one split), in an order drawn from ``seed``."""
+    patients: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        patients[r["patient"] or f"line {r['line']}"].append(r)
+    rng = np.random.default_rng(seed)
+    for label in range(len(CLASSES)):
+        groups = [g for g in patients.values() if g[0]["label"] == label]
+        for position, index in enumerate(rng.permutation(len(groups))):
+            for r in groups[int(index)]:
+                r["split"] = split_of(position, len(groups))
 
 
 def make_dataset(labels: str | Path, out: str | Path, seed: int = 0,
                  progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write ``out/manifest.csv`` and the studies' annotations from a labels file (``out``
-    holds no dataset yet). Returns what a user is told: the studies per split and class,
-    and how many diseased studies have no lesion slices. ``progress(done, total)`` is told
-    after each study is read."""
+    """Write ``out/manifest.csv`` and the studies' annotations from a labels file. Returns
+    what a user is told: the studies per split and class, and warnings.
+    ``progress(done, total)`` is told after each study is read."""
     rows = read_labels(Path(labels))
     out = Path(out)
-    refuse_a_dataset(out)
-    if not rows[0]["split"]:
-        draw_splits(rows, seed)
-    written = []
+    check_out(out, rows)
+    problems, notes = [], []
     for number, row in enumerate(rows, start=1):
-        name = f"annotations/{number:04d}.json"
-        entry = {"study": os.path.relpath(row["study"], out.resolve()),
-                 "label": LABEL_NAMES[row["label"]], "split": row["split"]}
-        notes = annotate(row, entry["study"])          # every study must load
-        if row["label"] == 0 or row["lesions"]:          # else its lesion slices are unknown
-            written.append((out / name, notes))
-            entry["annotations"] = name
-        row["entry"] = entry
+        name = os.path.relpath(row["study"], os.path.abspath(out))
+        try:
+            notes.append(annotate(row, name))
+        except LabelsError as exc:
+            problems.extend(exc.problems)
+            notes.append(None)
         if progress is not None:
             progress(number, len(rows))
+    first: dict[str, int] = {}
+    for row, note in zip(rows, notes):
+        if note is not None:
+            row["patient"] = note.pop("patient")
+            uid = note["series_instance_uid"]
+            if uid in first:
+                problems.append(f"line {row['line']} ({row['given']}): the same series as "
+                                f"line {first[uid]}")
+            first.setdefault(uid, row["line"])
+    if problems:
+        raise LabelsError(problems)
+    warnings = _splits(rows, seed)
+    entries = []
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    for path, notes in written:
-        path.write_text(json.dumps(notes, indent=1))
-    write_manifest(out / "manifest.csv", [r["entry"] for r in rows])
+    for number, (row, note) in enumerate(zip(rows, notes), start=1):
+        entry = {"study": note["study"], "label": LABEL_NAMES[row["label"]],
+                 "split": row["split"]}
+        if row["label"] == 0 or row["lesions"]:          # else its lesion slices are unknown
+            entry["annotations"] = f"annotations/{number:04d}.json"
+            (out / entry["annotations"]).write_text(json.dumps(note, indent=1))
+        entries.append(entry)
+    write_manifest(out / "manifest.csv", entries)
     counts = {split: {name: sum(r["split"] == split and r["label"] == k for r in rows)
                       for k, name in enumerate(CLASSES)} for split in SPLITS}
+    unlabelled = [r["line"] for r in rows if r["label"] != 0 and not r["lesions"]]
+    if unlabelled:
+        warnings.append(f"{len(unlabelled)} diseased {_studies(len(unlabelled))} without "
+                        f"lesion_slices (line(s) {_lines(unlabelled)}): 'lungsys train "
+                        f"slice' leaves them out")
+    for split, by_class in counts.items():
+        lacking = [name for name, n in by_class.items() if not n]
+        if len(lacking) == len(CLASSES):
+            warnings.append(f"the {split} split is empty: it cannot be trained on or "
+                            f"evaluated")
+        elif lacking:
+            warnings.append(f"the {split} split has no {', '.join(lacking)} study")
     return {"manifest": str(out / "manifest.csv"), "studies": len(rows), "splits": counts,
-            "diseased_without_lesion_slices": sum(r["label"] != 0 and not r["lesions"]
-                                                  for r in rows)}
+            "warnings": warnings}
+
+
+def _studies(n: int) -> str:
+    return "study" if n == 1 else "studies"
+
+
+def _splits(rows: list[dict], seed: int) -> list[str]:
+    """Draw the splits when the labels give none; warn of a patient the given splits put
+    in two (their studies would be trained on and tested)."""
+    if not rows[0]["split"]:
+        draw_splits(rows, seed)
+        return []
+    splits: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["patient"]:
+            splits[r["patient"]][r["split"]].append(r["line"])
+    return [f"lines {_lines(sorted(n for lines in by.values() for n in lines))} are one "
+            f"patient in the {' and '.join(sorted(by))} splits: a model tested on a patient "
+            f"it was trained on" for by in splits.values() if len(by) > 1]
