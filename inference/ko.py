@@ -45,7 +45,8 @@ def build_ko(result: AnalysisResult, sources: list[Dataset], report: Dataset | N
     chosen = [sources[s.index] for s in flagged]
     labels = ", ".join(s.label.split(" (")[0] for s in flagged[:12])
     more = f" and {len(flagged) - 12} more" if len(flagged) > 12 else ""
-    description = (f"{len(flagged)} CT slice(s) with lesions found by {identity.algorithm_name} "
+    description = (f"{result.warning}{len(flagged)} CT slice(s) with lesions found by "
+                   f"{identity.algorithm_name} "
                    f"{identity.model_version}: {labels}{more}. "
                    f"{'The AI report lists them. ' if report is not None else ''}{DISCLAIMER}.")
     device = ObserverContext(

@@ -108,6 +108,13 @@ class AnalysisResult:
         uniform for the diagnosis to mean much, and the report says so."""
         return low_confidence(self.probabilities)
 
+    @property
+    def warning(self) -> str:
+        """"Warning: ... ." for the start of a text a reader sees beside the result (the
+        SR's comment, the key images' description) when its model is untrained, or ""."""
+        caution = self.model.caution if self.model is not None else ""
+        return f"Warning: {caution}. " if caution else ""
+
     def to_json(self) -> dict:
         """The result as JSON-ready types (the ``--json`` output of ``lungsys analyze``)."""
         return {

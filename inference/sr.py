@@ -298,11 +298,10 @@ def _evaluations(result: AnalysisResult, identity: AlgorithmIdentity) -> Contain
     items.append(NumContentItem(name=INFECTED_FRACTION,
                                 value=round(100.0 * result.infected_fraction, 4),
                                 unit=UNIT_PERCENT, relationship_type="CONTAINS"))
-    caution = (f"Warning: {result.model.caution}. "
-               if result.model is not None and result.model.caution else "")
-    caution += (f"Low confidence: no class is more likely than the others together (highest "
-                f"probability {100 * float(max(result.probabilities)):.0f} %). "
-                if result.low_confidence else "")
+    caution = result.warning + (
+        f"Low confidence: no class is more likely than the others together (highest "
+        f"probability {100 * float(max(result.probabilities)):.0f} %). "
+        if result.low_confidence else "")
     items.append(TextContentItem(
         name=COMMENT, relationship_type="CONTAINS",
         value=f"{caution}{DISCLAIMER}. Produced by {identity.algorithm_name} "

@@ -67,6 +67,8 @@ def test_key_images_list_the_lesion_slices_and_the_report(everything):
     text = [item.TextValue for item in ko.ContentSequence if item.ValueType == "TEXT"
             and item.ConceptNameCodeSequence[0].CodeValue == "113012"][0]  # Key Object Descr.
     assert "not for primary diagnosis" in text
+    # the test double's checkpoint is untrained ('model init'): its reader is told first
+    assert text.startswith("Warning: this model is untrained: its diagnosis means nothing. ")
     assert result.lesion_slices[0].label.split(" (")[0] in text     # "image 30", as PACS shows
     ds = pydicom.dcmread(files.ko)
     assert ds.SeriesDescription.startswith("AI ") and ds.SeriesDate
