@@ -169,7 +169,7 @@ def _job_dict(job) -> dict:
             "finished_at": when(job.finished_at), "model_version": job.model_version,
             "diagnosis": job.diagnosis, "probabilities": job.probabilities,
             "low_confidence": low_confidence(job.probabilities.values())
-            if job.probabilities else None, "caution": job.caution,
+            if job.probabilities else None, "caution": job.caution or None,
             "infected_fraction": job.infected_fraction, "timings": job.timings,
             "error": job.error,
             "results": [{"kind": r.kind, "sop_instance_uid": r.sop_instance_uid,

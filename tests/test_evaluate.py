@@ -4,6 +4,7 @@ model, or --no-cache analyses again."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ def _figures(report: dict) -> dict:
 
 
 def test_an_evaluation_run_again_analyses_no_study_twice(tiny, tmp_path, monkeypatch):
+    tiny = Path(shutil.copytree(tiny, tmp_path / "data"))   # its files change below
     model = tmp_path / "m.safetensors"
     save_checkpoint(LungSysModel.create("small", seed=1), model)
     cache = tmp_path / "cache"

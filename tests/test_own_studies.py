@@ -83,10 +83,31 @@ def test_own_studies_become_a_dataset_that_trains(tiny, tmp_path):
     assert trained.returncode == 0, trained.stderr
     seven = next(e for e in entries if e.path.name == "patient-07")
     assert seven.split == "train"                   # (drawn so with the default seed)
-    assert "1 diseased training studies without every slice's lesion annotation are left " \
-           "out of slice training" in trained.stdout + trained.stderr
+    assert "1 diseased training study without every slice's lesion annotation is left out " \
+           "of slice training" in trained.stdout + trained.stderr
     again = lungsys("dataset", "--labels", str(labels), "--out", str(tmp_path / "ds"))
     assert again.returncode == 1 and "already holds a dataset" in again.stderr
+
+    # the validation studies not annotated: nothing validates the slice network's epochs
+    rows = list(csv.DictReader(labels.open()))
+    split = {e.path.name: e.split for e in entries}
+    for row in rows:
+        row["split"] = split[Path(row["study"]).name]
+        if row["split"] == "val":
+            row["lesion_slices"] = ""
+    with labels.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["study", "label", "split", "lesion_slices"])
+        writer.writeheader()
+        writer.writerows(rows)
+    made = make_dataset(labels, tmp_path / "ds2")
+    assert "the val split has no diseased study with lesion_slices: 'lungsys train slice' " \
+           "has no validation accuracy to choose its epochs by" in made["warnings"]
+    stopped = lungsys("train", "slice", "--data", str(tmp_path / "ds2"), "--out",
+                      str(tmp_path / "s2.safetensors"), "--epochs", "1", "--early-stop", "1",
+                      "--batch-size", "8", "--device", "cpu")
+    assert stopped.returncode == 1 and "the validation split has no diseased study with " \
+        "lesion annotations" in stopped.stdout + stopped.stderr
+    assert "--early-stop follows the validation loss" in stopped.stderr
 
 
 @pytest.mark.parametrize("row, words", [
@@ -190,6 +211,13 @@ def test_a_patients_studies_share_a_split_and_a_series_is_taken_once(tiny, tmp_p
         splits = {e.path.name: e.split for e in read_manifest(out)}
         assert splits["s0"] == splits["follow-up"], seed
         assert patient not in json.dumps(made)              # rows by line, never a patient
+    for f in b.glob("*.dcm"):                    # an anonymiser's one ID on every study
+        ds = pydicom.dcmread(f)
+        ds.PatientID = patient
+        ds.save_as(f)
+    made = make_dataset(labels, tmp_path / "one-id")
+    assert any(w.startswith("3 of 3 studies have one Patient ID (line(s) 2, 3, 4)")
+               for w in made["warnings"]), made["warnings"]
     copy = tmp_path / "studies" / "copy"                    # the same series twice
     shutil.copytree(a, copy)
     labels.write_text("study,label\nstudies/s0,covid\nstudies/copy,covid\n")

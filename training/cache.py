@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def _cached(path: Path, signature: str) -> dict[str, np.ndarray] | None:
 def _store(path: Path, signature: str, **arrays: np.ndarray) -> None:
     """Write a cache file whole (a temporary file renamed), with its signature."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
     np.savez(tmp, signature=np.array(signature), **arrays)
     tmp.replace(path)
 

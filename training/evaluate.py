@@ -337,7 +337,7 @@ def report_lines(report: dict) -> list[str]:
     if report.get("studies_kept_before"):
         lines.append(f"{report['studies_kept_before']} of {report['patients']} studies as "
                      f"evaluated before with this model, code and machine (kept in the "
-                     f"dataset's cache; --no-cache analyses every study again)")
+                     f"cache; --no-cache analyses every study again)")
     if report.get("seconds_per_300_slices") is not None:
         lines.append(f"seconds per 300-slice study: {report['seconds_per_300_slices']:.1f}"
                      + (f" (timed on {report['timed_on']})" if report.get("timed_on") else ""))

@@ -6,7 +6,8 @@ test` followed by `--split all`, a comparison naming a model evaluated before, o
 evaluation stopped with Ctrl-C and started again would analyse the same studies again.
 What a study adds to the report (its patient scores, its slices' scores, its
 pointing-game hits, Dice and infected-fraction error, and its seconds) is small, and is
-kept under the dataset's cache (``DATA/.lungsys-cache/evaluated-KEY``). The key names
+kept under the dataset's cache (``DATA/.lungsys-cache/evaluated-KEY``, a file per study
+named by a digest of its folder). The key names
 everything the figures depend on: the model's weights and profile, the engine's
 settings, the machine the seconds were timed on, and the source of the code that
 computed them; a study is analysed again when its files, its annotations, its masks or
@@ -16,17 +17,20 @@ its label changed since.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import logging
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from inference.choices import PatientMethod
-from training.cache import cache_path, files_signature
+from training.cache import files_signature
 from training.dataset import StudyEntry
 
 log = logging.getLogger(__name__)
@@ -92,17 +96,25 @@ def code_digest() -> str:
     """The source of what computes a study's part: the inference package (the engine, the
     maps, the series loading), the evaluation's own modules, and the versions of the
     libraries whose numbers they use."""
-    from importlib.metadata import version
-
     root = Path(__file__).resolve().parents[1]
     files = sorted((root / "inference").glob("*.py")) + [
         root / "training" / name for name in ("evaluate.py", "evaluated.py", "metrics.py",
                                               "dataset.py")]
-    h = hashlib.sha256(" ".join(version(name) for name in (
+    h = hashlib.sha256(" ".join(_version(name) for name in (
         "torch", "numpy", "scipy", "scikit-image", "pydicom")).encode())
     for path in files:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+def _version(name: str) -> str:
+    """A library's installed version ("unknown" where its distribution is not named so)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return f"{name} unknown"
 
 
 class EvaluationCache:
@@ -118,10 +130,12 @@ class EvaluationCache:
         self.writable = True
 
     def _where(self, entry: StudyEntry) -> tuple[Path, str]:
+        """The study's file (named by a digest of its folder: folder names may be patient
+        IDs) and what its files and label are now."""
         extra = [p for p in (entry.annotations, entry.masks) if p is not None]
         signature = f"{files_signature(entry.path, extra, VERSION)}|label {entry.label}"
-        return cache_path(self.cache_dir, entry, self.key, "evaluated").with_suffix(".json"), \
-            signature
+        name = hashlib.sha256(str(entry.path).encode()).hexdigest()[:24]
+        return self.cache_dir / f"evaluated-{self.key}" / f"{name}.json", signature
 
     def get(self, entry: StudyEntry) -> Collected | None:
         """The study's part, when it was kept for these files, this model and this code."""
@@ -138,12 +152,13 @@ class EvaluationCache:
         if not self.writable:
             return
         path, signature = self._where(entry)
-        try:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:                                   # (another evaluation may write it meanwhile)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps({"signature": signature, "part": part.to_json()}))
             tmp.replace(path)
         except OSError as exc:                 # a read-only dataset: evaluate all the same
+            tmp.unlink(missing_ok=True)
             log.warning("evaluation results are not kept in %s: %s", self.cache_dir,
                         exc.strerror or exc)
-            self.writable = False
+            self.writable = exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS)

@@ -24,7 +24,7 @@ Each study is read as the node and training read it (one CT series, its slices i
 order); its annotations (every slice's SOP Instance UID, Instance Number and lesion
 flag) go to ``OUT/annotations/NNNN.json``, and the manifest names the study folders
 where they are. Every row that cannot be used is named at once, and nothing is written
-then. Messages name rows by line, never a patient.
+then. Messages name rows by their line and study folder as given, never by a Patient ID.
 """
 
 from __future__ import annotations
@@ -232,7 +232,9 @@ def make_dataset(labels: str | Path, out: str | Path, seed: int = 0,
     check_out(out, rows)
     problems, notes = [], []
     for number, row in enumerate(rows, start=1):
-        name = os.path.relpath(row["study"], os.path.abspath(out))
+        # between the folders as they are on disk: the manifest's reader resolves symbolic
+        # links before "..", so a dataset folder under a link still finds its studies
+        name = os.path.relpath(row["study"].resolve(), Path(os.path.abspath(out)).resolve())
         try:
             notes.append(annotate(row, name))
         except LabelsError as exc:
@@ -269,6 +271,12 @@ def make_dataset(labels: str | Path, out: str | Path, seed: int = 0,
         warnings.append(f"{len(unlabelled)} diseased {_studies(len(unlabelled))} without "
                         f"lesion_slices (line(s) {_lines(unlabelled)}): 'lungsys train "
                         f"slice' leaves them out")
+        for split in ("train", "val"):
+            if not any(r["split"] == split and r["label"] != 0 and r["lesions"] for r in rows):
+                warnings.append(f"the {split} split has no diseased study with lesion_slices: "
+                                f"'lungsys train slice' "
+                                + ("cannot learn lesions" if split == "train" else
+                                   "has no validation accuracy to choose its epochs by"))
     for split, by_class in counts.items():
         lacking = [name for name, n in by_class.items() if not n]
         if len(lacking) == len(CLASSES):
@@ -280,6 +288,19 @@ def make_dataset(labels: str | Path, out: str | Path, seed: int = 0,
             "warnings": warnings}
 
 
+def _one_id(rows: list[dict]) -> list[str]:
+    """A warning when one Patient ID holds most of the studies (an anonymiser's constant):
+    drawn as one patient, they all went to one split."""
+    ids: dict[str, list[int]] = defaultdict(list)
+    for r in rows:
+        if r["patient"]:
+            ids[r["patient"]].append(r["line"])
+    return [f"{len(lines)} of {len(rows)} studies have one Patient ID (line(s) "
+            f"{_lines(lines)}) and were drawn into one split as one patient; if an "
+            f"anonymiser gave them that ID, give each study's split in the labels file"
+            for lines in ids.values() if len(lines) > 2 and 2 * len(lines) > len(rows)]
+
+
 def _studies(n: int) -> str:
     return "study" if n == 1 else "studies"
 
@@ -289,7 +310,7 @@ def _splits(rows: list[dict], seed: int) -> list[str]:
     in two (their studies would be trained on and tested)."""
     if not rows[0]["split"]:
         draw_splits(rows, seed)
-        return []
+        return _one_id(rows)
     splits: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["patient"]:

@@ -30,7 +30,7 @@ from inference.checkpoint import (load_backbone_weights, load_checkpoint, LungSy
                                   read_metadata)
 from inference.hu2020 import lesion_of
 from inference.preprocess import CROPS, TRAINING_CENTRE_RANGE, WINDOW_WIDTH
-from inference.profiles import Profile, profile_for
+from inference.profiles import CLASSES, Profile, profile_for
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import (HU2020_GAMMA, class_balanced_weights, focal_loss,
@@ -122,10 +122,11 @@ class SliceSet:
 
 
 def build_slice_set(studies: list[CachedStudy], drop_lesion_free_diseased: bool = True,
-                    validation: bool = False) -> SliceSet:
+                    validation: bool = False) -> SliceSet | None:
     """The slices to train on (or validate with). A diseased study without every slice's
     lesion flag (the manifest's annotations) is left out and counted: its lesion-free
-    slices cannot be told from its lesion slices."""
+    slices cannot be told from its lesion slices. A ``validation`` set may be left with
+    none (None), a training set not (ValueError)."""
     index, lesion, label, fraction, types = [], [], [], [], []
     left_out = 0
     for s, study in enumerate(studies):
@@ -148,10 +149,29 @@ def build_slice_set(studies: list[CachedStudy], drop_lesion_free_diseased: bool 
                          f"patients (the manifest's annotations): none of the {left_out} has "
                          f"them")
     if not index:
+        if validation:
+            return None
         raise ValueError("no training slices")
     return SliceSet(studies, np.array(index), np.array(lesion), np.array(label),
                     np.array(fraction, dtype=np.float32), np.array(types, dtype=np.int8),
                     left_out)
+
+
+def _tell_left_out(run, train: SliceSet, val: SliceSet | None, progress) -> None:
+    """Say which diseased studies slice training leaves out, and a class it then never
+    learns (its studies all unannotated)."""
+    for name, split in (("training", train), ("validation", val)):
+        n = split.left_out if split is not None else 0
+        if n:
+            run.tell(f"{n} diseased {name} {'study' if n == 1 else 'studies'} without every "
+                     f"slice's lesion annotation {'is' if n == 1 else 'are'} left out of "
+                     f"slice training", progress)
+    present = {study.entry.label for study in train.studies}
+    lacking = [CLASSES[k] for k in sorted(present - {0}) if not (train.label == k).any()]
+    if lacking:
+        run.tell(f"the training split has no {', '.join(lacking)} study with lesion "
+                 f"annotations: the slice network does not learn "
+                 f"{'it' if len(lacking) == 1 else 'them'}", progress)
 
 
 def size_balanced_weights(fraction: np.ndarray) -> np.ndarray:
@@ -233,14 +253,16 @@ def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     val_studies = load_split(cfg.data, "val", profile.input_size, cache_dir,
                              crop=profile.crop)
     val = build_slice_set(val_studies, validation=True) if val_studies else None
+    _tell_left_out(run, train, val, progress)
+    if val is not None and not (val.label != 0).any():
+        run.tell("the validation split has no diseased study with lesion annotations: no "
+                 "validation accuracy chooses the epochs", progress)
+        val = None
     run.log.info(f"{len(train)} training slices, {len(val) if val else 0} validation slices")
-    for name, split in (("training", train), ("validation", val)):
-        if split is not None and split.left_out:
-            run.tell(f"{split.left_out} diseased {name} studies without every slice's lesion "
-                     f"annotation are left out of slice training", progress)
     if cfg.early_stop and val is None:
         raise ValueError("--early-stop follows the validation loss: the dataset has no "
-                         "validation split")
+                         "validation split (or no diseased study with lesion annotations "
+                         "in it)")
 
     optimizer = make_optimizer(cfg, net)
     epochs = Epochs(run, cfg, net, optimizer, progress)
