@@ -19,6 +19,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def held_port() -> socket.socket:
+    """A loopback port bound and never listened on (``.getsockname()[1]``): it refuses
+    every connection, and no other process (another test worker's PACS) can take it
+    until the socket is closed. A free port left unbound can be taken meanwhile: a
+    destination meant to be down then answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
 class Orthanc:
     def __init__(self, folder: Path, aet: str = "ORTHANC",
                  dicomweb_servers: dict[str, str | list[str]] | None = None) -> None:
@@ -27,7 +37,10 @@ class Orthanc:
         self.folder = Path(folder)
         self.aet = aet
         self.dicomweb_servers = dict(dicomweb_servers or {})
-        self.dicom_port, self.http_port = free_port(), free_port()
+        # held until the first start: a test that sends to it before starting it (a PACS
+        # that is down) sees its connections refused, never another worker's server
+        self._held = [held_port(), held_port()]
+        self.dicom_port, self.http_port = (s.getsockname()[1] for s in self._held)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -50,6 +63,8 @@ class Orthanc:
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))
+        while self._held:
+            self._held.pop().close()
         self.proc = subprocess.Popen([ORTHANC, str(path)], stdin=subprocess.DEVNULL,
                                      stdout=open(self.folder / "orthanc.log", "wb"),
                                      stderr=subprocess.STDOUT)
@@ -63,6 +78,8 @@ class Orthanc:
         raise RuntimeError(f"Orthanc did not start; see {self.folder / 'orthanc.log'}")
 
     def stop(self) -> None:
+        while self._held:                   # never started
+            self._held.pop().close()
         if self.proc is not None:
             self.proc.terminate()
             try:

@@ -22,7 +22,7 @@ from store.models import DeliveryState
 
 from conftest import eventually, require_tool
 from doubles import hotspot_model
-from orthanc import free_port
+from orthanc import free_port, held_port
 
 SECRET = "s3cret-for-the-test"
 
@@ -56,7 +56,9 @@ class Receiver:
 
 def test_webhooks_get_job_done_after_a_retry_and_delivery_failed(tmp_path, study_factory):
     study = study_factory("covid", 6, 24)
-    hook, pager, nobody = free_port(), free_port(), free_port()
+    down, rising = held_port(), held_port()     # the PACS never up; the RIS up later
+    nobody, hook = down.getsockname()[1], rising.getsockname()[1]
+    pager = free_port()
     toml = tmp_path / "node.toml"
     toml.write_text(
         f'[node]\nae_title = "LUNGSYS"\nhost = "127.0.0.1"\nport = {free_port()}\n'
@@ -88,6 +90,7 @@ def test_webhooks_get_job_done_after_a_retry_and_delivery_failed(tmp_path, study
             return jobs[0].notifications if jobs else []
         # the RIS is down: the first try fails and is recorded
         eventually(lambda: any(n.target == "ris" and n.attempts >= 1 for n in notices()))
+        rising.close()
         ris = Receiver(hook)
         eventually(lambda: any(n.target == "ris" and n.state == DeliveryState.done
                               for n in notices()))
@@ -95,6 +98,8 @@ def test_webhooks_get_job_done_after_a_retry_and_delivery_failed(tmp_path, study
     finally:
         node.stop()
         pager_receiver.stop()
+        down.close()
+        rising.close()
         if ris is not None:
             ris.stop()
 

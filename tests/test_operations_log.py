@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 
 from conftest import eventually, require_tool
-from orthanc import free_port
+from orthanc import free_port, held_port
 
 EXE = str(Path(sys.executable).with_name("lungsys"))
 
@@ -32,7 +32,8 @@ def _jobs(toml: Path, *args: str):
 def test_the_log_says_what_happened_and_failed_deliveries_are_listed(tmp_path,
                                                                        study_factory):
     study = study_factory("covid", 5, 24)
-    port, nobody = free_port(), free_port()        # a destination that is not there
+    down = held_port()                             # a destination that is not there
+    port, nobody = free_port(), down.getsockname()[1]
     toml = tmp_path / "node.toml"
     toml.write_text(
         f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "var"}"\n'
@@ -56,6 +57,7 @@ def test_the_log_says_what_happened_and_failed_deliveries_are_listed(tmp_path,
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=60)
+        down.close()
     assert node.returncode == 0
     text = log.read_text()
     lines = text.splitlines()
