@@ -26,6 +26,12 @@ def low_confidence(probabilities) -> bool:
     return float(max(probabilities)) < LOW_CONFIDENCE
 
 
+def recorded_low_confidence(probabilities: dict | None) -> bool | None:
+    """:func:`low_confidence` of a recorded result's probabilities by class (a job's);
+    None when it has none (a job not done)."""
+    return low_confidence(probabilities.values()) if probabilities else None
+
+
 class Untrained(NamedTuple):
     """What is said of a model whose diagnosis comes from an untrained network."""
 

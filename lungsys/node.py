@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from config.rules import Priority
-from inference.model_info import low_confidence
+from inference.model_info import recorded_low_confidence
 from inference.version import software_version
 from lungsys.common import CLIError, err, out, print_fields, when
 from store.models import IncidentKind, JobState
@@ -168,8 +168,8 @@ def _job_dict(job) -> dict:
             "created_at": when(job.created_at), "started_at": when(job.started_at),
             "finished_at": when(job.finished_at), "model_version": job.model_version,
             "diagnosis": job.diagnosis, "probabilities": job.probabilities,
-            "low_confidence": low_confidence(job.probabilities.values())
-            if job.probabilities else None, "caution": job.caution or None,
+            "low_confidence": recorded_low_confidence(job.probabilities),
+            "caution": job.caution or None,
             "infected_fraction": job.infected_fraction, "timings": job.timings,
             "error": job.error,
             "results": [{"kind": r.kind, "sop_instance_uid": r.sop_instance_uid,

@@ -24,7 +24,7 @@ import requests
 
 from config import Notification, NotificationEvent
 from pacs_node.delivery import redact
-from inference.model_info import low_confidence
+from inference.model_info import recorded_low_confidence
 from inference.version import software_version
 
 if TYPE_CHECKING:
@@ -54,8 +54,7 @@ def payload(event: NotificationEvent, job: "Job", node_id: str, target: Notifica
         "probabilities": job.probabilities, "infected_fraction": job.infected_fraction,
         "model_version": job.model_version or None,
         "caution": job.caution or None,            # an untrained model's diagnosis
-        "low_confidence": low_confidence(job.probabilities.values())
-        if job.probabilities else None,
+        "low_confidence": recorded_low_confidence(job.probabilities),
         "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
         "error": job.error or None,
     }

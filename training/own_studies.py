@@ -231,10 +231,11 @@ def make_dataset(labels: str | Path, out: str | Path, seed: int = 0,
     out = Path(out)
     check_out(out, rows)
     problems, notes = [], []
+    # paths between the folders as they are on disk: the manifest's reader resolves
+    # symbolic links before "..", so a dataset folder under a link still finds its studies
+    home = Path(os.path.abspath(out)).resolve()
     for number, row in enumerate(rows, start=1):
-        # between the folders as they are on disk: the manifest's reader resolves symbolic
-        # links before "..", so a dataset folder under a link still finds its studies
-        name = os.path.relpath(row["study"].resolve(), Path(os.path.abspath(out)).resolve())
+        name = os.path.relpath(row["study"].resolve(), home)
         try:
             notes.append(annotate(row, name))
         except LabelsError as exc:

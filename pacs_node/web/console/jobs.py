@@ -24,7 +24,7 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from inference.choices import PatientMethod
-from inference.model_info import low_confidence
+from inference.model_info import recorded_low_confidence
 from pacs_node.layout import OutsideDataDir
 from pacs_node.web.auth import Doorkeeper
 from pacs_node.web.console.render import PER_PAGE, page, page_number
@@ -147,8 +147,7 @@ def job_routes(node: "Node", door: Doorkeeper) -> list[Route]:
                    .get(found.series_id, {}) if me.role.allows(Role.operator) else {})
         choices = ["", *node.config.model.choices]
         return page(request, me, "job.html", job=found, series=found.series, patient=patient,
-                    low_confidence=bool(found.probabilities)
-                    and low_confidence(found.probabilities.values()),
+                    low_confidence=recorded_low_confidence(found.probabilities),
                     done=DONE.get(request.query_params.get("done", ""), ""),
                     models=choices, methods=["", *(m.value for m in PatientMethod)])
 
