@@ -29,7 +29,6 @@ from inference.heatmap import build_sc, edge_markers, render_overlay
 from inference.identity import DISCLAIMER, AlgorithmIdentity
 from inference.ko import build_ko
 from inference.localize import smooth
-from inference.model_info import UNTRAINED
 from inference.results import AnalysisResult, SliceResult
 from inference.series import CTSeries
 from inference.seg import build_seg
@@ -160,11 +159,10 @@ def overlay_lines(result: AnalysisResult, identity: AlgorithmIdentity,
     confidence), an untrained model's warning, the slice's lesion probability and types,
     and the disclaimer last."""
     top = float(result.probabilities[result.diagnosis_index])
-    untrained = result.model.untrained if result.model is not None else ""
     return [f"{identity.algorithm_name} {identity.model_version}",
             f"Diagnosis: {result.diagnosis} (p={top:.2f}"
             + (", low confidence)" if result.low_confidence else ")"),
-            *([f"WARNING: {UNTRAINED[untrained].label}"] if untrained else []),
+            *([result.short_warning] if result.short_warning else []),
             f"{s.label[0].upper()}{s.label[1:]}: lesion probability "
             f"{s.lesion_probability:.2f}",
             *([f"Lesion types: {lesion_type_words(s)}"] if s.shown_types else []),

@@ -76,7 +76,8 @@ def build_gsps(result: AnalysisResult, sources: list[Dataset], frames: list[int 
         manufacturer=MANUFACTURER, manufacturer_model_name=identity.model_name,
         software_versions=[software_version(), identity.model_version],
         device_serial_number=identity.device_uid, content_label="AI_LESIONS",
-        content_description="Lesion boxes found by AI - not for primary diagnosis",
+        content_description=(result.short_warning
+                             or "Lesion boxes found by AI - not for primary diagnosis"),
         graphic_annotations=annotations, graphic_layers=[layer],
         voi_lut_transformations=[window],
         contributing_equipment=[identity.contributing_equipment()])

@@ -86,7 +86,8 @@ def build_pm(result: AnalysisResult, series: CTSeries, sources: list[Dataset],
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=LEVELS / 2,
                                                          window_width=LEVELS)],
-        content_label="AI_LESION_MAP", content_description="AI lesion evidence map",
+        content_label="AI_LESION_MAP",
+        content_description=result.short_warning or "AI lesion evidence map",
         pixel_measures=hd.PixelMeasuresSequence(
             pixel_spacing=spacing, slice_thickness=float(thickness) if thickness else None),
         plane_orientation=hd.PlaneOrientationSequence(

@@ -9,7 +9,7 @@ import numpy as np
 from inference.localize import LesionBox
 from inference.preprocess import uncrop
 from inference.choices import PatientMethod
-from inference.model_info import ModelInfo, low_confidence
+from inference.model_info import UNTRAINED, ModelInfo, low_confidence
 from inference.profiles import CLASSES
 
 
@@ -114,6 +114,14 @@ class AnalysisResult:
         SR's comment, the key images' description) when its model is untrained, or ""."""
         caution = self.model.caution if self.model is not None else ""
         return f"Warning: {caution}. " if caution else ""
+
+    @property
+    def short_warning(self) -> str:
+        """"WARNING: untrained ..." in at most 64 characters, for where little text goes
+        (a heatmap's line, a SEG's, map's or presentation state's Content Description),
+        or ""."""
+        untrained = self.model.untrained if self.model is not None else ""
+        return f"WARNING: {UNTRAINED[untrained].label}" if untrained else ""
 
     def to_json(self) -> dict:
         """The result as JSON-ready types (the ``--json`` output of ``lungsys analyze``)."""

@@ -16,7 +16,9 @@ some PACS do not, so it is not the default). The region is the one the engine
 measured (kept with the lesion maps): the lesion map of each lesion-bearing
 slice cut by :func:`inference.localize.lesion_region`. No SEG is made when no
 slice has a lesion region (an empty segmentation is not sent), nor for
-multi-frame (enhanced) CT sources yet.
+multi-frame (enhanced) CT sources yet. From an untrained model its Content Description
+says so (:attr:`~inference.results.AnalysisResult.short_warning`), as the map's
+and the presentation state's do.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def build_seg(result: AnalysisResult, series: CTSeries, sources: list[Dataset],
         software_versions=[software_version(), identity.model_version],
         device_serial_number=identity.device_uid, series_description=SEG_DESCRIPTION,
         contributing_equipment=[identity.contributing_equipment()],
+        content_description=result.short_warning or None,
         transfer_syntax_uid=TRANSFER_SYNTAXES[SegCompression(compression)])
     stamp_series(seg)
     if any(t and LESION_TYPE_CODES[t].scheme_designator == LOCAL_SCHEME for t in order):

@@ -18,6 +18,7 @@ from inference.choices import DEFAULT_OBJECTS, ResultObject
 from inference.engine import Engine
 from inference.export import SERIES_NUMBERS, write_results
 from inference.ko import OF_INTEREST
+from inference.model_info import UNTRAINED
 from inference.pm import LEVELS, REDUCTION, block_origin, reduced
 from inference.series import load_series
 
@@ -121,6 +122,19 @@ def test_presentation_state_outlines_every_box_on_its_slice(everything):
                    for t in annotation.TextObjectSequence)
     window = pr.SoftcopyVOILUTSequence[0]
     assert (float(window.WindowCenter), float(window.WindowWidth)) == (-600.0, 1500.0)
+
+
+def test_the_image_objects_of_an_untrained_model_say_so(everything):
+    """The SEG, the map and the presentation state carry no report text, so their Content
+    Description (what a PACS lists beside their label) warns a reader that the test
+    double's model is untrained, in the 64 characters the attribute holds."""
+    _, result, files = everything
+    warning = "WARNING: untrained model: the diagnosis means nothing"
+    assert result.short_warning == warning
+    for kind in (ResultObject.seg, ResultObject.pm, ResultObject.gsps):
+        assert pydicom.dcmread(files.files[kind][0]).ContentDescription == warning, kind
+    for untrained in UNTRAINED:
+        assert len(f"WARNING: {UNTRAINED[untrained].label}") <= 64
 
 
 def test_only_the_asked_objects_are_written(everything, tmp_path):
