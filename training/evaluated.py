@@ -11,7 +11,9 @@ named by a digest of its folder). The key names
 everything the figures depend on: the model's weights and profile, the engine's
 settings, the machine the seconds were timed on, and the source of the code that
 computed them; a study is analysed again when its files, its annotations, its masks or
-its label changed since.
+its label changed since. Each new model or code change starts a new folder, so only the
+:data:`KEEP_EVALUATIONS` most recently used are kept; older ones are removed (nothing but
+this module's own files is ever removed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,11 @@ log = logging.getLogger(__name__)
 METHODS = tuple(PatientMethod)
 #: Bumped when what a study's part holds changes (older parts are then not read).
 VERSION = "1"
+#: How many evaluations' folders a cache keeps (the most recently used; each is small,
+#: a few kilobytes a study, but every model and every code change adds one).
+KEEP_EVALUATIONS = 12
+_FOLDER = re.compile(r"evaluated-[0-9a-f]{16}")
+_PART = re.compile(r"[0-9a-f]{24}\.json")
 
 
 @dataclass
@@ -128,6 +136,7 @@ class EvaluationCache:
                                   .encode()).hexdigest()[:16]
         self.cache_dir = Path(cache_dir)
         self.writable = True
+        self._used = False
 
     def _where(self, entry: StudyEntry) -> tuple[Path, str]:
         """The study's file (named by a digest of its folder: folder names may be patient
@@ -142,10 +151,13 @@ class EvaluationCache:
         path, signature = self._where(entry)
         try:
             kept = json.loads(path.read_text())
-            return Collected.from_json(kept["part"]) if kept["signature"] == signature \
-                else None
+            if kept["signature"] != signature:
+                return None
+            part = Collected.from_json(kept["part"])
         except (OSError, ValueError, KeyError, TypeError):
             return None                        # not kept, or not readable: analyse again
+        self._use()
+        return part
 
     def put(self, entry: StudyEntry, part: Collected) -> None:
         """Keep the study's part (written whole: a file renamed into place)."""
@@ -157,8 +169,36 @@ class EvaluationCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"signature": signature, "part": part.to_json()}))
             tmp.replace(path)
+            self._use()
         except OSError as exc:                 # a read-only dataset: evaluate all the same
             tmp.unlink(missing_ok=True)
             log.warning("evaluation results are not kept in %s: %s", self.cache_dir,
                         exc.strerror or exc)
             self.writable = exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+    def _use(self) -> None:
+        """Once per evaluation: mark its folder as used now, and remove the folders of all
+        but the :data:`KEEP_EVALUATIONS` most recently used evaluations."""
+        if self._used or not self.writable:
+            return
+        self._used = True
+        try:
+            os.utime(self.cache_dir / f"evaluated-{self.key}")
+            folders = sorted((p for p in self.cache_dir.iterdir()
+                              if p.is_dir() and _FOLDER.fullmatch(p.name)),
+                             key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:
+            return                             # (read-only: get() found it; keep it so)
+        removed = 0
+        for folder in folders[KEEP_EVALUATIONS:]:
+            try:
+                for part in folder.iterdir():
+                    if _PART.fullmatch(part.name) or part.name.endswith(".tmp"):
+                        part.unlink()
+                folder.rmdir()                 # (not when anything else lies in it)
+                removed += 1
+            except OSError:
+                continue                       # another evaluation's, in use: next time
+        if removed:
+            log.info("removed the kept results of %d older evaluation(s) from %s", removed,
+                     self.cache_dir)
