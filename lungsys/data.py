@@ -91,7 +91,8 @@ def phantom_set_command(
 def dataset_command(
     labels: Annotated[Path, typer.Option(help="CSV of the studies, one row each: study (its "
                                          "folder), label, and optionally split and "
-                                         "lesion_slices (Instance Numbers: '31-38 52').")],
+                                         "lesion_slices (Instance Numbers: '31-38 52') or "
+                                         "segmentation (a DICOM SEG of the lesions).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for manifest.csv and "
                                           "the annotations (the studies stay where they "
                                           "are).")],
@@ -105,8 +106,9 @@ def dataset_command(
     Splits are the labels' own, or drawn 60/20/20 by patient (Patient ID) within
     each class. Every row that cannot be used is named, and nothing is written.
     The slices a radiologist found lesions on are given by Instance Number, as a
-    viewer shows them; 'lungsys train slice' uses the diseased studies that have
-    them, 'train patient' and 'evaluate' every study.
+    viewer shows them, or outlined in a DICOM SEG (then the lesion masks and, where
+    its segments are typed, the lesion types come too); 'lungsys train slice' uses
+    the diseased studies that have them, 'train patient' and 'evaluate' every study.
     """
     from training.own_studies import LabelsError, make_dataset
 

@@ -62,8 +62,8 @@ def test_own_studies_become_a_dataset_that_trains(tiny, tmp_path):
     labels, truth = _labels(tiny, tmp_path, without_lesions="patient-07")
     proc = lungsys("dataset", "--labels", str(labels), "--out", str(tmp_path / "ds"))
     assert proc.returncode == 0, proc.stderr
-    assert "lungsys: warning: 1 diseased study without lesion_slices (line(s) 9): " \
-           "'lungsys train slice' leaves them out" in proc.stderr
+    assert "lungsys: warning: 1 diseased study without lesion_slices or segmentation " \
+           "(line(s) 9): 'lungsys train slice' leaves them out" in proc.stderr
     entries = read_manifest(tmp_path / "ds")
     assert len(entries) == 20 and not (tmp_path / "studies" / "patient-00" / "truth.json").exists()
     for name in range(4):                           # 60/20/20 by patient within each class
@@ -100,8 +100,9 @@ def test_own_studies_become_a_dataset_that_trains(tiny, tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     made = make_dataset(labels, tmp_path / "ds2")
-    assert "the val split has no diseased study with lesion_slices: 'lungsys train slice' " \
-           "has no validation accuracy to choose its epochs by" in made["warnings"]
+    assert "the val split has no diseased study with lesion_slices or a segmentation: " \
+        "'lungsys train slice' has no validation accuracy to choose its epochs by" \
+        in made["warnings"]
     stopped = lungsys("train", "slice", "--data", str(tmp_path / "ds2"), "--out",
                       str(tmp_path / "s2.safetensors"), "--epochs", "1", "--early-stop", "1",
                       "--batch-size", "8", "--device", "cpu")

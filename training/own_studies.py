@@ -18,13 +18,19 @@ split           train, val or test; left out or empty on every row: drawn     no
 lesion_slices   the Instance Numbers of the slices showing a lesion: "31-38   no
                 52" (quoted when it holds commas; a diseased study without
                 them is not used by `train slice`; a healthy study has none)
+segmentation    instead of lesion_slices: the reader's lesion outlines, a      no
+                DICOM SEG file on the study's slices (relative to the labels
+                file or absolute; :mod:`training.lesion_seg`)
 =============== ============================================================ ========
 
 Each study is read as the node and training read it (one CT series, its slices in
 order); its annotations (every slice's SOP Instance UID, Instance Number and lesion
 flag) go to ``OUT/annotations/NNNN.json``, and the manifest names the study folders
-where they are. Every row that cannot be used is named at once, and nothing is written
-then. Messages name rows by their line and study folder as given, never by a Patient ID.
+where they are. From a segmentation come each slice's lesion types too (where its segments
+are typed), the infected fraction, and the lesion masks (``OUT/masks/NNNN.npz``), so that
+`lungsys evaluate` measures the maps on one's own studies. Every row that cannot be used
+is named at once, and nothing is written then. Messages name rows by their line and study
+folder as given, never by a Patient ID.
 """
 
 from __future__ import annotations
@@ -42,14 +48,16 @@ import numpy as np
 
 from inference.errors import SeriesError
 from inference.profiles import CLASSES
+from inference.preprocess import lung_masks
 from inference.series import load_series
 from training.dataset import LABEL_ALIASES, SPLITS, parse_label, write_manifest
+from training.lesion_seg import SegmentationError, lesion_masks, read_truth
 from training.phantom_set import refuse_a_dataset, split_of
 
 FORMAT = "lungsys-annotations/1"
 #: The manifest's label for each class (LABEL_ALIASES' short names).
 LABEL_NAMES = {index: name for name, index in LABEL_ALIASES.items() if "-" not in name}
-COLUMNS = ("study", "label", "split", "lesion_slices")
+COLUMNS = ("study", "label", "split", "lesion_slices", "segmentation")
 _RANGE = re.compile(r"([0-9]{1,9})(?:-([0-9]{1,9}))?")
 
 
@@ -128,6 +136,9 @@ def read_labels(path: Path) -> list[dict]:
             problems.append(f"{where}: {exc}")
             continue
         split = row.get("split", "").lower()
+        outlines = row.get("segmentation", "")
+        seg = Path(os.path.abspath(path.parent / Path(outlines).expanduser())) \
+            if outlines else None
         if not given or not folder.exists():
             problems.append(f"{where}: study folder {given!r} does not exist")
         elif not folder.is_dir():
@@ -135,15 +146,20 @@ def read_labels(path: Path) -> list[dict]:
         elif folder.resolve() in seen:
             problems.append(f"{where}: study {given!r} already on line "
                             f"{seen[folder.resolve()]}")
-        elif label == 0 and lesions:
-            problems.append(f"{where}: a healthy study has no lesion slices")
+        elif label == 0 and (lesions or seg):
+            problems.append(f"{where}: a healthy study has no lesion "
+                            + ("slices" if lesions else "segmentation"))
+        elif lesions and seg:
+            problems.append(f"{where}: give lesion_slices or a segmentation, not both")
+        elif seg and not seg.is_file():
+            problems.append(f"{where}: segmentation file {outlines!r} does not exist")
         elif split and split not in SPLITS:
             problems.append(f"{where}: unknown split {split!r} (expected "
                             f"{', '.join(SPLITS)})")
         else:
             seen[folder.resolve()] = line
             rows.append({"study": folder, "label": label, "split": split, "lesions": lesions,
-                         "line": line, "given": given})
+                         "seg": seg, "line": line, "given": given})
     if problems:
         raise LabelsError(problems)
     if not rows:
@@ -182,7 +198,7 @@ def annotate(row: dict, name: str) -> dict:
             raise LabelsError([f"{where}: no slice with Instance Number "
                                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                                f"(its slices are numbered {lo} to {hi})"])
-    return {"format": FORMAT, "study": name, "label": CLASSES[row["label"]],
+    note = {"format": FORMAT, "study": name, "label": CLASSES[row["label"]],
             "patient": str(series.header.get("PatientID", "") or ""),
             "series_instance_uid": series.series_instance_uid,
             "slices": [{"sop_instance_uid": s.sop_instance_uid,
@@ -190,6 +206,32 @@ def annotate(row: dict, name: str) -> dict:
                         "has_lesion": any(a <= s.instance_number <= b
                                           for a, b in row["lesions"])}
                        for s in series.slices]}
+    if row["seg"] is not None:
+        _outlined(note, row["seg"], series, where)
+    return note
+
+
+def _outlined(note: dict, seg: Path, series, where: str) -> None:
+    """The slices' lesion flags and types, and the infected fraction, from the study's
+    segmentation; what it left out, under "left_out"."""
+    try:
+        truth = read_truth(seg, series.sop_instance_uids, lung_masks(np.asarray(series.hu)))
+    except SegmentationError as exc:
+        raise LabelsError([f"{where}: {exc}"]) from None
+    if not any(truth.has_lesion):
+        raise LabelsError([f"{where}: its segmentation {seg.name} outlines no lesion"])
+    for i, s in enumerate(note["slices"]):
+        s["has_lesion"] = truth.has_lesion[i]
+        s["lesion_fraction"] = truth.lesion_fraction[i]
+        if truth.lesion_types is not None:
+            s["lesion_types"] = truth.lesion_types[i]
+    note["infected_fraction"] = truth.infected_fraction
+    note["left_out"], note["size"] = truth.left_out, list(series.hu.shape[1:])
+
+
+def _annotated(row: dict) -> bool:
+    """Whether a row says which slices show a lesion (a healthy study's show none)."""
+    return row["label"] == 0 or bool(row["lesions"]) or row["seg"] is not None
 
 
 def check_out(out: Path, rows: list[dict]) -> None:
@@ -244,9 +286,15 @@ def make_dataset(labels: str | Path, out: str | Path, seed: int = 0,
         if progress is not None:
             progress(number, len(rows))
     first: dict[str, int] = {}
+    left_out: list[str] = []
     for row, note in zip(rows, notes):
         if note is not None:
-            row["patient"] = note.pop("patient")
+            row["patient"], row["size"] = note.pop("patient"), note.pop("size", None)
+            if note.get("left_out"):
+                left_out.append(f"line {row['line']} ({row['given']}): segment(s) "
+                                f"{', '.join(map(repr, note['left_out']))[:120]} not a "
+                                f"lesion, left out")
+            note.pop("left_out", None)
             uid = note["series_instance_uid"]
             if uid in first:
                 problems.append(f"line {row['line']} ({row['given']}): the same series as "
@@ -254,28 +302,35 @@ def make_dataset(labels: str | Path, out: str | Path, seed: int = 0,
             first.setdefault(uid, row["line"])
     if problems:
         raise LabelsError(problems)
-    warnings = _splits(rows, seed)
+    warnings = _splits(rows, seed) + left_out
     entries = []
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for number, (row, note) in enumerate(zip(rows, notes), start=1):
         entry = {"study": note["study"], "label": LABEL_NAMES[row["label"]],
                  "split": row["split"]}
-        if row["label"] == 0 or row["lesions"]:          # else its lesion slices are unknown
+        if _annotated(row):                              # else its lesion slices are unknown
             entry["annotations"] = f"annotations/{number:04d}.json"
             (out / entry["annotations"]).write_text(json.dumps(note, indent=1))
+        if row["seg"] is not None:                       # read again: one study's at a time
+            entry["masks"] = f"masks/{number:04d}.npz"
+            (out / "masks").mkdir(exist_ok=True)
+            slices = [s["sop_instance_uid"] for s in note["slices"]]
+            np.savez_compressed(out / entry["masks"],
+                                lesion=lesion_masks(row["seg"], slices, tuple(row["size"])))
         entries.append(entry)
     write_manifest(out / "manifest.csv", entries)
     counts = {split: {name: sum(r["split"] == split and r["label"] == k for r in rows)
                       for k, name in enumerate(CLASSES)} for split in SPLITS}
-    unlabelled = [r["line"] for r in rows if r["label"] != 0 and not r["lesions"]]
+    unlabelled = [r["line"] for r in rows if not _annotated(r)]
     if unlabelled:
         warnings.append(f"{len(unlabelled)} diseased {_studies(len(unlabelled))} without "
-                        f"lesion_slices (line(s) {_lines(unlabelled)}): 'lungsys train "
-                        f"slice' leaves them out")
+                        f"lesion_slices or segmentation (line(s) {_lines(unlabelled)}): "
+                        f"'lungsys train slice' leaves them out")
         for split in ("train", "val"):
-            if not any(r["split"] == split and r["label"] != 0 and r["lesions"] for r in rows):
-                warnings.append(f"the {split} split has no diseased study with lesion_slices: "
-                                f"'lungsys train slice' "
+            if not any(r["split"] == split and r["label"] != 0 and _annotated(r)
+                       for r in rows):
+                warnings.append(f"the {split} split has no diseased study with lesion_slices "
+                                f"or a segmentation: 'lungsys train slice' "
                                 + ("cannot learn lesions" if split == "train" else
                                    "has no validation accuracy to choose its epochs by"))
     for split, by_class in counts.items():
