@@ -63,33 +63,44 @@ def test_an_evaluation_run_again_analyses_no_study_twice(tiny, tmp_path, monkeyp
 
 def test_only_the_most_recently_used_evaluations_are_kept(tiny, tmp_path):
     """Every model and code change starts a new evaluation folder in the cache: the oldest
-    beyond KEEP_EVALUATIONS go when an evaluation is kept, and nothing else in the cache is
-    touched (a file or folder not named as the cache names its own)."""
+    beyond KEEP_EVALUATIONS go when an evaluation is kept, unless used in the last hour (a
+    comparison of many models run again), and nothing else in the cache is touched (a file
+    or folder not named as the cache names its own, a link)."""
     import os
+    import time
 
     from training.evaluated import KEEP_EVALUATIONS, Collected
 
-    cache = tmp_path / "cache"
-    old = []
-    for age in range(KEEP_EVALUATIONS + 3):        # 0 the newest
+    cache, now = tmp_path / "cache", time.time()
+    folders = []
+    for age in range(KEEP_EVALUATIONS + 6):        # 0 the newest; 13 used within the hour
         folder = cache / f"evaluated-{age:016x}"
         folder.mkdir(parents=True)
         (folder / f"{age:024x}.json").write_text("{}")
-        os.utime(folder, (1e9 - age, 1e9 - age))
-        old.append(folder)
+        when = now - 60 - age if age <= KEEP_EVALUATIONS else now - 7200 - age
+        os.utime(folder, (when, when))
+        folders.append(folder)
     theirs = cache / "evaluated-0000000000000099"       # holds a file the cache never writes
     theirs.mkdir()
     (theirs / "notes.txt").write_text("mine")
     os.utime(theirs, (1, 1))
     crops = cache / "crops-256"
     crops.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / f"{1:024x}.json").write_text("{}")
+    os.utime(elsewhere, (1, 1))
+    linked = cache / f"evaluated-{'f' * 16}"            # a link, however old: not followed
+    linked.symlink_to(elsewhere)
+    os.utime(linked, (1, 1), follow_symlinks=False)
     model = tmp_path / "m.safetensors"
     save_checkpoint(LungSysModel.create("small", seed=1), model)
     kept = EvaluationCache(cache, Engine(model, device="cpu"), "this CPU")
     entry = read_manifest(tiny, "test")[0]
     kept.put(entry, Collected())
-    # this evaluation is the newest; of the others, the newest KEEP_EVALUATIONS - 1 stay
+    # this evaluation is the newest; the 13 others used within the hour stay, older go
     assert (cache / f"evaluated-{kept.key}").is_dir()
-    assert [f.is_dir() for f in old] == [True] * (KEEP_EVALUATIONS - 1) + [False] * 4
+    assert [f.is_dir() for f in folders] == [True] * (KEEP_EVALUATIONS + 1) + [False] * 5
     assert (theirs / "notes.txt").read_text() == "mine" and crops.is_dir()
+    assert linked.is_symlink() and (elsewhere / f"{1:024x}.json").exists()
     assert kept.get(entry) is not None

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,10 @@ METHODS = tuple(PatientMethod)
 #: Bumped when what a study's part holds changes (older parts are then not read).
 VERSION = "1"
 #: How many evaluations' folders a cache keeps (the most recently used; each is small,
-#: a few kilobytes a study, but every model and every code change adds one).
+#: a few kilobytes a study, but every model and every code change adds one); one used in
+#: the last hour is kept whatever their number (a comparison of many models, run again).
 KEEP_EVALUATIONS = 12
+KEEP_SECONDS = 3600
 _FOLDER = re.compile(r"evaluated-[0-9a-f]{16}")
 _PART = re.compile(r"[0-9a-f]{24}\.json")
 
@@ -178,20 +181,23 @@ class EvaluationCache:
 
     def _use(self) -> None:
         """Once per evaluation: mark its folder as used now, and remove the folders of all
-        but the :data:`KEEP_EVALUATIONS` most recently used evaluations."""
+        but the :data:`KEEP_EVALUATIONS` most recently used evaluations (none used in the
+        last :data:`KEEP_SECONDS`)."""
         if self._used or not self.writable:
             return
         self._used = True
         try:
             os.utime(self.cache_dir / f"evaluated-{self.key}")
-            folders = sorted((p for p in self.cache_dir.iterdir()
-                              if p.is_dir() and _FOLDER.fullmatch(p.name)),
+            folders = sorted((p for p in self.cache_dir.iterdir() if _FOLDER.fullmatch(p.name)
+                              and p.is_dir() and not p.is_symlink()),
                              key=lambda p: p.stat().st_mtime, reverse=True)
         except OSError:
             return                             # (read-only: get() found it; keep it so)
-        removed = 0
+        removed, recent = 0, time.time() - KEEP_SECONDS
         for folder in folders[KEEP_EVALUATIONS:]:
             try:
+                if folder.stat().st_mtime > recent:
+                    continue
                 for part in folder.iterdir():
                     if _PART.fullmatch(part.name) or part.name.endswith(".tmp"):
                         part.unlink()

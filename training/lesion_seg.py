@@ -9,12 +9,16 @@ mask need) and, where the segments are coded as LA-DNN's five lesion types, each
 types (what LA-DNN's auxiliary task learns from).
 
 Which segments are lesions: those whose Segmented Property Category is Morphologically
-abnormal structure (SCT 49755003), or whose type is SCT Lesion or one of the lesion
-types (coded as lungsys's SRs and SEGs code them, :data:`inference.sr.LESION_TYPE_CODES`,
-or named by their meaning, "consolidation", "crazy paving"). Others (a lung, a vessel a
-tool segmented too) are left out and named. A fractional segment counts from 0.5 on.
-The file is read whole only to check it and once more to write its masks, one segment at
-a time, so a dataset of hundreds of studies never holds more than one study's masks.
+abnormal structure (SCT 49755003, or SNOMED-RT's M-01000 as older viewers code it), or
+whose type is SCT Lesion or one of the lesion types (coded as lungsys's SRs and SEGs code
+them, :data:`inference.sr.LESION_TYPE_CODES`, or named by their meaning, "consolidation",
+"crazy paving"), or labelled "lesion" or "infection". Others (a lung, a vessel a tool
+segmented too) are left out and named. A slice an untyped lesion segment covers has
+unknown types (not "none of the five"). A fractional segment counts from 0.5 on. Each
+frame must name the CT slice it was drawn on (its Derivation Image Sequence, as OHIF,
+3D Slicer and highdicom write it). The file is read once to check it and once more to
+write its masks, one segment at a time, so a dataset of hundreds of studies never holds
+more than one study's masks.
 """
 
 from __future__ import annotations
@@ -25,23 +29,26 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from inference.sr import LESION_TYPE_CODES
 
-#: Segmented Property Category: Morphologically abnormal structure (SCT 49755003).
-ABNORMAL = ("49755003", "SCT")
-#: Segmented Property Type: Lesion (SCT 52988006), untyped.
-LESION = ("52988006", "SCT")
-_SCHEMES = {"SRT": "SCT", "SNM3": "SCT"}     # SNOMED's older designators
+#: Segmented Property Category of a lesion (SCT 49755003; SNOMED-RT's M-01000 is the same
+#: code: pydicom's Code compares them so).
+ABNORMAL = codes.SCT.MorphologicallyAbnormalStructure
+#: Segmented Property Type of an untyped lesion (SCT 52988006).
+LESION = codes.SCT.Lesion
+#: Segment labels taken for a lesion whatever their codes (a viewer's new segment is coded
+#: "Tissue" until its reader picks a terminology).
+LESION_LABELS = {"lesion", "lesions", "infection", "infected region"}
 
 
 def _words(text: str) -> str:
     return re.sub(r"[\s_\-]+", " ", str(text)).strip().lower()
 
 
-#: Each lesion type by its code and by its name in words ("crazy paving", "crazy paving
-#: pattern").
-_TYPE_BY_CODE = {(c.value, c.scheme_designator): t for t, c in LESION_TYPE_CODES.items()}
+#: Each lesion type by its name in words ("crazy paving", "crazy paving pattern").
 _TYPE_BY_WORDS = {**{_words(t): t for t in LESION_TYPE_CODES},
                   **{_words(c.meaning): t for t, c in LESION_TYPE_CODES.items()}}
 
@@ -56,31 +63,60 @@ class LesionTruth:
 
     has_lesion: list[bool]
     lesion_fraction: list[float]     # the lesion's share of the slice's lungs
-    #: each slice's lesion types (LESION_TYPE_CODES' keys), or None when no segment is typed
-    lesion_types: list[list[str]] | None
+    #: each slice's lesion types (LESION_TYPE_CODES' keys; None on a slice that an untyped
+    #: lesion segment covers too: its types are unknown), or None when no segment is typed
+    lesion_types: list[list[str] | None] | None
     left_out: list[str]          # the segments that are not lesions, by label
     infected_fraction: float     # the lesions' share of the lungs (with the lesions)
 
 
-def _code(item) -> tuple[str, str]:
-    return str(item.CodeValue), _SCHEMES.get(str(item.CodingSchemeDesignator),
-                                             str(item.CodingSchemeDesignator))
+def _code(item) -> Code | None:
+    try:
+        return Code(str(item.CodeValue), str(item.CodingSchemeDesignator),
+                    str(item.get("CodeMeaning", "") or "-"))
+    except (AttributeError, ValueError, TypeError):
+        return None
 
 
-def _segments(seg) -> tuple[dict[int, str | None], list[str]]:
+def _segments(seg, name: str) -> tuple[dict[int, str | None], list[str]]:
     """The lesion segments (number -> lesion type or None) and the others' labels."""
     lesions, others = {}, []
-    for item in seg.SegmentSequence:
-        category = _code(item.SegmentedPropertyCategoryCodeSequence[0])
-        kind = item.SegmentedPropertyTypeCodeSequence[0]
-        typed = _TYPE_BY_CODE.get(_code(kind)) or _TYPE_BY_WORDS.get(
-            _words(getattr(kind, "CodeMeaning", ""))) or _TYPE_BY_WORDS.get(
-            _words(item.get("SegmentLabel", "")))
-        if typed or category == ABNORMAL or _code(kind) == LESION:
-            lesions[int(item.SegmentNumber)] = typed
-        else:
-            others.append(str(item.get("SegmentLabel", "") or f"segment {item.SegmentNumber}"))
+    try:
+        for item in seg.SegmentSequence:
+            category = _code(item.SegmentedPropertyCategoryCodeSequence[0])
+            kind = item.SegmentedPropertyTypeCodeSequence[0]
+            label = _words(item.get("SegmentLabel", ""))
+            typed = next((t for t, c in LESION_TYPE_CODES.items() if _code(kind) == c),
+                         None) or _TYPE_BY_WORDS.get(_words(kind.get("CodeMeaning", ""))) \
+                or _TYPE_BY_WORDS.get(label)
+            if typed or category == ABNORMAL or _code(kind) == LESION or label in LESION_LABELS:
+                lesions[int(item.SegmentNumber)] = typed
+            else:
+                others.append(str(item.get("SegmentLabel", "") or
+                                  f"segment {item.SegmentNumber}"))
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise SegmentationError(f"{name}: its segments are not described as a SEG's are "
+                                f"({exc})") from None
     return lesions, others
+
+
+def _frame_sources(seg, name: str) -> list[str]:
+    """The slices the SEG's frames were drawn on, from each frame's Derivation Image
+    Sequence (not the header's lists of referenced instances, which may name slices no
+    frame lies on)."""
+    sources = []
+    for frame in seg.get("PerFrameFunctionalGroupsSequence", []):
+        for derivation in frame.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                if str(source.get("SpatialLocationsPreserved", "YES")).upper() != "YES":
+                    raise SegmentationError(f"{name}: its frames do not lie on the pixels of "
+                                            f"the slices they come from (Spatial Locations "
+                                            f"Preserved {source.SpatialLocationsPreserved})")
+                sources.append(str(source.ReferencedSOPInstanceUID))
+    if not sources:
+        raise SegmentationError(f"{name}: its frames do not say which CT slice each was "
+                                f"drawn on (no Derivation Image Sequence)")
+    return sources
 
 
 def _open(path: Path, slices: list[str], size: tuple[int, int]):
@@ -97,20 +133,30 @@ def _open(path: Path, slices: list[str], size: tuple[int, int]):
         raise SegmentationError(f"{path.name} is {seg.Rows} x {seg.Columns}, the series "
                                 f"{size[0]} x {size[1]}")
     ours = set(slices)
-    referenced = {str(uid) for _, _, uid in seg.get_source_image_uids()}
-    if not referenced & ours:
-        raise SegmentationError(f"{path.name}: its frames reference no slice of this series "
-                                f"(the segmentation of another series?)")
-    if referenced - ours:
-        raise SegmentationError(f"{path.name}: {len(referenced - ours)} of its source images "
-                                f"are not slices of this series")
-    return seg, [uid for uid in slices if uid in referenced]
+    drawn = set(_frame_sources(seg, path.name))
+    if not drawn & ours:
+        raise SegmentationError(f"{path.name}: its frames lie on no slice of this series (the "
+                                f"segmentation of another series, or of the CT before it was "
+                                f"de-identified with new UIDs?)")
+    if drawn - ours:
+        raise SegmentationError(f"{path.name}: {len(drawn - ours)} of the slices its frames "
+                                f"lie on are not in this series")
+    return seg, [uid for uid in slices if uid in drawn]
 
 
-def _masks(seg, uids: list[str], number: int) -> np.ndarray:
-    """(len(uids), rows, columns) bool: one segment on the referenced slices."""
-    pixels = seg.get_pixels_by_source_instance(
-        uids, segment_numbers=[number], assert_missing_frames_are_empty=True)
+def _masks(seg, name: str, uids: list[str], number: int) -> np.ndarray:
+    """(len(uids), rows, columns) bool: one segment on the slices its frames lie on (a
+    fractional segment's pixels from 0.5 on). The frames' positions were checked by
+    :func:`_frame_sources` (OHIF's and DCMTK's SEGs do not say Spatial Locations Preserved,
+    which highdicom otherwise requires)."""
+    try:
+        pixels = seg.get_pixels_by_source_instance(
+            uids, segment_numbers=[number], ignore_spatial_locations=True,
+            assert_missing_frames_are_empty=True)
+    except Exception as exc:                 # highdicom's many refusals: the row's error
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise SegmentationError(f"{name}: segment {number} cannot be read ({first})") \
+            from None
     return pixels[..., 0] >= 0.5 if pixels.dtype.kind == "f" else pixels[..., 0] > 0
 
 
@@ -118,12 +164,12 @@ def lesion_masks(path: Path, slices: list[str], size: tuple[int, int]) -> np.nda
     """(slices, rows, columns) bool in the series' order: the union of the lesion
     segments."""
     seg, uids = _open(path, slices, size)
-    lesions, _ = _segments(seg)
+    lesions, _ = _segments(seg, path.name)
     index = {uid: i for i, uid in enumerate(slices)}
     rows = [index[uid] for uid in uids]
     out = np.zeros((len(slices), *size), dtype=bool)
     for number in lesions:
-        out[rows] |= _masks(seg, uids, number)
+        out[rows] |= _masks(seg, path.name, uids, number)
     return out
 
 
@@ -132,21 +178,25 @@ def read_truth(path: Path, slices: list[str], lung: np.ndarray) -> LesionTruth:
     UIDs in order; ``lung``: its lung masks, for the infected fraction).
     SegmentationError when it cannot be."""
     seg, uids = _open(path, slices, lung.shape[1:])
-    lesions, others = _segments(seg)
+    lesions, others = _segments(seg, path.name)
     if not lesions:
         raise SegmentationError(f"{path.name} has no lesion segment (its segments: "
-                                f"{', '.join(others)[:160]}); a lesion segment's category is "
-                                f"Morphologically abnormal structure (SCT 49755003)")
+                                f"{', '.join(others)[:160]}); give a lesion segment the "
+                                f"category Morphologically abnormal structure (SCT 49755003) "
+                                f"in the viewer, or the label 'lesion'")
     index = {uid: i for i, uid in enumerate(slices)}
     rows = [index[uid] for uid in uids]
     union = np.zeros((len(uids), *lung.shape[1:]), dtype=bool)
     shown = np.zeros((len(slices), len(LESION_TYPE_CODES)), dtype=bool)
+    untyped = np.zeros(len(slices), dtype=bool)      # slices whose types are unknown
     kinds = list(LESION_TYPE_CODES)
     for number, typed in lesions.items():
-        mask = _masks(seg, uids, number)
+        mask = _masks(seg, path.name, uids, number)
         union |= mask
         if typed is not None:
             shown[rows, kinds.index(typed)] |= mask.any(axis=(1, 2))
+        else:
+            untyped[rows] |= mask.any(axis=(1, 2))
     has = np.zeros(len(slices), dtype=bool)
     has[rows] = union.any(axis=(1, 2))
     lesion = np.zeros(len(slices))
@@ -158,7 +208,7 @@ def read_truth(path: Path, slices: list[str], lung: np.ndarray) -> LesionTruth:
     return LesionTruth(
         has_lesion=has.tolist(),
         lesion_fraction=np.round(lesion / np.maximum(lungs, 1), 6).tolist(),
-        lesion_types=[[kinds[k] for k in np.flatnonzero(row)] for row in shown]
-        if typed_any else None,
+        lesion_types=[None if unknown else [kinds[k] for k in np.flatnonzero(row)]
+                      for row, unknown in zip(shown, untyped)] if typed_any else None,
         left_out=others,
         infected_fraction=round(lesion_pixels / lung_pixels, 6) if lung_pixels else 0.0)

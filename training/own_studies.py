@@ -111,7 +111,8 @@ def _records(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     columns = [c.strip().lower() for c in header]
     if "study" not in columns or "label" not in columns:
         raise LabelsError([f"{path}: need the columns study and label (and optionally split, "
-                           f"lesion_slices); found {', '.join(map(repr, header)) or 'none'}"])
+                           f"lesion_slices or segmentation); found "
+                           f"{', '.join(map(repr, header)) or 'none'}"])
     return columns, records
 
 
@@ -219,11 +220,12 @@ def _outlined(note: dict, seg: Path, series, where: str) -> None:
     except SegmentationError as exc:
         raise LabelsError([f"{where}: {exc}"]) from None
     if not any(truth.has_lesion):
-        raise LabelsError([f"{where}: its segmentation {seg.name} outlines no lesion"])
+        raise LabelsError([f"{where}: its segmentation {seg.name} outlines no lesion (a "
+                           f"fractional segment's pixels count from 0.5)"])
     for i, s in enumerate(note["slices"]):
         s["has_lesion"] = truth.has_lesion[i]
         s["lesion_fraction"] = truth.lesion_fraction[i]
-        if truth.lesion_types is not None:
+        if truth.lesion_types is not None and truth.lesion_types[i] is not None:
             s["lesion_types"] = truth.lesion_types[i]
     note["infected_fraction"] = truth.infected_fraction
     note["left_out"], note["size"] = truth.left_out, list(series.hu.shape[1:])
