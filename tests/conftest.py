@@ -31,6 +31,7 @@ import pytest  # noqa: E402
 from training.phantom import WrittenStudy, generate_study  # noqa: E402
 
 from hostile import with_uids  # noqa: F401,E402 (the tests take it from here)
+from stow_client import stow_node  # noqa: F401,E402
 
 
 @pytest.fixture(scope="session")
