@@ -90,6 +90,17 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 
+def wait_for(condition, timeout: float = 5.0) -> bool:
+    """Whether ``condition()`` comes true within ``timeout`` seconds, asked every 20 ms
+    (a server's reaction to a hostile peer, which must come quickly or not at all)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
 def eventually(predicate, timeout: float = 180.0, every: float = 0.5):
     """The first true value of ``predicate()``, asked every ``every`` seconds; AssertionError
     after ``timeout`` seconds (what a user waits for: a job done, a delivery made)."""

@@ -171,15 +171,6 @@ def status_of(raw: bytes) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def wait_for(predicate, seconds: float = 5.0) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def recorded(store: JobStore) -> dict[str, str]:
     """SOP Instance UID -> path of every recorded instance."""
     with store.read_session() as s:

@@ -28,6 +28,7 @@ from pacs_node.peers import PeerGate
 from pacs_node.receiver import Receiver
 from store.api import JobStore
 
+from conftest import wait_for
 from raw_peer import (ABORT, CT_ID, EXPLICIT, RELEASE_RQ, VERIFICATION_ID, associate,
                       associate_rq, c_echo_rq, c_store_rq, data_set, echoscu, ending,
                       p_data, pdu_items, pynetdicom_echo, read_pdu, rejection, status_of)
@@ -86,15 +87,6 @@ def reset_peak() -> int:
     except OSError:
         pass
     return kib("VmRSS")
-
-
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def partial_files(receiver) -> list:

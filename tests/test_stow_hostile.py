@@ -20,9 +20,10 @@ from pydicom.uid import generate_uid
 
 from pacs_node.storage import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STUDY_MISMATCH
 
+from conftest import wait_for
 from stow_client import (DEADLINE, dataset, dcm_files, encode, hostile_writing, instance,
                          multipart, partial_files, post, post_one, raw_head,
-                         read_until_closed, recorded, status_of, store_response, wait_for)
+                         read_until_closed, recorded, status_of, store_response)
 
 # --- 1. hostile UIDs ------------------------------------------------------------------------
 _HASHED = re.compile(r"_[0-9a-f]{40}")

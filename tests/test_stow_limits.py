@@ -30,10 +30,10 @@ from pacs_node.peers import PeerGate
 from pacs_node.storage import CANNOT_UNDERSTAND
 from store.models import Series
 
+from conftest import wait_for
 from stow_client import (DEADLINE, dataset, dcm_files, encode, instance, multipart,
                          partial_files, post, post_one, post_tolerant,
-                         raw_head, read_until_closed, recorded, status_of, store_response,
-                         wait_for)
+                         raw_head, read_until_closed, recorded, status_of, store_response)
 
 
 # --- 1. many senders at once ------------------------------------------------------------
