@@ -57,6 +57,11 @@ class SegmentationError(ValueError):
     """A segmentation that cannot be a study's lesion truth, in one line."""
 
 
+def _first_line(exc: Exception) -> str:
+    """What a library's exception says, in one short line for the row's error."""
+    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+
+
 @dataclass
 class LesionTruth:
     """What a study's segmentation says, slice by slice in the series' order."""
@@ -121,14 +126,13 @@ def _frame_sources(seg, name: str) -> list[str]:
 
 def _open(path: Path, slices: list[str], size: tuple[int, int]):
     """The SEG, checked against the series (its slices' SOP Instance UIDs in order, their
-    rows and columns): its frames on this series' slices, its size; and the slices its
-    frames reference, in the series' order."""
+    rows and columns): its frames on this series' slices, its size; the slices its frames
+    reference, in the series' order, and their positions in the series."""
     try:
         seg = hd.seg.segread(path)
     except Exception as exc:                     # not DICOM, not a SEG, not well-formed
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise SegmentationError(f"{path.name} is not a readable DICOM Segmentation "
-                                f"({first})") from None
+                                f"({_first_line(exc)})") from None
     if (int(seg.Rows), int(seg.Columns)) != tuple(size):
         raise SegmentationError(f"{path.name} is {seg.Rows} x {seg.Columns}, the series "
                                 f"{size[0]} x {size[1]}")
@@ -141,7 +145,8 @@ def _open(path: Path, slices: list[str], size: tuple[int, int]):
     if drawn - ours:
         raise SegmentationError(f"{path.name}: {len(drawn - ours)} of the slices its frames "
                                 f"lie on are not in this series")
-    return seg, [uid for uid in slices if uid in drawn]
+    uids = [uid for uid in slices if uid in drawn]
+    return seg, uids, [i for i, uid in enumerate(slices) if uid in drawn]
 
 
 def _masks(seg, name: str, uids: list[str], number: int) -> np.ndarray:
@@ -154,19 +159,16 @@ def _masks(seg, name: str, uids: list[str], number: int) -> np.ndarray:
             uids, segment_numbers=[number], ignore_spatial_locations=True,
             assert_missing_frames_are_empty=True)
     except Exception as exc:                 # highdicom's many refusals: the row's error
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise SegmentationError(f"{name}: segment {number} cannot be read ({first})") \
-            from None
+        raise SegmentationError(f"{name}: segment {number} cannot be read "
+                                f"({_first_line(exc)})") from None
     return pixels[..., 0] >= 0.5 if pixels.dtype.kind == "f" else pixels[..., 0] > 0
 
 
 def lesion_masks(path: Path, slices: list[str], size: tuple[int, int]) -> np.ndarray:
     """(slices, rows, columns) bool in the series' order: the union of the lesion
     segments."""
-    seg, uids = _open(path, slices, size)
+    seg, uids, rows = _open(path, slices, size)
     lesions, _ = _segments(seg, path.name)
-    index = {uid: i for i, uid in enumerate(slices)}
-    rows = [index[uid] for uid in uids]
     out = np.zeros((len(slices), *size), dtype=bool)
     for number in lesions:
         out[rows] |= _masks(seg, path.name, uids, number)
@@ -177,15 +179,13 @@ def read_truth(path: Path, slices: list[str], lung: np.ndarray) -> LesionTruth:
     """The study's lesion truth from its segmentation (``slices``: the series' SOP Instance
     UIDs in order; ``lung``: its lung masks, for the infected fraction).
     SegmentationError when it cannot be."""
-    seg, uids = _open(path, slices, lung.shape[1:])
+    seg, uids, rows = _open(path, slices, lung.shape[1:])
     lesions, others = _segments(seg, path.name)
     if not lesions:
         raise SegmentationError(f"{path.name} has no lesion segment (its segments: "
                                 f"{', '.join(others)[:160]}); give a lesion segment the "
                                 f"category Morphologically abnormal structure (SCT 49755003) "
                                 f"in the viewer, or the label 'lesion'")
-    index = {uid: i for i, uid in enumerate(slices)}
-    rows = [index[uid] for uid in uids]
     union = np.zeros((len(uids), *lung.shape[1:]), dtype=bool)
     shown = np.zeros((len(slices), len(LESION_TYPE_CODES)), dtype=bool)
     untyped = np.zeros(len(slices), dtype=bool)      # slices whose types are unknown

@@ -208,13 +208,14 @@ def annotate(row: dict, name: str) -> dict:
                                           for a, b in row["lesions"])}
                        for s in series.slices]}
     if row["seg"] is not None:
-        _outlined(note, row["seg"], series, where)
+        row["left_out"] = _outlined(note, row["seg"], series, where)
+        row["size"] = tuple(series.hu.shape[1:])     # (its masks are written from it later)
     return note
 
 
-def _outlined(note: dict, seg: Path, series, where: str) -> None:
+def _outlined(note: dict, seg: Path, series, where: str) -> list[str]:
     """The slices' lesion flags and types, and the infected fraction, from the study's
-    segmentation; what it left out, under "left_out"."""
+    segmentation; returns the labels of the segments it left out (not lesions)."""
     try:
         truth = read_truth(seg, series.sop_instance_uids, lung_masks(np.asarray(series.hu)))
     except SegmentationError as exc:
@@ -228,7 +229,7 @@ def _outlined(note: dict, seg: Path, series, where: str) -> None:
         if truth.lesion_types is not None and truth.lesion_types[i] is not None:
             s["lesion_types"] = truth.lesion_types[i]
     note["infected_fraction"] = truth.infected_fraction
-    note["left_out"], note["size"] = truth.left_out, list(series.hu.shape[1:])
+    return truth.left_out
 
 
 def _annotated(row: dict) -> bool:
@@ -291,12 +292,11 @@ def make_dataset(labels: str | Path, out: str | Path, seed: int = 0,
     left_out: list[str] = []
     for row, note in zip(rows, notes):
         if note is not None:
-            row["patient"], row["size"] = note.pop("patient"), note.pop("size", None)
-            if note.get("left_out"):
+            row["patient"] = note.pop("patient")
+            if row.get("left_out"):
                 left_out.append(f"line {row['line']} ({row['given']}): segment(s) "
-                                f"{', '.join(map(repr, note['left_out']))[:120]} not a "
+                                f"{', '.join(map(repr, row['left_out']))[:120]} not a "
                                 f"lesion, left out")
-            note.pop("left_out", None)
             uid = note["series_instance_uid"]
             if uid in first:
                 problems.append(f"line {row['line']} ({row['given']}): the same series as "
@@ -318,7 +318,7 @@ def make_dataset(labels: str | Path, out: str | Path, seed: int = 0,
             (out / "masks").mkdir(exist_ok=True)
             slices = [s["sop_instance_uid"] for s in note["slices"]]
             np.savez_compressed(out / entry["masks"],
-                                lesion=lesion_masks(row["seg"], slices, tuple(row["size"])))
+                                lesion=lesion_masks(row["seg"], slices, row["size"]))
         entries.append(entry)
     write_manifest(out / "manifest.csv", entries)
     counts = {split: {name: sum(r["split"] == split and r["label"] == k for r in rows)
