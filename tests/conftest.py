@@ -127,3 +127,8 @@ def eventually(predicate, timeout: float = 180.0, every: float = 0.5):
             return value
         time.sleep(every)
     raise AssertionError(f"not so after {timeout:.0f} s")
+
+
+# The TLS peers' fixtures (pki, ct_files, start_node), for test_tls.py and
+# test_user_identity.py: imported last, since tls_peer takes require_tool from here.
+from tls_peer import ct_files, pki, start_node  # noqa: F401,E402

@@ -26,8 +26,9 @@ VERIFICATION_ID, CT_ID = 1, 3            # presentation context ids the raw peer
 
 # --- PDUs (PS3.8 9.3) ----------------------------------------------------------------------
 def associate_rq(calling: str = "CT1", called: str = "LUNGSYS",
-                 application_context: str = APPLICATION_CONTEXT) -> bytes:
-    """A valid A-ASSOCIATE-RQ (Verification as context 1, CT Image Storage as 3), by pynetdicom."""
+                 application_context: str = APPLICATION_CONTEXT, user_items=()) -> bytes:
+    """A valid A-ASSOCIATE-RQ (Verification as context 1, CT Image Storage as 3), by pynetdicom;
+    ``user_items``: more user information sub-items (a user identity)."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = application_context
     primitive.calling_ae_title, primitive.called_ae_title = calling, called
@@ -42,7 +43,7 @@ def associate_rq(calling: str = "CT1", called: str = "LUNGSYS",
     max_length.maximum_length_received = 16384
     class_uid = ImplementationClassUIDNotification()
     class_uid.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
-    primitive.user_information = [max_length, class_uid]
+    primitive.user_information = [max_length, class_uid, *user_items]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return pdu.encode()
