@@ -25,15 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from inference import preprocess
+from inference.model_file import (FORMAT, METADATA_KEY, CheckpointError, read_metadata,
+                                  one_line as _one_line)
 from inference.profiles import CLASSES, Profile, get_profile
 from inference.patient_net import PatientNet
 from inference.slice_net import SliceNet
 from inference.version import software_version
 
-FORMAT = "lungsys-model/1"
 #: The model that ships with lungsys (trained on synthetic phantoms), package data.
 SHIPPED_MODEL = Path(__file__).parent / "models" / "lungsys-small-phantom.safetensors"
-METADATA_KEY = "lungsys"
 _DEVICE_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:lungsys:model")
 
 
@@ -74,10 +74,6 @@ def load_backbone_weights(model: "LungSysModel", path: str | Path) -> None:
         load_torchvision_vgg16(backbone, state)
     else:
         load_torchvision_weights(backbone, state)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the reason in one line."""
 
 
 def preprocessing_parameters(profile: Profile) -> dict:
@@ -240,32 +236,6 @@ def untrained(metadata: dict, patient_network: bool, network_diagnosis: bool = T
     return ""
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The metadata of a checkpoint, without loading (or checking) its weights."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: a folder, not a checkpoint file (.safetensors)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file "
-                              f"({_one_line(exc)})") from None
-    if raw is None:
-        raise CheckpointError(f"{path}: no lungsys metadata (not a lungsys checkpoint)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: metadata is not valid JSON") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
-
-
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LungSysModel:
     """Load and verify a checkpoint; the model is in eval mode on ``device``."""
     from safetensors.torch import load_file
@@ -296,11 +266,6 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Lun
     model = LungSysModel(profile, slice_net_for(profile), patient_net_for(profile), meta)
     model.load_state_dict(state)
     return model.to(device).eval()
-
-
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
 
 
 def default_model() -> Path:

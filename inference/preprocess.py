@@ -32,6 +32,8 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from inference.profiles import CROPS
+
 LUNG_THRESHOLD_HU = -300.0
 BODY_THRESHOLD_HU = -500.0
 #: :func:`lung_envelope` stays this far inside the lungs' outline (the chest wall).
@@ -204,11 +206,6 @@ def lung_envelope(hu_slice: np.ndarray, lung: np.ndarray, spacing_mm: float = 1.
     radius = max(int(round(margin_mm / spacing_mm)), 1)
     yy, xx = np.ogrid[-radius:radius + 1, -radius:radius + 1]
     return ndimage.binary_erosion(envelope, structure=(xx * xx + yy * yy) <= radius * radius)
-
-
-#: The crops a model may be trained with (``Profile.crop``): the paper's lung box, or that
-#: box joined with its mirror image about the body's midline.
-CROPS = ("lungs", "mirrored")
 
 
 def crop_boxes(hu: np.ndarray, masks: np.ndarray | None = None,

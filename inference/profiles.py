@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from inference.backbone import EXPANSION
 
 CLASSES = ("Healthy", "COVID-19", "H1N1", "CAP")
+#: The crops a model may be trained with (``Profile.crop``): the paper's lung box, or that
+#: box joined with its mirror image about the body's midline (:mod:`inference.preprocess`).
+CROPS = ("lungs", "mirrored")
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Profile:
     arch: str = "m3"           # m3 | hu2020 | ladnn | dualsampling (docs/models.md)
     backbone: str = "resnet50"  # resnet50 | densenet169 | vgg16 | hu2020 | resnet34-3d
     depth: int = 0             # slices of the resampled volume (a volume model's; else 0)
-    crop: str = "lungs"        # lungs (the paper's box) | mirrored (preprocess.CROPS)
+    crop: str = "lungs"        # lungs (the paper's box) | mirrored (CROPS)
 
     @property
     def volume(self) -> bool:
@@ -40,10 +42,12 @@ class Profile:
 
     @property
     def layer3_channels(self) -> int:
+        from inference.backbone import EXPANSION   # (PyTorch; read a profile without it)
         return self.width * 4 * EXPANSION
 
     @property
     def layer4_channels(self) -> int:
+        from inference.backbone import EXPANSION
         return self.width * 8 * EXPANSION
 
     @property

@@ -143,7 +143,7 @@ def train_slice_command(
     interrupted run (Ctrl-C: exit status 130) continues from its last finished
     epoch when started again with the same settings.
     """
-    from training.train_slice import SliceTrainConfig, checked_profile, train_slice
+    from training.settings import SliceTrainConfig, checked_slice_profile
 
     cfg = SliceTrainConfig(
         data=str(data), profile=profile, arch=arch, out=str(out_path),
@@ -155,8 +155,10 @@ def train_slice_command(
         size_balanced=size_balanced, flips=flips, affine=affine, crop=crop,
         early_stop=early_stop, level_epochs=level_epochs,
         cache_dir=str(cache_dir) if cache_dir else None)
-    checked_profile(cfg)            # a typo or the wrong command is said before any warning
-    warn_about_splits(data)
+    checked_slice_profile(cfg)      # a typo or the wrong command is said before any warning
+    warn_about_splits(data)         # (and before PyTorch is imported: training.settings)
+    from training.train_slice import train_slice
+
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_slice(cfg, bar)
     kept = meta["provenance"]["kept_epoch"]
@@ -189,7 +191,7 @@ def train_patient_command(
 
     Prints a line each epoch (loss, validation accuracy, time left); Ctrl-C keeps
     the finished epochs, and the same command continues from there."""
-    from training.train_patient import PatientTrainConfig, check_settings, train_patient
+    from training.settings import PatientTrainConfig, check_patient_settings
 
     cfg = PatientTrainConfig(
         data=str(data), slice_model=str(slice_model), out=str(out_path),
@@ -197,8 +199,10 @@ def train_patient_command(
         lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
         beta1=betas[0], beta2=betas[1], batch_size=batch_size, seed=seed, device=device,
         cache_dir=str(cache_dir) if cache_dir else None)
-    check_settings(cfg)             # a missing or volume slice model is said before warnings
+    check_patient_settings(cfg)     # a missing or volume slice model is said before warnings
     warn_about_splits(data)
+    from training.train_patient import train_patient
+
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_patient(cfg, bar)
     out.print(f"wrote {out_path} (version {meta['model_version']})")
@@ -233,15 +237,17 @@ def train_volume_command(
 
     Prints a line each epoch (losses, validation accuracy, time left); Ctrl-C keeps
     the finished epochs, and the same command continues from there."""
-    from training.train_volume import VolumeTrainConfig, checked_profile, train_volume
+    from training.settings import VolumeTrainConfig, checked_volume_profile
 
     cfg = VolumeTrainConfig(
         data=str(data), profile=profile, arch=arch, out=str(out_path),
         run_dir=str(run_dir) if run_dir else None, epochs=epochs, lr=lr, lr_step=lr_step,
         lr_gamma=lr_gamma, weight_decay=weight_decay, batch_size=batch_size, flips=flips,
         seed=seed, device=device, cache_dir=str(cache_dir) if cache_dir else None)
-    checked_profile(cfg)            # a typo or the wrong command is said before any warning
+    checked_volume_profile(cfg)     # a typo or the wrong command is said before any warning
     warn_about_splits(data)
+    from training.train_volume import train_volume
+
     with progress(transient=False) as bar, stopped_by_ctrl_c():
         meta = train_volume(cfg, bar)
     out.print(f"wrote {out_path} (version {meta['model_version']}, epoch "
@@ -282,6 +288,9 @@ def evaluate_command(
     AUC; pointing game, Dice and the infected-fraction error where the dataset has
     lesion masks; seconds per 300-slice study on this machine.
     """
+    from training.dataset import studies_to_evaluate
+
+    studies_to_evaluate(data, split)        # nothing to evaluate: said before PyTorch loads
     from inference.checkpoint import (CheckpointError, load_checkpoint, read_metadata,
                                       save_checkpoint, untrained)
     from inference.model_info import advice_for

@@ -105,6 +105,18 @@ def test_the_receiving_process_never_loads_torch():
     assert "torch" not in loaded and "pacs_node.node" in loaded
 
 
+def test_a_training_command_refuses_its_settings_before_loading_torch():
+    """`lungsys train ...` checks its settings (here: fine-tuning the shipped model, whose
+    metadata it reads) with the command line loaded and PyTorch not: a misspelt option is
+    said in a second or two, not after PyTorch's import."""
+    loaded = _loaded_after(
+        "import lungsys.app\nfrom training.settings import SliceTrainConfig, "
+        "checked_slice_profile\nprofile, start = checked_slice_profile(SliceTrainConfig("
+        "data='d', out='o', from_model='inference/models/lungsys-small-phantom.safetensors'))"
+        "\nassert start['format'] and profile.crop == start['profile']['crop']")
+    assert "torch" not in loaded and "lungsys.train" in loaded
+
+
 def test_the_model_side_loads_no_node_and_no_command_line():
     names = [n for n in _modules() if n.split(".")[0] in ("inference", "training")
              and not n.endswith("__main__")]

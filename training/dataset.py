@@ -154,6 +154,17 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[StudyEntry
     return [e for e in entries if split is None or e.split == split]
 
 
+def studies_to_evaluate(path: str | Path, split: str) -> list[StudyEntry]:
+    """The studies an evaluation of ``split`` ("all": every one) reads; ManifestError when
+    there are none (``lungsys evaluate`` says so before it loads a model)."""
+    entries = read_manifest(path, split)
+    if not entries:
+        raise ManifestError(f"no {split} studies in the manifest (a phantom set of fewer "
+                            f"than 5 studies per class leaves a split empty; --split all "
+                            f"evaluates every study)")
+    return entries
+
+
 def intended_use(entries: list[StudyEntry]) -> str:
     """What a model trained on these studies may be used for, in one sentence."""
     if entries and all(e.is_phantom for e in entries):

@@ -27,7 +27,7 @@ from inference.preprocess import lung_masks
 from inference.profiles import CLASSES
 from inference.series import load_series
 from training import metrics as M
-from training.dataset import StudyEntry, read_manifest
+from training.dataset import StudyEntry, read_manifest, studies_to_evaluate
 from training.evaluated import METHODS, Collected, EvaluationCache
 from training.runs import default_cache_dir
 
@@ -81,11 +81,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test", device: s
     """Evaluate; returns the report (and writes ROC PNGs into ``out_dir``). Each study's
     part is kept in ``cache_dir`` (default DATA/.lungsys-cache) and found there again
     (:mod:`training.evaluated`), unless ``cache`` is False."""
-    entries = read_manifest(data, None if split == "all" else split)
-    if not entries:
-        raise ValueError(f"no {split} studies in the manifest (a phantom set of fewer than 5 "
-                         f"studies per class leaves a split empty; --split all evaluates "
-                         f"every study)")
+    entries = studies_to_evaluate(data, split)
     engine = Engine(model, device=device)
     machine = timed_on(engine.device)
     kept = EvaluationCache(cache_dir or default_cache_dir(str(data)), engine, machine) \

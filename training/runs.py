@@ -16,7 +16,6 @@ import logging
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,28 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from training.clock import EpochClock, TrainingStopped
-
-
-@dataclass(kw_only=True)
-class TrainingSettings:
-    """What every training run takes; each network's config sets its paper defaults."""
-
-    data: str
-    out: str
-    run_dir: str | None = None
-    epochs: int
-    lr: float
-    lr_step: int
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    optimizer: str = "sgd"        # the paper's SGD; "adamw" converges faster from scratch
-    beta1: float = 0.9            # adam / adamw: the moments' decay rates (Hu 2020: 0.5, 0.9)
-    beta2: float = 0.999
-    batch_size: int
-    seed: int = 0
-    device: str = "auto"
-    cache_dir: str | None = None
+from training.settings import TrainingSettings, check_optimizer
 
 
 def default_cache_dir(data: str) -> Path:
@@ -326,16 +304,6 @@ def begin_epoch(cfg: TrainingSettings, optimizer: torch.optim.Optimizer,
 def step_lr(base: float, epoch: int, step: int, gamma: float) -> float:
     """The paper's schedule: ``base`` times ``gamma`` every ``step`` epochs."""
     return base * gamma ** (epoch // step)
-
-
-def check_optimizer(cfg: TrainingSettings) -> None:
-    """ValueError for an optimizer or betas :func:`make_optimizer` cannot make (checked
-    before the run starts: the commands check it before their warnings)."""
-    if cfg.optimizer not in ("sgd", "adam", "adamw"):
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd, adam or adamw")
-    for beta in (cfg.beta1, cfg.beta2):
-        if cfg.optimizer != "sgd" and not 0 <= beta < 1:
-            raise ValueError(f"the betas must be in [0, 1), not {beta}")
 
 
 def make_optimizer(cfg, net: torch.nn.Module) -> torch.optim.Optimizer:

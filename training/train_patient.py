@@ -9,32 +9,18 @@ padded batches: SGD, lr 0.001 x0.1 every 30 epochs, 90 epochs by default.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.checkpoint import load_checkpoint, read_metadata
-from inference.profiles import Profile
+from inference.checkpoint import load_checkpoint
 from inference.engine import run_slices
 from training.cache import load_study
 from training.dataset import StudyEntry, intended_use, read_manifest
-from training.runs import (Epochs, check_optimizer, make_optimizer, open_run,
-                           TrainingSettings, write_trained)
-
-
-@dataclass(kw_only=True)
-class PatientTrainConfig(TrainingSettings):
-    """Patient training; defaults are the paper's (90 epochs, lr 0.001 x0.1 every 30)."""
-
-    slice_model: str
-    out: str = "model.safetensors"
-    epochs: int = 90
-    lr: float = 0.001
-    lr_step: int = 30
-    batch_size: int = 8
+from training.runs import Epochs, make_optimizer, open_run, write_trained
+from training.settings import PatientTrainConfig, check_patient_settings
 
 
 def study_features(model, entry: StudyEntry, cache_dir: Path, device, batch_size: int = 32
@@ -63,20 +49,8 @@ def _batch(features: list[np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, 
     return torch.from_numpy(out), torch.tensor(lengths)
 
 
-def check_settings(cfg: PatientTrainConfig) -> None:
-    """ValueError (or CheckpointError) for settings that cannot train: an optimizer
-    :func:`make_optimizer` cannot make, a slice model that is not there or is a volume
-    model (what the command says before anything else: its warnings about the data
-    included)."""
-    check_optimizer(cfg)
-    profile = Profile.from_dict(read_metadata(cfg.slice_model)["profile"])
-    if profile.volume:
-        raise ValueError(f"{cfg.slice_model} is a volume model ({profile.arch}): it has no "
-                         f"patient network to train")
-
-
 def train_patient(cfg: PatientTrainConfig, progress=None) -> dict:
-    check_settings(cfg)
+    check_patient_settings(cfg)
     run, device, cache_dir = open_run(cfg)
     model = load_checkpoint(cfg.slice_model, device)
     slice_provenance = model.metadata.get("provenance")

@@ -16,7 +16,6 @@ validation loss that writes the epoch of the best validation accuracy.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,45 +25,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.checkpoint import (load_backbone_weights, load_checkpoint, LungSysModel,
-                                  read_metadata)
+from inference.checkpoint import load_backbone_weights, load_checkpoint, LungSysModel
 from inference.hu2020 import lesion_of
-from inference.preprocess import CROPS, TRAINING_CENTRE_RANGE, WINDOW_WIDTH
-from inference.profiles import CLASSES, Profile, profile_for
+from inference.preprocess import TRAINING_CENTRE_RANGE, WINDOW_WIDTH
+from inference.profiles import CLASSES
 from training.cache import CachedStudy, load_study
 from training.dataset import read_manifest
 from training.losses import (HU2020_GAMMA, class_balanced_weights, focal_loss,
                              inverse_frequency_weights)
-from training.runs import (BestEpoch, Epochs, check_optimizer, make_optimizer, open_run,
-                           TrainingSettings, write_trained)
+from training.runs import BestEpoch, Epochs, make_optimizer, open_run, write_trained
+from training.settings import SliceTrainConfig, checked_slice_profile
 
-FLIPS = ("horizontal", "both", "none")
 #: Infection-size bins for balanced sampling: lesion fraction of the slice's lung.
 SIZE_BINS = (0.0, 0.02, 0.1, 0.3)
 #: Ranges of the ``affine`` augmentation: degrees, scale factor, shift (fraction of the side).
 ROTATION_DEG, SCALE, SHIFT = 12.0, (0.9, 1.1), 0.06
-
-
-@dataclass(kw_only=True)
-class SliceTrainConfig(TrainingSettings):
-    """Slice training; defaults are the paper's (110 epochs, lr 0.01 x0.1 every 40)."""
-
-    profile: str = "small"
-    arch: str = "m3"              # m3 | hu2020 | ladnn (dualsampling: train_volume)
-    out: str = "slice.safetensors"
-    epochs: int = 110
-    lr: float = 0.01
-    lr_step: int = 40
-    batch_size: int = 32
-    backbone_weights: str | None = None
-    from_model: str | None = None  # a checkpoint whose slice network to start from (fine-tuning)
-    focal: bool = False
-    size_balanced: bool = False
-    flips: str = "horizontal"
-    affine: bool = False
-    crop: str | None = None       # preprocess.CROPS; None: the --from-model's, else lungs
-    early_stop: int = 0           # stop after N epochs without a lower validation loss
-    level_epochs: int = 0         # Hu 2020: epochs training each level's classifier alone
 
 
 def random_affine(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -197,34 +172,12 @@ def load_split(data: str, split: str, size: int, cache_dir: Path,
     return studies
 
 
-def checked_profile(cfg: SliceTrainConfig) -> tuple[Profile, dict]:
-    """The profile ``cfg`` trains and the metadata of the model it starts from ({}: none);
-    ValueError for settings that cannot go together (what the command says before
-    anything else: its warnings about the data included)."""
-    check_optimizer(cfg)
-    if cfg.flips not in FLIPS:
-        raise ValueError(f"flips must be one of {', '.join(FLIPS)}")
-    if cfg.backbone_weights and cfg.from_model:
-        raise ValueError("start from backbone weights or from a model, not both")
-    start = read_metadata(cfg.from_model) if cfg.from_model else {}
-    crop = cfg.crop or start.get("profile", {}).get("crop", "lungs")
-    if crop not in CROPS:
-        raise ValueError(f"crop must be one of {', '.join(CROPS)}")
-    profile = dataclasses.replace(profile_for(cfg.arch, cfg.profile), crop=crop)
-    if profile.volume:
-        raise ValueError(f"--arch {cfg.arch} is a volume model: lungsys train volume")
-    if cfg.level_epochs and profile.arch != "hu2020":
-        raise ValueError("--level-epochs is Hu 2020's first phase (each level's classifier "
-                         "on its own): --arch hu2020 only")
-    return profile, start
-
-
 def train_slice(cfg: SliceTrainConfig, progress=None) -> dict:
     """Train the slice network; writes the checkpoint and returns its metadata.
 
     ``progress`` is a rich Progress (or None).
     """
-    profile, start = checked_profile(cfg)
+    profile, start = checked_slice_profile(cfg)
     crop = profile.crop
     run, device, cache_dir = open_run(cfg)
     torch.manual_seed(cfg.seed)

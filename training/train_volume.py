@@ -15,7 +15,6 @@ Runs, resume, Ctrl-C and the epoch lines are those of slice training.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,10 @@ import torch.nn.functional as F
 
 from inference.checkpoint import LungSysModel
 from inference.dualsampling import attention_loss, soft_mask, volume_shape
-from inference.profiles import Profile, profile_for
 from training.cache import CachedVolume, load_volume
 from training.dataset import read_manifest
-from training.runs import (BestEpoch, Epochs, check_optimizer, make_optimizer, open_run,
-                           TrainingSettings, write_trained)
+from training.runs import BestEpoch, Epochs, make_optimizer, open_run, write_trained
+from training.settings import VolumeTrainConfig, checked_volume_profile
 
 #: Eq. 4's weight of the attention loss.
 LAMBDA_EX = 0.5
@@ -36,21 +34,6 @@ LAMBDA_EX = 0.5
 #: (§III-C): COVID-19 0.030 and CAP 0.001 as the paper; H1N1 (not in the paper) at the
 #: median of its training studies.
 SIZE_SPLIT = {1: 0.030, 3: 0.001}
-
-
-@dataclass(kw_only=True)
-class VolumeTrainConfig(TrainingSettings):
-    """Volume training; defaults are the paper's (§IV-C)."""
-
-    profile: str = "small"
-    arch: str = "dualsampling"
-    out: str = "volume.safetensors"
-    epochs: int = 20
-    lr: float = 2e-4
-    lr_step: int = 5
-    batch_size: int = 20
-    optimizer: str = "adamw"
-    flips: bool = True            # random left-right flips (not in the paper)
 
 
 def size_groups(labels: np.ndarray, ratios: np.ndarray) -> np.ndarray:
@@ -142,21 +125,9 @@ def validation_accuracy(net, data: VolumeSet, device, batch_size: int) -> float:
     return correct / max(len(data), 1)
 
 
-def checked_profile(cfg: VolumeTrainConfig) -> Profile:
-    """The profile ``cfg`` trains; ValueError for settings that cannot go together (what
-    the command says before anything else: its warnings about the data included)."""
-    check_optimizer(cfg)
-    profile = profile_for(cfg.arch, cfg.profile)
-    if not profile.volume:
-        raise ValueError(f"--arch {cfg.arch} is a slice model: lungsys train slice")
-    if cfg.batch_size < 2:
-        raise ValueError("batch size must be at least 2 (batch norm)")
-    return profile
-
-
 def train_volume(cfg: VolumeTrainConfig, progress=None) -> dict:
     """Train both branches; writes the checkpoint and returns its metadata."""
-    profile = checked_profile(cfg)
+    profile = checked_volume_profile(cfg)
     run, device, cache_dir = open_run(cfg)
     torch.manual_seed(cfg.seed)
     model = LungSysModel.create(profile, cfg.seed)
