@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from inference import preprocess
-from inference.model_file import (FORMAT, METADATA_KEY, CheckpointError, read_metadata,
-                                  one_line as _one_line)
-from inference.profiles import CLASSES, Profile, get_profile
+from inference.model_file import (FORMAT, METADATA_KEY, CheckpointError,
+                                  one_line as _one_line, read_metadata, untrained)
+from inference.profiles import CLASSES, CROPS, Profile, get_profile
 from inference.patient_net import PatientNet
 from inference.slice_net import SliceNet
 from inference.version import software_version
@@ -219,23 +219,6 @@ def save_checkpoint(model: LungSysModel, path: str | Path) -> dict:
     return meta
 
 
-def untrained(metadata: dict, patient_network: bool, network_diagnosis: bool = True) -> str:
-    """What is untrained where the diagnosis of a model with this ``metadata`` comes from
-    (:data:`inference.model_info.UNTRAINED`'s keys; "" for a trained model): "model" when
-    'lungsys model init' made it (or the slice network its patient network learnt from);
-    "patient" when only its slice network was trained ('lungsys train slice') and its
-    ``patient_network``'s diagnosis is read (``network_diagnosis``)."""
-    provenance = metadata.get("provenance")
-    provenance = provenance if isinstance(provenance, dict) else {}
-    kind = provenance.get("kind")
-    below = provenance.get("slice")
-    if kind == "init" or (isinstance(below, dict) and below.get("kind") == "init"):
-        return "model"
-    if kind == "slice-trained" and patient_network and network_diagnosis:
-        return "patient"
-    return ""
-
-
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LungSysModel:
     """Load and verify a checkpoint; the model is in eval mode on ``device``."""
     from safetensors.torch import load_file
@@ -260,9 +243,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Lun
         profile = Profile.from_dict(meta["profile"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: metadata has no usable profile") from None
-    if profile.crop not in preprocess.CROPS:
+    if profile.crop not in CROPS:
         raise CheckpointError(f"{path}: crop {profile.crop!r} is not one this lungsys knows "
-                              f"({', '.join(preprocess.CROPS)}): a newer lungsys made it")
+                              f"({', '.join(CROPS)}): a newer lungsys made it")
     model = LungSysModel(profile, slice_net_for(profile), patient_net_for(profile), meta)
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -50,3 +50,20 @@ def read_metadata(path: str | Path) -> dict:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
+
+
+def untrained(metadata: dict, patient_network: bool, network_diagnosis: bool = True) -> str:
+    """What is untrained where the diagnosis of a model with this ``metadata`` comes from
+    (:data:`inference.model_info.UNTRAINED`'s keys; "" for a trained model): "model" when
+    'lungsys model init' made it (or the slice network its patient network learnt from);
+    "patient" when only its slice network was trained ('lungsys train slice') and its
+    ``patient_network``'s diagnosis is read (``network_diagnosis``)."""
+    provenance = metadata.get("provenance")
+    provenance = provenance if isinstance(provenance, dict) else {}
+    kind = provenance.get("kind")
+    below = provenance.get("slice")
+    if kind == "init" or (isinstance(below, dict) and below.get("kind") == "init"):
+        return "model"
+    if kind == "slice-trained" and patient_network and network_diagnosis:
+        return "patient"
+    return ""

@@ -40,7 +40,7 @@ class Untrained(NamedTuple):
     remedy: str     # to the one who runs it (logs, the command line)
 
 
-#: What is untrained where the diagnosis comes from (inference.checkpoint.untrained).
+#: What is untrained where the diagnosis comes from (inference.model_file.untrained).
 UNTRAINED = {
     "model": Untrained(
         "this model is untrained: its diagnosis means nothing",
@@ -74,7 +74,7 @@ class ModelInfo:
     device: str = ""
     intended_use: str = ""       # e.g. a phantom-trained model: "demonstration model ..."
     arch: str = "m3"             # inference.profiles.ARCHITECTURES
-    crop: str = "lungs"          # the slices' crop (inference.preprocess.CROPS)
+    crop: str = "lungs"          # the slices' crop (inference.profiles.CROPS)
     mirror: bool = True          # slices averaged with their mirror image (Engine's mirror)
     #: what is untrained where the diagnosis comes from (UNTRAINED's keys), or ""
     untrained: str = ""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-
 CLASSES = ("Healthy", "COVID-19", "H1N1", "CAP")
 #: The crops a model may be trained with (``Profile.crop``): the paper's lung box, or that
 #: box joined with its mirror image about the body's midline (:mod:`inference.preprocess`).
@@ -43,11 +42,13 @@ class Profile:
     @property
     def layer3_channels(self) -> int:
         from inference.backbone import EXPANSION   # (PyTorch; read a profile without it)
+
         return self.width * 4 * EXPANSION
 
     @property
     def layer4_channels(self) -> int:
         from inference.backbone import EXPANSION
+
         return self.width * 8 * EXPANSION
 
     @property

@@ -49,16 +49,14 @@ def stopped_by_ctrl_c():
 def warn_about_splits(data: Path) -> None:
     """A warning on stderr for each training split of the dataset that is empty, or lacks a
     class: training goes on, but without validation there is no validation accuracy to
-    follow, and a class the training split lacks is never learnt."""
+    follow, and a class the training split lacks is never learnt. A dataset that cannot be
+    read is refused here (ManifestError), before PyTorch loads and a run folder is made."""
     from collections import Counter
 
     from inference.profiles import CLASSES
-    from training.dataset import ManifestError, read_manifest
+    from training.dataset import read_manifest
 
-    try:
-        entries = read_manifest(data)
-    except ManifestError:             # the command itself says what is wrong
-        return
+    entries = read_manifest(data)     # a dataset that is not one: refused here (ManifestError)
     for split, empty in (("train", "there is nothing to train on"),
                          ("val", "no validation accuracy will be measured")):
         counts = Counter(e.label for e in entries if e.split == split)
@@ -288,24 +286,24 @@ def evaluate_command(
     AUC; pointing game, Dice and the infected-fraction error where the dataset has
     lesion masks; seconds per 300-slice study on this machine.
     """
-    from training.dataset import studies_to_evaluate
-
-    studies_to_evaluate(data, split)        # nothing to evaluate: said before PyTorch loads
-    from inference.checkpoint import (CheckpointError, load_checkpoint, read_metadata,
-                                      save_checkpoint, untrained)
+    from inference.model_file import read_metadata, untrained
     from inference.model_info import advice_for
     from inference.profiles import Profile
+    from training.dataset import studies_to_evaluate
+
+    studies_to_evaluate(data, split)     # nothing to evaluate, or a model that is not one:
+    metadata = [read_metadata(path) for path in model_paths]    # said before PyTorch loads
+    from inference.checkpoint import load_checkpoint, save_checkpoint
     from training.compare import (compare, comparison_lines, comparison_markdown,
                                    comparison_table, model_name)
     from training.evaluate import (evaluate, recorded_metrics, report_lines, report_table,
                                    studies_seen)
 
-    for model_path in model_paths:                     # before minutes of evaluation
-        try:                                           # (its metadata: no weights loaded)
-            meta = read_metadata(model_path)
+    for model_path, meta in zip(model_paths, metadata):       # before minutes of evaluation
+        try:
             notice = advice_for(untrained(meta, not Profile.from_dict(meta["profile"]).volume))
-        except (CheckpointError, OSError, KeyError, TypeError, ValueError):
-            continue                                   # evaluate says what is wrong
+        except (KeyError, TypeError, ValueError):
+            notice = ""                                  # evaluate says what is wrong
         if notice:
             err.print(f"lungsys: warning: {model_path}: {notice}", markup=False,
                       highlight=False)

@@ -105,16 +105,42 @@ def test_the_receiving_process_never_loads_torch():
     assert "torch" not in loaded and "pacs_node.node" in loaded
 
 
-def test_a_training_command_refuses_its_settings_before_loading_torch():
-    """`lungsys train ...` checks its settings (here: fine-tuning the shipped model, whose
-    metadata it reads) with the command line loaded and PyTorch not: a misspelt option is
-    said in a second or two, not after PyTorch's import."""
-    loaded = _loaded_after(
-        "import lungsys.app\nfrom training.settings import SliceTrainConfig, "
-        "checked_slice_profile\nprofile, start = checked_slice_profile(SliceTrainConfig("
-        "data='d', out='o', from_model='inference/models/lungsys-small-phantom.safetensors'))"
-        "\nassert start['format'] and profile.crop == start['profile']['crop']")
-    assert "torch" not in loaded and "lungsys.train" in loaded
+def test_the_command_line_refuses_what_cannot_train_or_evaluate_before_loading_torch(
+        tmp_path):
+    """`lungsys train ...` and `lungsys evaluate` check their settings, the checkpoint they
+    read (the shipped model's metadata, here) and the dataset with PyTorch not loaded: a
+    misspelt option or path is said in a second or two, not after PyTorch's import."""
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "manifest.csv").write_text("study,label,split\ns1,covid,train\n")
+    data, out = str(tmp_path), str(tmp_path / "m.safetensors")
+    shipped, gone = "inference/models/lungsys-small-phantom.safetensors", str(tmp_path / "g")
+    refusals = [
+        (["train", "slice", "--optimizer", "adamm"], "unknown optimizer 'adamm'"),
+        (["train", "slice", "--from-model", shipped, "--level-epochs", "1"],
+         "--level-epochs is Hu 2020's first phase"),
+        (["train", "volume", "--arch", "m3"], "--arch m3 is a slice model"),
+        (["train", "patient", "--slice-model", gone], f"{gone}: no such checkpoint file"),
+        (["train", "slice", "--data", gone], f"{gone}: no such folder or file"),
+        (["evaluate", "--model", gone, "--split", "train"], f"{gone}: no such checkpoint"),
+        (["evaluate", "--model", shipped, "--split", "test"], "no test studies"),
+    ]
+    commands = []                              # the dataset first: a --data given wins
+    for args, _ in refusals:
+        where = 2 if args[0] == "train" else 1
+        commands.append(["lungsys", *args[:where], "--data", data,
+                         *(["--out", out] if args[0] == "train" else []), *args[where:]])
+    code = ("import sys\nfrom lungsys.app import main\n"
+            f"for sys.argv in {commands!r}:\n"
+            "    try:\n        main()\n    except SystemExit as exc:\n"
+            "        print(exc.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.stdout.split() == ["1", "False"] * len(refusals), proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == len(refusals), proc.stderr
+    for line, (args, words) in zip(lines, refusals):
+        assert line.startswith("lungsys: error: ") and words in line, (args, line)
+    assert not (tmp_path / "m.run").exists()            # no run folder was started
 
 
 def test_the_model_side_loads_no_node_and_no_command_line():
