@@ -291,15 +291,10 @@ def evaluate_command(
     from inference.profiles import Profile
     from training.dataset import studies_to_evaluate
 
-    studies_to_evaluate(data, split)     # nothing to evaluate, or a model that is not one:
-    metadata = [read_metadata(path) for path in model_paths]    # said before PyTorch loads
-    from inference.checkpoint import load_checkpoint, save_checkpoint
-    from training.compare import (compare, comparison_lines, comparison_markdown,
-                                   comparison_table, model_name)
-    from training.evaluate import (evaluate, recorded_metrics, report_lines, report_table,
-                                   studies_seen)
-
-    for model_path, meta in zip(model_paths, metadata):       # before minutes of evaluation
+    # A model that is not one, and a dataset with nothing to evaluate, are said before
+    # PyTorch loads (the models' warnings first: a mistyped dataset does not hide them).
+    metadata = [read_metadata(path) for path in model_paths]
+    for model_path, meta in zip(model_paths, metadata):
         try:
             notice = advice_for(untrained(meta, not Profile.from_dict(meta["profile"]).volume))
         except (KeyError, TypeError, ValueError):
@@ -307,6 +302,14 @@ def evaluate_command(
         if notice:
             err.print(f"lungsys: warning: {model_path}: {notice}", markup=False,
                       highlight=False)
+    studies_to_evaluate(data, split)
+    from inference.checkpoint import load_checkpoint, save_checkpoint
+    from training.compare import (compare, comparison_lines, comparison_markdown,
+                                   comparison_table, model_name)
+    from training.evaluate import (evaluate, recorded_metrics, report_lines, report_table,
+                                   studies_seen)
+
+    for model_path, meta in zip(model_paths, metadata):       # before minutes of evaluation
         try:
             seen = studies_seen(meta, data, split)
         except (ValueError, OSError):                 # evaluate says what is wrong

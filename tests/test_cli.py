@@ -81,8 +81,9 @@ def test_a_phantom_set_too_small_for_its_splits_is_warned_of(tmp_path):
         f"already holds a dataset (manifest.csv): choose another folder, or remove that one " \
         f"first\n"                                     # and no split warning before it
     assert (tmp_path / "set" / "manifest.csv").read_text() == manifest
-    proc = lungsys("evaluate", "--model", "unused.safetensors", "--data",
-                   str(tmp_path / "set"), "--split", "test")
+    shipped = Path(__file__).parents[1] / "inference/models/lungsys-small-phantom.safetensors"
+    proc = lungsys("evaluate", "--model", str(shipped), "--data", str(tmp_path / "set"),
+                   "--split", "test")
     assert proc.returncode == 1 and "no test studies in the manifest" in proc.stderr
     assert "fewer than 5" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
