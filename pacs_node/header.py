@@ -8,19 +8,25 @@ bytes the SCP received, without building a data set (about a tenth of the
 cost of pydicom's reader). Anything it cannot walk (a sequence of undefined
 length before (0020,1002), a cut-off start, big endian or deflated data) goes
 to pydicom: first on the same bytes, then on the whole file.
+
+A deflated data set is inflated whole by pydicom, here and by every later reader of the
+stored file: :func:`refuse_inflation_bomb` inflates it first a piece at a time, nothing
+kept, and refuses one that grows past :data:`MAX_INFLATED_BYTES` (a megabyte of zeros
+sent deflated is a gigabyte inflated).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from pacs_node.dimse import UNDEFINED_LENGTH, iter_elements
 
@@ -31,6 +37,13 @@ _WANTED = (SOP_CLASS, SOP_INSTANCE, MODALITY, STUDY, SERIES, IMAGES_IN_ACQUISITI
 _KEYWORDS = ["SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID",
              "SeriesInstanceUID", "ImagesInAcquisition"]
 _TAGS = [Tag(k) for k in _KEYWORDS]
+TRANSFER_SYNTAX = 0x00020010
+#: A deflated data set that inflates past this is refused (Out of Resources): a CT image
+#: is about half a megabyte inflated; pydicom inflates a deflated data set whole in memory.
+MAX_INFLATED_BYTES = 64 * 2**20
+_INFLATE_PIECE = 2**20
+#: The transfer syntaxes the node accepts whose whole data set is deflated (PS3.5 A.5).
+DEFLATED = frozenset({DeflatedExplicitVRLittleEndian})
 
 
 @dataclass(frozen=True)
@@ -148,3 +161,43 @@ def _count(text: str) -> int | None:
     except ValueError:
         return None
     return count if count > 0 else None
+
+
+def refuse_inflation_bomb(path: Path, transfer_syntax: str | None,
+                          limit: int = MAX_INFLATED_BYTES) -> None:
+    """ValueError when the Part-10 file's data set is deflated (``transfer_syntax``, else
+    its file meta's) and inflates past ``limit`` bytes, or is not deflate data at all.
+    Inflated a megabyte at a time and thrown away: the memory it takes is bounded."""
+    if transfer_syntax and transfer_syntax not in DEFLATED:
+        return                               # (the usual case: the file is not opened)
+    with open(path, "rb") as f:
+        meta_end, syntax = _file_meta(f.read(65536))
+        if (transfer_syntax or syntax) not in DEFLATED:
+            return
+        f.seek(meta_end)
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        try:
+            while (chunk := f.read(_INFLATE_PIECE)) and not inflater.eof:
+                while chunk and not inflater.eof:      # (after its end: a pad byte, say)
+                    total += len(inflater.decompress(chunk, _INFLATE_PIECE))
+                    if total > limit:
+                        raise ValueError(f"its deflated data set inflates past "
+                                         f"{limit / 2**20:g} MiB")
+                    chunk = inflater.unconsumed_tail
+        except zlib.error as exc:
+            raise ValueError(f"its deflated data set cannot be inflated ({exc})") from None
+
+
+def _file_meta(head: bytes) -> tuple[int, str]:
+    """Where a Part-10 file's data set begins, and its file meta's transfer syntax ("" when
+    there is none): past the preamble, "DICM" and group 0002."""
+    if head[128:132] != b"DICM":
+        return 0, ""
+    end, syntax = 132, ""
+    for tag, pos, length in iter_elements(memoryview(head)[132:], implicit_vr=False):
+        if tag >> 16 != 0x0002 or length == UNDEFINED_LENGTH:
+            break
+        if tag == TRANSFER_SYNTAX:
+            syntax = head[132 + pos:132 + pos + length].rstrip(b"\0 ").decode("ascii", "replace")
+        end = 132 + pos + length
+    return end, syntax

@@ -67,8 +67,10 @@ class Receiver:
                               authenticate)
         self.ae_title = ae_title
 
-    def _store(self, path: Path, calling: str, transfer_syntax: str, start: bytes) -> int:
-        return self.storage.store_file(path, calling, transfer_syntax, start=start).status
+    def _store(self, path: Path, calling: str, transfer_syntax: str, start: bytes,
+               announced: tuple[str, str]) -> int:
+        return self.storage.store_file(path, calling, transfer_syntax, start=start,
+                                       announced=announced).status
 
     def start(self, host: str, port: int) -> None:
         self.scp.start(host, port)

@@ -74,9 +74,9 @@ MAX_COMMAND = 16 << 10
 #: While a data set streams in, the free disk is looked at again every this many bytes.
 DISK_CHECK_BYTES = 64 << 20
 
-#: store(temp file with the Part-10 instance, calling AE title, transfer syntax,
-#: the data set's first fragment) -> status.
-StoreCallback = Callable[[Path, str, str, bytes], int]
+#: store(temp file with the Part-10 instance, calling AE title, transfer syntax, the data
+#: set's first fragment, the command's (SOP Class UID, SOP Instance UID)) -> status.
+StoreCallback = Callable[[Path, str, str, bytes, tuple[str, str]], int]
 @dataclass
 class _Message:
     """The C-STORE (or C-ECHO) being received on an association."""
@@ -332,7 +332,8 @@ class StorageSCP:
             try:
                 message.file.close()
                 message.file = None
-                status = self.store(message.path, calling, transfer_syntax, message.start)
+                status = self.store(message.path, calling, transfer_syntax, message.start,
+                                    (sop_class, sop_instance))
             except OSError as exc:
                 log.error("refusing C-STORE from %s: %s", calling, exc.strerror or exc)
                 self._drop(message)

@@ -36,7 +36,8 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from pacs_node.dimse import Status
-from pacs_node.header import InstanceHeader, read_file_header, read_header
+from pacs_node.header import (InstanceHeader, read_file_header, read_header,
+                               refuse_inflation_bomb)
 from pacs_node.layout import DataLayout, OutsideDataDir, UIDRefused
 from store.api import JobStore, ReceivedInstance, Recorded, StoreUnavailable
 from store.models import IncidentKind
@@ -50,6 +51,7 @@ CANNOT_UNDERSTAND = Status.CANNOT_UNDERSTAND
 STUDY_MISMATCH = Status.STUDY_MISMATCH
 PROCESSING_FAILURE = Status.PROCESSING_FAILURE
 DUPLICATE_SOP_INSTANCE = Status.DUPLICATE_SOP_INSTANCE
+DOES_NOT_MATCH = Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
 #: The reason given with Out of Resources when the job store cannot record.
 STORE_UNAVAILABLE = "the job store cannot record it now"
 
@@ -129,16 +131,18 @@ class InstanceStorage:
         return self.partial / f"{uuid.uuid4().hex}.tmp"
 
     def store_file(self, tmp: Path, origin: str, transfer_syntax: str | None = None,
-                   expected_study: str | None = None, start: bytes = b"") -> Outcome:
+                   expected_study: str | None = None, start: bytes = b"",
+                   announced: tuple[str, str] | None = None) -> Outcome:
         """Record a received Part-10 file and move it into place (see :meth:`_store`);
         the outcome is told to :attr:`on_outcome`."""
-        outcome = self._store(tmp, origin, transfer_syntax, expected_study, start)
+        outcome = self._store(tmp, origin, transfer_syntax, expected_study, start, announced)
         if self.on_outcome is not None:
             self.on_outcome(origin, outcome.status)
         return outcome
 
     def _store(self, tmp: Path, origin: str, transfer_syntax: str | None,
-               expected_study: str | None, start: bytes) -> Outcome:
+               expected_study: str | None, start: bytes,
+               announced: tuple[str, str] | None = None) -> Outcome:
         """Record a received Part-10 file (from :meth:`temp_file`) and move it into place.
 
         ``origin`` is the calling AE title (or the web client) for the job
@@ -146,12 +150,20 @@ class InstanceStorage:
         ``expected_study`` (STOW-RS ``/studies/{uid}``) refuses other studies;
         ``start``, the data set's first bytes as the SCP received them (with
         ``transfer_syntax``), spares reading the file's header
-        (:func:`~pacs_node.header.read_header`).
+        (:func:`~pacs_node.header.read_header`); ``announced``, the SOP Class and
+        Instance UIDs a C-STORE's command gave, refuses a data set that is another
+        (0xA900, as DCMTK's storescp).
         The temporary file is gone afterwards, whatever the outcome.
         """
         placed: int | None = None       # the inode of the file moved into place
         path: Path | None = None
         try:
+            try:
+                refuse_inflation_bomb(tmp, transfer_syntax)
+            except ValueError as exc:
+                log.warning("an instance from %s was refused (0x%04X): %s", origin,
+                            OUT_OF_RESOURCES, exc)
+                return Outcome(OUT_OF_RESOURCES, reason=str(exc))
             try:
                 header: InstanceHeader = (read_header(start, transfer_syntax, tmp)
                                           if start and transfer_syntax
@@ -163,6 +175,10 @@ class InstanceStorage:
             sop_class, sop_uid, study_uid, series_uid = (
                 header.sop_class_uid, header.sop_instance_uid,
                 header.study_instance_uid, header.series_instance_uid)
+            if announced is not None and announced != (sop_class, sop_uid):
+                return self._refused(DOES_NOT_MATCH, "the data set's SOP Class or Instance "
+                                     "UID is not the one its C-STORE command gave", origin,
+                                     header)
             syntax = transfer_syntax or header.transfer_syntax_uid
             try:
                 # proved inside the data folder before anything is written there
@@ -200,6 +216,8 @@ class InstanceStorage:
             if recorded is Recorded.other_series:
                 return self._refused(DUPLICATE_SOP_INSTANCE, recorded.value, origin, header,
                                      IncidentKind.duplicate)
+            if recorded is Recorded.other_study:
+                return self._refused(CANNOT_UNDERSTAND, recorded.value, origin, header)
             if recorded is Recorded.stored_already:
                 log.debug("instance %s already stored", sop_uid)
             return Outcome(SUCCESS, sop_class, sop_uid, study_uid)

@@ -47,7 +47,8 @@ _REOPENS = or_(*(_STATE == state for state in (*FINISHED, SeriesState.queued)))
 _NEW_VERSION = or_(*(_STATE == state for state in (SeriesState.done, SeriesState.failed,
                                                    SeriesState.skipped, SeriesState.queued)))
 _SERIES_RECEIVED = (
-    update(_SERIES_T).where(_SERIES_T.c.series_instance_uid == bindparam("uid")).values(
+    update(_SERIES_T).where((_SERIES_T.c.series_instance_uid == bindparam("uid"))
+                            & (_SERIES_T.c.study_instance_uid == bindparam("study"))).values(
         last_received=bindparam("now"), updated_at=bindparam("now"),
         instance_count=_SERIES_T.c.instance_count + 1,
         expected_instances=func.coalesce(bindparam("expected", type_=Integer),
@@ -62,6 +63,8 @@ _INSTANCE_INSERT = insert(_INSTANCE_T)
 _READ_ONLY = "lungsys_read_only"
 _INSTANCE_STORED = select(_SERIES_T.c.series_instance_uid).join_from(
     _INSTANCE_T, _SERIES_T).where(_INSTANCE_T.c.sop_instance_uid == bindparam("uid"))
+_SERIES_STUDY = select(_SERIES_T.c.study_instance_uid).where(
+    _SERIES_T.c.series_instance_uid == bindparam("uid"))
 
 
 class StoreUnavailable(RuntimeError):
@@ -74,6 +77,7 @@ class Recorded(enum.Enum):
     new = "recorded"
     stored_already = "stored already"
     other_series = "its SOP Instance UID is stored already, in another series"
+    other_study = "its Series Instance UID is recorded already, in another study"
 
     def __bool__(self) -> bool:
         return self is Recorded.new
@@ -174,8 +178,9 @@ class JobStore(Jobs, Deliveries, Assembly, Upkeep, Notices, Stats, Accounts, Con
         locks it, so writers of one series take turns) and the instance
         inserted. A stored SOP Instance UID or a series another sender has
         just created violates a unique constraint: the transaction is rolled
-        back, and either the instance is stored already or it runs once more,
-        now finding the series. (SQLite serialises all writers.)
+        back, and either the instance is stored already, or its series is another
+        study's (a Series Instance UID reused: refused, never merged), or it runs once
+        more, now finding the series. (SQLite serialises all writers.)
         """
         tries = 2
         while True:
@@ -186,9 +191,13 @@ class JobStore(Jobs, Deliveries, Assembly, Upkeep, Notices, Stats, Accounts, Con
                 with self._reader.connect() as conn:
                     stored_in = conn.execute(_INSTANCE_STORED,
                                              {"uid": item.sop_instance_uid}).scalar()
+                    study = conn.execute(_SERIES_STUDY,
+                                         {"uid": item.series_instance_uid}).scalar()
                 if stored_in is not None:
                     return (Recorded.stored_already if stored_in == item.series_instance_uid
                             else Recorded.other_series)
+                if study is not None and study != item.study_instance_uid:
+                    return Recorded.other_study     # one series is never two studies' slices
                 tries -= 1
                 if not tries:
                     raise
@@ -200,7 +209,7 @@ class JobStore(Jobs, Deliveries, Assembly, Upkeep, Notices, Stats, Accounts, Con
         now = utcnow()
         with self.engine.begin() as conn:
             series_id = conn.execute(_SERIES_RECEIVED, {
-                "uid": item.series_instance_uid, "now": now,
+                "uid": item.series_instance_uid, "study": item.study_instance_uid, "now": now,
                 "expected": item.images_in_acquisition or None}).scalar()
             if series_id is None:
                 series_id = conn.execute(_SERIES_T.insert().values(
