@@ -190,14 +190,18 @@ def refuse_inflation_bomb(path: Path, transfer_syntax: str | None,
 
 def _file_meta(head: bytes) -> tuple[int, str]:
     """Where a Part-10 file's data set begins, and its file meta's transfer syntax ("" when
-    there is none): past the preamble, "DICM" and group 0002."""
+    there is none): past the preamble, "DICM" and group 0002, whose length its first
+    element gives (else its elements are walked while they are group 0002)."""
     if head[128:132] != b"DICM":
         return 0, ""
+    given = head[132:136] == b"\x02\x00\x00\x00"
+    limit = 144 + int.from_bytes(head[140:144], "little") if given else len(head)
     end, syntax = 132, ""
-    for tag, pos, length in iter_elements(memoryview(head)[132:], implicit_vr=False):
+    for tag, pos, length in iter_elements(memoryview(head)[132:limit], implicit_vr=False):
         if tag >> 16 != 0x0002 or length == UNDEFINED_LENGTH:
             break
         if tag == TRANSFER_SYNTAX:
-            syntax = head[132 + pos:132 + pos + length].rstrip(b"\0 ").decode("ascii", "replace")
+            syntax = head[132 + pos:132 + pos + length].rstrip(b"\0 ").decode("ascii",
+                                                                              "replace")
         end = 132 + pos + length
-    return end, syntax
+    return (limit if given else end), syntax
