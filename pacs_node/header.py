@@ -125,13 +125,9 @@ def read_file_header(path: Path) -> InstanceHeader:
 def _refuse_group_0000(head: bytes) -> None:
     """ValueError when the data set after the file meta begins with group 0000: pydicom
     would read it as a command set, every zero element of a padded file one by one."""
-    if head[128:132] != b"DICM":
-        return
-    for tag, pos, length in iter_elements(memoryview(head)[132:], implicit_vr=False):
-        if tag >> 16 != 0x0002:
-            if tag >> 16 == 0x0000:
-                raise ValueError("the data set begins with group 0000 (zeros?)")
-            return
+    start, _ = _file_meta(head)
+    if start and len(head) >= start + 8 and head[start:start + 2] == b"\0\0":
+        raise ValueError("the data set begins with group 0000 (zeros?)")
 
 
 @functools.lru_cache(maxsize=64)

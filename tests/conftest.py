@@ -91,6 +91,28 @@ def postgres():
     server.stop()
 
 
+@pytest.fixture
+def start_node(tmp_path):
+    """start_node(tls=context or None, **Receiver's options) -> (receiver, store): a DICOM
+    receiver on loopback with a job store of its own, stopped after the test."""
+    from pacs_node.receiver import Receiver
+    from store.api import JobStore
+
+    started = []
+
+    def start(tls=None, **kw):
+        folder = tmp_path / f"node{len(started)}"
+        store = JobStore(f"sqlite:///{tmp_path}/lungsys{len(started)}.db")
+        receiver = Receiver(store, folder / "data", min_free_disk_mb=1, tls=tls, **kw)
+        receiver.start("127.0.0.1", 0)
+        started.append(receiver)
+        return receiver, store
+
+    yield start
+    for receiver in started:
+        receiver.stop()
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -129,6 +151,6 @@ def eventually(predicate, timeout: float = 180.0, every: float = 0.5):
     raise AssertionError(f"not so after {timeout:.0f} s")
 
 
-# The TLS peers' fixtures (pki, ct_files, start_node), for test_tls.py and
-# test_user_identity.py: imported last, since tls_peer takes require_tool from here.
-from tls_peer import ct_files, pki, start_node  # noqa: F401,E402
+# The TLS peers' fixtures (pki, ct_files), for test_tls.py and test_user_identity.py:
+# imported last, since tls_peer takes require_tool from here.
+from tls_peer import ct_files, pki  # noqa: F401,E402

@@ -25,8 +25,6 @@ from pynetdicom.sop_class import CTImageStorage
 
 import pacs_node.scp as scp
 from pacs_node.peers import PeerGate
-from pacs_node.receiver import Receiver
-from store.api import JobStore
 
 from conftest import wait_for
 from raw_peer import (ABORT, CT_ID, EXPLICIT, RELEASE_RQ, VERIFICATION_ID, associate,
@@ -38,24 +36,14 @@ ONE_MIB = 1 << 20                        # the P-DATA-TF maximum the node announ
 
 # --- the node -----------------------------------------------------------------------------
 @pytest.fixture
-def make_node(tmp_path):
+def make_node(start_node):
     """make_node(gate=..., max_associations=..., timeout=...) -> (receiver, store)."""
-    started = []
-
     def make(gate: PeerGate | None = None, max_associations: int = 16,
              timeout: float = 10.0, allowed=("CT1",)):
-        store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
-        receiver = Receiver(store, tmp_path / "data", allowed_calling_aets=list(allowed),
-                            min_free_disk_mb=1, timeout=timeout,
-                            gate=gate or PeerGate(max_total=64, max_per_peer=64),
-                            max_associations=max_associations)
-        receiver.start("127.0.0.1", 0)
-        started.append(receiver)
-        return receiver, store
-
-    yield make
-    for receiver in started:
-        receiver.stop()
+        return start_node(allowed_calling_aets=list(allowed), timeout=timeout,
+                          gate=gate or PeerGate(max_total=64, max_per_peer=64),
+                          max_associations=max_associations)
+    return make
 
 
 @pytest.fixture

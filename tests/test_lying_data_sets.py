@@ -23,7 +23,6 @@ from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, generate
 
 from pacs_node.header import MAX_INFLATED_BYTES, refuse_inflation_bomb
 from pacs_node.receiver import Receiver
-from store.api import JobStore
 
 from conftest import require_tool
 from raw_peer import CT_ID, associate, c_store_rq, data_set, p_data, status_of
@@ -32,13 +31,8 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 @pytest.fixture
-def node(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
-    receiver = Receiver(store, tmp_path / "data", allowed_calling_aets=["CT1"],
-                        min_free_disk_mb=1)
-    receiver.start("127.0.0.1", 0)
-    yield receiver, store
-    receiver.stop()
+def node(start_node):
+    return start_node(allowed_calling_aets=["CT1"])
 
 
 def _stored(receiver: Receiver) -> list:

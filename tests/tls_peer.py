@@ -1,6 +1,6 @@
-"""DICOM TLS peers for the tests: a test PKI made with the openssl command, the node's
-receiver started with a TLS context, and the clients an administrator would point at it
-(DCMTK's storescu, pynetdicom, a bare TLS handshake), all on loopback."""
+"""DICOM TLS peers for the tests: a test PKI made with the openssl command, and the
+clients an administrator would point at a receiver given a TLS context (conftest's
+start_node): DCMTK's storescu, pynetdicom, a bare TLS handshake, all on loopback."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from config import TlsProfile, TlsSection
-from pacs_node.receiver import Receiver
 from store.api import JobStore
 
 from conftest import require_tool
@@ -68,24 +67,6 @@ def tls_config(pki, **overrides) -> TlsSection:
            "require_client_certificate": True, "profile": "bcp195"}
     tls.update(overrides)
     return TlsSection(**{**tls, "profile": TlsProfile(tls["profile"])})
-
-
-@pytest.fixture
-def start_node(tmp_path):
-    """start_node(tls=context or None, authenticate=..., gate=...) -> (receiver, store)."""
-    started = []
-
-    def start(tls=None, **kw):
-        folder = tmp_path / f"node{len(started)}"
-        store = JobStore(f"sqlite:///{tmp_path}/lungsys{len(started)}.db")
-        receiver = Receiver(store, folder / "data", min_free_disk_mb=1, tls=tls, **kw)
-        receiver.start("127.0.0.1", 0)
-        started.append(receiver)
-        return receiver, store
-
-    yield start
-    for receiver in started:
-        receiver.stop()
 
 
 def storescu(port: int, files, *options: str, aet: str = "CT1") -> subprocess.CompletedProcess:

@@ -90,11 +90,11 @@ def _segments(seg, name: str) -> tuple[dict[int, str | None], list[str]]:
         for item in seg.SegmentSequence:
             category = _code(item.SegmentedPropertyCategoryCodeSequence[0])
             kind = item.SegmentedPropertyTypeCodeSequence[0]
-            label = _words(item.get("SegmentLabel", ""))
-            typed = next((t for t, c in LESION_TYPE_CODES.items() if _code(kind) == c),
-                         None) or _TYPE_BY_WORDS.get(_words(kind.get("CodeMeaning", ""))) \
+            code, label = _code(kind), _words(item.get("SegmentLabel", ""))
+            typed = next((t for t, c in LESION_TYPE_CODES.items() if code == c), None) \
+                or _TYPE_BY_WORDS.get(_words(kind.get("CodeMeaning", ""))) \
                 or _TYPE_BY_WORDS.get(label)
-            if typed or category == ABNORMAL or _code(kind) == LESION or label in LESION_LABELS:
+            if typed or category == ABNORMAL or code == LESION or label in LESION_LABELS:
                 lesions[int(item.SegmentNumber)] = typed
             else:
                 others.append(str(item.get("SegmentLabel", "") or
