@@ -23,7 +23,7 @@ import socket
 import ssl
 import struct
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -40,6 +40,13 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 MAX_PDU = 1 << 20
 #: The largest A-ASSOCIATE-RQ (128 presentation contexts take about 20 KiB).
 MAX_ASSOCIATE_RQ = 256 << 10
+
+
+class Context(NamedTuple):
+    """An accepted presentation context: what its messages are about, and how encoded."""
+
+    abstract_syntax: str
+    transfer_syntax: str
 
 
 class Rejected(Exception):
@@ -107,8 +114,8 @@ class Acceptor:
         return request
 
     def associate(self, conn: socket.socket, request: A_ASSOCIATE, busy: bool
-                  ) -> dict[int, str]:
-        """Accept: the accepted contexts, id -> transfer syntax; or reject (Rejected)."""
+                  ) -> dict[int, Context]:
+        """Accept: the accepted contexts by id; or reject (Rejected)."""
         response = None
         try:
             if not request.protocol_version & 0x0001:
@@ -160,7 +167,8 @@ class Acceptor:
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(primitive)
         conn.sendall(ac.encode())
-        return {cx.context_id: str(cx.transfer_syntax[0]) for cx in results if cx.result == 0}
+        return {cx.context_id: Context(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in results if cx.result == 0}
 
 
 def _remaining(deadline: float) -> float:

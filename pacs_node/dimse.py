@@ -35,8 +35,10 @@ class Status(enum.IntEnum):
     COERCION_OF_DATA_ELEMENTS = 0xB000   # warning, PS3.4 Table GG.4-1 (Storage)
     ELEMENTS_DISCARDED = 0xB006          # warning, PS3.4 Table GG.4-1
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007   # warning, PS3.4 Table GG.4-1
-    PROCESSING_FAILURE = 0x0110          # PS3.7 C.4.2
-    DUPLICATE_SOP_INSTANCE = 0x0111      # PS3.7 C.4.3 (a SOP Instance UID in use elsewhere)
+    PROCESSING_FAILURE = 0x0110          # PS3.7 C.5.21
+    DUPLICATE_SOP_INSTANCE = 0x0111      # PS3.7 C.5 (a SOP Instance UID in use elsewhere)
+    SOP_CLASS_NOT_SUPPORTED = 0x0122     # PS3.7 C.5, "Refused: SOP Class Not Supported"
+                                         # (here: not on the presentation context it came on)
     OUT_OF_RESOURCES = 0xA700            # PS3.4 Table GG.4-1 (Refused: Out of Resources)
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900           # PS3.4 Table GG.4-1
     CANNOT_UNDERSTAND = 0xC000           # PS3.4 Table GG.4-1 (Error: Cannot understand)
@@ -118,7 +120,9 @@ def command_number(command: dict[int, bytes], element: int) -> int:
 
 
 def _uid(value: bytes) -> str:
-    return value.rstrip(b"\x00 ").decode("ascii", "replace")
+    """A command's UID; the NUL or spaces padding it are not part of it (as pydicom reads
+    a data set's); bytes that are not ASCII become U+FFFD (a UID the node refuses)."""
+    return value.strip(b"\x00 ").decode("ascii", "replace")
 
 
 def encode_response(command_field: int, message_id: int, sop_class: str, status: int,

@@ -38,6 +38,11 @@ established by :mod:`pacs_node.acse`):
   is answered with an A-ABORT and one log line; an unknown application
   context or protocol version, a calling AE title not on the allow-list or a
   user identity that does not check out is rejected (PS3.8 Table 9-21);
+- a command whose Affected SOP Class or Instance UID is missing, not printable
+  ASCII or longer than 64 characters ends the association with an A-ABORT
+  (the node could neither answer nor file it); a C-STORE or C-ECHO whose SOP
+  Class is not the abstract syntax of the presentation context it came on is
+  answered 0x0122 (SOP Class Not Supported), its data set read and dropped;
 - a data set cut short, however the association ends, leaves no file.
 """
 
@@ -55,14 +60,15 @@ from typing import BinaryIO, Callable
 
 from pynetdicom.presentation import PresentationContext
 
-from pacs_node.acse import (MAX_PDU, Acceptor, Authenticator, Rejected,  # noqa: F401
-                            _read_exact, _read_header)
+from pacs_node.acse import (MAX_PDU, Acceptor, Authenticator, Context,  # noqa: F401
+                            Rejected, _read_exact, _read_header)
 from pacs_node.dimse import (A_ABORT_PDU, A_RELEASE_RQ_PDU, AFFECTED_SOP_CLASS,
                              AFFECTED_SOP_INSTANCE, C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ,
                              C_STORE_RSP, COMMAND_FIELD, MESSAGE_ID, OUT_OF_RESOURCES,
                              P_DATA_TF_PDU, RELEASE_RP, ProtocolError, Status,
                              _file_header, _uid, abort_pdu,  # noqa: F401
                              command_number, encode_response, p_data, parse_command)
+from pacs_node.layout import UIDRefused, uid_name
 from pacs_node.peers import PeerGate
 
 log = logging.getLogger(__name__)
@@ -86,7 +92,8 @@ class _Message:
     file: BinaryIO | None = None
     path: Path | None = None
     start: bytes = b""          # the data set's first fragment (its header, usually)
-    discard: bool = False
+    discard: bool = False       # read the data set to its end, store nothing, answer ...
+    refusal: int = OUT_OF_RESOURCES                  # ... this
     written: int = 0
     next_disk_check: int = DISK_CHECK_BYTES
 
@@ -97,7 +104,7 @@ class _Association:
 
     address: str
     calling: str = "?"
-    contexts: dict[int, str] = field(default_factory=dict)   # id -> transfer syntax
+    contexts: dict[int, Context] = field(default_factory=dict)   # the accepted, by id
     message: _Message | None = None
 
 
@@ -260,7 +267,7 @@ class StorageSCP:
                     command += fragment
                     if control & 0x02:
                         assoc.message = self._command(conn, bytes(command), context_id,
-                                                      assoc.calling)
+                                                      contexts[context_id], assoc.calling)
                         command.clear()
                     continue
                 message = assoc.message
@@ -268,24 +275,36 @@ class StorageSCP:
                     raise ProtocolError("a data set arrived without its command")
                 if context_id != message.context_id:
                     raise ProtocolError("a data set fragment on another presentation context")
-                self._write(message, fragment, assoc.calling, contexts[message.context_id])
+                syntax = contexts[message.context_id].transfer_syntax
+                self._write(message, fragment, assoc.calling, syntax)
                 if control & 0x02:                 # the data set's last fragment
                     assoc.message = None
-                    self._finish(conn, message, assoc.calling, contexts[message.context_id])
+                    self._finish(conn, message, assoc.calling, syntax)
 
-    def _command(self, conn, raw: bytes, context_id: int, calling: str) -> _Message | None:
+    def _command(self, conn, raw: bytes, context_id: int, context: Context,
+                 calling: str) -> _Message | None:
         cmd = parse_command(raw)
         field_ = command_number(cmd, COMMAND_FIELD)
         message_id = command_number(cmd, MESSAGE_ID)
-        if field_ == C_ECHO_RQ:
-            rsp = encode_response(C_ECHO_RSP, message_id, _uid(cmd.get(AFFECTED_SOP_CLASS, b"")),
-                                  Status.SUCCESS)
-            conn.sendall(p_data(context_id, rsp))
-            return None
-        if field_ != C_STORE_RQ:
+        if field_ not in (C_ECHO_RQ, C_STORE_RQ):
             raise ProtocolError(f"DIMSE command {field_:#06x} is not supported")
+        sop_class = _command_uid(cmd, AFFECTED_SOP_CLASS, "Affected SOP Class UID")
+        elsewhere = sop_class != context.abstract_syntax
+        if elsewhere:
+            log.warning("refusing a %s from %s (0x%04X): SOP Class %s sent on the presentation "
+                        "context negotiated for %s", "C-ECHO" if field_ == C_ECHO_RQ
+                        else "C-STORE", calling, Status.SOP_CLASS_NOT_SUPPORTED, sop_class,
+                        context.abstract_syntax)
+        if field_ == C_ECHO_RQ:
+            conn.sendall(p_data(context_id, encode_response(
+                C_ECHO_RSP, message_id, sop_class,
+                Status.SOP_CLASS_NOT_SUPPORTED if elsewhere else Status.SUCCESS)))
+            return None
+        _command_uid(cmd, AFFECTED_SOP_INSTANCE, "Affected SOP Instance UID")
         message = _Message(context_id, cmd)
-        if not self.has_room():
+        if elsewhere:
+            message.discard, message.refusal = True, Status.SOP_CLASS_NOT_SUPPORTED
+        elif not self.has_room():
             log.error("refusing C-STORE from %s: free disk below the configured minimum",
                       calling)
             message.discard = True
@@ -325,7 +344,7 @@ class StorageSCP:
         sop_instance = _uid(cmd.get(AFFECTED_SOP_INSTANCE, b""))
         message_id = command_number(cmd, MESSAGE_ID)
         if message.discard or message.file is None:
-            status = OUT_OF_RESOURCES
+            status = message.refusal
             self._drop(message)
         else:
             assert message.path is not None
@@ -352,6 +371,17 @@ class StorageSCP:
         if message.path is not None:
             message.path.unlink(missing_ok=True)
             message.path = None
+
+
+def _command_uid(cmd: dict[int, bytes], element: int, what: str) -> str:
+    """A UID of a command set; ProtocolError for one the node could not answer with or
+    file (missing, not printable ASCII, too long: :func:`pacs_node.layout.uid_name`)."""
+    uid = _uid(cmd.get(element, b""))
+    try:
+        uid_name(uid, f"the command's {what}")
+    except UIDRefused as exc:
+        raise ProtocolError(str(exc)) from None
+    return uid
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:

@@ -158,12 +158,11 @@ class InstanceStorage:
         placed: int | None = None       # the inode of the file moved into place
         path: Path | None = None
         try:
+            unread = InstanceHeader(*(announced or ("", "")), "", "", transfer_syntax or "")
             try:
                 refuse_inflation_bomb(tmp, transfer_syntax)
             except ValueError as exc:
-                log.warning("an instance from %s was refused (0x%04X): %s", origin,
-                            OUT_OF_RESOURCES, exc)
-                return Outcome(OUT_OF_RESOURCES, reason=str(exc))
+                return self._refused(OUT_OF_RESOURCES, str(exc), origin, unread)
             try:
                 header: InstanceHeader = (read_header(start, transfer_syntax, tmp)
                                           if start and transfer_syntax
@@ -171,6 +170,7 @@ class InstanceStorage:
             except Exception as exc:
                 log.warning("an instance from %s cannot be understood: %s", origin,
                             str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                self._record(IncidentKind.refused, "cannot be read as DICOM", origin, unread)
                 return Outcome(CANNOT_UNDERSTAND, reason="cannot be read as DICOM")
             sop_class, sop_uid, study_uid, series_uid = (
                 header.sop_class_uid, header.sop_instance_uid,
@@ -250,14 +250,20 @@ class InstanceStorage:
         except OSError:
             pass
 
-    def _refused(self, status: int, reason: str, origin: str, header: InstanceHeader,
-                 kind: IncidentKind = IncidentKind.refused) -> Outcome:
-        log.warning("an instance from %s was refused (0x%04X): %s", origin, status, reason)
+    def _record(self, kind: IncidentKind, reason: str, origin: str,
+                header: InstanceHeader) -> None:
+        """An incident for an instance not stored (the UIDs are the command's when the
+        header was not read; none over STOW-RS then)."""
         try:
             self.store.record_incident(kind, reason, node=self.node, origin=origin,
                                        series_instance_uid=header.series_instance_uid,
                                        sop_instance_uid=header.sop_instance_uid)
         except Exception as exc:          # the refusal stands; the log has it
             log.error("the refusal could not be recorded: %s", str(exc).splitlines()[0][:200])
+
+    def _refused(self, status: int, reason: str, origin: str, header: InstanceHeader,
+                 kind: IncidentKind = IncidentKind.refused) -> Outcome:
+        log.warning("an instance from %s was refused (0x%04X): %s", origin, status, reason)
+        self._record(kind, reason, origin, header)
         return Outcome(status, header.sop_class_uid, header.sop_instance_uid[:64],
                        header.study_instance_uid[:64], reason)

@@ -14,7 +14,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
                                        MaximumLengthNotification)
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage, Verification
 
 from conftest import require_tool
 
@@ -22,19 +22,24 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLICIT, EXPLICIT = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 VERIFICATION_ID, CT_ID = 1, 3            # presentation context ids the raw peers propose
+SC_ID = 5                                 # ... and Secondary Capture, when asked for
 
 
 # --- PDUs (PS3.8 9.3) ----------------------------------------------------------------------
 def associate_rq(calling: str = "CT1", called: str = "LUNGSYS",
-                 application_context: str = APPLICATION_CONTEXT, user_items=()) -> bytes:
-    """A valid A-ASSOCIATE-RQ (Verification as context 1, CT Image Storage as 3), by pynetdicom;
-    ``user_items``: more user information sub-items (a user identity)."""
+                 application_context: str = APPLICATION_CONTEXT, user_items=(),
+                 secondary_capture: bool = False) -> bytes:
+    """A valid A-ASSOCIATE-RQ (Verification as context 1, CT Image Storage as 3, Secondary
+    Capture as 5 when ``secondary_capture``), by pynetdicom; ``user_items``: more user
+    information sub-items (a user identity)."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = application_context
     primitive.calling_ae_title, primitive.called_ae_title = calling, called
     contexts = []
-    for context_id, (abstract, syntax) in ((VERIFICATION_ID, (Verification, IMPLICIT)),
-                                           (CT_ID, (CTImageStorage, EXPLICIT))):
+    proposed = [(VERIFICATION_ID, (Verification, IMPLICIT)), (CT_ID, (CTImageStorage, EXPLICIT))]
+    if secondary_capture:
+        proposed.append((SC_ID, (SecondaryCaptureImageStorage, EXPLICIT)))
+    for context_id, (abstract, syntax) in proposed:
         cx = build_context(abstract, [syntax])
         cx.context_id = context_id
         contexts.append(cx)

@@ -103,3 +103,16 @@ def test_a_file_of_zeros_after_its_meta_is_refused_not_walked(covid_study, tmp_p
     tail = tmp_path / "tail.dcm"       # the elements wanted, then zeros where pixels were
     tail.write_bytes(raw[:-len(ds.PixelData) - 12] + b"\0" * (8 << 20))
     assert read_file_header(tail).sop_instance_uid == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_spaces_around_a_uid_are_padding_as_every_later_reader_reads_them(instance, syntax):
+    """The node files an instance under the UIDs the scan reads; the worker, the results
+    and retention read the stored file with pydicom. Both must name the same UIDs."""
+    uid = instance.SOPInstanceUID
+    instance.SOPInstanceUID = f"1{uid}1"                 # as long as " UID ", which pydicom
+    raw = _encoded(instance, syntax).replace(f"1{uid}1".encode(), f" {uid} ".encode())
+    assert f" {uid} ".encode() in raw                    # would not write
+    read = pydicom.filereader.read_dataset(DicomBytesIO(raw), syntax == ImplicitVRLittleEndian,
+                                           True)
+    assert scan_start(raw, syntax).sop_instance_uid == read.SOPInstanceUID == uid

@@ -5,8 +5,9 @@ deflated data set whole, and so would every reader of the stored file after the 
 acknowledged it. And a C-STORE whose command announces one instance while its data set
 is another leaves the sender's bookkeeping and the node's in disagreement; a Series
 Instance UID sent again under another study (and patient) would put that patient's slice
-into this patient's analysis. Each is refused, nothing is stored, and the next honest
-instance is.
+into this patient's analysis. A message sent on a presentation context negotiated for
+another SOP Class, or a command whose UIDs are not UIDs, lies about what it carries. Each
+is refused, nothing is stored, and the next honest instance is.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pacs_node.header import MAX_INFLATED_BYTES, refuse_inflation_bomb
 from pacs_node.receiver import Receiver
 
 from conftest import require_tool
-from raw_peer import CT_ID, associate, c_store_rq, data_set, p_data, status_of
+from raw_peer import (CT_ID, SC_ID, VERIFICATION_ID, associate, associate_rq, c_echo_rq,
+                      c_store_rq, command, data_set, ending, p_data, status_of)
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -59,7 +61,7 @@ def test_a_deflate_bomb_is_refused_and_a_deflated_instance_within_bounds_is_stor
         node, tmp_path):
     receiver, store = node
     bomb, honest = tmp_path / "bomb.dcm", tmp_path / "honest.dcm"
-    _deflated_instance(bomb, MAX_INFLATED_BYTES + 2**20)
+    bomb_uid = _deflated_instance(bomb, MAX_INFLATED_BYTES + 2**20)
     assert bomb.stat().st_size < MAX_INFLATED_BYTES // 100      # what travels is small
     kept = _deflated_instance(honest, 2**20)
     storescu = [require_tool("storescu"), "-v", "-xd", "-aet", "CT1", "-aec", "LUNGSYS",
@@ -68,6 +70,9 @@ def test_a_deflate_bomb_is_refused_and_a_deflated_instance_within_bounds_is_stor
                           timeout=120)
     assert "Refused: OutOfResources" in proc.stderr, proc.stderr
     assert store.counts()["instances"] == 0 and _stored(receiver) == []
+    [incident] = store.incidents()            # the admin sees which instance, and why
+    assert "inflates past 64 MiB" in incident.detail and incident.origin == "CT1"
+    assert incident.sop_instance_uid == bomb_uid
     proc = subprocess.run([*storescu, str(honest)], capture_output=True, text=True, env=ENV,
                           timeout=120)
     assert proc.returncode == 0 and "(Success)" in proc.stderr, proc.stderr
@@ -82,11 +87,12 @@ def test_a_data_set_that_is_not_the_instance_its_command_announced_is_refused(
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     body = data_set(path)
     with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
-        assert associate(s)["contexts"][CT_ID] == 0
-        for sop_class, sop_instance in ((ds.SOPClassUID, "1.2.3.4.5.6.7.8.9"),
-                                        ("1.2.840.10008.5.1.4.1.1.7", ds.SOPInstanceUID)):
-            s.sendall(p_data(CT_ID, 0x03, c_store_rq(sop_class, sop_instance)))
-            s.sendall(p_data(CT_ID, 0x02, body))
+        assert associate(s, associate_rq(secondary_capture=True))["contexts"][SC_ID] == 0
+        for context, sop_class, sop_instance in (
+                (CT_ID, ds.SOPClassUID, "1.2.3.4.5.6.7.8.9"),
+                (SC_ID, "1.2.840.10008.5.1.4.1.1.7", ds.SOPInstanceUID)):
+            s.sendall(p_data(context, 0x03, c_store_rq(sop_class, sop_instance)))
+            s.sendall(p_data(context, 0x02, body))
             assert status_of(s) == 0xA900        # Data Set does not match SOP Class
         assert store.counts()["instances"] == 0 and _stored(receiver) == []
         s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID, 2)))
@@ -143,3 +149,52 @@ def test_a_series_uid_sent_again_under_another_study_is_refused_not_merged(
     proc = subprocess.run([*storescu, str(second)], capture_output=True, text=True, env=ENV,
                           timeout=120)                 # the same slice, in its own study
     assert "(Success)" in proc.stderr and store.series()[0].instance_count == 2
+
+
+def test_a_message_on_a_context_negotiated_for_another_sop_class_is_refused(
+        node, covid_study, caplog):
+    """A presentation context says what its messages are about (PS3.8 7.1.1.13): a CT
+    image sent on the Verification context, or on Secondary Capture's, is not stored."""
+    receiver, store = node
+    path = covid_study.files[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    body = data_set(path)
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s, associate_rq(secondary_capture=True))
+        for message_id, context in ((1, VERIFICATION_ID), (2, SC_ID)):
+            s.sendall(p_data(context, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID,
+                                                       message_id)))
+            s.sendall(p_data(context, 0x02, body))
+            assert status_of(s) == 0x0122        # Refused: SOP Class Not Supported
+        s.sendall(p_data(CT_ID, 0x03, c_echo_rq(3)))
+        assert status_of(s) == 0x0122
+        assert store.counts()["instances"] == 0 and _stored(receiver) == []
+        assert "sent on the presentation context negotiated for 1.2.840.10008.1.1" in caplog.text
+        s.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq(4)))
+        assert status_of(s) == 0x0000
+        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID, 5)))
+        s.sendall(p_data(CT_ID, 0x02, body))
+        assert status_of(s) == 0x0000
+    assert len(_stored(receiver)) == 1
+
+
+@pytest.mark.parametrize("uid", [b"1.2.\xc3\xa9.3", b"1.2.3\x07", b"1." + b"2" * 70, b""],
+                         ids=["non-ascii", "control", "too-long", "missing"])
+def test_a_command_whose_uid_is_not_a_uid_is_aborted_with_one_clear_line(
+        node, covid_study, caplog, uid):
+    receiver, store = node
+    ds = pydicom.dcmread(covid_study.files[0], stop_before_pixels=True)
+    bad = command([(0x0002, ds.SOPClassUID.encode()), (0x0100, b"\x01\x00"),
+                   (0x0110, b"\x01\x00"), (0x0800, b"\x00\x00"), (0x1000, uid)])
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s)
+        s.sendall(p_data(CT_ID, 0x03, bad))
+        assert ending(s, 5.0) == "abort"
+    [line] = [r.getMessage() for r in caplog.records if "aborted" in r.getMessage()]
+    assert "the command's Affected SOP Instance UID" in line and "codec" not in line, line
+    assert not any(r.exc_info for r in caplog.records)
+    assert store.counts()["instances"] == 0 and _stored(receiver) == []
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s)                             # the node goes on
+        s.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq()))
+        assert status_of(s) == 0x0000
