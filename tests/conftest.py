@@ -103,7 +103,8 @@ def start_node(tmp_path):
     def start(tls=None, **kw):
         folder = tmp_path / f"node{len(started)}"
         store = JobStore(f"sqlite:///{tmp_path}/lungsys{len(started)}.db")
-        receiver = Receiver(store, folder / "data", min_free_disk_mb=1, tls=tls, **kw)
+        kw.setdefault("min_free_disk_mb", 1)
+        receiver = Receiver(store, folder / "data", tls=tls, **kw)
         receiver.start("127.0.0.1", 0)
         started.append(receiver)
         return receiver, store

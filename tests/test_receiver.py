@@ -10,8 +10,6 @@ import subprocess
 import pydicom
 import pytest
 
-from pacs_node.receiver import Receiver
-from store.api import JobStore
 from store.models import SeriesState
 
 from conftest import require_tool
@@ -20,13 +18,8 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK leaves Nagle on otherwise
 
 
 @pytest.fixture
-def node(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
-    receiver = Receiver(store, tmp_path / "data", allowed_calling_aets=["CT1", "CT2"],
-                        min_free_disk_mb=1)
-    receiver.start("127.0.0.1", 0)
-    yield receiver, store
-    receiver.stop()
+def node(start_node):
+    return start_node(allowed_calling_aets=["CT1", "CT2"])
 
 
 def storescu(port: int, files, aet: str = "CT1", *options: str) -> subprocess.CompletedProcess:
@@ -81,17 +74,12 @@ def test_calling_aet_outside_the_allow_list_is_rejected(node, study_factory):
     assert store.counts()["instances"] == 0
 
 
-def test_low_disk_is_out_of_resources(tmp_path, study_factory):
-    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
+def test_low_disk_is_out_of_resources(tmp_path, start_node, study_factory):
     free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
-    receiver = Receiver(store, tmp_path / "data", min_free_disk_mb=free_mb + 10_000)
-    receiver.start("127.0.0.1", 0)
-    try:
-        proc = storescu(receiver.port, study_factory("covid", 1, 24).files[:1])
-        assert "Refused: OutOfResources" in proc.stderr  # DCMTK's name for 0xA700
-        assert store.counts()["instances"] == 0
-    finally:
-        receiver.stop()
+    receiver, store = start_node(min_free_disk_mb=free_mb + 10_000)
+    proc = storescu(receiver.port, study_factory("covid", 1, 24).files[:1])
+    assert "Refused: OutOfResources" in proc.stderr  # DCMTK's name for 0xA700
+    assert store.counts()["instances"] == 0
 
 
 @pytest.mark.parametrize("calling, sop_uid", [("CT1", "1.2.3.4"), ("", "1.2.3.45"),
@@ -122,16 +110,11 @@ def test_the_hand_written_file_meta_matches_pydicoms(calling, sop_uid):
     assert _file_header(command, "1.2.840.10008.1.2.4.70", calling) == expected.getvalue()
 
 
-def test_fsync_mode_stores_the_same(tmp_path, study_factory):
-    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
-    receiver = Receiver(store, tmp_path / "data", min_free_disk_mb=1, sync=True)
-    receiver.start("127.0.0.1", 0)
-    try:
-        assert storescu(receiver.port, study_factory("covid", 1, 24).files[:3]).returncode == 0
-        assert store.counts()["instances"] == 3
-        assert not list((tmp_path / "data" / "incoming" / ".partial").iterdir())
-    finally:
-        receiver.stop()
+def test_fsync_mode_stores_the_same(start_node, study_factory):
+    receiver, store = start_node(sync=True)
+    assert storescu(receiver.port, study_factory("covid", 1, 24).files[:3]).returncode == 0
+    assert store.counts()["instances"] == 3
+    assert not list(receiver.storage.partial.iterdir())
 
 
 @pytest.mark.parametrize("tool, flag, propose", [
