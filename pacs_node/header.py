@@ -7,7 +7,9 @@ start of the data set; :func:`scan_start` walks those elements in the first
 bytes the SCP received, without building a data set (about a tenth of the
 cost of pydicom's reader). Anything it cannot walk (a sequence of undefined
 length before (0020,1002), a cut-off start, big endian or deflated data) goes
-to pydicom: first on the same bytes, then on the whole file.
+to pydicom: first on the same bytes, trusted only when it reads past (0020,1002)
+within them (a sender may end a fragment inside a value, which pydicom reads cut
+short without a word), then on the whole file.
 
 A deflated data set is inflated whole by pydicom, here and by every later reader of the
 stored file: :func:`refuse_inflation_bomb` inflates it first a piece at a time, nothing
@@ -81,6 +83,8 @@ def scan_start(start: bytes | memoryview, transfer_syntax: str) -> InstanceHeade
         if length == UNDEFINED_LENGTH:
             return None
         if tag in _WANTED:
+            if pos + length > len(start):         # the value goes on in a later fragment
+                return None
             values[tag] = bytes(start[pos:pos + length])
     return None
 
@@ -97,10 +101,13 @@ def read_header(start: bytes, transfer_syntax: str, path: Path) -> InstanceHeade
         if header is not None:
             return header
         try:
-            return InstanceHeader.from_dataset(read_dataset(
-                io.BytesIO(start), transfer_syntax == IMPLICIT_VR, True, specific_tags=_TAGS,
-                stop_when=lambda tag, vr, length: tag > IMAGES_IN_ACQUISITION),
-                transfer_syntax)
+            stream = io.BytesIO(start)
+            ds = read_dataset(stream, transfer_syntax == IMPLICIT_VR, True, specific_tags=_TAGS,
+                              stop_when=lambda tag, vr, length: tag > IMAGES_IN_ACQUISITION)
+            # stopped at an element past (0020,1002), not at the end of the bytes: every
+            # value wanted is whole (pydicom reads a value cut short without a word)
+            if stream.tell() < len(start):
+                return InstanceHeader.from_dataset(ds, transfer_syntax)
         except Exception:  # the start ends inside an element: the file has it all
             pass
     return read_file_header(path)

@@ -116,3 +116,27 @@ def test_spaces_around_a_uid_are_padding_as_every_later_reader_reads_them(instan
     read = pydicom.filereader.read_dataset(DicomBytesIO(raw), syntax == ImplicitVRLittleEndian,
                                            True)
     assert scan_start(raw, syntax).sop_instance_uid == read.SOPInstanceUID == uid
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize("cut_in", ["SeriesInstanceUID", "ImagesInAcquisition"])
+@pytest.mark.parametrize("undefined", [False, True])
+def test_a_first_fragment_that_ends_inside_a_value_is_never_taken_for_the_value(
+        instance, syntax, cut_in, undefined, tmp_path):
+    """A sender may end a PDV anywhere (PS3.8 E.2): the scan and pydicom (which reads a
+    value cut short without a word) must not file an instance under half its Series UID
+    or count half its Images in Acquisition; the file holds the whole value."""
+    instance.ImagesInAcquisition = 300
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "1.2.3", "1.2.3.4"
+    instance.ReferencedImageSequence = Sequence([item])          # (0008,1140): to pydicom
+    instance["ReferencedImageSequence"].is_undefined_length = undefined
+    raw = _encoded(instance, syntax)
+    value = (instance.SeriesInstanceUID if cut_in == "SeriesInstanceUID" else "300").encode()
+    at = raw.index(value) + 1
+    path = tmp_path / "received.dcm"
+    instance.file_meta.TransferSyntaxUID = syntax
+    instance.save_as(path, enforce_file_format=True)
+    expected = InstanceHeader.from_dataset(instance, syntax)
+    assert read_header(raw[:at], syntax, path) == expected
+    assert expected.images_in_acquisition == 300

@@ -1,18 +1,22 @@
-"""The Storage SCP, driven by DCMTK's storescu and echoscu as a modality would."""
+"""The Storage SCP, driven by DCMTK's storescu and echoscu as a modality would (and by a raw
+peer where a modality may do what DCMTK does not)."""
 
 from __future__ import annotations
 
 import os
 import random
 import shutil
+import socket
 import subprocess
 
 import pydicom
 import pytest
 
+from pacs_node.dimse import iter_elements
 from store.models import SeriesState
 
 from conftest import require_tool
+from raw_peer import CT_ID, associate, c_store_rq, data_set, p_data, status_of
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK leaves Nagle on otherwise
 
@@ -138,3 +142,28 @@ def test_every_encoding_is_stored_as_sent_and_recorded(node, study_factory, tmp_
     copy = pydicom.dcmread(path)
     assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
     assert (copy.pixel_array == pydicom.dcmread(source).pixel_array).all()
+
+
+@pytest.mark.parametrize("cut_in", ["SeriesInstanceUID", "ImagesInAcquisition"])
+def test_a_data_set_split_inside_a_value_is_filed_under_the_whole_value(
+        node, study_factory, cut_in):
+    """PS3.8 E.2 lets a sender end a PDV at any byte: one ending inside the Series Instance
+    UID once filed the instance under half of it (and Images in Acquisition 300 as 3)."""
+    receiver, store = node
+    path = study_factory("covid", 1, 24).files[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds_body = data_set(path)
+    tag = pydicom.tag.Tag(cut_in)
+    [at] = [pos + 1 for element, pos, _ in iter_elements(ds_body, implicit_vr=False)
+            if element == tag]                      # one byte into the value
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s)
+        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID)))
+        s.sendall(p_data(CT_ID, 0x00, ds_body[:at]))
+        s.sendall(p_data(CT_ID, 0x02, ds_body[at:]))
+        assert status_of(s) == 0x0000
+    [series] = store.series()
+    assert series.series_instance_uid == ds.SeriesInstanceUID
+    assert series.expected_instances == ds.ImagesInAcquisition == 24
+    [stored] = [p for p in receiver.storage.incoming.rglob("*.dcm")]
+    assert stored.parent.name == ds.SeriesInstanceUID
