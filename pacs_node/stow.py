@@ -19,7 +19,8 @@ some were, 409 when none, 400 for a body that is not multipart, 415 for a
 request that is not ``multipart/related; type="application/dicom"``, 411
 without a Content-Length or chunked transfer coding, 413 above the configured
 size, 507 when the disk cannot hold the body, 503 when the job store cannot
-record. A part of another media type fails with 0xC000.
+record. A part of another media type fails with 0xC000. After
+``MAX_FAILED_PARTS`` failed parts the rest of a body is not read.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ IDLE_SECONDS = 30.0
 #: ``IDLE_SECONDS`` (a client trickling a byte at a time holds a connection and its disk
 #: reservation no longer): 256 KiB/s, a 10 Mbit/s link a quarter full.
 MIN_RATE = 256 * 1024
+#: A request is cut after this many failed parts: the parts after them are not stored, and
+#: one more failure (0xC000) says so. Each failure costs a log line, an incident and an item
+#: of the response, and a part can be 80 bytes: 2 GiB of them would be 27 million.
+MAX_FAILED_PARTS = 100
+#: The reason of that last failure (in the log; the response has the item).
+CUT_SHORT = f"cut after {MAX_FAILED_PARTS} failed parts: the rest of its body was not read"
 
 
 class ClientGone(ConnectionError):
@@ -168,7 +175,7 @@ class StowService:
         with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as body:
             outcomes = self._store_parts(body, boundary, expected_study)
         stored = sum(o.ok for o in outcomes)
-        if not stored and outcomes and all(o.reason == STORE_UNAVAILABLE for o in outcomes):
+        if not stored and all(o.reason in (STORE_UNAVAILABLE, CUT_SHORT) for o in outcomes):
             raise StowError(HTTPStatus.SERVICE_UNAVAILABLE, "the job store cannot record now")
         status = (HTTPStatus.OK if stored == len(outcomes)
                   else HTTPStatus.ACCEPTED if stored else HTTPStatus.CONFLICT)
@@ -176,16 +183,23 @@ class StowService:
 
     def _store_parts(self, body: mmap.mmap, boundary: bytes, expected_study: str | None
                      ) -> list[Outcome]:
-        """Store each part; a broken part ends the body, keeping the parts before it."""
+        """Store each part; a broken part ends the body, keeping the parts before it, and
+        so does the part after :data:`MAX_FAILED_PARTS` failures."""
         outcomes: list[Outcome] = []
+        failed = 0
         try:
             for headers, start, end in split_parts(body, boundary):
+                if failed == MAX_FAILED_PARTS:          # and here is one part more
+                    log.warning("a STOW-RS request was %s", CUT_SHORT)
+                    outcomes.append(Outcome(CANNOT_UNDERSTAND, reason=CUT_SHORT))
+                    break
                 part_type = media_type(headers.get("content-type", "application/dicom"))[0]
-                if part_type != "application/dicom":
-                    outcomes.append(Outcome(CANNOT_UNDERSTAND,
-                                            reason=f"{part_type}, not application/dicom"))
-                    continue
-                outcomes.append(self._store_part(body, start, end, expected_study))
+                outcome = (self._store_part(body, start, end, expected_study)
+                           if part_type == "application/dicom"
+                           else Outcome(CANNOT_UNDERSTAND,
+                                        reason=f"{part_type}, not application/dicom"))
+                outcomes.append(outcome)
+                failed += not outcome.ok
         except StowError as exc:
             if not outcomes:
                 raise
