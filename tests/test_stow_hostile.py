@@ -1,8 +1,9 @@
 """The STOW-RS receiver against hostile senders: UIDs made to escape its folders, a job
 store deleted under it, a body trickled byte by byte, a flood of headers, what its
-parser cannot read, and thousands of tiny broken parts. Over loopback against an in-process :class:`StowServer`
-(``stow_client``); asserted is what an admin would check: the HTTP status each sender got,
-what the job store holds, which files lie where, and that memory stays flat."""
+parser cannot read, and thousands of tiny broken parts. Over loopback against an
+in-process :class:`StowServer` (``stow_client``); asserted is what an admin would check:
+the HTTP status each sender got, what the job store holds, which files lie where, and
+that memory stays flat."""
 
 from __future__ import annotations
 
