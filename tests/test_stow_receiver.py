@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import select
+import socket
+import time
 import uuid
 
 import pydicom
@@ -13,6 +16,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from pacs_node.storage import CANNOT_UNDERSTAND, STUDY_MISMATCH, InstanceStorage
 from pacs_node.stow import StowServer
+from pacs_node.web.protocol import MANY_PIECES, MIN_PIECE
 from store.api import JobStore
 from store.models import Series
 
@@ -27,12 +31,12 @@ def stow(tmp_path):
 
 
 def post(port: int, body: bytes, content_type: str, path: str = "/dicom-web/studies",
-         chunked: bool = False):
+         chunked: bool = False, chunk: int = 70000):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
     if chunked:
         headers["Transfer-Encoding"] = "chunked"
-        pieces = [body[i:i + 70000] for i in range(0, len(body), 70000)]
+        pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)]
         body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
     conn.request("POST", path, body=body, headers=headers)
     resp = conn.getresponse()
@@ -126,3 +130,31 @@ def test_chunk_sizes_that_are_not_hex_digits_are_refused(stow, size):
     assert conn.getresponse().status == 400
     conn.close()
     assert store.counts()["instances"] == 0
+
+
+def test_a_body_of_one_byte_chunks_is_refused_and_a_clients_chunks_are_not(stow, covid_study):
+    """Parsing a chunk costs the HTTP service's one thread far more than its byte: 1-byte
+    chunks once held a CPU for 44 s (the console answering in seconds meanwhile)."""
+    server, store = stow
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: lungsys\r\nContent-Type: multipart/"
+              b'related; type="application/dicom"; boundary=b\r\n'
+              b"Transfer-Encoding: chunked\r\n\r\n")
+    start, answer = time.monotonic(), b""
+    while time.monotonic() - start < 10 and not answer:
+        try:
+            s.sendall(b"1\r\nx\r\n" * 1000)
+        except OSError:                       # closed: the answer is waiting to be read
+            break
+        if select.select([s], [], [], 0)[0]:
+            answer = s.recv(65536)
+    answer = answer or s.recv(65536)
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"pieces of under %d bytes on average" % MIN_PIECE in answer, answer
+    assert time.monotonic() - start < 5
+    body, ctype = multipart([("application/dicom", f.read_bytes())
+                             for f in covid_study.files[:3]])
+    assert len(body) // (MIN_PIECE + 44) > MANY_PIECES     # a client's chunks: more of them
+    assert post(server.port, body, ctype, chunked=True, chunk=MIN_PIECE + 44)[0] == 200
+    assert store.counts()["instances"] == 3

@@ -13,6 +13,11 @@ connection, before a byte is parsed:
   its first byte (the connection is closed otherwise);
 - an answer the client does not read within ``idle_seconds`` (the socket's
   send buffer full) closes the connection;
+- a body parsed into many tiny pieces (h11 Data events: chunks of a chunked
+  body, socket reads otherwise) is refused (400) once it has ``MANY_PIECES``
+  of under ``MIN_PIECE`` bytes on average: each costs the server's one thread
+  far more than its bytes (1-byte chunks held a CPU until the minimum body
+  rate stopped them, and the console answered in seconds meanwhile);
 - a connection closed with a body left unread (a 413, a refusal) is closed
   lingering (RFC 9112 9.6): the node stops sending, reads and drops what the
   client still sends for a moment, then closes, so that the client reads the
@@ -30,6 +35,7 @@ import logging
 import socket
 import time
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pacs_node.peers import PeerGate
@@ -40,6 +46,9 @@ log = logging.getLogger("pacs_node.web")
 LINGER_SECONDS, LINGER_BYTES = 2.0, 16 << 20
 #: Connections lingering at once (beyond: closed at once).
 MAX_LINGERING = 16
+#: A request body's pieces must average MIN_PIECE bytes once there are MANY_PIECES (a
+#: client's chunks are kilobytes; a socket read of a fast body is tens of them).
+MIN_PIECE, MANY_PIECES = 256, 4096
 #: A refused peer is logged at most once in this many seconds (a connect flood is one line).
 LOG_EVERY_SECONDS = 10.0
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -95,6 +104,9 @@ class GuardedProtocol:
         why = self.gate.enter(self._peer)
         self._admitted = why is None
         super().connection_made(_Transport(transport, self))   # type: ignore[arg-type]
+        self._pieces = self._piece_bytes = 0
+        self._refusal = ""
+        self.conn.next_event = self._counting(self.conn.next_event)
         if why is not None:
             self._warn_once(f"HTTP connection from {self._peer} refused: {why}")
             transport.write(REFUSAL)
@@ -128,6 +140,25 @@ class GuardedProtocol:
             self._deadline.cancel()          # its head arrived in time
             self._deadline = None
 
+    def _counting(self, next_event):
+        """h11's ``next_event``, counting the pieces of each request's body; a body of
+        too many tiny pieces ends in RemoteProtocolError, which uvicorn answers with
+        :meth:`send_400_response`."""
+        def counted():
+            event = next_event()
+            if type(event) is h11.Data:
+                self._pieces += 1
+                self._piece_bytes += len(event.data)
+                if (self._pieces >= MANY_PIECES
+                        and self._piece_bytes < MIN_PIECE * self._pieces):
+                    self._refusal = (f"body sent in pieces of under {MIN_PIECE} bytes on "
+                                     f"average")
+                    raise h11.RemoteProtocolError(self._refusal)
+            elif type(event) is h11.Request:
+                self._pieces = self._piece_bytes = 0
+            return event
+        return counted
+
     def _warn_once(self, message: str) -> None:
         """A WARNING, at most once per peer every ``LOG_EVERY_SECONDS``."""
         now, logged = time.monotonic(), GuardedProtocol._logged
@@ -141,6 +172,7 @@ class GuardedProtocol:
     def send_400_response(self, msg: str) -> None:
         """What h11 cannot parse: answered in JSON like every other error (uvicorn answers
         in text), logged once with the peer, the connection closed."""
+        msg, self._refusal = self._refusal or msg, ""
         self._warn_once(f"HTTP request from {self._peer} refused: {msg}")
         body = json.dumps({"error": f"bad HTTP request: {msg}"}).encode()
         self._raw.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
