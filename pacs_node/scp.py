@@ -64,9 +64,9 @@ from pacs_node.acse import (MAX_PDU, Acceptor, Authenticator, Context,  # noqa: 
                             Rejected, _read_exact, _read_header)
 from pacs_node.dimse import (A_ABORT_PDU, A_RELEASE_RQ_PDU, AFFECTED_SOP_CLASS,
                              AFFECTED_SOP_INSTANCE, C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ,
-                             C_STORE_RSP, COMMAND_FIELD, MESSAGE_ID, OUT_OF_RESOURCES,
-                             P_DATA_TF_PDU, RELEASE_RP, ProtocolError, Status,
-                             _file_header, _uid, abort_pdu,  # noqa: F401
+                             C_STORE_RSP, COMMAND_DATA_SET_TYPE, COMMAND_FIELD, MESSAGE_ID,
+                             NO_DATA_SET, OUT_OF_RESOURCES, P_DATA_TF_PDU, RELEASE_RP,
+                             ProtocolError, Status, _file_header, _uid, abort_pdu,  # noqa: F401
                              command_number, encode_response, p_data, parse_command)
 from pacs_node.layout import UIDRefused, uid_name
 from pacs_node.peers import PeerGate
@@ -301,6 +301,8 @@ class StorageSCP:
                 Status.SOP_CLASS_NOT_SUPPORTED if elsewhere else Status.SUCCESS)))
             return None
         _command_uid(cmd, AFFECTED_SOP_INSTANCE, "Affected SOP Instance UID")
+        if command_number(cmd, COMMAND_DATA_SET_TYPE) == NO_DATA_SET:    # PS3.7 9.3.1.1
+            raise ProtocolError("a C-STORE-RQ whose command says no data set follows")
         message = _Message(context_id, cmd)
         if elsewhere:
             message.discard, message.refusal = True, Status.SOP_CLASS_NOT_SUPPORTED

@@ -198,3 +198,19 @@ def test_a_command_whose_uid_is_not_a_uid_is_aborted_with_one_clear_line(
         associate(s)                             # the node goes on
         s.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq()))
         assert status_of(s) == 0x0000
+
+
+def test_a_c_store_that_says_no_data_set_follows_is_aborted_at_once(node, covid_study, caplog):
+    """Its data set would never come (or come unannounced): the node once waited for it
+    until the association's timeout, and answered nothing."""
+    receiver, store = node
+    ds = pydicom.dcmread(covid_study.files[0], stop_before_pixels=True)
+    rq = command([(0x0002, ds.SOPClassUID.encode()), (0x0100, b"\x01\x00"),
+                  (0x0110, b"\x01\x00"), (0x0800, b"\x01\x01"),
+                  (0x1000, ds.SOPInstanceUID.encode())])
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s)
+        s.sendall(p_data(CT_ID, 0x03, rq))
+        assert ending(s, 2.0) == "abort"
+    assert "a C-STORE-RQ whose command says no data set follows" in caplog.text
+    assert store.counts()["instances"] == 0

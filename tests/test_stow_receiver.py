@@ -158,3 +158,21 @@ def test_a_body_of_one_byte_chunks_is_refused_and_a_clients_chunks_are_not(stow,
     assert len(body) // (MIN_PIECE + 44) > MANY_PIECES     # a client's chunks: more of them
     assert post(server.port, body, ctype, chunked=True, chunk=MIN_PIECE + 44)[0] == 200
     assert store.counts()["instances"] == 3
+
+
+def test_a_request_with_both_a_length_and_chunks_is_refused(stow, covid_study):
+    """RFC 9112 6.3: which framing wins is where request smuggling starts; the node refuses
+    the request and closes the connection rather than choose."""
+    server, store = stow
+    body, ctype = multipart([("application/dicom", covid_study.files[0].read_bytes())])
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /dicom-web/studies HTTP/1.1\r\nHost: lungsys\r\nContent-Type: %s\r\n"
+                  b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n%s"
+                  % (ctype.encode(), len(chunked), chunked))
+        answer = b""
+        while chunk := s.recv(65536):           # until the node closes
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"both Content-Length and Transfer" in answer
+    assert store.counts()["instances"] == 0
+    assert post(server.port, body, ctype)[0] == 200

@@ -18,6 +18,9 @@ connection, before a byte is parsed:
   of under ``MIN_PIECE`` bytes on average: each costs the server's one thread
   far more than its bytes (1-byte chunks held a CPU until the minimum body
   rate stopped them, and the console answered in seconds meanwhile);
+- a request with both a Content-Length and a Transfer-Encoding is refused
+  (400, the connection closed: RFC 9112 6.3 lets a server refuse it, and a
+  proxy in front might frame the body the other way);
 - a connection closed with a body left unread (a 413, a refusal) is closed
   lingering (RFC 9112 9.6): the node stops sending, reads and drops what the
   client still sends for a moment, then closes, so that the client reads the
@@ -156,6 +159,10 @@ class GuardedProtocol:
                     raise h11.RemoteProtocolError(self._refusal)
             elif type(event) is h11.Request:
                 self._pieces = self._piece_bytes = 0
+                names = {name.lower() for name, _ in event.headers}
+                if {b"content-length", b"transfer-encoding"} <= names:   # RFC 9112 6.3
+                    self._refusal = "both Content-Length and Transfer-Encoding"
+                    raise h11.RemoteProtocolError(self._refusal)
             return event
         return counted
 
