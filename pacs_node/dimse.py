@@ -3,7 +3,8 @@
 PDU types (PS3.8 9.3.1), A-ASSOCIATE-RJ codes (PS3.8 Table 9-21), the DIMSE
 command fields and elements used (PS3.7 9.3, E.1), every status the node
 sends or reads (:class:`Status`, citing where the standard defines it), the
-command-set codec (Implicit VR Little Endian, group 0000), the one walker of
+command-set codec (Implicit VR Little Endian, group 0000; its UIDs checked by the
+node's one UID policy, :func:`pacs_node.layout.uid_name`), the one walker of
 little-endian data elements (the command sets here, the received data sets'
 first bytes in :mod:`pacs_node.header`) and the Part-10 file meta header of
 a received instance. No networking: :mod:`pacs_node.scp` uses these.
@@ -16,6 +17,8 @@ import struct
 from typing import Iterator
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+from pacs_node.layout import UIDRefused, uid_name
 
 # PDU types (PS3.8 9.3.1)
 A_ASSOCIATE_RQ_PDU, A_RELEASE_RQ_PDU, A_ABORT_PDU, P_DATA_TF_PDU = 0x01, 0x05, 0x07, 0x04
@@ -119,15 +122,34 @@ def command_number(command: dict[int, bytes], element: int) -> int:
     return struct.unpack("<H", command.get(element, b"")[:2].ljust(2, b"\0"))[0]
 
 
-def _uid(value: bytes) -> str:
-    """A command's UID; the NUL or spaces padding it are not part of it (as pydicom reads
-    a data set's); bytes that are not ASCII become U+FFFD (a UID the node refuses)."""
-    return value.strip(b"\x00 ").decode("ascii", "replace")
+def text_value(value: bytes) -> str:
+    """A text or UID value as the node reads it, a command's or a data set's: trailing NULs
+    and spaces on either side are padding (as pydicom reads a UID); bytes that are not
+    ASCII become U+FFFD (a UID the node refuses)."""
+    return value.rstrip(b"\x00 ").lstrip(b" ").decode("ascii", "replace")
 
 
-def encode_response(command_field: int, message_id: int, sop_class: str, status: int,
+def command_uid(cmd: dict[int, bytes], element: int, what: str) -> tuple[str, str]:
+    """A UID of a command set, and why the node refuses it ("" when it does not: missing,
+    not printable ASCII, too long: :func:`pacs_node.layout.uid_name`)."""
+    uid = text_value(cmd.get(element, b""))
+    try:
+        uid_name(uid, f"the command's {what}")
+    except UIDRefused as exc:
+        return uid, str(exc)
+    return uid, ""
+
+
+def response_uid(cmd: dict[int, bytes], element: int) -> str | None:
+    """A command's UID to echo in the response; None (left out) when it is not a UID."""
+    uid, why = command_uid(cmd, element, "")
+    return None if why else uid
+
+
+def encode_response(command_field: int, message_id: int, sop_class: str | None, status: int,
                     sop_instance: str | None = None) -> bytes:
-    """A response command set (PS3.7 9.3), group length first."""
+    """A response command set (PS3.7 9.3), group length first; the Affected SOP Class and
+    Instance UIDs (optional in a response: U(=)) left out when None or empty."""
     def element(tag: int, value: bytes) -> bytes:
         return struct.pack("<HHL", 0x0000, tag, len(value)) + value
 
@@ -135,7 +157,7 @@ def encode_response(command_field: int, message_id: int, sop_class: str, status:
         raw = text.encode("ascii")
         return raw + b"\x00" * (len(raw) % 2)
 
-    body = element(AFFECTED_SOP_CLASS, uid(sop_class))
+    body = element(AFFECTED_SOP_CLASS, uid(sop_class)) if sop_class else b""
     body += element(COMMAND_FIELD, struct.pack("<H", command_field))
     body += element(0x0120, struct.pack("<H", message_id))   # Message ID Being Responded To
     body += element(COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET))
@@ -176,8 +198,8 @@ def _file_header(cmd: dict[int, bytes], transfer_syntax: str, calling: str) -> b
         return raw + pad * (len(raw) % 2)
 
     body = (element(0x0001, b"OB", b"\x00\x01")
-            + element(0x0002, b"UI", text(_uid(cmd.get(AFFECTED_SOP_CLASS, b"")), b"\x00"))
-            + element(0x0003, b"UI", text(_uid(cmd.get(AFFECTED_SOP_INSTANCE, b"")), b"\x00"))
+            + element(0x0002, b"UI", text(text_value(cmd.get(AFFECTED_SOP_CLASS, b"")), b"\x00"))
+            + element(0x0003, b"UI", text(text_value(cmd.get(AFFECTED_SOP_INSTANCE, b"")), b"\x00"))
             + element(0x0010, b"UI", text(transfer_syntax, b"\x00"))
             + element(0x0012, b"UI", text(PYNETDICOM_IMPLEMENTATION_UID, b"\x00"))
             + element(0x0013, b"SH", text(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")))

@@ -30,7 +30,8 @@ from pathlib import Path
 import requests
 
 from pacs_node.layout import DataLayout
-from pacs_node.stow import CHUNK, StowError, media_type, multipart_files, split_parts, write_part
+from pacs_node.multipart import (CHUNK, StowError, media_type, multipart_files, split_parts,
+                                 write_part)
 from pacs_node.wado import CLAIM_HEADER
 from store.jobs import LeaseLost
 from store.models import Job

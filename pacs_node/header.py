@@ -30,7 +30,7 @@ from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from pacs_node.dimse import UNDEFINED_LENGTH, iter_elements
+from pacs_node.dimse import UNDEFINED_LENGTH, iter_elements, text_value
 
 IMPLICIT_VR = "1.2.840.10008.1.2"
 SOP_CLASS, SOP_INSTANCE, MODALITY = 0x00080016, 0x00080018, 0x00080060
@@ -83,8 +83,6 @@ def scan_start(start: bytes | memoryview, transfer_syntax: str) -> InstanceHeade
         if length == UNDEFINED_LENGTH:
             return None
         if tag in _WANTED:
-            if pos + length > len(start):         # the value goes on in a later fragment
-                return None
             values[tag] = bytes(start[pos:pos + length])
     return None
 
@@ -145,16 +143,12 @@ def _little_endian_plain(transfer_syntax: str) -> bool:
 
 
 def _header(values: dict[int, bytes], transfer_syntax: str) -> InstanceHeader | None:
-    uids = [_text(values.get(t, b"")) for t in (SOP_CLASS, SOP_INSTANCE, STUDY, SERIES)]
+    uids = [text_value(values.get(t, b"")) for t in (SOP_CLASS, SOP_INSTANCE, STUDY, SERIES)]
     if not all(uids):
         return None
-    return InstanceHeader(*uids, transfer_syntax, modality=_text(values.get(MODALITY, b"")),
-                          images_in_acquisition=_count(_text(
+    return InstanceHeader(*uids, transfer_syntax, modality=text_value(values.get(MODALITY, b"")),
+                          images_in_acquisition=_count(text_value(
                               values.get(IMAGES_IN_ACQUISITION, b""))))
-
-
-def _text(value: bytes) -> str:
-    return value.rstrip(b"\x00 ").lstrip(b" ").decode("ascii", "replace")
 
 
 def _count(text: str) -> int | None:

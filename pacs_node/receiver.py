@@ -64,7 +64,7 @@ class Receiver:
         self.scp = StorageSCP(ae_title, supported_contexts(), self._store,
                               self.storage.temp_file, self.storage.has_room,
                               allowed_calling_aets, max_associations, timeout, gate, tls,
-                              authenticate)
+                              authenticate, refused=self.storage.record_refusal)
         self.ae_title = ae_title
 
     def _store(self, path: Path, calling: str, transfer_syntax: str, start: bytes,

@@ -38,11 +38,13 @@ established by :mod:`pacs_node.acse`):
   is answered with an A-ABORT and one log line; an unknown application
   context or protocol version, a calling AE title not on the allow-list or a
   user identity that does not check out is rejected (PS3.8 Table 9-21);
-- a command whose Affected SOP Class or Instance UID is missing, not printable
-  ASCII or longer than 64 characters ends the association with an A-ABORT
-  (the node could neither answer nor file it); a C-STORE or C-ECHO whose SOP
-  Class is not the abstract syntax of the presentation context it came on is
-  answered 0x0122 (SOP Class Not Supported), its data set read and dropped;
+- a C-STORE whose Affected SOP Class or Instance UID is missing, not printable
+  ASCII or longer than 64 characters is answered 0xC000 (Cannot Understand;
+  the response leaves out what is not a UID), one whose SOP Class is not the
+  abstract syntax of the presentation context it came on 0x0122 (SOP Class
+  Not Supported); its data set is read and dropped, the refusal told to
+  ``refused``; a C-ECHO is answered 0x0122 for either; a C-STORE-RQ that says
+  no data set follows ends the association with an A-ABORT;
 - a data set cut short, however the association ends, leaves no file.
 """
 
@@ -66,9 +68,9 @@ from pacs_node.dimse import (A_ABORT_PDU, A_RELEASE_RQ_PDU, AFFECTED_SOP_CLASS,
                              AFFECTED_SOP_INSTANCE, C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ,
                              C_STORE_RSP, COMMAND_DATA_SET_TYPE, COMMAND_FIELD, MESSAGE_ID,
                              NO_DATA_SET, OUT_OF_RESOURCES, P_DATA_TF_PDU, RELEASE_RP,
-                             ProtocolError, Status, _file_header, _uid, abort_pdu,  # noqa: F401
-                             command_number, encode_response, p_data, parse_command)
-from pacs_node.layout import UIDRefused, uid_name
+                             ProtocolError, Status, _file_header, abort_pdu,  # noqa: F401
+                             command_number, command_uid, encode_response, p_data,
+                             parse_command, response_uid)
 from pacs_node.peers import PeerGate
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,9 @@ DISK_CHECK_BYTES = 64 << 20
 #: store(temp file with the Part-10 instance, calling AE title, transfer syntax, the data
 #: set's first fragment, the command's (SOP Class UID, SOP Instance UID)) -> status.
 StoreCallback = Callable[[Path, str, str, bytes, tuple[str, str]], int]
+#: refused(calling AE title, why, the command's SOP Instance UID): a C-STORE refused before
+#: its data set reached ``store`` (an incident, for the admin).
+RefusedCallback = Callable[[str, str, str], None]
 @dataclass
 class _Message:
     """The C-STORE (or C-ECHO) being received on an association."""
@@ -115,7 +120,9 @@ class StorageSCP:
     ``has_room()`` says whether there is disk for one more (else 0xA700);
     ``gate`` admits connections (see :mod:`pacs_node.peers`); ``tls``, a
     server-side SSL context, makes every connection DICOM TLS;
-    ``authenticate`` checks the user identity (see :data:`Authenticator`).
+    ``authenticate`` checks the user identity (see :data:`Authenticator`); ``refused``
+    is told of each C-STORE refused before its data set is read (see
+    :data:`RefusedCallback`).
     """
 
     def __init__(self, ae_title: str, contexts: list[PresentationContext],
@@ -123,9 +130,11 @@ class StorageSCP:
                  has_room: Callable[[], bool], allowed_calling_aets: list[str] | None = None,
                  max_associations: int = 16, timeout: float = 60.0,
                  gate: PeerGate | None = None, tls: ssl.SSLContext | None = None,
-                 authenticate: Authenticator | None = None) -> None:
+                 authenticate: Authenticator | None = None,
+                 refused: RefusedCallback | None = None) -> None:
         self.ae_title = ae_title
         self.store = store
+        self.refused = refused
         self.temp_file = temp_file
         self.has_room = has_room
         self.max_associations = max_associations
@@ -288,24 +297,31 @@ class StorageSCP:
         message_id = command_number(cmd, MESSAGE_ID)
         if field_ not in (C_ECHO_RQ, C_STORE_RQ):
             raise ProtocolError(f"DIMSE command {field_:#06x} is not supported")
-        sop_class = _command_uid(cmd, AFFECTED_SOP_CLASS, "Affected SOP Class UID")
-        elsewhere = sop_class != context.abstract_syntax
-        if elsewhere:
-            log.warning("refusing a %s from %s (0x%04X): SOP Class %s sent on the presentation "
-                        "context negotiated for %s", "C-ECHO" if field_ == C_ECHO_RQ
-                        else "C-STORE", calling, Status.SOP_CLASS_NOT_SUPPORTED, sop_class,
-                        context.abstract_syntax)
-        if field_ == C_ECHO_RQ:
-            conn.sendall(p_data(context_id, encode_response(
-                C_ECHO_RSP, message_id, sop_class,
-                Status.SOP_CLASS_NOT_SUPPORTED if elsewhere else Status.SUCCESS)))
-            return None
-        _command_uid(cmd, AFFECTED_SOP_INSTANCE, "Affected SOP Instance UID")
-        if command_number(cmd, COMMAND_DATA_SET_TYPE) == NO_DATA_SET:    # PS3.7 9.3.1.1
+        echo = field_ == C_ECHO_RQ
+        if not echo and command_number(cmd, COMMAND_DATA_SET_TYPE) == NO_DATA_SET:
             raise ProtocolError("a C-STORE-RQ whose command says no data set follows")
+        sop_class, why = command_uid(cmd, AFFECTED_SOP_CLASS, "Affected SOP Class UID")
+        sop_instance = ""
+        if not echo and not why:
+            sop_instance, why = command_uid(cmd, AFFECTED_SOP_INSTANCE,
+                                             "Affected SOP Instance UID")
+        status = Status.CANNOT_UNDERSTAND if why and not echo else Status.SUCCESS
+        if (echo and why) or (not why and sop_class != context.abstract_syntax):
+            status = Status.SOP_CLASS_NOT_SUPPORTED
+            why = why or (f"SOP Class {sop_class} sent on the presentation context "
+                          f"negotiated for {context.abstract_syntax}")
+        if why:
+            log.warning("refusing a %s from %s (0x%04X): %s", "C-ECHO" if echo else "C-STORE",
+                        calling, status, why)
+        if echo:
+            conn.sendall(p_data(context_id, encode_response(
+                C_ECHO_RSP, message_id, response_uid(cmd, AFFECTED_SOP_CLASS), status)))
+            return None
         message = _Message(context_id, cmd)
-        if elsewhere:
-            message.discard, message.refusal = True, Status.SOP_CLASS_NOT_SUPPORTED
+        if why:
+            message.discard, message.refusal = True, status
+            if self.refused is not None:
+                self.refused(calling, why, sop_instance)
         elif not self.has_room():
             log.error("refusing C-STORE from %s: free disk below the configured minimum",
                       calling)
@@ -342,8 +358,8 @@ class StorageSCP:
 
     def _finish(self, conn, message: _Message, calling: str, transfer_syntax: str) -> None:
         cmd = message.command
-        sop_class = _uid(cmd.get(AFFECTED_SOP_CLASS, b""))
-        sop_instance = _uid(cmd.get(AFFECTED_SOP_INSTANCE, b""))
+        sop_class = response_uid(cmd, AFFECTED_SOP_CLASS)
+        sop_instance = response_uid(cmd, AFFECTED_SOP_INSTANCE)
         message_id = command_number(cmd, MESSAGE_ID)
         if message.discard or message.file is None:
             status = message.refusal
@@ -354,7 +370,7 @@ class StorageSCP:
                 message.file.close()
                 message.file = None
                 status = self.store(message.path, calling, transfer_syntax, message.start,
-                                    (sop_class, sop_instance))
+                                    (sop_class or "", sop_instance or ""))
             except OSError as exc:
                 log.error("refusing C-STORE from %s: %s", calling, exc.strerror or exc)
                 self._drop(message)
@@ -373,17 +389,6 @@ class StorageSCP:
         if message.path is not None:
             message.path.unlink(missing_ok=True)
             message.path = None
-
-
-def _command_uid(cmd: dict[int, bytes], element: int, what: str) -> str:
-    """A UID of a command set; ProtocolError for one the node could not answer with or
-    file (missing, not printable ASCII, too long: :func:`pacs_node.layout.uid_name`)."""
-    uid = _uid(cmd.get(element, b""))
-    try:
-        uid_name(uid, f"the command's {what}")
-    except UIDRefused as exc:
-        raise ProtocolError(str(exc)) from None
-    return uid
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,37 @@ DUPLICATE_SOP_INSTANCE = Status.DUPLICATE_SOP_INSTANCE
 DOES_NOT_MATCH = Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
 #: The reason given with Out of Resources when the job store cannot record.
 STORE_UNAVAILABLE = "the job store cannot record it now"
+#: Incidents recorded for one sender in a minute; its refusals beyond are logged and
+#: counted, and the next incident recorded says how many (a sender refused 20 times a
+#: second, on each of 16 associations, would otherwise write a million rows an hour).
+INCIDENTS_PER_MINUTE = 60
+
+
+class IncidentBudget:
+    """How many incidents each sender may still have recorded this minute."""
+
+    def __init__(self, per_minute: int = INCIDENTS_PER_MINUTE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._senders: dict[str, tuple[float, int, int]] = {}   # origin -> (since, n, skipped)
+
+    def take(self, origin: str) -> int | None:
+        """None when ``origin`` has had its incidents this minute (the refusal is counted);
+        else how many of its refusals were not recorded since its last incident."""
+        now = self.clock()
+        with self._lock:
+            if len(self._senders) > 4096:            # AE titles are the sender's to choose
+                self._senders.clear()
+            since, recorded, skipped = self._senders.get(origin, (now, 0, 0))
+            if now - since >= 60.0:
+                since, recorded = now, 0
+            if recorded >= self.per_minute:
+                self._senders[origin] = (since, recorded, skipped + 1)
+                return None
+            self._senders[origin] = (since, recorded + 1, 0)
+            return skipped
 
 
 @dataclass(frozen=True)
@@ -95,6 +127,7 @@ class InstanceStorage:
         self._reserved_lock = threading.Lock()
         #: told (origin, status) of every instance offered: the node's metrics
         self.on_outcome: Callable[[str, int], None] | None = None
+        self.incident_budget = IncidentBudget()
 
     def clear_partial(self) -> int:
         """At start-up (under the data folder's lock): remove what a crash cut short.
@@ -170,7 +203,7 @@ class InstanceStorage:
             except Exception as exc:
                 log.warning("an instance from %s cannot be understood: %s", origin,
                             str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-                self._record(IncidentKind.refused, "cannot be read as DICOM", origin, unread)
+                self.record_refusal(origin, "cannot be read as DICOM", unread.sop_instance_uid)
                 return Outcome(CANNOT_UNDERSTAND, reason="cannot be read as DICOM")
             sop_class, sop_uid, study_uid, series_uid = (
                 header.sop_class_uid, header.sop_instance_uid,
@@ -250,20 +283,30 @@ class InstanceStorage:
         except OSError:
             pass
 
-    def _record(self, kind: IncidentKind, reason: str, origin: str,
-                header: InstanceHeader) -> None:
-        """An incident for an instance not stored (the UIDs are the command's when the
-        header was not read; none over STOW-RS then)."""
+    def record_refusal(self, origin: str, reason: str, sop_instance_uid: str = "",
+                       series_instance_uid: str = "",
+                       kind: IncidentKind = IncidentKind.refused) -> None:
+        """An incident for an instance not stored (its UIDs as far as they are known: the
+        command's when the header was not read, none over STOW-RS then), within the
+        sender's :class:`IncidentBudget`."""
+        skipped = self.incident_budget.take(origin)
+        if skipped is None:
+            return
+        if skipped:
+            reason += (f" (and {skipped} refusals of this sender before it, not recorded "
+                       f"one by one: at most {self.incident_budget.per_minute} a minute; "
+                       f"the log has each)")
         try:
             self.store.record_incident(kind, reason, node=self.node, origin=origin,
-                                       series_instance_uid=header.series_instance_uid,
-                                       sop_instance_uid=header.sop_instance_uid)
+                                       series_instance_uid=series_instance_uid,
+                                       sop_instance_uid=sop_instance_uid)
         except Exception as exc:          # the refusal stands; the log has it
             log.error("the refusal could not be recorded: %s", str(exc).splitlines()[0][:200])
 
     def _refused(self, status: int, reason: str, origin: str, header: InstanceHeader,
                  kind: IncidentKind = IncidentKind.refused) -> Outcome:
         log.warning("an instance from %s was refused (0x%04X): %s", origin, status, reason)
-        self._record(kind, reason, origin, header)
+        self.record_refusal(origin, reason, header.sop_instance_uid,
+                            header.series_instance_uid, kind)
         return Outcome(status, header.sop_class_uid, header.sop_instance_uid[:64],
                        header.study_instance_uid[:64], reason)

@@ -19,8 +19,8 @@ some were, 409 when none, 400 for a body that is not multipart, 415 for a
 request that is not ``multipart/related; type="application/dicom"``, 411
 without a Content-Length or chunked transfer coding, 413 above the configured
 size, 507 when the disk cannot hold the body, 503 when the job store cannot
-record. A part of another media type fails with 0xC000. After
-``MAX_FAILED_PARTS`` failed parts the rest of a body is not read.
+record. A part of another media type fails with 0xC000. The parts after
+``MAX_FAILED_PARTS`` failed ones are not stored.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import logging
 import mmap
 import tempfile
 import time
-from email.message import Message
 from http import HTTPStatus
 
 import anyio
@@ -42,6 +41,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence
 
 from pacs_node.layout import UIDRefused, uid_name
+from pacs_node.multipart import CHUNK, StowError, media_type, split_parts, write_part
 from pacs_node.peers import PeerGate
 from pacs_node.web.server import HttpServer
 from pacs_node.storage import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STORE_UNAVAILABLE,
@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 
 BASE_PATH = "/dicom-web"
 ORIGIN = "STOW-RS"
-#: Bytes copied at a time between a file, a body and the network.
-CHUNK = 1 << 20
-#: A part's headers end within this many bytes.
-MAX_PART_HEAD = 8192
 #: The request line and headers must arrive within this many seconds.
 HEADER_SECONDS = 30.0
 #: No read of a body may wait longer than this.
@@ -68,59 +64,11 @@ MIN_RATE = 256 * 1024
 #: of the response, and a part can be 80 bytes: 2 GiB of them would be 27 million.
 MAX_FAILED_PARTS = 100
 #: The reason of that last failure (in the log; the response has the item).
-CUT_SHORT = f"cut after {MAX_FAILED_PARTS} failed parts: the rest of its body was not read"
+CUT_SHORT = f"cut after {MAX_FAILED_PARTS} failed parts: the parts after them were not stored"
 
 
 class ClientGone(ConnectionError):
     """The client went away, or said nothing for too long, before its body ended."""
-
-
-class StowError(Exception):
-    """A request that cannot be processed at all: an HTTP status and why."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def media_type(value: str) -> tuple[str, dict[str, str]]:
-    """A Content-Type's media type (lower case) and parameters (quotes removed)."""
-    msg = Message()
-    msg["content-type"] = value
-    params = {k.lower(): v for k, v in msg.get_params()[1:]} if msg.get_params() else {}
-    return msg.get_content_type(), params
-
-
-def split_parts(body: mmap.mmap | bytes, boundary: bytes):
-    """Yield (headers, start, end) for each part of a multipart body.
-
-    ``headers`` maps lower-case header names to values; the part's content is
-    ``body[start:end]``.
-    """
-    delimiter = b"--" + boundary
-    pos = body.find(delimiter)
-    if pos < 0:
-        raise StowError(HTTPStatus.BAD_REQUEST, "the body holds no part (boundary not found)")
-    while True:
-        pos += len(delimiter)
-        if body[pos:pos + 2] == b"--":
-            return  # the close delimiter
-        head_end = body.find(b"\r\n\r\n", pos, pos + MAX_PART_HEAD)
-        if head_end < 0:
-            raise StowError(HTTPStatus.BAD_REQUEST, f"a part has no end of headers within "
-                                                    f"{MAX_PART_HEAD} bytes")
-        headers = {}
-        for line in bytes(body[pos:head_end]).decode("latin-1").split("\r\n"):
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
-        start = head_end + 4
-        nxt = body.find(b"\r\n" + delimiter, start)
-        if nxt < 0:
-            raise StowError(HTTPStatus.BAD_REQUEST, "the last part is not closed by the "
-                                                    "boundary")
-        yield headers, start, nxt
-        pos = nxt + 2
 
 
 def response_dataset(outcomes: list[Outcome]) -> Dataset:
@@ -242,35 +190,6 @@ def close_with(status: HTTPStatus, message: str) -> JSONResponse:
     :mod:`pacs_node.web.protocol`), since the body may be unread."""
     return JSONResponse({"error": message}, status_code=status,
                         headers={"Connection": "close"})
-
-
-def write_part(body: mmap.mmap | bytes, start: int, end: int, path) -> None:
-    """Write ``body[start:end]`` (a part, from :func:`split_parts`) to the file ``path``,
-    a megabyte at a time."""
-    with open(path, "wb") as f:
-        for pos in range(start, end, CHUNK):
-            f.write(body[pos:min(pos + CHUNK, end)])
-
-
-def multipart_files(parts, boundary: str, unreadable=None):
-    """A multipart body of files, streamed: ``parts`` gives (path, the part's
-    Content-Type). A file that cannot be opened raises OSError, or, with ``unreadable``,
-    is left out and ``unreadable(exc)`` told."""
-    for path, content_type in parts:
-        try:
-            f = open(path, "rb")
-        except OSError as exc:
-            if unreadable is None:
-                raise
-            unreadable(exc)
-            continue
-        with f:
-            yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode(
-                "ascii", "replace")
-            while chunk := f.read(CHUNK):
-                yield chunk
-            yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode("ascii")
 
 
 async def spool_body(request: Request, chunked: bool, spool, service: StowService,

@@ -54,9 +54,9 @@ from starlette.routing import Route
 import pacs_node.web  # noqa: F401  (registers {name:id} for the routes below)
 from pacs_node.header import read_file_header
 from pacs_node.layout import OutsideDataDir, UIDRefused, uid_name
-from pacs_node.stow import (ClientGone, Reservation, StowError, StowService, media_type,
-                            multipart_files, receive_multipart, close_with, split_parts,
-                            write_part)
+from pacs_node.multipart import (StowError, media_type, multipart_files, split_parts,
+                                 write_part)
+from pacs_node.stow import ClientGone, Reservation, StowService, receive_multipart, close_with
 from store.accounts import Role
 from store.models import JobState
 

@@ -22,12 +22,13 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, generate_uid
 
+from pacs_node.dimse import parse_command
 from pacs_node.header import MAX_INFLATED_BYTES, refuse_inflation_bomb
 from pacs_node.receiver import Receiver
 
 from conftest import require_tool
 from raw_peer import (CT_ID, SC_ID, VERIFICATION_ID, associate, associate_rq, c_echo_rq,
-                      c_store_rq, command, data_set, ending, p_data, status_of)
+                      c_store_rq, command, data_set, ending, p_data, read_pdu, status_of)
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -168,36 +169,62 @@ def test_a_message_on_a_context_negotiated_for_another_sop_class_is_refused(
             assert status_of(s) == 0x0122        # Refused: SOP Class Not Supported
         s.sendall(p_data(CT_ID, 0x03, c_echo_rq(3)))
         assert status_of(s) == 0x0122
+        s.sendall(p_data(VERIFICATION_ID, 0x03, command([(0x0100, b"\x30\x00"),
+                                                         (0x0110, b"\x04\x00"),
+                                                         (0x0800, b"\x01\x01")])))
+        assert status_of(s) == 0x0122                # a C-ECHO naming no SOP Class
         assert store.counts()["instances"] == 0 and _stored(receiver) == []
         assert "sent on the presentation context negotiated for 1.2.840.10008.1.1" in caplog.text
-        s.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq(4)))
+        assert [i.sop_instance_uid for i in store.incidents()] == [ds.SOPInstanceUID] * 2
+        s.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq(5)))
         assert status_of(s) == 0x0000
-        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID, 5)))
+        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID, 6)))
         s.sendall(p_data(CT_ID, 0x02, body))
         assert status_of(s) == 0x0000
     assert len(_stored(receiver)) == 1
 
 
-@pytest.mark.parametrize("uid", [b"1.2.\xc3\xa9.3", b"1.2.3\x07", b"1." + b"2" * 70, b""],
-                         ids=["non-ascii", "control", "too-long", "missing"])
-def test_a_command_whose_uid_is_not_a_uid_is_aborted_with_one_clear_line(
-        node, covid_study, caplog, uid):
+def _response(sock) -> dict[int, bytes]:
+    """The next DIMSE response's command elements."""
+    pdu = read_pdu(sock, 10)
+    assert pdu is not None and pdu[0] == 0x04, f"no response: {pdu!r}"
+    return parse_command(pdu[1][6:])
+
+
+@pytest.mark.parametrize("element, value", [
+    (0x1000, b"1.2.\xc3\xa9.3"), (0x1000, b"1.2.3\x07"), (0x1000, b"1." + b"2" * 70),
+    (0x1000, b""), (0x1000, None), (0x0002, b"1.2.840.10008.5.1.4.1.1.\xb2"), (0x0002, None)],
+    ids=["non-ascii", "control", "too-long", "empty", "absent", "class-non-ascii",
+         "class-absent"])
+def test_a_c_store_whose_command_uid_is_not_a_uid_is_refused_and_recorded(
+        node, covid_study, caplog, element, value):
+    """The node can neither file it nor name it in its answer, which leaves the UID out
+    (it is optional there: PS3.7 9.3.1.2); the association goes on."""
     receiver, store = node
-    ds = pydicom.dcmread(covid_study.files[0], stop_before_pixels=True)
-    bad = command([(0x0002, ds.SOPClassUID.encode()), (0x0100, b"\x01\x00"),
-                   (0x0110, b"\x01\x00"), (0x0800, b"\x00\x00"), (0x1000, uid)])
+    path = covid_study.files[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    elements = {0x0002: ds.SOPClassUID.encode(), 0x0100: b"\x01\x00", 0x0110: b"\x01\x00",
+                0x0800: b"\x00\x00", 0x1000: ds.SOPInstanceUID.encode()}
+    if value is None:
+        del elements[element]
+    else:
+        elements[element] = value
     with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
         associate(s)
-        s.sendall(p_data(CT_ID, 0x03, bad))
-        assert ending(s, 5.0) == "abort"
-    [line] = [r.getMessage() for r in caplog.records if "aborted" in r.getMessage()]
-    assert "the command's Affected SOP Instance UID" in line and "codec" not in line, line
+        s.sendall(p_data(CT_ID, 0x03, command(sorted(elements.items()))))
+        s.sendall(p_data(CT_ID, 0x02, data_set(path)))
+        response = _response(s)
+        assert response[0x0900] == b"\x00\xc0"              # 0xC000 Cannot Understand
+        assert element not in response                    # what is not a UID is left out
+        s.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq(2)))
+        assert status_of(s) == 0x0000                     # the association goes on
+    [line] = [r.getMessage() for r in caplog.records if "refusing a C-STORE" in r.getMessage()]
+    what = "Affected SOP Instance UID" if element == 0x1000 else "Affected SOP Class UID"
+    assert f"the command's {what}" in line and "codec" not in line, line
     assert not any(r.exc_info for r in caplog.records)
+    [incident] = store.incidents()
+    assert what in incident.detail and incident.origin == "CT1"
     assert store.counts()["instances"] == 0 and _stored(receiver) == []
-    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
-        associate(s)                             # the node goes on
-        s.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq()))
-        assert status_of(s) == 0x0000
 
 
 def test_a_c_store_that_says_no_data_set_follows_is_aborted_at_once(node, covid_study, caplog):
@@ -214,3 +241,24 @@ def test_a_c_store_that_says_no_data_set_follows_is_aborted_at_once(node, covid_
         assert ending(s, 2.0) == "abort"
     assert "a C-STORE-RQ whose command says no data set follows" in caplog.text
     assert store.counts()["instances"] == 0
+
+
+def test_a_sender_refused_again_and_again_fills_no_table(tmp_path):
+    """Each refusal is an incident for the admin, up to IncidentBudget's rate per sender;
+    the refusals beyond are counted and said in the next incident recorded."""
+    from pacs_node.storage import IncidentBudget, InstanceStorage
+    from store.api import JobStore
+
+    now = [0.0]
+    storage = InstanceStorage(JobStore(f"sqlite:///{tmp_path}/db"), tmp_path / "data",
+                              min_free_disk_mb=1)
+    storage.incident_budget = IncidentBudget(per_minute=3, clock=lambda: now[0])
+    for i in range(10):
+        storage.record_refusal("FLOOD", f"refusal {i}")
+    storage.record_refusal("CT1", "another sender's")
+    assert [i.detail for i in storage.store.incidents()][::-1] == [
+        "refusal 0", "refusal 1", "refusal 2", "another sender's"]
+    now[0] = 61.0
+    storage.record_refusal("FLOOD", "refusal 10")
+    newest = storage.store.incidents()[0]
+    assert newest.detail.startswith("refusal 10 (and 7 refusals of this sender before it")

@@ -167,3 +167,22 @@ def test_a_data_set_split_inside_a_value_is_filed_under_the_whole_value(
     assert series.expected_instances == ds.ImagesInAcquisition == 24
     [stored] = [p for p in receiver.storage.incoming.rglob("*.dcm")]
     assert stored.parent.name == ds.SeriesInstanceUID
+
+
+def test_spaces_around_the_uids_of_a_command_and_its_data_set_are_padding(
+        node, study_factory, tmp_path):
+    """pydicom reads ' 1.2.3 ' as '1.2.3'; so do the node's command and header readers,
+    so the command and the data set agree and the instance is filed under '1.2.3'."""
+    receiver, store = node
+    ds = pydicom.dcmread(study_factory("covid", 1, 24).files[0])
+    uid = ds.SOPInstanceUID
+    ds.SOPInstanceUID = f"9{uid}"                 # as long as " UID", which pydicom would
+    ds.save_as(tmp_path / "sent.dcm")             # not write
+    body = data_set(tmp_path / "sent.dcm").replace(f"9{uid}".encode(), f" {uid}".encode())
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s)
+        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, f" {uid}")))
+        s.sendall(p_data(CT_ID, 0x02, body))
+        assert status_of(s) == 0x0000
+    [stored] = receiver.storage.incoming.rglob("*.dcm")
+    assert stored.name == f"{uid}.dcm" and pydicom.dcmread(stored).SOPInstanceUID == uid
