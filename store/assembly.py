@@ -1,7 +1,10 @@
 """When received series are complete: each by itself, or a study as a whole.
 
 A series is complete when no instance of it arrived for ``stable_seconds``, or
-once as many instances arrived as its Images in Acquisition said. In study mode
+once exactly as many instances arrived as its Images in Acquisition said. One
+that holds more (a series of two acquisitions, each counting its own images;
+or instances after it was complete) waits for the quiet time: completed at
+every instance beyond the count, it queued one job per instance. In study mode
 a study is complete when no instance of any of its series arrived for
 ``study_stable_seconds``: all its receiving series then become complete
 together, for one of them to be chosen (:mod:`pacs_node.choice`). A series that
@@ -37,7 +40,7 @@ class Assembly:
                        node: str | None = None) -> list[Series]:
         """Mark receiving series complete (of ``node``, when given: only the node holding
         a series' files can judge them): quiet for ``stable_seconds``, or all Images in
-        Acquisition arrived. Returns them."""
+        Acquisition arrived, and no more. Returns them."""
         now = now or utcnow()
         quiet = now - dt.timedelta(seconds=stable_seconds)
         with self.session() as s, s.begin():
@@ -45,7 +48,7 @@ class Assembly:
                 Series.state == SeriesState.receiving, *_of(node),
                 (Series.last_received <= quiet)
                 | ((Series.expected_instances.is_not(None))
-                   & (Series.instance_count >= Series.expected_instances)))))
+                   & (Series.instance_count == Series.expected_instances)))))
             for series in ready:
                 series.state = SeriesState.complete
         return ready

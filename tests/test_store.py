@@ -317,3 +317,38 @@ def test_a_job_store_of_an_older_version_gains_the_new_columns_and_keeps_its_job
                      infected_fraction=0.1, timings={}, model_version="v",
                      device_uid="2.25.1", results=[], caution="this model is untrained")
     assert newer.jobs()[0].caution == "this model is untrained"
+
+
+def test_instances_beyond_images_in_acquisition_queue_one_job_not_one_each(store):
+    """A series of two acquisitions counts each one's images in (0020,1002): complete at
+    the first count, then reopened by every later instance, it once queued a job per
+    instance (a hostile sender queued 100). Beyond the count it waits for the quiet time,
+    and a new version's job supersedes the earlier one still queued."""
+    for n in (1, 2):
+        store.record_instance(_item(n, "B", expected=2))
+    [series] = store.complete_ready(60)                  # the count: complete at once
+    store.queue_job(series.id)
+    for n in range(3, 13):                               # the second acquisition
+        store.record_instance(_item(n, "B", expected=2))
+        assert store.complete_ready(60) == []            # not complete at each one
+    later = utcnow() + dt.timedelta(seconds=61)
+    [series] = store.complete_ready(60, now=later)
+    store.queue_job(series.id)
+    [job] = store.jobs()                                 # the first never ran: gone
+    assert job.state == JobState.queued and job.version == series.version == 2
+    claimed = store.claim_job()
+    assert claimed.id == job.id and store.claim_job() is None
+
+
+def test_a_superseded_job_that_ran_before_fails_saying_why(store):
+    store.record_instance(_item(1))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    store.queue_job(series.id)
+    store.claim_job()
+    assert store.requeue_interrupted() == 1              # it ran, and waits again
+    store.record_instance(_item(2))                      # a new version meanwhile
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    store.queue_job(series.id)
+    old, new = sorted(store.jobs(), key=lambda j: j.version)
+    assert old.state == JobState.failed and "superseded by version 2" in old.error
+    assert new.state == JobState.queued and store.claim_job().id == new.id
