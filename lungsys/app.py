@@ -17,7 +17,7 @@ import typer
 from inference.version import software_version
 from lungsys import accounts, data, model, node, rules, train
 from lungsys.common import CLIError, err
-from pacs_node import LOG_FORMAT
+from pacs_node import log_to_stderr
 
 app = typer.Typer(
     name="lungsys",
@@ -50,7 +50,7 @@ def _root(
                                          help="More log output (-v info, -vv debug).")] = 0,
 ) -> None:
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    log_to_stderr(level)
 
 
 # Top-level commands first, then the groups, in the order `lungsys --help` lists them.

@@ -18,10 +18,36 @@ QUIET_LIBRARIES = {"pynetdicom": logging.WARNING, "apscheduler": logging.WARNING
                    "pynetdicom.transport": logging.CRITICAL}
 
 
+#: Control characters (C0, DEL, C1) as a log line shows them: escaped.
+_ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+class OneLineFormatter(logging.Formatter):
+    """:data:`LOG_FORMAT`, each message on one line whatever a sender put into a value it
+    names (a URL's path, an AE title, a user name): control characters are escaped, so
+    that no request can forge a line of the log (``%0A`` in a path) or drive the
+    terminal that shows it. A traceback (DEBUG) keeps its lines."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_ESCAPED)
+        return super().formatMessage(record)
+
+
+def log_to_stderr(level: int) -> None:
+    """The root logger writes one-line records (:class:`OneLineFormatter`) to stderr, at
+    ``level`` (the first call installs the handler; later ones set the level)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
+
+
 def configure_logging(level: int) -> None:
     """The node's log at ``level`` (INFO by default: what was received, analysed,
     delivered, given up), the libraries quieter (:data:`QUIET_LIBRARIES`)."""
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    log_to_stderr(level)
     logging.getLogger().setLevel(level)
     for name, quiet in QUIET_LIBRARIES.items():
         logging.getLogger(name).setLevel(quiet if level > logging.DEBUG else logging.NOTSET)

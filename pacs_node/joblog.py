@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from pacs_node import OneLineFormatter
+
 
 class JobLog(logging.Handler):
     """What the worker's thread logs while it runs one job (INFO and above, as far as the
@@ -22,7 +24,7 @@ class JobLog(logging.Handler):
         super().__init__(logging.INFO)
         self.thread = threading.get_ident()
         self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(OneLineFormatter())
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread and len(self.lines) < self.MAX_LINES:

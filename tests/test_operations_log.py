@@ -105,3 +105,29 @@ def test_the_log_says_what_happened_and_failed_deliveries_are_listed(tmp_path,
                            capture_output=True, text=True, timeout=60, env={"COLUMNS": "200",
                                                                             "PATH": ""})
     assert "done, delivery failed" in table.stdout and "1 pacs failed (2)" in table.stdout
+
+
+def test_no_request_can_forge_a_line_of_the_log():
+    """A path is logged as the client sent it, percent-decoded: ``%0A`` once let one
+    anonymous GET write "console: admin (admin) signed in" as a line of its own, and
+    ``%1B`` colour the admin's terminal. Every message is one line; a traceback keeps its."""
+    script = (
+        "import logging\n"
+        "from pacs_node import configure_logging\n"
+        "configure_logging(logging.INFO)\n"
+        "logging.getLogger('pacs_node.web.access').info(\n"
+        "    '%s %s', 'GET', '/x\\n2026-12-02 10:00:00 INFO pacs_node.web.console: admin "
+        "signed in\\r\\x1b[31m\\x00\\x85')\n"
+        "try:\n"
+        "    raise ValueError('boom')\n"
+        "except ValueError:\n"
+        "    logging.getLogger('pacs_node').exception('a fault of its own')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    [forged] = [line for line in lines if "signed in" in line]
+    assert "INFO pacs_node.web.access: GET /x\\x0a2026-12-02" in forged
+    assert "\x1b" not in proc.stderr and "\r" not in proc.stderr and "\x00" not in proc.stderr
+    assert "\\x1b[31m\\x00\\x85" in forged
+    assert lines[-1] == "ValueError: boom" and "Traceback" in proc.stderr

@@ -7,7 +7,8 @@ an HTML page; an unknown resource is 404, a known one with the wrong method
 
 The access log (logger ``pacs_node.web.access``, INFO) has one line per request:
 peer, who (user or token label), method, path, status, bytes, milliseconds. The
-path is logged without its query, and no path of the node holds patient data;
+path is logged without its query (its control characters escaped, as in every
+line: :class:`pacs_node.OneLineFormatter`), and no path of the node holds patient data;
 health checks, metrics scrapes and the stylesheet are logged at DEBUG only.
 """
 
