@@ -46,6 +46,9 @@ MAX_INFLATED_BYTES = 64 * 2**20
 _INFLATE_PIECE = 2**20
 #: The transfer syntaxes the node accepts whose whole data set is deflated (PS3.5 A.5).
 DEFLATED = frozenset({DeflatedExplicitVRLittleEndian})
+#: The VRs (PS3.5 Table 6.2-1): an explicit VR element has one at bytes 4-5.
+_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST "
+                 b"SV TM UC UI UL UN UR US UT UV".split())
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,10 @@ def read_header(start: bytes, transfer_syntax: str, path: Path) -> InstanceHeade
 
     ``start`` is the data set's first fragment (no file meta) as sent in
     ``transfer_syntax``, ``path`` the Part-10 file. Raises when the file has
-    no readable header.
+    no readable header, or when ``start`` is not encoded as ``transfer_syntax`` says
+    (:func:`check_vr_encoding`).
     """
+    check_vr_encoding(start, transfer_syntax)
     if start and _little_endian_plain(transfer_syntax):
         header = scan_start(start, transfer_syntax)
         if header is not None:
@@ -109,6 +114,24 @@ def read_header(start: bytes, transfer_syntax: str, path: Path) -> InstanceHeade
         except Exception:  # the start ends inside an element: the file has it all
             pass
     return read_file_header(path)
+
+
+def check_vr_encoding(start: bytes | memoryview, transfer_syntax: str) -> None:
+    """ValueError when the data set's first element is in explicit VR and the transfer
+    syntax (the presentation context's) is implicit, or the reverse: stored under the
+    syntax it was sent on, it is a file DCMTK cannot read and pydicom reads by guessing.
+    (An implicit VR element whose length's low bytes spell a VR would be taken for
+    explicit, as pydicom's own check takes it; a first element of 16,000 bytes and more.)
+    Deflated data sets are not looked at."""
+    if len(start) < 8 or transfer_syntax in DEFLATED:
+        return
+    explicit = bytes(start[4:6]) in _VRS
+    if explicit and transfer_syntax == IMPLICIT_VR:
+        raise ValueError("the data set is in explicit VR, sent on a presentation context "
+                         "of Implicit VR Little Endian")
+    if not explicit and transfer_syntax != IMPLICIT_VR:
+        raise ValueError(f"the data set is in implicit VR, sent on a presentation context "
+                         f"of {UID(transfer_syntax).name}")
 
 
 def read_file_header(path: Path) -> InstanceHeader:

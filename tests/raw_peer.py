@@ -28,15 +28,15 @@ SC_ID = 5                                 # ... and Secondary Capture, when aske
 # --- PDUs (PS3.8 9.3) ----------------------------------------------------------------------
 def associate_rq(calling: str = "CT1", called: str = "LUNGSYS",
                  application_context: str = APPLICATION_CONTEXT, user_items=(),
-                 secondary_capture: bool = False) -> bytes:
+                 secondary_capture: bool = False, ct_syntax: str = EXPLICIT) -> bytes:
     """A valid A-ASSOCIATE-RQ (Verification as context 1, CT Image Storage as 3, Secondary
     Capture as 5 when ``secondary_capture``), by pynetdicom; ``user_items``: more user
-    information sub-items (a user identity)."""
+    information sub-items (a user identity); ``ct_syntax``: CT's one transfer syntax."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = application_context
     primitive.calling_ae_title, primitive.called_ae_title = calling, called
     contexts = []
-    proposed = [(VERIFICATION_ID, (Verification, IMPLICIT)), (CT_ID, (CTImageStorage, EXPLICIT))]
+    proposed = [(VERIFICATION_ID, (Verification, IMPLICIT)), (CT_ID, (CTImageStorage, ct_syntax))]
     if secondary_capture:
         proposed.append((SC_ID, (SecondaryCaptureImageStorage, EXPLICIT)))
     for context_id, (abstract, syntax) in proposed:

@@ -27,8 +27,9 @@ from pacs_node.header import MAX_INFLATED_BYTES, refuse_inflation_bomb
 from pacs_node.receiver import Receiver
 
 from conftest import require_tool
-from raw_peer import (CT_ID, SC_ID, VERIFICATION_ID, associate, associate_rq, c_echo_rq,
-                      c_store_rq, command, data_set, ending, p_data, read_pdu, status_of)
+from raw_peer import (CT_ID, EXPLICIT, IMPLICIT, SC_ID, VERIFICATION_ID, associate,
+                      associate_rq, c_echo_rq, c_store_rq, command, data_set, ending, p_data,
+                      read_pdu, status_of)
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -262,3 +263,27 @@ def test_a_sender_refused_again_and_again_fills_no_table(tmp_path):
     storage.record_refusal("FLOOD", "refusal 10")
     newest = storage.store.incidents()[0]
     assert newest.detail.startswith("refusal 10 (and 7 refusals of this sender before it")
+
+
+@pytest.mark.parametrize("negotiated, sent", [(IMPLICIT, EXPLICIT), (EXPLICIT, IMPLICIT)])
+def test_a_data_set_in_another_vr_than_its_context_says_is_refused(
+        node, covid_study, tmp_path, negotiated, sent):
+    """Stored under the transfer syntax it came on, it was a file DCMTK cannot read and
+    pydicom reads by guessing (with a warning at every later reading)."""
+    receiver, store = node
+    ds = pydicom.dcmread(covid_study.files[0])
+    ds.file_meta.TransferSyntaxUID = sent
+    ds.save_as(tmp_path / "sent.dcm", enforce_file_format=True)
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        assert associate(s, associate_rq(ct_syntax=negotiated))["contexts"][CT_ID] == 0
+        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID)))
+        s.sendall(p_data(CT_ID, 0x02, data_set(tmp_path / "sent.dcm")))
+        assert status_of(s) == 0xC000
+    assert store.counts()["instances"] == 0 and _stored(receiver) == []
+    [incident] = store.incidents()
+    assert incident.sop_instance_uid == ds.SOPInstanceUID
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s, associate_rq(ct_syntax=sent))            # the same, as it says
+        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID)))
+        s.sendall(p_data(CT_ID, 0x02, data_set(tmp_path / "sent.dcm")))
+        assert status_of(s) == 0x0000
