@@ -24,8 +24,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.exc import OperationalError
 
 from config import NODE_ID_FILE, AssemblyTrigger, NodeConfig, UserIdentity
 from pacs_node import stow
@@ -47,13 +49,34 @@ from pacs_node.web.metrics import NodeMetrics
 from pacs_node.web.server import HttpServer
 from pacs_node.worker import JobRunner, worker_gone
 from pacs_node.worker_process import STOP_SECONDS
-from store.api import JobStore
+from store.api import JobStore, StoreUnavailable
 from store.accounts import Role
 from store.models import utcnow
 
 log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 1.0
+#: A sweep that cannot use the job store (locked, gone) says so at most this often.
+STORE_AWAY_LOG_SECONDS = 60.0
+
+
+def _store_may_be_away(name: str, sweep):
+    """``sweep``, saying in one line (at most once a minute) that the job store cannot be
+    used now, and trying again at its next turn: a traceback every second while another
+    process held the store's lock told an admin nothing more."""
+    said = [-STORE_AWAY_LOG_SECONDS]
+
+    def run() -> None:
+        try:
+            sweep()
+        except (OperationalError, StoreUnavailable) as exc:
+            now = time.monotonic()
+            if now - said[0] >= STORE_AWAY_LOG_SECONDS:
+                said[0] = now
+                log.warning("the %s sweep cannot use the job store now (%s); it tries again "
+                            "every %g s", name, str(getattr(exc, "orig", None) or exc)
+                            .splitlines()[0][:200], SWEEP_SECONDS)
+    return run
 
 
 def _bind(key: str, host: str, port: int, start) -> None:
@@ -172,13 +195,14 @@ class Node:
         if self.http is not None:
             _bind("http.port", self.config.http.host, self.config.http.port,
                   self.http.start)
-        self.scheduler.add_job(self.assembly_sweep, "interval", seconds=SWEEP_SECONDS,
-                               id="assembly")
-        self.scheduler.add_job(self.outbound.delivery_sweep, "interval",
-                               seconds=SWEEP_SECONDS, id="delivery")
+        self.scheduler.add_job(_store_may_be_away("assembly", self.assembly_sweep),
+                               "interval", seconds=SWEEP_SECONDS, id="assembly")
+        self.scheduler.add_job(_store_may_be_away("delivery", self.outbound.delivery_sweep),
+                               "interval", seconds=SWEEP_SECONDS, id="delivery")
         if self.config.notifications:
-            self.scheduler.add_job(self.outbound.notification_sweep, "interval",
-                                   seconds=SWEEP_SECONDS, id="notifications")
+            self.scheduler.add_job(
+                _store_may_be_away("notification", self.outbound.notification_sweep),
+                "interval", seconds=SWEEP_SECONDS, id="notifications")
         if self.config.retention.days > 0:
             self.scheduler.add_job(self.retention_sweep, "interval", hours=1, id="retention")
         self.scheduler.start()

@@ -27,7 +27,9 @@ import datetime as dt
 import enum
 import functools
 import hashlib
+import logging
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,8 @@ from sqlalchemy import DateTime, Enum, ForeignKey, Integer, String, delete, sele
 from sqlalchemy.orm import Mapped, mapped_column
 
 from store.models import Base, utcnow
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -153,6 +157,8 @@ class Accounts:
 
     def session(self) -> "Session": ...          # provided by JobStore
     def read_session(self) -> "Session": ...     # provided by JobStore
+    _noting: set[int]                            # tokens whose last use is being written
+    _noting_lock: threading.Lock                 # (both set by JobStore)
 
     # --- users ---------------------------------------------------------------
     def add_user(self, name: str, role: Role | str, password_hash: str) -> None:
@@ -214,7 +220,8 @@ class Accounts:
     def token_principal(self, token: str) -> Principal | None:
         """Who a bearer token is, or None (unknown or revoked). A read that takes no lock
         (a STOW-RS request never waits behind the receivers' writes), and a write of its
-        last use at most once a minute."""
+        last use at most once a minute, in a thread of its own that nothing waits for: a
+        job store locked by another process had held each request 10 s, then failed it."""
         if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
             return None
         digest = _digest(token)
@@ -224,10 +231,25 @@ class Accounts:
             return None
         now = utcnow()
         if row.last_used is None or now - row.last_used > dt.timedelta(minutes=1):
-            with self.session() as s, s.begin():
-                s.execute(update(ApiToken).where(ApiToken.id == row.id)
-                          .values(last_used=now))
+            with self._noting_lock:
+                due = row.id not in self._noting
+                self._noting.add(row.id)
+            if due:
+                threading.Thread(target=self._note_use, args=(row.id, now), daemon=True,
+                                 name="lungsys-token-use").start()
         return Principal(row.label, row.role, "token")
+
+    def _note_use(self, token_id: int, now: dt.datetime) -> None:
+        """A token's last use, written when the job store lets it (or not at all)."""
+        try:
+            with self.session() as s, s.begin():
+                s.execute(update(ApiToken).where(ApiToken.id == token_id)
+                          .values(last_used=now))
+        except Exception as exc:        # locked, gone: the next use a minute on tries again
+            log.debug("a token's last use was not recorded: %s", type(exc).__name__)
+        finally:
+            with self._noting_lock:
+                self._noting.discard(token_id)
 
     # --- sessions ------------------------------------------------------------
     def open_session(self, name: str) -> str:

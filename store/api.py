@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -113,6 +114,7 @@ class JobStore(Jobs, Deliveries, Assembly, Upkeep, Notices, Stats, Accounts, Con
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._noting, self._noting_lock = set(), threading.Lock()     # (Accounts')
         self.file: Path | None = None
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             self.file = Path(url[len("sqlite:///"):]).absolute()

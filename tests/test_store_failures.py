@@ -230,3 +230,52 @@ def test_a_postgresql_job_store_that_goes_down_gets_no_success(tmp_path, study_f
             node.stop()
     finally:
         server.stop()
+
+
+def test_a_token_is_known_at_once_while_another_process_holds_the_store(tmp_path):
+    """Its last use is written in a thread nothing waits for: with the lock held by another
+    process, a request with a token once waited the 10 s busy timeout and then failed
+    with 500 (STOW-RS, /metrics)."""
+    import time
+
+    from conftest import wait_for
+
+    store = JobStore(f"sqlite:///{tmp_path}/db/lungsys.db")
+    token = store.create_token("modality", "sender")
+    other = sqlite3.connect(store.file, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")                      # a writer elsewhere holds the lock
+    try:
+        start = time.monotonic()
+        principal = store.token_principal(token)
+        assert principal is not None and principal.name == "modality"
+        assert time.monotonic() - start < 2.0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert wait_for(lambda: store.tokens()[0].last_used is not None, 15)
+
+
+def test_a_sweep_says_once_that_the_store_is_away_and_goes_on(caplog):
+    """While another process held the job store's lock, the sweeps logged a traceback
+    every second; now one line a minute, and a fault of another kind is not hidden."""
+    from sqlalchemy.exc import OperationalError
+
+    from pacs_node.node import _store_may_be_away
+
+    def locked() -> None:
+        raise OperationalError("UPDATE series", {}, sqlite3.OperationalError(
+            "database is locked"))
+
+    sweep = _store_may_be_away("assembly", locked)
+    for _ in range(5):
+        sweep()
+    [record] = caplog.records
+    assert record.getMessage().startswith("the assembly sweep cannot use the job store now "
+                                          "(database is locked)")
+    assert record.exc_info is None
+
+    def broken() -> None:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        _store_may_be_away("delivery", broken)()
