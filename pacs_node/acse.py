@@ -57,9 +57,9 @@ class Rejected(Exception):
         self.code = code
 
 
-#: authenticate(user identity item of the A-ASSOCIATE-RQ or None) -> the server
-#: response to send (b"" for none), or raise Rejected.
-Authenticator = Callable[[object], bytes | None]
+#: authenticate(user identity item of the A-ASSOCIATE-RQ or None, the peer's address) ->
+#: the server response to send (b"" for none), or raise Rejected.
+Authenticator = Callable[[object, str], bytes | None]
 
 
 class Acceptor:
@@ -113,8 +113,8 @@ class Acceptor:
         request.protocol_version = struct.unpack_from(">H", body, 0)[0]
         return request
 
-    def associate(self, conn: socket.socket, request: A_ASSOCIATE, busy: bool
-                  ) -> dict[int, Context]:
+    def associate(self, conn: socket.socket, request: A_ASSOCIATE, busy: bool,
+                  address: str = "?") -> dict[int, Context]:
         """Accept: the accepted contexts by id; or reject (Rejected)."""
         response = None
         try:
@@ -129,7 +129,7 @@ class Acceptor:
             if self.authenticate is not None:
                 identity = next((item for item in request.user_information
                                  if type(item).__name__ == "UserIdentityNegotiation"), None)
-                response = self.authenticate(identity)
+                response = self.authenticate(identity, address)
                 if response is not None and not getattr(identity, "positive_response_requested",
                                                         False):
                     response = None

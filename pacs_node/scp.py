@@ -212,7 +212,7 @@ class StorageSCP:
                     counted = True
             self.gate.leave(address)
             gated = False
-            assoc.contexts = self.acceptor.associate(conn, request, busy)
+            assoc.contexts = self.acceptor.associate(conn, request, busy, address)
             log.info("association from %s (%s) accepted", assoc.calling, address)
             self._data_phase(conn, assoc)
         except Rejected as exc:

@@ -21,7 +21,11 @@ a username alone (type 1) only against a ``user`` line whose hash is ``-``
 (a user allowed without a password); a JWT or SAML assertion (types 5 and 4)
 is compared, as an opaque bearer token, with the ``token`` lines; Kerberos
 is not supported. A caller that does not check out is rejected (permanent,
-ACSE related function, PS3.7 D.3.3.7).
+ACSE related function, PS3.7 D.3.3.7). Failed tries are limited per name and
+address as the console's sign-ins (:mod:`pacs_node.failures`): past the limit a
+try is rejected before any hash is computed; and an unknown name costs the
+hash a known one does, so that the time of a rejection does not tell which
+names exist.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 
 from config import Destination, TlsProfile, TlsSection
 from pacs_node.dimse import RJ_USER_IDENTITY
+from pacs_node.failures import FailureLimit
 from pacs_node.scp import Rejected
 
 log = logging.getLogger(__name__)
@@ -111,6 +116,8 @@ class UserDirectory:
 
     def __init__(self, path: str | os.PathLike, required: bool) -> None:
         self.required = required
+        self.failures = FailureLimit()
+        self._unknown = hash_secret(os.urandom(16).hex())   # checked for an unknown name
         self.users: dict[str, str] = {}
         self.tokens: list[str] = []
         for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -125,26 +132,32 @@ class UserDirectory:
             else:
                 self.tokens.append(words[2])
 
-    def __call__(self, item) -> bytes | None:
-        """The server response for an accepted caller; Rejected otherwise."""
+    def __call__(self, item, peer: str = "?") -> bytes | None:
+        """The server response for an accepted caller from ``peer``; Rejected otherwise."""
         if item is None:
             if self.required:
                 raise Rejected(RJ_USER_IDENTITY, "no user identity given, and one is required")
             return None
         kind = item.user_identity_type
+        if kind not in (1, 2, 4, 5):
+            raise Rejected(RJ_USER_IDENTITY, f"user identity type {kind} is not supported")
         primary, secondary = bytes(item.primary_field or b""), bytes(item.secondary_field or b"")
+        name = primary.decode("utf-8", "replace") if kind in (1, 2) else "(a token)"
+        if self.failures.waiting(peer, name) > 0:
+            raise Rejected(RJ_USER_IDENTITY, "too many user identities not accepted from "
+                                             "this address: it must wait")
+        tried = self.failures.count(peer, name)
         if kind in (1, 2):
-            name = primary.decode("utf-8", "replace")
             stored = self.users.get(name)
-            ok = stored is not None and (
-                stored == "-" if kind == 1 else stored != "-" and _matches(secondary, stored))
+            if kind == 1:
+                ok = stored == "-"
+            else:    # an unknown name costs the hash a known one does
+                ok = _matches(secondary, stored if stored not in (None, "-")
+                              else self._unknown) and stored not in (None, "-")
             if not ok:
                 raise Rejected(RJ_USER_IDENTITY, "user name or password not accepted")
             log.info("user identity: %s", name)
-            return b""
-        if kind in (4, 5):
-            token = primary.strip()
-            if not any(_matches(token, stored) for stored in self.tokens):
-                raise Rejected(RJ_USER_IDENTITY, "token not accepted")
-            return b""
-        raise Rejected(RJ_USER_IDENTITY, f"user identity type {kind} is not supported")
+        elif not any(_matches(primary.strip(), stored) for stored in self.tokens):
+            raise Rejected(RJ_USER_IDENTITY, "token not accepted")
+        self.failures.forgive(tried)
+        return b""

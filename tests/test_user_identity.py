@@ -202,3 +202,34 @@ def test_optional_identity_accepts_none_but_still_checks_what_is_sent(pki, id_no
     assoc.release()
     assert_rejected_for_identity(receiver.port, ctx, identity(2, b"alice", b"no"))
     assert_rejected_for_identity(receiver.port, ctx, identity(5, b"forged"))
+
+
+def test_a_password_guesser_is_stopped_and_learns_no_names(pki, id_node, users_file,
+                                                          monkeypatch):
+    """Past MAX_FAILURES wrong passwords for a name from one address, that address is
+    rejected for it before any hash is computed (the right password too, for a while);
+    other names go on. An unknown name costs the hash a known one does (it answered in
+    0.7 ms against 59 ms: a list of the users for the asking)."""
+    import pacs_node.security as security
+    from pacs_node.failures import MAX_FAILURES
+
+    hashed = []
+    matches = security._matches
+    monkeypatch.setattr(security, "_matches",
+                        lambda secret, stored: hashed.append(stored) or matches(secret, stored))
+    receiver, _ = id_node(tls=False)
+    for _ in range(MAX_FAILURES):
+        assert_rejected_for_identity(receiver.port, None, identity(2, b"alice", b"guess"))
+    assert len(hashed) == MAX_FAILURES
+    assert_rejected_for_identity(receiver.port, None, identity(2, b"alice", PASSWORD.encode()))
+    assert len(hashed) == MAX_FAILURES                       # refused before any hash
+    answer = raw_associate(receiver.port, None, identity(5, TOKEN.encode()))
+    assert answer[0] == 0x02                                 # another name, from there too
+
+    directory = UserDirectory(users_file, required=True)
+    hashed.clear()
+    with pytest.raises(security.Rejected):
+        directory(identity(2, b"mallory", b"guess"), "192.0.2.1")
+    with pytest.raises(security.Rejected):
+        directory(identity(2, b"alice", b"guess"), "192.0.2.1")
+    assert len(hashed) == 2 and hashed[0].startswith("pbkdf2_sha256$100000$")

@@ -15,7 +15,8 @@ needs no CSRF token: a browser never adds one by itself.
 
 The session cookie is ``HttpOnly``, ``SameSite=Lax``, ``Path=/`` and, when the
 service runs HTTPS, ``Secure``; the job store holds only its digest
-(:mod:`store.accounts`). Failed sign-ins are limited per name and address, and argon2
+(:mod:`store.accounts`). Failed sign-ins are limited per name and address
+(:mod:`pacs_node.failures`, as DICOM user identity), and argon2
 verifications (64 MiB each) run two at a time at most, so that a password
 guesser can neither find passwords fast nor take the node's memory.
 """
@@ -27,31 +28,24 @@ import binascii
 import hmac
 import logging
 import time
-from collections import deque
 from http import HTTPStatus
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
+from pacs_node.failures import FailureLimit
 from store.accounts import MAX_PASSWORD, Principal, Role
 
 log = logging.getLogger(__name__)
 
 COOKIE = "lungsys_session"
-#: Failed sign-ins as one name from one address within ``FAILURE_WINDOW`` seconds before
-#: that address must wait to try that name again ...
-MAX_FAILURES = 5
-#: ... and for any names from one address.
-PEER_FAILURES = 20
-FAILURE_WINDOW = 300.0
 #: Password verifications at once (argon2id takes 64 MiB for each).
 VERIFICATIONS = 2
 #: Seconds a token found is believed without asking the job store again (a revoked token
 #: is refused at most this long after ``lungsys tokens revoke``).
 TOKEN_CACHE_SECONDS = 1.0
-#: Addresses whose failures (and tokens found) are remembered at most (a flood from many
-#: forgets the oldest).
+#: Tokens found remembered at most.
 MAX_TRACKED = 4096
 
 
@@ -85,7 +79,7 @@ class Doorkeeper:
         self.https = https
         self.stow_anonymous = stow_anonymous
         self.metrics_anonymous = metrics_anonymous
-        self._failures: dict[tuple, deque[float]] = {}
+        self.failures = FailureLimit()
         self._tokens: dict[str, tuple[Principal, float]] = {}
         self._limiter = anyio.CapacityLimiter(VERIFICATIONS)
 
@@ -176,40 +170,22 @@ class Doorkeeper:
 
     # --- sign-in -------------------------------------------------------------
     def waiting(self, peer: str, name: str) -> float:
-        """Seconds before ``peer`` may try to sign in as ``name`` again (0: now): after
-        ``MAX_FAILURES`` failures for that name from that address, or ``PEER_FAILURES``
-        for any names from it, within ``FAILURE_WINDOW`` seconds. A guesser on a shared
-        address (a NAT, a Citrix farm) thus locks out only the names it tried, and only
-        from there."""
-        now = time.monotonic()
-        waits = []
-        for key, most in (((peer, name[:64]), MAX_FAILURES), ((peer, None), PEER_FAILURES)):
-            tries = self._failures.get(key)
-            while tries and now - tries[0] > FAILURE_WINDOW:
-                tries.popleft()
-            if tries and len(tries) >= most:
-                waits.append(FAILURE_WINDOW - (now - tries[0]))
-        return max(waits, default=0.0)
+        """Seconds before ``peer`` may try to sign in as ``name`` again (0: now; see
+        :class:`pacs_node.failures.FailureLimit`)."""
+        return self.failures.waiting(peer, name)
 
     async def sign_in(self, peer: str, name: str, password: str) -> Principal | None:
         """The user when the password is right. The try is counted as a failure before the
         (slow) check and forgotten if it succeeds, so that concurrent guesses cannot all
         slip under the limit."""
-        keys = [(peer, name[:64]), (peer, None)]
-        for key, most in zip(keys, (MAX_FAILURES, PEER_FAILURES)):
-            if len(self._failures) >= MAX_TRACKED and key not in self._failures:
-                self._failures.pop(next(iter(self._failures)))
-            self._failures.setdefault(key, deque(maxlen=most)).append(time.monotonic())
+        keys = self.failures.count(peer, name)
         found = await anyio.to_thread.run_sync(self.store.check_password, name[:64],
                                                password[:MAX_PASSWORD], limiter=self._limiter)
         if found is None:
             log.warning("console: sign-in as %r from %s refused", name[:64], peer)
             return None
         log.info("console: %s (%s) signed in from %s", found.name, found.role.value, peer)
-        for key in keys:
-            tries = self._failures.get(key)
-            if tries:
-                tries.pop()
+        self.failures.forgive(keys)
         return found
 
     def set_cookie(self, response: Response, key: str) -> None:
