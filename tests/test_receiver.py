@@ -186,3 +186,44 @@ def test_spaces_around_the_uids_of_a_command_and_its_data_set_are_padding(
         assert status_of(s) == 0x0000
     [stored] = receiver.storage.incoming.rglob("*.dcm")
     assert stored.name == f"{uid}.dcm" and pydicom.dcmread(stored).SOPInstanceUID == uid
+
+
+def test_the_largest_request_a_pacs_makes_is_accepted_and_a_larger_one_aborted(node):
+    """128 presentation contexts with every transfer syntax the node takes (46 KiB) are
+    negotiated; a request above MAX_ASSOCIATE_RQ (128 KiB), whose decoding alone held a
+    CPU for a third of a second, is aborted before it is read."""
+    from pynetdicom import AllStoragePresentationContexts, build_context
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+
+    from pacs_node.acse import MAX_ASSOCIATE_RQ
+    from pacs_node.receiver import TRANSFER_SYNTAXES
+    from raw_peer import ending
+
+    def request(syntaxes: list[str]) -> bytes:
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+        primitive.calling_ae_title, primitive.called_ae_title = "CT1", "LUNGSYS"
+        contexts = []
+        for i, cx in enumerate(AllStoragePresentationContexts[:128]):
+            contexts.append(build_context(cx.abstract_syntax, syntaxes))
+            contexts[-1].context_id = 2 * i + 1
+        primitive.presentation_context_definition_list = contexts
+        length = MaximumLengthNotification()
+        length.maximum_length_received = 16384
+        primitive.user_information = [length]
+        pdu = A_ASSOCIATE_RQ()
+        pdu.from_primitive(primitive)
+        return pdu.encode()
+
+    receiver, _ = node
+    everything = request(list(TRANSFER_SYNTAXES))
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        accepted = associate(s, everything)["contexts"]
+        assert len(accepted) == 128 and set(accepted.values()) == {0}
+    private = [f"1.2.826.0.1.3680043.9.9999.{n}" for n in range(30)]
+    too_large = request(list(TRANSFER_SYNTAXES) + private)
+    assert len(everything) < MAX_ASSOCIATE_RQ < len(too_large) < 2 * MAX_ASSOCIATE_RQ
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        s.sendall(too_large)
+        assert ending(s, 5.0) == "abort"
