@@ -130,6 +130,7 @@ def test_the_session_cookie_over_https_and_the_console_headers(https_node):
         assert "default-src 'none'" in page.headers["content-security-policy"]
         assert page.headers["x-frame-options"] == "DENY"
         assert page.headers["cache-control"] == "no-store"
+        assert page.headers["strict-transport-security"] == "max-age=31536000"
         # the admin's users page lists the users, never a hash
         users = browser.get(f"{base}/console/users", timeout=30).text
         assert "olga" in users and "argon2" not in users

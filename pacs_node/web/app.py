@@ -10,6 +10,9 @@ peer, who (user or token label), method, path, status, bytes, milliseconds. The
 path is logged without its query (its control characters escaped, as in every
 line: :class:`pacs_node.OneLineFormatter`), and no path of the node holds patient data;
 health checks, metrics scrapes and the stylesheet are logged at DEBUG only.
+
+Every answer over HTTPS carries ``Strict-Transport-Security`` (a year): a browser
+that has once reached the console over HTTPS never falls back to plain HTTP for it.
 """
 
 from __future__ import annotations
@@ -65,6 +68,29 @@ class AccessLog:
                        (time.perf_counter() - started) * 1000)
 
 
+#: The HSTS header of every answer over HTTPS (RFC 6797): a year.
+HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+
+class StrictTransport:
+    """ASGI middleware adding :data:`HSTS` to every answer over HTTPS."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("scheme") != "https":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), HSTS]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = {404: f"no such resource: {request.method} {request.url.path[:200]}",
                405: f"{request.method} is not allowed here"}.get(exc.status_code, exc.detail)
@@ -86,5 +112,6 @@ def make_app(routes: list[BaseRoute]) -> Starlette:
     """An application of these routes, answering errors as JSON."""
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
                                                        Exception: _failure})
+    app.add_middleware(StrictTransport)
     app.add_middleware(AccessLog)
     return app
