@@ -88,6 +88,8 @@ StoreCallback = Callable[[Path, str, str, bytes, tuple[str, str]], int]
 #: refused(calling AE title, why, the command's SOP Instance UID): a C-STORE refused before
 #: its data set reached ``store`` (an incident, for the admin).
 RefusedCallback = Callable[[str, str, str], None]
+
+
 @dataclass
 class _Message:
     """The C-STORE (or C-ECHO) being received on an association."""
