@@ -138,6 +138,7 @@ class Node:
                                                            "max_instances": 1})
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._unfinished = True         # series a crash left complete: received again
         self.supervisor: WorkerSupervisor | None = None   # by start() without an engine
         self._thread: threading.Thread | None = None
         # a SQLite job store outside the data folder is locked too
@@ -285,7 +286,19 @@ class Node:
     # --- assembly ------------------------------------------------------------
     def assembly_sweep(self) -> None:
         """Queue a job for each complete series (or, in study mode, for the series chosen
-        in each complete study: :mod:`pacs_node.choice`); skip the others, saying why."""
+        in each complete study: :mod:`pacs_node.choice`); skip the others, saying why. A
+        sweep that failed half-way (or a start-up) first has the series it completed but
+        did not queue or skip received again, to be completed anew."""
+        if self._unfinished:
+            self.store.reopen_unfinished(node=self.node_id)
+            self._unfinished = False
+        try:
+            self._assemble()
+        except Exception:
+            self._unfinished = True
+            raise
+
+    def _assemble(self) -> None:
         assembly = self.config.assembly
         if assembly.trigger == AssemblyTrigger.study:
             for group in self.store.complete_studies(assembly.study_stable_seconds,

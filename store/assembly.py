@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from store.models import Series, SeriesState, of_node, utcnow
 
@@ -52,6 +52,15 @@ class Assembly:
             for series in ready:
                 series.state = SeriesState.complete
         return ready
+
+    def reopen_unfinished(self, node: str | None = None) -> int:
+        """Series left complete, neither queued nor skipped (a sweep that failed half-way,
+        the job store locked; a crash), receive again, for the next sweep to complete
+        them anew; how many. A sweep that runs to its end leaves none complete."""
+        with self.session() as s, s.begin():
+            return s.execute(update(Series).where(Series.state == SeriesState.complete,
+                                                  *_of(node))
+                             .values(state=SeriesState.receiving)).rowcount
 
     def analysed_series(self, study_instance_uid: str, node: str | None = None) -> str | None:
         """A series of the study that was chosen before (queued, running or done), if any:

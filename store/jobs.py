@@ -13,7 +13,7 @@ import datetime as dt
 import secrets
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from store.console import MAX_LOG_CHARS
 from store.models import (Delivery, Job, JobState, Result, Series, SeriesState, give_back,
@@ -34,21 +34,20 @@ class Jobs:
 
     def queue_job(self, series_id: int, priority: int = 1) -> Job:
         """Queue the job of a complete series' current version, at ``priority`` (a rank:
-        lower is claimed first); the series' earlier versions' jobs still queued are
-        superseded."""
+        lower is claimed first). A job of an earlier version still waiting (new instances
+        came before it ran) analyses this version instead: the series is analysed once,
+        as it is now, and a re-run keeps its model, method and id."""
         with self.session() as s, s.begin():
             series = s.get(Series, series_id)
-            # an earlier version's job still queued would analyse the series again: one
-            # that never ran goes (the state is checked as the row is deleted: a worker
-            # claiming it meanwhile keeps it), one that ran before and waits again fails
-            stale = (Job.series_id == series_id, Job.version < series.version,
-                     Job.state == JobState.queued)
-            s.execute(delete(Job).where(*stale, Job.attempts == 0))
-            for old in s.scalars(select(Job).where(*stale)):
-                old.state, old.error = JobState.failed, (f"superseded by version "
-                                                         f"{series.version} of its series")
             job = s.scalar(select(Job).where(Job.series_id == series_id,
                                              Job.version == series.version))
+            if job is None:     # (locked: a worker claiming it meanwhile keeps it)
+                job = s.scalar(select(Job).where(
+                    Job.series_id == series_id, Job.version < series.version,
+                    Job.state == JobState.queued).order_by(Job.version.desc()).limit(1)
+                    .with_for_update())
+                if job is not None:
+                    job.version, priority = series.version, min(priority, job.priority)
             if job is None:
                 job = Job(series_id=series_id, version=series.version)
                 s.add(job)

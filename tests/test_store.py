@@ -323,32 +323,37 @@ def test_instances_beyond_images_in_acquisition_queue_one_job_not_one_each(store
     """A series of two acquisitions counts each one's images in (0020,1002): complete at
     the first count, then reopened by every later instance, it once queued a job per
     instance (a hostile sender queued 100). Beyond the count it waits for the quiet time,
-    and a new version's job supersedes the earlier one still queued."""
+    and the job still waiting analyses the new version instead of a second job."""
     for n in (1, 2):
         store.record_instance(_item(n, "B", expected=2))
     [series] = store.complete_ready(60)                  # the count: complete at once
-    store.queue_job(series.id)
+    first = store.queue_job(series.id)
     for n in range(3, 13):                               # the second acquisition
         store.record_instance(_item(n, "B", expected=2))
         assert store.complete_ready(60) == []            # not complete at each one
     later = utcnow() + dt.timedelta(seconds=61)
     [series] = store.complete_ready(60, now=later)
     store.queue_job(series.id)
-    [job] = store.jobs()                                 # the first never ran: gone
-    assert job.state == JobState.queued and job.version == series.version == 2
+    [job] = store.jobs()
+    assert job.id == first.id and job.state == JobState.queued
+    assert job.version == series.version == 2
     claimed = store.claim_job()
     assert claimed.id == job.id and store.claim_job() is None
 
 
-def test_a_superseded_job_that_ran_before_fails_saying_why(store):
+def test_a_waiting_re_run_keeps_its_model_when_new_instances_come(store):
     store.record_instance(_item(1))
     [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
     store.queue_job(series.id)
-    store.claim_job()
-    assert store.requeue_interrupted() == 1              # it ran, and waits again
-    store.record_instance(_item(2))                      # a new version meanwhile
+    done = store.claim_job()
+    store.finish_job(done.id, diagnosis="Healthy", probabilities={"Healthy": 0.9},
+                     infected_fraction=0.0, timings={"total": 1.0}, model_version="v",
+                     device_uid="2.25.1", results=[])
+    rerun = store.rerun_job(done.id, checkpoint="/models/other.safetensors", method="ig")
+    store.record_instance(_item(2))                      # a late instance reopens it
     [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
     store.queue_job(series.id)
-    old, new = sorted(store.jobs(), key=lambda j: j.version)
-    assert old.state == JobState.failed and "superseded by version 2" in old.error
-    assert new.state == JobState.queued and store.claim_job().id == new.id
+    waiting = [j for j in store.jobs() if j.state == JobState.queued]
+    assert [j.id for j in waiting] == [rerun.id]         # the same job, the same link
+    assert (waiting[0].checkpoint, waiting[0].method) == ("/models/other.safetensors", "ig")
+    assert waiting[0].version == series.version == 3

@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import sqlite3
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -18,7 +19,7 @@ from pacs_node.node import Node
 from pacs_node.receiver import Receiver
 from pacs_node.reconcile import reconcile
 from pacs_node.storage import DUPLICATE_SOP_INSTANCE, InstanceStorage
-from store.api import JobStore
+from store.api import JobStore, ReceivedInstance, StoreUnavailable
 from store.models import Series, SeriesState, utcnow
 
 from conftest import require_tool, with_uids
@@ -236,8 +237,6 @@ def test_a_token_is_known_at_once_while_another_process_holds_the_store(tmp_path
     """Its last use is written in a thread nothing waits for: with the lock held by another
     process, a request with a token once waited the 10 s busy timeout and then failed
     with 500 (STOW-RS, /metrics)."""
-    import time
-
     from conftest import wait_for
 
     store = JobStore(f"sqlite:///{tmp_path}/db/lungsys.db")
@@ -279,3 +278,42 @@ def test_a_sweep_says_once_that_the_store_is_away_and_goes_on(caplog):
 
     with pytest.raises(KeyError):
         _store_may_be_away("delivery", broken)()
+
+
+def test_a_series_completed_while_the_store_failed_is_queued_once_it_recovers(
+        tmp_path, monkeypatch):
+    """The sweep completes a series in one transaction and queues its job in another: with
+    the job store locked in between, the series stayed complete and no later sweep looked
+    at it again (until another instance came)."""
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\nmin_free_disk_mb = 1\n'
+                    f'[store]\nurl = "sqlite:///{tmp_path / "var" / "db"}"\n'
+                    f'[assembly]\nstable_seconds = 0.001\nmin_slices = 1\n[dicomweb]\nport = 0\n')
+    node = Node(load_config(toml, environ={}))
+    node.store.record_instance(ReceivedInstance(
+        sop_instance_uid="1.2.3.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        series_instance_uid="1.2.3", study_instance_uid="1.2", modality="CT",
+        path=str(tmp_path / "x.dcm"), size=1, transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_aet="CT1", node=node.node_id))
+    monkeypatch.setattr("pacs_node.node.header_filter", lambda paths, least: "")
+    time.sleep(0.01)                                         # (quiet for stable_seconds)
+    node.assembly_sweep()                                    # start-up: nothing stuck
+    real = node.store.queue_job
+
+    def locked(*args, **kw):
+        raise StoreUnavailable("database is locked")
+
+    monkeypatch.setattr(node.store, "queue_job", locked)
+    node.store.record_instance(ReceivedInstance(
+        sop_instance_uid="1.2.4.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        series_instance_uid="1.2.4", study_instance_uid="1.2", modality="CT",
+        path=str(tmp_path / "y.dcm"), size=1, transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_aet="CT1", node=node.node_id))
+    time.sleep(0.01)
+    with pytest.raises(StoreUnavailable):
+        node.assembly_sweep()
+    assert {s.series_instance_uid: s.state for s in node.store.series()}["1.2.4"] == \
+        SeriesState.complete
+    monkeypatch.setattr(node.store, "queue_job", real)
+    node.assembly_sweep()                                    # the store is back
+    assert {s.series_instance_uid for s in node.store.series("queued")} == {"1.2.3", "1.2.4"}
