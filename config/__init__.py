@@ -122,6 +122,7 @@ class HttpSection:
     metrics_anonymous: bool = False
     tls_certificate: str = ""
     tls_private_key: str = ""
+    hsts_seconds: int = field(default=31536000, metadata=value_range(0))   # 0: none
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,8 @@ class Node:
             *stow_routes(stow_service, lambda request: self.door.api(
                 request, Role.sender, self.door.stow_anonymous)),
             *wado_routes(self, self.door, stow_service),
-            *health_routes(self, self.door), *console_routes(self, self.door)]),
+            *health_routes(self, self.door), *console_routes(self, self.door)],
+            hsts_seconds=web.hsts_seconds),
             self.http_gate, header_seconds=stow.HEADER_SECONDS,
             idle_seconds=stow.IDLE_SECONDS,
             tls=(https_context(web.tls_certificate, web.tls_private_key)

@@ -22,10 +22,10 @@ a username alone (type 1) only against a ``user`` line whose hash is ``-``
 is compared, as an opaque bearer token, with the ``token`` lines; Kerberos
 is not supported. A caller that does not check out is rejected (permanent,
 ACSE related function, PS3.7 D.3.3.7). Failed tries are limited per name and
-address as the console's sign-ins (:mod:`pacs_node.failures`): past the limit a
-try is rejected before any hash is computed; and an unknown name costs the
-hash a known one does, so that the time of a rejection does not tell which
-names exist.
+address as the console's sign-ins (:mod:`pacs_node.failures`; all tokens are
+one name): past the limit a try is rejected before any hash is computed; and
+an unknown name costs the hash a known one does, so that the time of a
+rejection does not tell which names exist.
 """
 
 from __future__ import annotations
@@ -111,13 +111,20 @@ def _matches(secret: bytes, stored: str) -> bool:
     return hmac.compare_digest(computed.hex(), digest)
 
 
+def _iterations(stored: str) -> int:
+    """The PBKDF2 iterations of a stored hash (0 for none: ``-``, or not one of ours)."""
+    try:
+        return int(stored.split("$")[1])
+    except (IndexError, ValueError):
+        return 0
+
+
 class UserDirectory:
     """Checks a caller's user identity item against the users file (see the module)."""
 
     def __init__(self, path: str | os.PathLike, required: bool) -> None:
         self.required = required
         self.failures = FailureLimit()
-        self._unknown = hash_secret(os.urandom(16).hex())   # checked for an unknown name
         self.users: dict[str, str] = {}
         self.tokens: list[str] = []
         for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -131,6 +138,9 @@ class UserDirectory:
                 self.users[words[1]] = words[2]
             else:
                 self.tokens.append(words[2])
+        # checked for an unknown name: as costly as the costliest known one
+        self._unknown = hash_secret(os.urandom(16).hex(), iterations=max(
+            [_iterations(h) for h in self.users.values()] + [PBKDF2_ITERATIONS]))
 
     def __call__(self, item, peer: str = "?") -> bytes | None:
         """The server response for an accepted caller from ``peer``; Rejected otherwise."""
@@ -146,7 +156,16 @@ class UserDirectory:
         if self.failures.waiting(peer, name) > 0:
             raise Rejected(RJ_USER_IDENTITY, "too many user identities not accepted from "
                                              "this address: it must wait")
-        tried = self.failures.count(peer, name)
+        try:
+            return self._check(kind, name, primary, secondary)
+        except Rejected:
+            # counted once it failed (not before, as the console's sign-in: a sender's
+            # associations at once, all with the right password, would wait on each other's
+            # checks); concurrent guesses are as many as the peer gate lets connect at once
+            self.failures.count(peer, name)
+            raise
+
+    def _check(self, kind: int, name: str, primary: bytes, secondary: bytes) -> bytes:
         if kind in (1, 2):
             stored = self.users.get(name)
             if kind == 1:
@@ -159,5 +178,4 @@ class UserDirectory:
             log.info("user identity: %s", name)
         elif not any(_matches(primary.strip(), stored) for stored in self.tokens):
             raise Rejected(RJ_USER_IDENTITY, "token not accepted")
-        self.failures.forgive(tried)
         return b""

@@ -187,3 +187,37 @@ def test_a_password_guesser_is_slowed_per_name_and_cannot_pose_as_another_addres
         [401] * 5 + [429]
     assert attempt("olga", PASSWORDS["olga"], "10.200.0.1") == 429     # still waiting
     assert attempt("victor", PASSWORDS["victor"]) == 303               # signed in
+
+
+def test_hsts_is_sent_over_https_only_and_can_be_turned_off():
+    """``[http] hsts_seconds``: it holds for the host name on every port, so an admin whose
+    Orthanc Explorer runs on plain HTTP under the same name sets it to 0."""
+    import asyncio
+
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from pacs_node.web.app import make_app
+
+    routes = [Route("/", lambda request: PlainTextResponse("ok"))]
+
+    def hsts(seconds: int, scheme: str) -> bytes | None:
+        sent: list = []
+        scope = {"type": "http", "method": "GET", "path": "/", "raw_path": b"/",
+                 "query_string": b"", "headers": [], "scheme": scheme, "root_path": "",
+                 "server": ("node", 443), "client": ("127.0.0.1", 1), "http_version": "1.1"}
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(make_app(routes, hsts_seconds=seconds)(scope, receive, send))
+        [start] = [m for m in sent if m["type"] == "http.response.start"]
+        assert start["status"] == 200
+        return dict(start["headers"]).get(b"strict-transport-security")
+
+    assert hsts(60, "https") == b"max-age=60"
+    assert hsts(60, "http") is None
+    assert hsts(0, "https") is None

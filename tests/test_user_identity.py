@@ -233,3 +233,24 @@ def test_a_password_guesser_is_stopped_and_learns_no_names(pki, id_node, users_f
     with pytest.raises(security.Rejected):
         directory(identity(2, b"alice", b"guess"), "192.0.2.1")
     assert len(hashed) == 2 and hashed[0].startswith("pbkdf2_sha256$100000$")
+
+
+def test_a_sender_opening_associations_at_once_is_not_taken_for_a_guesser(id_node):
+    """Tries count once they failed: 8 associations at once as alice with her password
+    (a PACS router sends in parallel) once got 3 rejections, each waiting on the others'
+    checks as if they were failures."""
+    import threading
+
+    receiver, _ = id_node(tls=False)
+    answers: list = []
+
+    def send() -> None:
+        answers.append(raw_associate(receiver.port, None,
+                                     identity(2, b"alice", PASSWORD.encode()))[0])
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert answers == [0x02] * 8                           # eight A-ASSOCIATE-ACs

@@ -11,8 +11,10 @@ path is logged without its query (its control characters escaped, as in every
 line: :class:`pacs_node.OneLineFormatter`), and no path of the node holds patient data;
 health checks, metrics scrapes and the stylesheet are logged at DEBUG only.
 
-Every answer over HTTPS carries ``Strict-Transport-Security`` (a year): a browser
-that has once reached the console over HTTPS never falls back to plain HTTP for it.
+Every answer of the application over HTTPS carries ``Strict-Transport-Security``
+(``[http] hsts_seconds``, a year by default; 0: none): a browser that has once reached
+the console over HTTPS never falls back to plain HTTP for its host name (the front
+door's own 400 and 503, and an unexpected fault's 500, come before the application).
 """
 
 from __future__ import annotations
@@ -68,24 +70,23 @@ class AccessLog:
                        (time.perf_counter() - started) * 1000)
 
 
-#: The HSTS header of every answer over HTTPS (RFC 6797): a year.
-HSTS = (b"strict-transport-security", b"max-age=31536000")
-
-
 class StrictTransport:
-    """ASGI middleware adding :data:`HSTS` to every answer over HTTPS."""
+    """ASGI middleware adding ``Strict-Transport-Security`` (RFC 6797) to every answer over
+    HTTPS, for ``seconds`` (none when 0)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, seconds: int) -> None:
         self.app = app
+        self.header = (b"strict-transport-security", b"max-age=%d" % seconds)
+        self.seconds = seconds
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("scheme") != "https":
+        if scope["type"] != "http" or scope.get("scheme") != "https" or not self.seconds:
             await self.app(scope, receive, send)
             return
 
         async def sending(message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), HSTS]}
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
             await send(message)
 
         await self.app(scope, receive, sending)
@@ -108,10 +109,11 @@ async def _failure(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": "internal error"}, status_code=500)
 
 
-def make_app(routes: list[BaseRoute]) -> Starlette:
-    """An application of these routes, answering errors as JSON."""
+def make_app(routes: list[BaseRoute], hsts_seconds: int = 0) -> Starlette:
+    """An application of these routes, answering errors as JSON (and over HTTPS with
+    ``Strict-Transport-Security`` for ``hsts_seconds``)."""
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
                                                        Exception: _failure})
-    app.add_middleware(StrictTransport)
+    app.add_middleware(StrictTransport, seconds=hsts_seconds)
     app.add_middleware(AccessLog)
     return app
