@@ -38,15 +38,18 @@ from store.upkeep import Upkeep, upgrade_schema
 #: Series states in which new instances reopen the series (a new result version).
 FINISHED = (SeriesState.done, SeriesState.failed, SeriesState.skipped, SeriesState.complete)
 
-# The statements of record_instance, built once. A new instance for a finished or
-# queued series reopens it (receiving again); one that had, or was about to have, a
-# result gets a new version. The SET expressions read the row as it was.
+# The statements of record_instance, built once. A new instance for a finished, queued or
+# running series reopens it (receiving again: a job running on the slices it had analyses
+# them, and the series as it is now is analysed after it); one that had, or was about to
+# have, a result gets a new version. The SET expressions read the row as it was.
 _SERIES_T, _INSTANCE_T = Series.__table__, Instance.__table__
 _STATE = _SERIES_T.c.state
 # (OR of equalities, not IN: an IN list is expanded again at every execution.)
-_REOPENS = or_(*(_STATE == state for state in (*FINISHED, SeriesState.queued)))
+_REOPENS = or_(*(_STATE == state for state in (*FINISHED, SeriesState.queued,
+                                                SeriesState.running)))
 _NEW_VERSION = or_(*(_STATE == state for state in (SeriesState.done, SeriesState.failed,
-                                                   SeriesState.skipped, SeriesState.queued)))
+                                                   SeriesState.skipped, SeriesState.queued,
+                                                   SeriesState.running)))
 _SERIES_RECEIVED = (
     update(_SERIES_T).where((_SERIES_T.c.series_instance_uid == bindparam("uid"))
                             & (_SERIES_T.c.study_instance_uid == bindparam("study"))).values(

@@ -357,3 +357,24 @@ def test_a_waiting_re_run_keeps_its_model_when_new_instances_come(store):
     assert [j.id for j in waiting] == [rerun.id]         # the same job, the same link
     assert (waiting[0].checkpoint, waiting[0].method) == ("/models/other.safetensors", "ig")
     assert waiting[0].version == series.version == 3
+
+
+def test_instances_that_arrive_while_the_series_is_analysed_are_analysed_after(store):
+    """A modality that pauses longer than stable_seconds mid-series: its first slices are
+    being analysed when the rest comes. The rest was recorded and never analysed (the
+    series went to done with the first job); now the series gets a new version."""
+    store.record_instance(_item(1))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    store.queue_job(series.id)
+    running = store.claim_job()
+    store.record_instance(_item(2))                          # while it runs
+    [series] = store.series()
+    assert series.state == SeriesState.receiving and series.version == 2
+    store.finish_job(running.id, diagnosis="Healthy", probabilities={"Healthy": 0.9},
+                     infected_fraction=0.0, timings={"total": 1.0}, model_version="v",
+                     device_uid="2.25.1", results=[])
+    assert store.series()[0].state == SeriesState.receiving   # not done: 2 is not analysed
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    again = store.queue_job(series.id)
+    assert again.id != running.id and again.version == 2
+    assert store.claim_job().id == again.id
