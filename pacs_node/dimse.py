@@ -140,12 +140,6 @@ def command_uid(cmd: dict[int, bytes], element: int, what: str) -> tuple[str, st
     return uid, ""
 
 
-def response_uid(cmd: dict[int, bytes], element: int) -> str | None:
-    """A command's UID to echo in the response; None (left out) when it is not a UID."""
-    uid, why = command_uid(cmd, element, "")
-    return None if why else uid
-
-
 def encode_response(command_field: int, message_id: int, sop_class: str | None, status: int,
                     sop_instance: str | None = None) -> bytes:
     """A response command set (PS3.7 9.3), group length first; the Affected SOP Class and

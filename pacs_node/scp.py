@@ -70,7 +70,7 @@ from pacs_node.dimse import (A_ABORT_PDU, A_RELEASE_RQ_PDU, AFFECTED_SOP_CLASS,
                              NO_DATA_SET, OUT_OF_RESOURCES, P_DATA_TF_PDU, RELEASE_RP,
                              ProtocolError, Status, _file_header, abort_pdu,  # noqa: F401
                              command_number, command_uid, encode_response, p_data,
-                             parse_command, response_uid)
+                             parse_command)
 from pacs_node.peers import PeerGate
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ class _Message:
 
     context_id: int
     command: dict[int, bytes]
+    sop_class: str | None = None       # the command's UIDs, checked once: None when not
+    sop_instance: str | None = None    # a UID (then left out of the response)
     file: BinaryIO | None = None
     path: Path | None = None
     start: bytes = b""          # the data set's first fragment (its header, usually)
@@ -302,11 +304,10 @@ class StorageSCP:
         echo = field_ == C_ECHO_RQ
         if not echo and command_number(cmd, COMMAND_DATA_SET_TYPE) == NO_DATA_SET:
             raise ProtocolError("a C-STORE-RQ whose command says no data set follows")
-        sop_class, why = command_uid(cmd, AFFECTED_SOP_CLASS, "Affected SOP Class UID")
-        sop_instance = ""
-        if not echo and not why:
-            sop_instance, why = command_uid(cmd, AFFECTED_SOP_INSTANCE,
-                                             "Affected SOP Instance UID")
+        sop_class, class_why = command_uid(cmd, AFFECTED_SOP_CLASS, "Affected SOP Class UID")
+        sop_instance, instance_why = ("", "") if echo else command_uid(
+            cmd, AFFECTED_SOP_INSTANCE, "Affected SOP Instance UID")
+        why = class_why or instance_why
         status = Status.CANNOT_UNDERSTAND if why and not echo else Status.SUCCESS
         if (echo and why) or (not why and sop_class != context.abstract_syntax):
             status = Status.SOP_CLASS_NOT_SUPPORTED
@@ -315,15 +316,17 @@ class StorageSCP:
         if why:
             log.warning("refusing a %s from %s (0x%04X): %s", "C-ECHO" if echo else "C-STORE",
                         calling, status, why)
+        answer_class = None if class_why else sop_class
         if echo:
             conn.sendall(p_data(context_id, encode_response(
-                C_ECHO_RSP, message_id, response_uid(cmd, AFFECTED_SOP_CLASS), status)))
+                C_ECHO_RSP, message_id, answer_class, status)))
             return None
-        message = _Message(context_id, cmd)
+        message = _Message(context_id, cmd, answer_class,
+                           None if instance_why else sop_instance)
         if why:
             message.discard, message.refusal = True, status
             if self.refused is not None:
-                self.refused(calling, why, sop_instance)
+                self.refused(calling, why, "" if class_why else sop_instance)
         elif not self.has_room():
             log.error("refusing C-STORE from %s: free disk below the configured minimum",
                       calling)
@@ -359,10 +362,8 @@ class StorageSCP:
                 message.discard = True
 
     def _finish(self, conn, message: _Message, calling: str, transfer_syntax: str) -> None:
-        cmd = message.command
-        sop_class = response_uid(cmd, AFFECTED_SOP_CLASS)
-        sop_instance = response_uid(cmd, AFFECTED_SOP_INSTANCE)
-        message_id = command_number(cmd, MESSAGE_ID)
+        sop_class, sop_instance = message.sop_class, message.sop_instance
+        message_id = command_number(message.command, MESSAGE_ID)
         if message.discard or message.file is None:
             status = message.refusal
             self._drop(message)

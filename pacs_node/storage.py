@@ -191,11 +191,11 @@ class InstanceStorage:
         placed: int | None = None       # the inode of the file moved into place
         path: Path | None = None
         try:
-            unread = InstanceHeader(*(announced or ("", "")), "", "", transfer_syntax or "")
             try:
                 refuse_inflation_bomb(tmp, transfer_syntax)
-            except ValueError as exc:
-                return self._refused(OUT_OF_RESOURCES, str(exc), origin, unread)
+            except ValueError as exc:           # (its header unread: the command's UIDs)
+                return self._refused(OUT_OF_RESOURCES, str(exc), origin, InstanceHeader(
+                    *(announced or ("", "")), "", "", transfer_syntax or ""))
             try:
                 header: InstanceHeader = (read_header(start, transfer_syntax, tmp)
                                           if start and transfer_syntax
@@ -203,7 +203,8 @@ class InstanceStorage:
             except Exception as exc:
                 log.warning("an instance from %s cannot be understood: %s", origin,
                             str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-                self.record_refusal(origin, "cannot be read as DICOM", unread.sop_instance_uid)
+                self.record_refusal(origin, "cannot be read as DICOM",
+                                    announced[1] if announced else "")
                 return Outcome(CANNOT_UNDERSTAND, reason="cannot be read as DICOM")
             sop_class, sop_uid, study_uid, series_uid = (
                 header.sop_class_uid, header.sop_instance_uid,
