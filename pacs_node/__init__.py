@@ -26,7 +26,9 @@ class OneLineFormatter(logging.Formatter):
     """:data:`LOG_FORMAT`, each message on one line whatever a sender put into a value it
     names (a URL's path, an AE title, a user name): control characters are escaped, so
     that no request can forge a line of the log (``%0A`` in a path) or drive the
-    terminal that shows it. A traceback (DEBUG) keeps its lines."""
+    terminal that shows it. A traceback keeps its lines, each behind ``| `` and escaped
+    the same way: its exception's text may quote a sender (a value pydicom could not
+    read), and none of its lines can pass for a record of its own."""
 
     def __init__(self) -> None:
         super().__init__(LOG_FORMAT)
@@ -34,6 +36,16 @@ class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = record.message.translate(_ESCAPED)
         return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return _framed(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _framed(stack_info)
+
+
+def _framed(text: str) -> str:
+    return "\n".join("| " + line.translate(_ESCAPED) for line in text.split("\n"))
 
 
 def log_to_stderr(level: int) -> None:

@@ -110,7 +110,8 @@ def test_the_log_says_what_happened_and_failed_deliveries_are_listed(tmp_path,
 def test_no_request_can_forge_a_line_of_the_log():
     """A path is logged as the client sent it, percent-decoded: ``%0A`` once let one
     anonymous GET write "console: admin (admin) signed in" as a line of its own, and
-    ``%1B`` colour the admin's terminal. Every message is one line; a traceback keeps its."""
+    ``%1B`` colour the admin's terminal. Every message is one line; a traceback keeps its
+    lines, each behind "| ", so that an exception quoting a sender forges none either."""
     script = (
         "import logging\n"
         "from pacs_node import configure_logging\n"
@@ -119,7 +120,7 @@ def test_no_request_can_forge_a_line_of_the_log():
         "    '%s %s', 'GET', '/x\\n2026-12-02 10:00:00 INFO pacs_node.web.console: admin "
         "signed in\\r\\x1b[31m\\x00\\x85')\n"
         "try:\n"
-        "    raise ValueError('boom')\n"
+        "    raise ValueError('boom\\n2026-12-02 10:00:01 INFO x: admin signed out\\x1b')\n"
         "except ValueError:\n"
         "    logging.getLogger('pacs_node').exception('a fault of its own')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -130,4 +131,8 @@ def test_no_request_can_forge_a_line_of_the_log():
     assert "INFO pacs_node.web.access: GET /x\\x0a2026-12-02" in forged
     assert "\x1b" not in proc.stderr and "\r" not in proc.stderr and "\x00" not in proc.stderr
     assert "\\x1b[31m\\x00\\x85" in forged
-    assert lines[-1] == "ValueError: boom" and "Traceback" in proc.stderr
+    assert lines[-2:] == ["| ValueError: boom",
+                          "| 2026-12-02 10:00:01 INFO x: admin signed out\\x1b"]
+    assert lines[-3].startswith("| ") and "Traceback" in proc.stderr
+    [record] = [line for line in lines if not line.startswith("| ") and "fault" in line]
+    assert record.endswith("ERROR pacs_node: a fault of its own")
