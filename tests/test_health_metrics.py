@@ -4,6 +4,7 @@ format, its counters matching the job store after a real storescu send."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -146,5 +147,23 @@ def test_readyz_says_when_the_disk_is_below_the_minimum(tmp_path):
         assert get(http, "/readyz")[0] == 200
         status, body = get(http, "/nowhere")
         assert status == 404 and json.loads(body)["error"].startswith("no such resource")
+        # a known path asked with a "/" more is redirected by its path alone, never to the
+        # host a client names (Starlette's own redirect took it from the Host header)
+        for path, location in (("/healthz/", "/healthz"), ("/readyz/?a=1", "/readyz?a=1"),
+                               ("//healthz", None), ("/nowhere/", None)):
+            answer = _raw_get(http, path, host="evil.example")
+            assert answer.getheader("Location") == location, path
+            assert answer.status == (307 if location else 404), path
     finally:
         node.stop()
+
+
+def _raw_get(port: int, path: str, host: str) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.putrequest("GET", path, skip_host=True)
+    connection.putheader("Host", host)
+    connection.endheaders()
+    answer = connection.getresponse()
+    answer.read()
+    connection.close()
+    return answer

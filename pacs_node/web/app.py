@@ -15,6 +15,10 @@ Every answer of the application over HTTPS carries ``Strict-Transport-Security``
 (``[http] hsts_seconds``, a year by default; 0: none): a browser that has once reached
 the console over HTTPS never falls back to plain HTTP for its host name (the front
 door's own 400 and 503, and an unexpected fault's 500, come before the application).
+
+A path that is known with or without its last ``/`` (``/console/jobs/``) is redirected to
+the known one by a path alone: Starlette's own redirect wrote ``Location`` from the
+request's ``Host`` header, which any client sets (a poisoned cache, a link elsewhere).
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from http import HTTPStatus
 from pathlib import Path
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Match
 
 log = logging.getLogger("pacs_node.web")
 access = logging.getLogger("pacs_node.web.access")
@@ -92,11 +98,28 @@ class StrictTransport:
         await self.app(scope, receive, sending)
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 404 and request.method in ("GET", "HEAD"):
+        known = _known_other_way(request)
+        if known:
+            return RedirectResponse(known, status_code=HTTPStatus.TEMPORARY_REDIRECT)
     message = {404: f"no such resource: {request.method} {request.url.path[:200]}",
                405: f"{request.method} is not allowed here"}.get(exc.status_code, exc.detail)
     return JSONResponse({"error": message}, status_code=exc.status_code,
                         headers=getattr(exc, "headers", None))
+
+
+def _known_other_way(request: Request) -> str | None:
+    """The request's path with its last ``/`` added or taken away, if a route knows it."""
+    path = request.url.path
+    other = path[:-1] if path.endswith("/") else path + "/"
+    if not other.startswith("/") or other.startswith("//"):
+        return None
+    scope = {**request.scope, "path": other}
+    if any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes):
+        query = request.url.query
+        return quote(other) + (f"?{query}" if query else "")
+    return None
 
 
 async def _failure(request: Request, exc: Exception) -> JSONResponse:
@@ -114,6 +137,7 @@ def make_app(routes: list[BaseRoute], hsts_seconds: int = 0) -> Starlette:
     ``Strict-Transport-Security`` for ``hsts_seconds``)."""
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
                                                        Exception: _failure})
+    app.router.redirect_slashes = False             # _known_other_way instead
     app.add_middleware(StrictTransport, seconds=hsts_seconds)
     app.add_middleware(AccessLog)
     return app
