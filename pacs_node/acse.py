@@ -6,7 +6,8 @@ by one deadline (ARTIM), however slowly their bytes trickle; the request's
 announced length is checked before anything is allocated, and its buffer
 grows only as bytes arrive; AE titles that are not printable ASCII are
 refused before pynetdicom decodes the request (its decoder logs them with a
-traceback); whatever else the decoder raises is a :class:`ProtocolError`.
+traceback); whatever else the decoder raises is a :class:`ProtocolError`, and so is
+a presentation context id proposed twice (which of the two would a C-STORE on it mean?).
 A request is rejected (PS3.8 Table 9-21) for a protocol version without bit
 0, an application context other than DICOM's, a calling AE title not on the
 allow-list, a user identity that does not check out, or too many
@@ -112,6 +113,11 @@ class Acceptor:
             _ = [str(cx.abstract_syntax) for cx in request.presentation_context_definition_list]
         except Exception as exc:   # pynetdicom's decoder raises whatever broken bytes make
             raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
+        ids = [cx.context_id for cx in request.presentation_context_definition_list]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:   # PS3.8 7.1.1.13: an unused id for each; the AC would answer one twice
+            raise ProtocolError(f"A-ASSOCIATE-RQ proposes presentation context {twice[0]} "
+                                f"more than once")
         request.protocol_version = struct.unpack_from(">H", body, 0)[0]
         return request
 

@@ -227,3 +227,22 @@ def test_the_largest_request_a_pacs_makes_is_accepted_and_a_larger_one_aborted(n
     with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
         s.sendall(too_large)
         assert ending(s, 5.0) == "abort"
+
+
+def test_a_presentation_context_id_proposed_twice_is_aborted(node):
+    """PS3.8 7.1.1.13: the requestor gives each context an unused id. Context 3 proposed as
+    CT and again as Secondary Capture was accepted twice, the node taking the second: a
+    CT instance the peer sent on context 3 was then answered as one of another class."""
+    from raw_peer import SC_ID, associate_rq, ending, pdu_items
+
+    receiver, store = node
+    request = bytearray(associate_rq(secondary_capture=True))
+    contexts = [pos for pos, item, _ in pdu_items(bytes(request), 74, len(request))
+                if item == 0x20]
+    assert request[contexts[-1] + 4] == SC_ID
+    request[contexts[-1] + 4] = 3
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        s.sendall(bytes(request))
+        assert ending(s, 5.0) == "abort"
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        assert set(associate(s, associate_rq(secondary_capture=True))["contexts"]) == {1, 3, 5}
