@@ -103,13 +103,19 @@ def iter_elements(data: bytes | memoryview, implicit_vr: bool
 
 
 def parse_command(data: bytes) -> dict[int, bytes]:
-    """A DIMSE command set (Implicit VR Little Endian, group 0000): element -> value."""
+    """A DIMSE command set (Implicit VR Little Endian, group 0000): element -> value.
+
+    An element given twice is a :class:`ProtocolError` (PS3.5 7.1: at most once): which
+    of two Affected SOP Instance UIDs would the node file, and which would a proxy in
+    front of it have checked? Elements out of order are read (nothing is ambiguous)."""
     out, end = {}, 0
     for tag, pos, length in iter_elements(data, implicit_vr=True):
         if tag >> 16 != 0x0000:
             raise ProtocolError(f"command set holds group {tag >> 16:04X}")
         if pos + length > len(data):
             raise ProtocolError("a command element runs past the command set")
+        if tag in out:
+            raise ProtocolError(f"command element (0000,{tag:04X}) given twice")
         out[tag & 0xFFFF] = bytes(data[pos:pos + length])
         end = pos + length
     if end != len(data):

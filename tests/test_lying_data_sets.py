@@ -287,3 +287,30 @@ def test_a_data_set_in_another_vr_than_its_context_says_is_refused(
         s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID)))
         s.sendall(p_data(CT_ID, 0x02, data_set(tmp_path / "sent.dcm")))
         assert status_of(s) == 0x0000
+
+
+def test_a_c_store_naming_its_instance_twice_is_aborted(node, covid_study, caplog):
+    """PS3.5 7.1: an element at most once. Two Affected SOP Instance UIDs (the data set's,
+    and another's after it) were read as the last one: a C-STORE the node filed under
+    one UID while whatever read the first saw another."""
+    receiver, store = node
+    ds = pydicom.dcmread(covid_study.files[0], stop_before_pixels=True)
+    rq = command([(0x0002, ds.SOPClassUID.encode()), (0x0100, b"\x01\x00"),
+                  (0x0110, b"\x01\x00"), (0x0800, b"\x00\x00"),
+                  (0x1000, ds.SOPInstanceUID.encode()), (0x1000, generate_uid().encode())])
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s)
+        s.sendall(p_data(CT_ID, 0x03, rq))             # aborted before its data set
+        assert ending(s, 5.0) == "abort"
+    assert "command element (0000,1000) given twice" in caplog.text
+    assert store.counts()["instances"] == 0 and _stored(receiver) == []
+    # elements out of order are no lie: the same instance, its elements reversed, is stored
+    rq = command([(0x0800, b"\x00\x00"), (0x1000, ds.SOPInstanceUID.encode()),
+                  (0x0110, b"\x01\x00"), (0x0100, b"\x01\x00"),
+                  (0x0002, ds.SOPClassUID.encode())])
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s)
+        s.sendall(p_data(CT_ID, 0x03, rq))
+        s.sendall(p_data(CT_ID, 0x02, data_set(covid_study.files[0])))
+        assert status_of(s) == 0x0000
+    assert store.counts()["instances"] == 1
