@@ -30,8 +30,8 @@ from pathlib import Path
 import requests
 
 from pacs_node.layout import DataLayout
-from pacs_node.multipart import (CHUNK, StowError, media_type, multipart_files, split_parts,
-                                 write_part)
+from pacs_node.multipart import (CHUNK, StowError, boundary_of, media_type, multipart_files,
+                                 split_parts, write_part)
 from pacs_node.wado import CLAIM_HEADER
 from store.jobs import LeaseLost
 from store.models import Job
@@ -127,9 +127,13 @@ class NodeClient:
                                                'transfer-syntax=*', CLAIM_HEADER: key})
         with answer:
             media, params = media_type(answer.headers.get("content-type", ""))
-            if media != "multipart/related" or not params.get("boundary"):
+            if media != "multipart/related":
                 raise HandOverError(f"WADO-RS answered {media or 'nothing'}, not "
                                     f"multipart/related")
+            try:
+                boundary = boundary_of(params)
+            except StowError as exc:
+                raise HandOverError(f"WADO-RS answer not understood: {exc}") from None
             try:
                 with open(spool, "wb") as f:
                     for chunk in answer.iter_content(CHUNK):
@@ -140,7 +144,7 @@ class NodeClient:
         try:
             with open(spool, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) \
                     as body:
-                for headers, start, end in split_parts(body, params["boundary"].encode()):
+                for headers, start, end in split_parts(body, boundary):
                     path = folder / f"{len(files) + 1:05d}.dcm"
                     write_part(body, start, end, path)
                     files.append(path)

@@ -10,6 +10,7 @@ end within ``MAX_PART_HEAD`` bytes.
 from __future__ import annotations
 
 import mmap
+import re
 from email.message import Message
 from http import HTTPStatus
 
@@ -17,6 +18,8 @@ from http import HTTPStatus
 CHUNK = 1 << 20
 #: A part's headers end within this many bytes.
 MAX_PART_HEAD = 8192
+#: RFC 2046 5.1.1: 1 to 70 of these characters, the last not a space.
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 
 
 class StowError(Exception):
@@ -33,6 +36,19 @@ def media_type(value: str) -> tuple[str, dict[str, str]]:
     msg["content-type"] = value
     params = {k.lower(): v for k, v in msg.get_params()[1:]} if msg.get_params() else {}
     return msg.get_content_type(), params
+
+
+def boundary_of(params: dict[str, str]) -> bytes:
+    """The ``boundary`` parameter of a multipart Content-Type (:func:`media_type`), checked
+    against RFC 2046 5.1.1 (1-70 characters of a small set), or StowError: a delimiter of
+    any length or byte would be searched for through every body."""
+    boundary = params.get("boundary")
+    if not boundary:
+        raise StowError(HTTPStatus.BAD_REQUEST, "multipart/related without a boundary")
+    if not _BOUNDARY.fullmatch(boundary):
+        raise StowError(HTTPStatus.BAD_REQUEST, "the multipart boundary is not 1-70 of the "
+                                                "characters RFC 2046 allows")
+    return boundary.encode("ascii")
 
 
 def split_parts(body: mmap.mmap | bytes, boundary: bytes):

@@ -41,7 +41,8 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence
 
 from pacs_node.layout import UIDRefused, uid_name
-from pacs_node.multipart import CHUNK, StowError, media_type, split_parts, write_part
+from pacs_node.multipart import (CHUNK, StowError, boundary_of, media_type, split_parts,
+                                 write_part)
 from pacs_node.peers import PeerGate
 from pacs_node.web.server import HttpServer
 from pacs_node.storage import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STORE_UNAVAILABLE,
@@ -106,13 +107,11 @@ class StowService:
         if params.get("type", "application/dicom").lower() != "application/dicom":
             raise StowError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                             "only application/dicom parts are accepted")
-        boundary = params.get("boundary")
-        if not boundary:
-            raise StowError(HTTPStatus.BAD_REQUEST, "multipart/related without a boundary")
+        boundary = boundary_of(params)
         if length is not None and length > self.max_bytes:
             raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                             f"body of {length} bytes above the limit of {self.max_bytes}")
-        return boundary.encode("latin-1")
+        return boundary
 
     def store_spooled(self, spool, size: int, boundary: bytes,
                       expected_study: str | None) -> tuple[HTTPStatus, Dataset]:

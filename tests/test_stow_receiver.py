@@ -8,7 +8,6 @@ import json
 import select
 import socket
 import time
-import uuid
 
 import pydicom
 import pytest
@@ -19,6 +18,8 @@ from pacs_node.stow import StowServer
 from pacs_node.web.protocol import MANY_PIECES, MIN_PIECE
 from store.api import JobStore
 from store.models import Series
+
+from stow_client import multipart
 
 
 @pytest.fixture
@@ -43,13 +44,6 @@ def post(port: int, body: bytes, content_type: str, path: str = "/dicom-web/stud
     data = resp.read()
     conn.close()
     return resp.status, json.loads(data) if data else None
-
-
-def multipart(parts: list[tuple[str, bytes]]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = b"".join(b"--%s\r\nContent-Type: %s\r\n\r\n%s\r\n" % (boundary.encode(), t.encode(), d)
-                    for t, d in parts) + b"--%s--\r\n" % boundary.encode()
-    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
 def test_a_study_stored_over_stow_rs_is_on_disk_and_recorded_once(stow, covid_study):
@@ -116,6 +110,25 @@ def test_bad_requests_get_clear_answers_and_the_receiver_goes_on(stow, covid_stu
     assert answer is not None and ("error" in answer or "00081198" in answer)
     good, ctype = multipart([("application/dicom", covid_study.files[0].read_bytes())])
     assert post(server.port, good, ctype)[0] == 200
+
+
+@pytest.mark.parametrize("boundary, read", [
+    (("'()+_,-./:=? " * 6)[:69] + "z", True),           # 70 of the characters allowed
+    ("b" * 71, False), ("b\x01", False), ("b ", False), ("b\u00e9", False)])
+def test_a_boundary_is_what_rfc_2046_allows(stow, covid_study, boundary, read):
+    """RFC 2046 5.1.1: 1-70 characters of a small set, the last not a space; any other
+    is refused before the body is read (a delimiter of any length or byte was searched
+    for through it)."""
+    server, store = stow
+    body, _ = multipart([("application/dicom", covid_study.files[0].read_bytes())],
+                        boundary)
+    code, answer = post(server.port, body,
+                        f'multipart/related; type="application/dicom"; boundary="{boundary}"')
+    if read:
+        assert code == 200 and len(answer["00081199"]["Value"]) == 1
+    else:
+        assert code == 400 and "RFC 2046" in answer["error"]
+        assert store.counts()["instances"] == 0
 
 
 @pytest.mark.parametrize("size", [b"-1ffff", b"0x10", b"+10", b""])
