@@ -135,6 +135,18 @@ def test_the_session_cookie_over_https_and_the_console_headers(https_node):
         users = browser.get(f"{base}/console/users", timeout=30).text
         assert "olga" in users and "argon2" not in users
 
+        # a form that cannot be read says why (it had blamed the CSRF token, and the admin
+        # reloaded a page whose form could never pass); the session goes on
+        csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+        crowded = browser.post(f"{base}/console/signout", timeout=30, allow_redirects=False,
+                               data={"csrf": csrf, **{f"f{i}": "x" for i in range(150)}})
+        assert crowded.status_code == 400 and "more than 100 fields" in crowded.text
+        latin = browser.post(f"{base}/console/signout", timeout=30, allow_redirects=False,
+                             data=f"csrf={csrf}&why=caf\xe9".encode("latin-1"), headers={
+                                 "Content-Type": "application/x-www-form-urlencoded"})
+        assert latin.status_code == 400 and "not UTF-8" in latin.text
+        assert browser.get(f"{base}/console/config", timeout=30).status_code == 200
+
         # a removed user's session ends at once
         lungsys("users", "remove", "ada", "--config", str(https_node["toml"]))
         again = browser.get(f"{base}/console/config", timeout=30, allow_redirects=False)

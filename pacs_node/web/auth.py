@@ -147,14 +147,18 @@ class Doorkeeper:
     async def posted(self, request: Request, needed: Role
                      ) -> tuple[Principal, dict[str, str]] | Response:
         """The principal and its form, for a console form that changes something: the
-        role checked as :meth:`page` does, the form read, its CSRF token checked (403)."""
-        from pacs_node.web.console.render import forbidden, read_form
+        role checked as :meth:`page` does, the form read (a page saying why it cannot be),
+        its CSRF token checked (403)."""
+        from pacs_node.web.console.render import FormError, forbidden, read_form, unreadable
 
         principal = await self.page(request, needed)
         if isinstance(principal, Response):
             return principal
-        form = await read_form(request)
-        if form is None or not self.csrf_ok(principal, form):
+        try:
+            form = await read_form(request)
+        except FormError as exc:
+            return unreadable(request, principal, exc)
+        if not self.csrf_ok(principal, form):
             return forbidden(request, principal, "The form was not sent from this console "
                                                  "(its CSRF token is missing or stale): "
                                                  "reload the page and try again.")

@@ -26,8 +26,8 @@ from starlette.routing import Route
 from pacs_node.delivery import redact
 from pacs_node.web.auth import COOKIE, Doorkeeper, local_path
 from pacs_node.web.console.charts import bar_chart
-from pacs_node.web.console.render import (PER_PAGE, forbidden, page, page_number, read_form,
-                                          stylesheet)
+from pacs_node.web.console.render import (PER_PAGE, FormError, forbidden, page, page_number,
+                                          read_form, stylesheet, unreadable)
 from store.accounts import Role
 
 if TYPE_CHECKING:
@@ -139,10 +139,12 @@ def page_routes(node: "Node", door: Doorkeeper) -> list[Route]:
 
     async def signin(request: Request) -> Response:
         peer = request.client.host if request.client else "?"
-        form = await read_form(request)
+        try:
+            form = await read_form(request)
+        except FormError as exc:
+            return await signin_form(request, str(exc), exc.status)
         nonce = request.cookies.get(SIGNIN_COOKIE, "")
-        if form is None or not nonce or not secrets.compare_digest(form.get("nonce", ""),
-                                                                   nonce):
+        if not nonce or not secrets.compare_digest(form.get("nonce", ""), nonce):
             return await signin_form(request, "The form expired: please sign in again.",
                                      HTTPStatus.FORBIDDEN)
         wait = door.waiting(peer, form.get("name", ""))
@@ -163,9 +165,12 @@ def page_routes(node: "Node", door: Doorkeeper) -> list[Route]:
 
     async def signout(request: Request) -> Response:
         me = await door.who(request)
-        form = await read_form(request)
         if me is not None and me.kind == "user":
-            if form is None or not door.csrf_ok(me, form):
+            try:
+                form = await read_form(request)
+            except FormError as exc:
+                return unreadable(request, me, exc)
+            if not door.csrf_ok(me, form):
                 return forbidden(request, me, "The form was not sent from this console.")
             await anyio.to_thread.run_sync(store.close_session, request.cookies[COOKIE])
             log.info("console: %s signed out", me.name)

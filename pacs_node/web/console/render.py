@@ -88,20 +88,40 @@ def page_number(request: Request) -> int:
         return 1
 
 
-async def read_form(request: Request) -> dict[str, str] | None:
+class FormError(Exception):
+    """A console form that cannot be read: the HTTP status and why, for the page."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def unreadable(request: Request, principal: Principal | None, exc: FormError) -> HTMLResponse:
+    return page(request, principal, "message.html", exc.status, title="Form not read",
+                message=str(exc))
+
+
+async def read_form(request: Request) -> dict[str, str]:
     """An ``application/x-www-form-urlencoded`` body as a dict (first value of each
-    field), or None when it is not one or is larger than ``MAX_FORM_BYTES``."""
+    field), or FormError: another type, above ``MAX_FORM_BYTES``, more than 100 fields
+    or not UTF-8 (each said as such: a page that blamed the CSRF token sent the admin
+    reloading a form that could never pass)."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != \
             "application/x-www-form-urlencoded":
-        return None
+        raise FormError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                        "The form was not sent as application/x-www-form-urlencoded.")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM_BYTES:
-            return None
+            raise FormError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"The form is larger than {MAX_FORM_BYTES // 1024} KiB.")
     try:
-        fields = urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True,
-                                       max_num_fields=100)
-    except (UnicodeDecodeError, ValueError):
-        return None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormError(HTTPStatus.BAD_REQUEST, "The form is not UTF-8.") from None
+    try:
+        fields = urllib.parse.parse_qs(text, keep_blank_values=True, max_num_fields=100)
+    except ValueError:
+        raise FormError(HTTPStatus.BAD_REQUEST, "The form has more than 100 fields.") from None
     return {k: v[0] for k, v in fields.items()}
