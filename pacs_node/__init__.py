@@ -48,6 +48,14 @@ def _framed(text: str) -> str:
     return "\n".join("| " + line.translate(_ESCAPED) for line in text.split("\n"))
 
 
+def one_line(exc: BaseException) -> str:
+    """What an exception says, for a log line or a row's error: its first line, at most
+    200 characters (a driver's message runs on with its SQL and parameters; a library's
+    may be empty: then its type)."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
 def log_to_stderr(level: int) -> None:
     """The root logger writes one-line records (:class:`OneLineFormatter`) to stderr, at
     ``level`` (the first call installs the handler; later ones set the level)."""

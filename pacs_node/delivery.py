@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from config import Destination, DestinationKind
+from pacs_node import one_line
 from pacs_node.dimse import STORED
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def send_stow(destination: Destination, files: list[Path], timeout: float = 60.0
         response = client.store_instances(datasets=datasets)
     except Exception as exc:
         raise DeliveryError(redact(f"STOW-RS to {destination.url} failed: "
-                                   f"{str(exc).splitlines()[0][:200]}")) from None
+                                   f"{one_line(exc)}")) from None
     failed = response.get("FailedSOPSequence") if response is not None else None
     if failed:
         raise DeliveryError(f"STOW-RS: {len(failed)} of {len(datasets)} objects refused")

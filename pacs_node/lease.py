@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from pacs_node import one_line
+
 log = logging.getLogger(__name__)
 
 
@@ -44,8 +46,7 @@ class Heartbeat:
         try:
             held = self.store.heartbeat(self.name, job_id, self.lease_seconds)
         except Exception as exc:            # the job store is away: the lease runs on
-            log.warning("heartbeat of %s not recorded: %s", self.name,
-                        str(exc).splitlines()[0][:200])
+            log.warning("heartbeat of %s not recorded: %s", self.name, one_line(exc))
             return
         if not held and job_id is not None and job_id == self.job_id \
                 and not self.lost.is_set():
@@ -98,5 +99,5 @@ class JobBell:
                         for _ in c.notifies(timeout=1.0, stop_after=1):
                             self.wake.set()
             except psycopg.Error as exc:
-                log.debug("job bell: %s", str(exc).splitlines()[0] if str(exc) else exc)
+                log.debug("job bell: %s", one_line(exc))
                 self._stop.wait(5)

@@ -30,7 +30,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import OperationalError
 
 from config import NODE_ID_FILE, AssemblyTrigger, NodeConfig, UserIdentity
-from pacs_node import stow
+from pacs_node import one_line, stow
 from pacs_node.choice import candidate, choose, header_filter
 from pacs_node.layout import DataLayout, LockFile
 from pacs_node.outbound import Outbound
@@ -74,8 +74,8 @@ def _store_may_be_away(name: str, sweep):
             if now - said[0] >= STORE_AWAY_LOG_SECONDS:
                 said[0] = now
                 log.warning("the %s sweep cannot use the job store now (%s); it tries again "
-                            "every %g s", name, str(getattr(exc, "orig", None) or exc)
-                            .splitlines()[0][:200], SWEEP_SECONDS)
+                            "every %g s", name, one_line(getattr(exc, "orig", None) or exc),
+                            SWEEP_SECONDS)
     return run
 
 

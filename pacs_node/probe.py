@@ -12,6 +12,7 @@ import socket
 import ssl
 
 from config import Destination, DestinationKind
+from pacs_node import one_line
 from pacs_node.delivery import redact
 
 #: Seconds a probe waits for the peer.
@@ -73,7 +74,7 @@ def probe(destination: Destination, calling: str) -> str:
         answer = requests.get(url, params={"limit": "1"}, timeout=TIMEOUT,
                               headers={"Accept": "application/dicom+json"})
     except requests.RequestException as exc:
-        raise ProbeError(f"{redact(url)}: {redact(str(exc).splitlines()[0])[:200]}") from None
+        raise ProbeError(f"{redact(url)}: {redact(one_line(exc))}") from None
     if answer.status_code >= 400:
         raise ProbeError(f"QIDO-RS {redact(url)}: HTTP {answer.status_code}")
     return f"QIDO-RS {redact(url)}: HTTP {answer.status_code}"

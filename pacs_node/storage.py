@@ -36,6 +36,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from pacs_node import one_line
 from pacs_node.dimse import Status
 from pacs_node.header import (InstanceHeader, read_file_header, read_header,
                                refuse_inflation_bomb)
@@ -202,7 +203,7 @@ class InstanceStorage:
                                           else read_file_header(tmp))
             except Exception as exc:
                 log.warning("an instance from %s cannot be understood: %s", origin,
-                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                            one_line(exc))
                 self.record_refusal(origin, "cannot be read as DICOM",
                                     announced[1] if announced else "")
                 return Outcome(CANNOT_UNDERSTAND, reason="cannot be read as DICOM")
@@ -258,7 +259,7 @@ class InstanceStorage:
         except (StoreUnavailable, SQLAlchemyError) as exc:
             self._unplace(placed, path)
             log.error("an instance from %s was refused: the job store cannot record it (%s)",
-                      origin, str(exc).splitlines()[0][:300])
+                      origin, one_line(exc))
             return Outcome(OUT_OF_RESOURCES, reason=STORE_UNAVAILABLE)
         except OSError as exc:
             self._unplace(placed, path)
@@ -302,7 +303,7 @@ class InstanceStorage:
                                        series_instance_uid=series_instance_uid,
                                        sop_instance_uid=sop_instance_uid)
         except Exception as exc:          # the refusal stands; the log has it
-            log.error("the refusal could not be recorded: %s", str(exc).splitlines()[0][:200])
+            log.error("the refusal could not be recorded: %s", one_line(exc))
 
     def _refused(self, status: int, reason: str, origin: str, header: InstanceHeader,
                  kind: IncidentKind = IncidentKind.refused) -> Outcome:

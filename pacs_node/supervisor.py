@@ -29,6 +29,7 @@ import time
 from multiprocessing.connection import wait
 
 from config import NodeConfig
+from pacs_node import one_line
 from pacs_node.worker import worker_name
 from pacs_node.worker_process import LOAD_SECONDS, STOP_SECONDS, WorkerProcess
 from store.api import JobStore
@@ -171,7 +172,6 @@ class WorkerSupervisor:
                                        f"the worker process {worker.pid} died ({why})"
                                        f"{outcome}", node=self.config.node_id, job_id=job)
         except Exception as exc:
-            log.error("the worker's death could not be recorded: %s",
-                      str(exc).splitlines()[0][:300])
+            log.error("the worker's death could not be recorded: %s", one_line(exc))
         log.error("the worker process %s died (%s)%s; it is started again", worker.pid,
                   why, outcome)

@@ -29,7 +29,7 @@ from typing import Callable, Protocol
 import pydicom
 
 from config import NodeConfig, NotificationEvent, Priority
-from pacs_node import notify
+from pacs_node import notify, one_line
 from inference.errors import SeriesError
 from inference.series import load_series
 from pacs_node.exchange import HandOverError, SharedFolder
@@ -85,7 +85,7 @@ class JobRunner:
             self.store.register_worker(self.name, _device_label(getattr(info, "device", "")),
                                        self.node_id, getattr(info, "version", ""))
         except Exception as exc:         # the job store is away: the claims will say so
-            log.error("the worker cannot register: %s", str(exc).splitlines()[0][:300])
+            log.error("the worker cannot register: %s", one_line(exc))
         heart = Heartbeat(self.store, self.name, lease).start()
         try:
             self._loop(stop, wake, heart)
@@ -107,7 +107,7 @@ class JobRunner:
                         self._failure_told(job_id)
                 job = self.claim()
             except Exception as exc:     # the job store is away: try again later
-                log.error("the worker cannot take a job: %s", str(exc).splitlines()[0][:300])
+                log.error("the worker cannot take a job: %s", one_line(exc))
                 job = None
             if job is None:
                 wake.wait(timeout=5)

@@ -136,3 +136,18 @@ def test_no_request_can_forge_a_line_of_the_log():
     assert lines[-3].startswith("| ") and "Traceback" in proc.stderr
     [record] = [line for line in lines if not line.startswith("| ") and "fault" in line]
     assert record.endswith("ERROR pacs_node: a fault of its own")
+
+
+def test_an_exception_is_logged_in_one_line_even_when_it_says_nothing():
+    """A driver's message runs on with its SQL; a library's may be empty. The node's log
+    lines and rows' errors take the first line, or the type: an empty message once made
+    the line's own formatting raise IndexError inside the handler meant to log it."""
+    from sqlalchemy.exc import OperationalError
+
+    from pacs_node import one_line
+
+    driver = OperationalError("SELECT * FROM jobs WHERE id = ?", (7,),
+                              Exception("database is locked"))
+    assert one_line(driver) == "(builtins.Exception) database is locked"
+    assert one_line(OSError()) == "OSError" and one_line(ValueError("  \n ")) == "ValueError"
+    assert len(one_line(ValueError("x" * 1000))) == 200

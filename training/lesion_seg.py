@@ -32,6 +32,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from inference.model_file import one_line
 from inference.sr import LESION_TYPE_CODES
 
 #: Segmented Property Category of a lesion (SCT 49755003; SNOMED-RT's M-01000 is the same
@@ -55,11 +56,6 @@ _TYPE_BY_WORDS = {**{_words(t): t for t in LESION_TYPE_CODES},
 
 class SegmentationError(ValueError):
     """A segmentation that cannot be a study's lesion truth, in one line."""
-
-
-def _first_line(exc: Exception) -> str:
-    """What a library's exception says, in one short line for the row's error."""
-    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
 
 
 @dataclass
@@ -132,7 +128,7 @@ def _open(path: Path, slices: list[str], size: tuple[int, int]):
         seg = hd.seg.segread(path)
     except Exception as exc:                     # not DICOM, not a SEG, not well-formed
         raise SegmentationError(f"{path.name} is not a readable DICOM Segmentation "
-                                f"({_first_line(exc)})") from None
+                                f"({one_line(exc)})") from None
     if (int(seg.Rows), int(seg.Columns)) != tuple(size):
         raise SegmentationError(f"{path.name} is {seg.Rows} x {seg.Columns}, the series "
                                 f"{size[0]} x {size[1]}")
@@ -160,7 +156,7 @@ def _masks(seg, name: str, uids: list[str], number: int) -> np.ndarray:
             assert_missing_frames_are_empty=True)
     except Exception as exc:                 # highdicom's many refusals: the row's error
         raise SegmentationError(f"{name}: segment {number} cannot be read "
-                                f"({_first_line(exc)})") from None
+                                f"({one_line(exc)})") from None
     return pixels[..., 0] >= 0.5 if pixels.dtype.kind == "f" else pixels[..., 0] > 0
 
 
