@@ -153,7 +153,7 @@ def read_file_header(path: Path) -> InstanceHeader:
 def _refuse_group_0000(head: bytes) -> None:
     """ValueError when the data set after the file meta begins with group 0000: pydicom
     would read it as a command set, every zero element of a padded file one by one."""
-    start, _ = _file_meta(head)
+    start, _ = file_meta(head)
     if start and len(head) >= start + 8 and head[start:start + 2] == b"\0\0":
         raise ValueError("the data set begins with group 0000 (zeros?)")
 
@@ -191,7 +191,7 @@ def refuse_inflation_bomb(path: Path, transfer_syntax: str | None,
     if transfer_syntax and transfer_syntax not in DEFLATED:
         return                               # (the usual case: the file is not opened)
     with open(path, "rb") as f:
-        meta_end, syntax = _file_meta(f.read(65536))
+        meta_end, syntax = file_meta(f.read(65536))
         if (transfer_syntax or syntax) not in DEFLATED:
             return
         f.seek(meta_end)
@@ -208,7 +208,7 @@ def refuse_inflation_bomb(path: Path, transfer_syntax: str | None,
             raise ValueError(f"its deflated data set cannot be inflated ({exc})") from None
 
 
-def _file_meta(head: bytes) -> tuple[int, str]:
+def file_meta(head: bytes) -> tuple[int, str]:
     """Where a Part-10 file's data set begins, and its file meta's transfer syntax ("" when
     there is none): past the preamble, "DICM" and group 0002, whose length its first
     element gives (else its elements are walked while they are group 0002)."""

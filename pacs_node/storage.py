@@ -40,6 +40,7 @@ from pacs_node import one_line
 from pacs_node.dimse import Status
 from pacs_node.header import (InstanceHeader, read_file_header, read_header,
                                refuse_inflation_bomb)
+from pacs_node.structure import check_elements
 from pacs_node.layout import DataLayout, OutsideDataDir, UIDRefused
 from store.api import JobStore, ReceivedInstance, Recorded, StoreUnavailable
 from store.models import IncidentKind
@@ -192,11 +193,13 @@ class InstanceStorage:
         placed: int | None = None       # the inode of the file moved into place
         path: Path | None = None
         try:
-            try:
-                refuse_inflation_bomb(tmp, transfer_syntax)
-            except ValueError as exc:           # (its header unread: the command's UIDs)
-                return self._refused(OUT_OF_RESOURCES, str(exc), origin, InstanceHeader(
-                    *(announced or ("", "")), "", "", transfer_syntax or ""))
+            for check, status in ((refuse_inflation_bomb, OUT_OF_RESOURCES),
+                                  (check_elements, CANNOT_UNDERSTAND)):
+                try:
+                    check(tmp, transfer_syntax)
+                except ValueError as exc:       # (its header unread: the command's UIDs)
+                    return self._refused(status, str(exc), origin, InstanceHeader(
+                        *(announced or ("", "")), "", "", transfer_syntax or ""))
             try:
                 header: InstanceHeader = (read_header(start, transfer_syntax, tmp)
                                           if start and transfer_syntax

@@ -1,0 +1,143 @@
+"""Data sets whose elements are read one way by the node and another by every later reader.
+
+The node files an instance by the UIDs near the start of its data set; pydicom (the
+worker, the console, a PACS) reads the whole and keeps the last of an element given twice;
+and it takes group 0002 elements at the start of a data set for file meta. A second Study
+Instance UID after the pixel data, or a "(0002,0010) deflated" heading an explicit VR data
+set, each acknowledged, had the node file one thing and analyse (or inflate) another.
+Each is refused with 0xC000 (PS3.5 7.1; PS3.10 7.1), nothing stored; honest nesting is
+stored.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import zlib
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+from pacs_node.structure import MAX_DEPTH
+
+from raw_peer import CT_ID, associate, c_store_rq, data_set, p_data, status_of
+from stow_client import multipart, post
+
+
+@pytest.fixture
+def node(start_node):
+    return start_node(allowed_calling_aets=["CT1"])
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    value += b"\0" * (len(value) % 2)
+    if vr in (b"OB", b"SQ", b"UN", b"UT"):
+        return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _deflated(body: bytes) -> bytes:
+    """(0002,0010) Deflated, then ``body`` and 8 MiB of zeros deflated (8 KiB)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    inner = body + _element(0x7FE1, 0x1000, b"OB", bytes(8 << 20))
+    return (_element(0x0002, 0x0010, b"UI", DeflatedExplicitVRLittleEndian.encode())
+            + deflate.compress(inner) + deflate.flush())
+
+
+def _store(receiver, ds: Dataset, body: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
+        associate(s)
+        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID)))
+        for at in range(0, len(body), 16000):                 # PDVs of a PDU of 16 KiB
+            last = at + 16000 >= len(body)
+            s.sendall(p_data(CT_ID, 0x02 if last else 0x00, body[at:at + 16000]))
+        return status_of(s)
+
+
+def _stored(receiver) -> list:
+    return [p for p in receiver.storage.incoming.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("lie", ["study after pixels", "instance repeated",
+                                 "out of order", "meta saying deflated"])
+def test_a_data_set_whose_elements_lie_is_refused(node, covid_study, lie, caplog):
+    receiver, store = node
+    path = covid_study.files[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    body = data_set(path)                                    # explicit VR little endian
+    other = generate_uid().encode()
+    if lie == "study after pixels":             # pydicom keeps the last: another study
+        body += _element(0x7FE1, 0x0010, b"LO", b"X") + _element(0x0020, 0x000D, b"UI", other)
+    elif lie == "instance repeated":
+        body += _element(0x7FE0, 0x0010, b"OB", b"")         # a second Pixel Data, empty
+    elif lie == "out of order":
+        body = _element(0x0020, 0x000D, b"UI", other) + body
+    else:                                       # every reader would inflate what follows
+        body = _deflated(body)
+    assert _store(receiver, ds, body) == 0xC000
+    assert store.counts()["instances"] == 0 and _stored(receiver) == []
+    [incident] = store.incidents()
+    assert "PS3" in incident.detail and incident.origin == "CT1"
+    assert _store(receiver, ds, data_set(path)) == 0x0000     # the honest one after it
+
+
+def test_a_stow_part_with_file_meta_after_its_group_length_is_refused(tmp_path, covid_study):
+    """The group length bounds the file meta the node reads; pydicom reads on while the
+    group is 0002: a (0002,0010) just after it made the part "deflated" to every reader."""
+    from pacs_node.storage import CANNOT_UNDERSTAND, InstanceStorage
+    from pacs_node.stow import StowServer
+    from store.api import JobStore
+
+    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
+    server = StowServer(InstanceStorage(store, tmp_path / "data", min_free_disk_mb=1))
+    server.start("127.0.0.1", 0)
+    try:
+        raw = covid_study.files[0].read_bytes()
+        meta_end = 144 + int.from_bytes(raw[140:144], "little")
+        hostile = raw[:meta_end] + _deflated(raw[meta_end:])
+        body, ctype = multipart([("application/dicom", hostile)])
+        status, _, answer = post(server.port, body, ctype)
+        assert status == 409
+        [failed] = answer["00081198"]["Value"]
+        assert failed["00081197"]["Value"] == [CANNOT_UNDERSTAND]
+        assert store.counts()["instances"] == 0
+        body, ctype = multipart([("application/dicom", raw)])
+        assert post(server.port, body, ctype)[0] == 200
+    finally:
+        server.stop()
+
+
+def _nested(ds: Dataset, depth: int) -> None:
+    """``depth`` Content Sequences, each in the one before, all of undefined length (as
+    DCMTK writes them), with items of undefined length."""
+    item = Dataset()
+    item.CodeMeaning = "innermost"
+    for level in range(depth):
+        outer = ds if level == depth - 1 else Dataset()
+        outer.ContentSequence = Sequence([item])
+        outer["ContentSequence"].is_undefined_length = True
+        item.is_undefined_length_sequence_item = True
+        item = outer
+
+
+@pytest.mark.parametrize("depth, status", [(MAX_DEPTH, 0x0000), (MAX_DEPTH + 1, 0xC000)])
+def test_sequences_of_undefined_length_are_walked_to_a_depth(node, covid_study, depth,
+                                                               status):
+    """Sequences and items of undefined length (as DCMTK writes them) are walked item by
+    item to find the element after them; deeper than MAX_DEPTH is refused."""
+    receiver, store = node
+    ds = pydicom.dcmread(covid_study.files[0])
+    _nested(ds, depth)
+    ds.SOPInstanceUID = generate_uid()
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    body = buffer.getvalue()
+    assert body.count(b"\xfe\xff\xdd\xe0") == depth           # one delimiter a sequence
+    assert _store(receiver, ds, body) == status
+    assert store.counts()["instances"] == (status == 0)
