@@ -8,8 +8,8 @@ an unknown character set): none of them is needed by the model, so none may
 fail a job. :func:`conformant_header` keeps every top-level text value that
 conforms to its VR (PS3.5 6.2), empties the Type 2 attributes highdicom
 reads when theirs does not, and leaves any other non-conforming value out,
-as the standard allows for attributes the results need not carry. Values
-are never logged: only the keyword, at DEBUG.
+as the standard allows for attributes the results need not carry, and so are
+private elements. Values are never logged: only the keyword, at DEBUG.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ _TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UR UT".split())
 _PARSE = {"DA": DA, "DT": DT, "TM": TM}
 _ENUMS = {"PatientSex": {v.value for v in PatientSexValues}}
 _CHARSETS = {v.value for v in SpecificCharacterSetValues} | {"", "ISO_IR 6"}
+#: A sequence nesting deeper than this is not copied (the standard's objects nest a few).
+MAX_NESTING = 16
 
 
 def _conforms(elem) -> bool:
@@ -57,12 +59,36 @@ def _conforms(elem) -> bool:
     return True
 
 
+def _nests_deeper(elem, limit: int) -> bool:
+    """Whether a sequence holds sequences more than ``limit`` deep (walked without
+    recursion: copying one a hundred deep ran out of Python's stack)."""
+    pending = [(elem, 1)] if elem.VR == "SQ" else []
+    while pending:
+        sequence, depth = pending.pop()
+        if depth > limit:
+            return True
+        pending.extend((inner, depth + 1) for item in sequence.value for inner in item
+                       if inner.VR == "SQ")
+    return False
+
+
 def conformant_header(header: Dataset) -> Dataset:
-    """A copy of ``header`` whose top-level text values conform (see the module).
+    """A copy of ``header`` whose top-level text values conform (see the module), without
+    its private elements (no result copies them; a sender's 20,000-item private sequence
+    cost a job minutes and a gigabyte) and sequences nesting deeper than MAX_NESTING.
 
     Never raises; logs keywords only, at DEBUG.
     """
-    ds = copy.deepcopy(header)
+    ds = Dataset()
+    ds.file_meta = copy.deepcopy(getattr(header, "file_meta", Dataset()))
+    for elem in header:
+        if elem.tag.is_private:
+            continue
+        if _nests_deeper(elem, MAX_NESTING):
+            log.debug("the source's %s nests deeper than %d: not copied", elem.keyword,
+                      MAX_NESTING)
+            continue
+        ds.add(copy.deepcopy(elem))
     charsets = ds.get("SpecificCharacterSet") or "ISO_IR 6"
     if any(c not in _CHARSETS
            for c in (charsets if isinstance(charsets, MultiValue) else [charsets])):

@@ -13,7 +13,6 @@ heatmaps are made for the slices the model flags as lesion-bearing;
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,19 +93,31 @@ class ResultFiles:
 
 def slice_source(series: CTSeries, index: int, header: Dataset | None = None) -> Dataset:
     """The CT dataset (header only) of one slice, as results reference it
-    (``header``: the series' header made conformant, see :mod:`inference.conformance`)."""
+    (``header``: the series' header made conformant, see :mod:`inference.conformance`).
+
+    It shares the header's elements (the builders only read them) and has its own where
+    the slice differs: a copy of the whole header for each slice cost a job time and
+    memory in proportion to the header's size times the slices."""
     info = series.slices[index]
-    ds = copy.deepcopy(series.header if header is None else header)  # never the original
-    ds.SOPInstanceUID = info.sop_instance_uid
+    header = series.header if header is None else header
+    ds = Dataset()
+    ds.file_meta = header.file_meta if hasattr(header, "file_meta") else Dataset()
+    for elem in header:
+        ds.add(elem)
+    own = {"SOPInstanceUID": info.sop_instance_uid}
     if not ds.get("Modality"):        # the loader took it as CT (a result names a modality)
-        ds.Modality = "CT"
+        own["Modality"] = "CT"
     if info.frame is None:
-        ds.ImagePositionPatient = list(info.position)
+        own["ImagePositionPatient"] = list(info.position)
         if info.instance_number is not None:
-            ds.InstanceNumber = info.instance_number
+            own["InstanceNumber"] = info.instance_number
     else:   # a frame of an enhanced instance: its geometry, as a slice's, for the builders
-        ds.ImageOrientationPatient = [float(v) for v in series.orientation]
-        ds.PixelSpacing = [float(v) for v in series.pixel_spacing]
+        own["ImageOrientationPatient"] = [float(v) for v in series.orientation]
+        own["PixelSpacing"] = [float(v) for v in series.pixel_spacing]
+    for keyword, value in own.items():
+        if keyword in ds:
+            del ds[keyword]             # (setting it would change the header's element)
+        setattr(ds, keyword, value)
     return ds
 
 

@@ -100,3 +100,41 @@ def test_a_failing_job_names_no_patient_value(tmp_path, hostile_series, caplog):
     assert BIRTH_DATE not in job.error
     logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG)
     assert BIRTH_DATE not in logged and "job 1 failed: ValueError" in logged
+
+
+def test_a_huge_private_sequence_or_a_deep_one_is_not_carried_into_the_results(
+        study_factory, tmp_path):
+    """A sender's private sequence of 20,000 items was copied once per slice (a 300-slice
+    job: an hour and tens of GB); a sequence nested 100 deep failed the job with a
+    RecursionError. Neither is needed by a result: private elements are left out, a
+    sequence too deep to copy too, and each slice's source shares the header's elements."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from inference.conformance import conformant_header
+    from inference.export import slice_source
+
+    study = study_factory("covid", 1, 12)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i, f in enumerate(study.files):
+        ds = pydicom.dcmread(f)
+        if i == 0:                          # the header the loader keeps is the first's
+            block = ds.private_block(0x0029, "HOSTILE SENDER", create=True)
+            block.add_new(0x10, "SQ", Sequence(Dataset() for _ in range(20_000)))
+            item = Dataset()
+            for _ in range(100):
+                outer = Dataset()
+                outer.ContentSequence = Sequence([item])
+                item = outer
+            ds.ContentSequence = item.ContentSequence
+        ds.save_as(folder / f.name)
+    series = load_series(folder)
+    header = conformant_header(series.header)
+    assert not any(e.tag.is_private for e in header) and "ContentSequence" not in header
+    sources = [slice_source(series, i, header) for i in range(len(series))]
+    assert sources[3]["PatientID"] is header["PatientID"]            # shared, not copied
+    assert sources[3].SOPInstanceUID != header.SOPInstanceUID == series.header.SOPInstanceUID
+    result = Engine(hotspot_model(), device="cpu").analyze(series)
+    files = write_results(result, series, tmp_path / "out")
+    assert files.sr.exists() and dciodvfy_errors(files.sr) == []
