@@ -43,7 +43,8 @@ established by :mod:`pacs_node.acse`):
   the response leaves out what is not a UID), one whose SOP Class is not the
   abstract syntax of the presentation context it came on 0x0122 (SOP Class
   Not Supported); its data set is read and dropped, the refusal told to
-  ``refused``; a C-ECHO is answered 0x0122 for either; a C-STORE-RQ that says
+  ``refused`` (and so is a C-STORE of the Verification SOP Class, which is
+  C-ECHO's alone: PS3.4 A); a C-ECHO is answered 0x0122 for either; a C-STORE-RQ that says
   no data set follows ends the association with an A-ABORT;
 - a data set cut short, however the association ends, leaves no file.
 """
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
 
 from pacs_node.acse import (MAX_PDU, Acceptor, Authenticator, Context,  # noqa: F401
                             Rejected, _read_exact, _read_header)
@@ -313,6 +315,9 @@ class StorageSCP:
             status = Status.SOP_CLASS_NOT_SUPPORTED
             why = why or (f"SOP Class {sop_class} sent on the presentation context "
                           f"negotiated for {context.abstract_syntax}")
+        elif not echo and not why and sop_class == Verification:
+            status = Status.SOP_CLASS_NOT_SUPPORTED      # PS3.4 A: C-ECHO only, nothing kept
+            why = "a C-STORE of the Verification SOP Class"
         if why:
             log.warning("refusing a %s from %s (0x%04X): %s", "C-ECHO" if echo else "C-STORE",
                         calling, status, why)

@@ -154,19 +154,27 @@ def test_a_series_uid_sent_again_under_another_study_is_refused_not_merged(
 
 
 def test_a_message_on_a_context_negotiated_for_another_sop_class_is_refused(
-        node, covid_study, caplog):
+        node, covid_study, caplog, tmp_path):
     """A presentation context says what its messages are about (PS3.8 7.1.1.13): a CT
-    image sent on the Verification context, or on Secondary Capture's, is not stored."""
+    image sent on the Verification context, or on Secondary Capture's, is not stored; nor
+    is an "instance" of the Verification SOP Class itself (C-ECHO's alone: PS3.4 A)."""
     receiver, store = node
     path = covid_study.files[0]
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     body = data_set(path)
+    echo_instance = pydicom.dcmread(path)
+    echo_instance.SOPClassUID = echo_instance.file_meta.MediaStorageSOPClassUID = \
+        "1.2.840.10008.1.1"
+    echo_instance.file_meta.TransferSyntaxUID = IMPLICIT   # the Verification context's
+    echo_instance.save_as(tmp_path / "echo.dcm", enforce_file_format=True)
     with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
         associate(s, associate_rq(secondary_capture=True))
-        for message_id, context in ((1, VERIFICATION_ID), (2, SC_ID)):
-            s.sendall(p_data(context, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID,
+        for message_id, context, sop_class, data in (
+                (1, VERIFICATION_ID, ds.SOPClassUID, body), (2, SC_ID, ds.SOPClassUID, body),
+                (7, VERIFICATION_ID, "1.2.840.10008.1.1", data_set(tmp_path / "echo.dcm"))):
+            s.sendall(p_data(context, 0x03, c_store_rq(sop_class, ds.SOPInstanceUID,
                                                        message_id)))
-            s.sendall(p_data(context, 0x02, body))
+            s.sendall(p_data(context, 0x02, data))
             assert status_of(s) == 0x0122        # Refused: SOP Class Not Supported
         s.sendall(p_data(CT_ID, 0x03, c_echo_rq(3)))
         assert status_of(s) == 0x0122
@@ -176,7 +184,7 @@ def test_a_message_on_a_context_negotiated_for_another_sop_class_is_refused(
         assert status_of(s) == 0x0122                # a C-ECHO naming no SOP Class
         assert store.counts()["instances"] == 0 and _stored(receiver) == []
         assert "sent on the presentation context negotiated for 1.2.840.10008.1.1" in caplog.text
-        assert [i.sop_instance_uid for i in store.incidents()] == [ds.SOPInstanceUID] * 2
+        assert [i.sop_instance_uid for i in store.incidents()] == [ds.SOPInstanceUID] * 3
         s.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq(5)))
         assert status_of(s) == 0x0000
         s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID, 6)))
