@@ -14,6 +14,9 @@ QUIET_LIBRARIES = {"pynetdicom": logging.WARNING, "apscheduler": logging.WARNING
                    "urllib3": logging.WARNING, "PIL": logging.WARNING,
                    "highdicom": logging.WARNING, "sqlalchemy": logging.WARNING,
                    "uvicorn": logging.ERROR,        # its warnings: the node's own lines
+                   # its "Exception in ASGI application" with the traceback, after the
+                   # node's own one line for the fault (pacs_node.web.app; traceback at DEBUG)
+                   "uvicorn.error": logging.CRITICAL,
                    "dicomweb_client": logging.WARNING,
                    "pynetdicom.transport": logging.CRITICAL}
 

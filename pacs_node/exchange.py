@@ -126,14 +126,14 @@ class NodeClient:
                             headers={"Accept": 'multipart/related; type="application/dicom"; '
                                                'transfer-syntax=*', CLAIM_HEADER: key})
         with answer:
-            media, params = media_type(answer.headers.get("content-type", ""))
+            try:
+                media, params = media_type(answer.headers.get("content-type", ""))
+                boundary = boundary_of(params) if media == "multipart/related" else b""
+            except StowError as exc:
+                raise HandOverError(f"WADO-RS answer not understood: {exc}") from None
             if media != "multipart/related":
                 raise HandOverError(f"WADO-RS answered {media or 'nothing'}, not "
                                     f"multipart/related")
-            try:
-                boundary = boundary_of(params)
-            except StowError as exc:
-                raise HandOverError(f"WADO-RS answer not understood: {exc}") from None
             try:
                 with open(spool, "wb") as f:
                     for chunk in answer.iter_content(CHUNK):

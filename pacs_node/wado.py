@@ -90,7 +90,10 @@ def acceptable(accept: str) -> bool:
     if not accept.strip():
         return True
     for item in accept.split(","):
-        media, params = media_type(item.strip())
+        try:
+            media, params = media_type(item.strip())
+        except StowError:                   # a parameter twice: not this one
+            continue
         if media in ("*/*", "multipart/*") or (
                 media == "multipart/related"
                 and params.get("type", "application/dicom").lower() == "application/dicom"

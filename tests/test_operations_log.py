@@ -151,3 +151,31 @@ def test_an_exception_is_logged_in_one_line_even_when_it_says_nothing():
     assert one_line(driver) == "(builtins.Exception) database is locked"
     assert one_line(OSError()) == "OSError" and one_line(ValueError("  \n ")) == "ValueError"
     assert len(one_line(ValueError("x" * 1000))) == 200
+
+
+def test_a_fault_of_the_node_is_one_error_line_and_its_traceback_debug():
+    """A 500 is one ERROR line naming the fault and where; uvicorn's own "Exception in
+    ASGI application" had followed it with the traceback, at ERROR, for every such fault."""
+    script = (
+        "import logging, urllib.request, urllib.error\n"
+        "from starlette.routing import Route\n"
+        "from pacs_node import configure_logging\n"
+        "from pacs_node.peers import PeerGate\n"
+        "from pacs_node.web.app import make_app\n"
+        "from pacs_node.web.server import HttpServer\n"
+        "configure_logging(logging.INFO)\n"
+        "def boom(request):\n"
+        "    raise RuntimeError('a fault')\n"
+        "server = HttpServer(make_app([Route('/boom', boom)]), PeerGate())\n"
+        "server.start('127.0.0.1', 0)\n"
+        "try:\n"
+        "    urllib.request.urlopen(f'http://127.0.0.1:{server.port}/boom', timeout=30)\n"
+        "except urllib.error.HTTPError as exc:\n"
+        "    print(exc.code, exc.read().decode())\n"
+        "server.stop()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == '500 {"error":"internal error"}', proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "HTTP GET /boom failed: RuntimeError in <string>:" in errors[0]
+    assert "Traceback" not in proc.stderr and "| " not in proc.stderr, proc.stderr

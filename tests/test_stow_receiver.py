@@ -131,6 +131,24 @@ def test_a_boundary_is_what_rfc_2046_allows(stow, covid_study, boundary, read):
         assert store.counts()["instances"] == 0
 
 
+@pytest.mark.parametrize("parameters", ["boundary=a; boundary=b", "Boundary=b; boundary=b",
+                                        "boundary*=''b", "boundary*0=b",
+                                        'type="application/dicom"; TYPE=x; boundary=b'])
+def test_a_content_type_parameter_given_twice_or_extended_is_refused(stow, covid_study,
+                                                                     parameters):
+    """RFC 9110 5.6.6 has neither; readers differ on them (the last or the first, RFC 2231
+    or not), so a proxy and the node would read different boundaries. The extended form
+    was answered 500, a repeated boundary read as its last."""
+    server, store = stow
+    body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n"
+            + covid_study.files[0].read_bytes() + b"\r\n--b--\r\n")
+    code, answer = post(server.port, body, f"multipart/related; {parameters}")
+    assert code == 400 and "given twice or in RFC 2231's form" in answer["error"]
+    assert store.counts()["instances"] == 0
+    code, _ = post(server.port, body, 'multipart/related; type="application/dicom"; boundary=b')
+    assert code == 200
+
+
 @pytest.mark.parametrize("size", [b"-1ffff", b"0x10", b"+10", b""])
 def test_chunk_sizes_that_are_not_hex_digits_are_refused(stow, size):
     server, store = stow
