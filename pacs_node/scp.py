@@ -29,7 +29,9 @@ established by :mod:`pacs_node.acse`):
   must arrive within ``ARTIM_SECONDS``, every later PDU within ``timeout``
   seconds of its first byte, and no PDU may be awaited longer than
   ``timeout``: deadlines, not per-read timeouts, so a peer trickling a byte
-  at a time cannot hold a place;
+  at a time cannot hold a place; nor can one sending a PDU of one byte just
+  within each timeout: a message (command and data set) must come at
+  ``MIN_RATE`` on average after its first ``timeout`` seconds;
 - a PDU's announced length is checked before anything is allocated: an
   A-ASSOCIATE-RQ up to ``MAX_ASSOCIATE_RQ``, a P-DATA-TF up to the
   ``MAX_PDU`` the node announced, every other PDU its fixed size; command
@@ -83,6 +85,11 @@ ARTIM_SECONDS = 30.0
 MAX_COMMAND = 16 << 10
 #: While a data set streams in, the free disk is looked at again every this many bytes.
 DISK_CHECK_BYTES = 64 << 20
+#: A message must come at this many bytes a second on average after its first ``timeout``
+#: seconds (64 KiB/s: half a megabit; a CT image's message is whole within the first
+#: minute on any link). Four associations each sent a byte every 15 s for as long as
+#: they liked, and every other sender was rejected meanwhile (local limit exceeded).
+MIN_RATE = 64 << 10
 
 #: store(temp file with the Part-10 instance, calling AE title, transfer syntax, the data
 #: set's first fragment, the command's (SOP Class UID, SOP Instance UID)) -> status.
@@ -117,6 +124,8 @@ class _Association:
     calling: str = "?"
     contexts: dict[int, Context] = field(default_factory=dict)   # the accepted, by id
     message: _Message | None = None
+    since: float | None = None        # when the message under way began (its command)
+    received: int = 0                 # and its bytes so far
 
 
 class StorageSCP:
@@ -274,6 +283,9 @@ class StorageSCP:
                 pos += 4 + pdv_length
                 if context_id not in contexts:
                     raise ProtocolError(f"presentation context {context_id} not accepted")
+                if assoc.since is None:
+                    assoc.since, assoc.received = time.monotonic(), 0
+                assoc.received += len(fragment)
                 if control & 0x01:                 # command fragment
                     if assoc.message is not None:
                         raise ProtocolError("a command arrived inside a data set")
@@ -284,6 +296,8 @@ class StorageSCP:
                         assoc.message = self._command(conn, bytes(command), context_id,
                                                       contexts[context_id], assoc.calling)
                         command.clear()
+                        if assoc.message is None:          # a C-ECHO, answered
+                            assoc.since = None
                     continue
                 message = assoc.message
                 if message is None:
@@ -293,8 +307,12 @@ class StorageSCP:
                 syntax = contexts[message.context_id].transfer_syntax
                 self._write(message, fragment, assoc.calling, syntax)
                 if control & 0x02:                 # the data set's last fragment
-                    assoc.message = None
+                    assoc.message, assoc.since = None, None
                     self._finish(conn, message, assoc.calling, syntax)
+            late = time.monotonic() - assoc.since - self.timeout if assoc.since else 0
+            if late > 0 and assoc.received < MIN_RATE * late:
+                raise ProtocolError(f"a message slower than {MIN_RATE >> 10} KiB/s after "
+                                    f"{self.timeout:g} s")
 
     def _command(self, conn, raw: bytes, context_id: int, context: Context,
                  calling: str) -> _Message | None:

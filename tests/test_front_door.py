@@ -406,3 +406,35 @@ def test_associations_beyond_the_maximum_are_rejected_transiently(make_node, con
     fourth.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq()))
     assert status_of(fourth) == 0x0000
     assert _closed_at_once(idle, 0.1) == []                # the idle ones are still waiting
+
+
+# --- 10. a message trickled a PDU at a time -------------------------------------------------
+def test_a_message_trickled_a_pdu_at_a_time_is_aborted(make_node, connect, study_factory,
+                                                       caplog):
+    """Each PDU within the timeout, one byte each: the associations were held for as long
+    as the peer liked, and every other sender rejected (local limit exceeded) meanwhile.
+    After its first ``timeout`` seconds a message must come at MIN_RATE on average."""
+    receiver, store = make_node(max_associations=1, timeout=1.0)
+    ct = study_factory("covid", 1, 24).files[0]
+    ds = pydicom.dcmread(ct, stop_before_pixels=True)
+    body = data_set(ct)
+    holder = connect(receiver.port)
+    associate(holder)
+    holder.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID)))
+    started, sent = time.monotonic(), 0
+    while time.monotonic() - started < 6:
+        try:
+            holder.sendall(p_data(CT_ID, 0x00, body[sent:sent + 1]))
+        except OSError:
+            break
+        sent += 1
+        if ending(holder, 0.4) != "open":
+            break
+    assert 1.0 < time.monotonic() - started < 3.0 and sent < 10
+    assert "a message slower than 64 KiB/s after 1 s" in caplog.text
+    assert wait_for(lambda: receiver.scp.associations == 0)
+    other = connect(receiver.port, "127.0.0.2")
+    associate(other)                                       # the place is free again
+    other.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID, 2)))
+    other.sendall(p_data(CT_ID, 0x02, body))
+    assert status_of(other) == 0x0000 and partial_files(receiver) == []
