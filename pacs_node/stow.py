@@ -11,7 +11,8 @@ behind the peer gate and the header deadline); the body is spooled as it
 arrives (each piece within ``IDLE_SECONDS``, at least ``MIN_RATE`` bytes a
 second on average) to a file beside the received instances (never held in
 memory whole), then split at the boundary through a memory map and stored in
-a worker thread. The
+a worker thread. Disk is reserved for it (twice: the spool, then its parts) as
+its bytes arrive, after a check that its Content-Length would fit. The
 response is a Store Instances Response (``application/dicom+json``): the
 Referenced SOP Sequence for what was stored, the Failed SOP Sequence with a
 Failure Reason for the rest; HTTP 200 when all parts were stored, 202 when
@@ -191,11 +192,13 @@ def close_with(status: HTTPStatus, message: str) -> JSONResponse:
                         headers={"Connection": "close"})
 
 
-async def spool_body(request: Request, chunked: bool, spool, service: StowService,
+async def spool_body(request: Request, spool, service: StowService,
                      reservation: Reservation) -> int:
     """Copy the body into ``spool`` as it arrives; its size. Every piece must come within
     ``IDLE_SECONDS``, and the whole at ``MIN_RATE`` on average after the first
-    ``IDLE_SECONDS``; a chunked body reserves disk as it grows and stops at the limit.
+    ``IDLE_SECONDS``; disk is reserved as the body arrives (a Content-Length is only
+    the client's word: 23 requests announcing gigabytes and sending nothing had the
+    modalities' C-STOREs answered Out of Resources), and it stops at the limit.
     Written on the event loop: a piece is at most what uvicorn buffers (64 KiB and one
     socket read) and lands in the page cache; storing the parts runs in a thread."""
     receive, size, pending, held = request.receive, 0, [], 0
@@ -213,8 +216,6 @@ async def spool_body(request: Request, chunked: bool, spool, service: StowServic
             if size > service.max_bytes:
                 raise StowError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                 f"body above the limit of {service.max_bytes} bytes")
-            if chunked:
-                reservation.add(2 * len(body))
             pending.append(body)
             held += len(body)
         more = message.get("more_body", False)
@@ -222,6 +223,7 @@ async def spool_body(request: Request, chunked: bool, spool, service: StowServic
         if more and late > 0 and size < MIN_RATE * late:
             raise ClientGone(f"body slower than {MIN_RATE // 1024} KiB/s")
         if held >= CHUNK or (not more and pending):    # one write a megabyte
+            reservation.add(2 * held)                   # the spool, then the parts
             spool.write(b"".join(pending))
             pending, held = [], 0
         if not more:
@@ -242,9 +244,9 @@ async def receive_multipart(request: Request, spool, service: StowService,
     except ValueError:
         raise StowError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
     boundary = service.boundary(request.headers.get("content-type", ""), length)
-    if length is not None:
-        reservation.add(2 * length)       # the spool, then the stored parts
-    return await spool_body(request, length is None, spool, service, reservation), boundary
+    if length is not None and not service.storage.has_room(2 * length):
+        raise StowError(HTTPStatus.INSUFFICIENT_STORAGE, "not enough free disk")
+    return await spool_body(request, spool, service, reservation), boundary
 
 
 def stow_routes(service: StowService, authorize=None) -> list[Route]:
