@@ -3,6 +3,7 @@ assembly, the job worker and its supervisor, delivery to PACS, and their wiring 
 Never imports :mod:`training` or the command line (:mod:`lungsys`)."""
 
 import logging
+from typing import Callable
 
 #: The log line format of the ``lungsys`` command and of the node's worker process.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -14,9 +15,6 @@ QUIET_LIBRARIES = {"pynetdicom": logging.WARNING, "apscheduler": logging.WARNING
                    "urllib3": logging.WARNING, "PIL": logging.WARNING,
                    "highdicom": logging.WARNING, "sqlalchemy": logging.WARNING,
                    "uvicorn": logging.ERROR,        # its warnings: the node's own lines
-                   # its "Exception in ASGI application" with the traceback, after the
-                   # node's own one line for the fault (pacs_node.web.app; traceback at DEBUG)
-                   "uvicorn.error": logging.CRITICAL,
                    "dicomweb_client": logging.WARNING,
                    "pynetdicom.transport": logging.CRITICAL}
 
@@ -51,11 +49,13 @@ def _framed(text: str) -> str:
     return "\n".join("| " + line.translate(_ESCAPED) for line in text.split("\n"))
 
 
-def one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException, scrub: Callable[[str], str] | None = None) -> str:
     """What an exception says, for a log line or a row's error: its first line, at most
     200 characters (a driver's message runs on with its SQL and parameters; a library's
-    may be empty: then its type)."""
-    lines = str(exc).strip().splitlines()
+    may be empty: then its type). ``scrub`` (credentials out of URLs, say) is applied
+    before the cut, which could otherwise leave half a secret it no longer matches."""
+    text = str(exc)
+    lines = (scrub(text) if scrub else text).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
@@ -67,6 +67,12 @@ def log_to_stderr(level: int) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
+def _not_uvicorns_fault_record(record: logging.LogRecord) -> bool:
+    """uvicorn's "Exception in ASGI application", its traceback at ERROR: the node's own
+    line has named the fault (pacs_node.web.app; the traceback at DEBUG)."""
+    return record.msg != "Exception in ASGI application\n" or record.levelno < logging.ERROR
+
+
 def configure_logging(level: int) -> None:
     """The node's log at ``level`` (INFO by default: what was received, analysed,
     delivered, given up), the libraries quieter (:data:`QUIET_LIBRARIES`)."""
@@ -74,3 +80,6 @@ def configure_logging(level: int) -> None:
     logging.getLogger().setLevel(level)
     for name, quiet in QUIET_LIBRARIES.items():
         logging.getLogger(name).setLevel(quiet if level > logging.DEBUG else logging.NOTSET)
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if level > logging.DEBUG and _not_uvicorns_fault_record not in uvicorn_errors.filters:
+        uvicorn_errors.addFilter(_not_uvicorns_fault_record)

@@ -129,8 +129,8 @@ def send_stow(destination: Destination, files: list[Path], timeout: float = 60.0
     try:
         response = client.store_instances(datasets=datasets)
     except Exception as exc:
-        raise DeliveryError(redact(f"STOW-RS to {destination.url} failed: "
-                                   f"{one_line(exc)}")) from None
+        raise DeliveryError(f"STOW-RS to {redact(destination.url)} failed: "
+                            f"{one_line(exc, redact)}") from None
     failed = response.get("FailedSOPSequence") if response is not None else None
     if failed:
         raise DeliveryError(f"STOW-RS: {len(failed)} of {len(datasets)} objects refused")

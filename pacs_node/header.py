@@ -24,6 +24,7 @@ import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset, read_partial
@@ -153,7 +154,7 @@ def read_file_header(path: Path) -> InstanceHeader:
 def _refuse_group_0000(head: bytes) -> None:
     """ValueError when the data set after the file meta begins with group 0000: pydicom
     would read it as a command set, every zero element of a padded file one by one."""
-    start, _ = file_meta(head)
+    start = file_meta(head).end
     if start and len(head) >= start + 8 and head[start:start + 2] == b"\0\0":
         raise ValueError("the data set begins with group 0000 (zeros?)")
 
@@ -191,7 +192,7 @@ def refuse_inflation_bomb(path: Path, transfer_syntax: str | None,
     if transfer_syntax and transfer_syntax not in DEFLATED:
         return                               # (the usual case: the file is not opened)
     with open(path, "rb") as f:
-        meta_end, syntax = file_meta(f.read(65536))
+        meta_end, syntax, _ = file_meta(f.read(65536))
         if (transfer_syntax or syntax) not in DEFLATED:
             return
         f.seek(meta_end)
@@ -208,20 +209,30 @@ def refuse_inflation_bomb(path: Path, transfer_syntax: str | None,
             raise ValueError(f"its deflated data set cannot be inflated ({exc})") from None
 
 
-def file_meta(head: bytes) -> tuple[int, str]:
-    """Where a Part-10 file's data set begins, and its file meta's transfer syntax ("" when
-    there is none): past the preamble, "DICM" and group 0002, whose length its first
-    element gives (else its elements are walked while they are group 0002)."""
+class FileMeta(NamedTuple):
+    """A Part-10 file's file meta as pydicom reads it: where the data set begins (past
+    every group 0002 element, whatever the group length says), its transfer syntax (the
+    last given; "" when none) and where the group length says the data set begins (None
+    when it gives none)."""
+
+    end: int
+    syntax: str
+    said_end: int | None
+
+
+def file_meta(head: bytes) -> FileMeta:
+    """The file meta of the Part-10 file beginning with ``head`` (0, "", None without
+    "DICM")."""
     if head[128:132] != b"DICM":
-        return 0, ""
-    given = head[132:136] == b"\x02\x00\x00\x00"
-    limit = 144 + int.from_bytes(head[140:144], "little") if given else len(head)
+        return FileMeta(0, "", None)
+    said = (144 + int.from_bytes(head[140:144], "little")
+            if head[132:136] == b"\x02\x00\x00\x00" else None)
     end, syntax = 132, ""
-    for tag, pos, length in iter_elements(memoryview(head)[132:limit], implicit_vr=False):
+    for tag, pos, length in iter_elements(memoryview(head)[132:], implicit_vr=False):
         if tag >> 16 != 0x0002 or length == UNDEFINED_LENGTH:
             break
         if tag == TRANSFER_SYNTAX:
             syntax = head[132 + pos:132 + pos + length].rstrip(b"\0 ").decode("ascii",
                                                                               "replace")
         end = 132 + pos + length
-    return (limit if given else end), syntax
+    return FileMeta(end, syntax, said)

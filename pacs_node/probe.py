@@ -74,7 +74,7 @@ def probe(destination: Destination, calling: str) -> str:
         answer = requests.get(url, params={"limit": "1"}, timeout=TIMEOUT,
                               headers={"Accept": "application/dicom+json"})
     except requests.RequestException as exc:
-        raise ProbeError(f"{redact(url)}: {redact(one_line(exc))}") from None
+        raise ProbeError(f"{redact(url)}: {one_line(exc, redact)}") from None
     if answer.status_code >= 400:
         raise ProbeError(f"QIDO-RS {redact(url)}: HTTP {answer.status_code}")
     return f"QIDO-RS {redact(url)}: HTTP {answer.status_code}"

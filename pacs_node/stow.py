@@ -141,7 +141,10 @@ class StowService:
                     log.warning("a STOW-RS request was %s", CUT_SHORT)
                     outcomes.append(Outcome(CANNOT_UNDERSTAND, reason=CUT_SHORT))
                     break
-                part_type = media_type(headers.get("content-type", "application/dicom"))[0]
+                try:
+                    part_type = media_type(headers.get("content-type", "application/dicom"))[0]
+                except StowError as exc:                # this part's failure alone
+                    part_type = str(exc)
                 outcome = (self._store_part(body, start, end, expected_study)
                            if part_type == "application/dicom"
                            else Outcome(CANNOT_UNDERSTAND,

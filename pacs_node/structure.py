@@ -14,8 +14,13 @@ and group 0002 belongs to the file meta only (PS3.10 7.1).
 :func:`check_elements` walks the top-level elements of the stored file, value by value
 skipped (a sequence or encapsulated pixel data of undefined length is walked item by
 item, at most :data:`MAX_DEPTH` deep), and raises :class:`ValueError` naming the first
-such lie. A deflated data set is inflated for the walk (the inflation check has bounded
-it). Nested data sets are not checked for order: the node reads nothing in them.
+such lie. The data set begins where pydicom finds it (past every group 0002 element),
+and a file meta group length that says otherwise is refused (a length pointing past the
+file, or into a value, had the walk and the inflation check look elsewhere than pydicom
+reads). Implicit or explicit VR is told per data set and item as pydicom tells it, and
+within an item a value running past the data set's end is refused, not skipped. A
+deflated data set is inflated for the walk (within the inflation check's bound). Nested
+data sets are not checked for order: the node reads nothing in them.
 """
 
 from __future__ import annotations
@@ -28,61 +33,89 @@ from pathlib import Path
 from pydicom.uid import UID
 
 from pacs_node.dimse import LONG_VRS, UNDEFINED_LENGTH
-from pacs_node.header import DEFLATED, IMPLICIT_VR, MAX_INFLATED_BYTES, file_meta
+from pacs_node.header import DEFLATED, MAX_INFLATED_BYTES, file_meta
 
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: Sequences of undefined length nested deeper than this are refused (real objects nest
 #: a handful; each level costs the walk and every later reader a frame of recursion).
 MAX_DEPTH = 32
+#: A data set of more elements than this (nested ones counted) is refused: a CT image has
+#: a few hundred, a large SR some thousands; 12 KB deflated can hold a million.
+MAX_ELEMENTS = 100_000
 
 
 def check_elements(path: Path, transfer_syntax: str | None = None) -> None:
-    """ValueError when the Part-10 file's data set repeats an element, has one out of
-    order, holds a group 0002 or 0000 element, or nests sequences past MAX_DEPTH.
-    ``transfer_syntax``: the data set's (the presentation context's), else its file
-    meta's."""
+    """ValueError when the Part-10 file's file meta group length is not its group 0002
+    elements' length, no data set follows it, or the data set repeats an element, has one
+    out of order, holds a group 0002 or 0000 element (zeros after its end aside), nests
+    sequences past MAX_DEPTH, holds more than MAX_ELEMENTS elements, or has a value of a
+    sequence running past its end. ``transfer_syntax``: the data set's (the presentation
+    context's), else its file meta's."""
     with open(path, "rb") as f:
-        start, syntax = file_meta(f.read(65536))
-        syntax = transfer_syntax or syntax
-        if not syntax or f.seek(0, 2) <= start:
-            return                      # no file meta to go by, or nothing after it
+        meta = file_meta(f.read(65536))
+        if meta.end == 0:
+            return                      # no file meta: nothing reads it as an instance
+        if meta.said_end is not None and meta.said_end != meta.end:
+            raise ValueError(f"its file meta group length ends at byte {meta.said_end}, its "
+                             f"group 0002 elements at {meta.end} (PS3.10 7.1)")
+        if f.seek(0, 2) <= meta.end:
+            raise ValueError("no data set follows its file meta")
+        syntax = transfer_syntax or meta.syntax
+        try:
+            little = UID(syntax).is_little_endian
+        except ValueError:
+            raise ValueError(f"its transfer syntax {syntax[:64]!r} is not one the node "
+                             f"knows") from None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as whole:
             if syntax in DEFLATED:
                 inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                data = memoryview(inflater.decompress(whole[start:], MAX_INFLATED_BYTES))
+                data = memoryview(inflater.decompress(whole[meta.end:], MAX_INFLATED_BYTES))
             else:
-                data = memoryview(whole)[start:]
+                data = memoryview(whole)[meta.end:]
             try:
-                _Walk(data, syntax).data_set(0, top=True)
+                _Walk(data, little).data_set(0, top=True)
             finally:
                 data.release()
 
 
 class _Walk:
-    """One data set's bytes and their encoding, walked element by element."""
+    """One data set's bytes and their byte order, walked element by element.
 
-    def __init__(self, data: memoryview, syntax: str) -> None:
-        self.data, self.end = data, len(data)
-        self.implicit = syntax == IMPLICIT_VR
-        order = "<" if UID(syntax).is_little_endian else ">"
+    Implicit or explicit VR is told, for the data set and for each item of undefined
+    length, as pydicom tells it (``pydicom.filereader._is_implicit_vr``): explicit when
+    bytes 4-5 of its first element are two capital letters. The transfer syntax's word
+    is not taken over that, nor PS3.5 6.2.2's for an undefined-length UN: a walk that
+    read an item otherwise than pydicom would land elsewhere in its bytes."""
+
+    def __init__(self, data: memoryview, little: bool) -> None:
+        self.data, self.end, self.elements = data, len(data), 0
+        order = "<" if little else ">"
         self.tag_length = struct.Struct(order + "HHL")
         self.tag_vr_length = struct.Struct(order + "HH2sH")
         self.long_length = struct.Struct(order + "L")
 
-    def data_set(self, pos: int, top: bool = False, implicit: bool | None = None,
-                 depth: int = 0) -> int:
-        """Walk elements from ``pos`` to the end (``top``) or to an item's end; where it
-        stopped."""
-        implicit = self.implicit if implicit is None else implicit
-        last = -1
+    def implicit_at(self, pos: int) -> bool:
+        vr = self.data[pos + 4:pos + 6]
+        return not (len(vr) == 2 and 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)
+
+    def data_set(self, pos: int, top: bool = False, depth: int = 0) -> int:
+        """Walk elements from ``pos`` to the end (``top``) or to its item's end; where it
+        stopped. Within an item, a value past the end is a ValueError (at the top the
+        data set may end cut short: nothing is hidden after its end)."""
+        implicit, last = self.implicit_at(pos), -1
         while pos + 8 <= self.end:
+            self.elements += 1
+            if self.elements > MAX_ELEMENTS:
+                raise ValueError(f"its data set holds more than {MAX_ELEMENTS} elements")
             group, element, length = self.tag_length.unpack_from(self.data, pos)
             tag, vr = group << 16 | element, b""
             if group == 0xFFFE:                        # items and delimiters: no VR
                 if tag == ITEM_END and not top:
                     return pos + 8
-                raise ValueError(f"an item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) where a "
-                                 f"data element belongs")
+                raise ValueError(f"an item tag ({group:04X},{element:04X}) where a data "
+                                 f"element belongs")
+            if top and tag == 0 and last >= 0 and not self.data[pos:].tobytes().strip(b"\0"):
+                return self.end                        # zeros after the data set
             if implicit:
                 pos += 8
             else:
@@ -90,7 +123,7 @@ class _Walk:
                 pos += 8
                 if vr in LONG_VRS:
                     if pos + 4 > self.end:
-                        return self.end
+                        break
                     length = self.long_length.unpack_from(self.data, pos)[0]
                     pos += 4
             if top:
@@ -103,13 +136,14 @@ class _Walk:
                                      f"(PS3.5 7.1: ascending, each at most once)")
             last = tag
             if length == UNDEFINED_LENGTH:
-                # PS3.5 6.2.2: an undefined-length UN holds implicit VR little endian
-                pos = self.items(pos, implicit or vr == b"UN", depth + 1)
+                pos = self.items(pos, depth + 1)
             else:
                 pos += length
+        if not top:
+            raise ValueError("an item of a sequence runs past the end of the data set")
         return self.end
 
-    def items(self, pos: int, implicit: bool, depth: int) -> int:
+    def items(self, pos: int, depth: int) -> int:
         """Walk a value of undefined length (a sequence's items, or encapsulated pixel
         data's fragments) to its delimiter; where it stopped."""
         if depth > MAX_DEPTH:
@@ -123,7 +157,7 @@ class _Walk:
             if tag != ITEM:
                 raise ValueError(f"a sequence holds ({group:04X},{element:04X}), not items")
             if length == UNDEFINED_LENGTH:
-                pos = self.data_set(pos, implicit=implicit, depth=depth)
+                pos = self.data_set(pos, depth=depth)
             else:
                 pos += length
-        return self.end
+        raise ValueError("a sequence runs past the end of the data set")

@@ -11,6 +11,7 @@ stored.
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import zlib
@@ -63,7 +64,7 @@ def _stored(receiver) -> list:
     return [p for p in receiver.storage.incoming.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("lie", ["study after pixels", "instance repeated",
+@pytest.mark.parametrize("lie", ["study after pixels", "pixel data repeated",
                                  "out of order", "meta saying deflated"])
 def test_a_data_set_whose_elements_lie_is_refused(node, covid_study, lie, caplog):
     receiver, store = node
@@ -73,7 +74,7 @@ def test_a_data_set_whose_elements_lie_is_refused(node, covid_study, lie, caplog
     other = generate_uid().encode()
     if lie == "study after pixels":             # pydicom keeps the last: another study
         body += _element(0x7FE1, 0x0010, b"LO", b"X") + _element(0x0020, 0x000D, b"UI", other)
-    elif lie == "instance repeated":
+    elif lie == "pixel data repeated":
         body += _element(0x7FE0, 0x0010, b"OB", b"")         # a second Pixel Data, empty
     elif lie == "out of order":
         body = _element(0x0020, 0x000D, b"UI", other) + body
@@ -141,3 +142,117 @@ def test_sequences_of_undefined_length_are_walked_to_a_depth(node, covid_study, 
     assert body.count(b"\xfe\xff\xdd\xe0") == depth           # one delimiter a sequence
     assert _store(receiver, ds, body) == status
     assert store.counts()["instances"] == (status == 0)
+
+
+def test_a_job_whose_files_read_as_another_study_is_skipped(tmp_path, study_factory):
+    """The second lock: should a data set ever be filed under UIDs pydicom reads otherwise,
+    the worker, reading as pydicom does, skips the series instead of sending results about
+    one patient's study into another's."""
+    import datetime as dt
+    import shutil
+
+    from config import load_config
+    from pacs_node.worker import JobRunner
+    from store.api import JobStore, ReceivedInstance
+    from store.models import utcnow
+
+    class NeverCalled:
+        def analyze(self, data):
+            raise AssertionError("a series of another study was analysed")
+
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[assembly]\nmin_slices = 1\n'
+                    f'[store]\nurl = "sqlite:///{tmp_path / "db"}"\n')
+    config = load_config(toml, environ={})
+    store = JobStore(config.store.url)
+    filed_under = generate_uid()                # what a fooled receiver would have read
+    for f in study_factory("covid", 1, 12).files:
+        copy = tmp_path / f.name
+        shutil.copy(f, copy)
+        ds = pydicom.dcmread(copy, stop_before_pixels=True)
+        assert ds.StudyInstanceUID != filed_under
+        store.record_instance(ReceivedInstance(
+            str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
+            filed_under, "CT", str(copy), 1, "1.2.840.10008.1.2.1"))
+    [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
+    store.queue_job(series.id)
+    JobRunner(config, store, NeverCalled()).run_job(store.claim_job())
+    [job] = store.jobs("failed")
+    assert job.error == ("skipped: its instances read as another study than the one they "
+                         "were received as")
+
+
+# --- the walk reads where pydicom reads ----------------------------------------------------
+def _part10(data_set_bytes: bytes, syntax: str = "1.2.840.10008.1.2.1",
+            group_length: int | None = None) -> bytes:
+    meta = _element(0x0002, 0x0010, b"UI", syntax.encode())
+    length = len(meta) if group_length is None else group_length
+    return (b"\0" * 128 + b"DICM" + struct.pack("<HH2sHL", 2, 0, b"UL", 4, length) + meta
+            + data_set_bytes)
+
+
+_HEAD = (_element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2")
+         + _element(0x0008, 0x0018, b"UI", b"1.2.3"))
+_TAIL = (_element(0x0020, 0x000D, b"UI", b"1.1.1") + _element(0x0020, 0x000E, b"UI", b"1.1.2")
+         + _element(0x7FE0, 0x0010, b"OB", bytes(8)) + _element(0x7FE1, 0x0010, b"LO", b"X")
+         + _element(0x0020, 0x000D, b"UI", b"9.9.9.9"))        # pydicom's study: the last
+
+
+def _tag(group: int, element: int, length: int) -> bytes:
+    return struct.pack("<HHL", group, element, length)
+
+
+def _group_length_into_a_value() -> bytes:
+    """The group length ends inside a Manufacturer whose value spells an OB element
+    covering the rest: a walk from there saw one element; pydicom reads two studies."""
+    hidden = struct.pack("<HH2sHL", 0x0009, 0x0010, b"OB", 0, len(_TAIL))
+    manufacturer = struct.pack("<HH2sH", 0x0008, 0x0070, b"LO", len(hidden)) + hidden
+    meta = len(_element(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1"))
+    return _part10(_HEAD + manufacturer + _TAIL, group_length=meta + len(_HEAD) + 8)
+
+
+def _un_item_read_as_pydicom_reads_it() -> bytes:
+    """A private UN of undefined length whose item pydicom reads in explicit VR (its first
+    element's bytes 4-5 spell SH): read as implicit, as PS3.5 6.2.2 says, (0009,1011) SH
+    of length 0 was a length of 0x4853, and the walk landed in an OB value holding fake
+    delimiters and an element covering the rest."""
+    rest = _tag(0xFFFE, 0xE00D, 0) + _tag(0xFFFE, 0xE0DD, 0) + _TAIL
+    fake = (_tag(0xFFFE, 0xE00D, 0) + _tag(0xFFFE, 0xE0DD, 0)
+            + struct.pack("<HH2sHL", 0x7FE1, 0x1000, b"OB", 0, 1 + len(rest)) + b"\0")
+    ob_value = b"\0" * (8 + 0x4853 - 20) + fake
+    item = (struct.pack("<HH2sH", 0x0009, 0x1011, b"SH", 0)
+            + struct.pack("<HH2sHL", 0x0009, 0x1012, b"OB", 0, len(ob_value)) + ob_value)
+    return _part10(_HEAD + _element(0x0008, 0x0060, b"CS", b"CT")
+                   + _element(0x0009, 0x0010, b"LO", b"ACME")
+                   + struct.pack("<HH2sHL", 0x0009, 0x1010, b"UN", 0, 0xFFFFFFFF)
+                   + _tag(0xFFFE, 0xE000, 0xFFFFFFFF) + item + rest)
+
+
+def _many_empty_elements_deflated() -> bytes:
+    inner = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 0) * 200_000
+    data = (struct.pack("<HH2sHL", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
+            + _tag(0xFFFE, 0xE000, 0xFFFFFFFF) + inner + _tag(0xFFFE, 0xE00D, 0)
+            + _tag(0xFFFE, 0xE0DD, 0))
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return _part10(deflate.compress(data) + deflate.flush(), DeflatedExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("build, refused", [
+    (_group_length_into_a_value, "file meta group length ends at byte"),
+    (lambda: _part10(_HEAD + _TAIL[:-30], group_length=2**31), "file meta group length"),
+    (_un_item_read_as_pydicom_reads_it, "(0020,000D) is out of order"),
+    (_many_empty_elements_deflated, "more than 100000 elements"),
+    (lambda: _part10(_HEAD + _TAIL[:-30] + bytes(4096)), None),  # zeros after its end
+    (lambda: _part10(_HEAD + _TAIL[:-30], "1.2.840.113619.5.2"), "not one the node knows"),
+], ids=["group-length-into-a-value", "group-length-past-the-file", "un-item",
+        "many-elements", "zero-padding", "unknown-syntax"])
+def test_the_walk_reads_the_data_set_where_pydicom_reads_it(tmp_path, build, refused):
+    from pacs_node.structure import check_elements
+
+    path = tmp_path / "part.dcm"
+    path.write_bytes(build())
+    if refused is None:
+        check_elements(path)
+    else:
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            check_elements(path)

@@ -149,6 +149,19 @@ def test_a_content_type_parameter_given_twice_or_extended_is_refused(stow, covid
     assert code == 200
 
 
+def test_a_part_whose_content_type_repeats_a_parameter_fails_alone(stow, covid_study):
+    server, store = stow
+    first, second = covid_study.files[:2]
+    body = (b"--b\r\nContent-Type: application/dicom; x=1; x=2\r\n\r\n" + first.read_bytes()
+            + b"\r\n--b\r\nContent-Type: application/dicom\r\n\r\n" + second.read_bytes()
+            + b"\r\n--b--\r\n")
+    code, answer = post(server.port, body, 'multipart/related; type="application/dicom"; '
+                                           'boundary=b')
+    assert code == 202
+    assert len(answer["00081198"]["Value"]) == 1 and len(answer["00081199"]["Value"]) == 1
+    assert store.counts()["instances"] == 1
+
+
 @pytest.mark.parametrize("size", [b"-1ffff", b"0x10", b"+10", b""])
 def test_chunk_sizes_that_are_not_hex_digits_are_refused(stow, size):
     server, store = stow
