@@ -21,8 +21,11 @@ MAX_PART_HEAD = 8192
 #: A parameter's name in a Content-Type (a quoted value holding "; x=" reads as one more:
 #: no boundary RFC 2046 allows and no DICOM type holds a ";").
 _PARAMETER_NAME = re.compile(r";\s*([^=;\s]+)\s*=")
-#: RFC 2046 5.1.1: 1 to 70 of these characters, the last not a space.
-_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+#: RFC 2046 5.1.1: these characters, the last not a space; 1 to 70 of them there, up to
+#: MAX_BOUNDARY here (Orthanc's DICOMweb plugin sends two UUIDs joined: 73).
+MAX_BOUNDARY = 200
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,%d}[0-9A-Za-z'()+_,\-./:=?]"
+                       % (MAX_BOUNDARY - 1))
 
 
 class StowError(Exception):
@@ -51,14 +54,15 @@ def media_type(value: str) -> tuple[str, dict[str, str]]:
 
 def boundary_of(params: dict[str, str]) -> bytes:
     """The ``boundary`` parameter of a multipart Content-Type (:func:`media_type`), checked
-    against RFC 2046 5.1.1 (1-70 characters of a small set), or StowError: a delimiter of
-    any length or byte would be searched for through every body."""
+    against RFC 2046 5.1.1's characters, at most MAX_BOUNDARY of them, or StowError: a
+    delimiter of any length or byte would be searched for through every body."""
     boundary = params.get("boundary")
     if not boundary:
         raise StowError(HTTPStatus.BAD_REQUEST, "multipart/related without a boundary")
     if not _BOUNDARY.fullmatch(boundary):
-        raise StowError(HTTPStatus.BAD_REQUEST, "the multipart boundary is not 1-70 of the "
-                                                "characters RFC 2046 allows")
+        raise StowError(HTTPStatus.BAD_REQUEST, f"the multipart boundary is not 1-"
+                                                f"{MAX_BOUNDARY} of the characters RFC 2046 "
+                                                f"allows")
     return boundary.encode("ascii")
 
 

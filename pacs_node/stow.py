@@ -143,12 +143,12 @@ class StowService:
                     break
                 try:
                     part_type = media_type(headers.get("content-type", "application/dicom"))[0]
+                    why = f"{part_type}, not application/dicom"
                 except StowError as exc:                # this part's failure alone
-                    part_type = str(exc)
+                    part_type, why = "", str(exc)
                 outcome = (self._store_part(body, start, end, expected_study)
                            if part_type == "application/dicom"
-                           else Outcome(CANNOT_UNDERSTAND,
-                                        reason=f"{part_type}, not application/dicom"))
+                           else Outcome(CANNOT_UNDERSTAND, reason=why))
                 outcomes.append(outcome)
                 failed += not outcome.ok
         except StowError as exc:

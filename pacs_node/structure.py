@@ -67,9 +67,13 @@ def check_elements(path: Path, transfer_syntax: str | None = None) -> None:
             raise ValueError(f"its transfer syntax {syntax[:64]!r} is not one the node "
                              f"knows") from None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as whole:
-            if syntax in DEFLATED:
-                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                data = memoryview(inflater.decompress(whole[meta.end:], MAX_INFLATED_BYTES))
+            if syntax in DEFLATED:              # (refuse_inflation_bomb has read it whole)
+                try:
+                    data = memoryview(zlib.decompressobj(-zlib.MAX_WBITS).decompress(
+                        whole[meta.end:], MAX_INFLATED_BYTES))
+                except zlib.error as exc:
+                    raise ValueError(f"its deflated data set cannot be inflated ({exc})"
+                                     ) from None
             else:
                 data = memoryview(whole)[meta.end:]
             try:
