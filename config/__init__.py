@@ -89,6 +89,7 @@ class NodeSection:
     min_free_disk_mb: int = field(default=1024, metadata=value_range(0))
     fsync: bool = False
     max_associations: int = field(default=16, metadata=value_range(1))
+    max_associations_per_peer: int = field(default=8, metadata=value_range(1))
     max_unassociated: int = field(default=32, metadata=value_range(1))
     max_unassociated_per_peer: int = field(default=8, metadata=value_range(1))
     timeout_seconds: float = field(default=60.0, metadata=value_range(0.1))

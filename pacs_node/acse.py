@@ -121,9 +121,10 @@ class Acceptor:
         request.protocol_version = struct.unpack_from(">H", body, 0)[0]
         return request
 
-    def associate(self, conn: socket.socket, request: A_ASSOCIATE, busy: bool,
+    def associate(self, conn: socket.socket, request: A_ASSOCIATE, busy: str | None,
                   address: str = "?") -> dict[int, Context]:
-        """Accept: the accepted contexts by id; or reject (Rejected)."""
+        """Accept: the accepted contexts by id; or reject (Rejected). ``busy``: why there is
+        no place for it (None: there is)."""
         response = None
         try:
             if not request.protocol_version & 0x0001:
@@ -142,7 +143,7 @@ class Acceptor:
                                                         False):
                     response = None
             if busy:
-                raise Rejected(RJ_LOCAL_LIMIT, "too many associations at once")
+                raise Rejected(RJ_LOCAL_LIMIT, f"no association place: {busy}")
         except Rejected as exc:
             primitive = A_ASSOCIATE()
             primitive.result, primitive.result_source, primitive.diagnostic = exc.code

@@ -111,6 +111,7 @@ class Node:
             self.store, self.data_dir, node.ae_title, node.allowed_calling_aets,
             node.min_free_disk_mb, sync=node.fsync, node=self.node_id,
             max_associations=node.max_associations, timeout=node.timeout_seconds,
+            max_associations_per_peer=node.max_associations_per_peer,
             gate=PeerGate(node.allowed_networks, node.max_unassociated,
                           node.max_unassociated_per_peer),
             tls=server_context(config.tls) if config.tls.enabled else None,

@@ -31,10 +31,11 @@ class PeerGate:
     """Admits connections by network and by count (see the module)."""
 
     def __init__(self, networks: list[str] | None = None, max_total: int = 64,
-                 max_per_peer: int = 16) -> None:
+                 max_per_peer: int = 16, what: str = "connections") -> None:
         self.networks = parse_networks(networks or [])
         self.max_total = max_total
         self.max_per_peer = max_per_peer
+        self.what = what                    # what its places are for, in its reasons
         self._open: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -56,9 +57,10 @@ class PeerGate:
             return "its address is not in an allowed network"
         with self._lock:
             if sum(self._open.values()) >= self.max_total:
-                return f"{self.max_total} connections are open already"
+                return f"{self.max_total} {self.what} are open already"
             if self._open[address] >= self.max_per_peer:
-                return f"{self.max_per_peer} connections from that address are open already"
+                return (f"{self.max_per_peer} {self.what} from that address are open "
+                        f"already")
             self._open[address] += 1
         return None
 

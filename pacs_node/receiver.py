@@ -59,12 +59,14 @@ class Receiver:
                  min_free_disk_mb: int = 1024, sync: bool = False, *, node: str = "",
                  max_associations: int = MAX_ASSOCIATIONS, timeout: float = 60.0,
                  gate: PeerGate | None = None, tls: ssl.SSLContext | None = None,
-                 authenticate: Authenticator | None = None) -> None:
+                 authenticate: Authenticator | None = None,
+                 max_associations_per_peer: int | None = None) -> None:
         self.storage = InstanceStorage(store, data_dir, min_free_disk_mb, sync=sync, node=node)
         self.scp = StorageSCP(ae_title, supported_contexts(), self._store,
                               self.storage.temp_file, self.storage.has_room,
                               allowed_calling_aets, max_associations, timeout, gate, tls,
-                              authenticate, refused=self.storage.record_refusal)
+                              authenticate, refused=self.storage.record_refusal,
+                              max_associations_per_peer=max_associations_per_peer)
         self.ae_title = ae_title
 
     def _store(self, path: Path, calling: str, transfer_syntax: str, start: bytes,

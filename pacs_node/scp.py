@@ -24,7 +24,8 @@ established by :mod:`pacs_node.acse`):
 - a connection must pass the :class:`~pacs_node.peers.PeerGate` (allowed
   networks; at most so many connections not yet associated, in all and per
   address), else it is closed at once; associations are counted apart
-  (``max_associations``);
+  (``max_associations``, ``max_associations_per_peer`` of them from one address:
+  more are rejected, transient, local limit exceeded);
 - the TLS handshake (DICOM TLS, when configured) and the whole A-ASSOCIATE-RQ
   must arrive within ``ARTIM_SECONDS``, every later PDU within ``timeout``
   seconds of its first byte, and no PDU may be awaited longer than
@@ -146,21 +147,23 @@ class StorageSCP:
                  max_associations: int = 16, timeout: float = 60.0,
                  gate: PeerGate | None = None, tls: ssl.SSLContext | None = None,
                  authenticate: Authenticator | None = None,
-                 refused: RefusedCallback | None = None) -> None:
+                 refused: RefusedCallback | None = None,
+                 max_associations_per_peer: int | None = None) -> None:
         self.ae_title = ae_title
         self.store = store
         self.refused = refused
         self.temp_file = temp_file
         self.has_room = has_room
-        self.max_associations = max_associations
         self.timeout = timeout
         self.gate = gate or PeerGate(max_total=2 * max_associations, max_per_peer=8)
         # AE titles: leading and trailing spaces are not significant (PS3.5 6.2, PS3.8 9.3.2)
         allowed = {a.strip() for a in allowed_calling_aets or []}
         self.acceptor = Acceptor(contexts, allowed, tls, authenticate)
         self._listener: socket.socket | None = None
-        self._active = 0
-        self._lock = threading.Lock()
+        #: the association places: so many at once, so many of them from one address
+        self.places = PeerGate(max_total=max_associations,
+                               max_per_peer=max_associations_per_peer or max_associations,
+                               what="associations")
         self._stopping = threading.Event()
 
     # --- life cycle ----------------------------------------------------------
@@ -177,8 +180,7 @@ class StorageSCP:
     @property
     def associations(self) -> int:
         """Associations established now."""
-        with self._lock:
-            return self._active
+        return self.places.open
 
     def stop(self) -> None:
         self._stopping.set()
@@ -220,11 +222,8 @@ class StorageSCP:
                 conn = self.acceptor.handshake(conn, deadline)
             request = self.acceptor.read_request(conn, deadline)
             assoc.calling = str(request.calling_ae_title).strip()
-            with self._lock:
-                busy = self._active >= self.max_associations
-                if not busy:
-                    self._active += 1
-                    counted = True
+            busy = self.places.enter(address)
+            counted = busy is None
             self.gate.leave(address)
             gated = False
             assoc.contexts = self.acceptor.associate(conn, request, busy, address)
@@ -247,8 +246,7 @@ class StorageSCP:
             if gated:
                 self.gate.leave(address)
             if counted:
-                with self._lock:
-                    self._active -= 1
+                self.places.leave(address)
 
     def _data_phase(self, conn: socket.socket, assoc: _Association) -> None:
         command = bytearray()

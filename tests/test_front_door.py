@@ -438,3 +438,21 @@ def test_a_message_trickled_a_pdu_at_a_time_is_aborted(make_node, connect, study
     other.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID, 2)))
     other.sendall(p_data(CT_ID, 0x02, body))
     assert status_of(other) == 0x0000 and partial_files(receiver) == []
+
+
+def test_one_address_holds_at_most_its_share_of_the_associations(start_node, connect):
+    """A sender that opens association after association (well behaved or not) takes at
+    most max_associations_per_peer places: the others' stay free."""
+    receiver, _ = start_node(allowed_calling_aets=["CT1"], max_associations=4,
+                             max_associations_per_peer=2,
+                             gate=PeerGate(max_total=32, max_per_peer=16))
+    first, second = connect(receiver.port), connect(receiver.port)
+    associate(first)
+    associate(second)
+    third = connect(receiver.port)
+    assert rejection(third, associate_rq()) == (2, 3, 2)   # transient, local limit exceeded
+    other = connect(receiver.port, "127.0.0.2")
+    associate(other)                                       # another address's place
+    other.sendall(p_data(VERIFICATION_ID, 0x03, c_echo_rq()))
+    assert status_of(other) == 0x0000
+    assert receiver.scp.associations == 3
