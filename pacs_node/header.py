@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from pacs_node.dimse import UNDEFINED_LENGTH, iter_elements, text_value
+from pacs_node.dimse import LONG_VRS, UNDEFINED_LENGTH, iter_elements, text_value
 
 IMPLICIT_VR = "1.2.840.10008.1.2"
 SOP_CLASS, SOP_INSTANCE, MODALITY = 0x00080016, 0x00080018, 0x00080060
@@ -41,6 +42,7 @@ _KEYWORDS = ["SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID",
              "SeriesInstanceUID", "ImagesInAcquisition"]
 _TAGS = [Tag(k) for k in _KEYWORDS]
 TRANSFER_SYNTAX = 0x00020010
+_META_HEAD = struct.Struct("<HH2s")
 #: A deflated data set that inflates past this is refused (Out of Resources): a CT image
 #: is about half a megabyte inflated; pydicom inflates a deflated data set whole in memory.
 MAX_INFLATED_BYTES = 64 * 2**20
@@ -48,7 +50,7 @@ _INFLATE_PIECE = 2**20
 #: The transfer syntaxes the node accepts whose whole data set is deflated (PS3.5 A.5).
 DEFLATED = frozenset({DeflatedExplicitVRLittleEndian})
 #: The VRs (PS3.5 Table 6.2-1): an explicit VR element has one at bytes 4-5.
-_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST "
+VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST "
                  b"SV TM UC UI UL UN UR US UT UV".split())
 
 
@@ -126,7 +128,7 @@ def check_vr_encoding(start: bytes | memoryview, transfer_syntax: str) -> None:
     Deflated data sets are not looked at."""
     if len(start) < 8 or transfer_syntax in DEFLATED:
         return
-    explicit = bytes(start[4:6]) in _VRS
+    explicit = bytes(start[4:6]) in VRS
     if explicit and transfer_syntax == IMPLICIT_VR:
         raise ValueError("the data set is in explicit VR, sent on a presentation context "
                          "of Implicit VR Little Endian")
@@ -192,7 +194,7 @@ def refuse_inflation_bomb(path: Path, transfer_syntax: str | None,
     if transfer_syntax and transfer_syntax not in DEFLATED:
         return                               # (the usual case: the file is not opened)
     with open(path, "rb") as f:
-        meta_end, syntax, _ = file_meta(f.read(65536))
+        meta_end, syntax, _, _ = file_meta(f.read(65536))
         if (transfer_syntax or syntax) not in DEFLATED:
             return
         f.seek(meta_end)
@@ -212,12 +214,14 @@ def refuse_inflation_bomb(path: Path, transfer_syntax: str | None,
 class FileMeta(NamedTuple):
     """A Part-10 file's file meta as pydicom reads it: where the data set begins (past
     every group 0002 element, whatever the group length says), its transfer syntax (the
-    last given; "" when none) and where the group length says the data set begins (None
-    when it gives none)."""
+    last given; "" when none), where the group length says the data set begins (None
+    when it gives none), and what in it pydicom would read by guessing ("" when
+    nothing: an element without a VR, which pydicom reads as implicit VR)."""
 
     end: int
     syntax: str
     said_end: int | None
+    odd: str = ""
 
 
 def file_meta(head: bytes) -> FileMeta:
@@ -227,12 +231,23 @@ def file_meta(head: bytes) -> FileMeta:
         return FileMeta(0, "", None)
     said = (144 + int.from_bytes(head[140:144], "little")
             if head[132:136] == b"\x02\x00\x00\x00" else None)
-    end, syntax = 132, ""
-    for tag, pos, length in iter_elements(memoryview(head)[132:], implicit_vr=False):
-        if tag >> 16 != 0x0002 or length == UNDEFINED_LENGTH:
+    pos = end = 132
+    syntax = odd = ""
+    while pos + 8 <= len(head):
+        group, element, vr = _META_HEAD.unpack_from(head, pos)
+        if group != 0x0002:
             break
-        if tag == TRANSFER_SYNTAX:
-            syntax = head[132 + pos:132 + pos + length].rstrip(b"\0 ").decode("ascii",
-                                                                              "replace")
-        end = 132 + pos + length
-    return FileMeta(end, syntax, said)
+        if vr not in VRS:
+            odd = f"its file meta element (0002,{element:04X}) has no VR"
+            break
+        if vr in LONG_VRS:
+            length, pos = int.from_bytes(head[pos + 8:pos + 12], "little"), pos + 12
+        else:
+            length, pos = int.from_bytes(head[pos + 6:pos + 8], "little"), pos + 8
+        if length == UNDEFINED_LENGTH:
+            odd = f"its file meta element (0002,{element:04X}) has an undefined length"
+            break
+        if element == TRANSFER_SYNTAX & 0xFFFF:
+            syntax = head[pos:pos + length].rstrip(b"\0 ").decode("ascii", "replace")
+        pos = end = pos + length
+    return FileMeta(end, syntax, said, odd)

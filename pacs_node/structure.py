@@ -17,10 +17,12 @@ item, at most :data:`MAX_DEPTH` deep), and raises :class:`ValueError` naming the
 such lie. The data set begins where pydicom finds it (past every group 0002 element),
 and a file meta group length that says otherwise is refused (a length pointing past the
 file, or into a value, had the walk and the inflation check look elsewhere than pydicom
-reads). Implicit or explicit VR is told per data set and item as pydicom tells it, and
-within an item a value running past the data set's end is refused, not skipped. A
-deflated data set is inflated for the walk (within the inflation check's bound). Nested
-data sets are not checked for order: the node reads nothing in them.
+reads). Where pydicom reads by guessing (an element whose VR bytes are no VR, in the
+data set or its file meta; an encapsulated value holding an item of undefined length) the
+file is refused: two hostile rounds found a way past every walk that guessed along. Within
+an item a value running past the data set's end is refused, not skipped. A deflated data
+set is inflated for the walk (within the inflation check's bound). Nested data sets are
+not checked for order: the node reads nothing in them.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import struct
 import zlib
 from pathlib import Path
 
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 
 from pacs_node.dimse import LONG_VRS, UNDEFINED_LENGTH
-from pacs_node.header import DEFLATED, MAX_INFLATED_BYTES, file_meta
+from pacs_node.header import DEFLATED, MAX_INFLATED_BYTES, VRS, file_meta
 
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: Sequences of undefined length nested deeper than this are refused (real objects nest
@@ -55,6 +58,8 @@ def check_elements(path: Path, transfer_syntax: str | None = None) -> None:
         meta = file_meta(f.read(65536))
         if meta.end == 0:
             return                      # no file meta: nothing reads it as an instance
+        if meta.odd:
+            raise ValueError(meta.odd)
         if meta.said_end is not None and meta.said_end != meta.end:
             raise ValueError(f"its file meta group length ends at byte {meta.said_end}, its "
                              f"group 0002 elements at {meta.end} (PS3.10 7.1)")
@@ -83,13 +88,20 @@ def check_elements(path: Path, transfer_syntax: str | None = None) -> None:
 
 
 class _Walk:
-    """One data set's bytes and their byte order, walked element by element.
+    """One data set's bytes and their byte order, walked element by element, reading them
+    as pydicom reads them or refusing where pydicom would guess.
 
-    Implicit or explicit VR is told, for the data set and for each item of undefined
-    length, as pydicom tells it (``pydicom.filereader._is_implicit_vr``): explicit when
-    bytes 4-5 of its first element are two capital letters. The transfer syntax's word
-    is not taken over that, nor PS3.5 6.2.2's for an undefined-length UN: a walk that
-    read an item otherwise than pydicom would land elsewhere in its bytes."""
+    - Implicit or explicit VR: the data set's as pydicom tells it (explicit when bytes
+      4-5 of its first element are two capital letters); an item's the same within an
+      explicit data set, implicit within an implicit one (``_is_implicit_vr``).
+    - In explicit VR every element's VR must be one PS3.5 defines: pydicom reads an
+      element with other bytes there as implicit (``assume_implicit_vr_switch``), its
+      length four bytes where the walk read two.
+    - A value of undefined length is a sequence (SQ; an unknown or private tag as UN or
+      in implicit VR, whose dictionary VR says nothing else) or encapsulated fragments
+      (any other VR), and fragments have defined lengths: pydicom scans an encapsulated
+      value with an undefined-length item for the first delimiter's bytes instead.
+    - Every element, item and fragment counts against MAX_ELEMENTS."""
 
     def __init__(self, data: memoryview, little: bool) -> None:
         self.data, self.end, self.elements = data, len(data), 0
@@ -98,19 +110,23 @@ class _Walk:
         self.tag_vr_length = struct.Struct(order + "HH2sH")
         self.long_length = struct.Struct(order + "L")
 
+    def count(self) -> None:
+        self.elements += 1
+        if self.elements > MAX_ELEMENTS:
+            raise ValueError(f"its data set holds more than {MAX_ELEMENTS} elements")
+
     def implicit_at(self, pos: int) -> bool:
         vr = self.data[pos + 4:pos + 6]
         return not (len(vr) == 2 and 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)
 
-    def data_set(self, pos: int, top: bool = False, depth: int = 0) -> int:
+    def data_set(self, pos: int, top: bool = False, depth: int = 0,
+                 implicit: bool = False) -> int:
         """Walk elements from ``pos`` to the end (``top``) or to its item's end; where it
         stopped. Within an item, a value past the end is a ValueError (at the top the
         data set may end cut short: nothing is hidden after its end)."""
-        implicit, last = self.implicit_at(pos), -1
+        implicit, last = implicit or self.implicit_at(pos), -1
         while pos + 8 <= self.end:
-            self.elements += 1
-            if self.elements > MAX_ELEMENTS:
-                raise ValueError(f"its data set holds more than {MAX_ELEMENTS} elements")
+            self.count()
             group, element, length = self.tag_length.unpack_from(self.data, pos)
             tag, vr = group << 16 | element, b""
             if group == 0xFFFE:                        # items and delimiters: no VR
@@ -124,6 +140,9 @@ class _Walk:
                 pos += 8
             else:
                 group, element, vr, length = self.tag_vr_length.unpack_from(self.data, pos)
+                if vr not in VRS:
+                    raise ValueError(f"its element ({group:04X},{element:04X}) has no VR "
+                                     f"(bytes {bytes(vr).hex()}) in explicit VR")
                 pos += 8
                 if vr in LONG_VRS:
                     if pos + 4 > self.end:
@@ -140,19 +159,20 @@ class _Walk:
                                      f"(PS3.5 7.1: ascending, each at most once)")
             last = tag
             if length == UNDEFINED_LENGTH:
-                pos = self.items(pos, depth + 1)
+                pos = self.items(pos, depth + 1, implicit, _sequence(tag, vr))
             else:
                 pos += length
         if not top:
             raise ValueError("an item of a sequence runs past the end of the data set")
         return self.end
 
-    def items(self, pos: int, depth: int) -> int:
-        """Walk a value of undefined length (a sequence's items, or encapsulated pixel
-        data's fragments) to its delimiter; where it stopped."""
+    def items(self, pos: int, depth: int, implicit: bool, sequence: bool) -> int:
+        """Walk a value of undefined length (a sequence's items, or encapsulated
+        fragments) to its delimiter; where it stopped."""
         if depth > MAX_DEPTH:
             raise ValueError(f"its sequences nest deeper than {MAX_DEPTH}")
         while pos + 8 <= self.end:
+            self.count()
             group, element, length = self.tag_length.unpack_from(self.data, pos)
             tag = group << 16 | element
             pos += 8
@@ -160,8 +180,24 @@ class _Walk:
                 return pos
             if tag != ITEM:
                 raise ValueError(f"a sequence holds ({group:04X},{element:04X}), not items")
-            if length == UNDEFINED_LENGTH:
-                pos = self.data_set(pos, depth=depth)
-            else:
+            if length != UNDEFINED_LENGTH:
                 pos += length
+            elif sequence:
+                pos = self.data_set(pos, depth=depth, implicit=implicit)
+            else:
+                raise ValueError("an encapsulated value holds an item of undefined length")
         raise ValueError("a sequence runs past the end of the data set")
+
+
+def _sequence(tag: int, vr: bytes) -> bool:
+    """Whether pydicom reads a value of undefined length as a sequence (else as
+    encapsulated fragments): SQ; UN or implicit VR when the dictionary says SQ or
+    knows nothing of the tag (a private one: pydicom looks for an item there)."""
+    if vr == b"SQ":
+        return True
+    if vr not in (b"", b"UN"):
+        return False
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return True

@@ -237,6 +237,58 @@ def _many_empty_elements_deflated() -> bytes:
     return _part10(deflate.compress(data) + deflate.flush(), DeflatedExplicitVRLittleEndian)
 
 
+def _an_element_without_a_vr() -> bytes:
+    """VR bytes 0C 00: pydicom reads the element as implicit (length 12), skips the next
+    element's header and reads its OB value as top-level elements: another study."""
+    hidden = _element(0x0020, 0x000D, b"UI", b"9.9.9")
+    return _part10(_HEAD + _element(0x0020, 0x000D, b"UI", b"1.1")
+                   + struct.pack("<HH2sH", 0x0029, 0x0010, b"\x0c\x00", 0)
+                   + _element(0x0029, 0x1000, b"OB", hidden))
+
+
+def _implicit(tag: int, value: bytes = b"", length: int | None = None) -> bytes:
+    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF,
+                       len(value) if length is None else length) + value
+
+
+def _an_item_of_an_implicit_data_set_spelling_ob() -> bytes:
+    """In implicit VR pydicom reads every item as implicit; an item whose first length is
+    'OB\0\0' had been read by the walk as an explicit OB swallowing a later study."""
+    hidden = _implicit(0x0020000D, b"9.9.9\0")
+    value = struct.pack("<L", 0x424F + 12 + len(hidden)) + b"\0" * (0x424F - 4)
+    item = (struct.pack("<HH", 0x0008, 0x0100) + b"OB\0\0" + value
+            + _tag(0xFFFE, 0xE00D, 0) + _tag(0xFFFE, 0xE0DD, 0) + hidden
+            + _tag(0xFFFE, 0xE00D, 0) + _tag(0xFFFE, 0xE0DD, 0))
+    return _part10(_implicit(0x00080016, b"1.2.840.10008.5.1.4.1.1.2\0")
+                   + _implicit(0x0020000D, b"1.1\0")
+                   + _implicit(0x00400275, length=0xFFFFFFFF) + _tag(0xFFFE, 0xE000, 0xFFFFFFFF)
+                   + item, "1.2.840.10008.1.2")
+
+
+def _pixel_data_with_an_item_of_undefined_length() -> bytes:
+    """pydicom scans such an encapsulated value for the first delimiter's bytes."""
+    nested = _element(0x0008, 0x0100, b"OB", _tag(0xFFFE, 0xE0DD, 0)
+                      + _element(0x0020, 0x000D, b"UI", b"9.9.9"))
+    return _part10(_HEAD + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+                   + _tag(0xFFFE, 0xE000, 0xFFFFFFFF) + nested + _tag(0xFFFE, 0xE00D, 0)
+                   + _tag(0xFFFE, 0xE0DD, 0))
+
+
+def _a_file_meta_element_without_a_vr() -> bytes:
+    """pydicom reads it as implicit VR, 131,072 bytes long, and finds a transfer syntax
+    ("deflated") where the node saw none."""
+    part = bytearray(_part10(_HEAD + _TAIL[:-30]))
+    meta_element = struct.pack("<HH2sH", 0x0002, 0x0001, b"\0\0", 2) + b"\0\1"
+    return bytes(part[:132]) + meta_element + bytes(part[144:])   # no group length
+
+
+def _many_empty_items_deflated() -> bytes:
+    data = (struct.pack("<HH2sHL", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
+            + _tag(0xFFFE, 0xE000, 0) * 131_000 + _tag(0xFFFE, 0xE0DD, 0))
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return _part10(deflate.compress(data) + deflate.flush(), DeflatedExplicitVRLittleEndian)
+
+
 @pytest.mark.parametrize("build, refused", [
     (_group_length_into_a_value, "file meta group length ends at byte"),
     (lambda: _part10(_HEAD + _TAIL[:-30], group_length=2**31), "file meta group length"),
@@ -244,8 +296,14 @@ def _many_empty_elements_deflated() -> bytes:
     (_many_empty_elements_deflated, "more than 100000 elements"),
     (lambda: _part10(_HEAD + _TAIL[:-30] + bytes(4096)), None),  # zeros after its end
     (lambda: _part10(_HEAD + _TAIL[:-30], "1.2.840.113619.5.2"), "not one the node knows"),
+    (_an_element_without_a_vr, "(0029,0010) has no VR (bytes 0c00)"),
+    (_an_item_of_an_implicit_data_set_spelling_ob, "(0020,000D) is out of order"),
+    (_pixel_data_with_an_item_of_undefined_length, "an item of undefined length"),
+    (_a_file_meta_element_without_a_vr, "file meta element (0002,0001) has no VR"),
+    (_many_empty_items_deflated, "more than 100000 elements"),
 ], ids=["group-length-into-a-value", "group-length-past-the-file", "un-item",
-        "many-elements", "zero-padding", "unknown-syntax"])
+        "many-elements", "zero-padding", "unknown-syntax", "no-vr", "implicit-item",
+        "undefined-fragment", "meta-without-vr", "many-items"])
 def test_the_walk_reads_the_data_set_where_pydicom_reads_it(tmp_path, build, refused):
     from pacs_node.structure import check_elements
 
