@@ -43,6 +43,8 @@ _KEYWORDS = ["SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID",
 _TAGS = [Tag(k) for k in _KEYWORDS]
 TRANSFER_SYNTAX = 0x00020010
 _META_HEAD = struct.Struct("<HH2s")
+#: The bytes of a file that its file meta must end within (every reader of it takes these).
+META_VIEW = 65536
 #: A deflated data set that inflates past this is refused (Out of Resources): a CT image
 #: is about half a megabyte inflated; pydicom inflates a deflated data set whole in memory.
 MAX_INFLATED_BYTES = 64 * 2**20
@@ -147,7 +149,7 @@ def read_file_header(path: Path) -> InstanceHeader:
         return tag > IMAGES_IN_ACQUISITION or tag >> 16 == 0
 
     with open(path, "rb") as f:
-        _refuse_group_0000(f.read(65536))
+        _refuse_group_0000(f.read(META_VIEW))
         f.seek(0)
         ds = read_partial(f, stop_when=enough, specific_tags=_TAGS)
     return InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
@@ -194,7 +196,7 @@ def refuse_inflation_bomb(path: Path, transfer_syntax: str | None,
     if transfer_syntax and transfer_syntax not in DEFLATED:
         return                               # (the usual case: the file is not opened)
     with open(path, "rb") as f:
-        meta_end, syntax, _, _ = file_meta(f.read(65536))
+        meta_end, syntax, _, _ = file_meta(f.read(META_VIEW))
         if (transfer_syntax or syntax) not in DEFLATED:
             return
         f.seek(meta_end)
@@ -225,15 +227,23 @@ class FileMeta(NamedTuple):
 
 
 def file_meta(head: bytes) -> FileMeta:
-    """The file meta of the Part-10 file beginning with ``head`` (0, "", None without
-    "DICM")."""
+    """The file meta of the Part-10 file beginning with ``head`` (its first 64 KiB, or
+    the whole file when shorter; 0, "", None without "DICM"). A file meta that does not
+    end within them is odd: the length of an element whose header ended at the 64 KiB
+    mark was read as 0, and the data set taken to begin inside that element's value."""
     if head[128:132] != b"DICM":
         return FileMeta(0, "", None)
     said = (144 + int.from_bytes(head[140:144], "little")
             if head[132:136] == b"\x02\x00\x00\x00" else None)
     pos = end = 132
     syntax = odd = ""
-    while pos + 8 <= len(head):
+    while True:
+        if pos + 12 > len(head):            # the next element's header not all in view
+            if len(head) >= META_VIEW:
+                odd = f"its file meta does not end within its first {META_VIEW} bytes"
+            elif pos + 8 <= len(head) and head[pos:pos + 2] == b"\x02\x00":
+                odd = "its file meta is cut short"
+            break
         group, element, vr = _META_HEAD.unpack_from(head, pos)
         if group != 0x0002:
             break

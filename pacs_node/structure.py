@@ -36,7 +36,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 
 from pacs_node.dimse import LONG_VRS, UNDEFINED_LENGTH
-from pacs_node.header import DEFLATED, MAX_INFLATED_BYTES, VRS, file_meta
+from pacs_node.header import DEFLATED, MAX_INFLATED_BYTES, META_VIEW, VRS, file_meta
 
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: Sequences of undefined length nested deeper than this are refused (real objects nest
@@ -55,7 +55,7 @@ def check_elements(path: Path, transfer_syntax: str | None = None) -> None:
     sequence running past its end. ``transfer_syntax``: the data set's (the presentation
     context's), else its file meta's."""
     with open(path, "rb") as f:
-        meta = file_meta(f.read(65536))
+        meta = file_meta(f.read(META_VIEW))
         if meta.end == 0:
             return                      # no file meta: nothing reads it as an instance
         if meta.odd:
@@ -191,11 +191,12 @@ class _Walk:
 
 def _sequence(tag: int, vr: bytes) -> bool:
     """Whether pydicom reads a value of undefined length as a sequence (else as
-    encapsulated fragments): SQ; UN or implicit VR when the dictionary says SQ or
-    knows nothing of the tag (a private one: pydicom looks for an item there)."""
-    if vr == b"SQ":
+    encapsulated fragments): SQ or UN (``infer_sq_for_un_vr``, PS3.5 6.2.2); in implicit
+    VR when the dictionary says SQ or knows nothing of the tag (a private one: pydicom
+    looks for an item there)."""
+    if vr in (b"SQ", b"UN"):
         return True
-    if vr not in (b"", b"UN"):
+    if vr:
         return False
     try:
         return dictionary_VR(tag) == "SQ"

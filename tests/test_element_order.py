@@ -282,6 +282,15 @@ def _a_file_meta_element_without_a_vr() -> bytes:
     return bytes(part[:132]) + meta_element + bytes(part[144:])   # no group length
 
 
+def _a_file_meta_past_64_kib() -> bytes:
+    """Its elements were read from the first 64 KiB only: a long-VR element whose header
+    ended at the mark had its length read as 0, and the walk began inside its value
+    (a decoy data set) while pydicom read on to a second file meta and data set."""
+    part = _part10(_HEAD + _TAIL[:-30])
+    padding = struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 70_000) + bytes(70_000)
+    return part[:132] + padding + part[144:]                       # no group length
+
+
 def _many_empty_items_deflated() -> bytes:
     data = (struct.pack("<HH2sHL", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
             + _tag(0xFFFE, 0xE000, 0) * 131_000 + _tag(0xFFFE, 0xE0DD, 0))
@@ -301,9 +310,10 @@ def _many_empty_items_deflated() -> bytes:
     (_pixel_data_with_an_item_of_undefined_length, "an item of undefined length"),
     (_a_file_meta_element_without_a_vr, "file meta element (0002,0001) has no VR"),
     (_many_empty_items_deflated, "more than 100000 elements"),
+    (_a_file_meta_past_64_kib, "file meta does not end within its first 65536 bytes"),
 ], ids=["group-length-into-a-value", "group-length-past-the-file", "un-item",
         "many-elements", "zero-padding", "unknown-syntax", "no-vr", "implicit-item",
-        "undefined-fragment", "meta-without-vr", "many-items"])
+        "undefined-fragment", "meta-without-vr", "many-items", "meta-past-64-kib"])
 def test_the_walk_reads_the_data_set_where_pydicom_reads_it(tmp_path, build, refused):
     from pacs_node.structure import check_elements
 
