@@ -48,12 +48,13 @@ MAX_ELEMENTS = 100_000
 
 
 def check_elements(path: Path, transfer_syntax: str | None = None) -> None:
-    """ValueError when the Part-10 file's file meta group length is not its group 0002
-    elements' length, no data set follows it, or the data set repeats an element, has one
-    out of order, holds a group 0002 or 0000 element (zeros after its end aside), nests
-    sequences past MAX_DEPTH, holds more than MAX_ELEMENTS elements, or has a value of a
-    sequence running past its end. ``transfer_syntax``: the data set's (the presentation
-    context's), else its file meta's."""
+    """ValueError naming the first thing in the Part-10 file that pydicom would read
+    otherwise than the node, or by guessing (see the module and :class:`_Walk`): its
+    file meta (odd, or its group length not its elements' length, or no data set after
+    it), an element repeated, out of order or of group 0002/0000 in the data set (zeros
+    after its end aside), sequences past MAX_DEPTH or its end, more than MAX_ELEMENTS.
+    ``transfer_syntax``: the data set's (the presentation context's), else its file
+    meta's."""
     with open(path, "rb") as f:
         meta = file_meta(f.read(META_VIEW))
         if meta.end == 0:
@@ -97,10 +98,10 @@ class _Walk:
     - In explicit VR every element's VR must be one PS3.5 defines: pydicom reads an
       element with other bytes there as implicit (``assume_implicit_vr_switch``), its
       length four bytes where the walk read two.
-    - A value of undefined length is a sequence (SQ; an unknown or private tag as UN or
-      in implicit VR, whose dictionary VR says nothing else) or encapsulated fragments
-      (any other VR), and fragments have defined lengths: pydicom scans an encapsulated
-      value with an undefined-length item for the first delimiter's bytes instead.
+    - A value of undefined length is a sequence (SQ or UN; in implicit VR, a tag whose
+      dictionary VR is SQ or that the dictionary does not know) or encapsulated
+      fragments (any other VR), and fragments have defined lengths: pydicom scans an
+      encapsulated value with an undefined-length item for the first delimiter's bytes.
     - Every element, item and fragment counts against MAX_ELEMENTS."""
 
     def __init__(self, data: memoryview, little: bool) -> None:
