@@ -234,13 +234,17 @@ class JobRunner:
                  series.series_instance_uid, job.version, series.instance_count,
                  series.calling_aet or "STOW-RS")
         try:
-            # read as pydicom reads them, the files must be the series and study they were
-            # received as (the receiver refuses data sets it would read otherwise; this is
-            # the second lock on that door)
+            # read as pydicom reads them, the files must be the series, study and SOP
+            # instances they were received as (the receiver refuses data sets it would read
+            # otherwise; this is the second lock on that door)
             data = load_series(self.exchange.instances(job), series.series_instance_uid)
             if data.study_instance_uid != series.study_instance_uid:
                 raise SeriesError("its instances read as another study than the one they "
                                   "were received as")
+            filed = self.store.instance_uids(series.id)
+            if any(s.sop_instance_uid not in filed for s in data.slices):
+                raise SeriesError("its instances read as SOP instances other than the ones "
+                                  "they were received as")
         except SeriesError as exc:
             self._skip(job, exc)
             return

@@ -236,6 +236,12 @@ class JobStore(Jobs, Deliveries, Assembly, Upkeep, Notices, Stats, Accounts, Con
             return list(s.scalars(select(Instance.path).where(Instance.series_id == series_id)
                                   .order_by(Instance.id)))
 
+    def instance_uids(self, series_id: int) -> set[str]:
+        """The SOP Instance UIDs a series' instances were received (and filed) as."""
+        with self.read_session() as s:
+            return set(s.scalars(select(Instance.sop_instance_uid)
+                                 .where(Instance.series_id == series_id)))
+
     # --- assembly (complete_ready, complete_studies: store.assembly) --------
     def skip_series(self, series_id: int, reason: str) -> None:
         with self.session() as s, s.begin():

@@ -144,10 +144,12 @@ def test_sequences_of_undefined_length_are_walked_to_a_depth(node, covid_study, 
     assert store.counts()["instances"] == (status == 0)
 
 
-def test_a_job_whose_files_read_as_another_study_is_skipped(tmp_path, study_factory):
-    """The second lock: should a data set ever be filed under UIDs pydicom reads otherwise,
-    the worker, reading as pydicom does, skips the series instead of sending results about
-    one patient's study into another's."""
+@pytest.mark.parametrize("lie", ["study", "instance"])
+def test_a_job_whose_files_read_as_other_uids_is_skipped(tmp_path, study_factory, lie):
+    """The second lock: should a data set ever be filed under UIDs pydicom reads otherwise
+    (its study, or its SOP Instance UID), the worker, reading as pydicom does, skips the
+    series instead of sending results about one patient's study into another's, or
+    results that reference instances the node never received."""
     import datetime as dt
     import shutil
 
@@ -158,7 +160,7 @@ def test_a_job_whose_files_read_as_another_study_is_skipped(tmp_path, study_fact
 
     class NeverCalled:
         def analyze(self, data):
-            raise AssertionError("a series of another study was analysed")
+            raise AssertionError("a series read as other UIDs was analysed")
 
     toml = tmp_path / "node.toml"
     toml.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[assembly]\nmin_slices = 1\n'
@@ -166,20 +168,28 @@ def test_a_job_whose_files_read_as_another_study_is_skipped(tmp_path, study_fact
     config = load_config(toml, environ={})
     store = JobStore(config.store.url)
     filed_under = generate_uid()                # what a fooled receiver would have read
-    for f in study_factory("covid", 1, 12).files:
+    for k, f in enumerate(study_factory("covid", 1, 12).files):
         copy = tmp_path / f.name
         shutil.copy(f, copy)
         ds = pydicom.dcmread(copy, stop_before_pixels=True)
         assert ds.StudyInstanceUID != filed_under
+        study, instance = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        if lie == "study":
+            study = filed_under
+        elif k == 5:                            # one instance filed under another UID
+            instance = filed_under
         store.record_instance(ReceivedInstance(
-            str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
-            filed_under, "CT", str(copy), 1, "1.2.840.10008.1.2.1"))
+            instance, str(ds.SOPClassUID), str(ds.SeriesInstanceUID), study, "CT",
+            str(copy), 1, "1.2.840.10008.1.2.1"))
     [series] = store.complete_ready(0, now=utcnow() + dt.timedelta(seconds=1))
     store.queue_job(series.id)
     JobRunner(config, store, NeverCalled()).run_job(store.claim_job())
     [job] = store.jobs("failed")
-    assert job.error == ("skipped: its instances read as another study than the one they "
-                         "were received as")
+    assert job.error == {
+        "study": "skipped: its instances read as another study than the one they were "
+                 "received as",
+        "instance": "skipped: its instances read as SOP instances other than the ones they "
+                    "were received as"}[lie]
 
 
 # --- the walk reads where pydicom reads ----------------------------------------------------
