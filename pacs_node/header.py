@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ _KEYWORDS = ["SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID",
 _TAGS = [Tag(k) for k in _KEYWORDS]
 TRANSFER_SYNTAX = 0x00020010
 _META_HEAD = struct.Struct("<HH2s")
+_UID_BYTES = re.compile(rb"[0-9.]{1,64}")
 #: The bytes of a file that its file meta must end within (every reader of it takes these).
 META_VIEW = 65536
 #: A deflated data set that inflates past this is refused (Out of Resources): a CT image
@@ -258,6 +260,11 @@ def file_meta(head: bytes) -> FileMeta:
             odd = f"its file meta element (0002,{element:04X}) has an undefined length"
             break
         if element == TRANSFER_SYNTAX & 0xFFFF:
-            syntax = head[pos:pos + length].rstrip(b"\0 ").decode("ascii", "replace")
+            value = head[pos:pos + length].rstrip(b"\0 ")
+            if vr != b"UI" or not _UID_BYTES.fullmatch(value):
+                odd = ("its transfer syntax (0002,0010) is not a UID of VR UI (pydicom reads "
+                       "one in another VR as bytes, and strips whitespace a UID cannot hold)")
+                break
+            syntax = value.decode("ascii")
         pos = end = pos + length
     return FileMeta(end, syntax, said, odd)

@@ -10,15 +10,12 @@ import struct
 LONG = (b"OB", b"SQ", b"UN", b"UT")
 
 
-def element(group: int, element: int, vr: bytes, value: bytes,
-            length: int | None = None) -> bytes:
-    """An explicit VR little endian element, its value padded to an even length (or its
-    length given: 0xFFFFFFFF for a sequence's of undefined length)."""
+def element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """An explicit VR little endian element, its value padded to an even length."""
     value += b"\0" * (len(value) % 2)
-    size = len(value) if length is None else length
     if vr in LONG:
-        return struct.pack("<HH2sHL", group, element, vr, 0, size) + value
-    return struct.pack("<HH2sH", group, element, vr, size) + value
+        return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
 
 
 def implicit(tag: int, value: bytes = b"", length: int | None = None) -> bytes:

@@ -26,6 +26,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from pacs_node.structure import MAX_DEPTH
 
+from elements import element, implicit, part10, tag
 from raw_peer import CT_ID, associate, c_store_rq, data_set, p_data, status_of
 from stow_client import multipart, post
 
@@ -35,18 +36,11 @@ def node(start_node):
     return start_node(allowed_calling_aets=["CT1"])
 
 
-def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
-    value += b"\0" * (len(value) % 2)
-    if vr in (b"OB", b"SQ", b"UN", b"UT"):
-        return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
-
-
 def _deflated(body: bytes) -> bytes:
     """(0002,0010) Deflated, then ``body`` and 8 MiB of zeros deflated (8 KiB)."""
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    inner = body + _element(0x7FE1, 0x1000, b"OB", bytes(8 << 20))
-    return (_element(0x0002, 0x0010, b"UI", DeflatedExplicitVRLittleEndian.encode())
+    inner = body + element(0x7FE1, 0x1000, b"OB", bytes(8 << 20))
+    return (element(0x0002, 0x0010, b"UI", DeflatedExplicitVRLittleEndian.encode())
             + deflate.compress(inner) + deflate.flush())
 
 
@@ -73,11 +67,11 @@ def test_a_data_set_whose_elements_lie_is_refused(node, covid_study, lie, caplog
     body = data_set(path)                                    # explicit VR little endian
     other = generate_uid().encode()
     if lie == "study after pixels":             # pydicom keeps the last: another study
-        body += _element(0x7FE1, 0x0010, b"LO", b"X") + _element(0x0020, 0x000D, b"UI", other)
+        body += element(0x7FE1, 0x0010, b"LO", b"X") + element(0x0020, 0x000D, b"UI", other)
     elif lie == "pixel data repeated":
-        body += _element(0x7FE0, 0x0010, b"OB", b"")         # a second Pixel Data, empty
+        body += element(0x7FE0, 0x0010, b"OB", b"")         # a second Pixel Data, empty
     elif lie == "out of order":
-        body = _element(0x0020, 0x000D, b"UI", other) + body
+        body = element(0x0020, 0x000D, b"UI", other) + body
     else:                                       # every reader would inflate what follows
         body = _deflated(body)
     assert _store(receiver, ds, body) == 0xC000
@@ -193,23 +187,11 @@ def test_a_job_whose_files_read_as_other_uids_is_skipped(tmp_path, study_factory
 
 
 # --- the walk reads where pydicom reads ----------------------------------------------------
-def _part10(data_set_bytes: bytes, syntax: str = "1.2.840.10008.1.2.1",
-            group_length: int | None = None) -> bytes:
-    meta = _element(0x0002, 0x0010, b"UI", syntax.encode())
-    length = len(meta) if group_length is None else group_length
-    return (b"\0" * 128 + b"DICM" + struct.pack("<HH2sHL", 2, 0, b"UL", 4, length) + meta
-            + data_set_bytes)
-
-
-_HEAD = (_element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2")
-         + _element(0x0008, 0x0018, b"UI", b"1.2.3"))
-_TAIL = (_element(0x0020, 0x000D, b"UI", b"1.1.1") + _element(0x0020, 0x000E, b"UI", b"1.1.2")
-         + _element(0x7FE0, 0x0010, b"OB", bytes(8)) + _element(0x7FE1, 0x0010, b"LO", b"X")
-         + _element(0x0020, 0x000D, b"UI", b"9.9.9.9"))        # pydicom's study: the last
-
-
-def _tag(group: int, element: int, length: int) -> bytes:
-    return struct.pack("<HHL", group, element, length)
+_HEAD = (element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2")
+         + element(0x0008, 0x0018, b"UI", b"1.2.3"))
+_TAIL = (element(0x0020, 0x000D, b"UI", b"1.1.1") + element(0x0020, 0x000E, b"UI", b"1.1.2")
+         + element(0x7FE0, 0x0010, b"OB", bytes(8)) + element(0x7FE1, 0x0010, b"LO", b"X")
+         + element(0x0020, 0x000D, b"UI", b"9.9.9.9"))        # pydicom's study: the last
 
 
 def _group_length_into_a_value() -> bytes:
@@ -217,8 +199,8 @@ def _group_length_into_a_value() -> bytes:
     covering the rest: a walk from there saw one element; pydicom reads two studies."""
     hidden = struct.pack("<HH2sHL", 0x0009, 0x0010, b"OB", 0, len(_TAIL))
     manufacturer = struct.pack("<HH2sH", 0x0008, 0x0070, b"LO", len(hidden)) + hidden
-    meta = len(_element(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1"))
-    return _part10(_HEAD + manufacturer + _TAIL, group_length=meta + len(_HEAD) + 8)
+    meta = len(element(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1"))
+    return part10(_HEAD + manufacturer + _TAIL, group_length=meta + len(_HEAD) + 8)
 
 
 def _un_item_read_as_pydicom_reads_it() -> bytes:
@@ -226,68 +208,63 @@ def _un_item_read_as_pydicom_reads_it() -> bytes:
     element's bytes 4-5 spell SH): read as implicit, as PS3.5 6.2.2 says, (0009,1011) SH
     of length 0 was a length of 0x4853, and the walk landed in an OB value holding fake
     delimiters and an element covering the rest."""
-    rest = _tag(0xFFFE, 0xE00D, 0) + _tag(0xFFFE, 0xE0DD, 0) + _TAIL
-    fake = (_tag(0xFFFE, 0xE00D, 0) + _tag(0xFFFE, 0xE0DD, 0)
+    rest = tag(0xFFFE, 0xE00D, 0) + tag(0xFFFE, 0xE0DD, 0) + _TAIL
+    fake = (tag(0xFFFE, 0xE00D, 0) + tag(0xFFFE, 0xE0DD, 0)
             + struct.pack("<HH2sHL", 0x7FE1, 0x1000, b"OB", 0, 1 + len(rest)) + b"\0")
     ob_value = b"\0" * (8 + 0x4853 - 20) + fake
     item = (struct.pack("<HH2sH", 0x0009, 0x1011, b"SH", 0)
             + struct.pack("<HH2sHL", 0x0009, 0x1012, b"OB", 0, len(ob_value)) + ob_value)
-    return _part10(_HEAD + _element(0x0008, 0x0060, b"CS", b"CT")
-                   + _element(0x0009, 0x0010, b"LO", b"ACME")
+    return part10(_HEAD + element(0x0008, 0x0060, b"CS", b"CT")
+                   + element(0x0009, 0x0010, b"LO", b"ACME")
                    + struct.pack("<HH2sHL", 0x0009, 0x1010, b"UN", 0, 0xFFFFFFFF)
-                   + _tag(0xFFFE, 0xE000, 0xFFFFFFFF) + item + rest)
+                   + tag(0xFFFE, 0xE000, 0xFFFFFFFF) + item + rest)
 
 
 def _many_empty_elements_deflated() -> bytes:
     inner = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 0) * 200_000
     data = (struct.pack("<HH2sHL", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
-            + _tag(0xFFFE, 0xE000, 0xFFFFFFFF) + inner + _tag(0xFFFE, 0xE00D, 0)
-            + _tag(0xFFFE, 0xE0DD, 0))
+            + tag(0xFFFE, 0xE000, 0xFFFFFFFF) + inner + tag(0xFFFE, 0xE00D, 0)
+            + tag(0xFFFE, 0xE0DD, 0))
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return _part10(deflate.compress(data) + deflate.flush(), DeflatedExplicitVRLittleEndian)
+    return part10(deflate.compress(data) + deflate.flush(), DeflatedExplicitVRLittleEndian)
 
 
 def _an_element_without_a_vr() -> bytes:
     """VR bytes 0C 00: pydicom reads the element as implicit (length 12), skips the next
     element's header and reads its OB value as top-level elements: another study."""
-    hidden = _element(0x0020, 0x000D, b"UI", b"9.9.9")
-    return _part10(_HEAD + _element(0x0020, 0x000D, b"UI", b"1.1")
+    hidden = element(0x0020, 0x000D, b"UI", b"9.9.9")
+    return part10(_HEAD + element(0x0020, 0x000D, b"UI", b"1.1")
                    + struct.pack("<HH2sH", 0x0029, 0x0010, b"\x0c\x00", 0)
-                   + _element(0x0029, 0x1000, b"OB", hidden))
-
-
-def _implicit(tag: int, value: bytes = b"", length: int | None = None) -> bytes:
-    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF,
-                       len(value) if length is None else length) + value
+                   + element(0x0029, 0x1000, b"OB", hidden))
 
 
 def _an_item_of_an_implicit_data_set_spelling_ob() -> bytes:
     """In implicit VR pydicom reads every item as implicit; an item whose first length is
     'OB\0\0' had been read by the walk as an explicit OB swallowing a later study."""
-    hidden = _implicit(0x0020000D, b"9.9.9\0")
+    hidden = implicit(0x0020000D, b"9.9.9\0")
     value = struct.pack("<L", 0x424F + 12 + len(hidden)) + b"\0" * (0x424F - 4)
     item = (struct.pack("<HH", 0x0008, 0x0100) + b"OB\0\0" + value
-            + _tag(0xFFFE, 0xE00D, 0) + _tag(0xFFFE, 0xE0DD, 0) + hidden
-            + _tag(0xFFFE, 0xE00D, 0) + _tag(0xFFFE, 0xE0DD, 0))
-    return _part10(_implicit(0x00080016, b"1.2.840.10008.5.1.4.1.1.2\0")
-                   + _implicit(0x0020000D, b"1.1\0")
-                   + _implicit(0x00400275, length=0xFFFFFFFF) + _tag(0xFFFE, 0xE000, 0xFFFFFFFF)
+            + tag(0xFFFE, 0xE00D, 0) + tag(0xFFFE, 0xE0DD, 0) + hidden
+            + tag(0xFFFE, 0xE00D, 0) + tag(0xFFFE, 0xE0DD, 0))
+    return part10(implicit(0x00080016, b"1.2.840.10008.5.1.4.1.1.2\0")
+                   + implicit(0x0020000D, b"1.1\0")
+                   + implicit(0x00400275, length=0xFFFFFFFF) + tag(0xFFFE, 0xE000, 0xFFFFFFFF)
                    + item, "1.2.840.10008.1.2")
 
 
 def _pixel_data_with_an_item_of_undefined_length() -> bytes:
     """pydicom scans such an encapsulated value for the first delimiter's bytes."""
-    nested = _element(0x0008, 0x0100, b"OB", _tag(0xFFFE, 0xE0DD, 0)
-                      + _element(0x0020, 0x000D, b"UI", b"9.9.9"))
-    return _part10(_HEAD + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
-                   + _tag(0xFFFE, 0xE000, 0xFFFFFFFF) + nested + _tag(0xFFFE, 0xE00D, 0)
-                   + _tag(0xFFFE, 0xE0DD, 0))
+    nested = element(0x0008, 0x0100, b"OB", tag(0xFFFE, 0xE0DD, 0)
+                      + element(0x0020, 0x000D, b"UI", b"9.9.9"))
+    return part10(_HEAD + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+                   + tag(0xFFFE, 0xE000, 0xFFFFFFFF) + nested + tag(0xFFFE, 0xE00D, 0)
+                   + tag(0xFFFE, 0xE0DD, 0))
 
 
 def _a_file_meta_element_without_a_vr() -> bytes:
     """pydicom reads it as implicit VR, 131,072 bytes long, and finds a transfer syntax
     ("deflated") where the node saw none."""
-    part = bytearray(_part10(_HEAD + _TAIL[:-30]))
+    part = bytearray(part10(_HEAD + _TAIL[:-30]))
     meta_element = struct.pack("<HH2sH", 0x0002, 0x0001, b"\0\0", 2) + b"\0\1"
     return bytes(part[:132]) + meta_element + bytes(part[144:])   # no group length
 
@@ -296,25 +273,25 @@ def _a_file_meta_past_64_kib() -> bytes:
     """Its elements were read from the first 64 KiB only: a long-VR element whose header
     ended at the mark had its length read as 0, and the walk began inside its value
     (a decoy data set) while pydicom read on to a second file meta and data set."""
-    part = _part10(_HEAD + _TAIL[:-30])
+    part = part10(_HEAD + _TAIL[:-30])
     padding = struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 70_000) + bytes(70_000)
     return part[:132] + padding + part[144:]                       # no group length
 
 
 def _many_empty_items_deflated() -> bytes:
     data = (struct.pack("<HH2sHL", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
-            + _tag(0xFFFE, 0xE000, 0) * 131_000 + _tag(0xFFFE, 0xE0DD, 0))
+            + tag(0xFFFE, 0xE000, 0) * 131_000 + tag(0xFFFE, 0xE0DD, 0))
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return _part10(deflate.compress(data) + deflate.flush(), DeflatedExplicitVRLittleEndian)
+    return part10(deflate.compress(data) + deflate.flush(), DeflatedExplicitVRLittleEndian)
 
 
 @pytest.mark.parametrize("build, refused", [
     (_group_length_into_a_value, "file meta group length ends at byte"),
-    (lambda: _part10(_HEAD + _TAIL[:-30], group_length=2**31), "file meta group length"),
+    (lambda: part10(_HEAD + _TAIL[:-30], group_length=2**31), "file meta group length"),
     (_un_item_read_as_pydicom_reads_it, "(0020,000D) is out of order"),
     (_many_empty_elements_deflated, "more than 100000 elements"),
-    (lambda: _part10(_HEAD + _TAIL[:-30] + bytes(4096)), None),  # zeros after its end
-    (lambda: _part10(_HEAD + _TAIL[:-30], "1.2.840.113619.5.2"), "not one the node knows"),
+    (lambda: part10(_HEAD + _TAIL[:-30] + bytes(4096)), None),  # zeros after its end
+    (lambda: part10(_HEAD + _TAIL[:-30], "1.2.840.113619.5.2"), "not one the node knows"),
     (_an_element_without_a_vr, "(0029,0010) has no VR (bytes 0c00)"),
     (_an_item_of_an_implicit_data_set_spelling_ob, "(0020,000D) is out of order"),
     (_pixel_data_with_an_item_of_undefined_length, "an item of undefined length"),
