@@ -60,6 +60,11 @@ MAX_PADDING = 64 << 10
 _SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 _SQ_CREATORS = frozenset(creator for creator, entries in private_dictionaries.items()
                          if any(entry[0] == "SQ" for entry in entries.values()))
+#: Private creators longer than this are refused (LO: 64 characters; the longest
+#: creator in pydicom's private dictionary has 65).
+MAX_CREATOR = 1024
+#: VRs whose values pydicom decodes as text (a creator's name is looked up as one).
+_TEXT_VRS = frozenset(b"AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _MAYBE_SQ = (b"", b"UN")      # implicit VR, or unknown: pydicom may read a sequence there
 _ITEM_BYTES = {little: struct.pack("<HH" if little else ">HH", 0xFFFE, 0xE000)
                for little in (True, False)}
@@ -144,7 +149,7 @@ class _Walk:
         self.tag_length = struct.Struct(order + "HHL")
         self.tag_vr_length = struct.Struct(order + "HH2sH")
         self.long_length = struct.Struct(order + "L")
-        self.item = _ITEM_BYTES[little]
+        self.item_bytes = _ITEM_BYTES[little]
 
     def count(self) -> None:
         self.elements += 1
@@ -158,17 +163,19 @@ class _Walk:
     def data_set(self, pos: int, top: bool = False, depth: int = 0, implicit: bool = False,
                  limit: int | None = None, defined: bool = False) -> int:
         """Walk elements from ``pos`` to the end (``top``), to its item's end delimiter,
-        or (``defined``) to exactly ``limit``, the end of an item of defined length; where
-        it stopped. Within an item, a value past ``limit`` (else the data's end) is a
+        or (``defined``) to exactly ``limit``, the end of an item of defined length (an
+        item delimiter may close it there: pydicom ends an item at one, wherever it is);
+        where it stopped. Within an item, a value past ``limit`` (else the data's end) is a
         ValueError; at the top the data set may end cut short (nothing hides after it)."""
         end = self.end if limit is None else limit
-        implicit, last, creators = implicit or self.implicit_at(pos), -1, {}
+        implicit, last, creators = implicit or self.implicit_at(pos), -1, _Creators()
         while pos + 8 <= end:
             self.count()
             group, element, length = self.tag_length.unpack_from(self.data, pos)
             tag, vr = group << 16 | element, b""
             if group == 0xFFFE:                        # items and delimiters: no VR
-                if tag == ITEM_END and not top and not defined:
+                if tag == ITEM_END and not top and (
+                        not defined or (length == 0 and pos + 8 == end)):
                     return pos + 8
                 raise ValueError(f"an item tag ({group:04X},{element:04X}) where a data "
                                  f"element belongs")
@@ -184,10 +191,12 @@ class _Walk:
                 pos += 8
                 if vr in LONG_VRS:
                     if pos + 4 > end:
-                        break
+                        if top:
+                            break                      # cut short: pydicom reads no more
+                        raise ValueError("an element runs past the end of its item")
                     length = self.long_length.unpack_from(self.data, pos)[0]
                     pos += 4
-            if top:
+            if top and (tag <= last or group < 3 or tag in READ_AS):
                 _top_level(tag, last, vr, length)
             last = tag
             if length == UNDEFINED_LENGTH:
@@ -195,11 +204,11 @@ class _Walk:
                 continue
             if not top and pos + length > end:
                 raise ValueError("a value runs past the end of its item")
-            if group & 1 and 0 < element <= 0xFF:  # a private creator (0x10-0xFF; or not)
-                creators[tag] = _creator(bytes(self.data[pos:pos + min(length, 64)]), tag)
-            elif length >= 8 and (vr == b"SQ" or vr in _MAYBE_SQ and (
-                    group & 1 or tag in _SQ_TAGS or tag & 0xFF00FFFF == 0x50002600)) \
-                    and self.defined_sequence(tag, vr, length, pos, creators):
+            if group & 1 and 0 < element <= 0xFF and vr != b"SQ":
+                creators.add(tag, vr, self.data, pos, length)
+            elif (vr == b"SQ" and length) or (length and vr in _MAYBE_SQ and (
+                    group & 1 or tag in _SQ_TAGS or tag & 0xFF00FFFF == 0x50002600)
+                    and self.defined_sequence(tag, vr, length, pos, creators)):
                 self.sequence(pos, length, depth + 1, implicit)
             pos += length
         if top:
@@ -216,26 +225,23 @@ class _Walk:
         return not self.data[pos:].tobytes().strip(b"\0")
 
     def defined_sequence(self, tag: int, vr: bytes, length: int, pos: int,
-                         creators: dict[int, str]) -> bool:
-        """Whether pydicom reads a value of defined length as a sequence: SQ; UN or
-        implicit when the dictionary says SQ (an explicit public UN: below 64 KiB,
-        ``replace_un_with_known_vr``), a private tag's by its creator's private
-        dictionary; and any private value that begins as a sequence does."""
-        if vr == b"SQ":
-            return True
-        if vr not in (b"", b"UN"):
-            return False
+                         creators: "_Creators") -> bool:
+        """Whether a value of defined length in UN or implicit VR is walked as a
+        sequence: where pydicom reads one (the dictionary says SQ; an explicit public UN
+        only below 64 KiB, ``replace_un_with_known_vr``; a private tag by its creator's
+        private dictionary), and, as a caution, any private value that begins with an
+        item (pydicom reads those as bytes; other readers may not)."""
         if tag >> 16 & 1:                         # private: its creator's dictionary
-            creator = creators.get(tag & 0xFFFF0000 | tag >> 8 & 0xFF) if tag & 0xFF00 \
-                else None
+            creator = creators.of(tag)
             return (creator is not None and _private_sequence(tag, creator)) \
-                or self.data[pos:pos + 4] == self.item
+                or self.data[pos:pos + 4] == self.item_bytes
         if vr == b"UN" and length >= 0xFFFF:
             return False
         return tag in _SQ_TAGS or (tag & 0xFF00FFFF == 0x50002600)
 
     def sequence(self, pos: int, length: int, depth: int, implicit: bool) -> None:
-        """Walk a sequence's value of defined length: items that fill it exactly."""
+        """Walk a sequence's value of defined length: items that fill it (a sequence
+        delimiter ends it early: pydicom reads nothing after one)."""
         if depth > MAX_DEPTH:
             raise ValueError(f"its sequences nest deeper than {MAX_DEPTH}")
         end = pos + length
@@ -244,18 +250,9 @@ class _Walk:
         while pos < end:
             if pos + 8 > end:
                 raise ValueError("a sequence's items do not fill its length")
-            self.count()
-            group, element, item_length = self.tag_length.unpack_from(self.data, pos)
-            pos += 8
-            if group << 16 | element != ITEM:
-                raise ValueError(f"a sequence holds ({group:04X},{element:04X}), not items")
-            if item_length == UNDEFINED_LENGTH:
-                pos = self.data_set(pos, depth=depth, implicit=implicit, limit=end)
-            elif pos + item_length > end:
-                raise ValueError("an item runs past the end of its sequence")
-            else:
-                pos = self.data_set(pos, depth=depth, implicit=implicit,
-                                    limit=pos + item_length, defined=True)
+            pos, more = self.item(pos, depth, implicit, end)
+            if not more:
+                return
 
     def items(self, pos: int, depth: int, implicit: bool, sequence: bool, limit: int) -> int:
         """Walk a value of undefined length (a sequence's items, or encapsulated
@@ -263,26 +260,78 @@ class _Walk:
         if depth > MAX_DEPTH:
             raise ValueError(f"its sequences nest deeper than {MAX_DEPTH}")
         while pos + 8 <= limit:
+            if sequence:
+                pos, more = self.item(pos, depth, implicit, limit)
+                if not more:
+                    return pos
+                continue
             self.count()
             group, element, length = self.tag_length.unpack_from(self.data, pos)
-            tag = group << 16 | element
             pos += 8
-            if tag == SEQUENCE_END:
+            if group << 16 | element == SEQUENCE_END:
                 return pos
-            if tag != ITEM:
-                raise ValueError(f"a sequence holds ({group:04X},{element:04X}), not items")
+            if group << 16 | element != ITEM:
+                raise ValueError(f"an encapsulated value holds ({group:04X},{element:04X}), "
+                                 f"not items")
             if length == UNDEFINED_LENGTH:
-                if not sequence:
-                    raise ValueError("an encapsulated value holds an item of undefined length")
-                pos = self.data_set(pos, depth=depth, implicit=implicit, limit=limit)
-            elif sequence:
-                if pos + length > limit:
-                    raise ValueError("an item runs past the end of its sequence")
-                pos = self.data_set(pos, depth=depth, implicit=implicit, limit=pos + length,
-                                    defined=True)
-            else:
-                pos += length
+                raise ValueError("an encapsulated value holds an item of undefined length")
+            pos += length
         raise ValueError("a sequence runs past the end of the data set")
+
+    def item(self, pos: int, depth: int, implicit: bool, limit: int) -> tuple[int, bool]:
+        """One item of a sequence at ``pos`` (its header within ``limit``): where it
+        ends, and whether more may follow (False after the sequence delimiter). An item
+        delimiter of length 0 is an empty item, as pydicom reads it (GE writes one after
+        an item of defined length)."""
+        self.count()
+        group, element, length = self.tag_length.unpack_from(self.data, pos)
+        tag, pos = group << 16 | element, pos + 8
+        if tag == SEQUENCE_END:
+            return pos, False
+        if tag == ITEM_END and length == 0:
+            return pos, True
+        if tag != ITEM:
+            raise ValueError(f"a sequence holds ({group:04X},{element:04X}), not items")
+        if length == UNDEFINED_LENGTH:
+            return self.data_set(pos, depth=depth, implicit=implicit, limit=limit), True
+        if pos + length > limit:
+            raise ValueError("an item runs past the end of its sequence")
+        return self.data_set(pos, depth=depth, implicit=implicit, limit=pos + length,
+                             defined=True), True
+
+
+class _Creators:
+    """A data set's private creators as pydicom finds them for an element: the value of
+    (gggg,00bb) for block bb, decoded. pydicom looks them up in the whole (finished) data
+    set; the walk meets them in order, so one repeated, or met after an element of its
+    block, is refused (the walk would have judged that element by another creator)."""
+
+    __slots__ = ("names", "used")
+
+    def __init__(self) -> None:
+        self.names: dict[int, str | None] = {}
+        self.used: set[int] = set()
+
+    def add(self, tag: int, vr: bytes, data: memoryview, pos: int, length: int) -> None:
+        where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+        if tag in self.names:
+            raise ValueError(f"its private creator {where} is repeated")
+        if tag in self.used:
+            raise ValueError(f"its private creator {where} follows elements of its block")
+        if tag & 0xFFFF < 0x10 and vr not in _TEXT_VRS:
+            self.names[tag] = None       # (gggg,0001-000F): pydicom reads bytes, no name
+            return
+        if length > MAX_CREATOR:
+            raise ValueError(f"its private creator {where} is {length} bytes long")
+        self.names[tag] = _creator(bytes(data[pos:pos + length]), where)
+
+    def of(self, tag: int) -> str | None:
+        """The creator of a private element (None: none, or not one pydicom names)."""
+        if not tag & 0xFF00:
+            return None
+        key = tag & 0xFFFF0000 | tag >> 8 & 0xFF
+        self.used.add(key)
+        return self.names.get(key)
 
 
 def _top_level(tag: int, last: int, vr: bytes, length: int) -> None:
@@ -302,13 +351,12 @@ def _top_level(tag: int, last: int, vr: bytes, length: int) -> None:
                          f"{vr.decode()}, not {wanted.decode()}")
 
 
-def _creator(value: bytes, tag: int) -> str:
+def _creator(value: bytes, where: str) -> str:
     """A private creator's name as pydicom matches it; ValueError when it holds control
     characters (an escape sequence would have pydicom decode it as another name)."""
     name = value.rstrip(b"\0 ")
     if any(b < 0x20 or b == 0x7F for b in name):
-        raise ValueError(f"its private creator ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds "
-                         f"control characters")
+        raise ValueError(f"its private creator {where} holds control characters")
     return name.decode("latin-1").strip()
 
 

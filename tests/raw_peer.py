@@ -179,6 +179,18 @@ def status_of(sock: socket.socket) -> int:
     raise AssertionError("the response has no Status")
 
 
+def store_raw(port: int, sop_class: str, sop_instance: str, body: bytes) -> int:
+    """A C-STORE of ``body`` (a data set's bytes, whatever they hold) on an association
+    of its own, in PDUs of 16 KiB: the status the node answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        associate(s)
+        s.sendall(p_data(CT_ID, 0x03, c_store_rq(sop_class, sop_instance)))
+        for at in range(0, len(body), 16000):
+            last = at + 16000 >= len(body)
+            s.sendall(p_data(CT_ID, 0x02 if last else 0x00, body[at:at + 16000]))
+        return status_of(s)
+
+
 def data_set(path) -> bytes:
     """The data set of a Part-10 file as it would be sent (after the File Meta Information)."""
     raw = path.read_bytes()

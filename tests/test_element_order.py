@@ -12,7 +12,6 @@ stored.
 from __future__ import annotations
 
 import re
-import socket
 import struct
 import zlib
 
@@ -27,7 +26,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from pacs_node.structure import MAX_DEPTH
 
 from elements import element, implicit, part10, tag
-from raw_peer import CT_ID, associate, c_store_rq, data_set, p_data, status_of
+from raw_peer import data_set, store_raw
 from stow_client import multipart, post
 
 
@@ -45,13 +44,7 @@ def _deflated(body: bytes) -> bytes:
 
 
 def _store(receiver, ds: Dataset, body: bytes) -> int:
-    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as s:
-        associate(s)
-        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID)))
-        for at in range(0, len(body), 16000):                 # PDVs of a PDU of 16 KiB
-            last = at + 16000 >= len(body)
-            s.sendall(p_data(CT_ID, 0x02 if last else 0x00, body[at:at + 16000]))
-        return status_of(s)
+    return store_raw(receiver.port, ds.SOPClassUID, ds.SOPInstanceUID, body)
 
 
 def _stored(receiver) -> list:
@@ -221,7 +214,7 @@ def _un_item_read_as_pydicom_reads_it() -> bytes:
 
 
 def _many_empty_elements_deflated() -> bytes:
-    inner = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 0) * 200_000
+    inner = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 0) * 200_000
     data = (struct.pack("<HH2sHL", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
             + tag(0xFFFE, 0xE000, 0xFFFFFFFF) + inner + tag(0xFFFE, 0xE00D, 0)
             + tag(0xFFFE, 0xE0DD, 0))

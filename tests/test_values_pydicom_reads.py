@@ -14,7 +14,6 @@ forms are stored.
 from __future__ import annotations
 
 import re
-import socket
 import struct
 import subprocess
 
@@ -24,7 +23,7 @@ import pytest
 from pacs_node.structure import MAX_DEPTH, MAX_ELEMENTS, MAX_PADDING, check_elements
 
 from elements import element, implicit, item, part10, tag
-from raw_peer import CT_ID, associate, c_store_rq, data_set, p_data, status_of
+from raw_peer import data_set, store_raw
 from stow_client import multipart, post
 
 IMPLICIT = "1.2.840.10008.1.2"
@@ -67,6 +66,22 @@ def _honest_sequences_of_defined_length() -> bytes:
                   + _UIDS)
 
 
+def _in_an_item(body: bytes) -> bytes:
+    """A data set with ``body`` in an item of a Referenced Image Sequence."""
+    return part10(_HEAD + element(0x0008, 0x1140, b"SQ", item(body)) + _UIDS)
+
+
+_FDMS_SQ = element(0x0019, 0x10A0, b"UN", tag(0x0008, 0x0100, 8) + bytes(8))   # not items
+_LONG_CREATOR = b"http://www.gemedicalsystems.com/it_solutions/bamwallthickness/1.0"
+
+
+def _undefined_sequence(*parts: bytes) -> bytes:
+    return struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF) + b"".join(parts)
+
+
+_ONE = element(0x0008, 0x1155, b"UI", b"1.2.4")
+
+
 def _syntax(value: bytes, vr: bytes = b"UI") -> bytes:
     """A file meta whose transfer syntax is ``value`` in ``vr``."""
     meta = element(0x0002, 0x0010, vr, value)
@@ -83,6 +98,8 @@ def _syntax(value: bytes, vr: bytes = b"UI") -> bytes:
      f"nest deeper than {MAX_DEPTH}"),
     (lambda: part10(_HEAD + element(0x0008, 0x1140, b"SQ", item(b"") + b"\0\0\0\0")
                     + _UIDS), "items do not fill its length"),
+    (lambda: part10(_HEAD + element(0x0008, 0x1140, b"SQ", b"\0\0\0\0") + _UIDS),
+     "items do not fill its length"),
     (lambda: part10(_HEAD + element(0x0008, 0x1140, b"SQ", item(
         element(0x0008, 0x1150, b"UI", b"1.2")[:-2])) + _UIDS), "runs past the end"),
     (_private_sequence_by_its_creator, "a sequence holds (0008,0100), not items"),
@@ -100,10 +117,42 @@ def _syntax(value: bytes, vr: bytes = b"UI") -> bytes:
     (lambda: part10(_HEAD + _UIDS + bytes(MAX_PADDING)), None),
     (lambda: part10(_HEAD + element(0x0019, 0x0010, b"LO", b"FDMS\x1b(B 1.0") + _UIDS),
      "private creator (0019,0010) holds control characters"),   # ISO 2022: 'FDMS 1.0'
-], ids=["many-items", "deep", "deep-enough", "deep-as-un", "items-short", "item-overruns",
-        "private-by-creator", "honest", "uid-as-ob", "uid-as-un", "syntax-space",
+    # (review) a creator sent as SQ: pydicom reads the sequence, whatever the tag
+    (lambda: part10(_HEAD + element(0x0019, 0x0010, b"SQ", b"ABCD    " + bytes(8)) + _UIDS),
+     "a sequence holds (4241,4443), not items"),
+    # a 65-character creator in pydicom's private dictionary (3119,xx40: a sequence)
+    (lambda: part10(_HEAD + _UIDS + element(0x3119, 0x0010, b"LO", _LONG_CREATOR)
+                    + element(0x3119, 0x1040, b"UN", tag(0x0008, 0x0100, 0))),
+     "a sequence holds (0008,0100), not items"),
+    # in an item pydicom looks a creator up in the whole item: the last of two, or after
+    (lambda: _in_an_item(element(0x0019, 0x0010, b"LO", b"ACME")
+                         + element(0x0019, 0x0010, b"LO", b"FDMS 1.0") + _FDMS_SQ),
+     "private creator (0019,0010) is repeated"),
+    (lambda: _in_an_item(_FDMS_SQ + element(0x0019, 0x0010, b"LO", b"FDMS 1.0")),
+     "private creator (0019,0010) follows elements of its block"),
+    (lambda: _in_an_item(element(0x0019, 0x0010, b"LO", b"FDMS 1.0") + _FDMS_SQ),
+     "a sequence holds (0008,0100), not items"),
+    # a long VR's header ending where its item ends: pydicom reads 4 bytes past it
+    (lambda: _in_an_item(struct.pack("<HH2sH", 0x0009, 0x1000, b"OB", 0)),
+     "an element runs past the end of its item"),
+    (lambda: part10(_HEAD + element(0x0008, 0x1140, b"UN", b"\0\0\0\0") + _UIDS),
+     "items do not fill its length"),                   # pydicom: SQ, and an OSError
+    # delimiters where pydicom takes them (GE writes the third), and where it does not
+    (lambda: _in_an_item(_ONE + tag(0xFFFE, 0xE00D, 0)), None),
+    (lambda: part10(_HEAD + element(0x0008, 0x1140, b"SQ", item(_ONE)
+                                    + tag(0xFFFE, 0xE0DD, 0)) + _UIDS), None),
+    (lambda: part10(_HEAD + _undefined_sequence(item(_ONE), tag(0xFFFE, 0xE00D, 0),
+                                                tag(0xFFFE, 0xE0DD, 0)) + _UIDS), None),
+    (lambda: _in_an_item(tag(0xFFFE, 0xE00D, 0) + _ONE),
+     "an item tag (FFFE,E00D) where a data element belongs"),
+    (lambda: part10(_HEAD + element(0x0009, 0x0001, b"OB", b"\x01\x02") + _UIDS), None),
+], ids=["many-items", "deep", "deep-enough", "deep-as-un", "items-short", "no-item",
+        "item-overruns", "private-by-creator", "honest", "uid-as-ob", "uid-as-un", "syntax-space",
         "syntax-tab", "syntax-as-ob", "syntax-padded", "long-padding", "padding",
-        "creator-escaped"])
+        "creator-escaped", "creator-as-sq", "long-creator", "creator-repeated",
+        "creator-after", "creator-in-item", "long-vr-at-item-end", "short-un-sequence",
+        "item-delimiter-closing", "sequence-delimiter-closing", "ge-item-delimiter",
+        "item-delimiter-inside", "reserved-private-element"])
 def test_values_are_walked_as_pydicom_reads_them(tmp_path, build, refused):
     path = tmp_path / "part.dcm"
     path.write_bytes(build())
@@ -139,16 +188,6 @@ def node(start_node):
     return start_node(allowed_calling_aets=["CT1"])
 
 
-def _store(port: int, ds, body: bytes) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        associate(s)
-        s.sendall(p_data(CT_ID, 0x03, c_store_rq(ds.SOPClassUID, ds.SOPInstanceUID)))
-        for at in range(0, len(body), 16000):
-            last = at + 16000 >= len(body)
-            s.sendall(p_data(CT_ID, 0x02 if last else 0x00, body[at:at + 16000]))
-        return status_of(s)
-
-
 def _with_study_as_ob(body: bytes, study: bytes) -> bytes:
     """The data set with its Study Instance UID element re-sent in VR OB."""
     at = body.index(b"\x20\x00\x0d\x00UI")
@@ -163,12 +202,12 @@ def test_a_study_uid_in_another_vr_is_refused_over_dimse(node, covid_study):
     path = covid_study.files[0]
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     body = data_set(path)
-    assert _store(receiver.port, ds, _with_study_as_ob(body, ds.StudyInstanceUID.encode())) \
-        == 0xC000
+    hostile = _with_study_as_ob(body, ds.StudyInstanceUID.encode())
+    assert store_raw(receiver.port, ds.SOPClassUID, ds.SOPInstanceUID, hostile) == 0xC000
     assert store.counts()["instances"] == 0
     [incident] = store.incidents()
     assert "(0020,000D) comes as OB, not UI" in incident.detail
-    assert _store(receiver.port, ds, body) == 0x0000
+    assert store_raw(receiver.port, ds.SOPClassUID, ds.SOPInstanceUID, body) == 0x0000
 
 
 def test_a_stow_part_whose_transfer_syntax_is_not_a_uid_is_refused(tmp_path, covid_study):
@@ -184,13 +223,9 @@ def test_a_stow_part_whose_transfer_syntax_is_not_a_uid_is_refused(tmp_path, cov
     try:
         raw = covid_study.files[0].read_bytes()
         syntax = pydicom.dcmread(covid_study.files[0]).file_meta.TransferSyntaxUID
-        padded = syntax.encode() + b"\0" * (len(syntax) % 2)
+        padded = syntax.encode() + b"\0"               # (1.2.840.10008.1.2.1: odd)
         assert raw.count(padded) == 1
-        hostile = raw.replace(padded, b" " + padded[:-1] if padded.endswith(b"\0")
-                              else b" " + padded + b" ")
-        if len(hostile) != len(raw):           # an odd length grew by two: the group too
-            hostile = hostile[:140] + struct.pack("<L", struct.unpack_from(
-                "<L", raw, 140)[0] + 2) + hostile[144:]
+        hostile = raw.replace(padded, b" " + syntax.encode())   # the same length
         body, ctype = multipart([("application/dicom", hostile)])
         status, _, answer = post(server.port, body, ctype)
         assert status == 409
