@@ -138,3 +138,43 @@ def test_a_huge_private_sequence_or_a_deep_one_is_not_carried_into_the_results(
     result = Engine(hotspot_model(), device="cpu").analyze(series)
     files = write_results(result, series, tmp_path / "out")
     assert files.sr.exists() and dciodvfy_errors(files.sr) == []
+
+
+def test_values_that_decode_to_gigabytes_are_neither_kept_nor_copied(study_factory,
+                                                                       tmp_path):
+    """A fifth hostile round: the loader kept every file's whole header (pydicom decodes a
+    sequence of undefined length as it reads it), and the results' header decoded and
+    copied every public element: a private sequence of a million empty items (8 KB
+    deflated) cost a job 750 MB a file, one text value of 30 million values 2.6 GB. The
+    loader keeps of each file what it reads; the copy leaves out private elements
+    undecoded, and any value past MAX_COPIED_BYTES."""
+    import tracemalloc
+
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from inference.conformance import MAX_COPIED_BYTES, conformant_header
+
+    study = study_factory("covid", 1, 8)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    values = b"0\\" * 999_999 + b"0 "                    # a million values, 2 MB
+    assert len(values) > MAX_COPIED_BYTES
+    for f in study.files:                   # every file of the series carries them
+        ds = pydicom.dcmread(f)
+        block = ds.private_block(0x0029, "HOSTILE SENDER", create=True)
+        block.add_new(0x10, "SQ", Sequence(Dataset() for _ in range(8_000)))
+        block[0x10].is_undefined_length = True          # pydicom decodes it as it reads
+        ds[0x00080119] = RawDataElement(Tag(0x00080119), "UC", len(values), values, 0,
+                                        False, True)      # Long Code Value
+        ds.save_as(folder / f.name)
+    tracemalloc.start()
+    try:
+        series = load_series(folder)
+        header = conformant_header(series.header)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "LongCodeValue" not in header and header.PatientID == series.header.PatientID
+    assert not any(tag.is_private for tag in header.keys())
+    assert peak < 60 << 20, f"{peak >> 20} MiB"              # one file's, not eight
