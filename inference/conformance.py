@@ -20,10 +20,11 @@ import logging
 from highdicom.enum import PatientSexValues, SpecificCharacterSetValues
 from pydicom import config
 from pydicom.datadict import dictionary_VM, keyword_for_tag
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, DT, TM, validate_value
+
+from inference.headers import encoded_size
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,17 @@ TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Accessio
 _KEEP = frozenset({"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                    "FrameOfReferenceUID", "PixelSpacing", "ImagePositionPatient",
                    "ImageOrientationPatient", "Rows", "Columns", "SpecificCharacterSet"})
+#: Copied whatever the budget (each is short once it conforms).
+_NEEDED = _KEEP | frozenset(TYPE2)
 _TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UR UT".split())
 _PARSE = {"DA": DA, "DT": DT, "TM": TM}
 _ENUMS = {"PatientSex": {v.value for v in PatientSexValues}}
 _CHARSETS = {v.value for v in SpecificCharacterSetValues} | {"", "ISO_IR 6"}
 #: A sequence nesting deeper than this is not copied (the standard's objects nest a few).
 MAX_NESTING = 16
-#: At most this many bytes of the source's values (as encoded) are copied: a CT image's
-#: header holds a few KB; an element that would pass this is left out.
+#: At most this many bytes of the source's values (as encoded; a decoded sequence's
+#: estimated) are copied besides what results need: a CT image's header holds a few KB;
+#: an element that would pass this is left out.
 MAX_COPIED_BYTES = 256 << 10
 
 
@@ -76,20 +80,13 @@ def _nests_deeper(elem, limit: int) -> bool:
     return False
 
 
-def _encoded_size(elem: DataElement | RawDataElement) -> int:
-    """An element's value's size as the sender encoded it (a decoded one's, roughly)."""
-    if isinstance(elem, RawDataElement):
-        return len(elem.value) if elem.value is not None else elem.length
-    value = elem.value
-    return len(value) if isinstance(value, (bytes, str, list, tuple)) else 8
-
-
 def conformant_header(header: Dataset) -> Dataset:
     """A copy of ``header`` whose top-level text values conform (see the module), without
     its private elements (no result copies them; a sender's 20,000-item private sequence
-    cost a job minutes and a gigabyte), sequences nesting deeper than MAX_NESTING and
-    values past MAX_COPIED_BYTES in all (one text value of 30 million values, 59 KB
-    deflated, was 2.6 GB decoded).
+    cost a job minutes and a gigabyte), sequences nesting deeper than MAX_NESTING,
+    values that cannot be decoded, and values past MAX_COPIED_BYTES in all but those
+    results need (TYPE2, ``_KEEP``): one text value of 30 million values, 59 KB deflated,
+    was 2.6 GB decoded.
 
     Never raises; logs keywords only, at DEBUG.
     """
@@ -97,14 +94,20 @@ def conformant_header(header: Dataset) -> Dataset:
     ds.file_meta = copy.deepcopy(getattr(header, "file_meta", Dataset()))
     copied = 0
     for tag in header.keys():                 # (private ones are not even decoded)
+        keyword = keyword_for_tag(tag)
         if tag.is_private:
             continue
-        size = _encoded_size(header.get_item(tag))
-        if copied + size > MAX_COPIED_BYTES:
-            log.debug("the source's %s is too large to copy", keyword_for_tag(tag) or tag)
+        if keyword not in _NEEDED:            # (what results need is copied whatever)
+            size = encoded_size(header.get_item(tag))
+            if copied + size > MAX_COPIED_BYTES:
+                log.debug("the source's %s is too large to copy", keyword or tag)
+                continue
+            copied += size
+        try:
+            elem = header[tag]
+        except Exception:                     # a value of the wrong length, say
+            log.debug("the source's %s cannot be decoded: not copied", keyword or tag)
             continue
-        copied += size
-        elem = header[tag]
         if _nests_deeper(elem, MAX_NESTING):
             log.debug("the source's %s nests deeper than %d: not copied", elem.keyword,
                       MAX_NESTING)

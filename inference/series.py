@@ -24,8 +24,6 @@ from typing import Iterable
 
 import numpy as np
 import pydicom
-from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -36,6 +34,7 @@ from inference.errors import (
     NoCTSeriesError,
 )
 from inference.frames import Frame, common_geometry, frame_name, frames_of, slice_normal
+from inference.headers import header_of, slim
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +45,8 @@ CT_SOP_CLASSES = frozenset(
     {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
 )
 
-#: The loader keeps values of at most this many bytes of each file's header (the
-#: functional groups whatever their size): what it reads there is a few bytes each.
-KEPT_BYTES = 4096
-_FUNCTIONAL_GROUPS = (0x52009229, 0x52009230)   # Shared, Per-frame Functional Groups
-
 #: Slices closer than this along the normal (mm) are at the same position.
 DUPLICATE_POSITION_MM = 1e-2
-
-#: Attributes of the source that result objects copy (patient, study,
-#: series context). Kept on :attr:`CTSeries.header`.
-_HEADER_EXCLUDE = ("PixelData", "PerFrameFunctionalGroupsSequence", "FloatPixelData",
-                   "DoubleFloatPixelData")
 
 
 @dataclass(frozen=True)
@@ -190,27 +179,8 @@ def scan(sources: str | os.PathLike | Iterable[str | os.PathLike]
         if reason:
             skipped.append(SkippedFile(path, reason))
             continue
-        groups[str(ds.SeriesInstanceUID)].append((path, _slim(ds)))
+        groups[str(ds.SeriesInstanceUID)].append((path, slim(ds)))
     return dict(groups), skipped
-
-
-def _slim(ds: Dataset) -> Dataset:
-    """A file's header without what assembling a series never reads: private elements,
-    sequences but the functional groups, values over :data:`KEPT_BYTES` (a sender's
-    sequence of 90,000 empty items in every file of a series was held once a file, 130 MB
-    each). The series' header is read again, whole, from its first file."""
-    for tag in list(ds.keys()):
-        if tag in _FUNCTIONAL_GROUPS:
-            continue
-        elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement):
-            vr = elem.VR or dictionary_vr(tag)
-            size = len(elem.value) if elem.value is not None else elem.length
-        else:
-            vr, size = elem.VR, 0
-        if tag.is_private or vr in ("SQ", "UN") or size > KEPT_BYTES:
-            del ds[tag]
-    return ds
 
 
 def load_series(sources: str | os.PathLike | Iterable[str | os.PathLike],
@@ -272,9 +242,13 @@ def _assemble(members: list[tuple[Path, Dataset]], skipped: list[SkippedFile]) -
             skipped.append(SkippedFile(path, f"{described} frames of pixels but "
                                              f"{len(file_frames)} frames described"))
             continue
+        if header is None:                 # the series' header: its first file's, whole
+            try:
+                header = header_of(pydicom.dcmread(path, stop_before_pixels=True))
+            except Exception as exc:       # gone since it was scanned (retention)
+                skipped.append(SkippedFile(path, f"unreadable DICOM header ({_short(exc)})"))
+                continue
         seen_uids.add(uid)
-        header = header if header is not None else _header_of(
-            pydicom.dcmread(path, stop_before_pixels=True))
         accepted.append((path, file_frames))
     frames = [f for _, file_frames in accepted for f in file_frames]
     if not frames:
@@ -365,26 +339,6 @@ def _hu_type(members: list[tuple[Path, Dataset]], frames: list[Frame]) -> type:
         if min(ends) < -32768 or max(ends) > 32767:
             return np.float32
     return np.int16
-
-
-def _header_of(ds: Dataset) -> Dataset:
-    """A copy of the dataset without pixels or per-frame groups, its elements as read:
-    none is decoded here (a sender's value of millions of items or values cost a job
-    gigabytes when every element was)."""
-    header = Dataset()
-    header.file_meta = getattr(ds, "file_meta", Dataset())
-    for tag in ds.keys():
-        if keyword_for_tag(tag) not in _HEADER_EXCLUDE:
-            header[tag] = ds.get_item(tag)
-    return header
-
-
-def dictionary_vr(tag: int) -> str:
-    """A tag's VR in the dictionary, "UN" when it is not there."""
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return "UN"
 
 
 def _short(exc: Exception) -> str:

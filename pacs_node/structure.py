@@ -174,9 +174,9 @@ class _Walk:
             group, element, length = self.tag_length.unpack_from(self.data, pos)
             tag, vr = group << 16 | element, b""
             if group == 0xFFFE:                        # items and delimiters: no VR
-                if tag == ITEM_END and not top and (
-                        not defined or (length == 0 and pos + 8 == end)):
-                    return pos + 8
+                if tag == ITEM_END and not top and length == 0 and (
+                        not defined or pos + 8 == end):
+                    return pos + 8      # (another length: explicit VR reads a VR there)
                 raise ValueError(f"an item tag ({group:04X},{element:04X}) where a data "
                                  f"element belongs")
             if top and tag == 0 and last >= 0 and self.padding(pos):
@@ -200,7 +200,8 @@ class _Walk:
                 _top_level(tag, last, vr, length)
             last = tag
             if length == UNDEFINED_LENGTH:
-                pos = self.items(pos, depth + 1, implicit, _sequence(tag, vr), end)
+                pos = self.items(pos, depth + 1, implicit, self.undefined_sequence(
+                    tag, vr, pos), end)
                 continue
             if not top and pos + length > end:
                 raise ValueError("a value runs past the end of its item")
@@ -223,6 +224,20 @@ class _Walk:
         if self.end - pos > MAX_PADDING:
             raise ValueError(f"more than {MAX_PADDING} bytes follow its data set's end")
         return not self.data[pos:].tobytes().strip(b"\0")
+
+    def undefined_sequence(self, tag: int, vr: bytes, pos: int) -> bool:
+        """Whether pydicom reads a value of undefined length at ``pos`` as a sequence
+        (else as encapsulated fragments): SQ or UN (``infer_sq_for_un_vr``, PS3.5
+        6.2.2); in implicit VR when the dictionary says SQ, or knows nothing of the tag
+        (a private one) and an item follows: pydicom looks there for one."""
+        if vr in (b"SQ", b"UN"):
+            return True
+        if vr:
+            return False
+        try:
+            return dictionary_VR(tag) == "SQ"
+        except KeyError:
+            return self.data[pos:pos + 4] == self.item_bytes
 
     def defined_sequence(self, tag: int, vr: bytes, length: int, pos: int,
                          creators: "_Creators") -> bool:
@@ -371,16 +386,3 @@ def _private_sequence(tag: int, creator: str) -> bool:
         return False
 
 
-def _sequence(tag: int, vr: bytes) -> bool:
-    """Whether pydicom reads a value of undefined length as a sequence (else as
-    encapsulated fragments): SQ or UN (``infer_sq_for_un_vr``, PS3.5 6.2.2); in implicit
-    VR when the dictionary says SQ or knows nothing of the tag (a private one: pydicom
-    looks for an item there)."""
-    if vr in (b"SQ", b"UN"):
-        return True
-    if vr:
-        return False
-    try:
-        return dictionary_VR(tag) == "SQ"
-    except KeyError:
-        return True

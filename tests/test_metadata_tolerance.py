@@ -178,3 +178,22 @@ def test_values_that_decode_to_gigabytes_are_neither_kept_nor_copied(study_facto
     assert "LongCodeValue" not in header and header.PatientID == series.header.PatientID
     assert not any(tag.is_private for tag in header.keys())
     assert peak < 60 << 20, f"{peak >> 20} MiB"              # one file's, not eight
+
+
+def test_what_results_need_is_copied_whatever_the_budget_and_nothing_raises():
+    """(A review) the byte budget, taken in tag order, could leave out the patient's name
+    and ID after large values before group 0010, so results went out nameless; a public
+    value of the wrong length raised, after the model had run, and failed the job."""
+    from pydicom.dataset import Dataset
+
+    from inference.conformance import MAX_COPIED_BYTES, conformant_header
+
+    source = Dataset()
+    source[0x00080119] = RawDataElement(Tag(0x00080119), "UC", MAX_COPIED_BYTES,
+                                        b"x" * MAX_COPIED_BYTES, 0, False, True)
+    source.PatientName, source.PatientID = "Doe^Jane", "P-1"
+    source[0x00280102] = RawDataElement(Tag(0x00280102), "US", 3, b"\1\0\0", 0, False,
+                                        True)                          # High Bit, 3 bytes
+    header = conformant_header(source)
+    assert header.PatientName == "Doe^Jane" and header.PatientID == "P-1"
+    assert "HighBit" not in header and "LongCodeValue" in header

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,21 @@ def test_a_broken_first_copy_of_an_instance_gives_way_to_a_good_one(study_factor
     reasons = {s.path.name: s.reason for s in series.skipped}
     assert reasons["A0000.dcm"].startswith("pixel data cannot be decoded")
     assert "Rescale Slope is NaN" in reasons["Z9999.dcm"]
+
+
+def test_elements_sent_as_un_are_read_as_pydicom_reads_them(covid_study, tmp_path):
+    """A public element in explicit VR UN (as a converter that did not know its VR writes
+    it) is read in its dictionary VR: the loader, which lets go of what it does not read,
+    kept neither the SOP Instance UID nor the position of such files (a review)."""
+    for f in covid_study.files:
+        raw = f.read_bytes()
+        for group, element in ((0x0008, 0x0018), (0x0020, 0x0032)):   # UID, position
+            at = raw.index(struct.pack("<HH", group, element), 132)
+            length = struct.unpack_from("<H", raw, at + 6)[0]
+            raw = (raw[:at] + struct.pack("<HH2sHL", group, element, b"UN", 0, length)
+                   + raw[at + 8:])
+        (tmp_path / f.name).write_bytes(raw)
+    series = load_series(tmp_path)
+    expected = load_series(covid_study.files)
+    assert series.sop_instance_uids == expected.sop_instance_uids
+    assert np.allclose(series.positions, expected.positions)

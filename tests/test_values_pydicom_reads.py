@@ -82,6 +82,32 @@ def _undefined_sequence(*parts: bytes) -> bytes:
 _ONE = element(0x0008, 0x1155, b"UI", b"1.2.4")
 
 
+def _an_unknown_tag_opening_with_an_item_delimiter() -> bytes:
+    """Implicit VR: pydicom reads a private value of undefined length as a sequence only
+    when an item follows; else it scans for the first sequence delimiter's bytes, here
+    inside a later item, and reads on from there: another study."""
+    hidden = (tag(0xFFFE, 0xE0DD, 0) + implicit(0x0020000D, b"9.9.9\0")
+              + tag(0x0031, 0x1001, 8))
+    return part10(implicit(0x00080016, b"1.2.840.10008.5.1.4.1.1.2\0")
+                  + implicit(0x00080018, b"1.2.3\0") + implicit(0x0020000D, b"1.1.1\0")
+                  + implicit(0x00291010, length=0xFFFFFFFF) + tag(0xFFFE, 0xE00D, 0)
+                  + item(implicit(0x00111001, hidden)) + tag(0xFFFE, 0xE0DD, 0), IMPLICIT)
+
+
+def _an_item_delimiter_whose_length_spells_ob() -> bytes:
+    """Explicit VR: pydicom reads bytes 4-5 of an item delimiter as its VR, 'OB', and four
+    bytes more; the walk, eight on, read a different data set after it."""
+    size, hidden = 0x4F4C, element(0x0020, 0x000D, b"UI", b"9.9.9")
+    value = hidden + struct.pack("<HH2sHL", 0x4250, 0x1001, b"OB", 0, size - len(hidden) - 12)
+    value += bytes(size - len(value))
+    opened = (tag(0xFFFE, 0xE000, 0xFFFFFFFF) + element(0x0040, 0x0009, b"SH", b"XY")
+              + struct.pack("<HH", 0xFFFE, 0xE00D) + b"OB\0\0")
+    return part10(_HEAD + _UIDS + struct.pack("<HH2sHL", 0x0040, 0x0275, b"SQ", 0, 0xFFFFFFFF)
+                  + opened + struct.pack("<HH", 0xFFFE, 0xE0DD) * 2
+                  + struct.pack("<HH2sHL", 0x0041, 0x1001, b"OB", 0, size)[:-4]
+                  + struct.pack("<L", size) + value)
+
+
 def _syntax(value: bytes, vr: bytes = b"UI") -> bytes:
     """A file meta whose transfer syntax is ``value`` in ``vr``."""
     meta = element(0x0002, 0x0010, vr, value)
@@ -146,13 +172,18 @@ def _syntax(value: bytes, vr: bytes = b"UI") -> bytes:
     (lambda: _in_an_item(tag(0xFFFE, 0xE00D, 0) + _ONE),
      "an item tag (FFFE,E00D) where a data element belongs"),
     (lambda: part10(_HEAD + element(0x0009, 0x0001, b"OB", b"\x01\x02") + _UIDS), None),
+    (_an_unknown_tag_opening_with_an_item_delimiter,
+     "an encapsulated value holds (FFFE,E00D), not items"),
+    (_an_item_delimiter_whose_length_spells_ob,
+     "an item tag (FFFE,E00D) where a data element belongs"),
 ], ids=["many-items", "deep", "deep-enough", "deep-as-un", "items-short", "no-item",
         "item-overruns", "private-by-creator", "honest", "uid-as-ob", "uid-as-un", "syntax-space",
         "syntax-tab", "syntax-as-ob", "syntax-padded", "long-padding", "padding",
         "creator-escaped", "creator-as-sq", "long-creator", "creator-repeated",
         "creator-after", "creator-in-item", "long-vr-at-item-end", "short-un-sequence",
         "item-delimiter-closing", "sequence-delimiter-closing", "ge-item-delimiter",
-        "item-delimiter-inside", "reserved-private-element"])
+        "item-delimiter-inside", "reserved-private-element", "unknown-tag-no-item",
+        "item-delimiter-spelling-ob"])
 def test_values_are_walked_as_pydicom_reads_them(tmp_path, build, refused):
     path = tmp_path / "part.dcm"
     path.write_bytes(build())
