@@ -209,3 +209,24 @@ def stow_node(tmp_path, monkeypatch):
         server.stop()
     for store in stores:
         store.engine.dispose()
+
+
+def refused_then_stored(tmp_path: Path, hostile: bytes, honest: bytes) -> None:
+    """A STOW-RS of ``hostile`` is refused with Failure Reason 0xC000 (Cannot Understand)
+    and nothing stored; ``honest``, after it, is stored (a node of its own)."""
+    from pacs_node.storage import CANNOT_UNDERSTAND
+
+    store = JobStore(f"sqlite:///{tmp_path}/lungsys.db")
+    server = StowServer(InstanceStorage(store, tmp_path / "data", min_free_disk_mb=1))
+    server.start("127.0.0.1", 0)
+    try:
+        body, ctype = multipart([("application/dicom", hostile)])
+        status, _, answer = post(server.port, body, ctype)
+        assert status == 409
+        [failed] = answer["00081198"]["Value"]
+        assert failed["00081197"]["Value"] == [CANNOT_UNDERSTAND]
+        assert store.counts()["instances"] == 0
+        body, ctype = multipart([("application/dicom", honest)])
+        assert post(server.port, body, ctype)[0] == 200
+    finally:
+        server.stop()
