@@ -55,9 +55,10 @@ READ_AS = {SOP_CLASS: b"UI", SOP_INSTANCE: b"UI", MODALITY: b"CS", STUDY: b"UI",
 #: Zeros after the data set's end (padding) are accepted up to this many bytes: pydicom
 #: reads each 8 of them as an element (60 MiB deflated into 61 KB: 15 s a read).
 MAX_PADDING = 64 << 10
-#: Public tags pydicom reads as sequences (the dictionary's SQ; (50xx,2600), the one
-#: repeating SQ, apart), and the private creators whose dictionary holds a sequence.
-_SQ_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+#: Public tags pydicom reads as sequences (the dictionary's SQ, and (50xx,2600), its one
+#: repeating SQ), and the private creators whose dictionary holds a sequence.
+_SQ_TAGS = frozenset([tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ"]
+                     + [0x50002600 | group << 16 for group in range(0, 0x100, 2)])
 _SQ_CREATORS = frozenset(creator for creator, entries in private_dictionaries.items()
                          if any(entry[0] == "SQ" for entry in entries.values()))
 #: Private creators longer than this are refused (LO: 64 characters; the longest
@@ -66,8 +67,6 @@ MAX_CREATOR = 1024
 #: VRs whose values pydicom decodes as text (a creator's name is looked up as one).
 _TEXT_VRS = frozenset(b"AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _MAYBE_SQ = (b"", b"UN")      # implicit VR, or unknown: pydicom may read a sequence there
-_ITEM_BYTES = {little: struct.pack("<HH" if little else ">HH", 0xFFFE, 0xE000)
-               for little in (True, False)}
 #: Sequences nested deeper than this are refused (real objects nest a handful; each level
 #: costs the walk and every later reader a frame of recursion: 2,000 crashed ``str(ds)``).
 MAX_DEPTH = 32
@@ -134,7 +133,7 @@ class _Walk:
       element with other bytes there as implicit (``assume_implicit_vr_switch``), its
       length four bytes where the walk read two.
     - A value of undefined length is a sequence (SQ or UN; in implicit VR, a tag whose
-      dictionary VR is SQ or that the dictionary does not know) or encapsulated
+      dictionary VR is SQ, or that it does not know and an item follows) or encapsulated
       fragments (any other VR), and fragments have defined lengths: pydicom scans an
       encapsulated value with an undefined-length item for the first delimiter's bytes.
     - A value of defined length is walked as a sequence where pydicom reads one
@@ -149,7 +148,7 @@ class _Walk:
         self.tag_length = struct.Struct(order + "HHL")
         self.tag_vr_length = struct.Struct(order + "HH2sH")
         self.long_length = struct.Struct(order + "L")
-        self.item_bytes = _ITEM_BYTES[little]
+        self.item_bytes = struct.pack(order + "HH", 0xFFFE, 0xE000)
 
     def count(self) -> None:
         self.elements += 1
@@ -208,7 +207,7 @@ class _Walk:
             if group & 1 and 0 < element <= 0xFF and vr != b"SQ":
                 creators.add(tag, vr, self.data, pos, length)
             elif (vr == b"SQ" and length) or (length and vr in _MAYBE_SQ and (
-                    group & 1 or tag in _SQ_TAGS or tag & 0xFF00FFFF == 0x50002600)
+                    group & 1 or tag in _SQ_TAGS)
                     and self.defined_sequence(tag, vr, length, pos, creators)):
                 self.sequence(pos, length, depth + 1, implicit)
             pos += length
@@ -252,7 +251,7 @@ class _Walk:
                 or self.data[pos:pos + 4] == self.item_bytes
         if vr == b"UN" and length >= 0xFFFF:
             return False
-        return tag in _SQ_TAGS or (tag & 0xFF00FFFF == 0x50002600)
+        return tag in _SQ_TAGS
 
     def sequence(self, pos: int, length: int, depth: int, implicit: bool) -> None:
         """Walk a sequence's value of defined length: items that fill it (a sequence
@@ -282,10 +281,11 @@ class _Walk:
                 continue
             self.count()
             group, element, length = self.tag_length.unpack_from(self.data, pos)
+            tag = group << 16 | element
             pos += 8
-            if group << 16 | element == SEQUENCE_END:
+            if tag == SEQUENCE_END:
                 return pos
-            if group << 16 | element != ITEM:
+            if tag != ITEM:
                 raise ValueError(f"an encapsulated value holds ({group:04X},{element:04X}), "
                                  f"not items")
             if length == UNDEFINED_LENGTH:
